@@ -1,0 +1,12 @@
+"""The one exception type that the CLI turns into a single clear line and a non-zero exit code."""
+
+
+class UserError(Exception):
+    """Bad input from the user (a file, an option, a dataset): the message names it and says what is wrong.
+
+    The CLI prints `fullres: error: <message>` on stderr, without a traceback, and exits with `exit_code`.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,147 @@
+"""The paper's 3D U-Net (whitepaper Table 1), with Table 1's layer names as module names.
+
+Encoder: four levels of two 3x3x3 convolutions (32/64, 64/128, 128/256, 256/512 filters for
+base 32), 2x2x2 max-pooling between them, dropout after conv3a and conv4a. Decoder: 2x2x2
+stride-2 transposed convolutions that keep the channel count, concatenation skips, two 3x3x3
+convolutions per level, and a 1x1x1 prediction. No normalisation by default, as in Table 1.
+
+With the defaults the network has exactly 19,735,329 trainable weights (Table 1's total).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("none", "instance", "group", "batch")
+DOWNSAMPLING = 8  # three 2x poolings: every spatial size must be a multiple of 8
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the network's shape and weights count."""
+
+    in_channels: int = 4
+    filters: int = 32
+    classes: int = 1  # 1: sigmoid mask (the paper's whole tumour); N > 1: softmax over N classes
+    dropout: float = 0.2
+    norm: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        if self.filters < 1:
+            raise ValueError(f"filters must be >= 1, got {self.filters}")
+        if self.classes < 1:
+            raise ValueError(f"classes must be >= 1, got {self.classes}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.norm == "group" and self.filters % 8:
+            raise ValueError(f"group norm uses 8 groups: filters must be a multiple of 8, got {self.filters}")
+
+
+def nearest_valid_sizes(size: int) -> tuple[int, int]:
+    """The multiples of 8 just below and above `size` (the lower one at least 8)."""
+    lower = max(DOWNSAMPLING, size // DOWNSAMPLING * DOWNSAMPLING)
+    upper = -(-size // DOWNSAMPLING) * DOWNSAMPLING
+    return lower, max(upper, DOWNSAMPLING)
+
+
+def validate_spatial_shape(shape: tuple[int, ...]) -> None:
+    """Raise ValueError naming the nearest valid sizes when a spatial size is not a multiple of 8."""
+    for axis, size in zip("HWD", shape):
+        if size < DOWNSAMPLING or size % DOWNSAMPLING:
+            lower, upper = nearest_valid_sizes(size)
+            nearest = f"{lower}" if lower == upper else f"{lower} or {upper}"
+            raise ValueError(
+                f"spatial size {axis}={size} must be a positive multiple of {DOWNSAMPLING} "
+                f"(three 2x poolings); nearest valid: {nearest}"
+            )
+
+
+class Concatenate(nn.Module):
+    """Channel concatenation as a module, so that walking the model sees Table 1's concatenate rows."""
+
+    def forward(self, upsampled: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return torch.cat([upsampled, skip], dim=1)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(8, channels)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    return nn.Identity()
+
+
+# (name, input-channel multiple of `filters`, output multiple) for each 3x3x3 convolution,
+# in forward order; conv1a's input is the image. Table 1's widths for filters=32.
+_CONVS = {
+    "conv1a": (None, 1), "conv1b": (1, 2),
+    "conv2a": (2, 2), "conv2b": (2, 4),
+    "conv3a": (4, 4), "conv3b": (4, 8),
+    "conv4a": (8, 8), "conv4b": (8, 16),
+    "conv5a": (16 + 8, 8), "conv5b": (8, 8),
+    "conv6a": (8 + 4, 4), "conv6b": (4, 4),
+    "conv7a": (4 + 2, 4), "conv7b": (4, 4),
+}
+_TRANSPOSED = {"transConv4": 16, "transConv5": 8, "transConv6": 4}
+
+
+class UNet3D(nn.Module):
+    """The Table 1 network. Input (N, C, H, W, D) with H, W, D multiples of 8; output logits (N, classes, H, W, D)."""
+
+    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+        super().__init__()
+        self.config = config
+        f = config.filters
+        for name, (cin, cout) in _CONVS.items():
+            in_channels = config.in_channels if cin is None else cin * f
+            setattr(self, name, nn.Conv3d(in_channels, cout * f, kernel_size=3, padding=1))
+            # Norm modules only exist when asked for, so the default model is exactly Table 1's.
+            if config.norm != "none":
+                setattr(self, "norm" + name[4:], _norm(config.norm, cout * f))
+        for name, channels in _TRANSPOSED.items():
+            setattr(self, name, nn.ConvTranspose3d(channels * f, channels * f, kernel_size=2, stride=2))
+        self.pool1, self.pool2, self.pool3 = (nn.MaxPool3d(2) for _ in range(3))
+        self.dropout_1 = nn.Dropout(config.dropout)
+        self.dropout_2 = nn.Dropout(config.dropout)
+        self.concatenate_1, self.concatenate_2, self.concatenate_3 = (Concatenate() for _ in range(3))
+        self.PredictionMask = nn.Conv3d(4 * f, config.classes, kernel_size=1)
+
+    def conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """3x3x3 convolution `name`, then its normalisation (if any), then ReLU."""
+        x = getattr(self, name)(x)
+        if self.config.norm != "none":
+            x = getattr(self, "norm" + name[4:])(x)
+        return F.relu(x, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        validate_spatial_shape(tuple(x.shape[2:]))
+        skip1 = self.conv("conv1b", self.conv("conv1a", x))
+        x = self.pool1(skip1)
+        skip2 = self.conv("conv2b", self.conv("conv2a", x))
+        x = self.pool2(skip2)
+        x = self.dropout_1(self.conv("conv3a", x))
+        skip3 = self.conv("conv3b", x)
+        x = self.pool3(skip3)
+        x = self.dropout_2(self.conv("conv4a", x))
+        x = self.conv("conv4b", x)
+        x = self.concatenate_1(self.transConv4(x), skip3)
+        x = self.conv("conv5b", self.conv("conv5a", x))
+        x = self.concatenate_2(self.transConv5(x), skip2)
+        x = self.conv("conv6b", self.conv("conv6a", x))
+        x = self.concatenate_3(self.transConv6(x), skip1)
+        x = self.conv("conv7b", self.conv("conv7a", x))
+        return self.PredictionMask(x)
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
