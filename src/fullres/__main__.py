@@ -1,0 +1,7 @@
+"""`python -m fullres ...` (what torchrun runs) is the `fullres` command."""
+
+import sys
+
+from fullres.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fullres.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_estimate_json_contract(capsys):
+    code, out, _ = run(capsys, "estimate", "--shape", "240", "240", "144", "--channels", "4", "--batch", "16", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["method"] == "table1"
+    assert set(data["rows"][0]) == {"layer", "type", "batch", "height", "width", "depth", "feature_maps",
+                                    "trainable_weights", "feature_map_size", "params", "memory_mb"}
+    assert set(data["totals"]) == {"trainable_weights", "feature_map_size", "params", "size_mb", "training_mb"}
+    assert round(data["totals"]["training_mb"], 2) == 914797.96
+
+
+def test_estimate_human_output(capsys):
+    code, out, _ = run(capsys, "estimate", "--channels", "FLAIR", "--shape", "16", "16", "16", "--batch", "1")
+    assert code == 0 and "conv1a (Conv3D)" in out and "Double for training" in out
+
+
+def test_plan_json(capsys):
+    code, out, _ = run(capsys, "plan", "--shape", "144", "144", "144", "--batch", "8", "--memory", "384GB", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["fits"] is True and data["budget_mb"] == 384000.0
+    assert set(data) >= {"method", "fits", "required_mb", "budget_mb", "max_batch", "max_shape"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--memory", "12XB"], "argument --memory: unknown unit"),
+    (["plan", "--memory=-5GB"], "argument --memory: '-5GB' is negative"),
+    (["plan", "--memory", "0TB"], "argument --memory: '0TB' is zero"),
+    (["plan"], "the following arguments are required: --memory"),
+    (["estimate", "--shape", "240", "240", "145"], "145 is not divisible by 8 (the U-Net pools three times); nearest valid: 144 or 152"),
+    (["estimate", "--shape", "-8", "8", "8"], "argument --shape: -8 must be at least 1"),
+    (["estimate", "--batch", "0"], "argument --batch: 0 must be at least 1"),
+    (["estimate", "--batch", "two"], "argument --batch: 'two' is not a whole number"),
+    (["estimate", "--channels", "0"], "argument --channels: 0 must be at least 1"),
+    (["estimate", "--filters", "0"], "argument --filters: 0 must be at least 1"),
+    (["estimate", "--dropout", "1.5"], "dropout must be in [0, 1)"),
+    (["estimate", "--bogus"], "unrecognized arguments: --bogus"),
+    (["estimate", "--precision", "fp8"], "argument --precision: invalid choice"),
+])
+def test_bad_input_is_one_line_and_nonzero(capsys, argv, message):
+    code, _, err = exit_code_and_output(capsys, argv)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def exit_code_and_output(capsys, argv):
+    """main() returns its code for errors it handles; argparse exits with SystemExit: take either."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_module_entry_point_has_no_traceback():
+    done = subprocess.run([sys.executable, "-m", "fullres", "plan", "--memory", "lots"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("fullres plan: error:") and "Traceback" not in done.stderr
