@@ -1,0 +1,268 @@
+"""The paper's figures, one function per figure, named after it.
+
+* :func:`figure7_overlay`  - Figure 7: prediction vs ground truth over the MRI, three orthogonal views.
+* :func:`training_curves`  - loss, Dice and accuracy per epoch, train and validation, from a run's ``metrics.csv``.
+
+Matplotlib is used through ``matplotlib.figure.Figure`` objects only (rendered by the Agg canvas), never
+``pyplot``: no global figure state, no GUI backend, safe in threads and in library code. Every PNG is
+written atomically (temp file in the same folder, then ``os.replace``), so a reader never sees half a file.
+
+Orientation (Figure 7): the volume's array axes are taken as (x, y, z) = (patient Left->Right,
+Posterior->Anterior, Inferior->Superior), i.e. nibabel's RAS+ canonical orientation; pass ``affine`` to
+have the volume reoriented to it first. Views follow the radiological convention, the same in all three:
+axial and coronal show the patient's right on the image's LEFT; axial has anterior at the top; coronal
+and sagittal have superior at the top; sagittal has anterior on the left. Each panel carries its
+orientation letters. Pixel aspect follows the voxel spacing, so anisotropic volumes look right.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fullres.errors import UserError
+
+__all__ = ["figure7_overlay", "training_curves", "PRED_COLOUR", "TRUTH_COLOUR", "OVERLAP_COLOUR"]
+
+#: Overlay colours (RGB in [0, 1]): prediction only, ground truth only, both.
+PRED_COLOUR = (1.0, 0.0, 0.0)  # red
+TRUTH_COLOUR = (0.0, 0.35, 1.0)  # blue
+OVERLAP_COLOUR = (0.75, 0.0, 0.85)  # purple
+_OVERLAY_ALPHA = 0.6
+
+TRAINING_COLUMNS = ("epoch", "train_loss", "val_loss", "train_dice", "val_dice", "train_accuracy", "val_accuracy")
+
+
+def _new_figure(figsize: tuple[float, float], dpi: int):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, dpi=dpi)
+
+
+def _save_atomic(fig, path: str | os.PathLike, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; figures are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Figure 7
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_ras(arrays: list[np.ndarray], affine: np.ndarray) -> tuple[list[np.ndarray], tuple[float, float, float]]:
+    import nibabel as nib
+
+    affine = np.asarray(affine, dtype=float)
+    ornt = nib.orientations.io_orientation(affine)
+    out = [nib.orientations.apply_orientation(a, ornt) for a in arrays]
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # spacing per array axis
+    spacing = tuple(float(zooms[int(ax)]) for ax in np.argsort(ornt[:, 0]))  # per RAS axis
+    return out, spacing  # type: ignore[return-value]
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] with the 1st-99th percentile window of the non-zero voxels (the head, not the air)."""
+    image = np.asarray(image, dtype=np.float32)
+    finite = np.isfinite(image)
+    vals = image[finite & (image != 0)]
+    if vals.size == 0:
+        vals = image[finite]
+    if vals.size == 0:
+        return np.zeros(image.shape, np.float32)
+    lo, hi = np.percentile(vals, [1, 99])
+    if hi <= lo:
+        hi = lo + 1.0
+    out = np.clip((np.nan_to_num(image, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+    return out.astype(np.float32)
+
+
+def _compose(grey2d: np.ndarray, truth2d: np.ndarray, pred2d: np.ndarray) -> np.ndarray:
+    """RGB image: grey, blended with red (prediction only), blue (truth only), purple (both)."""
+    rgb = np.repeat(grey2d[..., None], 3, axis=-1)
+    for mask, colour in (
+        (pred2d & ~truth2d, PRED_COLOUR),
+        (truth2d & ~pred2d, TRUTH_COLOUR),
+        (truth2d & pred2d, OVERLAP_COLOUR),
+    ):
+        rgb[mask] = (1 - _OVERLAY_ALPHA) * rgb[mask] + _OVERLAY_ALPHA * np.asarray(colour, np.float32)
+    return rgb
+
+
+def _views(vol: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
+    """Axial, coronal, sagittal 2D slices in display order (row 0 at the top, column 0 on the left)."""
+    ci, cj, ck = centre
+    axial = vol[:, :, ck].T[::-1, ::-1]  # rows: y (anterior top); cols: x reversed (patient right on left)
+    coronal = vol[:, cj, :].T[::-1, ::-1]  # rows: z (superior top); cols: x reversed
+    sagittal = vol[ci, :, :].T[::-1, ::-1]  # rows: z (superior top); cols: y reversed (anterior on left)
+    return [axial, coronal, sagittal]
+
+
+def figure7_overlay(
+    image: np.ndarray,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    path: str | os.PathLike,
+    spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    title: str | None = None,
+    affine: np.ndarray | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Figure 7: the prediction against the ground truth over one MRI modality, in three orthogonal views.
+
+    ``image`` [X, Y, Z] is one modality (e.g. FLAIR); ``truth`` and ``pred`` are boolean masks of the same
+    shape (e.g. whole tumour). Axial, coronal and sagittal slices pass through the centre of mass of
+    ``truth | pred`` (the volume centre if both are empty). The image is grey; the prediction alone is
+    red, the ground truth alone blue, their overlap purple (so red = false positive, blue = false
+    negative); a legend says so. Panels are drawn in mm (``spacing_mm`` per array axis), so anisotropic
+    voxels keep their true aspect.
+
+    Orientation: arrays are assumed RAS+ (nibabel canonical); give the NIfTI ``affine`` to reorient them
+    first (``spacing_mm`` is then taken from the affine). See the module docstring for the radiological
+    display convention. The PNG (``12 x 4.8`` inches at ``dpi``) is written atomically; returns its path.
+    """
+    image = np.asarray(image)
+    truth = np.asarray(truth).astype(bool)
+    pred = np.asarray(pred).astype(bool)
+    if image.ndim != 3 or truth.shape != image.shape or pred.shape != image.shape:
+        raise ValueError(
+            f"image, truth and pred must be 3D arrays of one shape; got {image.shape}, {truth.shape}, {pred.shape}"
+        )
+    if affine is not None:
+        (image, truth, pred), spacing = _to_ras([image, truth, pred], affine)
+    else:
+        spacing = tuple(float(s) for s in spacing_mm)
+        if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise ValueError(f"spacing_mm must be 3 positive numbers, got {spacing_mm!r}")
+
+    union = truth | pred
+    if union.any():
+        centre = tuple(int(round(float(c))) for c in np.argwhere(union).mean(axis=0))
+    else:
+        centre = tuple(n // 2 for n in image.shape)
+
+    grey = _grey(image)
+    rgb_views = [
+        _compose(g, t, p) for g, t, p in zip(_views(grey, centre), _views(truth, centre), _views(pred, centre))
+    ]
+    sx, sy, sz = spacing
+    nx, ny, nz = image.shape
+    panels = [
+        ("Axial", f"z = {centre[2]}", sx, sy, ("R", "L", "A", "P")),
+        ("Coronal", f"y = {centre[1]}", sx, sz, ("R", "L", "S", "I")),
+        ("Sagittal", f"x = {centre[0]}", sy, sz, ("A", "P", "S", "I")),
+    ]
+
+    from matplotlib.patches import Patch
+
+    fig = _new_figure((12.0, 4.8), dpi)
+    fig.patch.set_facecolor("black")
+    axes = fig.subplots(1, 3)
+    for ax, rgb, (name, where, col_mm, row_mm, (left, right, top, bottom)) in zip(axes, rgb_views, panels):
+        rows, cols = rgb.shape[:2]
+        ax.imshow(rgb, extent=(0, cols * col_mm, rows * row_mm, 0), interpolation="nearest", aspect="equal")
+        ax.set_title(f"{name} ({where})", color="white", fontsize=11)
+        ax.set_axis_off()
+        style = dict(color="yellow", fontsize=10, fontweight="bold", transform=ax.transAxes)
+        ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+        ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+        ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+        ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+    handles = [
+        Patch(facecolor=PRED_COLOUR, label="prediction only (false positive)"),
+        Patch(facecolor=TRUTH_COLOUR, label="ground truth only (false negative)"),
+        Patch(facecolor=OVERLAP_COLOUR, label="overlap (true positive)"),
+    ]
+    fig.legend(
+        handles=handles, loc="lower center", ncol=3, frameon=False, labelcolor="white", fontsize=10,
+        bbox_to_anchor=(0.5, 0.0),
+    )
+    if title:
+        fig.suptitle(title, color="white", fontsize=13)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.1, top=0.86 if title else 0.92, wspace=0.03)
+    return _save_atomic(fig, path, dpi)
+
+
+# --------------------------------------------------------------------------------------------------
+# training curves
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_training_csv(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise UserError(f"training metrics file {path} does not exist")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in TRAINING_COLUMNS if c not in header]
+        if not header:
+            raise UserError(f"training metrics file {path} is empty (expected columns {', '.join(TRAINING_COLUMNS)})")
+        if missing:
+            raise UserError(f"training metrics file {path} lacks column(s) {', '.join(missing)}")
+        rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+    if not rows:
+        raise UserError(f"training metrics file {path} has a header but no epochs")
+
+    def num(value: str | None, column: str, line: int) -> float:
+        if value is None or value.strip() == "":
+            return float("nan")  # e.g. an epoch without validation
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"training metrics file {path}, line {line}: {column} = {value!r} is not a number") from None
+
+    return {c: np.array([num(r.get(c), c, i + 2) for i, r in enumerate(rows)]) for c in TRAINING_COLUMNS}
+
+
+def training_curves(metrics_csv_path: str | os.PathLike, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Loss, Dice and voxel accuracy per epoch, train (solid) and validation (dashed), in three panels.
+
+    Reads a run's ``metrics.csv`` with at least the columns ``epoch, train_loss, val_loss, train_dice,
+    val_dice, train_accuracy, val_accuracy`` (extra columns ignored; empty cells plotted as gaps). The
+    epoch of best validation Dice is marked. Raises ``UserError`` naming the file when it is missing,
+    empty, lacks a column or holds a non-number. The PNG (``13 x 4`` inches at ``dpi``) is written
+    atomically; returns its path.
+    """
+    src = Path(metrics_csv_path)
+    data = _read_training_csv(src)
+    epoch = data["epoch"]
+
+    fig = _new_figure((13.0, 4.0), dpi)
+    axes = fig.subplots(1, 3)
+    for ax, key, label in zip(axes, ("loss", "dice", "accuracy"), ("Loss", "Dice", "Voxel accuracy")):
+        ax.plot(epoch, data[f"train_{key}"], "-o", color="tab:blue", markersize=3, label="train")
+        ax.plot(epoch, data[f"val_{key}"], "--s", color="tab:orange", markersize=3, label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize=9)
+    val_dice = data["val_dice"]
+    if np.isfinite(val_dice).any():
+        best = int(np.nanargmax(val_dice))
+        axes[1].axvline(epoch[best], color="grey", linestyle=":", linewidth=1)
+        axes[1].annotate(
+            f"best val {val_dice[best]:.3f}\n(epoch {epoch[best]:g})",
+            xy=(epoch[best], val_dice[best]), xytext=(5, -30), textcoords="offset points", fontsize=8,
+        )
+    fig.suptitle(f"Training curves: {src.parent.name or src.name}", fontsize=12)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.13, top=0.85, wspace=0.28)
+    return _save_atomic(fig, path, dpi)

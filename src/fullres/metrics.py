@@ -1,0 +1,615 @@
+"""Segmentation quality, measured the way the field measures it.
+
+Two families live here:
+
+* **Evaluation metrics** on whole volumes (numpy in, float out): Dice, normalized surface distance
+  (NSD, "surface Dice") and the 95th-percentile Hausdorff distance (HD95), per tumour region, per case,
+  and summarised over a folder of NIfTI predictions. The maths is MONAI's (``monai.metrics``), the
+  field's reference implementation; this module adds the region logic, the empty-mask convention,
+  the bounding-box crop that keeps it fast on 240x240x155 volumes, and file handling.
+* **Training-time metrics** on batches (torch in, torch out): ``soft_dice_loss``, ``dice_bce_loss``
+  (differentiable), ``dice_coefficient`` and ``voxel_accuracy`` (hard, for logging).
+
+Regions (BraTS, MSD Task01 labels 0 background, 1 edema, 2 non-enhancing tumour, 3 enhancing tumour)::
+
+    WT (whole tumour)     = labels {1, 2, 3}
+    TC (tumour core)      = labels {2, 3}
+    ET (enhancing tumour) = label  {3}
+
+A region mask is ``np.isin(label_map, region_labels)``. ``DEFAULT_REGIONS`` holds these; callers that
+read ``dataset.json`` pass their own (``fullres.data.msd.brats_regions``).
+
+Distances are in millimetres: every surface metric takes the voxel spacing ``(sx, sy, sz)`` in mm,
+in array-axis order (nibabel ``header.get_zooms()[:3]``), so anisotropic voxels are honoured.
+
+Surface conventions (MONAI's, kept): the surface of a mask is its voxels that have at least one
+6-connected neighbour outside the mask (``mask & ~binary_erosion(mask)``, volume border counted as
+outside); distances are Euclidean, in mm, between surface-voxel centres.
+
+Empty-mask convention
+---------------------
+A region can be absent from the ground truth, the prediction, or both (ET is absent in a fair
+share of BraTS cases). Every metric then has a fixed, finite value, so that means over cases are
+always defined and an absent region is neither silently dropped nor allowed to produce NaN/inf:
+
+* **both empty** (region absent, and correctly predicted absent): Dice = 1, NSD = 1, HD95 = 0 mm.
+* **exactly one empty** (region missed entirely, or predicted where there is none): Dice = 0, NSD = 0,
+  HD95 = the length of the image diagonal in mm, ``sqrt(sum((shape_i * spacing_i)^2))``, the largest
+  distance possible inside the volume (BraTS-style evaluations likewise substitute a large finite
+  penalty, 373.13 mm for 240x240x155 at 1 mm, which is exactly this diagonal).
+
+Means and standard deviations in ``summarize`` are taken over all cases with these values included;
+std is the population std (numpy ``ddof=0``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fullres.errors import UserError
+
+__all__ = [
+    "DEFAULT_REGIONS",
+    "METRIC_NAMES",
+    "dice",
+    "normalized_surface_distance",
+    "hd95",
+    "image_diagonal_mm",
+    "region_masks",
+    "evaluate_case",
+    "summarize",
+    "evaluate_folders",
+    "write_metrics_csv",
+    "write_metrics_json",
+    "soft_dice_loss",
+    "dice_bce_loss",
+    "dice_coefficient",
+    "voxel_accuracy",
+]
+
+#: BraTS regions for MSD Task01 labels (0 background, 1 edema, 2 non-enhancing tumour, 3 enhancing tumour).
+DEFAULT_REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)}
+
+#: Metric names, in the order they appear in CSV files and result dicts.
+METRIC_NAMES: tuple[str, ...] = ("dice", "nsd", "hd95")
+
+# Voxels kept around the joint bounding box before calling MONAI. One voxel is enough for the
+# erosion that finds surfaces to see the same neighbourhood as in the full volume; two is slack.
+_CROP_MARGIN = 2
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_pair(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred = np.asarray(pred).astype(bool, copy=False)
+    truth = np.asarray(truth).astype(bool, copy=False)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction and truth shapes differ: {pred.shape} vs {truth.shape}")
+    return pred, truth
+
+
+def _check_spacing(spacing_mm: Sequence[float], ndim: int) -> tuple[float, ...]:
+    spacing = tuple(float(s) for s in spacing_mm)
+    if len(spacing) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing_mm must be {ndim} positive numbers (mm), got {spacing_mm!r}")
+    return spacing
+
+
+def image_diagonal_mm(shape: Sequence[int], spacing_mm: Sequence[float]) -> float:
+    """Length of the image diagonal in mm: ``sqrt(sum_i (shape_i * spacing_i)^2)``.
+
+    The HD95 value used when exactly one of prediction and truth is empty (see module docstring).
+    """
+    return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing_mm))))
+
+
+def _crop_joint(pred: np.ndarray, truth: np.ndarray, margin: int = _CROP_MARGIN) -> tuple[np.ndarray, np.ndarray]:
+    """Crop both masks to the bounding box of ``pred | truth`` plus ``margin`` voxels (clipped to the volume).
+
+    Surfaces and the distances between them are unchanged: voxels outside the box are background in
+    both masks, and the margin keeps every surface voxel's neighbourhood (or the volume border) intact.
+    """
+    union = pred | truth
+    slices = []
+    for axis in range(union.ndim):
+        other = tuple(a for a in range(union.ndim) if a != axis)
+        idx = np.flatnonzero(union.any(axis=other))
+        lo = max(int(idx[0]) - margin, 0)
+        hi = min(int(idx[-1]) + 1 + margin, union.shape[axis])
+        slices.append(slice(lo, hi))
+    sl = tuple(slices)
+    return pred[sl], truth[sl]
+
+
+def _as_monai_batch(mask: np.ndarray) -> torch.Tensor:
+    """[X, Y, Z] bool -> [B=1, C=1, X, Y, Z] float tensor, MONAI's one-hot layout with one foreground channel."""
+    return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# per-mask metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice similarity coefficient of two binary masks.
+
+    ``Dice = 2 |P ∩ T| / (|P| + |T|)`` (Dice 1945; Sørensen 1948), computed by
+    ``monai.metrics.compute_dice``. Empty-mask convention: both empty -> 1.0; exactly one empty -> 0.0.
+    """
+    pred, truth = _check_pair(pred, truth)
+    p_any, t_any = bool(pred.any()), bool(truth.any())
+    if not p_any and not t_any:
+        return 1.0
+    if not p_any or not t_any:
+        return 0.0
+    from monai.metrics import compute_dice
+
+    pred, truth = _crop_joint(pred, truth)
+    value = compute_dice(_as_monai_batch(pred), _as_monai_batch(truth), include_background=True, ignore_empty=False)
+    return float(value.reshape(-1)[0])
+
+
+def normalized_surface_distance(
+    pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float], tolerance_mm: float = 1.0
+) -> float:
+    """Normalized surface distance (NSD, "surface Dice") at tolerance ``tau`` mm (Nikolov et al., 2021).
+
+    ``NSD = (|{p in S_P : d(p, S_T) <= tau}| + |{t in S_T : d(t, S_P) <= tau}|) / (|S_P| + |S_T|)``,
+    where ``S_P``, ``S_T`` are the surface voxels of prediction and truth and ``d`` is the Euclidean
+    distance in mm (voxel spacing ``spacing_mm`` applied). Computed by
+    ``monai.metrics.compute_surface_dice`` (voxel-count form, ``use_subvoxels=False``).
+    Empty-mask convention: both empty -> 1.0; exactly one empty -> 0.0.
+    """
+    pred, truth = _check_pair(pred, truth)
+    spacing = _check_spacing(spacing_mm, pred.ndim)
+    if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise ValueError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm!r}")
+    p_any, t_any = bool(pred.any()), bool(truth.any())
+    if not p_any and not t_any:
+        return 1.0
+    if not p_any or not t_any:
+        return 0.0
+    from monai.metrics import compute_surface_dice
+
+    pred, truth = _crop_joint(pred, truth)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        value = compute_surface_dice(
+            _as_monai_batch(pred),
+            _as_monai_batch(truth),
+            class_thresholds=[float(tolerance_mm)],
+            include_background=True,
+            distance_metric="euclidean",
+            spacing=list(spacing),
+        )
+    return float(value.reshape(-1)[0])
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm.
+
+    ``HD95 = max( P95_{p in S_P} d(p, S_T), P95_{t in S_T} d(t, S_P) )``: the larger of the two directed
+    95th percentiles of surface-to-surface Euclidean distances in mm (the BraTS definition), computed by
+    ``monai.metrics.compute_hausdorff_distance(percentile=95, spacing=spacing_mm)``; percentiles use
+    linear interpolation (``torch.quantile``).
+    Empty-mask convention: both empty -> 0.0; exactly one empty -> image diagonal in mm
+    (:func:`image_diagonal_mm` of the full, uncropped volume).
+    """
+    pred, truth = _check_pair(pred, truth)
+    spacing = _check_spacing(spacing_mm, pred.ndim)
+    p_any, t_any = bool(pred.any()), bool(truth.any())
+    if not p_any and not t_any:
+        return 0.0
+    if not p_any or not t_any:
+        return image_diagonal_mm(pred.shape, spacing)
+    from monai.metrics import compute_hausdorff_distance
+
+    pred, truth = _crop_joint(pred, truth)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        value = compute_hausdorff_distance(
+            _as_monai_batch(pred),
+            _as_monai_batch(truth),
+            include_background=True,
+            distance_metric="euclidean",
+            percentile=95,
+            directed=False,
+            spacing=list(spacing),
+        )
+    return float(value.reshape(-1)[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# per-case and per-folder evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_regions(regions: Mapping[str, Iterable[int]] | None) -> dict[str, tuple[int, ...]]:
+    if regions is None:
+        return dict(DEFAULT_REGIONS)
+    out = {str(name): tuple(int(v) for v in labels) for name, labels in regions.items()}
+    if not out:
+        raise ValueError("regions must name at least one region")
+    for name, labels in out.items():
+        if not labels or 0 in labels:
+            raise ValueError(f"region {name!r} must be a non-empty set of foreground labels (not 0), got {labels}")
+    return out
+
+
+def region_masks(labels: np.ndarray, regions: Mapping[str, Iterable[int]] | None = None) -> dict[str, np.ndarray]:
+    """Binary mask per region: ``{name: np.isin(labels, region_labels)}`` (default regions WT/TC/ET)."""
+    labels = np.asarray(labels)
+    return {name: np.isin(labels, lab) for name, lab in _check_regions(regions).items()}
+
+
+def evaluate_case(
+    pred_labels: np.ndarray,
+    truth_labels: np.ndarray,
+    spacing_mm: Sequence[float],
+    regions: Mapping[str, Iterable[int]] | None = None,
+    tolerance_mm: float = 1.0,
+    pred_is_binary_wt: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Dice, NSD and HD95 of one case, per region: ``{region: {"dice", "nsd", "hd95"}}``.
+
+    ``pred_labels`` and ``truth_labels`` are integer label maps of the same shape; each region's mask is
+    ``np.isin(labels, regions[region])`` on both (default regions: WT/TC/ET of BraTS labels 0-3).
+
+    ``pred_is_binary_wt=True``: the prediction is already a binary whole-tumour mask (values in {0, 1},
+    as written by a one-channel sigmoid model); only the region ``"WT"`` is evaluated, with the
+    prediction mask ``pred_labels == 1`` against the truth's WT labels. ``regions`` must then contain
+    ``"WT"``; other regions are ignored. Raises ``ValueError`` if the prediction has other values.
+
+    Empty regions follow the module's empty-mask convention (all values finite).
+    """
+    pred_labels = np.asarray(pred_labels)
+    truth_labels = np.asarray(truth_labels)
+    if pred_labels.shape != truth_labels.shape:
+        raise ValueError(f"prediction and truth shapes differ: {pred_labels.shape} vs {truth_labels.shape}")
+    spacing = _check_spacing(spacing_mm, truth_labels.ndim)
+    regs = _check_regions(regions)
+    if pred_is_binary_wt:
+        if "WT" not in regs:
+            raise ValueError("pred_is_binary_wt=True needs a 'WT' region in regions")
+        values = np.unique(pred_labels)
+        if not np.isin(values, (0, 1)).all():
+            raise ValueError(f"pred_is_binary_wt=True but the prediction has values {values.tolist()[:10]}, not only 0/1")
+        pred_masks = {"WT": pred_labels == 1}
+        regs = {"WT": regs["WT"]}
+    else:
+        pred_masks = region_masks(pred_labels, regs)
+    truth_masks = region_masks(truth_labels, regs)
+    result: dict[str, dict[str, float]] = {}
+    for name in regs:
+        p, t = pred_masks[name], truth_masks[name]
+        result[name] = {
+            "dice": dice(p, t),
+            "nsd": normalized_surface_distance(p, t, spacing, tolerance_mm),
+            "hd95": hd95(p, t, spacing),
+        }
+    return result
+
+
+def summarize(
+    cases: Mapping[str, Mapping[str, Mapping[str, float]]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean and std over cases: ``{region: {metric: {"mean", "std"}}}``.
+
+    ``mean = (1/N) sum_i x_i``, ``std = sqrt((1/N) sum_i (x_i - mean)^2)`` (population std, numpy ddof=0),
+    over the N cases that report the region. Regions and metrics keep their first-seen order.
+    """
+    collected: dict[str, dict[str, list[float]]] = {}
+    for case_metrics in cases.values():
+        for region, metrics in case_metrics.items():
+            slot = collected.setdefault(region, {})
+            for metric, value in metrics.items():
+                slot.setdefault(metric, []).append(float(value))
+    return {
+        region: {
+            metric: {"mean": float(np.mean(vals)), "std": float(np.std(vals))} for metric, vals in metrics.items()
+        }
+        for region, metrics in collected.items()
+    }
+
+
+def _case_name(path: Path) -> str | None:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _nifti_files(folder: Path, what: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise UserError(f"{what} folder {folder} does not exist or is not a folder")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        case = _case_name(path)
+        if case is None or not path.is_file() or path.name.startswith("."):
+            continue
+        if case in files:
+            raise UserError(f"{what} folder {folder} has two files for case {case}: {files[case].name} and {path.name}")
+        files[case] = path
+    if not files:
+        raise UserError(f"{what} folder {folder} has no NIfTI files (.nii.gz or .nii)")
+    return files
+
+
+def _load_labels(path: Path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for broken files
+        raise UserError(f"cannot read NIfTI file {path}: {exc}") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise UserError(f"{path} is not a 3D label map (shape {data.shape})")
+    if not np.issubdtype(data.dtype, np.integer):
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            raise UserError(f"{path} has non-integer values; expected a label map")
+        data = rounded
+    return data.astype(np.int16, copy=False), img
+
+
+def evaluate_folders(
+    pred_dir: str | os.PathLike,
+    label_dir: str | os.PathLike,
+    tolerance_mm: float = 1.0,
+    regions: Mapping[str, Iterable[int]] | None = None,
+    pred_is_binary_wt: bool = False,
+) -> dict:
+    """Evaluate every prediction in ``pred_dir`` against its label in ``label_dir``.
+
+    Files pair by case name: ``CASE.nii.gz`` (or ``CASE.nii``) in both folders; other files are ignored.
+    The voxel spacing is read from the LABEL's header (``header.get_zooms()[:3]``, mm). Each pair must
+    have the same shape and (to 1e-4) the same affine.
+
+    Returns ``{"cases": {CASE: {REGION: {"dice", "nsd", "hd95"}}}, "summary": {REGION: {METRIC: {"mean", "std"}}}}``
+    (regions default to WT/TC/ET for labels 0-3; ``pred_is_binary_wt`` as in :func:`evaluate_case`).
+
+    Raises ``UserError`` naming the folder or file for: a missing or empty folder, a case present in
+    only one folder, a shape or affine mismatch, an unreadable or non-label file.
+    """
+    pred_dir, label_dir = Path(pred_dir), Path(label_dir)
+    preds = _nifti_files(pred_dir, "prediction")
+    labels = _nifti_files(label_dir, "label")
+    missing_label = sorted(set(preds) - set(labels))
+    if missing_label:
+        raise UserError(
+            f"prediction {preds[missing_label[0]]} has no label {label_dir / (missing_label[0] + '.nii.gz')}"
+            + (f" (and {len(missing_label) - 1} more cases without labels)" if len(missing_label) > 1 else "")
+        )
+    missing_pred = sorted(set(labels) - set(preds))
+    if missing_pred:
+        raise UserError(
+            f"label {labels[missing_pred[0]]} has no prediction {pred_dir / (missing_pred[0] + '.nii.gz')}"
+            + (f" (and {len(missing_pred) - 1} more cases without predictions)" if len(missing_pred) > 1 else "")
+        )
+    regs = _check_regions(regions)
+    cases: dict[str, dict[str, dict[str, float]]] = {}
+    for case in sorted(labels):
+        truth, truth_img = _load_labels(labels[case])
+        pred, pred_img = _load_labels(preds[case])
+        if pred.shape != truth.shape:
+            raise UserError(f"{preds[case]} has shape {pred.shape} but its label {labels[case]} has shape {truth.shape}")
+        if not np.allclose(pred_img.affine, truth_img.affine, atol=1e-4, rtol=0):
+            raise UserError(
+                f"{preds[case]} and its label {labels[case]} have different affines (voxel-to-world matrices); "
+                "resample the prediction onto the label's grid"
+            )
+        spacing = tuple(float(z) for z in truth_img.header.get_zooms()[:3])
+        try:
+            cases[case] = evaluate_case(pred, truth, spacing, regs, tolerance_mm, pred_is_binary_wt)
+        except ValueError as exc:
+            raise UserError(f"{preds[case]}: {exc}") from exc
+    return {"cases": cases, "summary": summarize(cases)}
+
+
+# --------------------------------------------------------------------------------------------------
+# writing results
+# --------------------------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_metrics_csv(result: Mapping, path: str | os.PathLike) -> None:
+    """Write an :func:`evaluate_folders` result as CSV, atomically (temp file + ``os.replace``).
+
+    Columns ``case, region, dice, nsd, hd95``: one row per case x region (cases sorted as in the
+    result), then one ``mean`` row and one ``std`` row per region (``case`` = "mean" / "std").
+    Floats are written with ``repr`` precision.
+    """
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case", "region", *METRIC_NAMES])
+    for case, regions in result["cases"].items():
+        for region, metrics in regions.items():
+            writer.writerow([case, region, *(repr(float(metrics[m])) for m in METRIC_NAMES)])
+    for stat in ("mean", "std"):
+        for region, metrics in result["summary"].items():
+            writer.writerow([stat, region, *(repr(float(metrics[m][stat])) for m in METRIC_NAMES)])
+    _atomic_write_text(path, buf.getvalue())
+
+
+def write_metrics_json(result: Mapping, path: str | os.PathLike) -> None:
+    """Write an :func:`evaluate_folders` result as JSON (the documented contract), atomically."""
+    _atomic_write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# training-time metrics (torch, batched)
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_activation(logits: torch.Tensor, target: torch.Tensor, activation: str) -> str:
+    if activation not in ("auto", "sigmoid", "softmax"):
+        raise ValueError(f"activation must be 'auto', 'sigmoid' or 'softmax', got {activation!r}")
+    if activation != "auto":
+        return activation
+    if target.shape == logits.shape and (logits.shape[1] == 1 or target.is_floating_point()):
+        return "sigmoid"
+    return "softmax"
+
+
+def _class_index_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Softmax target as class indices [B, *spatial] (accepts [B, *spatial] or [B, 1, *spatial])."""
+    if target.dim() == logits.dim() and target.shape[1] == 1:
+        target = target[:, 0]
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(
+            f"softmax target must be class indices of shape {tuple(logits.shape[:1] + logits.shape[2:])} "
+            f"(or with a channel of 1), got {tuple(target.shape)}"
+        )
+    return target.long()
+
+
+def _probs_and_onehot(logits: torch.Tensor, target: torch.Tensor, activation: str):
+    """(probabilities, one-hot/float target), both [B, C, *spatial], and the resolved activation."""
+    act = _resolve_activation(logits, target, activation)
+    if act == "sigmoid":
+        if target.shape != logits.shape:
+            raise ValueError(f"sigmoid target must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}")
+        return torch.sigmoid(logits), target.to(logits.dtype), act
+    idx = _class_index_target(logits, target)
+    onehot = F.one_hot(idx, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+    return torch.softmax(logits, dim=1), onehot, act
+
+
+def soft_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    activation: str = "auto",
+    include_background: bool = False,
+    smooth: float = 1e-5,
+) -> torch.Tensor:
+    """Soft Dice loss ``1 - mean_c (2 sum p_c t_c + s) / (sum p_c + sum t_c + s)`` (Milletari et al., 2016).
+
+    Sums run over each sample's voxels, per channel ``c``; the loss averages samples and channels. Being a
+    per-sample mean, K micro-batches scaled by 1/K (accumulation), or R data-parallel ranks averaged, give
+    exactly the loss and gradient of the one full batch.
+
+    * ``activation="sigmoid"``: ``logits`` [B, C, *spatial] with independent sigmoid channels (C = 1 for a
+      binary whole-tumour model), ``target`` of the same shape with values in {0, 1}; every channel counts.
+    * ``activation="softmax"``: ``logits`` [B, C, *spatial], ``target`` class indices [B, *spatial] (or
+      [B, 1, *spatial]); the background channel 0 is left out unless ``include_background``.
+    * ``"auto"`` (default): sigmoid when target has the logits' shape and either C = 1 or the target is a
+      float tensor; softmax otherwise.
+    """
+    probs, onehot, act = _probs_and_onehot(logits, target, activation)
+    if act == "softmax" and not include_background and probs.shape[1] > 1:
+        probs, onehot = probs[:, 1:], onehot[:, 1:]
+    dims = tuple(range(2, probs.dim()))
+    intersection = (probs * onehot).sum(dims)
+    denominator = probs.sum(dims) + onehot.sum(dims)
+    return 1.0 - ((2.0 * intersection + smooth) / (denominator + smooth)).mean()
+
+
+def dice_bce_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    activation: str = "auto",
+    bce_weight: float = 1.0,
+    include_background: bool = False,
+    smooth: float = 1e-5,
+) -> torch.Tensor:
+    """``soft_dice_loss + bce_weight * cross-entropy``.
+
+    The cross-entropy is binary (``binary_cross_entropy_with_logits``, mean over voxels and channels) for
+    sigmoid outputs and categorical (``cross_entropy`` over all classes) for softmax outputs; the
+    activation is resolved as in :func:`soft_dice_loss`.
+    """
+    act = _resolve_activation(logits, target, activation)
+    loss = soft_dice_loss(logits, target, act, include_background, smooth)
+    if act == "sigmoid":
+        ce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
+    else:
+        ce = F.cross_entropy(logits, _class_index_target(logits, target))
+    return loss + bce_weight * ce
+
+
+@torch.no_grad()
+def dice_coefficient(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    threshold: float = 0.5,
+    activation: str = "auto",
+    smooth: float = 1e-6,
+) -> torch.Tensor:
+    """Hard Dice over the batch: ``mean_c (2 |P_c ∩ T_c| + s) / (|P_c| + |T_c| + s)`` for logging (no gradient).
+
+    Sigmoid outputs: ``P_c = sigmoid(logits_c) > threshold`` for every channel. Softmax outputs:
+    ``P_c = (argmax == c)`` for the foreground classes c >= 1. Counts run over the batch and all voxels;
+    the small ``smooth`` makes an all-empty channel score 1.
+    """
+    act = _resolve_activation(logits, target, activation)
+    if act == "sigmoid":
+        if target.shape != logits.shape:
+            raise ValueError(f"sigmoid target must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}")
+        pred = torch.sigmoid(logits) > threshold
+        truth = target > 0.5
+    else:
+        idx = _class_index_target(logits, target)
+        n = logits.shape[1]
+        pred = F.one_hot(logits.argmax(1), n).movedim(-1, 1).bool()
+        truth = F.one_hot(idx, n).movedim(-1, 1).bool()
+        if n > 1:
+            pred, truth = pred[:, 1:], truth[:, 1:]
+    dims = (0, *range(2, pred.dim()))
+    inter = (pred & truth).sum(dims).double()
+    denom = pred.sum(dims).double() + truth.sum(dims).double()
+    return ((2.0 * inter + smooth) / (denom + smooth)).mean().float()
+
+
+@torch.no_grad()
+def voxel_accuracy(
+    logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5, activation: str = "auto"
+) -> torch.Tensor:
+    """Fraction of voxels classified correctly: ``mean(pred == target)`` over batch, channels and voxels.
+
+    Sigmoid outputs: ``pred = sigmoid(logits) > threshold`` per channel; softmax: ``pred = argmax``.
+    """
+    act = _resolve_activation(logits, target, activation)
+    if act == "sigmoid":
+        if target.shape != logits.shape:
+            raise ValueError(f"sigmoid target must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}")
+        correct = (torch.sigmoid(logits) > threshold) == (target > 0.5)
+    else:
+        correct = logits.argmax(1) == _class_index_target(logits, target)
+    return correct.float().mean()
