@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 NORMS = ("none", "instance", "group", "batch")
 DOWNSAMPLING = 8  # three 2x poolings: every spatial size must be a multiple of 8
@@ -101,6 +102,7 @@ class UNet3D(nn.Module):
     def __init__(self, config: ModelConfig = ModelConfig()) -> None:
         super().__init__()
         self.config = config
+        self.checkpointing = False  # a training strategy, not part of the weights: set by the trainer
         f = config.filters
         for name, (cin, cout) in _CONVS.items():
             in_channels = config.in_channels if cin is None else cin * f
@@ -121,26 +123,62 @@ class UNet3D(nn.Module):
         x = getattr(self, name)(x)
         if self.config.norm != "none":
             x = getattr(self, "norm" + name[4:])(x)
-        return F.relu(x, inplace=True)
+        return F.relu(x, inplace=True)  # in place: the pre-activation map is never kept beside the activation
+
+    # The forward pass as segments, in order. With activation checkpointing each segment keeps only
+    # its inputs for the backward pass and recomputes the rest. Boundaries sit where they cut the peak:
+    # the full-resolution stages (conv1a, conv1b, and the last decoder level) are split finely because
+    # they hold most of the memory; a segment never returns a full-resolution 128-channel map it
+    # could instead recompute (transConv6's output lives inside `decoder7a`).
+    def encoder1a(self, x):
+        return self.conv("conv1a", x)
+
+    def encoder1b(self, x):
+        return self.conv("conv1b", x)
+
+    def encoder2(self, skip1):
+        return self.conv("conv2b", self.conv("conv2a", self.pool1(skip1)))
+
+    def encoder3(self, skip2):
+        return self.conv("conv3b", self.dropout_1(self.conv("conv3a", self.pool2(skip2))))
+
+    def bottleneck(self, skip3):
+        x = self.conv("conv4b", self.dropout_2(self.conv("conv4a", self.pool3(skip3))))
+        return self.transConv4(x)
+
+    def decoder5(self, up4, skip3):
+        x = self.conv("conv5b", self.conv("conv5a", self.concatenate_1(up4, skip3)))
+        return self.transConv5(x)
+
+    def decoder6(self, up5, skip2):
+        return self.conv("conv6b", self.conv("conv6a", self.concatenate_2(up5, skip2)))
+
+    def decoder7a(self, x6, skip1):
+        return self.conv("conv7a", self.concatenate_3(self.transConv6(x6), skip1))
+
+    def decoder7b(self, x7):
+        return self.PredictionMask(self.conv("conv7b", x7))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         validate_spatial_shape(tuple(x.shape[2:]))
-        skip1 = self.conv("conv1b", self.conv("conv1a", x))
-        x = self.pool1(skip1)
-        skip2 = self.conv("conv2b", self.conv("conv2a", x))
-        x = self.pool2(skip2)
-        x = self.dropout_1(self.conv("conv3a", x))
-        skip3 = self.conv("conv3b", x)
-        x = self.pool3(skip3)
-        x = self.dropout_2(self.conv("conv4a", x))
-        x = self.conv("conv4b", x)
-        x = self.concatenate_1(self.transConv4(x), skip3)
-        x = self.conv("conv5b", self.conv("conv5a", x))
-        x = self.concatenate_2(self.transConv5(x), skip2)
-        x = self.conv("conv6b", self.conv("conv6a", x))
-        x = self.concatenate_3(self.transConv6(x), skip1)
-        x = self.conv("conv7b", self.conv("conv7a", x))
-        return self.PredictionMask(x)
+        run = self._checkpointed if self.checkpointing and torch.is_grad_enabled() else _call
+        skip1 = run(self.encoder1b, run(self.encoder1a, x))
+        skip2 = run(self.encoder2, skip1)
+        skip3 = run(self.encoder3, skip2)
+        x = run(self.bottleneck, skip3)
+        x = run(self.decoder5, x, skip3)
+        x = run(self.decoder6, x, skip2)
+        x = run(self.decoder7a, x, skip1)
+        return run(self.decoder7b, x)
+
+    @staticmethod
+    def _checkpointed(segment, *inputs):
+        # Non-reentrant checkpointing restores the RNG state, so dropout masks repeat exactly on recompute.
+        return checkpoint(segment, *inputs, use_reentrant=False)
+
+
+def _call(segment, *inputs):
+    return segment(*inputs)
 
 
 def count_trainable(model: nn.Module) -> int:

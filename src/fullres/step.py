@@ -1,0 +1,89 @@
+"""One training step under a memory strategy: the single definition that train, profile, bench and the
+dry-run estimator all run, so that what is measured or estimated is what trains.
+
+A step takes `accumulate` micro-batches, each forward + backward under autocast when asked, and
+then one optimizer update. Losses are per-sample means, so K micro-batches of b samples, each
+scaled by 1/K, give the gradient of one batch of K x b (exact with no batch-norm).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fullres.config import Strategy
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def autocast(strategy: Strategy, device_type: str):
+    """The autocast context for a strategy (a no-op for fp32)."""
+    if strategy.precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[strategy.precision])
+
+
+def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
+    """Apply the strategy's model-side settings (memory format, checkpointing) in place."""
+    if strategy.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the network
+    inner.checkpointing = strategy.checkpointing
+    return model
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, strategy: Strategy) -> torch.Tensor:
+    tensor = tensor.to(device, non_blocking=True)
+    if strategy.channels_last and tensor.dim() == 5:
+        tensor = tensor.contiguous(memory_format=torch.channels_last_3d)
+    return tensor
+
+
+def make_grad_scaler(strategy: Strategy, device_type: str) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling against underflow; bf16 has fp32's range and does not."""
+    if strategy.precision != "fp16":
+        return None
+    if device_type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device (gradient scaling); use bf16 on CPU")
+    return torch.amp.GradScaler("cuda")
+
+
+def split_micro_batches(tensor: torch.Tensor, accumulate: int) -> tuple[torch.Tensor, ...]:
+    if tensor.shape[0] % accumulate:
+        raise ValueError(f"batch of {tensor.shape[0]} does not split into {accumulate} equal micro-batches")
+    return tensor.chunk(accumulate)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
+               loss_fn: LossFunction, strategy: Strategy, scaler: torch.amp.GradScaler | None = None,
+               no_sync: Callable[[], object] | None = None) -> tuple[float, torch.Tensor]:
+    """One optimizer step over `images` (accumulate x micro-batch samples). Returns (mean loss, logits).
+
+    `no_sync` (DistributedDataParallel.no_sync) skips the gradient all-reduce on all but the last micro-batch.
+    """
+    device_type = images.device.type
+    optimizer.zero_grad(set_to_none=True)
+    total_loss = 0.0
+    logits = []
+    micro_images = split_micro_batches(images, strategy.accumulate)
+    micro_targets = split_micro_batches(targets, strategy.accumulate)
+    for index, (x, y) in enumerate(zip(micro_images, micro_targets)):
+        last = index == strategy.accumulate - 1
+        with (nullcontext() if last or no_sync is None else no_sync()):
+            with autocast(strategy, device_type):
+                output = model(x)
+            loss = loss_fn(output.float(), y) / strategy.accumulate
+            (scaler.scale(loss) if scaler else loss).backward()
+        total_loss += loss.item()
+        logits.append(output.detach())
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return total_loss, torch.cat(logits)

@@ -1,0 +1,87 @@
+"""Exact-gradient strategies: checkpointing and accumulation must not change the gradient."""
+
+import copy
+
+import pytest
+import torch
+
+from fullres.config import Strategy
+from fullres.metrics import soft_dice_loss
+from fullres.model import ModelConfig, UNet3D
+from fullres.step import make_grad_scaler, prepare_model, train_step
+
+
+def tiny_model(dropout=0.2, norm="none"):
+    torch.manual_seed(0)
+    return UNet3D(ModelConfig(in_channels=2, filters=4, dropout=dropout, norm=norm))
+
+
+def batch(n=4, shape=(16, 16, 16)):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(n, 2, *shape, generator=generator)
+    targets = (torch.rand(n, 1, *shape, generator=generator) > 0.7).float()
+    return images, targets
+
+
+def gradients(model, images, targets, strategy, seed=0):
+    prepare_model(model, strategy)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the weights, read the gradients
+    torch.manual_seed(seed)
+    loss, logits = train_step(model, optimizer, images, targets, soft_dice_loss, strategy)
+    return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_same_gradients(a, b, rtol=1e-4, atol=1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
+
+
+def test_checkpointing_keeps_gradients_with_dropout():
+    model = tiny_model(dropout=0.3)
+    images, targets = batch(2)
+    loss_plain, plain = gradients(model, images, targets, Strategy())
+    loss_ckpt, ckpt = gradients(copy.deepcopy(model), images, targets, Strategy(checkpointing=True))
+    assert loss_plain == pytest.approx(loss_ckpt, rel=1e-6)
+    assert_same_gradients(plain, ckpt)
+
+
+def test_accumulation_equals_one_large_batch():
+    model = tiny_model(dropout=0.0)
+    images, targets = batch(4)
+    loss_full, full = gradients(model, images, targets, Strategy())
+    loss_accumulated, accumulated = gradients(copy.deepcopy(model), images, targets, Strategy(accumulate=4))
+    assert loss_full == pytest.approx(loss_accumulated, rel=1e-5)
+    assert_same_gradients(full, accumulated)
+
+
+def test_accumulation_update_equals_one_large_batch_adam():
+    images, targets = batch(4)
+    updated = []
+    for strategy in (Strategy(), Strategy(accumulate=2, checkpointing=True)):
+        model = prepare_model(tiny_model(dropout=0.0), strategy)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(2):
+            train_step(model, optimizer, images, targets, soft_dice_loss, strategy)
+        updated.append(model.state_dict())
+    for name in updated[0]:
+        torch.testing.assert_close(updated[0][name], updated[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_channels_last_and_bf16_run_and_stay_close():
+    model = tiny_model(dropout=0.0)
+    images, targets = batch(2)
+    _, plain = gradients(model, images, targets, Strategy())
+    _, channels_last = gradients(copy.deepcopy(model), images, targets, Strategy(channels_last=True))
+    assert_same_gradients(plain, channels_last, rtol=1e-3, atol=1e-5)
+    loss_bf16, bf16 = gradients(copy.deepcopy(model), images, targets, Strategy(precision="bf16"))
+    assert all(torch.isfinite(g).all() for g in bf16.values())
+
+
+def test_uneven_accumulation_and_fp16_on_cpu_are_refused():
+    model = tiny_model()
+    images, targets = batch(3)
+    with pytest.raises(ValueError, match="does not split into 2 equal micro-batches"):
+        gradients(model, images, targets, Strategy(accumulate=2))
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        make_grad_scaler(Strategy(precision="fp16"), "cpu")
