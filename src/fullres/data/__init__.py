@@ -1,0 +1,32 @@
+"""The data stage: MSD folders, preprocessing and its cache, synthetic datasets, dataset checks.
+
+    index = load_dataset_json("Task01_BrainTumour")
+    config = DataConfig(channels=resolve_channels("4", index.modalities), target="wt")
+    train, val = split_cases(index.training, val_fraction=0.2, seed=0)
+    loader = make_loader(MSDDataset.from_index(index, config, train), batch=1, shuffle=True,
+                         workers=2, seed=0, device_type="cpu")
+"""
+
+from fullres.data.cache import CACHE_DIR_NAME, default_cache_dir, load_case_image
+from fullres.data.check import CheckReport, Finding, check_dataset
+from fullres.data.msd import (
+    DatasetIndex,
+    MSDDataset,
+    TestCase,
+    TrainingCase,
+    brats_regions,
+    load_dataset_json,
+    make_loader,
+    resolve_channels,
+    split_cases,
+)
+from fullres.data.nifti import write_nifti
+from fullres.data.preprocess import TARGETS, CropBox, DataConfig, crop_or_pad, uncrop, zscore_brain
+from fullres.data.synth import brats_phantom, write_dataset
+
+__all__ = [
+    "CACHE_DIR_NAME", "TARGETS", "CheckReport", "CropBox", "DataConfig", "DatasetIndex", "Finding", "MSDDataset",
+    "TestCase", "TrainingCase", "brats_phantom", "brats_regions", "check_dataset", "crop_or_pad", "default_cache_dir",
+    "load_case_image", "load_dataset_json", "make_loader", "resolve_channels", "split_cases", "uncrop",
+    "write_dataset", "write_nifti", "zscore_brain",
+]

@@ -1,0 +1,143 @@
+"""The preprocessed cache: each case decompressed and preprocessed once, then memory-mapped.
+
+An entry is three files in the cache folder, named `<case_id>.<key>.*`:
+  .image.npy  float32 (C, H, W, D), preprocessed and cropped
+  .label.npy  uint8 (H, W, D), cropped the same way (training cases only)
+  .box.json   the CropBox; written last, so its presence marks a complete entry
+The key hashes the source files' absolute paths, sizes and mtimes, the options that shape the stored
+arrays (channels, shape, normalize) and CACHE_FORMAT_VERSION: touching a source file or changing an
+option makes a new entry. (The target is computed from the stored label at load time, so switching
+between wt / regions / classes reuses the same entry.) Old entries are left in place; delete the
+folder to reclaim the space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from fullres.data.files import atomic_write, write_bytes_atomically
+from fullres.data.nifti import case_id_from_path, open_nifti, read_image_channels_first, read_label
+from fullres.data.preprocess import CropBox, DataConfig, crop_or_pad, preprocess_image
+from fullres.errors import UserError
+
+CACHE_FORMAT_VERSION = 1
+CACHE_DIR_NAME = ".fullres_cache"
+
+
+def default_cache_dir(root: Path) -> Path:
+    """`<root>/.fullres_cache` when it can be created and written, else `~/.cache/fullres/<hash of root>`."""
+    root = Path(root).resolve()
+    in_dataset = root / CACHE_DIR_NAME
+    try:
+        in_dataset.mkdir(exist_ok=True)
+        if os.access(in_dataset, os.W_OK | os.X_OK):
+            return in_dataset
+    except OSError:
+        pass
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return user_cache / "fullres" / hashlib.sha256(str(root).encode()).hexdigest()[:16]
+
+
+def source_fingerprint(path: Path) -> list:
+    """[absolute path, size, mtime_ns]: changes whenever the file is replaced or rewritten."""
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror or error})") from None
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def cache_key(sources: list[Path], config: DataConfig) -> str:
+    """Hex digest of the sources' fingerprints, the array-shaping options and the cache format version."""
+    options = {"channels": list(config.channels), "shape": list(config.shape), "normalize": config.normalize}
+    payload = {"version": CACHE_FORMAT_VERSION, "options": options,
+               "sources": [source_fingerprint(Path(p)) for p in sources]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def entry_paths(cache_dir: Path, case_id: str, key: str) -> dict[str, Path]:
+    stem = f"{case_id}.{key}"
+    return {part: cache_dir / f"{stem}.{part}" for part in ("image.npy", "label.npy", "box.json")}
+
+
+def save_npy_atomically(path: Path, array: np.ndarray) -> None:
+    with atomic_write(path) as file:
+        np.save(file, array, allow_pickle=False)
+
+
+def read_entry(paths: dict[str, Path], with_label: bool) -> tuple[np.ndarray, np.ndarray | None, CropBox] | None:
+    """The memory-mapped arrays and box of a complete entry, or None when it is absent or damaged."""
+    if not paths["box.json"].is_file():
+        return None
+    try:
+        box = CropBox.from_json(json.loads(paths["box.json"].read_text()))
+        image = np.load(paths["image.npy"], mmap_mode="r")
+        label = np.load(paths["label.npy"], mmap_mode="r") if with_label else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # half-deleted or foreign files: rebuild the entry
+    return image, label, box
+
+
+def write_entry(paths: dict[str, Path], image: np.ndarray, label: np.ndarray | None, box: CropBox) -> None:
+    save_npy_atomically(paths["image.npy"], image)
+    if label is not None:
+        save_npy_atomically(paths["label.npy"], label)
+    write_bytes_atomically(paths["box.json"], json.dumps(box.to_json()).encode())
+
+
+def require_channels(image: np.ndarray, config: DataConfig, path: Path) -> None:
+    if max(config.channels) >= image.shape[0]:
+        raise UserError(f"{path}: --channels asks for channel {max(config.channels)} but the image has "
+                        f"{image.shape[0]} (channels are numbered from 0)")
+
+
+def preprocess_training_case(image_path: Path, label_path: Path, config: DataConfig) -> tuple[np.ndarray, np.ndarray, CropBox]:
+    """Read and preprocess one case from its NIfTI files: image (C, H, W, D) float32, label (H, W, D) uint8."""
+    image, _ = read_image_channels_first(image_path)
+    require_channels(image, config, image_path)
+    label = read_label(label_path)
+    if label.shape != image.shape[1:]:
+        raise UserError(f"{label_path}: label shape {label.shape} != image spatial shape {image.shape[1:]} ({image_path})")
+    processed, box = preprocess_image(image, config)
+    return processed, crop_or_pad(label, box), box
+
+
+def load_training_arrays(image_path: Path, label_path: Path, config: DataConfig,
+                         cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray, CropBox]:
+    """A training case, preprocessed: from the cache when it holds it (memory-mapped), else read and cached."""
+    if cache_dir is None:
+        return preprocess_training_case(image_path, label_path, config)
+    paths = entry_paths(Path(cache_dir), case_id_from_path(image_path), cache_key([image_path, label_path], config))
+    cached = read_entry(paths, with_label=True)
+    if cached is not None:
+        return cached
+    image, label, box = preprocess_training_case(image_path, label_path, config)
+    write_entry(paths, image, label, box)
+    return image, label, box
+
+
+def load_case_image(path: Path, config: DataConfig, cache_dir: Path | None = None) -> tuple[np.ndarray, CropBox, nib.Nifti1Image]:
+    """One image file preprocessed for prediction: (C, H, W, D) float32, its CropBox, and the source
+    image opened lazily (for `.affine` and `.header` when writing the prediction; its voxels are not kept).
+
+    Put the network output back with `uncrop(prediction, box)`.
+    """
+    path = Path(path)
+    if cache_dir is not None:
+        paths = entry_paths(Path(cache_dir), case_id_from_path(path), cache_key([path], config))
+        cached = read_entry(paths, with_label=False)
+        if cached is not None:
+            image, _, box = cached
+            return np.array(image), box, open_nifti(path)
+    raw, source = read_image_channels_first(path)
+    require_channels(raw, config, path)
+    image, box = preprocess_image(raw, config)
+    if cache_dir is not None:
+        write_entry(paths, image, None, box)
+    return image, box, source

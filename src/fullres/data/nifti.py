@@ -1,0 +1,104 @@
+"""Reading and writing NIfTI files (.nii and .nii.gz) with nibabel.
+
+Reading turns every failure (missing, not NIfTI, truncated gzip) into a `UserError` that names the
+file. Writing is byte-reproducible: the gzip header's timestamp is fixed at 0, so the same array and
+affine always give the same .nii.gz bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from fullres.data.files import write_bytes_atomically
+from fullres.errors import UserError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+GZIP_LEVEL = 1  # nibabel's own default: fast, and noisy images barely compress further at 9
+
+
+def case_id_from_path(path: str | Path) -> str:
+    """'imagesTr/BRATS_001.nii.gz' -> 'BRATS_001'."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def open_nifti(path: Path) -> nib.Nifti1Image:
+    """Open a NIfTI file lazily (only the header is read). UserError naming the file if that fails."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        image = nib.load(path)
+    except ImageFileError:
+        raise UserError(f"{path}: not a NIfTI file") from None
+    except Exception as error:  # nibabel raises many types for damaged headers; all mean "unreadable"
+        raise UserError(f"{path}: unreadable ({type(error).__name__}: {error})") from None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise UserError(f"{path}: not a NIfTI file (nibabel reads it as {type(image).__name__})")
+    return image
+
+
+def read_array(image: nib.Nifti1Image, path: Path) -> np.ndarray:
+    """The whole voxel array, in its stored dtype (scaled to float only when the header says so).
+
+    Reading every byte is what detects a truncated or corrupt file, so this is also the check's test.
+    """
+    try:
+        return np.asanyarray(image.dataobj)
+    except Exception as error:  # EOFError, zlib.error, OSError, ValueError... all mean a damaged file
+        raise UserError(f"{path}: truncated or corrupt data ({type(error).__name__}: {error})") from None
+
+
+def read_image_channels_first(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """A 4D image (H, W, D, C) as float32 (C, H, W, D); a 3D image counts as one channel."""
+    image = open_nifti(path)
+    data = read_array(image, path)
+    if data.ndim == 3:
+        data = data[..., None]
+    if data.ndim != 4:
+        raise UserError(f"{path}: expected a 4D image (H, W, D, channels), got shape {data.shape}")
+    return np.ascontiguousarray(np.moveaxis(data, -1, 0), dtype=np.float32), image
+
+
+def read_label(path: Path) -> np.ndarray:
+    """A 3D label volume as uint8 (values 0-255; anything else is a UserError)."""
+    data = read_array(open_nifti(path), path)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise UserError(f"{path}: expected a 3D label volume, got shape {data.shape}")
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+            raise UserError(f"{path}: label values must be whole numbers")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise UserError(f"{path}: label values must lie in 0..255, got {data.min()}..{data.max()}")
+    return data.astype(np.uint8)
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> bytes:
+    """An uncompressed single-file NIfTI-1 (.nii) holding `array` in its own dtype, with `affine` as qform and sform."""
+    header = header.copy() if header is not None else nib.Nifti1Header()
+    header.set_data_dtype(array.dtype)
+    image = nib.Nifti1Image(array, affine, header)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    return image.to_bytes()
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> None:
+    """Write `array` to `path` (.nii or .nii.gz) atomically, with reproducible bytes (gzip mtime 0).
+
+    `header`, when given (e.g. the source image's), contributes its fields; dtype and dimensions
+    always follow `array`, so a uint8 prediction can be written with a 4D int16 image's header.
+    """
+    raw = nifti_bytes(array, affine, header)
+    data = gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0) if path.name.endswith(".gz") else raw
+    write_bytes_atomically(path, data)

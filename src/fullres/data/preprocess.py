@@ -1,0 +1,179 @@
+"""Preprocessing as pure array functions: brain extent, crop/pad around it, z-score, training targets.
+
+A case goes  image (C, H0, W0, D0)  ->  z-score over brain voxels  ->  crop/pad to `DataConfig.shape`
+centred on the brain  ->  (C, H, W, D). The `CropBox` recorded on the way lets `uncrop` put a
+prediction back into the original (H0, W0, D0) geometry exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+
+from fullres.errors import UserError
+
+TARGETS = ("wt", "regions", "classes")
+REGION_NAMES = ("WT", "TC", "ET")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the network sees: which channels, which target, at which size, normalised or not.
+
+    target: "wt" = whole tumour (label > 0) as 1 float channel (the paper); "regions" = WT/TC/ET
+    as 3 float channels; "classes" = the raw integer labels, int64 (H, W, D).
+    """
+
+    channels: tuple[int, ...] = (0, 1, 2, 3)
+    target: str = "wt"
+    shape: tuple[int, int, int] = (240, 240, 144)
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if not self.channels or min(self.channels) < 0 or len(set(self.channels)) != len(self.channels):
+            raise ValueError(f"channels must be distinct indices >= 0, got {self.channels}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ValueError(f"shape must be three positive sizes (H, W, D), got {self.shape}")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (lists for tuples) that `from_json` turns back into an equal config."""
+        return {"channels": list(self.channels), "target": self.target, "shape": list(self.shape),
+                "normalize": self.normalize}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | str) -> "DataConfig":
+        """Inverse of `to_json`; accepts the dict or its JSON text. Unknown keys are a UserError."""
+        if isinstance(data, str):
+            data = json.loads(data)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UserError(f"data config: unknown keys {', '.join(sorted(unknown))}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as error:
+            raise UserError(f"data config: {error}") from None
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """How an original volume maps into the network-sized one, per axis (H, W, D).
+
+    original[source[a][0]:source[a][1]] lands at network[destination[a][0]:destination[a][1]];
+    everything else in the network volume is zero padding.
+    """
+
+    original_shape: tuple[int, int, int]
+    target_shape: tuple[int, int, int]
+    source: tuple[tuple[int, int], ...]
+    destination: tuple[tuple[int, int], ...]
+
+    def source_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(start, stop) for start, stop in self.source)
+
+    def destination_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(start, stop) for start, stop in self.destination)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"original_shape": list(self.original_shape), "target_shape": list(self.target_shape),
+                "source": [list(p) for p in self.source], "destination": [list(p) for p in self.destination]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "CropBox":
+        return cls(tuple(data["original_shape"]), tuple(data["target_shape"]),
+                   tuple(tuple(p) for p in data["source"]), tuple(tuple(p) for p in data["destination"]))
+
+
+def brain_mask(image: np.ndarray) -> np.ndarray:
+    """Voxels non-zero in any channel of a (C, H, W, D) image: the brain (MSD backgrounds are exactly 0)."""
+    return np.any(image != 0, axis=0)
+
+
+def bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """(start, stop) of the True voxels along each axis; the whole extent when nothing is True."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(np.any(mask, axis=others))
+        box.append((int(hits[0]), int(hits[-1]) + 1) if hits.size else (0, mask.shape[axis]))
+    return tuple(box)
+
+
+def centred_crop_box(original_shape: tuple[int, ...], extent: tuple[tuple[int, int], ...],
+                     target_shape: tuple[int, ...]) -> CropBox:
+    """A window of `target_shape` centred on `extent`, kept inside the volume when cropping and
+    covering the whole volume when padding (so padding never also crops)."""
+    source, destination = [], []
+    for size, (low, high), target in zip(original_shape, extent, target_shape):
+        start = int(np.floor((low + high - target) / 2))  # window [start, start + target) centred on the extent
+        start = min(max(start, min(0, size - target)), max(0, size - target))
+        src_start, src_stop = max(start, 0), min(start + target, size)
+        source.append((src_start, src_stop))
+        destination.append((src_start - start, src_stop - start))
+    return CropBox(tuple(original_shape), tuple(target_shape), tuple(source), tuple(destination))
+
+
+def crop_or_pad(array: np.ndarray, box: CropBox) -> np.ndarray:
+    """Apply `box` to the last three axes of `array` (zeros where the window leaves the volume)."""
+    lead = array.shape[:-3]
+    out = np.zeros(lead + box.target_shape, dtype=array.dtype)
+    out[(...,) + box.destination_slices()] = array[(...,) + box.source_slices()]
+    return out
+
+
+def uncrop(prediction: np.ndarray, box: CropBox) -> np.ndarray:
+    """Put a network-sized prediction (..., H, W, D) back into the original geometry (zeros outside)."""
+    if tuple(prediction.shape[-3:]) != box.target_shape:
+        raise ValueError(f"prediction spatial shape {prediction.shape[-3:]} != crop box target {box.target_shape}")
+    out = np.zeros(prediction.shape[:-3] + box.original_shape, dtype=prediction.dtype)
+    out[(...,) + box.source_slices()] = prediction[(...,) + box.destination_slices()]
+    return out
+
+
+def zscore_brain(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-channel (x - mean) / std over the brain mask; voxels outside it stay exactly 0."""
+    out = np.zeros(image.shape, dtype=np.float32)
+    if not mask.any():
+        return out
+    for channel in range(image.shape[0]):
+        values = image[channel][mask].astype(np.float64)
+        std = values.std()
+        out[channel][mask] = (values - values.mean()) / (std if std > 0 else 1.0)
+    return out
+
+
+def preprocess_image(image: np.ndarray, config: DataConfig) -> tuple[np.ndarray, CropBox]:
+    """(C_all, H0, W0, D0) float32 -> the config's channels, normalised, cropped: (C, H, W, D) and its box.
+
+    The brain extent and mask use all channels, so FLAIR-only and 4-channel runs crop identically.
+    """
+    if max(config.channels) >= image.shape[0]:
+        raise UserError(f"--channels asks for channel {max(config.channels)} but the image has {image.shape[0]}")
+    mask = brain_mask(image)
+    box = centred_crop_box(image.shape[1:], bounding_box(mask), config.shape)
+    selected = image[list(config.channels)]
+    selected = zscore_brain(selected, mask) if config.normalize else selected.astype(np.float32)
+    return crop_or_pad(selected, box), box
+
+
+def make_target(label: np.ndarray, target: str, regions: Mapping[str, tuple[int, ...]] | None = None) -> np.ndarray:
+    """The training target from an integer label volume (H, W, D).
+
+    "wt": float32 (1, H, W, D) label > 0; "regions": float32 (3, H, W, D) WT/TC/ET from `regions`
+    (see `brats_regions`); "classes": int64 (H, W, D).
+    """
+    if target == "wt":
+        return (label > 0)[None].astype(np.float32)
+    if target == "regions":
+        if regions is None or any(name not in regions for name in REGION_NAMES):
+            raise UserError("target 'regions' needs WT, TC and ET, derived from dataset.json's label names")
+        return np.stack([np.isin(label, regions[name]) for name in REGION_NAMES]).astype(np.float32)
+    if target == "classes":
+        return label.astype(np.int64)
+    raise ValueError(f"unknown target {target!r}")

@@ -1,0 +1,27 @@
+"""Shared fixtures: one tiny synthetic MSD dataset per test session (read-only: copy it to modify it)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+SMALL_SHAPE = (32, 32, 24)
+
+
+@pytest.fixture(scope="session")
+def small_msd(tmp_path_factory) -> Path:
+    """4 training + 1 test BraTS-like phantoms of 32x32x24 (written once, about 0.1 s)."""
+    from fullres.data import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("msd") / "Task01_small", train_cases=4, test_cases=1,
+                         shape=SMALL_SHAPE, seed=7, progress=False)
+
+
+@pytest.fixture
+def msd_copy(small_msd, tmp_path) -> Path:
+    """A private copy of `small_msd` that a test may modify (without the shared cache)."""
+    copy = tmp_path / "Task01_copy"
+    shutil.copytree(small_msd, copy, ignore=shutil.ignore_patterns(".fullres_cache"))
+    return copy
