@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from fullres.config import PAPER_BATCH, PAPER_SHAPE, PRECISIONS, JobConfig, Strategy
 from fullres.errors import UserError
 from fullres.model import DOWNSAMPLING, ModelConfig, nearest_valid_sizes
@@ -65,6 +67,26 @@ def channel_count(spec: str) -> int:
     return len(items)
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+    return value
+
+
 def channels_spec(text: str) -> str:
     """Validate a --channels spec early (a clear error naming the option) and keep its text."""
     channel_count(text)
@@ -89,7 +111,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, defaults: bool = True) ->
     group.add_argument("--batch", type=positive_int, default=PAPER_BATCH if defaults else None,
                        help="samples per forward/backward (paper: 16)")
     group.add_argument("--dropout", type=float, default=0.2, help="dropout after conv3a and conv4a")
-    group.add_argument("--norm", choices=("none", "instance", "group", "batch"), default="none",
+    group.add_argument("--norm", choices=("none", "instance", "group", "batch"), default="none" if defaults else None,
                        help="normalisation after each convolution (paper: none)")
     strategy = parser.add_argument_group("memory strategies (exact gradients unless noted)")
     strategy.add_argument("--checkpointing", action="store_true", help="recompute activations in backward")
@@ -100,10 +122,11 @@ def add_job_arguments(parser: argparse.ArgumentParser, defaults: bool = True) ->
     strategy.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
 
 
-def job_from_args(args: argparse.Namespace) -> JobConfig:
+def job_from_args(args: argparse.Namespace, in_channels: int | None = None, classes: int | None = None) -> JobConfig:
+    """The job the flags describe; `in_channels`/`classes` come from the dataset when there is one."""
     try:
-        model = ModelConfig(in_channels=channel_count(args.channels), filters=args.filters,
-                            classes=TARGET_CLASSES[args.target], dropout=args.dropout, norm=args.norm)
+        model = ModelConfig(in_channels=in_channels or channel_count(args.channels), filters=args.filters,
+                            classes=classes or TARGET_CLASSES[args.target], dropout=args.dropout, norm=args.norm)
         strategy = Strategy(checkpointing=args.checkpointing, accumulate=args.accumulate,
                             precision=args.precision, channels_last=args.channels_last)
         return JobConfig(model=model, shape=tuple(args.shape), batch=args.batch, strategy=strategy)
@@ -186,6 +209,211 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# ---- train --------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fullres import train as training
+    from fullres.data import DataConfig, load_dataset_json, resolve_channels
+
+    run_dir = Path(args.out)
+    main_process = training.is_main_process()
+    progress = not args.quiet
+    if args.resume:
+        training.prepare_run_dir(run_dir, resume=True)
+        config = training.read_run_config(run_dir)
+    else:
+        if main_process:
+            training.prepare_run_dir(run_dir, resume=False)
+        if args.data is None:  # the embedded default: a synthetic dataset and a job sized for 2 CPU cores
+            for flag, value in training.DEMO_JOB.items():
+                if getattr(args, flag) is None:
+                    setattr(args, flag, list(value) if flag == "shape" else value)
+            data_dir = training.demo_dataset(run_dir, progress and main_process) if main_process \
+                else training.wait_for_dataset(run_dir / "synthetic_data")
+        else:
+            data_dir = Path(args.data).absolute()
+        for flag, value in (("shape", [240, 240, 144]), ("filters", 32), ("batch", 16), ("epochs", 25),
+                            ("lr", 1e-4), ("channels", "4"), ("target", "wt"), ("norm", "none"), ("loss", "dice")):
+            if getattr(args, flag) is None:
+                setattr(args, flag, value)
+        training.refuse_bad_data(data_dir)
+        index = load_dataset_json(data_dir)
+        channels = resolve_channels(args.channels, index.modalities)
+        classes = len(index.labels) if args.target == "classes" else None
+        job = job_from_args(args, in_channels=len(channels), classes=classes)
+        strategy_choice = "manual"
+        if not args.force:
+            budget = args.memory or training.available_memory(training.pick_device(args.device, training.Process()))
+            method = training.default_method()
+            job, needed, chosen = training.preflight(job, budget, method, auto=args.strategy == "auto")
+            strategy_choice = "auto" if args.strategy == "auto" else "manual"
+            if main_process:
+                print(f"preflight ({method}): needs {format_bytes(needed)} of {format_bytes(budget)} available"
+                      + (f"; --strategy auto chose: {chosen}" if args.strategy == "auto" else ""))
+        try:
+            config = training.TrainConfig(
+                job=job, data=DataConfig(channels=channels, target=args.target, shape=tuple(args.shape)),
+                data_dir=str(data_dir), epochs=args.epochs, lr=args.lr, loss=args.loss, seed=args.seed,
+                val_fraction=args.val_fraction, device=args.device, threads=args.threads, workers=args.workers,
+                schedule=args.schedule, strategy_choice=strategy_choice)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        if main_process:
+            training.write_json(run_dir / "config.json", config.to_json())
+    last = training.train(config, run_dir, resume=args.resume, progress=progress)
+    if main_process:
+        from fullres.figures import training_curves
+
+        training_curves(run_dir / "metrics.csv", run_dir / "curves.png")
+        print(f"done: validation Dice {last.get('val_dice', float('nan')):.3f} after {last.get('epoch', 0)} epochs; "
+              f"run in {run_dir}/ (config.json, metrics.csv, last.pt, best.pt, curves.png, tb/)")
+    return 0
+
+
+# ---- predict, evaluate, show ----------------------------------------------------------------------
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fullres.predict import predict_files
+    from fullres.train import pick_device, Process
+
+    written = predict_files(Path(args.run_dir), args.inputs, Path(args.out), pick_device(args.device, Process()),
+                            probabilities=args.probabilities, progress=not args.quiet)
+    print(f"wrote {len(written)} mask(s) to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fullres.metrics import evaluate_folders, write_metrics_csv
+
+    result = evaluate_folders(args.pred, args.labels, tolerance_mm=args.tolerance,
+                              pred_is_binary_wt=args.wt_only or predictions_are_binary(Path(args.pred)))
+    csv_path = Path(args.csv) if args.csv else Path(args.pred) / "metrics.csv"
+    write_metrics_csv(result, csv_path)
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"{'case':<16}{'region':<8}{'Dice':>8}{'NSD':>8}{'HD95 (mm)':>11}")
+    for case, regions in result["cases"].items():
+        for region, values in regions.items():
+            print(f"{case:<16}{region:<8}{values['dice']:>8.3f}{values['nsd']:>8.3f}{values['hd95']:>11.2f}")
+    for region, metrics in result["summary"].items():
+        print(f"{'mean ± std':<16}{region:<8}" + "".join(
+            f"{metrics[m]['mean']:>8.3f}" if m != "hd95" else f"{metrics[m]['mean']:>11.2f}" for m in ("dice", "nsd", "hd95"))
+            + "   (std " + ", ".join(f"{metrics[m]['std']:.3f}" for m in ("dice", "nsd", "hd95")) + ")")
+    print(f"NSD tolerance {args.tolerance} mm; CSV: {csv_path}")
+    return 0
+
+
+def predictions_are_binary(pred_dir: Path) -> bool:
+    """A folder written by `fullres predict` for a whole-tumour run holds {0, 1} masks: evaluate WT only."""
+    info = pred_dir / "prediction.json"
+    try:
+        return json.loads(info.read_text()).get("target") == "wt"
+    except (OSError, ValueError):
+        return False
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from fullres.figures import figure7_overlay
+    from fullres.data.nifti import open_nifti, read_array
+
+    image_nii = open_nifti(Path(args.image))
+    image = read_array(image_nii, Path(args.image))
+    if image.ndim == 4:
+        if not 0 <= args.channel < image.shape[3]:
+            raise UserError(f"--channel {args.channel}: {args.image} has {image.shape[3]} channels")
+        image = image[..., args.channel]
+    masks = []
+    for path in (args.pred, args.label):
+        if path is None:
+            masks.append(np.zeros(image.shape, bool))
+            continue
+        array = read_array(open_nifti(Path(path)), Path(path))
+        if array.shape != image.shape:
+            raise UserError(f"{path}: shape {array.shape} differs from the image's {image.shape}")
+        masks.append(array > 0)
+    out = figure7_overlay(image, masks[1], masks[0], Path(args.out), affine=image_nii.affine,
+                          title=args.title or Path(args.image).name)
+    print(f"wrote {out}")
+    return 0
+
+
+# ---- demo ---------------------------------------------------------------------------------------
+
+DEMO_MARKER = ".fullres-demo"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole pipeline on the embedded synthetic default, as the commands a user would type."""
+    import shutil
+
+    from fullres.train import available_memory, Process, pick_device
+
+    out = Path(args.out).absolute()
+    if out.exists() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).exists():
+            raise UserError(f"--out {out} is not empty and is not a previous demo; choose a new folder")
+        shutil.rmtree(out)  # only ever a folder this command wrote (it carries the marker)
+    out.mkdir(parents=True)
+    (out / DEMO_MARKER).write_text("written by `fullres demo`; the next demo replaces this folder\n")
+    run, data = out / "run", out / "run" / "synthetic_data"
+    budget = f"{available_memory(pick_device('cpu', Process()))}B"
+    quiet = ["--quiet"] if args.quiet else []
+    steps = [
+        ("1/7 estimate: the paper's job, Table 1 method", ["estimate"]),
+        ("2/7 plan: the paper's job on its 1.5 TB server (Table 2)", ["plan", "--memory", "1.5TB"]),
+        ("3/7 plan: the demo job on this machine (dry-run method)",
+         ["plan", "--memory", budget, "--method", "dryrun", "--shape", "48", "48", "32", "--filters", "8",
+          "--batch", "2", "--norm", "instance"]),
+        ("4/7 train: synthetic BraTS-like data, whole 48x48x32 volumes", ["train", "--out", str(run), *quiet]),
+        ("5/7 predict: the held-out synthetic test cases", ["predict", str(run), str(data), "--out",
+                                                             str(out / "predictions"), *quiet]),
+        ("6/7 evaluate: Dice, NSD, HD95 against the kept-aside test labels",
+         ["evaluate", str(out / "predictions"), str(data / "labelsTs")]),
+    ]
+    parser = build_parser()
+    for title, argv in steps:
+        print(f"\n== {title}\n$ fullres {' '.join(argv)}", flush=True)
+        code = parser.parse_args(argv).run(parser.parse_args(argv))
+        if code:
+            return code
+    print("\n== 7/7 show: Figure 7 overlays (prediction red, truth blue, overlap purple)")
+    figures = out / "figures"
+    for mask in sorted((out / "predictions").glob("*.nii.gz")):
+        argv = ["show", str(data / "imagesTs" / mask.name), "--pred", str(mask), "--label",
+                str(data / "labelsTs" / mask.name), "--out", str(figures / mask.name.replace(".nii.gz", ".png"))]
+        code = parser.parse_args(argv).run(parser.parse_args(argv))
+        if code:
+            return code
+    print(f"\nDone. Results in {out}/:\n  run/          config.json, metrics.csv, best.pt, last.pt, curves.png, "
+          f"overlay_*.png, tb/\n  predictions/  masks (NIfTI, original geometry) and metrics.csv\n"
+          f"  figures/      Figure 7 overlays of the test cases")
+    return 0
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", nargs="?", default=None,
+                        help="MSD dataset folder (default: a synthetic dataset generated inside --out)")
+    parser.add_argument("--out", required=True, help="run folder: config.json, metrics.csv, checkpoints, logs")
+    add_job_arguments(parser, defaults=False)
+    parser.add_argument("--epochs", type=positive_int, default=None, help="epochs (paper: 25)")
+    parser.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate")
+    parser.add_argument("--loss", choices=("dice", "dice_bce"), default=None, help="soft Dice (default), or Dice + BCE")
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule")
+    parser.add_argument("--seed", type=int, default=0, help="weights, split, order and dropout follow from it")
+    parser.add_argument("--val-fraction", type=fraction, default=0.2, help="share of cases held out for validation")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: one per physical core)")
+    parser.add_argument("--workers", type=int, default=1, help="data-loading worker processes")
+    parser.add_argument("--strategy", choices=("manual", "auto"), default="manual",
+                        help="auto: the least approximate strategy that fits (none, checkpointing, accumulation, bf16)")
+    parser.add_argument("--memory", type=memory_size, default=None,
+                        help="memory budget for the preflight (default: what is available now)")
+    parser.add_argument("--force", action="store_true", help="skip the memory preflight")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 # ---- the parser -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="does a job fit a machine's memory; largest batch and shape that do")
     add_job_arguments(plan)
     plan.add_argument("--memory", type=memory_size, required=True, help="memory budget, e.g. 192GB, 384GiB, 1.5TB")
-    plan.add_argument("--method", choices=("table1",), default="table1", help="estimation method")
+    plan.add_argument("--method", choices=("table1", "dryrun"), default="table1",
+                      help="table1: the paper's hand method; dryrun: one real training step on fake tensors")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(run=cmd_plan)
 
@@ -224,6 +453,42 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate every case of an MSD dataset before a long job")
     check.add_argument("data", help="dataset folder (with dataset.json)")
     check.set_defaults(run=cmd_check)
+
+    train = commands.add_parser("train", help="train the 3D U-Net on whole volumes (no DATA: a synthetic demo)")
+    add_train_arguments(train)
+    train.set_defaults(run=cmd_train)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on built-in synthetic data (a few minutes on 2 cores)")
+    demo.add_argument("--out", default="fullres-demo", help="results folder (default: ./fullres-demo)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(run=cmd_demo)
+
+    predict = commands.add_parser("predict", help="write NIfTI masks for images with a trained run")
+    predict.add_argument("run_dir", metavar="RUN", help="run folder (uses best.pt) or a checkpoint file")
+    predict.add_argument("inputs", nargs="+", help="NIfTI images, or an MSD folder (its test images)")
+    predict.add_argument("--out", required=True, help="folder for the masks (<case>.nii.gz)")
+    predict.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(run=cmd_predict)
+
+    evaluate = commands.add_parser("evaluate", help="Dice, NSD and HD95 per case and region (WT, TC, ET)")
+    evaluate.add_argument("pred", help="folder of predicted masks")
+    evaluate.add_argument("labels", help="folder of ground-truth label maps (same file names)")
+    evaluate.add_argument("--tolerance", type=positive_float, default=1.0, help="NSD tolerance in mm (default 1)")
+    evaluate.add_argument("--wt-only", action="store_true", help="predictions are {0,1} whole-tumour masks")
+    evaluate.add_argument("--csv", default=None, help="CSV path (default: PRED/metrics.csv)")
+    evaluate.add_argument("--json", action="store_true", help="machine-readable output")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    show = commands.add_parser("show", help="Figure 7: prediction (red) vs truth (blue) in three views")
+    show.add_argument("image", help="the image (NIfTI, 3D or 4D)")
+    show.add_argument("--pred", default=None, help="predicted mask (NIfTI)")
+    show.add_argument("--label", default=None, help="ground-truth label map (NIfTI)")
+    show.add_argument("--channel", type=int, default=0, help="channel of a 4D image (default 0: FLAIR in MSD)")
+    show.add_argument("--title", default=None)
+    show.add_argument("--out", required=True, help="PNG path")
+    show.set_defaults(run=cmd_show)
     return parser
 
 

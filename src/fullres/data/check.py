@@ -72,6 +72,8 @@ class _Findings:
         self.items: list[Finding] = []
 
     def relative(self, path: Path | str) -> str:
+        if Path(path) == self.root:
+            return str(path)  # the dataset folder itself: name it in full, never as "."
         try:
             return Path(path).relative_to(self.root).as_posix()
         except ValueError:

@@ -18,9 +18,17 @@ def table1_training_bytes(job: JobConfig) -> int:
     return table1(job.model, job.shape, job.batch, BYTES_PER_VALUE[job.strategy.precision]).training_bytes
 
 
+def dryrun_training_bytes(job: JobConfig) -> int:
+    """The real peak of a training step (fake tensors, nothing allocated): see fullres.memory.dryrun."""
+    from fullres.memory.dryrun import dryrun  # imports the fake-tensor machinery only when asked
+
+    return dryrun(job).peak_bytes
+
+
 # Each method maps a job to the bytes it needs to train; `plan` and the training preflight pick one by name.
 ESTIMATORS: dict[str, Callable[[JobConfig], int]] = {
     "table1": table1_training_bytes,
+    "dryrun": dryrun_training_bytes,
 }
 
 

@@ -1,0 +1,344 @@
+"""Dry run: the peak memory of training steps, computed by running them on fake tensors.
+
+``dryrun(job)`` builds the model under ``FakeTensorMode`` (no storage is ever allocated), makes fake
+inputs and targets, and runs :func:`fullres.step.train_step` itself (the function train, profile
+and bench run) for two steps under a ``TorchDispatchMode`` that follows every tensor storage from the
+op that creates it until Python frees it. ``.item()`` on a fake tensor (the loss, Adam's step
+count) answers 1.0; nothing in the step branches on it.
+
+Definition of peak
+------------------
+The peak is the largest memory in use at any point while the job's model, optimizer and inputs
+exist and ``steps`` training steps run, measured from the moment right after ``torch`` and
+``fullres`` are imported and before the model exists. On CPU this is what
+:func:`fullres.memory.measure.measure_peak` measures: the process's peak resident set size
+(``VmHWM``) minus its RSS right after the imports. Hence the model's parameters count, and so do
+the inputs (the effective batch of images and targets), the gradients, Adam's two moment buffers,
+the tensors autograd saves for backward, the temporaries of forward, backward and the optimizer
+update, and the memory the operators allocate inside themselves (oneDNN reorders and scratch
+buffers), which no tensor shows. Adam's state exists from the end of the first step, so the
+*second* step is the peak one (its backward runs with the moment buffers alive); the dry run
+therefore runs two steps, like ``measure_peak`` does by default.
+
+Terms
+-----
+``breakdown`` splits the bytes live at the peak:
+
+* ``parameters``, ``gradients``, ``optimizer_state`` (Adam ``exp_avg``, ``exp_avg_sq``, ``step``),
+  ``inputs`` (images and targets, the whole effective batch: ``train_step`` receives it at once),
+* ``activations``: tensors created in a forward pass and still alive (saved for backward, logits),
+* ``transient``: tensors created in backward (activation gradients, recomputed segments under
+  checkpointing) or by the optimizer update, alive at the peak,
+* ``workspace``: memory an operator uses inside itself, modelled per operator in
+  :func:`op_workspace` from first principles and checked against measurements (see there),
+* ``runtime``: the fixed cost of the CPU runtime's first step (lazy imports, code pages); see
+  :data:`CPU_RUNTIME_BYTES`. 0 on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fullres.config import JobConfig
+
+aten = torch.ops.aten
+
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "inputs", "activations", "transient", "workspace",
+              "runtime")
+
+# Memory a CPU training process gains on its first step that no tensor owns, measured (not fitted) as
+# measured - dry run for the smallest job (filters 1, 8^3, batch 1: 0.9 MiB of tensors; torch 2.13 CPU,
+# Linux x86-64, 2 threads): 86.6 MiB, of which ~67 MiB is anonymous memory of the 828 Python modules
+# (torch._dynamo, sympy, ...) that constructing torch.optim.Adam imports, and ~19 MiB file-backed
+# pages of libtorch_cpu / oneDNN code touched for the first time by the forward, backward and update.
+# It does not grow with the job; on CUDA (max_memory_allocated) it is 0.
+CPU_RUNTIME_BYTES = 86 * 2**20 + 570 * 2**10
+
+
+@dataclass
+class DryRunResult:
+    peak_bytes: int
+    breakdown: dict[str, int]
+    peak_at: str
+    saved_bytes: int = 0  # the most forward-pass tensors alive at once (what autograd saves for backward)
+    seconds: float = 0.0
+    job: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"method": "dryrun", "peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown),
+                "peak_at": self.peak_at}
+
+
+# ------------------------------------------------------------------------------------------------
+# operator workspaces
+# ------------------------------------------------------------------------------------------------
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+_BACKENDS: dict[tuple, str] = {}
+
+
+def conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups) -> str:
+    """The name of the kernel family ATen picks for this convolution on this machine (eager's own rules).
+
+    The rules read shapes, dtypes, the thread count and the CPU's features, never the data, so they
+    are asked with uninitialised real tensors of the same shapes: the kernel maps the pages lazily
+    and nothing is touched, so nothing becomes resident.
+    """
+    key = (tuple(input.shape), input.dtype, tuple(weight.shape), weight.dtype, bias is not None, tuple(stride),
+           tuple(padding), tuple(dilation), bool(transposed), tuple(output_padding), int(groups),
+           torch.get_num_threads())
+    if key not in _BACKENDS:
+        try:
+            with torch.utils._python_dispatch._disable_current_modes():
+                x = torch.empty(tuple(input.shape), dtype=input.dtype)
+                w = torch.empty(tuple(weight.shape), dtype=weight.dtype)
+                b = torch.empty(tuple(bias.shape), dtype=bias.dtype) if isinstance(bias, torch.Tensor) else None
+                backend = torch._C._select_conv_backend(x, w, b, list(stride), list(padding), list(dilation),
+                                                        bool(transposed), list(output_padding), int(groups), None)
+                del x, w, b
+            _BACKENDS[key] = str(backend).split(".")[-1]
+        except Exception:  # a torch without the probe: assume the im2col path (the larger workspace)
+            _BACKENDS[key] = "Slow3d"
+    return _BACKENDS[key]
+
+
+def _columns_bytes(input, weight, output_voxels: int, transposed: bool) -> int:
+    """The vol2col buffer of ATen's slow 3D convolution: (batch, C_in * kD * kH * kW, output voxels)."""
+    kernel = math.prod(weight.shape[2:])
+    if transposed:  # col2vol of the transposed conv: (batch, C_out * k^3, input voxels)
+        return input.shape[0] * weight.shape[1] * kernel * math.prod(input.shape[2:]) * input.element_size()
+    return input.shape[0] * weight.shape[1] * kernel * output_voxels * input.element_size()
+
+
+def op_workspace(func, args, kwargs, out) -> int:
+    """Bytes `func` allocates inside itself (freed before it returns), beyond its inputs and outputs.
+
+    Only the convolutions allocate much. ATen's slow path (``Slow3d``: every bf16 convolution on a CPU
+    without native bf16, and convolutions with few input channels; ``SlowTranspose3d``) unfolds its
+    input into a column buffer of C_in x k^3 rows per output voxel, for the whole batch, in forward;
+    its backward builds the column gradient (same size) for grad_input and the columns again for
+    grad_weight. oneDNN (``Mkldnn``) convolutions work on the plain tensors, with small scratchpads.
+    """
+    if func is aten.convolution.default:
+        input, weight, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+        backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+        if backend.startswith("Slow"):
+            return _columns_bytes(input, weight, math.prod(out.shape[2:]), transposed)
+        return 0
+    if func is aten.convolution_backward.default:
+        grad_output, input, weight, _, stride, padding, dilation, transposed, output_padding, groups = args[:10]
+        bias = torch.empty(weight.shape[1 if transposed else 0]) if args[3] is not None else None
+        backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+        if backend.startswith("Slow"):
+            return 2 * _columns_bytes(input, weight, math.prod(grad_output.shape[2:]), transposed)
+        return 0
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the tracker
+# ------------------------------------------------------------------------------------------------
+
+class _Tracker(TorchDispatchMode):
+    """Follows every storage created under it: size, the phase that made it, alive or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}  # serial -> bytes
+        self.kind: dict[int, str] = {}  # serial -> creation phase category
+        self.serial_of: dict[int, int] = {}  # id(storage) -> serial, only while alive
+        self.next_serial = 0
+        self.current = 0
+        self.peak = 0
+        self.peak_live: dict[int, int] = {}
+        self.peak_workspace = 0
+        self.peak_at = ""
+        self.phase = "setup"
+        self.module_stack: list[str] = []
+        self.activations = 0
+        self.max_activations = 0
+
+    # storages ----------------------------------------------------------------------------------
+    def track(self, tensor: torch.Tensor, kind: str | None = None) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self.serial_of:
+            return
+        serial = self.next_serial
+        self.next_serial += 1
+        size = storage.nbytes()
+        self.serial_of[key] = serial
+        self.live[serial] = size
+        self.kind[serial] = kind or self._phase_kind()
+        self.current += size
+        if self.kind[serial] == "activations":
+            self.activations += size
+            self.max_activations = max(self.max_activations, self.activations)
+        weakref.finalize(storage, self._free, key, serial)
+
+    def _free(self, key: int, serial: int) -> None:
+        self.serial_of.pop(key, None)
+        size = self.live.pop(serial, 0)
+        self.current -= size
+        if self.kind.get(serial) == "activations":
+            self.activations -= size
+
+    def serial(self, tensor: torch.Tensor) -> int | None:
+        return self.serial_of.get(id(tensor.untyped_storage()))
+
+    def _phase_kind(self) -> str:
+        if self.phase == "forward":
+            return "activations"
+        if self.phase in ("backward", "optimizer"):
+            return "transient"
+        return "setup"
+
+    def _where(self, func) -> str:
+        node = torch._C._current_autograd_node()
+        phase = "backward" if node is not None else self.phase
+        module = self.module_stack[-1] if self.module_stack else ""
+        if node is not None:  # the node's module, or (ReLU, pooling: not modules) the module it follows
+            named = node.metadata.get("fullres_module", "")
+            for next_node, _ in () if named else node.next_functions:
+                if next_node is not None and next_node.metadata.get("fullres_module"):
+                    named = "after " + next_node.metadata["fullres_module"]
+                    break
+            module = named or module
+        where = f"{phase}: {module}" if module else phase
+        if node is not None:
+            where += f" ({node.name()})"
+        elif phase != "optimizer":
+            where += f" ({func.__name__ if hasattr(func, '__name__') else func})"
+        return where
+
+    def check_peak(self, func, workspace: int = 0) -> None:
+        total = self.current + workspace
+        if total > self.peak:
+            self.peak = total
+            self.peak_live = dict(self.live)
+            self.peak_workspace = workspace
+            self.peak_at = self._where(func)
+
+    # dispatch ----------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default:  # .item() on a fake tensor: no data, answer 1
+            return 1.0 if args[0].is_floating_point() else 1
+        out = func(*args, **kwargs)
+        if torch._C._current_autograd_node() is not None and self.phase == "forward":
+            self.phase = "backward"
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self.track(tensor)
+        self.check_peak(func, op_workspace(func, args, kwargs, out))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the dry run
+# ------------------------------------------------------------------------------------------------
+
+def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: str = "cpu",
+           steps: int = 2) -> DryRunResult:
+    """Peak memory of `steps` training steps of `job` (see the module docstring), nothing allocated."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fullres.memory.measure import loss_function
+    from fullres.model import UNet3D
+    from fullres.step import make_grad_scaler, prepare_model, train_step
+
+    if optimizer != "adam":
+        raise ValueError(f"only the adam optimizer is modelled, got {optimizer!r}")
+    started = time.perf_counter()
+    loss_fn = loss_function(loss)
+    tracker = _Tracker()
+    hooks = []
+    with FakeTensorMode(allow_non_fake_inputs=False), tracker:
+        # The model: built on the fake device, its parameters tracked as the first storages.
+        with torch.device(device):
+            model = UNet3D(job.model)
+        prepare_model(model, job.strategy)
+        model.train()
+        parameters = list(model.parameters())
+        for p in parameters:
+            tracker.track(p, "parameters")
+        for name, module in model.named_modules():
+            label = name or type(module).__name__
+
+            def pre(mod, inputs, label=label):
+                tracker.module_stack.append(label)
+                if torch._C._current_autograd_node() is None and tracker.phase != "optimizer":
+                    tracker.phase = "forward"
+
+            def post(mod, inputs, output, label=label):
+                node = getattr(output, "grad_fn", None)
+                if node is not None and "fullres_module" not in node.metadata:
+                    node.metadata["fullres_module"] = label  # names the backward node after its module
+                if tracker.module_stack and tracker.module_stack[-1] == label:
+                    tracker.module_stack.pop()
+
+            hooks.append(module.register_forward_pre_hook(pre))
+            hooks.append(module.register_forward_hook(post))
+        opt = torch.optim.Adam(parameters, lr=1e-4)
+
+        def opt_pre(*_):
+            tracker.phase = "optimizer"
+            tracker.module_stack.clear()
+
+        hooks.append(opt.register_step_pre_hook(opt_pre))
+        hooks.append(opt.register_step_post_hook(lambda *_: setattr(tracker, "phase", "setup")))
+        scaler = make_grad_scaler(job.strategy, torch.device(device).type)
+
+        # Inputs, as measure_peak makes them: the whole effective batch.
+        images = torch.empty(job.effective_batch, job.model.in_channels, *job.shape, device=device)
+        if job.model.classes == 1:
+            targets = torch.empty(job.effective_batch, 1, *job.shape, device=device)
+        else:
+            targets = torch.empty(job.effective_batch, 1, *job.shape, dtype=torch.long, device=device)
+        tracker.track(images, "inputs")
+        tracker.track(targets, "inputs")
+        input_serials = {tracker.serial(images), tracker.serial(targets)}
+
+        gradient_serials = set()
+        for _ in range(steps):
+            tracker.phase = "forward"
+            train_step(model, opt, images, targets, loss_fn, job.strategy, scaler)
+            tracker.phase = "setup"
+            gradient_serials |= {tracker.serial(p.grad) for p in parameters if p.grad is not None}
+        state_serials = {tracker.serial(t) for state in opt.state.values() for t in state.values()
+                         if isinstance(t, torch.Tensor)}
+        parameter_serials = {tracker.serial(p) for p in parameters}
+    for hook in hooks:
+        hook.remove()
+
+    breakdown = dict.fromkeys(CATEGORIES, 0)
+    for serial, size in tracker.peak_live.items():
+        if serial in parameter_serials:
+            category = "parameters"
+        elif serial in input_serials:
+            category = "inputs"
+        elif serial in state_serials:
+            category = "optimizer_state"
+        elif serial in gradient_serials:
+            category = "gradients"
+        else:
+            category = tracker.kind[serial]
+            if category == "setup":
+                category = "transient"
+        breakdown[category] += size
+    breakdown["workspace"] = tracker.peak_workspace
+    breakdown["runtime"] = CPU_RUNTIME_BYTES if torch.device(device).type == "cpu" else 0
+    peak = tracker.peak + breakdown["runtime"]
+    return DryRunResult(peak_bytes=int(peak), breakdown=breakdown, peak_at=tracker.peak_at,
+                        saved_bytes=tracker.max_activations, seconds=time.perf_counter() - started,
+                        job=job.to_json())

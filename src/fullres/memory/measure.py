@@ -1,0 +1,192 @@
+"""Measure the real peak memory of training steps, in a fresh process.
+
+``measure_peak(job)`` starts ``python -m fullres.memory.measure`` with the job's JSON on stdin. The
+child imports torch and fullres, records its resident set size (RSS) as the *baseline*, and only
+then builds the model, an Adam optimizer, random inputs and targets shaped like the model's output,
+and runs ``steps`` calls of :func:`fullres.step.train_step` (the first step is the peak one: Adam
+creates its state there). It reports
+
+* CPU: ``peak RSS - baseline RSS``, the peak from ``/proc/self/status`` ``VmHWM`` (Linux), or
+  ``ru_maxrss`` where there is no ``/proc``. This is the definition of "peak" that
+  :mod:`fullres.memory.dryrun` estimates.
+* CUDA: ``torch.cuda.max_memory_allocated()`` (the measured bytes) and ``max_memory_reserved()``.
+
+A fresh process is the only way to get a clean high-water mark: RSS never goes down in the
+allocator's books of a process that has already run something bigger.
+
+``profile(job)`` is the ``fullres profile`` payload: ``{"measured_bytes", "estimated_bytes", "error"}``
+with ``error = (estimated - measured) / measured``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+from fullres.config import JobConfig
+
+LOSSES = ("dice", "dicebce")
+
+
+@dataclass(frozen=True)
+class MeasuredPeak:
+    measured_bytes: int  # CPU: peak RSS above the post-import baseline; CUDA: max_memory_allocated
+    baseline_bytes: int  # CPU: RSS right after importing torch and fullres; CUDA: 0
+    reserved_bytes: int | None  # CUDA: max_memory_reserved; CPU: None
+    step_seconds: list[float]  # wall time of each step
+    threads: int  # torch.get_num_threads() in the child
+    device: str
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def measure_peak(job: JobConfig, steps: int = 2, loss: str = "dice", device: str = "cpu",
+                 threads: int | None = None, timeout: float | None = None) -> MeasuredPeak:
+    """Run `steps` real training steps of `job` in a fresh subprocess and return its peak memory.
+
+    `threads` sets OMP_NUM_THREADS / torch threads in the child (default: the machine's default).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    request = {"job": job.to_json(), "steps": steps, "loss": loss, "device": device, "threads": threads}
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    done = subprocess.run([sys.executable, "-m", "fullres.memory.measure"], input=json.dumps(request),
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"measurement child failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return MeasuredPeak(**result)
+
+
+def profile(job: JobConfig, loss: str = "dice", device: str = "cpu", steps: int = 2) -> dict:
+    """Estimate (dry run) and measurement of one job: ``{"measured_bytes", "estimated_bytes", "error"}``."""
+    from fullres.memory.dryrun import dryrun
+
+    estimated = dryrun(job, loss=loss, device=device).peak_bytes
+    measured = measure_peak(job, steps=steps, loss=loss, device=device).measured_bytes
+    return {"measured_bytes": measured, "estimated_bytes": estimated, "error": (estimated - measured) / measured}
+
+
+# ------------------------------------------------------------------------------------------------
+# the child
+# ------------------------------------------------------------------------------------------------
+
+def _rss_bytes() -> tuple[int, int]:
+    """(current RSS, peak RSS) of this process in bytes."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak *= 1 if sys.platform == "darwin" else 1024
+        return peak, peak
+
+
+def _rss_parts() -> dict:
+    """RssAnon / RssFile / RssShmem of this process in bytes (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        return {k: int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile", "RssShmem") if k in fields}
+    except OSError:
+        return {}
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs). True when it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def loss_function(name: str):
+    from fullres.metrics import dice_bce_loss, soft_dice_loss
+
+    return {"dice": soft_dice_loss, "dicebce": dice_bce_loss}[name]
+
+
+def make_batch(job: JobConfig, device, generator=None):
+    """Random images (effective batch, C, H, W, D) and {0, 1} targets shaped like the model's output."""
+    import torch
+
+    n = job.effective_batch
+    images = torch.randn(n, job.model.in_channels, *job.shape, device=device)
+    if job.model.classes == 1:
+        targets = (torch.rand(n, 1, *job.shape, device=device) > 0.5).float()
+    else:
+        targets = torch.randint(0, job.model.classes, (n, 1, *job.shape), device=device)
+    return images, targets
+
+
+def _child(request: dict) -> dict:
+    import time
+
+    import torch
+
+    import fullres.metrics  # noqa: F401  (imported before the baseline, like everything the step needs)
+    from fullres.model import UNet3D
+    from fullres.step import make_grad_scaler, prepare_model, train_step
+
+    if request.get("threads"):
+        torch.set_num_threads(int(request["threads"]))
+    job = JobConfig.from_json(request["job"])
+    device = torch.device(request["device"])
+    cuda = device.type == "cuda"
+    baseline, _ = _rss_bytes()
+    parts_before = _rss_parts()
+    hwm_reset = _reset_hwm()  # import transients must not count
+    torch.manual_seed(0)
+    model = prepare_model(UNet3D(job.model).to(device), job.strategy)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = make_grad_scaler(job.strategy, device.type)
+    loss_fn = loss_function(request["loss"])
+    images, targets = make_batch(job, device)
+    seconds = []
+    for _ in range(int(request["steps"])):
+        start = time.perf_counter()
+        train_step(model, optimizer, images, targets, loss_fn, job.strategy, scaler)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    _, peak = _rss_bytes()
+    parts_after = _rss_parts()
+    if cuda:
+        measured, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+        base = 0
+    else:
+        measured, reserved, base = peak - baseline, None, baseline
+    return {"measured_bytes": int(measured), "baseline_bytes": int(base), "reserved_bytes": reserved,
+            "step_seconds": seconds, "threads": torch.get_num_threads(), "device": str(device),
+            "extra": {"peak_rss_bytes": peak, "hwm_reset": hwm_reset, "rss_before": parts_before,
+                      "rss_after": parts_after}}
+
+
+def main() -> None:
+    raw = sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read()
+    request = json.loads(raw)
+    if "job" not in request:  # a bare JobConfig JSON
+        request = {"job": request}
+    request.setdefault("steps", 2)
+    request.setdefault("loss", "dice")
+    request.setdefault("device", "cpu")
+    print(json.dumps(_child(request)))
+
+
+if __name__ == "__main__":
+    main()

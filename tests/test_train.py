@@ -1,0 +1,189 @@
+"""Training end to end on tiny volumes: run files, resume, preflight, DDP equality, SIGKILL recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fullres.cli import main
+from fullres.config import JobConfig, Strategy
+from fullres.memory.table1 import table1
+from fullres.model import ModelConfig
+from fullres.train import CSV_COLUMNS, TrainConfig, candidate_strategies, load_checkpoint, preflight
+
+TINY = ["--shape", "32", "32", "24", "--filters", "2", "--batch", "2", "--workers", "0", "--threads", "1",
+        "--quiet", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def train_msd(tmp_path_factory) -> Path:
+    from fullres.data import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("train") / "msd", train_cases=6, test_cases=1,
+                         shape=(32, 32, 24), seed=3, progress=False)
+
+
+def run_cli(capsys, *argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def weights(path: Path) -> dict:
+    return load_checkpoint(path)["model"]
+
+
+def test_train_writes_run_files(train_msd, tmp_path, capsys):
+    straight = tmp_path / "straight"
+    code, out, err = run_cli(capsys, "train", train_msd, "--out", straight, "--epochs", "2", *TINY)
+    assert code == 0, err
+    for name in ("config.json", "metrics.csv", "last.pt", "best.pt", "curves.png"):
+        assert (straight / name).exists(), name
+    assert list((straight / "tb").iterdir())
+    rows = (straight / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",") == CSV_COLUMNS and len(rows) == 3
+    config = TrainConfig.from_json(json.loads((straight / "config.json").read_text()))
+    assert config.epochs == 2 and config.job.model.filters == 2 and config.data.shape == (32, 32, 24)
+    assert "preflight" in out and "done: validation Dice" in out
+
+
+def test_resume_equals_uninterrupted_with_constant_schedule(train_msd, tmp_path, capsys):
+    flags = [*TINY, "--schedule", "constant"]
+    assert run_cli(capsys, "train", train_msd, "--out", tmp_path / "a", "--epochs", "2", *flags)[0] == 0
+    assert run_cli(capsys, "train", train_msd, "--out", tmp_path / "b", "--epochs", "1", *flags)[0] == 0
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    config["epochs"] = 2
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    code, out, err = run_cli(capsys, "train", "--out", tmp_path / "b", "--resume", "--quiet")
+    assert code == 0, err
+    assert "resuming after epoch 1 of 2" in out
+    a, b = weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_existing_run_is_never_overwritten_and_resume_needs_a_run(train_msd, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", train_msd, "--out", run, "--epochs", "1", *TINY)[0] == 0
+    before = (run / "last.pt").read_bytes()
+    code, _, err = run_cli(capsys, "train", train_msd, "--out", run, "--epochs", "1", *TINY)
+    assert code == 2 and "already holds a run: use --resume" in err
+    assert (run / "last.pt").read_bytes() == before
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "empty", "--resume")
+    assert code == 2 and "holds no run to resume" in err
+
+
+def test_job_that_cannot_fit_is_refused_in_seconds(train_msd, tmp_path, capsys):
+    start = time.perf_counter()
+    code, _, err = run_cli(capsys, "train", train_msd, "--out", tmp_path / "r", "--memory", "1MB", *TINY)
+    assert code == 3 and time.perf_counter() - start < 30
+    assert "the job does not fit" in err and "--strategy auto" in err and "--force" in err
+    assert "smaller shape" in err and "tiling" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_strategy_auto_prefers_exact_strategies():
+    job = JobConfig(model=ModelConfig(filters=8), shape=(32, 32, 32), batch=4)
+    names = [name for name, _ in candidate_strategies(job)]
+    assert names[:3] == ["as given", "checkpointing", "checkpointing + accumulate x2"]
+    assert names.index("bf16") > names.index("checkpointing + accumulate x4")
+    per_sample = table1(job.model, job.shape, 1).training_bytes
+    chosen, needed, name = preflight(job, budget=2 * per_sample, method="table1", auto=True)
+    assert name == "checkpointing + accumulate x2"
+    assert chosen.batch == 2 and chosen.strategy == Strategy(checkpointing=True, accumulate=2)
+    assert chosen.effective_batch == job.effective_batch and needed <= 2 * per_sample
+
+
+def test_bad_data_is_refused_with_check_messages(train_msd, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(train_msd, broken, ignore=shutil.ignore_patterns(".fullres_cache"))
+    (broken / "labelsTr" / "BRATS_001.nii.gz").write_bytes(b"not a nifti")
+    code, _, err = run_cli(capsys, "train", broken, "--out", tmp_path / "r", *TINY)
+    assert code == 1 and "labelsTr/BRATS_001.nii.gz" in err and "problem" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "argument --epochs: 0 must be at least 1"),
+    (["--lr", "-1"], "argument --lr: -1.0 must be greater than 0"),
+    (["--val-fraction", "1"], "argument --val-fraction: 1.0 must be in [0, 1)"),
+    (["--shape", "30", "32", "24"], "30 is not divisible by 8"),
+    (["--channels", "PD"], "--channels"),
+])
+def test_bad_train_options(train_msd, tmp_path, capsys, argv, message):
+    code, _, err = run_cli(capsys, "train", train_msd, "--out", tmp_path / "r", *TINY, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(train_msd, tmp_path):
+    flags = ["--shape", "32", "32", "24", "--filters", "2", "--workers", "0", "--threads", "1", "--quiet",
+             "--epochs", "2", "--dropout", "0", "--lr", "1e-3"]
+    single = subprocess.run([sys.executable, "-m", "fullres", "train", str(train_msd), "--out", str(tmp_path / "one"),
+                             "--batch", "2", *flags], capture_output=True, text=True, env=subprocess_env())
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(29500 + os.getpid() % 1000), "-m", "fullres", "train", str(train_msd), "--out",
+                          str(tmp_path / "two"), "--batch", "1", *flags],
+                         capture_output=True, text=True, env=subprocess_env())
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es)" in ddp.stdout
+    one, two = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(train_msd, tmp_path):
+    flags = ["--shape", "32", "32", "24", "--filters", "2", "--batch", "1", "--workers", "0", "--threads", "1",
+             "--quiet", "--epochs", "6", "--schedule", "constant"]
+    command = [sys.executable, "-m", "fullres", "train", str(train_msd)]
+    reference = subprocess.run([*command, "--out", str(tmp_path / "ref"), *flags], capture_output=True, text=True,
+                               env=subprocess_env())
+    assert reference.returncode == 0, reference.stderr
+
+    run = tmp_path / "killed"
+    rng = random.Random(1)
+    kills, during_write, first = 0, 0, True
+    while True:
+        argv = [*command, "--out", str(run), *flags] if first else \
+            [sys.executable, "-m", "fullres", "train", "--out", str(run), "--resume", "--quiet"]
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+        deadline = time.monotonic() + rng.uniform(2.0, 8.0)
+        while process.poll() is None and time.monotonic() < deadline and kills < 5:
+            # Prefer to strike while a checkpoint is being written (its temp file exists).
+            if kills % 2 == 1 and any(p.name.endswith(".tmp") for p in run.glob(".*.pt.*")):
+                during_write += 1
+                break
+            time.sleep(0.0005 if kills % 2 == 1 else 0.05)
+        if process.poll() is None and kills < 5:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+        else:
+            _, err = process.communicate()
+            if process.returncode == 0:
+                break
+            assert process.returncode == 0, err.decode()[-2000:]
+        if (run / "last.pt").exists():
+            load_checkpoint(run / "last.pt")  # never unreadable, whenever the kill came
+        first = not (run / "config.json").exists()  # killed before config.json: a new run, else --resume
+    assert kills >= 3
+    reference_weights, resumed = weights(tmp_path / "ref" / "last.pt"), weights(run / "last.pt")
+    for name in reference_weights:
+        torch.testing.assert_close(resumed[name], reference_weights[name], rtol=0, atol=0, msg=name)
