@@ -181,7 +181,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"Needs {format_bytes(result.required_bytes)} of {format_bytes(result.budget_bytes)}: {verdict}, "
           f"margin {format_bytes(result.margin_bytes)}")
     print(f"Largest batch at {' x '.join(map(str, job.shape))}: {result.max_batch or 'none (batch 1 does not fit)'}")
-    shape = ' x '.join(map(str, result.max_shape)) if result.max_shape else "none (8 x 8 x 8 does not fit)"
+    shape = ' x '.join(map(str, result.max_shape)) if result.max_shape else "none (not even 16 voxels a side fits)"
     print(f"Largest shape at batch {job.batch}: {shape}")
     return 0
 
@@ -357,7 +357,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True)
     (out / DEMO_MARKER).write_text("written by `fullres demo`; the next demo replaces this folder\n")
     run, data = out / "run", out / "run" / "synthetic_data"
-    budget = f"{available_memory(pick_device('cpu', Process()))}B"
+    budget = f"{available_memory(pick_device('cpu', Process())) / 2**30:.1f}GiB"
     quiet = ["--quiet"] if args.quiet else []
     steps = [
         ("1/7 estimate: the paper's job, Table 1 method", ["estimate"]),

@@ -19,7 +19,7 @@ class Plan:
     required_bytes: int
     budget_bytes: int
     max_batch: int  # 0: not even batch 1 fits at this shape
-    max_shape: tuple[int, int, int] | None  # None: not even the smallest shape fits at this batch
+    max_shape: tuple[int, int, int] | None  # None: not even a 16-voxel longest side fits at this batch
 
     @property
     def margin_bytes(self) -> int:
@@ -65,8 +65,12 @@ def plan(job: JobConfig, budget_bytes: int, method: str) -> Plan:
     def batch_fits(batch: int) -> bool:
         return estimate_training_bytes(job.with_(batch=batch), method) <= budget_bytes
 
+    def longest_side(steps: int) -> int:
+        # From 16 voxels up: at 8 the bottleneck is a single voxel, which instance norm cannot train on.
+        return (steps + 1) * DOWNSAMPLING
+
     def shape_fits(steps: int) -> bool:
-        return estimate_training_bytes(job.with_(shape=scaled_shape(job.shape, steps * DOWNSAMPLING)), method) <= budget_bytes
+        return estimate_training_bytes(job.with_(shape=scaled_shape(job.shape, longest_side(steps))), method) <= budget_bytes
 
     steps = largest_fitting(shape_fits)
     return Plan(
@@ -75,5 +79,5 @@ def plan(job: JobConfig, budget_bytes: int, method: str) -> Plan:
         required_bytes=required,
         budget_bytes=budget_bytes,
         max_batch=largest_fitting(batch_fits),
-        max_shape=scaled_shape(job.shape, steps * DOWNSAMPLING) if steps else None,
+        max_shape=scaled_shape(job.shape, longest_side(steps)) if steps else None,
     )
