@@ -13,7 +13,6 @@ import argparse
 import csv
 import itertools
 import sys
-import time
 
 from fullres.config import JobConfig, Strategy
 from fullres.memory.dryrun import dryrun

@@ -81,7 +81,6 @@ def test_tiny_real_measurement_is_bounded_by_the_dry_run(shape):
     measured = measure_peak(job, steps=2, threads=2).measured_bytes
     tensors = estimate.peak_bytes - estimate.breakdown["runtime"]
     assert measured >= tensors
-    # The +-5 % goal is not reached yet on CPU: glibc keeps freed sub-32 MiB blocks resident (see the
-    # report in fullres.memory.dryrun); record the error instead of hiding it.
-    if abs(estimate.peak_bytes - measured) / measured > 0.05:
-        pytest.xfail(f"dry run {estimate.peak_bytes / 2**20:.0f} MiB vs measured {measured / 2**20:.0f} MiB")
+    # The +-5 % goal is a benchmark (docs/benchmarks.md), not met yet on CPU; here only a coarse bound
+    # that still catches an estimator that loses whole terms.
+    assert measured <= 2.5 * estimate.peak_bytes

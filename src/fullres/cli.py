@@ -145,6 +145,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from fullres.memory.table1 import table1
 
     job = job_from_args(args)
+    if args.method == "dryrun":
+        return print_dryrun(job, args.json)
     bytes_per_value = args.bytes_per_value or BYTES_PER_VALUE[job.strategy.precision]
     table = table1(job.model, job.shape, job.batch, bytes_per_value)
     if args.json:
@@ -162,6 +164,37 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     print(f"{'Total':<58}{table.trainable_weights:>12,}{table.feature_map_size:>18,}{table.params:>18,}{table.size_mb:>14,.2f}")
     print(f"\nForward (every layer's output once): {table.size_mb:,.2f} MB = {format_bytes(table.size_mb * 1e6)}")
     print(f"Double for training:                 {table.training_mb:,.2f} MB = {format_bytes(table.training_mb * 1e6)}")
+    return 0
+
+
+def print_dryrun(job: JobConfig, as_json: bool) -> int:
+    from fullres.memory.dryrun import dryrun
+
+    result = dryrun(job)
+    if as_json:
+        print_json(result.to_json())
+        return 0
+    print(f"Dry run: one training step of batch {job.batch} x {job.model.in_channels} x "
+          f"{' x '.join(map(str, job.shape))}, {job.model.filters} base filters, {job.strategy.describe()}, Adam")
+    print(f"Peak: {format_bytes(result.peak_bytes)} at {result.peak_at}")
+    for term, size in result.breakdown.items():
+        print(f"  {term:<16}{format_bytes(size)}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from fullres.memory.measure import profile
+
+    job = job_from_args(args)
+    result = profile(job, steps=args.steps)
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"Job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
+          f"{job.model.filters} base filters, {job.strategy.describe()}; {args.steps} real training steps")
+    print(f"estimated (dry run): {format_bytes(result['estimated_bytes'])}")
+    print(f"measured (peak RSS above post-import RSS): {format_bytes(result['measured_bytes'])}")
+    print(f"error: {result['error'] * 100:+.1f} %")
     return 0
 
 
@@ -426,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_arguments(estimate)
     estimate.add_argument("--bytes-per-value", type=positive_int, default=None,
                           help="bytes per stored value (default: 4 for fp32, 2 for bf16/fp16)")
+    estimate.add_argument("--method", choices=("table1", "dryrun"), default="table1",
+                          help="table1: the paper's hand method; dryrun: one real training step on fake tensors")
     estimate.add_argument("--json", action="store_true", help="machine-readable output")
     estimate.set_defaults(run=cmd_estimate)
 
@@ -436,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="table1: the paper's hand method; dryrun: one real training step on fake tensors")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(run=cmd_plan)
+
+    profile = commands.add_parser("profile", help="measure a training step's real peak memory against the dry run")
+    add_job_arguments(profile)
+    profile.add_argument("--steps", type=positive_int, default=2, help="training steps to run (the 2nd is the peak)")
+    profile.add_argument("--json", action="store_true", help="machine-readable output")
+    profile.set_defaults(run=cmd_profile)
 
     synth = commands.add_parser("synth", help="write a synthetic MSD-format brain-tumour dataset")
     synth.add_argument("out", help="output folder (created; must be empty or a previous synth output)")

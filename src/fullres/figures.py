@@ -18,15 +18,16 @@ orientation letters. Pixel aspect follows the voxel spacing, so anisotropic volu
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from fullres.errors import UserError
+from fullres.files import write_bytes_atomically
 
 __all__ = ["figure7_overlay", "training_curves", "PRED_COLOUR", "TRUTH_COLOUR", "OVERLAP_COLOUR"]
 
@@ -46,20 +47,11 @@ def _new_figure(figsize: tuple[float, float], dpi: int):
 
 
 def _save_atomic(fig, path: str | os.PathLike, dpi: int) -> Path:
+    """Render to memory, then write the PNG atomically (a reader never sees half a file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; figures are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    write_bytes_atomically(path, buffer.getvalue())
     return path
 
 

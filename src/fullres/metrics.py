@@ -48,7 +48,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -58,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from fullres.errors import UserError
+from fullres.files import write_bytes_atomically
 
 __all__ = [
     "DEFAULT_REGIONS",
@@ -431,20 +431,7 @@ def evaluate_folders(
 
 
 def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_bytes_atomically(Path(path), text.encode("utf-8"))
 
 
 def write_metrics_csv(result: Mapping, path: str | os.PathLike) -> None:

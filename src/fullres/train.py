@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from fullres.config import JobConfig, Strategy
 from fullres.data import DataConfig, MSDDataset, check_dataset, load_dataset_json, split_cases, write_dataset
-from fullres.data.files import atomic_write
+from fullres.files import atomic_write
 from fullres.errors import UserError
 from fullres.metrics import dice_bce_loss, dice_coefficient, soft_dice_loss, voxel_accuracy
 from fullres.model import UNet3D
@@ -45,7 +45,7 @@ CSV_COLUMNS = ["epoch", "train_loss", "train_dice", "train_accuracy", "val_loss"
 DEMO_SYNTH = {"train_cases": 20, "test_cases": 4, "shape": (48, 48, 32), "seed": 0}
 # Instance norm and Dice + BCE keep so small a network from collapsing to an all-background output,
 # which the paper's plain no-norm soft-Dice set-up does within a few epochs at this size.
-DEMO_JOB = {"shape": (48, 48, 32), "filters": 8, "batch": 2, "epochs": 10, "lr": 1e-3, "norm": "instance",
+DEMO_JOB = {"shape": (48, 48, 32), "filters": 8, "batch": 2, "epochs": 10, "lr": 3e-3, "norm": "instance",
             "loss": "dice_bce"}
 
 

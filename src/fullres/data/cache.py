@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from fullres.data.files import atomic_write, write_bytes_atomically
+from fullres.files import atomic_write, write_bytes_atomically
 from fullres.data.nifti import case_id_from_path, open_nifti, read_image_channels_first, read_label
 from fullres.data.preprocess import CropBox, DataConfig, crop_or_pad, preprocess_image
 from fullres.errors import UserError

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from fullres.data.files import write_bytes_atomically
+from fullres.files import write_bytes_atomically
 from fullres.errors import UserError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

@@ -23,7 +23,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from fullres import __version__
-from fullres.data.files import current_umask
+from fullres.files import current_umask
 from fullres.data.nifti import write_nifti
 from fullres.errors import UserError
 
