@@ -69,3 +69,19 @@ def exit_code_and_output(capsys, argv):
 def test_module_entry_point_has_no_traceback():
     done = subprocess.run([sys.executable, "-m", "fullres", "plan", "--memory", "lots"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("fullres plan: error:") and "Traceback" not in done.stderr
+
+
+def test_estimate_dryrun_json_contract(capsys):
+    code, out, _ = run(capsys, "estimate", "--method", "dryrun", "--shape", "16", "16", "16", "--filters", "2",
+                       "--batch", "1", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["method"] == "dryrun"
+    assert set(data) >= {"peak_bytes", "breakdown", "peak_at"} and sum(data["breakdown"].values()) == data["peak_bytes"]
+
+
+def test_profile_json_contract(capsys):
+    code, out, _ = run(capsys, "profile", "--shape", "16", "16", "16", "--filters", "2", "--batch", "1", "--json")
+    data = json.loads(out)
+    assert code == 0 and set(data) == {"measured_bytes", "estimated_bytes", "error"}
+    assert data["measured_bytes"] > 0
+    assert data["error"] == pytest.approx((data["estimated_bytes"] - data["measured_bytes"]) / data["measured_bytes"])

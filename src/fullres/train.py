@@ -211,14 +211,17 @@ def preflight(job: JobConfig, budget: int, method: str, auto: bool) -> tuple[Job
 def refusal(job: JobConfig, budget: int, method: str, tried: list[str]) -> str:
     from fullres.memory.plan import plan
 
-    result = plan(job, budget, method)
+    # The suggestions use Table 1's method: a search of many dry runs would take minutes, and Table 1
+    # overstates real needs, so what it says fits does fit.
+    result = plan(job, budget, "table1")
     shape = " ".join(map(str, result.max_shape)) if result.max_shape else "none"
     lines = [f"the job does not fit: needs more than the {format_bytes(budget)} available ({method} estimate); tried "
              + "; ".join(tried) + ".",
              "  Exact options: --strategy auto (checkpointing, then accumulation, then bf16), or a machine with more memory"
              " (see `fullres plan`).",
-             f"  The paper's tricks, never applied for you: a smaller shape (largest that fits at batch {job.batch}: "
-             f"--shape {shape}), a smaller batch (largest: {result.max_batch or 'none'}), fewer --filters, or tiling.",
+             f"  The paper's tricks, never applied for you (sizes by the conservative Table 1 method): a smaller "
+             f"shape (at batch {job.batch}: --shape {shape}), a smaller batch (largest: {result.max_batch or 'none'}), "
+             "fewer --filters, or tiling.",
              "  --force runs it anyway."]
     return "\n".join(lines)
 
