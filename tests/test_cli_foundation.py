@@ -85,3 +85,31 @@ def test_profile_json_contract(capsys):
     assert code == 0 and set(data) == {"measured_bytes", "estimated_bytes", "error"}
     assert data["measured_bytes"] > 0
     assert data["error"] == pytest.approx((data["estimated_bytes"] - data["measured_bytes"]) / data["measured_bytes"])
+
+
+def test_bench_cli_json_and_chart(capsys, tmp_path):
+    code, out, err = run(capsys, "bench", "--shape", "16", "16", "16", "--filters", "2", "--batch", "1",
+                         "--variants", "stock_fp32", "plain_fp32", "--repeats", "1", "--peak-size", "128",
+                         "--threads", "1", "--chart", str(tmp_path / "fig6.png"), "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert [row["name"] for row in data["variants"]] == ["stock_fp32", "plain_fp32"]
+    stock, plain = (row["step_s"] for row in data["variants"])
+    assert data["speedups"]["onednn_vs_stock"] == pytest.approx(stock / plain)
+    assert (tmp_path / "fig6.png").stat().st_size > 1000
+    code, out, err = run(capsys, "bench", "--shape", "16", "16", "16", "--filters", "2", "--batch", "1",
+                         "--variants", "plain_fp32", "--repeats", "1", "--peak-size", "128", "--threads", "1")
+    assert code == 0 and "plain_fp32" in out and "speed-ups" in out
+
+
+def test_estimate_time_needs_cases_and_reports_hours(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    code, _, err = run(capsys, "estimate", "--time", "--shape", "16", "16", "16")
+    assert code == 2 and "--time needs --cases" in err
+    code, out, err = run(capsys, "estimate", "--time", "--cases", "10", "--epochs", "2", "--shape", "16", "16", "16",
+                         "--filters", "2", "--batch", "2", "--threads", "1", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["steps_per_epoch"] == 4 and data["epochs"] == 2  # 8 training cases / batch 2
+    assert data["total_s"] == pytest.approx(data["train_s"] + data["validation_s"])
+    assert data["memory_bytes"] > 0

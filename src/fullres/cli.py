@@ -145,6 +145,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from fullres.memory.table1 import table1
 
     job = job_from_args(args)
+    if args.time:
+        return print_time_estimate(job, args)
     if args.method == "dryrun":
         return print_dryrun(job, args.json)
     bytes_per_value = args.bytes_per_value or BYTES_PER_VALUE[job.strategy.precision]
@@ -179,6 +181,63 @@ def print_dryrun(job: JobConfig, as_json: bool) -> int:
     print(f"Peak: {format_bytes(result.peak_bytes)} at {result.peak_at}")
     for term, size in result.breakdown.items():
         print(f"  {term:<16}{format_bytes(size)}")
+    return 0
+
+
+def print_time_estimate(job: JobConfig, args: argparse.Namespace) -> int:
+    """The paper's promise: plug in the dataset size and epochs, get memory and time (measured here)."""
+    from fullres.bench import estimate_time
+    from fullres.memory import estimate_training_bytes
+    from fullres.train import Process, configure_cpu
+
+    if args.cases is None:
+        raise UserError("--time needs --cases N (labelled cases in the dataset)")
+    configure_cpu(args.threads, Process())  # calibration is keyed by threads: use what train uses
+    result = estimate_time(job, args.cases, args.epochs, args.val_fraction, refresh=args.recalibrate)
+    result["memory_bytes"] = estimate_training_bytes(job, args.method)
+    result["memory_method"] = args.method
+    if args.json:
+        print_json(result)
+        return 0
+    hours = result["total_s"] / 3600
+    source = (f"extrapolated by FLOPs from {' x '.join(map(str, result['extrapolated_from']))}"
+              if result.get("extrapolated_from") else "measured on this job")
+    print(f"Job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
+          f"{job.model.filters} base filters, {job.strategy.describe()}")
+    print(f"Memory ({args.method}): {format_bytes(result['memory_bytes'])}")
+    print(f"Step: {result['step_s']:.2f} s ({source}{', cached' if result.get('cached') else ''}); "
+          f"validation forward: {result['forward_s']:.2f} s")
+    print(f"{result['steps_per_epoch']} steps/epoch x {result['epochs']} epochs: training {result['train_s'] / 3600:.2f} h "
+          f"+ validation {result['validation_s'] / 3600:.2f} h = {hours:.2f} h on this machine")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fullres.bench import figure6_chart, run_bench, select_variants
+    from fullres.train import Process, configure_cpu, pick_device
+
+    job = job_from_args(args)
+    device = pick_device(args.device, Process())
+    if device.type == "cpu":
+        configure_cpu(args.threads, Process())
+    result = run_bench(job, select_variants(args.variants, device), warmup=args.warmup, repeats=args.repeats,
+                       device=device, peak_size=args.peak_size)
+    if args.chart:
+        figure6_chart(result, Path(args.chart))
+    if args.json:
+        print_json(result)
+        return 0
+    peaks = result["matmul_peak_tflops"]
+    print(f"matmul peak: fp32 {peaks['fp32']:.3f} TFLOP/s" + (f", bf16 {peaks['bf16']:.3f} TFLOP/s" if peaks.get("bf16") else ""))
+    print(f"{'variant':<20}{'step s (min-max)':>24}{'img/s':>9}{'TFLOP/s':>10}{'of peak':>9}")
+    for row in result["variants"]:
+        if row.get("skipped"):
+            print(f"{row['name']:<20}  skipped: {row['skipped']}")
+            continue
+        of_peak = f"{row['fraction_of_peak'] * 100:>8.1f}%" if row["fraction_of_peak"] else f"{'-':>9}"
+        print(f"{row['name']:<20}{row['step_s']:>10.2f} ({row['step_s_min']:.2f}-{row['step_s_max']:.2f})"
+              f"{row['images_per_s']:>9.2f}{row['tflops']:>10.3f}{of_peak}")
+    print("speed-ups: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items() if v))
     return 0
 
 
@@ -461,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="bytes per stored value (default: 4 for fp32, 2 for bf16/fp16)")
     estimate.add_argument("--method", choices=("table1", "dryrun"), default="table1",
                           help="table1: the paper's hand method; dryrun: one real training step on fake tensors")
+    estimate.add_argument("--time", action="store_true",
+                          help="also the training wall time, from a short calibration on this machine (cached)")
+    estimate.add_argument("--cases", type=positive_int, default=None, help="with --time: labelled cases")
+    estimate.add_argument("--epochs", type=positive_int, default=25, help="with --time: epochs (paper: 25)")
+    estimate.add_argument("--val-fraction", type=fraction, default=0.2, help="with --time: validation share")
+    estimate.add_argument("--threads", type=int, default=0, help="with --time: CPU threads (default: physical cores)")
+    estimate.add_argument("--recalibrate", action="store_true", help="with --time: measure again, ignoring the cache")
     estimate.add_argument("--json", action="store_true", help="machine-readable output")
     estimate.set_defaults(run=cmd_estimate)
 
@@ -477,6 +543,19 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--steps", type=positive_int, default=2, help="training steps to run (the 2nd is the peak)")
     profile.add_argument("--json", action="store_true", help="machine-readable output")
     profile.set_defaults(run=cmd_profile)
+
+    bench = commands.add_parser("bench", help="training-step speed: stock vs oneDNN, fp32 vs bf16, channels-last, compile")
+    add_job_arguments(bench)
+    bench.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                       help="stock_fp32 plain_fp32 fp32_cl bf16 bf16_cl compiled_fp32_cl compiled_bf16_cl (default: all)")
+    bench.add_argument("--warmup", type=positive_int, default=1, help="untimed steps per variant")
+    bench.add_argument("--repeats", type=positive_int, default=3, help="timed steps per variant (median reported)")
+    bench.add_argument("--peak-size", type=positive_int, default=2048, help="matrix size for the matmul peak")
+    bench.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--chart", default=None, help="write the Figure 6 bar chart here (PNG)")
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.set_defaults(run=cmd_bench)
 
     synth = commands.add_parser("synth", help="write a synthetic MSD-format brain-tumour dataset")
     synth.add_argument("out", help="output folder (created; must be empty or a previous synth output)")
