@@ -27,7 +27,7 @@ def gradients(model, images, targets, strategy, seed=0):
     prepare_model(model, strategy)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the weights, read the gradients
     torch.manual_seed(seed)
-    loss, logits = train_step(model, optimizer, images, targets, soft_dice_loss, strategy)
+    loss = train_step(model, optimizer, images, targets, soft_dice_loss, strategy)
     return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 

@@ -494,7 +494,7 @@ def figure6_chart(result: dict, path: str | os.PathLike, dpi: int = 100) -> Path
                     textcoords="offset points", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, rotation=25, ha="right", fontsize=9)
-    ax.set_ylim(0, top * 1.3)
+    ax.set_ylim(0, top * 1.45)  # room above the bars for their labels and the legend
     ax.set_ylabel("training images / s")
     job = result.get("job") or {}
     shape = "x".join(map(str, job.get("shape", [])))
@@ -507,7 +507,7 @@ def figure6_chart(result: dict, path: str | os.PathLike, dpi: int = 100) -> Path
     legend = [Patch(color=c, label=l) for c, l in (("tab:grey", "stock (oneDNN off)"), ("tab:blue", "oneDNN fp32"),
                                                      ("tab:green", "oneDNN bf16"), ("tab:orange", "torch.compile"))
               if c in colours]
-    ax.legend(handles=legend, loc="upper right", fontsize=8, frameon=False)
+    ax.legend(handles=legend, loc="upper center", ncol=len(legend), fontsize=8, frameon=False)
     ax.set_title(f"Training step speed: batch {batch} x {shape}, {filters} filters\n"
                  f"{machine.get('cpu', machine.get('device', ''))}, threads: {result.get('threads', '?')}, "
                  f"torch {result.get('torch', '?')} ({result.get('date', '')[:10]})"

@@ -61,15 +61,17 @@ def split_micro_batches(tensor: torch.Tensor, accumulate: int) -> tuple[torch.Te
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
                loss_fn: LossFunction, strategy: Strategy, scaler: torch.amp.GradScaler | None = None,
-               no_sync: Callable[[], object] | None = None) -> tuple[float, torch.Tensor]:
-    """One optimizer step over `images` (accumulate x micro-batch samples). Returns (mean loss, logits).
+               no_sync: Callable[[], object] | None = None,
+               on_output: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> float:
+    """One optimizer step over `images` (accumulate x micro-batch samples). Returns the mean loss.
 
-    `no_sync` (DistributedDataParallel.no_sync) skips the gradient all-reduce on all but the last micro-batch.
+    `on_output(logits, targets)` sees each micro-batch's detached logits (for metrics) as they are made,
+    so no logits are kept across micro-batches. `no_sync` (DistributedDataParallel.no_sync) skips the
+    gradient all-reduce on all but the last micro-batch.
     """
     device_type = images.device.type
     optimizer.zero_grad(set_to_none=True)
     total_loss = 0.0
-    logits = []
     micro_images = split_micro_batches(images, strategy.accumulate)
     micro_targets = split_micro_batches(targets, strategy.accumulate)
     for index, (x, y) in enumerate(zip(micro_images, micro_targets)):
@@ -80,10 +82,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
             loss = loss_fn(output.float(), y) / strategy.accumulate
             (scaler.scale(loss) if scaler else loss).backward()
         total_loss += loss.item()
-        logits.append(output.detach())
+        if on_output is not None:
+            on_output(output.detach(), y)
+        del output, loss  # free this micro-batch's logits before the next forward
     if scaler:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return total_loss, torch.cat(logits)
+    return total_loss

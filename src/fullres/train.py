@@ -340,7 +340,9 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
     try:
         device = pick_device(config.device, process)
         if device.type == "cpu":
-            log(configure_cpu(config.threads, process)) if process.main else configure_cpu(config.threads, process)
+            settings = configure_cpu(config.threads, process)
+            if process.main:
+                log(settings)
         job = config.job
         if process.main:
             log(f"job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
@@ -403,10 +405,17 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
             for images, targets in bar:
                 step_start = time.perf_counter()
                 images, targets = to_device(images, device, job.strategy), targets.to(device)
-                loss, logits = train_step(network, optimizer, images, targets, loss_fn, job.strategy, scaler,
-                                          no_sync=getattr(network, "no_sync", None))
+                micro = []  # (dice, accuracy) of each micro-batch, weighted equally: equal sizes
+
+                def score(logits, micro_targets):
+                    micro.append((float(dice_coefficient(logits, micro_targets)),
+                                  float(voxel_accuracy(logits, micro_targets))))
+
+                loss = train_step(network, optimizer, images, targets, loss_fn, job.strategy, scaler,
+                                  no_sync=getattr(network, "no_sync", None), on_output=score)
                 totals.step_seconds.append(time.perf_counter() - step_start)
-                totals.add(loss, float(dice_coefficient(logits, targets)), float(voxel_accuracy(logits, targets)), len(images))
+                totals.add(loss, sum(d for d, _ in micro) / len(micro), sum(a for _, a in micro) / len(micro),
+                           len(images))
                 bar.set_postfix(loss=f"{loss:.3f}", dice=f"{totals.dice / totals.batches:.3f}",
                                 step=f"{totals.step_seconds[-1]:.2f}s")
             scheduler.step()
