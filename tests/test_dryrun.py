@@ -61,13 +61,15 @@ def test_bf16_lowers_saved_activations():
 
 def test_accumulation_costs_only_the_larger_input_batch():
     """batch b x K micro-batches peaks like batch b, plus the K x b input batch that train_step receives
-    at once (nothing else: micro-batch logits are freed before the next forward)."""
+    at once, and one gradient being accumulated (micro-batch logits are freed before the next forward)."""
     one = dryrun(SMALL)
     accumulated = dryrun(SMALL.with_(strategy=Strategy(accumulate=4)))
     voxels = 32 ** 3
     extra_inputs = 3 * (4 + 1) * voxels * 4  # three more samples of images + targets
     assert accumulated.breakdown["inputs"] - one.breakdown["inputs"] == extra_inputs
-    assert 0 <= accumulated.peak_bytes - one.peak_bytes <= extra_inputs
+    # Later micro-batches add each new gradient into .grad: at most one parameter's gradient in flight.
+    largest_gradient = 4 * max(p.numel() for p in UNet3D(SMALL.model).parameters())
+    assert 0 <= accumulated.peak_bytes - one.peak_bytes <= extra_inputs + largest_gradient
 
 
 @pytest.mark.parametrize("shape", [(32, 32, 32), (48, 32, 32)])

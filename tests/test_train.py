@@ -99,6 +99,7 @@ def test_strategy_auto_prefers_exact_strategies():
     names = [name for name, _ in candidate_strategies(job)]
     assert names[:3] == ["as given", "checkpointing", "checkpointing + accumulate x2"]
     assert names.index("bf16") > names.index("checkpointing + accumulate x4")
+    assert not any("bf16" in name for name, _ in candidate_strategies(job, allow_bf16=False))
     per_sample = table1(job.model, job.shape, 1).training_bytes
     chosen, needed, name = preflight(job, budget=2 * per_sample, method="table1", auto=True)
     assert name == "checkpointing + accumulate x2"

@@ -335,9 +335,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         job = job_from_args(args, in_channels=len(channels), classes=classes)
         strategy_choice = "manual"
         if not args.force:
-            budget = args.memory or training.available_memory(training.pick_device(args.device, training.Process()))
+            device = training.pick_device(args.device, training.Process())
+            budget = args.memory or training.available_memory(device)
             method = training.default_method()
-            job, needed, chosen = training.preflight(job, budget, method, auto=args.strategy == "auto")
+            job, needed, chosen = training.preflight(job, budget, method, auto=args.strategy == "auto",
+                                                     allow_bf16=training.fast_bf16(device))
             strategy_choice = "auto" if args.strategy == "auto" else "manual"
             if main_process:
                 print(f"preflight ({method}): needs {format_bytes(needed)} of {format_bytes(budget)} available"

@@ -175,15 +175,23 @@ def default_method() -> str:
     return "dryrun" if "dryrun" in ESTIMATORS else "table1"
 
 
-def candidate_strategies(job: JobConfig) -> list[tuple[str, JobConfig]]:
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 has hardware support here. Without it (e.g. an AVX2-only CPU) oneDNN emulates bf16
+    about 100x slower than fp32 (docs/benchmarks.md), so --strategy auto must not pick it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def candidate_strategies(job: JobConfig, allow_bf16: bool = True) -> list[tuple[str, JobConfig]]:
     """Least approximate first: none; checkpointing; accumulation (same global batch in smaller
-    micro-batches); bf16 (approximates fp32 numerics) last."""
+    micro-batches); bf16 (approximates fp32 numerics) last, and only where `allow_bf16`."""
     candidates = [("as given", job), ("checkpointing", job.with_(strategy=_with(job.strategy, checkpointing=True)))]
     total = job.batch * job.strategy.accumulate
     for micro in sorted({d for d in range(1, job.batch) if total % d == 0}, reverse=True):
         strategy = _with(job.strategy, checkpointing=True, accumulate=total // micro)
         candidates.append((f"checkpointing + accumulate x{total // micro}", job.with_(batch=micro, strategy=strategy)))
-    if job.strategy.precision == "fp32":
+    if job.strategy.precision == "fp32" and allow_bf16:
         for name, candidate in list(candidates):
             bf16 = _with(candidate.strategy, precision="bf16")
             candidates.append((f"{name} + bf16" if name != "as given" else "bf16", candidate.with_(strategy=bf16)))
@@ -194,17 +202,20 @@ def _with(strategy: Strategy, **changes) -> Strategy:
     return Strategy(**{**asdict(strategy), **changes})
 
 
-def preflight(job: JobConfig, budget: int, method: str, auto: bool) -> tuple[JobConfig, int, str]:
+def preflight(job: JobConfig, budget: int, method: str, auto: bool,
+              allow_bf16: bool = True) -> tuple[JobConfig, int, str]:
     """The job (or with --strategy auto, the least approximate variant) that fits `budget` by `method`.
     Refuses with the estimate, the budget and the options when nothing fits."""
     from fullres.memory import estimate_training_bytes
 
     tried = []
-    for name, candidate in (candidate_strategies(job) if auto else [("as given", job)]):
+    for name, candidate in (candidate_strategies(job, allow_bf16) if auto else [("as given", job)]):
         needed = estimate_training_bytes(candidate, method)
         if needed <= budget:
             return candidate, needed, name
         tried.append(f"{name}: {format_bytes(needed)}")
+    if auto and not allow_bf16:
+        tried.append("bf16: not tried (no hardware bf16 here; emulated it runs ~100x slower)")
     raise UserError(refusal(job, budget, method, tried), exit_code=3)
 
 
