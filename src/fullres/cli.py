@@ -241,6 +241,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import csv
+
+    from fullres.figures import figure3_memory_vs_size, figure5_estimate_vs_measured
+    from fullres.memory.sweep import run_sweep, sweep_jobs, write_sweep_csv
+
+    base = job_from_args(args)
+    jobs = sweep_jobs(base, args.shapes, args.batches, args.precisions,
+                      {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing_sweep])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{'shape':<14}{'batch':>6}{'strategy':>26}{'Table 1':>12}{'dry run':>12}{'measured':>12}{'error':>9}")
+
+    def show(row) -> None:
+        error = row.error(row.dryrun_bytes)
+        print(f"{'x'.join(map(str, row.job.shape)):<14}{row.job.batch:>6}{row.job.strategy.describe():>26}"
+              f"{row.table1_bytes / 1e9:>10.2f}GB{row.dryrun_bytes / 1e9:>10.2f}GB"
+              + (f"{row.measured_bytes / 1e9:>10.2f}GB{error * 100:>+8.1f}%" if row.measured_bytes else f"{'-':>12}"),
+              flush=True)
+
+    rows, unmeasured = run_sweep(jobs, measure=not args.no_measure, max_measure_bytes=args.max_measure, on_row=show)
+    for line in unmeasured:
+        print("not measured:", line)
+    write_sweep_csv(rows, out / "sweep.csv")
+    table = list(csv.DictReader((out / "sweep.csv").open()))
+    figure3_memory_vs_size(table, out / "figure3_memory_vs_size.png")
+    written = ["sweep.csv", "figure3_memory_vs_size.png"]
+    if any(row.measured_bytes for row in rows):
+        figure5_estimate_vs_measured(table, out / "figure5_estimate_vs_measured.png")
+        written.append("figure5_estimate_vs_measured.png")
+        errors = [abs(row.error(row.dryrun_bytes)) for row in rows if row.measured_bytes]
+        print(f"dry run: max |error| {max(errors) * 100:.1f} % over {len(errors)} measured rows")
+    print(f"wrote {', '.join(written)} in {out}")
+    return 0
+
+
+def shape_spec(text: str) -> tuple[int, int, int]:
+    """'64' (a cube) or '64x64x32'."""
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape: write N or HxWxD, e.g. 64 or 96x96x64")
+    return tuple(spatial_size(p) for p in parts)
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from fullres.memory.measure import profile
 
@@ -558,6 +604,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chart", default=None, help="write the Figure 6 bar chart here (PNG)")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.set_defaults(run=cmd_bench)
+
+    sweep = commands.add_parser("sweep", help="memory over many shapes: CSV, Figure 3 and Figure 5")
+    add_job_arguments(sweep)
+    sweep.add_argument("--shapes", nargs="+", type=shape_spec, required=True, metavar="HxWxD",
+                       help="shapes to sweep, e.g. 32 48 64 96x96x64")
+    sweep.add_argument("--batches", nargs="+", type=positive_int, default=[1], help="batches to sweep")
+    sweep.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["fp32"], help="precisions to sweep")
+    sweep.add_argument("--checkpointing-sweep", choices=("off", "on", "both"), default="both",
+                       help="sweep without and/or with activation checkpointing")
+    sweep.add_argument("--max-measure", type=memory_size, default=parse_size("18GiB"),
+                       help="rows whose dry run exceeds this are estimated only (default 18GiB)")
+    sweep.add_argument("--no-measure", action="store_true", help="estimates only (seconds, not minutes)")
+    sweep.add_argument("--out", required=True, help="folder for sweep.csv and the figures")
+    sweep.set_defaults(run=cmd_sweep)
 
     synth = commands.add_parser("synth", help="write a synthetic MSD-format brain-tumour dataset")
     synth.add_argument("out", help="output folder (created; must be empty or a previous synth output)")

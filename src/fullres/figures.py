@@ -258,3 +258,60 @@ def training_curves(metrics_csv_path: str | os.PathLike, path: str | os.PathLike
     fig.suptitle(f"Training curves: {src.parent.name or src.name}", fontsize=12)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.13, top=0.85, wspace=0.28)
     return _save_atomic(fig, path, dpi)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures 3 and 5: memory against input size, and estimate against measurement (fullres sweep)
+
+def _sweep_series(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by strategy label (precision, checkpointing), each sorted by voxels."""
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        label = str(row["precision"]) + (" + checkpointing" if str(row["checkpointing"]) == "True" else "")
+        series.setdefault(label, []).append(row)
+    return {label: sorted(items, key=lambda r: int(r["voxels"])) for label, items in series.items()}
+
+
+def figure3_memory_vs_size(rows: Sequence[dict], path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Figure 3: training memory against input size (batch x voxels), measured where measured, with the
+    dry-run and Table 1 estimates beside it. `rows` are `fullres sweep` CSV rows (dicts)."""
+    fig = _new_figure((8, 5), dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    for index, (label, items) in enumerate(_sweep_series(rows).items()):
+        colour = f"C{index}"
+        voxels = [int(r["voxels"]) / 1e6 for r in items]
+        ax.plot(voxels, [int(r["dryrun_bytes"]) / 1e9 for r in items], "--", color=colour, label=f"dry run, {label}")
+        ax.plot(voxels, [int(r["table1_bytes"]) / 1e9 for r in items], ":", color=colour, label=f"Table 1, {label}")
+        measured = [(v, int(r["measured_bytes"]) / 1e9) for v, r in zip(voxels, items) if r.get("measured_bytes")]
+        if measured:
+            ax.plot(*zip(*measured), "o-", color=colour, label=f"measured, {label}")
+    ax.set_xlabel("input size: batch x H x W x D (million voxels)")
+    ax.set_ylabel("training memory (GB)")
+    ax.set_title("Memory against input size (Figure 3)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_atomic(fig, path, dpi)
+
+
+def figure5_estimate_vs_measured(rows: Sequence[dict], path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Figure 5: estimate against measured peak for every measured row, dry run and Table 1, with the
+    identity line and the +-5 % band."""
+    measured_rows = [r for r in rows if r.get("measured_bytes")]
+    if not measured_rows:
+        raise UserError("figure 5 needs measured rows: run the sweep with measuring on")
+    fig = _new_figure((6, 6), dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    measured = [int(r["measured_bytes"]) / 1e9 for r in measured_rows]
+    for key, marker, label in (("dryrun_bytes", "o", "dry run"), ("table1_bytes", "s", "Table 1 (x2 for training)")):
+        ax.scatter(measured, [int(r[key]) / 1e9 for r in measured_rows], marker=marker, label=label)
+    top = max(max(measured), *(int(r["table1_bytes"]) / 1e9 for r in measured_rows)) * 1.1
+    ax.plot([0, top], [0, top], color="black", linewidth=1, label="estimate = measured")
+    ax.fill_between([0, top], [0, top * 0.95], [0, top * 1.05], color="grey", alpha=0.25, label="+-5 %")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("measured peak (GB)")
+    ax.set_ylabel("estimated (GB)")
+    ax.set_title("Estimate against measurement (Figure 5)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save_atomic(fig, path, dpi)

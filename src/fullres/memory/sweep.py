@@ -1,0 +1,83 @@
+"""Memory over a grid of jobs: Table 1 and the dry run estimate, a fresh process measures (Figures 3 and 5).
+
+Each row is one job: its Table 1 training bytes, its dry-run peak, and (unless measuring is off) the
+peak measured by `measure_peak` in a fresh process, with error = (estimate - measured) / measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from fullres.config import JobConfig, Strategy
+from fullres.files import write_bytes_atomically
+from fullres.memory import table1_training_bytes
+
+CSV_COLUMNS = ["shape", "batch", "precision", "checkpointing", "voxels", "table1_bytes", "dryrun_bytes",
+               "measured_bytes", "table1_error", "dryrun_error", "peak_at", "step_s"]
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    job: JobConfig
+    table1_bytes: int
+    dryrun_bytes: int
+    measured_bytes: int | None
+    peak_at: str
+    step_s: float | None
+
+    def error(self, estimate: int) -> float | None:
+        return None if not self.measured_bytes else (estimate - self.measured_bytes) / self.measured_bytes
+
+    def to_csv(self) -> dict:
+        shape = self.job.shape
+        return {"shape": "x".join(map(str, shape)), "batch": self.job.batch,
+                "precision": self.job.strategy.precision, "checkpointing": self.job.strategy.checkpointing,
+                "voxels": self.job.batch * shape[0] * shape[1] * shape[2], "table1_bytes": self.table1_bytes,
+                "dryrun_bytes": self.dryrun_bytes, "measured_bytes": self.measured_bytes,
+                "table1_error": self.error(self.table1_bytes), "dryrun_error": self.error(self.dryrun_bytes),
+                "peak_at": self.peak_at, "step_s": self.step_s}
+
+
+def sweep_jobs(base: JobConfig, shapes: Iterable[tuple[int, int, int]], batches: Iterable[int],
+               precisions: Iterable[str], checkpointing: Iterable[bool]) -> list[JobConfig]:
+    return [base.with_(shape=tuple(shape), batch=batch,
+                       strategy=Strategy(checkpointing=ck, accumulate=base.strategy.accumulate, precision=precision,
+                                         channels_last=base.strategy.channels_last))
+            for shape, batch, precision, ck in itertools.product(shapes, batches, precisions, checkpointing)]
+
+
+def run_sweep(jobs: list[JobConfig], measure: bool, max_measure_bytes: int,
+              on_row: Callable[[SweepRow], None] = lambda row: None) -> tuple[list[SweepRow], list[str]]:
+    """Rows for every job; jobs whose dry run exceeds `max_measure_bytes` are estimated, not measured
+    (listed in the second return value)."""
+    from fullres.memory.dryrun import dryrun
+    from fullres.memory.measure import measure_peak
+
+    rows, unmeasured = [], []
+    for job in jobs:
+        estimate = dryrun(job)
+        measured = None
+        if measure and estimate.peak_bytes <= max_measure_bytes:
+            measured = measure_peak(job, steps=2)
+        elif measure:
+            unmeasured.append(f"{'x'.join(map(str, job.shape))} batch {job.batch} {job.strategy.describe()}: "
+                              f"dry run {estimate.peak_bytes / 2**30:.1f} GiB, over the measuring limit")
+        row = SweepRow(job, table1_training_bytes(job), estimate.peak_bytes,
+                       measured.measured_bytes if measured else None, estimate.peak_at,
+                       max(measured.step_seconds) if measured else None)
+        rows.append(row)
+        on_row(row)
+    return rows, unmeasured
+
+
+def write_sweep_csv(rows: list[SweepRow], path: Path) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(row.to_csv() for row in rows)
+    write_bytes_atomically(path, text.getvalue().encode())
