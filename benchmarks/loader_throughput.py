@@ -23,20 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fullres.bench import cpu_model
 from fullres.data import DataConfig, MSDDataset, load_dataset_json, make_loader, write_dataset
 
 SOURCE_SHAPE = (240, 240, 155)
 SAMPLE_SHAPE = (240, 240, 144)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -25,3 +25,19 @@ def msd_copy(small_msd, tmp_path) -> Path:
     copy = tmp_path / "Task01_copy"
     shutil.copytree(small_msd, copy, ignore=shutil.ignore_patterns(".fullres_cache"))
     return copy
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `fullres ARGS...` in this process: (exit code, stdout, stderr). argparse's exits count too."""
+    from fullres.cli import main
+
+    def run(*argv):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fullres.cli import main
 from fullres.config import JobConfig, Strategy
 from fullres.memory.table1 import table1
 from fullres.model import ModelConfig
@@ -32,22 +31,13 @@ def train_msd(tmp_path_factory) -> Path:
                          shape=(32, 32, 24), seed=3, progress=False)
 
 
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def weights(path: Path) -> dict:
     return load_checkpoint(path)["model"]
 
 
-def test_train_writes_run_files(train_msd, tmp_path, capsys):
+def test_train_writes_run_files(train_msd, tmp_path, cli):
     straight = tmp_path / "straight"
-    code, out, err = run_cli(capsys, "train", train_msd, "--out", straight, "--epochs", "2", *TINY)
+    code, out, err = cli("train", train_msd, "--out", straight, "--epochs", "2", *TINY)
     assert code == 0, err
     for name in ("config.json", "metrics.csv", "last.pt", "best.pt", "curves.png"):
         assert (straight / name).exists(), name
@@ -59,14 +49,14 @@ def test_train_writes_run_files(train_msd, tmp_path, capsys):
     assert "preflight" in out and "done: validation Dice" in out
 
 
-def test_resume_equals_uninterrupted_with_constant_schedule(train_msd, tmp_path, capsys):
+def test_resume_equals_uninterrupted_with_constant_schedule(train_msd, tmp_path, cli):
     flags = [*TINY, "--schedule", "constant"]
-    assert run_cli(capsys, "train", train_msd, "--out", tmp_path / "a", "--epochs", "2", *flags)[0] == 0
-    assert run_cli(capsys, "train", train_msd, "--out", tmp_path / "b", "--epochs", "1", *flags)[0] == 0
+    assert cli("train", train_msd, "--out", tmp_path / "a", "--epochs", "2", *flags)[0] == 0
+    assert cli("train", train_msd, "--out", tmp_path / "b", "--epochs", "1", *flags)[0] == 0
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     config["epochs"] = 2
     (tmp_path / "b" / "config.json").write_text(json.dumps(config))
-    code, out, err = run_cli(capsys, "train", "--out", tmp_path / "b", "--resume", "--quiet")
+    code, out, err = cli("train", "--out", tmp_path / "b", "--resume", "--quiet")
     assert code == 0, err
     assert "resuming after epoch 1 of 2" in out
     a, b = weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")
@@ -74,20 +64,20 @@ def test_resume_equals_uninterrupted_with_constant_schedule(train_msd, tmp_path,
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
-def test_existing_run_is_never_overwritten_and_resume_needs_a_run(train_msd, tmp_path, capsys):
+def test_existing_run_is_never_overwritten_and_resume_needs_a_run(train_msd, tmp_path, cli):
     run = tmp_path / "run"
-    assert run_cli(capsys, "train", train_msd, "--out", run, "--epochs", "1", *TINY)[0] == 0
+    assert cli("train", train_msd, "--out", run, "--epochs", "1", *TINY)[0] == 0
     before = (run / "last.pt").read_bytes()
-    code, _, err = run_cli(capsys, "train", train_msd, "--out", run, "--epochs", "1", *TINY)
+    code, _, err = cli("train", train_msd, "--out", run, "--epochs", "1", *TINY)
     assert code == 2 and "already holds a run: use --resume" in err
     assert (run / "last.pt").read_bytes() == before
-    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "empty", "--resume")
+    code, _, err = cli("train", "--out", tmp_path / "empty", "--resume")
     assert code == 2 and "holds no run to resume" in err
 
 
-def test_job_that_cannot_fit_is_refused_in_seconds(train_msd, tmp_path, capsys):
+def test_job_that_cannot_fit_is_refused_in_seconds(train_msd, tmp_path, cli):
     start = time.perf_counter()
-    code, _, err = run_cli(capsys, "train", train_msd, "--out", tmp_path / "r", "--memory", "1MB", *TINY)
+    code, _, err = cli("train", train_msd, "--out", tmp_path / "r", "--memory", "1MB", *TINY)
     assert code == 3 and time.perf_counter() - start < 30
     assert "the job does not fit" in err and "--strategy auto" in err and "--force" in err
     assert "smaller shape" in err and "tiling" in err and "Traceback" not in err
@@ -107,13 +97,13 @@ def test_strategy_auto_prefers_exact_strategies():
     assert chosen.effective_batch == job.effective_batch and needed <= 2 * per_sample
 
 
-def test_bad_data_is_refused_with_check_messages(train_msd, tmp_path, capsys):
+def test_bad_data_is_refused_with_check_messages(train_msd, tmp_path, cli):
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(train_msd, broken, ignore=shutil.ignore_patterns(".fullres_cache"))
     (broken / "labelsTr" / "BRATS_001.nii.gz").write_bytes(b"not a nifti")
-    code, _, err = run_cli(capsys, "train", broken, "--out", tmp_path / "r", *TINY)
+    code, _, err = cli("train", broken, "--out", tmp_path / "r", *TINY)
     assert code == 1 and "labelsTr/BRATS_001.nii.gz" in err and "problem" in err
 
 
@@ -124,8 +114,8 @@ def test_bad_data_is_refused_with_check_messages(train_msd, tmp_path, capsys):
     (["--shape", "30", "32", "24"], "30 is not divisible by 8"),
     (["--channels", "PD"], "--channels"),
 ])
-def test_bad_train_options(train_msd, tmp_path, capsys, argv, message):
-    code, _, err = run_cli(capsys, "train", train_msd, "--out", tmp_path / "r", *TINY, *argv)
+def test_bad_train_options(train_msd, tmp_path, cli, argv, message):
+    code, _, err = cli("train", train_msd, "--out", tmp_path / "r", *TINY, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 

@@ -145,6 +145,14 @@ def _as_monai_batch(mask: np.ndarray) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def _empty_mask_value(pred: np.ndarray, truth: np.ndarray, both_empty: float, one_empty: float) -> float | None:
+    """The empty-mask convention's value (module docstring) when a mask is empty; None when neither is."""
+    pred_any, truth_any = bool(pred.any()), bool(truth.any())
+    if pred_any and truth_any:
+        return None
+    return one_empty if pred_any or truth_any else both_empty
+
+
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Dice similarity coefficient of two binary masks.
 
@@ -152,11 +160,9 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     ``monai.metrics.compute_dice``. Empty-mask convention: both empty -> 1.0; exactly one empty -> 0.0.
     """
     pred, truth = _check_pair(pred, truth)
-    p_any, t_any = bool(pred.any()), bool(truth.any())
-    if not p_any and not t_any:
-        return 1.0
-    if not p_any or not t_any:
-        return 0.0
+    empty = _empty_mask_value(pred, truth, both_empty=1.0, one_empty=0.0)
+    if empty is not None:
+        return empty
     from monai.metrics import compute_dice
 
     pred, truth = _crop_joint(pred, truth)
@@ -179,11 +185,9 @@ def normalized_surface_distance(
     spacing = _check_spacing(spacing_mm, pred.ndim)
     if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
         raise ValueError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm!r}")
-    p_any, t_any = bool(pred.any()), bool(truth.any())
-    if not p_any and not t_any:
-        return 1.0
-    if not p_any or not t_any:
-        return 0.0
+    empty = _empty_mask_value(pred, truth, both_empty=1.0, one_empty=0.0)
+    if empty is not None:
+        return empty
     from monai.metrics import compute_surface_dice
 
     pred, truth = _crop_joint(pred, truth)
@@ -212,11 +216,9 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> fl
     """
     pred, truth = _check_pair(pred, truth)
     spacing = _check_spacing(spacing_mm, pred.ndim)
-    p_any, t_any = bool(pred.any()), bool(truth.any())
-    if not p_any and not t_any:
-        return 0.0
-    if not p_any or not t_any:
-        return image_diagonal_mm(pred.shape, spacing)
+    empty = _empty_mask_value(pred, truth, both_empty=0.0, one_empty=image_diagonal_mm(pred.shape, spacing))
+    if empty is not None:
+        return empty
     from monai.metrics import compute_hausdorff_distance
 
     pred, truth = _crop_joint(pred, truth)
