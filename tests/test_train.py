@@ -178,3 +178,18 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(t
     reference_weights, resumed = weights(tmp_path / "ref" / "last.pt"), weights(run / "last.pt")
     for name in reference_weights:
         torch.testing.assert_close(resumed[name], reference_weights[name], rtol=0, atol=0, msg=name)
+
+
+def test_memory_format_is_chosen_by_measurement_and_only_for_long_runs():
+    from fullres.train import choose_memory_format
+
+    job = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=1)
+    cpu = torch.device("cpu")
+    unchanged, line = choose_memory_format(job, cpu, total_steps=10)
+    assert unchanged == job and "too short" in line
+    asked = job.with_(strategy=Strategy(channels_last=True))
+    assert choose_memory_format(asked, cpu, total_steps=1000) == (asked, "memory format: channels-last (asked for)")
+    chosen, line = choose_memory_format(job, cpu, total_steps=1000)
+    contiguous_s, channels_last_s = (float(part.split(" s/step")[0]) for part in line.split("measured ")[1].split(", "))
+    assert chosen.strategy.channels_last == (channels_last_s < contiguous_s)
+    assert chosen.with_(strategy=job.strategy) == job  # only the memory format may change

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -351,7 +352,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fullres import train as training
-    from fullres.data import DataConfig, load_dataset_json, resolve_channels
+    from fullres.data import DataConfig, load_dataset_json, resolve_channels, split_cases
 
     run_dir = Path(args.out)
     main_process = training.is_main_process()
@@ -390,6 +391,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             if main_process:
                 print(f"preflight ({method}): needs {format_bytes(needed)} of {format_bytes(budget)} available"
                       + (f"; --strategy auto chose: {chosen}" if args.strategy == "auto" else ""))
+        if not args.no_autotune:
+            train_cases = len(split_cases(index.training, args.val_fraction, args.seed)[0])
+            total_steps = args.epochs * (train_cases // (job.effective_batch * int(os.environ.get("WORLD_SIZE", "1"))))
+            job, choice = training.choose_memory_format(
+                job, training.pick_device(args.device, training.Process()), total_steps)
+            if main_process:
+                print(choice)
         try:
             config = training.TrainConfig(
                 job=job, data=DataConfig(channels=channels, target=args.target, shape=tuple(args.shape)),
@@ -550,6 +558,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", type=memory_size, default=None,
                         help="memory budget for the preflight (default: what is available now)")
     parser.add_argument("--force", action="store_true", help="skip the memory preflight")
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="keep the contiguous memory format instead of timing channels-last (runs of 100+ steps)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -149,6 +149,33 @@ def configure_cpu(threads: int, process: Process) -> str:
             f"ISA {torch.backends.cpu.get_cpu_capability()}")
 
 
+# ---- kernels ------------------------------------------------------------------------------------
+
+AUTOTUNE_MIN_STEPS = 100  # below this, timing 2 x 2 trial steps would cost more than it could save
+
+
+def choose_memory_format(job: JobConfig, device: torch.device, total_steps: int) -> tuple[JobConfig, str]:
+    """Channels-last only where it is measured faster, for this job on this machine: one warm-up and one
+    timed step of each memory format on a throwaway model (the run's own model and RNG are untouched).
+    The choice changes speed, never the numerics. Returns the job and a line saying what was chosen."""
+    if job.strategy.channels_last:
+        return job, "memory format: channels-last (asked for)"
+    if total_steps < AUTOTUNE_MIN_STEPS:
+        return job, f"memory format: contiguous (run of {total_steps} steps too short to measure the alternative)"
+    from fullres.bench import Variant, time_variant
+
+    seconds = {}
+    for channels_last in (False, True):
+        variant = Variant("autotune", job.strategy.precision, onednn=True, channels_last=channels_last, compiled=False)
+        # peak_tflops given so that no matmul peak is measured: only the step time is wanted here
+        seconds[channels_last] = time_variant(job, variant, warmup=1, repeats=1, device=device,
+                                              peak_tflops=math.inf)["step_s"]
+    faster = seconds[True] < seconds[False]
+    chosen = job.with_(strategy=_with(job.strategy, channels_last=faster))
+    return chosen, (f"memory format: {'channels-last' if faster else 'contiguous'} (measured "
+                    f"{seconds[False]:.2f} s/step contiguous, {seconds[True]:.2f} s/step channels-last)")
+
+
 # ---- memory -------------------------------------------------------------------------------------
 
 def available_memory(device: torch.device) -> int:
