@@ -685,8 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fullres.memory.malloc import set_training_malloc_policy
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_training_malloc_policy()  # predictable peaks for every command that allocates (see memory/malloc.py)
     try:
         return args.run(args)
     except UserError as error:

@@ -142,6 +142,9 @@ def _child(request: dict) -> dict:
     from fullres.model import UNet3D
     from fullres.step import make_grad_scaler, prepare_model, train_step
 
+    from fullres.memory.malloc import set_training_malloc_policy
+
+    set_training_malloc_policy()  # the allocator policy `fullres train` runs with
     if request.get("threads"):
         torch.set_num_threads(int(request["threads"]))
     job = JobConfig.from_json(request["job"])
