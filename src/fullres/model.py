@@ -118,9 +118,9 @@ class UNet3D(nn.Module):
         self.concatenate_1, self.concatenate_2, self.concatenate_3 = (Concatenate() for _ in range(3))
         self.PredictionMask = nn.Conv3d(4 * f, config.classes, kernel_size=1)
 
-    def conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """3x3x3 convolution `name`, then its normalisation (if any), then ReLU."""
-        x = getattr(self, name)(x)
+    def conv(self, name: str, x: torch.Tensor, pre_activation: torch.Tensor | None = None) -> torch.Tensor:
+        """3x3x3 convolution `name` (or its given `pre_activation`), its normalisation (if any), ReLU."""
+        x = getattr(self, name)(x) if pre_activation is None else pre_activation
         if self.config.norm != "none":
             x = getattr(self, "norm" + name[4:])(x)
         return F.relu(x, inplace=True)  # in place: the pre-activation map is never kept beside the activation
@@ -154,7 +154,17 @@ class UNet3D(nn.Module):
         return self.conv("conv6b", self.conv("conv6a", self.concatenate_2(up5, skip2)))
 
     def decoder7a(self, x6, skip1):
-        return self.conv("conv7a", self.concatenate_3(self.transConv6(x6), skip1))
+        up = self.transConv6(x6)
+        if not self.checkpointing:
+            return self.conv("conv7a", self.concatenate_3(up, skip1))
+        # Concatenation-free, the same maths: conv(cat(up, skip), W) = conv(up, W_up) + conv(skip, W_skip).
+        # The 192-map full-resolution concatenation and its 192-map gradient are never materialised, which
+        # lowers the peak of this segment's recomputation, the peak of a checkpointed step.
+        weight, bias = self.conv7a.weight, self.conv7a.bias
+        split = up.shape[1]
+        pre_activation = F.conv3d(up, weight[:, :split], bias, padding=1)
+        pre_activation = pre_activation.add_(F.conv3d(skip1, weight[:, split:], None, padding=1))
+        return self.conv("conv7a", None, pre_activation)
 
     def decoder7b(self, x7):
         return self.PredictionMask(self.conv("conv7b", x7))
