@@ -9,17 +9,17 @@ def run_python(code: str, **env) -> str:
                           env={**os.environ, **env}).stdout.strip()
 
 
-def test_training_malloc_policy_is_applied_and_can_be_turned_off():
+def test_training_malloc_policy_is_opt_in():
     code = "from fullres.memory.malloc import set_training_malloc_policy as s; print(s())"
-    assert run_python(code) == "True"  # glibc: thresholds fixed
-    assert run_python(code, FULLRES_DEFAULT_MALLOC="1") == "False"
+    assert run_python(code, FULLRES_MALLOC="fixed") == "True"  # glibc: thresholds fixed
+    assert run_python(code, FULLRES_MALLOC="") == "False"
 
 
 FRAGMENTATION = """
 import sys, torch
 from fullres.memory.malloc import set_training_malloc_policy
 if sys.argv[1] == "policy":
-    set_training_malloc_policy()
+    set_training_malloc_policy(force=True)
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096
 big = torch.ones(4 * 2**20); del big             # freeing a 16 MiB mmapped block raises glibc's threshold

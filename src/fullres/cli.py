@@ -689,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    set_training_malloc_policy()  # predictable peaks for every command that allocates (see memory/malloc.py)
+    set_training_malloc_policy()  # FULLRES_MALLOC=fixed: predictable peaks (see memory/malloc.py)
     try:
         return args.run(args)
     except UserError as error:

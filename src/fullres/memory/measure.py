@@ -144,7 +144,7 @@ def _child(request: dict) -> dict:
 
     from fullres.memory.malloc import set_training_malloc_policy
 
-    set_training_malloc_policy()  # the allocator policy `fullres train` runs with
+    set_training_malloc_policy()  # the allocator policy `fullres train` runs with (inherited FULLRES_MALLOC)
     if request.get("threads"):
         torch.set_num_threads(int(request["threads"]))
     job = JobConfig.from_json(request["job"])
