@@ -180,7 +180,9 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(t
         torch.testing.assert_close(resumed[name], reference_weights[name], rtol=0, atol=0, msg=name)
 
 
-def test_memory_format_is_chosen_by_measurement_and_only_for_long_runs():
+@pytest.mark.parametrize("contiguous_s, channels_last_s", [(2.0, 1.5), (1.5, 2.0)])
+def test_memory_format_is_chosen_by_measurement_and_only_for_long_runs(monkeypatch, contiguous_s, channels_last_s):
+    import fullres.bench
     from fullres.train import choose_memory_format
 
     job = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=1)
@@ -189,7 +191,24 @@ def test_memory_format_is_chosen_by_measurement_and_only_for_long_runs():
     assert unchanged == job and "too short" in line
     asked = job.with_(strategy=Strategy(channels_last=True))
     assert choose_memory_format(asked, cpu, total_steps=1000) == (asked, "memory format: channels-last (asked for)")
+    timed = []
+
+    def fake_time_variant(job_, variant, **kwargs):
+        timed.append(variant.channels_last)
+        return {"step_s": channels_last_s if variant.channels_last else contiguous_s}
+
+    monkeypatch.setattr(fullres.bench, "time_variant", fake_time_variant)
     chosen, line = choose_memory_format(job, cpu, total_steps=1000)
-    contiguous_s, channels_last_s = (float(part.split(" s/step")[0]) for part in line.split("measured ")[1].split(", "))
+    assert sorted(timed) == [False, True]
     assert chosen.strategy.channels_last == (channels_last_s < contiguous_s)
     assert chosen.with_(strategy=job.strategy) == job  # only the memory format may change
+    assert f"{contiguous_s:.2f} s/step contiguous, {channels_last_s:.2f} s/step channels-last" in line
+
+
+def test_memory_format_trial_really_times_both_formats():
+    from fullres.train import choose_memory_format
+
+    job = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=1)
+    chosen, line = choose_memory_format(job, torch.device("cpu"), total_steps=1000)
+    assert "s/step contiguous" in line and "s/step channels-last" in line
+    assert chosen.strategy.channels_last == line.startswith("memory format: channels-last")
