@@ -522,7 +522,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     parser = build_parser()
     for title, argv in steps:
         print(f"\n== {title}\n$ fullres {' '.join(argv)}", flush=True)
-        code = parser.parse_args(argv).run(parser.parse_args(argv))
+        step = parser.parse_args(argv)
+        code = step.run(step)
         if code:
             return code
     print("\n== 7/7 show: Figure 7 overlays (prediction red, truth blue, overlap purple)")
@@ -530,7 +531,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for mask in sorted((out / "predictions").glob("*.nii.gz")):
         argv = ["show", str(data / "imagesTs" / mask.name), "--pred", str(mask), "--label",
                 str(data / "labelsTs" / mask.name), "--out", str(figures / mask.name.replace(".nii.gz", ".png"))]
-        code = parser.parse_args(argv).run(parser.parse_args(argv))
+        step = parser.parse_args(argv)
+        code = step.run(step)
         if code:
             return code
     print(f"\nDone. Results in {out}/:\n  run/          config.json, metrics.csv, best.pt, last.pt, curves.png, "
