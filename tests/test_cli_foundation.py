@@ -113,3 +113,10 @@ def test_estimate_time_needs_cases_and_reports_hours(capsys, tmp_path, monkeypat
     assert data["steps_per_epoch"] == 4 and data["epochs"] == 2  # 8 training cases / batch 2
     assert data["total_s"] == pytest.approx(data["train_s"] + data["validation_s"])
     assert data["memory_bytes"] > 0
+
+
+def test_demo_never_replaces_a_folder_it_did_not_write(capsys, tmp_path):
+    (tmp_path / "results.csv").write_text("precious")
+    code, _, err = run(capsys, "demo", "--out", str(tmp_path))
+    assert code == 2 and "is not empty and is not a previous demo" in err
+    assert (tmp_path / "results.csv").read_text() == "precious"
