@@ -526,18 +526,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "fullres"
 
 
-def _available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def _memory_bytes(job: JobConfig) -> int:
     from fullres.memory import table1_training_bytes
 
@@ -549,7 +537,9 @@ def calibration_job(job: JobConfig, max_flops: float = DEFAULT_CALIBRATION_FLOPS
     """The job itself when one step is at most `max_flops` and (Table 1 estimate) half of `memory_bytes`;
     otherwise a scaled-down copy: the micro-batch halved first (per-sample kernels keep their shapes),
     then accumulation, then the largest spatial axis halved (multiples of 8, at least 16 each)."""
-    memory_bytes = _available_memory(_device(device)) if memory_bytes is None else memory_bytes
+    from fullres.train import available_memory  # the preflight's own reading of free memory
+
+    memory_bytes = available_memory(_device(device)) if memory_bytes is None else memory_bytes
 
     def too_big(candidate: JobConfig) -> bool:
         return step_flops(candidate) > max_flops or 2 * _memory_bytes(candidate) > memory_bytes

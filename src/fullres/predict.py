@@ -4,7 +4,6 @@ and NIfTI masks written back in each input's original geometry (crop/pad undone,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from fullres.data.nifti import case_id_from_path
 from fullres.errors import UserError
 from fullres.memory.table1 import table1
 from fullres.model import UNet3D, validate_spatial_shape
-from fullres.train import TrainConfig, available_memory, load_checkpoint
+from fullres.train import TrainConfig, available_memory, load_checkpoint, write_json
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SLIDING_WINDOW_OVERLAP = 0.5
@@ -144,7 +143,6 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
             write_nifti(out / f"{case}_prob.nii.gz", restored if restored.shape[-1] > 1 else restored[..., 0],
                         source.affine, source.header)
         written.append(mask_path)
-    (out / "prediction.json").write_text(json.dumps({"checkpoint": str(predictor.checkpoint),
-                                                     "target": config.data.target,
-                                                     "cases": [p.name for p in written]}, indent=2) + "\n")
+    write_json(out / "prediction.json", {"checkpoint": str(predictor.checkpoint), "target": config.data.target,
+                                         "cases": [p.name for p in written]})
     return written
