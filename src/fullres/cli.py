@@ -381,8 +381,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         classes = len(index.labels) if args.target == "classes" else None
         job = job_from_args(args, in_channels=len(channels), classes=classes)
         strategy_choice = "manual"
+        device = training.pick_device(args.device, training.Process())
         if not args.force:
-            device = training.pick_device(args.device, training.Process())
             budget = args.memory or training.available_memory(device)
             method = training.default_method()
             job, needed, chosen = training.preflight(job, budget, method, auto=args.strategy == "auto",
@@ -394,8 +394,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.no_autotune:
             train_cases = len(split_cases(index.training, args.val_fraction, args.seed)[0])
             total_steps = args.epochs * (train_cases // (job.effective_batch * int(os.environ.get("WORLD_SIZE", "1"))))
-            job, choice = training.choose_memory_format(
-                job, training.pick_device(args.device, training.Process()), total_steps)
+            job, choice = training.choose_memory_format(job, device, total_steps)
             if main_process:
                 print(choice)
         try:
