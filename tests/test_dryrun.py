@@ -82,6 +82,25 @@ def test_tiny_real_measurement_is_bounded_by_the_dry_run(shape):
     measured = measure_peak(job, steps=2, threads=2).measured_bytes
     tensors = estimate.peak_bytes - estimate.breakdown["runtime"]
     assert measured >= tensors
-    # The +-5 % goal is a benchmark (docs/benchmarks.md), not met yet on CPU; here only a coarse bound
-    # that still catches an estimator that loses whole terms.
+    # A coarse bound for these tiny, runtime-dominated jobs; the +-5 % goal is checked below and in
+    # docs/benchmarks.md.
     assert measured <= 2.5 * estimate.peak_bytes
+
+
+@pytest.mark.parametrize("strategy", [Strategy(checkpointing=True, channels_last=True),
+                                      Strategy(checkpointing=True, slabs=4, channels_last=True)])
+def test_dry_run_is_within_five_percent_of_a_real_step(strategy):
+    """The accuracy goal on a small job (32 filters, 48x32x32), memory-saving strategies on (and so the
+    allocator policy that comes with them): estimate within +-5 % of the measured peak RSS."""
+    from fullres.memory.measure import measure_peak
+
+    job = JobConfig(shape=(48, 32, 32), batch=1, strategy=strategy)
+    estimate = dryrun(job).peak_bytes
+    measured = measure_peak(job, steps=2, threads=2).measured_bytes
+    assert abs(estimate - measured) / measured <= 0.05, (estimate, measured)
+
+
+def test_slabs_lower_the_paper_jobs_peak(paper_b1):
+    plain, _ = paper_b1
+    slabs = dryrun(JobConfig(batch=1, strategy=Strategy(checkpointing=True, slabs=16, channels_last=True)))
+    assert slabs.peak_bytes < 24 * 2**30 < plain.peak_bytes  # the paper's full-resolution sample in 24 GiB, fp32

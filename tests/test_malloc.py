@@ -9,10 +9,12 @@ def run_python(code: str, **env) -> str:
                           env={**os.environ, **env}).stdout.strip()
 
 
-def test_training_malloc_policy_is_opt_in():
-    code = "from fullres.memory.malloc import set_training_malloc_policy as s; print(s())"
-    assert run_python(code, FULLRES_MALLOC="fixed") == "True"  # glibc: thresholds fixed
-    assert run_python(code, FULLRES_MALLOC="") == "False"
+def test_training_malloc_policy_follows_the_strategy_and_the_environment():
+    code = ("import sys; from fullres.config import Strategy; from fullres.memory.malloc import set_training_malloc_policy as s; "
+            "print(s(None), s(Strategy()), s(Strategy(checkpointing=True)), s(Strategy(slabs=2)))")
+    assert run_python(code, FULLRES_MALLOC="fixed") == "True True True True"  # glibc: thresholds fixed
+    assert run_python(code, FULLRES_MALLOC="") == "False False True True"  # memory-saving strategies only
+    assert run_python(code, FULLRES_MALLOC="default") == "False False False False"
 
 
 FRAGMENTATION = """

@@ -37,6 +37,11 @@ def test_paper_job_needs_915_gb():
 def test_search_helpers():
     assert largest_fitting(lambda n: n <= 37) == 37
     assert largest_fitting(lambda n: False) == 0
+    for answer in range(0, 40):  # any guess, above or below, finds the same answer
+        for guess in range(1, 50):
+            assert largest_fitting(lambda n: n <= answer, guess=guess) == answer
+    calls = []
+    assert largest_fitting(lambda n: calls.append(n) or n <= 1000, guess=1000) == 1000 and len(calls) <= 3
     assert scaled_shape((240, 240, 144), 120) == (120, 120, 72)
 
 

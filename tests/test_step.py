@@ -85,3 +85,48 @@ def test_uneven_accumulation_and_fp16_on_cpu_are_refused():
         gradients(model, images, targets, Strategy(accumulate=2))
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         make_grad_scaler(Strategy(precision="fp16"), "cpu")
+
+
+@pytest.mark.parametrize("strategy", [Strategy(slabs=4), Strategy(slabs=3, checkpointing=True),
+                                      Strategy(slabs=16, channels_last=True), Strategy(slabs=2, accumulate=2)])
+def test_slabs_keep_gradients(strategy):
+    """Full-resolution levels slab by slab (halo rows, recomputed in backward): the whole-volume gradient."""
+    model = tiny_model(dropout=0.3)
+    images, targets = batch(2, shape=(32, 16, 24))
+    loss_plain, plain = gradients(model, images, targets, Strategy())
+    loss_slabs, slabs = gradients(copy.deepcopy(model), images, targets, strategy)
+    assert loss_plain == pytest.approx(loss_slabs, rel=1e-6)
+    assert_same_gradients(plain, slabs)
+
+
+def test_slabs_keep_inference_output():
+    model = tiny_model().eval()
+    images, _ = batch(1, shape=(24, 16, 16))
+    with torch.no_grad():
+        whole = model(images)
+        model.slabs = 6  # 2 rows each: every slab reads halo rows from both neighbours
+        slabbed = model(images)
+    torch.testing.assert_close(whole, slabbed, rtol=1e-5, atol=1e-6)
+
+
+def test_slab_rows_are_even_and_cover_the_volume():
+    from fullres.model import slab_rows
+
+    assert slab_rows(240, 16)[:2] == [(0, 14), (14, 30)] and slab_rows(240, 16)[-1][1] == 240
+    for height, slabs in [(16, 8), (24, 5), (240, 7)]:
+        rows = slab_rows(height, slabs)
+        assert rows[0][0] == 0 and rows[-1][1] == height and len(rows) == slabs
+        assert all(a % 2 == 0 and b - a >= 2 and b == c for (a, b), (c, _) in zip(rows, rows[1:] + [(height, 0)]))
+    with pytest.raises(ValueError, match="slabs must be between 1 and 8"):
+        slab_rows(16, 9)
+
+
+def test_slabs_are_refused_with_normalisation_or_too_few_rows():
+    from fullres.config import JobConfig
+
+    with pytest.raises(ValueError, match="slabs need norm 'none': instance normalisation"):
+        JobConfig(model=ModelConfig(norm="instance"), shape=(32, 32, 32), strategy=Strategy(slabs=2))
+    with pytest.raises(ValueError, match=r"slabs must be between 1 and 8 \(H=16 rows"):
+        JobConfig(shape=(16, 32, 32), strategy=Strategy(slabs=9))
+    with pytest.raises(ValueError, match="slabs must be >= 1"):
+        Strategy(slabs=0)

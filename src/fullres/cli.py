@@ -121,6 +121,9 @@ def add_job_arguments(parser: argparse.ArgumentParser, defaults: bool = True) ->
     strategy.add_argument("--precision", choices=PRECISIONS, default="fp32",
                           help="autocast precision (bf16/fp16 approximate the fp32 numerics)")
     strategy.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
+    strategy.add_argument("--slabs", type=positive_int, default=1, metavar="S",
+                          help="compute the full-resolution levels in S slabs along H, each recomputed in "
+                               "backward (exact; needs --norm none)")
 
 
 def job_from_args(args: argparse.Namespace, in_channels: int | None = None, classes: int | None = None) -> JobConfig:
@@ -129,7 +132,7 @@ def job_from_args(args: argparse.Namespace, in_channels: int | None = None, clas
         model = ModelConfig(in_channels=in_channels or channel_count(args.channels), filters=args.filters,
                             classes=classes or TARGET_CLASSES[args.target], dropout=args.dropout, norm=args.norm)
         strategy = Strategy(checkpointing=args.checkpointing, accumulate=args.accumulate,
-                            precision=args.precision, channels_last=args.channels_last)
+                            precision=args.precision, channels_last=args.channels_last, slabs=args.slabs)
         return JobConfig(model=model, shape=tuple(args.shape), batch=args.batch, strategy=strategy)
     except (ValueError, argparse.ArgumentTypeError) as error:
         raise UserError(str(error)) from None
@@ -592,8 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="does a job fit a machine's memory; largest batch and shape that do")
     add_job_arguments(plan)
     plan.add_argument("--memory", type=memory_size, required=True, help="memory budget, e.g. 192GB, 384GiB, 1.5TB")
-    plan.add_argument("--method", choices=("table1", "dryrun"), default="table1",
-                      help="table1: the paper's hand method; dryrun: one real training step on fake tensors")
+    plan.add_argument("--method", choices=("table1", "dryrun"), default="dryrun",
+                      help="dryrun (default): the real peak of a training step, on fake tensors (seconds per "
+                           "estimate); table1: the paper's hand method (Table 2's verdicts)")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(run=cmd_plan)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from fullres.model import ModelConfig, validate_spatial_shape
+from fullres.model import ModelConfig, slab_rows, validate_spatial_shape
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PAPER_SHAPE = (240, 240, 144)  # BraTS 240x240x155, depth cropped to 144 (whitepaper Table 1)
@@ -23,10 +23,13 @@ class Strategy:
     accumulate: int = 1  # micro-batches per optimizer step
     precision: str = "fp32"  # autocast dtype: fp32 (off), bf16, fp16 (CUDA, with a gradient scaler)
     channels_last: bool = False  # channels_last_3d memory format
+    slabs: int = 1  # full-resolution levels computed (and recomputed in backward) in this many slabs along H
 
     def __post_init__(self) -> None:
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
+        if self.slabs < 1:
+            raise ValueError(f"slabs must be >= 1, got {self.slabs}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
@@ -38,6 +41,8 @@ class Strategy:
             parts.append(f"accumulate x{self.accumulate}")
         if self.channels_last:
             parts.append("channels-last")
+        if self.slabs > 1:
+            parts.append(f"{self.slabs} slabs")
         return " + ".join(parts)
 
 
@@ -57,6 +62,11 @@ class JobConfig:
         validate_spatial_shape(self.shape)
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.strategy.slabs > 1:
+            slab_rows(self.shape[0], self.strategy.slabs)  # raises when H cannot hold that many slabs
+            if self.model.norm != "none":
+                raise ValueError(f"slabs need norm 'none': {self.model.norm} normalisation takes its statistics over "
+                                 "the whole volume, so slab by slab it would not be exact")
 
     @property
     def effective_batch(self) -> int:

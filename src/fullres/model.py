@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 NORMS = ("none", "instance", "group", "batch")
 DOWNSAMPLING = 8  # three 2x poolings: every spatial size must be a multiple of 8
+HALO = 2  # rows a full-resolution level reads beyond its slab: two 3x3x3 convolutions, 1 row each
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,16 @@ def validate_spatial_shape(shape: tuple[int, ...]) -> None:
             )
 
 
+def slab_rows(height: int, slabs: int) -> list[tuple[int, int]]:
+    """[start, stop) rows of `slabs` near-equal slabs of `height` rows, every boundary even (the 2x
+    transposed convolution maps row k of the half-resolution level to rows 2k and 2k+1)."""
+    if not 1 <= slabs <= height // 2:
+        raise ValueError(f"slabs must be between 1 and {height // 2} (H={height} rows, 2 per slab at least), got {slabs}")
+    pairs = height // 2
+    bounds = [2 * (pairs * i // slabs) for i in range(slabs + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 class Concatenate(nn.Module):
     """Channel concatenation as a module, so that walking the model sees Table 1's concatenate rows."""
 
@@ -103,6 +114,7 @@ class UNet3D(nn.Module):
         super().__init__()
         self.config = config
         self.checkpointing = False  # a training strategy, not part of the weights: set by the trainer
+        self.slabs = 1  # full-resolution levels computed in this many slabs along H (a strategy too)
         f = config.filters
         for name, (cin, cout) in _CONVS.items():
             in_channels = config.in_channels if cin is None else cin * f
@@ -143,43 +155,89 @@ class UNet3D(nn.Module):
         return self.conv("conv3b", self.dropout_1(self.conv("conv3a", self.pool2(skip2))))
 
     def bottleneck(self, skip3):
-        x = self.conv("conv4b", self.dropout_2(self.conv("conv4a", self.pool3(skip3))))
-        return self.transConv4(x)
+        return self.conv("conv4b", self.dropout_2(self.conv("conv4a", self.pool3(skip3))))
 
-    def decoder5(self, up4, skip3):
-        x = self.conv("conv5b", self.conv("conv5a", self.concatenate_1(up4, skip3)))
-        return self.transConv5(x)
+    def conv_of_concatenation(self, name: str, concatenate: nn.Module, up, skip):
+        """conv `name` of the channel concatenation of `up` and `skip`. When memory is the constraint
+        (checkpointing or slabs) the concatenation is never materialised: conv(cat(up, skip), W) =
+        conv(up, W_up) + conv(skip, W_skip), the same maths, so neither the concatenated map nor its
+        gradient (the largest tensors of a decoder level's recomputation) exists."""
+        if not self.checkpointing and self.slabs == 1:
+            return self.conv(name, concatenate(up, skip))
+        layer = getattr(self, name)
+        split = up.shape[1]
+        pre_activation = F.conv3d(up, layer.weight[:, :split], layer.bias, padding=1)
+        pre_activation = pre_activation.add_(F.conv3d(skip, layer.weight[:, split:], None, padding=1))
+        return self.conv(name, None, pre_activation)
 
-    def decoder6(self, up5, skip2):
-        return self.conv("conv6b", self.conv("conv6a", self.concatenate_2(up5, skip2)))
+    # Each decoder segment starts with its transposed convolution, so a checkpoint keeps the coarse
+    # input (1/8 of the voxels) rather than the upsampled map.
+    def decoder5(self, x4, skip3):
+        return self.conv("conv5b", self.conv_of_concatenation("conv5a", self.concatenate_1, self.transConv4(x4), skip3))
+
+    def decoder6(self, x5, skip2):
+        return self.conv("conv6b", self.conv_of_concatenation("conv6a", self.concatenate_2, self.transConv5(x5), skip2))
 
     def decoder7a(self, x6, skip1):
-        up = self.transConv6(x6)
-        if not self.checkpointing:
-            return self.conv("conv7a", self.concatenate_3(up, skip1))
-        # Concatenation-free, the same maths: conv(cat(up, skip), W) = conv(up, W_up) + conv(skip, W_skip).
-        # The 192-map full-resolution concatenation and its 192-map gradient are never materialised, which
-        # lowers the peak of this segment's recomputation, the peak of a checkpointed step.
-        weight, bias = self.conv7a.weight, self.conv7a.bias
-        split = up.shape[1]
-        pre_activation = F.conv3d(up, weight[:, :split], bias, padding=1)
-        pre_activation = pre_activation.add_(F.conv3d(skip1, weight[:, split:], None, padding=1))
-        return self.conv("conv7a", None, pre_activation)
+        return self.conv_of_concatenation("conv7a", self.concatenate_3, self.transConv6(x6), skip1)
 
     def decoder7b(self, x7):
         return self.PredictionMask(self.conv("conv7b", x7))
 
+    # Slabs: the two full-resolution levels (conv1a-conv1b, and transConv6-conv7a-conv7b-prediction)
+    # computed in horizontal slabs of rows [start, stop) along H. Two 3x3x3 convolutions see 2 rows
+    # either side, so each slab reads its input with a 2-row halo (zero padding only at the volume's
+    # real edges, as in the whole-volume convolution) and keeps the exact rows [start, stop): the
+    # result is the whole-volume result up to summation order. skip1 is never assembled: it stays a
+    # list of slabs ("pieces"), pooled piece by piece (2x2x2 windows never cross an even boundary),
+    # so neither it nor its gradient ever exists as one full-resolution tensor beside the slabs'.
+    def encoder1_rows(self, x, start: int, stop: int):
+        low, high = max(start - HALO, 0), min(stop + HALO, x.shape[2])
+        y = self.conv("conv1b", self.conv("conv1a", x[:, :, low:high]))
+        # A copy, not a view: a view would keep the halo rows' memory alive with the piece.
+        return y[:, :, start - low:stop - low].clone(memory_format=torch.preserve_format)
+
+    def encoder2_pieces(self, *pieces):
+        return self.conv("conv2b", self.conv("conv2a", torch.cat([self.pool1(piece) for piece in pieces], dim=2)))
+
+    def decoder7_rows(self, x6, before, piece, after, start: int, stop: int):
+        """Output rows [start, stop) from the half-resolution x6 and skip1's piece for those rows,
+        with HALO rows of the pieces before and after it (None at the volume's edges)."""
+        parts = ([before[:, :, -HALO:]] if before is not None else []) + [piece]
+        parts += [after[:, :, :HALO]] if after is not None else []
+        low = start - (HALO if before is not None else 0)
+        high = stop + (HALO if after is not None else 0)
+        x7 = self.decoder7a(x6[:, :, low // 2:high // 2], torch.cat(parts, dim=2))  # low, high are even
+        return self.decoder7b(x7)[:, :, start - low:stop - low]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         validate_spatial_shape(tuple(x.shape[2:]))
         run = self._checkpointed if self.checkpointing and torch.is_grad_enabled() else _call
+        if self.slabs > 1:
+            return self._forward_slabs(x, run)
         skip1 = run(self.encoder1b, run(self.encoder1a, x))
         skip2 = run(self.encoder2, skip1)
+        x = self._middle(run, skip2)
+        x = run(self.decoder7a, x, skip1)
+        return run(self.decoder7b, x)
+
+    def _middle(self, run, skip2):
+        """The half-resolution and coarser levels: skip2 in, decoder6's output out."""
         skip3 = run(self.encoder3, skip2)
         x = run(self.bottleneck, skip3)
         x = run(self.decoder5, x, skip3)
-        x = run(self.decoder6, x, skip2)
-        x = run(self.decoder7a, x, skip1)
-        return run(self.decoder7b, x)
+        return run(self.decoder6, x, skip2)
+
+    def _forward_slabs(self, x, run):
+        # Each slab is recomputed in backward whatever `checkpointing` says: keeping the slabs'
+        # activations would keep the whole level's, and save nothing.
+        slab_run = self._checkpointed if torch.is_grad_enabled() else _call
+        rows = slab_rows(x.shape[2], self.slabs)
+        pieces = [slab_run(self.encoder1_rows, x, start, stop) for start, stop in rows]
+        x6 = self._middle(run, run(self.encoder2_pieces, *pieces))
+        neighbours = [None, *pieces, None]
+        return torch.cat([slab_run(self.decoder7_rows, x6, neighbours[i], pieces[i], neighbours[i + 2], start, stop)
+                          for i, (start, stop) in enumerate(rows)], dim=2)
 
     @staticmethod
     def _checkpointed(segment, *inputs):

@@ -31,9 +31,14 @@ def autocast(strategy: Strategy, device_type: str):
 def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
     """Apply the strategy's model-side settings (memory format, checkpointing) in place."""
     if strategy.channels_last:
-        model.to(memory_format=torch.channels_last_3d)
+        # Each 5-D weight in place, as Module.to(memory_format=...) does, but without the tensor swap that
+        # fails on the dry run's fake parameters.
+        for parameter in model.parameters():
+            if parameter.dim() == 5:
+                parameter.data = parameter.data.contiguous(memory_format=torch.channels_last_3d)
     inner = getattr(model, "module", model)  # DistributedDataParallel wraps the network
     inner.checkpointing = strategy.checkpointing
+    inner.slabs = strategy.slabs
     return model
 
 

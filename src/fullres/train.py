@@ -34,6 +34,7 @@ from fullres.files import atomic_write
 from fullres.errors import UserError
 from fullres.metrics import dice_bce_loss, dice_coefficient, soft_dice_loss, voxel_accuracy
 from fullres.model import UNet3D
+from fullres.memory.malloc import set_training_malloc_policy
 from fullres.step import make_grad_scaler, prepare_model, to_device, train_step
 from fullres.units import format_bytes
 
@@ -210,14 +211,23 @@ def fast_bf16(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+SLAB_CHOICES = (4, 8, 16)  # slabs --strategy auto tries: beyond 16 the full-resolution slab is no longer the peak
+
+
 def candidate_strategies(job: JobConfig, allow_bf16: bool = True) -> list[tuple[str, JobConfig]]:
     """Least approximate first: none; checkpointing; accumulation (same global batch in smaller
-    micro-batches); bf16 (approximates fp32 numerics) last, and only where `allow_bf16`."""
+    micro-batches); full-resolution slabs at micro-batch 1 (exact, but each slab recomputed); bf16
+    (approximates fp32 numerics) last, and only where `allow_bf16`."""
     candidates = [("as given", job), ("checkpointing", job.with_(strategy=_with(job.strategy, checkpointing=True)))]
     total = job.batch * job.strategy.accumulate
     for micro in sorted({d for d in range(1, job.batch) if total % d == 0}, reverse=True):
         strategy = _with(job.strategy, checkpointing=True, accumulate=total // micro)
         candidates.append((f"checkpointing + accumulate x{total // micro}", job.with_(batch=micro, strategy=strategy)))
+    if job.model.norm == "none":  # slabs are exact only without normalisation statistics
+        for slabs in (n for n in SLAB_CHOICES if n > job.strategy.slabs and n <= job.shape[0] // 2):
+            strategy = _with(job.strategy, checkpointing=True, accumulate=total, slabs=slabs)
+            name = f"checkpointing + accumulate x{total} + {slabs} slabs" if total > 1 else f"checkpointing + {slabs} slabs"
+            candidates.append((name, job.with_(batch=1, strategy=strategy)))
     if job.strategy.precision == "fp32" and allow_bf16:
         for name, candidate in list(candidates):
             bf16 = _with(candidate.strategy, precision="bf16")
@@ -255,7 +265,8 @@ def refusal(job: JobConfig, budget: int, method: str, tried: list[str]) -> str:
     shape = " ".join(map(str, result.max_shape)) if result.max_shape else "none"
     lines = [f"the job does not fit: needs more than the {format_bytes(budget)} available ({method} estimate); tried "
              + "; ".join(tried) + ".",
-             "  Exact options: --strategy auto (checkpointing, then accumulation, then bf16), or a machine with more memory"
+             "  Exact options: --strategy auto (checkpointing, then accumulation, then slabs, then bf16), or a machine with "
+             "more memory"
              " (see `fullres plan`).",
              f"  The paper's tricks, never applied for you (sizes by the conservative Table 1 method): a smaller "
              f"shape (at batch {job.batch}: --shape {shape}), a smaller batch (largest: {result.max_batch or 'none'}), "
@@ -387,6 +398,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
                 f"{job.model.filters} base filters, {job.strategy.describe()} "
                 f"(global batch {job.effective_batch * process.world}, {process.world} process(es), {device})")
 
+        if set_training_malloc_policy(job.strategy) and process.main:
+            log("allocator: glibc mmap/trim thresholds fixed at 128 KiB (a memory-saving strategy is on)")
         torch.manual_seed(config.seed)
         model = UNet3D(job.model).to(device)
         prepare_model(model, job.strategy)

@@ -10,9 +10,11 @@ Fixing the thresholds (`mallopt`, the same as the MALLOC_MMAP_THRESHOLD_ / MALLO
 environment variables) keeps every block above 128 KiB on mmap, so RSS follows the live tensors. The
 dry-run estimator counts live bytes, so this is also what makes its estimate match the measurement.
 
-It is opt-in (FULLRES_MALLOC=fixed): it pays for itself on memory-bound jobs (64^3, 32 filters: peak
--5.6 %, -8.8 % with checkpointing, step +3.4 %) but every mmapped block costs fresh page faults, which
-made the small demo job's step 45 % slower (docs/benchmarks.md).
+It is applied to jobs that declare memory their constraint, those with checkpointing or slabs: there
+it pays for itself (64^3, 32 filters, channels-last: measured peak -13 % with checkpointing, -15 % with
+slabs, and the dry run's error falls from -14/-19 % to -3/-5 %), while on small, allocation-heavy jobs every mmapped
+block's fresh page faults cost more than they save (the demo job's step: +45 %; docs/benchmarks.md).
+FULLRES_MALLOC=fixed applies it to every job, FULLRES_MALLOC=default to none.
 """
 
 from __future__ import annotations
@@ -24,13 +26,21 @@ import os
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 THRESHOLD_BYTES = 128 * 1024  # glibc's initial default, made fixed
-ENV = "FULLRES_MALLOC"  # "fixed": apply the policy; anything else keeps the C library's own
+ENV = "FULLRES_MALLOC"  # "fixed": every job; "default": no job; unset: jobs with checkpointing or slabs
 
 
-def set_training_malloc_policy(force: bool = False) -> bool:
-    """With FULLRES_MALLOC=fixed (or `force`), fix glibc's mmap and trim thresholds at 128 KiB.
-    Returns whether the policy is in force (False without glibc); nothing changes otherwise."""
-    if not force and os.environ.get(ENV) != "fixed":
+def policy_wanted(strategy=None) -> bool:
+    """Whether a job with this `fullres.config.Strategy` (None: no job yet) runs under the policy."""
+    setting = os.environ.get(ENV, "")
+    if setting in ("fixed", "default"):
+        return setting == "fixed"
+    return strategy is not None and (strategy.checkpointing or strategy.slabs > 1)
+
+
+def set_training_malloc_policy(strategy=None, force: bool = False) -> bool:
+    """Fix glibc's mmap and trim thresholds at 128 KiB when `policy_wanted(strategy)` (or `force`).
+    Returns whether this call put the policy in force (False without glibc); nothing changes otherwise."""
+    if not force and not policy_wanted(strategy):
         return False
     name = ctypes.util.find_library("c")
     if not name:

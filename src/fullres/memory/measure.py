@@ -144,10 +144,10 @@ def _child(request: dict) -> dict:
 
     from fullres.memory.malloc import set_training_malloc_policy
 
-    set_training_malloc_policy()  # the allocator policy `fullres train` runs with (inherited FULLRES_MALLOC)
     if request.get("threads"):
         torch.set_num_threads(int(request["threads"]))
     job = JobConfig.from_json(request["job"])
+    malloc_policy = set_training_malloc_policy(job.strategy)  # the allocator policy `fullres train` runs with
     device = torch.device(request["device"])
     cuda = device.type == "cuda"
     baseline, _ = _rss_bytes()
@@ -176,7 +176,7 @@ def _child(request: dict) -> dict:
         measured, reserved, base = peak - baseline, None, baseline
     return {"measured_bytes": int(measured), "baseline_bytes": int(base), "reserved_bytes": reserved,
             "step_seconds": seconds, "threads": torch.get_num_threads(), "device": str(device),
-            "extra": {"peak_rss_bytes": peak, "hwm_reset": hwm_reset, "rss_before": parts_before,
+            "extra": {"peak_rss_bytes": peak, "malloc_policy": malloc_policy, "hwm_reset": hwm_reset, "rss_before": parts_before,
                       "rss_after": parts_after}}
 
 

@@ -37,14 +37,26 @@ class Plan:
         }
 
 
-def largest_fitting(fits: Callable[[int], bool]) -> int:
-    """Largest n >= 1 with fits(n), for a monotone `fits` (true then false); 0 if fits(1) is false."""
-    if not fits(1):
-        return 0
-    low, high = 1, 2
-    while high <= MAX_SEARCH and fits(high):
-        low, high = high, high * 2
-    high = min(high, MAX_SEARCH + 1)
+def largest_fitting(fits: Callable[[int], bool], guess: int = 1) -> int:
+    """Largest n >= 1 with fits(n), for a monotone `fits` (true then false); 0 if fits(1) is false.
+
+    Gallops from `guess` (steps 1, 2, 4, ... away from it) and then bisects, so a good guess costs a
+    few calls of `fits` (each a dry run, for the dry-run method) instead of a search from 1."""
+    guess = min(max(1, guess), MAX_SEARCH)
+    if fits(guess):  # the answer is guess or above: gallop up
+        low, step = guess, 1
+        while low + step <= MAX_SEARCH and fits(low + step):
+            low, step = low + step, step * 2
+        high = min(low + step, MAX_SEARCH + 1)
+    else:  # below guess: gallop down
+        high, step = guess, 1
+        while high - step >= 1 and not fits(high - step):
+            high, step = high - step, step * 2
+        low = high - step
+        if low < 1:
+            if not fits(1):
+                return 0
+            low = 1
     while high - low > 1:  # invariant: fits(low), not fits(high)
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
@@ -72,12 +84,20 @@ def plan(job: JobConfig, budget_bytes: int, method: str) -> Plan:
     def shape_fits(steps: int) -> bool:
         return estimate_training_bytes(job.with_(shape=scaled_shape(job.shape, longest_side(steps))), method) <= budget_bytes
 
-    steps = largest_fitting(shape_fits)
+    # Guesses from a straight line through the job's own estimates at batch 1 and 2: memory is nearly
+    # affine in samples, and, at a fixed batch, in voxels. The search then checks around the guess.
+    one, two = (estimate_training_bytes(job.with_(batch=b), method) for b in (1, 2))
+    per_sample = max(two - one, 1)
+    fixed = one - per_sample
+    batch_guess = (budget_bytes - required) // per_sample + job.batch
+    voxel_ratio = max((budget_bytes - fixed) / max(required - fixed, 1), 1e-9)
+    side_guess = max(job.shape) * voxel_ratio ** (1 / 3)
+    steps = largest_fitting(shape_fits, guess=max(1, round(side_guess / DOWNSAMPLING) - 1))
     return Plan(
         method=method,
         fits=required <= budget_bytes,
         required_bytes=required,
         budget_bytes=budget_bytes,
-        max_batch=largest_fitting(batch_fits),
+        max_batch=largest_fitting(batch_fits, guess=int(batch_guess)),
         max_shape=scaled_shape(job.shape, longest_side(steps)) if steps else None,
     )
