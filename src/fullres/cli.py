@@ -256,11 +256,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing_sweep])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{'shape':<14}{'batch':>6}{'strategy':>26}{'Table 1':>12}{'dry run':>12}{'measured':>12}{'error':>9}")
+    print(f"{'shape':<14}{'batch':>6}  {'strategy':<46}{'Table 1':>12}{'dry run':>12}{'measured':>12}{'error':>9}")
 
     def show(row) -> None:
         error = row.error(row.dryrun_bytes)
-        print(f"{'x'.join(map(str, row.job.shape)):<14}{row.job.batch:>6}{row.job.strategy.describe():>26}"
+        print(f"{'x'.join(map(str, row.job.shape)):<14}{row.job.batch:>6}  {row.job.strategy.describe():<46}"
               f"{row.table1_bytes / 1e9:>10.2f}GB{row.dryrun_bytes / 1e9:>10.2f}GB"
               + (f"{row.measured_bytes / 1e9:>10.2f}GB{error * 100:>+8.1f}%" if row.measured_bytes else f"{'-':>12}"),
               flush=True)

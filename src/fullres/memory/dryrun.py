@@ -38,6 +38,7 @@ Terms
 from __future__ import annotations
 
 import math
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -60,6 +61,10 @@ CATEGORIES = ("parameters", "gradients", "optimizer_state", "inputs", "activatio
 # pages of libtorch_cpu / oneDNN code touched for the first time by the forward, backward and update.
 # It does not grow with the job; on CUDA (max_memory_allocated) it is 0.
 CPU_RUNTIME_BYTES = 86 * 2**20 + 570 * 2**10
+# What a bf16 (autocast) step adds to that, measured the same way (filters 1, 8^3, batch 1, measured -
+# dry run, bf16 minus fp32, torch 2.13 CPU on an AVX-512-BF16 machine, twice each, contiguous and
+# channels-last alike): 14.2 MiB, the code of oneDNN's bf16 kernels and of autocast, touched once.
+CPU_AUTOCAST_RUNTIME_BYTES = 14 * 2**20 + 200 * 2**10
 
 
 @dataclass
@@ -87,28 +92,39 @@ def _nbytes(t) -> int:
 _BACKENDS: dict[tuple, str] = {}
 
 
+def _untouched(tensor) -> torch.Tensor:
+    """A real CPU tensor with `tensor`'s sizes, strides and dtype whose memory is reserved but never
+    touched: an anonymous MAP_NORESERVE mapping, so even a multi-terabyte probe costs no memory and is
+    not refused by the kernel's overcommit check (a plain torch.empty of 50 GB is)."""
+    import mmap
+
+    elements = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    nbytes = max(elements * tensor.element_size(), 1)
+    # MAP_NORESERVE: in the mmap module from Python 3.12; 0x4000 is Linux's value (elsewhere: 0, a plain
+    # mapping, still untouched).
+    noreserve = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0) | noreserve
+    mapping = mmap.mmap(-1, nbytes, flags=flags)
+    flat = torch.frombuffer(mapping, dtype=torch.uint8).view(tensor.dtype)
+    return flat.as_strided(tuple(tensor.shape), tuple(tensor.stride()))
+
+
 def conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups) -> str:
     """The name of the kernel family ATen picks for this convolution on this machine (eager's own rules).
 
-    The rules read shapes, dtypes, the thread count and the CPU's features, never the data, so they
-    are asked with uninitialised real tensors of the same shapes: the kernel maps the pages lazily
-    and nothing is touched, so nothing becomes resident.
-    """
-    key = (tuple(input.shape), input.dtype, tuple(weight.shape), weight.dtype, bias is not None, tuple(stride),
-           tuple(padding), tuple(dilation), bool(transposed), tuple(output_padding), int(groups),
-           torch.get_num_threads())
+    The rules read shapes, strides, dtypes, the thread count and the CPU's features, never the data,
+    so they are asked with real tensors of the same layout whose memory is never touched."""
+    key = (tuple(input.shape), tuple(input.stride()), input.dtype, tuple(weight.shape), tuple(weight.stride()),
+           weight.dtype, bias is not None, tuple(stride), tuple(padding), tuple(dilation), bool(transposed),
+           tuple(output_padding), int(groups), torch.get_num_threads())
     if key not in _BACKENDS:
-        try:
-            with torch.utils._python_dispatch._disable_current_modes():
-                x = torch.empty(tuple(input.shape), dtype=input.dtype)
-                w = torch.empty(tuple(weight.shape), dtype=weight.dtype)
-                b = torch.empty(tuple(bias.shape), dtype=bias.dtype) if isinstance(bias, torch.Tensor) else None
-                backend = torch._C._select_conv_backend(x, w, b, list(stride), list(padding), list(dilation),
-                                                        bool(transposed), list(output_padding), int(groups), None)
-                del x, w, b
-            _BACKENDS[key] = str(backend).split(".")[-1]
-        except Exception:  # a torch without the probe: assume the im2col path (the larger workspace)
-            _BACKENDS[key] = "Slow3d"
+        with torch.utils._python_dispatch._disable_current_modes():
+            x, w = _untouched(input), _untouched(weight)
+            b = torch.empty(tuple(bias.shape), dtype=bias.dtype) if isinstance(bias, torch.Tensor) else None
+            backend = torch._C._select_conv_backend(x, w, b, list(stride), list(padding), list(dilation),
+                                                    bool(transposed), list(output_padding), int(groups), None)
+            del x, w, b
+        _BACKENDS[key] = str(backend).split(".")[-1]
     return _BACKENDS[key]
 
 
@@ -120,28 +136,54 @@ def _columns_bytes(input, weight, output_voxels: int, transposed: bool) -> int:
     return input.shape[0] * weight.shape[1] * kernel * output_voxels * input.element_size()
 
 
+# oneDNN's convolution backward allocates a scratchpad of its own (weight-gradient reduction buffers
+# and the like) that does not grow with the volume: measured on single convolutions and transposed
+# convolutions with the allocator policy (peak RSS minus the tensors, 64^3 and 96^3, 32-192 channels,
+# fp32 and bf16, 2 threads, torch 2.13 on machine B of docs/benchmarks.md): 39-53 MB; 45 MB used.
+ONEDNN_BACKWARD_SCRATCH_BYTES = 45 * 10**6
+
+
+def _channels_last(tensor) -> bool:
+    return tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def op_workspace(func, args, kwargs, out) -> int:
     """Bytes `func` allocates inside itself (freed before it returns), beyond its inputs and outputs.
 
-    Only the convolutions allocate much. ATen's slow path (``Slow3d``: every bf16 convolution on a CPU
-    without native bf16, and convolutions with few input channels; ``SlowTranspose3d``) unfolds its
-    input into a column buffer of C_in x k^3 rows per output voxel, for the whole batch, in forward;
-    its backward builds the column gradient (same size) for grad_input and the columns again for
-    grad_weight. oneDNN (``Mkldnn``) convolutions work on the plain tensors, with small scratchpads.
+    Only the convolutions allocate much. ATen's slow path (``Slow3d``: bf16 convolutions on a CPU
+    without native bf16, and fp32 convolutions with few input channels) unfolds its input into a
+    column buffer of C_in x k^3 rows per output voxel, for the whole batch, in forward; its backward
+    builds the column gradient (same size) for grad_input and the columns again for grad_weight.
+
+    oneDNN convolutions work in their own layouts, measured per operator (see
+    ONEDNN_BACKWARD_SCRATCH_BYTES for how): with channels-last tensors forward needs nothing and
+    backward its scratchpad, plus, in bf16, a copy of its input and output gradient for the samples
+    its threads work on at once; with contiguous (NCDHW) tensors each primitive also reorders into
+    blocked layouts: forward a copy of the larger of input and output (twice the output for a
+    transposed convolution), backward a copy of input and output gradient.
     """
     if func is aten.convolution.default:
         input, weight, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
         backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
         if backend.startswith("Slow"):
             return _columns_bytes(input, weight, math.prod(out.shape[2:]), transposed)
-        return 0
+        if input.device.type != "cpu" or _channels_last(input):
+            return 0
+        return 2 * _nbytes(out) if transposed else max(_nbytes(input), _nbytes(out))
     if func is aten.convolution_backward.default:
         grad_output, input, weight, _, stride, padding, dilation, transposed, output_padding, groups = args[:10]
         bias = torch.empty(weight.shape[1 if transposed else 0]) if args[3] is not None else None
         backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
         if backend.startswith("Slow"):
             return 2 * _columns_bytes(input, weight, math.prod(grad_output.shape[2:]), transposed)
-        return 0
+        if input.device.type != "cpu":
+            return 0
+        pair = _nbytes(input) + _nbytes(grad_output)
+        reorder = 0 if _channels_last(input) else pair
+        # bf16: each thread converts one sample at a time (measured: batch 4 on 2 threads copies half)
+        batch = input.shape[0]
+        bf16 = pair * min(batch, torch.get_num_threads()) // batch if input.dtype == torch.bfloat16 else 0
+        return ONEDNN_BACKWARD_SCRATCH_BYTES + reorder + bf16
     return 0
 
 
@@ -248,6 +290,13 @@ class _Tracker(TorchDispatchMode):
 # the dry run
 # ------------------------------------------------------------------------------------------------
 
+def runtime_bytes(job: JobConfig, device: str = "cpu") -> int:
+    """The fixed runtime cost of a training process's first steps (see CPU_RUNTIME_BYTES); 0 on CUDA."""
+    if torch.device(device).type != "cpu":
+        return 0
+    return CPU_RUNTIME_BYTES + (CPU_AUTOCAST_RUNTIME_BYTES if job.strategy.precision != "fp32" else 0)
+
+
 def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: str = "cpu",
            steps: int = 2) -> DryRunResult:
     """Peak memory of `steps` training steps of `job` (see the module docstring), nothing allocated."""
@@ -337,7 +386,7 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
                 category = "transient"
         breakdown[category] += size
     breakdown["workspace"] = tracker.peak_workspace
-    breakdown["runtime"] = CPU_RUNTIME_BYTES if torch.device(device).type == "cpu" else 0
+    breakdown["runtime"] = runtime_bytes(job, device)
     peak = tracker.peak + breakdown["runtime"]
     return DryRunResult(peak_bytes=int(peak), breakdown=breakdown, peak_at=tracker.peak_at,
                         saved_bytes=tracker.max_activations, seconds=time.perf_counter() - started,

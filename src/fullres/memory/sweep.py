@@ -9,15 +9,15 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from fullres.config import JobConfig, Strategy
+from fullres.config import JobConfig
 from fullres.files import write_bytes_atomically
 from fullres.memory import table1_training_bytes
 
-CSV_COLUMNS = ["shape", "batch", "precision", "checkpointing", "voxels", "table1_bytes", "dryrun_bytes",
+CSV_COLUMNS = ["shape", "batch", "precision", "checkpointing", "slabs", "channels_last", "voxels", "table1_bytes", "dryrun_bytes",
                "measured_bytes", "table1_error", "dryrun_error", "peak_at", "step_s"]
 
 
@@ -37,6 +37,7 @@ class SweepRow:
         shape = self.job.shape
         return {"shape": "x".join(map(str, shape)), "batch": self.job.batch,
                 "precision": self.job.strategy.precision, "checkpointing": self.job.strategy.checkpointing,
+                "slabs": self.job.strategy.slabs, "channels_last": self.job.strategy.channels_last,
                 "voxels": self.job.batch * shape[0] * shape[1] * shape[2], "table1_bytes": self.table1_bytes,
                 "dryrun_bytes": self.dryrun_bytes, "measured_bytes": self.measured_bytes,
                 "table1_error": self.error(self.table1_bytes), "dryrun_error": self.error(self.dryrun_bytes),
@@ -46,8 +47,7 @@ class SweepRow:
 def sweep_jobs(base: JobConfig, shapes: Iterable[tuple[int, int, int]], batches: Iterable[int],
                precisions: Iterable[str], checkpointing: Iterable[bool]) -> list[JobConfig]:
     return [base.with_(shape=tuple(shape), batch=batch,
-                       strategy=Strategy(checkpointing=ck, accumulate=base.strategy.accumulate, precision=precision,
-                                         channels_last=base.strategy.channels_last))
+                       strategy=replace(base.strategy, checkpointing=ck, precision=precision))
             for shape, batch, precision, ck in itertools.product(shapes, batches, precisions, checkpointing)]
 
 
