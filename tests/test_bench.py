@@ -62,7 +62,8 @@ def test_step_flops_double_with_the_batch():
     tiny_job(shape=(16, 24, 32), batch=1),
     tiny_job(shape=(32, 16, 8), strategy=Strategy(checkpointing=True, accumulate=2)),
     tiny_job(model=ModelConfig(in_channels=4, filters=3, classes=3, norm="instance"), shape=(24, 16, 16)),
-], ids=["batch3", "anisotropic", "checkpointing-accumulate", "instance-norm-3-classes"])
+    tiny_job(shape=(32, 24, 16), batch=2, strategy=Strategy(checkpointing=True, slabs=4)),
+], ids=["batch3", "anisotropic", "checkpointing-accumulate", "instance-norm-3-classes", "slabs"])
 def test_scaled_step_flops_equal_the_direct_count(job):
     """The proof that counting one 16^3 sample and scaling by batch x voxels is exact."""
     assert bench.step_flops(job) == bench.count_step_flops(job)

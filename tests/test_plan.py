@@ -60,3 +60,14 @@ def test_parse_size_errors(text, message):
 
 def test_format_bytes():
     assert format_bytes(914_797_959_432) == "914.8 GB (852.0 GiB)"
+
+
+def test_plan_searches_shapes_too_small_for_the_jobs_slabs():
+    """Smaller shapes hold fewer slabs: the search caps them instead of failing."""
+    from fullres.config import Strategy
+    from fullres.model import ModelConfig
+
+    job = JobConfig(ModelConfig(filters=2), (64, 64, 64), 1, Strategy(checkpointing=True, slabs=16))
+    assert job.at_shape((16, 16, 16)).strategy.slabs == 8
+    result = plan(job, 10**5, "table1")
+    assert not result.fits and result.max_shape is None

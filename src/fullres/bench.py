@@ -194,35 +194,40 @@ def count_forward_flops(job: JobConfig, device: str | torch.device = "cpu") -> i
 def _unit_job(job: JobConfig) -> JobConfig:
     """One 16^3 sample, one micro-batch, the same network and checkpointing. Precision and memory layout
     change no count (FlopCounterMode counts by shapes; the tests check it), so the unit runs in fp32,
-    contiguous: emulated bf16 on a CPU without native bf16 would make counting seconds slower."""
-    return job.with_(shape=UNIT_SHAPE, batch=1,
+    contiguous: emulated bf16 on a CPU without native bf16 would make counting seconds slower.
+    With slabs the unit keeps the job's H (the slabs' halo rows are recomputed work that depends on H),
+    H x 16 x 16: every level's count is then exactly proportional to W x D."""
+    shape = UNIT_SHAPE if job.strategy.slabs == 1 else (job.shape[0], *UNIT_SHAPE[1:])
+    return job.with_(shape=shape, batch=1,
                      strategy=replace(job.strategy, accumulate=1, precision="fp32", channels_last=False))
 
 
-def _scale(unit_count: int, samples: int, voxels: int) -> int:
+def _scale(unit_count: int, unit: JobConfig, samples: int, voxels: int) -> int:
+    unit_voxels = math.prod(unit.shape)
     total = unit_count * samples * voxels
-    if total % UNIT_VOXELS:  # cannot happen for shapes that are multiples of 8 (see the module docstring)
+    if total % unit_voxels:  # cannot happen for shapes that are multiples of 8 (see the module docstring)
         raise AssertionError(f"FLOP count {unit_count} does not scale exactly to {voxels} voxels")
-    return total // UNIT_VOXELS
+    return total // unit_voxels
 
 
 def step_flops(job: JobConfig, device: str | torch.device = "cpu") -> int:
     """FLOPs of one training step of `job` (forward + backward, all micro-batches), counted by
     FlopCounterMode running ``train_step`` on real tensors: on the job itself when it is no bigger than
-    one 16^3 sample, else on one 16^3 sample and scaled exactly by effective batch x voxels / 16^3
-    (see the module docstring; the tests check the scaling against direct counts)."""
-    voxels = math.prod(job.shape)
-    if job.effective_batch * voxels <= UNIT_VOXELS:
+    its unit, else on the unit (one 16^3 sample; H x 16 x 16 with slabs) and scaled exactly by effective
+    batch x voxels / unit voxels (see the module docstring; the tests check the scaling against direct
+    counts)."""
+    voxels, unit = math.prod(job.shape), _unit_job(job)
+    if job.effective_batch * voxels <= math.prod(unit.shape):
         return count_step_flops(job, device)
-    return _scale(_unit_flops(_unit_job(job), "step"), job.effective_batch, voxels)
+    return _scale(_unit_flops(unit, "step"), unit, job.effective_batch, voxels)
 
 
 def forward_flops(job: JobConfig, device: str | torch.device = "cpu") -> int:
     """FLOPs of one validation case's forward pass (batch 1) at `job`'s shape, counted (scaled as above)."""
-    voxels = math.prod(job.shape)
-    if voxels <= UNIT_VOXELS:
+    voxels, unit = math.prod(job.shape), _unit_job(job)
+    if voxels <= math.prod(unit.shape):
         return count_forward_flops(job, device)
-    return _scale(_unit_flops(_unit_job(job), "forward"), 1, voxels)
+    return _scale(_unit_flops(unit, "forward"), unit, 1, voxels)
 
 
 _UNIT_COUNTS: dict[tuple[JobConfig, str], int] = {}

@@ -75,6 +75,11 @@ class JobConfig:
     def with_(self, **changes) -> "JobConfig":
         return replace(self, **changes)
 
+    def at_shape(self, shape: tuple[int, int, int]) -> "JobConfig":
+        """This job at another shape; slabs capped at what its H holds (2 rows each at least)."""
+        slabs = min(self.strategy.slabs, max(1, shape[0] // 2))
+        return replace(self, shape=tuple(shape), strategy=replace(self.strategy, slabs=slabs))
+
     def to_json(self) -> dict:
         return asdict(self)
 

@@ -231,6 +231,8 @@ class UNet3D(nn.Module):
     def _forward_slabs(self, x, run):
         # Each slab is recomputed in backward whatever `checkpointing` says: keeping the slabs'
         # activations would keep the whole level's, and save nothing.
+        if self.config.norm != "none":  # JobConfig refuses this; a model set up by hand must not go inexact
+            raise ValueError(f"slabs need norm 'none', this model has {self.config.norm} normalisation")
         slab_run = self._checkpointed if torch.is_grad_enabled() else _call
         rows = slab_rows(x.shape[2], self.slabs)
         pieces = [slab_run(self.encoder1_rows, x, start, stop) for start, stop in rows]

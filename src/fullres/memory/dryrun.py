@@ -98,8 +98,10 @@ def _untouched(tensor) -> torch.Tensor:
     not refused by the kernel's overcommit check (a plain torch.empty of 50 GB is)."""
     import mmap
 
+    if tensor.numel() == 0:
+        return torch.empty(tuple(tensor.shape), dtype=tensor.dtype)
     elements = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    nbytes = max(elements * tensor.element_size(), 1)
+    nbytes = elements * tensor.element_size()
     # MAP_NORESERVE: in the mmap module from Python 3.12; 0x4000 is Linux's value (elsewhere: 0, a plain
     # mapping, still untouched).
     noreserve = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
@@ -118,12 +120,22 @@ def conv_backend(input, weight, bias, stride, padding, dilation, transposed, out
            weight.dtype, bias is not None, tuple(stride), tuple(padding), tuple(dilation), bool(transposed),
            tuple(output_padding), int(groups), torch.get_num_threads())
     if key not in _BACKENDS:
-        with torch.utils._python_dispatch._disable_current_modes():
-            x, w = _untouched(input), _untouched(weight)
+        def probe(x, w):
             b = torch.empty(tuple(bias.shape), dtype=bias.dtype) if isinstance(bias, torch.Tensor) else None
-            backend = torch._C._select_conv_backend(x, w, b, list(stride), list(padding), list(dilation),
-                                                    bool(transposed), list(output_padding), int(groups), None)
-            del x, w, b
+            return torch._C._select_conv_backend(x, w, b, list(stride), list(padding), list(dilation),
+                                                 bool(transposed), list(output_padding), int(groups), None)
+
+        with torch.utils._python_dispatch._disable_current_modes():
+            try:
+                backend = probe(_untouched(input), _untouched(weight))
+            except (OSError, ValueError, RuntimeError, AttributeError, TypeError):
+                # No such mapping here (strict overcommit, an address-space limit, no mmap flags): ask about
+                # one sample instead, whose rules are the same but for the largest tensors.
+                try:
+                    one = torch.empty((1, *input.shape[1:]), dtype=input.dtype)
+                    backend = probe(one, torch.empty(tuple(weight.shape), dtype=weight.dtype))
+                except RuntimeError:
+                    backend = "Slow3d"  # assume the path with the larger workspace
         _BACKENDS[key] = str(backend).split(".")[-1]
     return _BACKENDS[key]
 

@@ -82,7 +82,7 @@ def plan(job: JobConfig, budget_bytes: int, method: str) -> Plan:
         return (steps + 1) * DOWNSAMPLING
 
     def shape_fits(steps: int) -> bool:
-        return estimate_training_bytes(job.with_(shape=scaled_shape(job.shape, longest_side(steps))), method) <= budget_bytes
+        return estimate_training_bytes(job.at_shape(scaled_shape(job.shape, longest_side(steps))), method) <= budget_bytes
 
     # Guesses from a straight line through the job's own estimates at batch 1 and 2: memory is nearly
     # affine in samples, and, at a fixed batch, in voxels. The search then checks around the guess.

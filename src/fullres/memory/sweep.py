@@ -46,8 +46,8 @@ class SweepRow:
 
 def sweep_jobs(base: JobConfig, shapes: Iterable[tuple[int, int, int]], batches: Iterable[int],
                precisions: Iterable[str], checkpointing: Iterable[bool]) -> list[JobConfig]:
-    return [base.with_(shape=tuple(shape), batch=batch,
-                       strategy=replace(base.strategy, checkpointing=ck, precision=precision))
+    return [base.at_shape(shape).with_(batch=batch, strategy=replace(base.at_shape(shape).strategy, checkpointing=ck,
+                                                                     precision=precision))
             for shape, batch, precision, ck in itertools.product(shapes, batches, precisions, checkpointing)]
 
 
