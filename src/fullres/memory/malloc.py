@@ -11,7 +11,7 @@ environment variables) keeps every block above 128 KiB on mmap, so RSS follows t
 dry-run estimator counts live bytes, so this is also what makes its estimate match the measurement.
 
 It is applied to jobs that declare memory their constraint, those with checkpointing or slabs: there
-it pays for itself (64^3, 32 filters, channels-last: measured peak -13 % with checkpointing, -15 % with
+it pays for itself (64^3, 32 filters, channels-last: measured peak -11 % with checkpointing, -15 % with
 slabs, and the dry run's error falls from -14/-19 % to -3/-5 %), while on small, allocation-heavy jobs every mmapped
 block's fresh page faults cost more than they save (the demo job's step: +45 %; docs/benchmarks.md).
 FULLRES_MALLOC=fixed applies it to every job, FULLRES_MALLOC=default to none.
