@@ -125,3 +125,22 @@ def test_kernel_probe_of_the_paper_batch_allocates_nothing():
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: under 100 MiB
     if torch.backends.mkldnn.is_available():
         assert backend == "Mkldnn"
+
+
+def test_only_cpu_kernels_get_workspaces():
+    """oneDNN's copies and scratchpads are CPU costs: a convolution on another device is charged none
+    (the preflight of a CUDA job runs the dry run on "cuda")."""
+    import torch
+
+    from fullres.memory import estimate_training_bytes
+    from fullres.memory.dryrun import op_workspace
+
+    aten = torch.ops.aten
+    x = torch.empty(1, 4, 16, 16, 16, device="meta")
+    w = torch.empty(8, 4, 3, 3, 3, device="meta")
+    out = torch.empty(1, 8, 16, 16, 16, device="meta")
+    args = (x, w, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1)
+    assert op_workspace(aten.convolution.default, args, {}, out) == 0
+    cpu_args = tuple(torch.empty(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+    assert op_workspace(aten.convolution.default, cpu_args, {}, torch.empty(out.shape)) > 0  # 4 channels: im2col
+    assert estimate_training_bytes(SMALL, "table1", device="cuda") == estimate_training_bytes(SMALL, "table1")

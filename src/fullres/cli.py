@@ -389,7 +389,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             budget = args.memory or training.available_memory(device)
             method = training.default_method()
             job, needed, chosen = training.preflight(job, budget, method, auto=args.strategy == "auto",
-                                                     allow_bf16=training.fast_bf16(device))
+                                                     allow_bf16=training.fast_bf16(device), device=device.type)
             strategy_choice = "auto" if args.strategy == "auto" else "manual"
             if main_process:
                 print(f"preflight ({method}): needs {format_bytes(needed)} of {format_bytes(budget)} available"

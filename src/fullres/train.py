@@ -240,14 +240,14 @@ def _with(strategy: Strategy, **changes) -> Strategy:
 
 
 def preflight(job: JobConfig, budget: int, method: str, auto: bool,
-              allow_bf16: bool = True) -> tuple[JobConfig, int, str]:
+              allow_bf16: bool = True, device: str = "cpu") -> tuple[JobConfig, int, str]:
     """The job (or with --strategy auto, the least approximate variant) that fits `budget` by `method`.
     Refuses with the estimate, the budget and the options when nothing fits."""
     from fullres.memory import estimate_training_bytes
 
     tried = []
     for name, candidate in (candidate_strategies(job, allow_bf16) if auto else [("as given", job)]):
-        needed = estimate_training_bytes(candidate, method)
+        needed = estimate_training_bytes(candidate, method, device)
         if needed <= budget:
             return candidate, needed, name
         tried.append(f"{name}: {format_bytes(needed)}")

@@ -174,12 +174,14 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     blocked layouts: forward a copy of the larger of input and output (twice the output for a
     transposed convolution), backward a copy of input and output gradient.
     """
+    if func not in (aten.convolution.default, aten.convolution_backward.default) or args[0].device.type != "cpu":
+        return 0  # only CPU kernels are modelled; CUDA's cuDNN workspaces come from its caching allocator
     if func is aten.convolution.default:
         input, weight, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
         backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
         if backend.startswith("Slow"):
             return _columns_bytes(input, weight, math.prod(out.shape[2:]), transposed)
-        if input.device.type != "cpu" or _channels_last(input):
+        if _channels_last(input):
             return 0
         return 2 * _nbytes(out) if transposed else max(_nbytes(input), _nbytes(out))
     if func is aten.convolution_backward.default:
@@ -188,8 +190,6 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
         backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
         if backend.startswith("Slow"):
             return 2 * _columns_bytes(input, weight, math.prod(grad_output.shape[2:]), transposed)
-        if input.device.type != "cpu":
-            return 0
         pair = _nbytes(input) + _nbytes(grad_output)
         reorder = 0 if _channels_last(input) else pair
         # bf16: each thread converts one sample at a time (measured: batch 4 on 2 threads copies half)
