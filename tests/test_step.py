@@ -130,3 +130,25 @@ def test_slabs_are_refused_with_normalisation_or_too_few_rows():
         JobConfig(shape=(16, 32, 32), strategy=Strategy(slabs=9))
     with pytest.raises(ValueError, match="slabs must be >= 1"):
         Strategy(slabs=0)
+
+
+def test_concatenation_free_decoder_convolution_equals_the_concatenation():
+    """In training the decoders convolve `up` and `skip` separately and add (no concatenated map); the
+    output and every gradient equal those of the convolution of the concatenation."""
+    model = tiny_model().double()  # float64: the two summation orders then agree to ~1e-12
+    generator = torch.Generator().manual_seed(3)
+    up = torch.randn(2, 16, 8, 8, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(2, 8, 8, 8, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    results = []
+    for concatenated in (True, False):
+        model.zero_grad(set_to_none=True)
+        up.grad = skip.grad = None
+        if concatenated:
+            out = model.conv("conv7a", model.concatenate_3(up, skip))
+        else:
+            out = model.conv_of_concatenation("conv7a", model.concatenate_3, up, skip)
+        (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
+        results.append((out.detach(), up.grad.clone(), skip.grad.clone(), model.conv7a.weight.grad.clone(),
+                        model.conv7a.bias.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
