@@ -41,7 +41,7 @@ import math
 import sys
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -378,10 +378,16 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
         tracker.track(targets, "inputs")
         input_serials = {tracker.serial(images), tracker.serial(targets)}
 
+        # Micro-batches after the second repeat its memory exactly (the same tensors, every .grad already
+        # allocated), so at most two run: views of the whole batch, which stays alive, as in train_step.
+        # A 16-micro-batch job then costs two micro-batches' dry run, not sixteen.
+        micro_batches = min(job.strategy.accumulate, 2)
+        run_strategy = replace(job.strategy, accumulate=micro_batches)
+        run_images, run_targets = images[:micro_batches * job.batch], targets[:micro_batches * job.batch]
         gradient_serials = set()
         for _ in range(steps):
             tracker.phase = "forward"
-            train_step(model, opt, images, targets, loss_fn, job.strategy, scaler)
+            train_step(model, opt, run_images, run_targets, loss_fn, run_strategy, scaler)
             tracker.phase = "setup"
             gradient_serials |= {tracker.serial(p.grad) for p in parameters if p.grad is not None}
         state_serials = {tracker.serial(t) for state in opt.state.values() for t in state.values()
