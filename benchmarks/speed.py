@@ -23,7 +23,9 @@ from pathlib import Path
 
 from fullres.bench import default_variants, figure6_chart, machine_info, run_bench, select_variants
 from fullres.config import JobConfig, Strategy
+from fullres.errors import UserError
 from fullres.files import write_bytes_atomically
+from fullres.memory.malloc import set_training_malloc_policy
 from fullres.model import ModelConfig
 from fullres.train import Process, configure_cpu
 
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     cpu_line = configure_cpu(args.threads, Process())  # oneDNN on by default, threads = physical cores
+    try:
+        allocator = set_training_malloc_policy() or "default"  # FULLRES_MALLOC=fixed|cached|default, as `fullres` does
+    except UserError as error:
+        parser.error(str(error))
     variants = select_variants(args.variants, "cpu")
     machine = machine_info("cpu")
 
@@ -59,12 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"$ {command}")
     print(f"date: {machine['date']}")
     print(f"machine: {machine['cpu']} ({machine['logical_cpus']} logical CPUs), {machine['hostname']}; {cpu_line}")
-    print(f"torch {machine['torch']}, python {machine['python']}; load average {machine['load_average_1min']:.2f}")
+    print(f"torch {machine['torch']}, python {machine['python']}; load average {machine['load_average_1min']:.2f}; "
+          f"allocator policy {allocator}")
     print(f"job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
           f"{job.model.filters} filters; {args.warmup} warm-up + {args.repeats} timed steps per variant", flush=True)
 
     result = run_bench(job, variants, warmup=args.warmup, repeats=args.repeats, peak_size=args.peak_size)
     result["command"] = command
+    result["allocator"] = allocator
 
     out = Path(args.out)
     write_bytes_atomically(out / "speed.json", (json.dumps(result, indent=2) + "\n").encode())

@@ -694,8 +694,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    set_training_malloc_policy()  # FULLRES_MALLOC=fixed: predictable peaks (see memory/malloc.py)
     try:
+        set_training_malloc_policy()  # FULLRES_MALLOC=fixed|cached|default for every job (see memory/malloc.py)
         return args.run(args)
     except UserError as error:
         print(f"fullres {args.command}: error: {error}", file=sys.stderr)

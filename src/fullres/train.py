@@ -398,8 +398,11 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
                 f"{job.model.filters} base filters, {job.strategy.describe()} "
                 f"(global batch {job.effective_batch * process.world}, {process.world} process(es), {device})")
 
-        if set_training_malloc_policy(job.strategy) and process.main:
-            log("allocator: glibc mmap/trim thresholds fixed at 128 KiB (a memory-saving strategy is on)")
+        allocator = set_training_malloc_policy(job.strategy)
+        if allocator and process.main:
+            log({"fixed": "allocator: glibc mmap/trim thresholds fixed at 128 KiB (peaks follow the live tensors)",
+                 "cached": "allocator: freed memory kept for reuse (FULLRES_MALLOC=cached: faster, peak above the "
+                           "estimate)"}[allocator])
         torch.manual_seed(config.seed)
         model = UNet3D(job.model).to(device)
         prepare_model(model, job.strategy)
