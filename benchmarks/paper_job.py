@@ -13,14 +13,11 @@ The paper needed Table 1's 914.8 GB (a 1.5 TB server). The table prints each str
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import shlex
 import sys
 
-import torch
-
+from fullres.bench import machine_info
 from fullres.config import JobConfig, Strategy
 from fullres.memory import table1_training_bytes
 from fullres.memory.dryrun import dryrun
@@ -70,8 +67,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     print(f"$ python {shlex.join(sys.argv)}")
-    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%MZ}, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    machine = machine_info("cpu")
+    print(f"{machine['date']}, {machine['cpu']} ({machine['cpu_capability']}), torch {machine['torch']}, "
+          f"{machine['threads']} threads")
     if args.measure:
         print(json.dumps(measure_step(args.precision, args.slabs), indent=1))
         return

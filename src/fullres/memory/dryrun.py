@@ -184,21 +184,20 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
         if _channels_last(input):
             return 0
         return 2 * _nbytes(out) if transposed else max(_nbytes(input), _nbytes(out))
-    if func is aten.convolution_backward.default:
-        grad_output, input, weight, _, stride, padding, dilation, transposed, output_padding, groups = args[:10]
-        bias = torch.empty(weight.shape[1 if transposed else 0]) if args[3] is not None else None
-        backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-        if backend.startswith("Slow"):
-            return 2 * _columns_bytes(input, weight, math.prod(grad_output.shape[2:]), transposed)
-        pair = _nbytes(input) + _nbytes(grad_output)
-        reorder = 0 if _channels_last(input) else pair
-        # bf16: each thread converts one sample at a time (measured: batch 4 on 2 threads copies half)
-        batch = input.shape[0]
-        bf16 = pair * min(batch, torch.get_num_threads()) // batch if input.dtype == torch.bfloat16 else 0
-        # The scratchpad comes with the primitive's creation, the first call at these shapes: measured
-        # in a training step's second backward, every convolution's extra is within the copies +- 20 MB.
-        return (ONEDNN_BACKWARD_SCRATCH_BYTES if first_call else 0) + reorder + bf16
-    return 0
+    # convolution_backward
+    grad_output, input, weight, _, stride, padding, dilation, transposed, output_padding, groups = args[:10]
+    bias = torch.empty(weight.shape[1 if transposed else 0]) if args[3] is not None else None
+    backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    if backend.startswith("Slow"):
+        return 2 * _columns_bytes(input, weight, math.prod(grad_output.shape[2:]), transposed)
+    pair = _nbytes(input) + _nbytes(grad_output)
+    reorder = 0 if _channels_last(input) else pair
+    # bf16: each thread converts one sample at a time (measured: batch 4 on 2 threads copies half)
+    batch = input.shape[0]
+    bf16 = pair * min(batch, torch.get_num_threads()) // batch if input.dtype == torch.bfloat16 else 0
+    # The scratchpad comes with the primitive's creation, the first call at these shapes: measured
+    # in a training step's second backward, every convolution's extra is within the copies +- 20 MB.
+    return (ONEDNN_BACKWARD_SCRATCH_BYTES if first_call else 0) + reorder + bf16
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,9 +46,11 @@ class SweepRow:
 
 def sweep_jobs(base: JobConfig, shapes: Iterable[tuple[int, int, int]], batches: Iterable[int],
                precisions: Iterable[str], checkpointing: Iterable[bool]) -> list[JobConfig]:
-    return [base.at_shape(shape).with_(batch=batch, strategy=replace(base.at_shape(shape).strategy, checkpointing=ck,
-                                                                     precision=precision))
-            for shape, batch, precision, ck in itertools.product(shapes, batches, precisions, checkpointing)]
+    jobs = []
+    for shape, batch, precision, ck in itertools.product(shapes, batches, precisions, checkpointing):
+        at_shape = base.at_shape(shape)  # slabs capped at what this shape's H holds
+        jobs.append(at_shape.with_(batch=batch, strategy=replace(at_shape.strategy, checkpointing=ck, precision=precision)))
+    return jobs
 
 
 def run_sweep(jobs: list[JobConfig], measure: bool, max_measure_bytes: int,
