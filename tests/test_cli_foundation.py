@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fullres.cli import main
 
@@ -82,8 +83,9 @@ def test_estimate_dryrun_json_contract(capsys):
 def test_profile_json_contract(capsys):
     code, out, _ = run(capsys, "profile", "--shape", "16", "16", "16", "--filters", "2", "--batch", "1", "--json")
     data = json.loads(out)
-    assert code == 0 and set(data) == {"measured_bytes", "estimated_bytes", "error"}
-    assert data["measured_bytes"] > 0
+    assert code == 0 and {"measured_bytes", "estimated_bytes", "error"} <= set(data)
+    assert data["device"] == ("cuda" if torch.cuda.is_available() else "cpu") and len(data["step_seconds"]) == 2
+    assert data["measured_bytes"] > 0 and (data["reserved_bytes"] is None) == (data["device"] == "cpu")
     assert data["error"] == pytest.approx((data["estimated_bytes"] - data["measured_bytes"]) / data["measured_bytes"])
 
 

@@ -19,8 +19,10 @@ from fullres.memory.table1 import table1
 from fullres.model import ModelConfig
 from fullres.train import CSV_COLUMNS, TrainConfig, candidate_strategies, load_checkpoint, preflight
 
+# On the CPU even on a GPU machine: these tests compare weights bit for bit, which cuDNN's nondeterministic
+# backward does not promise (tests/test_cuda.py covers training on CUDA).
 TINY = ["--shape", "32", "32", "24", "--filters", "2", "--batch", "2", "--workers", "0", "--threads", "1",
-        "--quiet", "--lr", "1e-3"]
+        "--quiet", "--lr", "1e-3", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ def subprocess_env() -> dict:
 
 def test_two_processes_equal_one_with_the_same_global_batch(train_msd, tmp_path):
     flags = ["--shape", "32", "32", "24", "--filters", "2", "--workers", "0", "--threads", "1", "--quiet",
-             "--epochs", "2", "--dropout", "0", "--lr", "1e-3"]
+             "--epochs", "2", "--dropout", "0", "--lr", "1e-3", "--device", "cpu"]
     single = subprocess.run([sys.executable, "-m", "fullres", "train", str(train_msd), "--out", str(tmp_path / "one"),
                              "--batch", "2", *flags], capture_output=True, text=True, env=subprocess_env())
     assert single.returncode == 0, single.stderr
@@ -145,7 +147,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(train_msd, tmp_path)
 
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(train_msd, tmp_path):
     flags = ["--shape", "32", "32", "24", "--filters", "2", "--batch", "1", "--workers", "0", "--threads", "1",
-             "--quiet", "--epochs", "6", "--schedule", "constant"]
+             "--quiet", "--epochs", "6", "--schedule", "constant", "--device", "cpu"]
     command = [sys.executable, "-m", "fullres", "train", str(train_msd)]
     reference = subprocess.run([*command, "--out", str(tmp_path / "ref"), *flags], capture_output=True, text=True,
                                env=subprocess_env())

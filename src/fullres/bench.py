@@ -98,6 +98,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["fp32_math"] = "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"  # cuDNN's fp32 convolutions
     return info
 
 
@@ -111,7 +112,9 @@ def matmul_peak_tflops(dtype: str | torch.dtype, size: int = 2048, repeats: int 
     one warm-up product, then the median of `repeats` timed ones; TFLOP/s with 2 n^3 FLOPs per product.
 
     On a CPU without native bf16 (AVX2, AVX-512 without BF16) bf16 products are emulated and much slower
-    than fp32: that is the honest peak for bf16 there.
+    than fp32: that is the honest peak for bf16 there. On CUDA the fp32 product uses the math cuDNN's fp32
+    convolutions use (`torch.backends.cudnn.allow_tf32`, on by default: TF32 tensor cores), so a step's
+    fraction of the fp32 peak compares like with like.
     """
     if isinstance(dtype, str):
         if dtype not in MATMUL_DTYPES:
@@ -124,14 +127,19 @@ def matmul_peak_tflops(dtype: str | torch.dtype, size: int = 2048, repeats: int 
     a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm-up: thread pool, kernel selection, page faults
-    _sync(device)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    try:
+        torch.mm(a, b, out=out)  # warm-up: thread pool, kernel selection, page faults
         _sync(device)
-        seconds.append(time.perf_counter() - start)
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            _sync(device)
+            seconds.append(time.perf_counter() - start)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     return 2 * size**3 / statistics.median(seconds) / 1e12
 
 
@@ -509,14 +517,16 @@ def figure6_chart(result: dict, path: str | os.PathLike, dpi: int = 100) -> Path
     machine = result.get("machine", {})
     from matplotlib.patches import Patch
 
-    legend = [Patch(color=c, label=l) for c, l in (("tab:grey", "stock (oneDNN off)"), ("tab:blue", "oneDNN fp32"),
-                                                     ("tab:green", "oneDNN bf16"), ("tab:orange", "torch.compile"))
+    gpu = machine.get("gpu")
+    library, fp32 = ("cuDNN", f"cuDNN fp32 ({machine.get('fp32_math', 'fp32')})") if gpu else ("oneDNN", "oneDNN fp32")
+    legend = [Patch(color=c, label=l) for c, l in (("tab:grey", "stock (oneDNN off)"), ("tab:blue", fp32),
+                                                     ("tab:green", f"{library} bf16"), ("tab:orange", "torch.compile"))
               if c in colours]
     ax.legend(handles=legend, loc="upper center", ncol=len(legend), fontsize=8, frameon=False)
+    where = gpu or f"{machine.get('cpu', machine.get('device', ''))}, threads: {result.get('threads', '?')}"
     ax.set_title(f"Training step speed: batch {batch} x {shape}, {filters} filters\n"
-                 f"{machine.get('cpu', machine.get('device', ''))}, threads: {result.get('threads', '?')}, "
-                 f"torch {result.get('torch', '?')} ({result.get('date', '')[:10]})"
-                 + ("" if stock else "; no stock row: no speed-up"), fontsize=9)
+                 f"{where}, torch {result.get('torch', '?')} ({result.get('date', '')[:10]})"
+                 + ("" if stock or gpu else "; no stock row: no speed-up"), fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     fig.subplots_adjust(left=0.1, right=0.98, bottom=0.22, top=0.86)
     return _save_atomic(fig, path, dpi)

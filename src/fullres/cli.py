@@ -138,6 +138,25 @@ def job_from_args(args: argparse.Namespace, in_channels: int | None = None, clas
         raise UserError(str(error)) from None
 
 
+def memory_device(choice: str) -> str:
+    """The device a memory estimate or measurement is for: "auto" is CUDA when this torch sees one. The dry
+    run of a CUDA job runs fake CUDA tensors, which needs a CUDA build of torch (no GPU is touched)."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.backends.cuda.is_built():
+        raise UserError(f"--device cuda: this torch ({torch.__version__}) is built without CUDA")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device cuda: no CUDA device is available (this torch: {torch.__version__})")
+    return choice
+
+
+def add_memory_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="the device whose memory is estimated (auto: CUDA when present)")
+
+
 def print_json(data: object) -> None:
     print(json.dumps(data, indent=2))
 
@@ -152,7 +171,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.time:
         return print_time_estimate(job, args)
     if args.method == "dryrun":
-        return print_dryrun(job, args.json)
+        return print_dryrun(job, args.json, memory_device(args.device))
     bytes_per_value = args.bytes_per_value or BYTES_PER_VALUE[job.strategy.precision]
     table = table1(job.model, job.shape, job.batch, bytes_per_value)
     if args.json:
@@ -173,18 +192,24 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_dryrun(job: JobConfig, as_json: bool) -> int:
-    from fullres.memory.dryrun import dryrun
+def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu") -> int:
+    from fullres.memory.dryrun import CUDA_CONTIGUOUS_NOTE, dryrun
 
-    result = dryrun(job)
+    result = dryrun(job, device=device)
+    note = CUDA_CONTIGUOUS_NOTE if device == "cuda" and not job.strategy.channels_last else None
     if as_json:
-        print_json(result.to_json())
+        print_json({**result.to_json(), **({"note": note} if note else {})})
         return 0
     print(f"Dry run: one training step of batch {job.batch} x {job.model.in_channels} x "
-          f"{' x '.join(map(str, job.shape))}, {job.model.filters} base filters, {job.strategy.describe()}, Adam")
+          f"{' x '.join(map(str, job.shape))}, {job.model.filters} base filters, {job.strategy.describe()}, Adam, "
+          f"on {device}")
     print(f"Peak: {format_bytes(result.peak_bytes)} at {result.peak_at}")
     for term, size in result.breakdown.items():
         print(f"  {term:<16}{format_bytes(size)}")
+    if result.reserved_bytes is not None:
+        print(f"Reserved by the caching allocator (max_memory_reserved): {format_bytes(result.reserved_bytes)}")
+    if note:
+        print(f"note: {note}")
     return 0
 
 
@@ -198,7 +223,7 @@ def print_time_estimate(job: JobConfig, args: argparse.Namespace) -> int:
         raise UserError("--time needs --cases N (labelled cases in the dataset)")
     configure_cpu(args.threads, Process())  # calibration is keyed by threads: use what train uses
     result = estimate_time(job, args.cases, args.epochs, args.val_fraction, refresh=args.recalibrate)
-    result["memory_bytes"] = estimate_training_bytes(job, args.method)
+    result["memory_bytes"] = estimate_training_bytes(job, args.method, memory_device(args.device))
     result["memory_method"] = args.method
     if args.json:
         print_json(result)
@@ -225,7 +250,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         configure_cpu(args.threads, Process())
     result = run_bench(job, select_variants(args.variants, device), warmup=args.warmup, repeats=args.repeats,
-                       device=device, peak_size=args.peak_size)
+                       device=device, peak_size=args.peak_size or (8192 if device.type == "cuda" else 2048))
     if args.chart:
         figure6_chart(result, Path(args.chart))
     if args.json:
@@ -252,6 +277,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from fullres.memory.sweep import run_sweep, sweep_jobs, write_sweep_csv
 
     base = job_from_args(args)
+    device = memory_device(args.device)
     jobs = sweep_jobs(base, args.shapes, args.batches, args.precisions,
                       {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing_sweep])
     out = Path(args.out)
@@ -265,7 +291,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               + (f"{row.measured_bytes / 1e9:>10.2f}GB{error * 100:>+8.1f}%" if row.measured_bytes else f"{'-':>12}"),
               flush=True)
 
-    rows, unmeasured = run_sweep(jobs, measure=not args.no_measure, max_measure_bytes=args.max_measure, on_row=show)
+    rows, unmeasured = run_sweep(jobs, measure=not args.no_measure, max_measure_bytes=args.max_measure, on_row=show,
+                                 device=device)
     for line in unmeasured:
         print("not measured:", line)
     write_sweep_csv(rows, out / "sweep.csv")
@@ -295,14 +322,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from fullres.memory.measure import profile
 
     job = job_from_args(args)
-    result = profile(job, steps=args.steps)
+    device = memory_device(args.device)
+    result = profile(job, steps=args.steps, device=device)
     if args.json:
         print_json(result)
         return 0
     print(f"Job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
           f"{job.model.filters} base filters, {job.strategy.describe()}; {args.steps} real training steps")
     print(f"estimated (dry run): {format_bytes(result['estimated_bytes'])}")
-    print(f"measured (peak RSS above post-import RSS): {format_bytes(result['measured_bytes'])}")
+    print(f"measured ({'max_memory_allocated' if device == 'cuda' else 'peak RSS above post-import RSS'}): "
+          f"{format_bytes(result['measured_bytes'])}"
+          + (f" (reserved by the caching allocator: {format_bytes(result['reserved_bytes'])})" if device == "cuda" else ""))
     print(f"error: {result['error'] * 100:+.1f} %")
     return 0
 
@@ -313,7 +343,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fullres.memory.plan import plan
 
     job = job_from_args(args)
-    result = plan(job, args.memory, args.method)
+    result = plan(job, args.memory, args.method, memory_device(args.device))
     if args.json:
         print_json(result.to_json())
         return 0
@@ -507,14 +537,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True)
     (out / DEMO_MARKER).write_text("written by `fullres demo`; the next demo replaces this folder\n")
     run, data = out / "run", out / "run" / "synthetic_data"
-    budget = f"{available_memory(pick_device('cpu', Process())) / 2**30:.1f}GiB"
+    device = pick_device("auto", Process())  # where `train` below will run (CUDA when present)
+    budget = f"{available_memory(device) / 2**30:.1f}GiB"
     quiet = ["--quiet"] if args.quiet else []
     steps = [
         ("1/7 estimate: the paper's job, Table 1 method", ["estimate"]),
-        ("2/7 plan: the paper's job on its 1.5 TB server (Table 2)", ["plan", "--memory", "1.5TB"]),
+        ("2/7 plan: the paper's job on its 1.5 TB server (Table 2)", ["plan", "--memory", "1.5TB", "--device", "cpu"]),
         ("3/7 plan: the demo job on this machine (dry-run method)",
          ["plan", "--memory", budget, "--method", "dryrun", "--shape", "48", "48", "32", "--filters", "8",
-          "--batch", "2", "--norm", "instance"]),
+          "--batch", "2", "--norm", "instance", "--device", device.type]),
         ("4/7 train: synthetic BraTS-like data, whole 48x48x32 volumes", ["train", "--out", str(run), *quiet]),
         ("5/7 predict: the held-out synthetic test cases", ["predict", str(run), str(data), "--out",
                                                              str(out / "predictions"), *quiet]),
@@ -589,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--val-fraction", type=fraction, default=0.2, help="with --time: validation share")
     estimate.add_argument("--threads", type=int, default=0, help="with --time: CPU threads (default: physical cores)")
     estimate.add_argument("--recalibrate", action="store_true", help="with --time: measure again, ignoring the cache")
+    add_memory_device_argument(estimate)
     estimate.add_argument("--json", action="store_true", help="machine-readable output")
     estimate.set_defaults(run=cmd_estimate)
 
@@ -598,12 +630,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--method", choices=("table1", "dryrun"), default="dryrun",
                       help="dryrun (default): the real peak of a training step, on fake tensors (seconds per "
                            "estimate); table1: the paper's hand method (Table 2's verdicts)")
+    add_memory_device_argument(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(run=cmd_plan)
 
     profile = commands.add_parser("profile", help="measure a training step's real peak memory against the dry run")
     add_job_arguments(profile)
     profile.add_argument("--steps", type=positive_int, default=2, help="training steps to run (the 2nd is the peak)")
+    add_memory_device_argument(profile)
     profile.add_argument("--json", action="store_true", help="machine-readable output")
     profile.set_defaults(run=cmd_profile)
 
@@ -613,7 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stock_fp32 plain_fp32 fp32_cl bf16 bf16_cl compiled_fp32_cl compiled_bf16_cl (default: all)")
     bench.add_argument("--warmup", type=positive_int, default=1, help="untimed steps per variant")
     bench.add_argument("--repeats", type=positive_int, default=3, help="timed steps per variant (median reported)")
-    bench.add_argument("--peak-size", type=positive_int, default=2048, help="matrix size for the matmul peak")
+    bench.add_argument("--peak-size", type=positive_int, default=None,
+                       help="matrix size for the matmul peak (default 2048 on CPU, 8192 on CUDA, where 2048 is too small "
+                            "to fill the GPU)")
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--chart", default=None, help="write the Figure 6 bar chart here (PNG)")
@@ -631,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-measure", type=memory_size, default=parse_size("18GiB"),
                        help="rows whose dry run exceeds this are estimated only (default 18GiB)")
     sweep.add_argument("--no-measure", action="store_true", help="estimates only (seconds, not minutes)")
+    add_memory_device_argument(sweep)
     sweep.add_argument("--out", required=True, help="folder for sweep.csv and the figures")
     sweep.set_defaults(run=cmd_sweep)
 

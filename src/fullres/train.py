@@ -135,6 +135,10 @@ def pick_device(choice: str, process: Process) -> torch.device:
     if choice == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available (this torch: " + torch.__version__ + ")")
+        if process.local_rank >= torch.cuda.device_count():
+            raise UserError(f"--device cuda: local process {process.local_rank} has no GPU of its own "
+                            f"({torch.cuda.device_count()} visible): start at most that many processes per node "
+                            f"(torchrun --nproc-per-node), or use --device cpu")
         torch.cuda.set_device(process.local_rank)
         return torch.device("cuda", process.local_rank)
     return torch.device("cpu")

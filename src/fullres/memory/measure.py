@@ -68,12 +68,15 @@ def measure_peak(job: JobConfig, steps: int = 2, loss: str = "dice", device: str
 
 
 def profile(job: JobConfig, loss: str = "dice", device: str = "cpu", steps: int = 2) -> dict:
-    """Estimate (dry run) and measurement of one job: ``{"measured_bytes", "estimated_bytes", "error"}``."""
+    """Estimate (dry run) and measurement of one job on `device`: ``{"measured_bytes", "estimated_bytes", "error"}``,
+    with the device, the caching allocator's reserved bytes (CUDA; None on CPU) and each step's seconds."""
     from fullres.memory.dryrun import dryrun
 
     estimated = dryrun(job, loss=loss, device=device).peak_bytes
-    measured = measure_peak(job, steps=steps, loss=loss, device=device).measured_bytes
-    return {"measured_bytes": measured, "estimated_bytes": estimated, "error": (estimated - measured) / measured}
+    peak = measure_peak(job, steps=steps, loss=loss, device=device)
+    measured = peak.measured_bytes
+    return {"measured_bytes": measured, "estimated_bytes": estimated, "error": (estimated - measured) / measured,
+            "device": device, "reserved_bytes": peak.reserved_bytes, "step_seconds": peak.step_seconds}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -69,24 +69,24 @@ def scaled_shape(shape: tuple[int, int, int], longest: int) -> tuple[int, int, i
     return tuple(max(DOWNSAMPLING, round(side * scale / DOWNSAMPLING) * DOWNSAMPLING) for side in shape)
 
 
-def plan(job: JobConfig, budget_bytes: int, method: str) -> Plan:
-    """Fit of `job` in `budget_bytes`, the largest batch at its shape, and the largest shape
-    (H, W, D scaled together, multiples of 8) at its batch."""
-    required = estimate_training_bytes(job, method)
+def plan(job: JobConfig, budget_bytes: int, method: str, device: str = "cpu") -> Plan:
+    """Fit of `job` in `budget_bytes` on `device` ("cpu" or "cuda"), the largest batch at its shape, and the
+    largest shape (H, W, D scaled together, multiples of 8) at its batch."""
+    required = estimate_training_bytes(job, method, device)
 
     def batch_fits(batch: int) -> bool:
-        return estimate_training_bytes(job.with_(batch=batch), method) <= budget_bytes
+        return estimate_training_bytes(job.with_(batch=batch), method, device) <= budget_bytes
 
     def longest_side(steps: int) -> int:
         # From 16 voxels up: at 8 the bottleneck is a single voxel, which instance norm cannot train on.
         return (steps + 1) * DOWNSAMPLING
 
     def shape_fits(steps: int) -> bool:
-        return estimate_training_bytes(job.at_shape(scaled_shape(job.shape, longest_side(steps))), method) <= budget_bytes
+        return estimate_training_bytes(job.at_shape(scaled_shape(job.shape, longest_side(steps))), method, device) <= budget_bytes
 
     # Guesses from a straight line through the job's own estimates at batch 1 and 2: memory is nearly
     # affine in samples, and, at a fixed batch, in voxels. The search then checks around the guess.
-    one, two = (estimate_training_bytes(job.with_(batch=b), method) for b in (1, 2))
+    one, two = (estimate_training_bytes(job.with_(batch=b), method, device) for b in (1, 2))
     per_sample = max(two - one, 1)
     fixed = one - per_sample
     batch_guess = (budget_bytes - required) // per_sample + job.batch

@@ -54,18 +54,18 @@ def sweep_jobs(base: JobConfig, shapes: Iterable[tuple[int, int, int]], batches:
 
 
 def run_sweep(jobs: list[JobConfig], measure: bool, max_measure_bytes: int,
-              on_row: Callable[[SweepRow], None] = lambda row: None) -> tuple[list[SweepRow], list[str]]:
-    """Rows for every job; jobs whose dry run exceeds `max_measure_bytes` are estimated, not measured
-    (listed in the second return value)."""
+              on_row: Callable[[SweepRow], None] = lambda row: None, device: str = "cpu") -> tuple[list[SweepRow], list[str]]:
+    """Rows for every job on `device` ("cpu" or "cuda"); jobs whose dry run exceeds `max_measure_bytes` are
+    estimated, not measured (listed in the second return value)."""
     from fullres.memory.dryrun import dryrun
     from fullres.memory.measure import measure_peak
 
     rows, unmeasured = [], []
     for job in jobs:
-        estimate = dryrun(job)
+        estimate = dryrun(job, device=device)
         measured = None
         if measure and estimate.peak_bytes <= max_measure_bytes:
-            measured = measure_peak(job, steps=2)
+            measured = measure_peak(job, steps=2, device=device)
         elif measure:
             unmeasured.append(f"{'x'.join(map(str, job.shape))} batch {job.batch} {job.strategy.describe()}: "
                               f"dry run {estimate.peak_bytes / 2**30:.1f} GiB, over the measuring limit")
