@@ -10,6 +10,21 @@ import pytest
 SMALL_SHAPE = (32, 32, 24)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Calibrations (step times, runtime terms) go to a fresh folder: tests neither read a developer's
+    cache nor leave entries in it. Subprocesses inherit the variable."""
+    import os
+
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def small_msd(tmp_path_factory) -> Path:
     """4 training + 1 test BraTS-like phantoms of 32x32x24 (written once, about 0.1 s)."""

@@ -195,7 +195,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu") -> int:
     from fullres.memory.dryrun import CUDA_CONTIGUOUS_NOTE, dryrun
 
-    result = dryrun(job, device=device)
+    result = dryrun(job, device=device, runtime="measured")
     note = CUDA_CONTIGUOUS_NOTE if device == "cuda" and not job.strategy.channels_last else None
     if as_json:
         print_json({**result.to_json(), **({"note": note} if note else {})})

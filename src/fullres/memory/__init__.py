@@ -20,10 +20,11 @@ def table1_training_bytes(job: JobConfig, device: str = "cpu") -> int:
 
 def dryrun_training_bytes(job: JobConfig, device: str = "cpu") -> int:
     """The real peak of a training step on `device` (fake tensors, nothing allocated): see
-    fullres.memory.dryrun. "cuda" needs a CUDA build of torch."""
+    fullres.memory.dryrun, with this network's runtime term as measured on this machine (cached; see
+    fullres.memory.runtime). "cuda" needs a CUDA build of torch."""
     from fullres.memory.dryrun import dryrun  # imports the fake-tensor machinery only when asked
 
-    return dryrun(job, device=device).peak_bytes
+    return dryrun(job, device=device, runtime="measured").peak_bytes
 
 
 # Each method maps a job to the bytes it needs to train; `plan` and the training preflight pick one by name.

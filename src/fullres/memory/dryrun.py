@@ -377,8 +377,13 @@ def runtime_bytes(job: JobConfig, device: str = "cpu") -> int:
 
 
 def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: str = "cpu",
-           steps: int = 2) -> DryRunResult:
-    """Peak memory of `steps` training steps of `job` (see the module docstring), nothing allocated."""
+           steps: int = 2, runtime: int | str | None = None) -> DryRunResult:
+    """Peak memory of `steps` training steps of `job` (see the module docstring), nothing allocated.
+
+    `runtime` is the CPU runtime term: None, the constant :func:`runtime_bytes`; "measured", the term of
+    this network measured on this machine at 16^3 (:mod:`fullres.memory.runtime`: a subprocess the first
+    time, then cached); or a number of bytes. On CUDA it is 0 whatever is asked.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fullres.memory.measure import loss_function
@@ -472,7 +477,14 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
                 category = "transient"
         breakdown[category] += size
     breakdown["workspace"] = tracker.peak_workspace
-    breakdown["runtime"] = runtime_bytes(job, device)
+    if torch.device(device).type != "cpu":
+        breakdown["runtime"] = 0
+    elif runtime == "measured":
+        from fullres.memory.runtime import measured_runtime_bytes
+
+        breakdown["runtime"] = measured_runtime_bytes(job)
+    else:
+        breakdown["runtime"] = runtime_bytes(job, device) if runtime is None else int(runtime)
     peak = tracker.peak + breakdown["runtime"]
     return DryRunResult(peak_bytes=int(peak), breakdown=breakdown, peak_at=tracker.peak_at,
                         saved_bytes=tracker.max_activations, seconds=time.perf_counter() - started,

@@ -72,7 +72,7 @@ def profile(job: JobConfig, loss: str = "dice", device: str = "cpu", steps: int 
     with the device, the caching allocator's reserved bytes (CUDA; None on CPU) and each step's seconds."""
     from fullres.memory.dryrun import dryrun
 
-    estimated = dryrun(job, loss=loss, device=device).peak_bytes
+    estimated = dryrun(job, loss=loss, device=device, runtime="measured").peak_bytes
     peak = measure_peak(job, steps=steps, loss=loss, device=device)
     measured = peak.measured_bytes
     return {"measured_bytes": measured, "estimated_bytes": estimated, "error": (estimated - measured) / measured,

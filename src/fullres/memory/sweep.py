@@ -62,7 +62,7 @@ def run_sweep(jobs: list[JobConfig], measure: bool, max_measure_bytes: int,
 
     rows, unmeasured = [], []
     for job in jobs:
-        estimate = dryrun(job, device=device)
+        estimate = dryrun(job, device=device, runtime="measured")
         measured = None
         if measure and estimate.peak_bytes <= max_measure_bytes:
             measured = measure_peak(job, steps=2, device=device)
