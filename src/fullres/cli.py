@@ -140,7 +140,8 @@ def job_from_args(args: argparse.Namespace, in_channels: int | None = None, clas
 
 def memory_device(choice: str) -> str:
     """The device a memory estimate or measurement is for: "auto" is CUDA when this torch sees one. The dry
-    run of a CUDA job runs fake CUDA tensors, which needs a CUDA build of torch (no GPU is touched)."""
+    run of a CUDA job runs fake CUDA tensors (no GPU memory is touched) but reads the GPU's multiprocessor
+    count, so it needs a CUDA build of torch and a visible GPU."""
     import torch
 
     if choice == "auto":
