@@ -26,8 +26,6 @@ that both agree.
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import math
 import os
 import platform
@@ -43,6 +41,7 @@ import torch
 
 from fullres.config import JobConfig, Strategy
 from fullres.errors import UserError
+from fullres.files import cache_lookup, cache_store
 
 __all__ = ["Variant", "default_variants", "select_variants", "matmul_peak_tflops", "step_flops", "forward_flops",
            "count_flops", "count_step_flops", "count_forward_flops", "time_variant", "run_bench", "figure6_chart",
@@ -576,26 +575,10 @@ def calibration_job(job: JobConfig, max_flops: float = DEFAULT_CALIBRATION_FLOPS
     return candidate
 
 
-def _cache_key(job: JobConfig, device: torch.device, max_flops: float) -> tuple[str, dict]:
-    key = {"version": CACHE_VERSION, "job": job.to_json(), "torch": torch.__version__,
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-           "hostname": socket.gethostname(), "device": str(device), "max_flops": max_flops}
-    text = json.dumps(key, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest(), json.loads(text)  # as read back: lists, not tuples
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache(path: Path, data: dict) -> None:
-    from fullres.files import write_bytes_atomically
-
-    write_bytes_atomically(path, json.dumps(data, indent=1, sort_keys=True).encode())
+def _cache_key(job: JobConfig, device: torch.device, max_flops: float) -> dict:
+    return {"version": CACHE_VERSION, "job": job.to_json(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "hostname": socket.gethostname(), "device": str(device), "max_flops": max_flops}
 
 
 def _measure(job: JobConfig, device: torch.device, steps: int = 2,
@@ -660,10 +643,10 @@ def calibration(job: JobConfig, cache_dir: str | os.PathLike | None = None, devi
     device = _device(device)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = cache / CACHE_FILE
-    digest, key = _cache_key(job, device, max_flops)
-    entries = _read_cache(path)
-    if not refresh and isinstance(entries.get(digest), dict) and entries[digest].get("key") == key:
-        return {**entries[digest], "cached": True}
+    key = _cache_key(job, device, max_flops)
+    cached = None if refresh else cache_lookup(path, key)
+    if cached is not None:
+        return {**cached, "cached": True}
 
     measured_job = calibration_job(job, max_flops, device=device)
     start = time.perf_counter()
@@ -686,15 +669,8 @@ def calibration(job: JobConfig, cache_dir: str | os.PathLike | None = None, devi
                               if extrapolated else None),
         "calibration_s": time.perf_counter() - start,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "key": key,
     }
-    entries = _read_cache(path)  # another process may have added entries meanwhile
-    entries[digest] = record
-    try:
-        _write_cache(path, entries)
-    except OSError:
-        pass  # a read-only home: the estimate still stands, only uncached
-    return {**record, "cached": False}
+    return {**cache_store(path, key, record), "cached": False}
 
 
 def calibrate(job: JobConfig, cache_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",

@@ -1,8 +1,11 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a partial one."""
+"""Atomic file writes (a reader sees the old file or the complete new one, never a partial one), and a keyed
+JSON cache built on them (the calibrations of `estimate --time` and of the dry run's runtime term)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -39,3 +42,41 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# A keyed JSON cache: one file of records, each stored under the SHA-256 of its key (a JSON-able dict) and
+# keeping the key beside it, so a digest collision or a hand-edited file can never return a wrong record.
+
+def _cache_digest(key: dict) -> tuple[str, dict]:
+    text = json.dumps(key, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest(), json.loads(text)  # as read back: lists, not tuples
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cache_lookup(path: Path, key: dict) -> dict | None:
+    """The record stored under `key` in the cache file `path`; None when absent or unreadable."""
+    digest, key = _cache_digest(key)
+    record = _read_cache(path).get(digest)
+    return record if isinstance(record, dict) and record.get("key") == key else None
+
+
+def cache_store(path: Path, key: dict, record: dict) -> dict:
+    """Store `record` (with its "key") under `key` in the cache file `path`, atomically, keeping the entries
+    other processes may have added meanwhile. A folder that cannot be written leaves the record uncached.
+    Returns the record as stored."""
+    digest, key = _cache_digest(key)
+    record = {**record, "key": key}
+    entries = _read_cache(path)
+    entries[digest] = record
+    try:
+        write_bytes_atomically(path, json.dumps(entries, indent=1, sort_keys=True).encode())
+    except OSError:
+        pass  # a read-only home: the value stands, only uncached
+    return record

@@ -13,8 +13,6 @@ own term is 125 MiB and brings them to +0.4..+1.2 %.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import socket
 from dataclasses import replace
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fullres.config import JobConfig
+from fullres.files import cache_lookup, cache_store
 
 CALIBRATION_SHAPE = (16, 16, 16)
 CACHE_FILE = "runtime.json"
@@ -36,37 +35,30 @@ def runtime_job(job: JobConfig) -> JobConfig:
     return replace(small, batch=1, strategy=replace(small.strategy, accumulate=1))
 
 
-def _cache_key(job: JobConfig) -> tuple[str, dict]:
+def _cache_key(job: JobConfig) -> dict:
     from fullres.memory.malloc import ENV
 
-    key = {"version": CACHE_VERSION, "job": runtime_job(job).to_json(), "torch": torch.__version__,
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-           "hostname": socket.gethostname(), "malloc": os.environ.get(ENV, "")}
-    text = json.dumps(key, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest(), json.loads(text)
+    return {"version": CACHE_VERSION, "job": runtime_job(job).to_json(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "hostname": socket.gethostname(), "malloc": os.environ.get(ENV, "")}
 
 
 def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> int:
     """`job`'s runtime term in bytes (see the module docstring), from ``cache_dir/runtime.json`` when this
     network, strategy, torch, CPU, thread count and allocator setting were measured before; otherwise
     measured now (a 16^3 training step in a subprocess: a few seconds) and cached."""
-    from fullres.bench import _read_cache, _write_cache, default_cache_dir
+    from fullres.bench import default_cache_dir
     from fullres.memory.dryrun import dryrun
     from fullres.memory.measure import measure_peak
 
     path = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / CACHE_FILE
-    digest, key = _cache_key(job)
-    entries = _read_cache(path)
-    if not refresh and isinstance(entries.get(digest), dict) and entries[digest].get("key") == key:
-        return int(entries[digest]["runtime_bytes"])
+    key = _cache_key(job)
+    cached = None if refresh else cache_lookup(path, key)
+    if cached is not None:
+        return int(cached["runtime_bytes"])
     small = runtime_job(job)
     tensors = dryrun(small, runtime=0).peak_bytes
     measured = measure_peak(small, steps=2, threads=torch.get_num_threads()).measured_bytes
     runtime = max(0, measured - tensors)
-    entries = _read_cache(path)  # another process may have added entries meanwhile
-    entries[digest] = {"runtime_bytes": runtime, "measured_bytes": measured, "tensor_bytes": tensors, "key": key}
-    try:
-        _write_cache(path, entries)
-    except OSError:
-        pass  # a read-only home: the term stands, only uncached
+    cache_store(path, key, {"runtime_bytes": runtime, "measured_bytes": measured, "tensor_bytes": tensors})
     return runtime
