@@ -144,13 +144,11 @@ def memory_device(choice: str) -> str:
     count, so it needs a CUDA build of torch and a visible GPU."""
     import torch
 
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    from fullres.train import Process, pick_device
+
     if choice == "cuda" and not torch.backends.cuda.is_built():
         raise UserError(f"--device cuda: this torch ({torch.__version__}) is built without CUDA")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device cuda: no CUDA device is available (this torch: {torch.__version__})")
-    return choice
+    return pick_device(choice, Process()).type  # auto, and a CUDA build that sees no GPU, as train resolves them
 
 
 def add_memory_device_argument(parser: argparse.ArgumentParser) -> None:
