@@ -56,7 +56,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fullres.config import JobConfig
-from fullres.memory.cuda_allocator import CachingAllocatorModel
+from fullres.memory.cuda_allocator import CachingAllocatorModel, round_size
 
 aten = torch.ops.aten
 
@@ -199,7 +199,7 @@ def cuda_bias_gradient_buffer_bytes(grad_output, multiprocessors: int) -> int:
     if values_per_thread < 16 * block_height and values_per_thread < 256:
         return 0  # one block per output column: no global buffer
     ctas_per_output = min(-(-values_per_thread // 16), -(-16 * multiprocessors // grid_x))
-    semaphores = 512  # one int per block column, in the allocator's smallest block
+    semaphores = round_size(4 * grid_x)  # one int per block column, as the allocator rounds it
     return 4 * channels * ctas_per_output * block_width * vector + semaphores
 
 
