@@ -73,7 +73,12 @@ def test_channels_last_and_bf16_run_and_stay_close():
     images, targets = batch(2)
     _, plain = gradients(model, images, targets, Strategy())
     _, channels_last = gradients(copy.deepcopy(model), images, targets, Strategy(channels_last=True))
-    assert_same_gradients(plain, channels_last, rtol=1e-3, atol=1e-5)
+    # Another layout sums in another order (and differently with each thread count): an elementwise
+    # rtol fails on near-zero entries now and then. fp32 summation error scales with the tensor's
+    # magnitude, so bound the worst difference by its largest entry (measured: 2-3e-6 at 1 and 2 threads).
+    for name in plain:
+        scale = plain[name].abs().max()
+        assert (plain[name] - channels_last[name]).abs().max() <= 1e-4 * scale, name
     loss_bf16, bf16 = gradients(copy.deepcopy(model), images, targets, Strategy(precision="bf16"))
     assert all(torch.isfinite(g).all() for g in bf16.values())
 
