@@ -94,3 +94,34 @@ def test_bad_predict_inputs(trained, tmp_path, cli, make_input, message):
 def test_missing_run_is_refused(small_msd, tmp_path, cli):
     code, _, err = cli("predict", tmp_path / "nowhere", small_msd, "--out", tmp_path / "o")
     assert code == 2 and "no such run folder or checkpoint" in err
+
+
+@pytest.mark.parametrize("strategy", [{"channels_last": True}, {"precision": "bf16", "checkpointing": True, "slabs": 2}])
+def test_prediction_runs_in_the_runs_layout_and_precision(strategy):
+    """Predict runs as validation did: the run's memory format and autocast precision (slabs and
+    checkpointing are training-only), whole volume and sliding windows alike."""
+    from fullres.config import JobConfig, Strategy
+    from fullres.data import DataConfig
+    from fullres.model import ModelConfig, UNet3D
+    from fullres.step import autocast
+    from fullres.train import TrainConfig
+
+    shape = (16, 16, 16)
+    job = JobConfig(model=ModelConfig(in_channels=2, filters=2), shape=shape, batch=1, strategy=Strategy(**strategy))
+    config = TrainConfig(job=job, data=DataConfig(channels=(0, 1), shape=shape), data_dir="unused")
+    torch.manual_seed(0)
+    model = UNet3D(job.model).eval()
+    reference = UNet3D(job.model).eval()
+    reference.load_state_dict(model.state_dict())
+    predictor = predict_module.Predictor(predict_module.prepare_model(model, predict_module.inference_strategy(config)),
+                                         config, Path("unused"))
+    assert model.slabs == 1 and not model.checkpointing
+    assert model.conv1a.weight.is_contiguous(memory_format=torch.channels_last_3d) == job.strategy.channels_last
+    image = np.random.default_rng(0).standard_normal((2, 32, 16, 16)).astype(np.float32)
+    with torch.no_grad(), autocast(job.strategy, "cpu"):
+        expected = torch.sigmoid(reference(torch.from_numpy(image)[None]).float())[0].numpy()
+    cpu = torch.device("cpu")
+    whole = predict_module.predict_volume(predictor, image, cpu, whole=True)
+    np.testing.assert_allclose(whole, expected, rtol=0, atol=1e-5)
+    windows = predict_module.predict_volume(predictor, image, cpu, whole=False)
+    assert windows.shape == expected.shape and np.isfinite(windows).all()

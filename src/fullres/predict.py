@@ -1,10 +1,11 @@
-"""Predict masks with a trained run: the run's own preprocessing, whole volumes in one pass when they fit,
-and NIfTI masks written back in each input's original geometry (crop/pad undone, same affine and header).
+"""Predict masks with a trained run: the run's own preprocessing, layout and precision (as its validation ran),
+whole volumes in one pass when they fit, and NIfTI masks written back in each input's original geometry
+(crop/pad undone, same affine and header).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from fullres.data.nifti import case_id_from_path
 from fullres.errors import UserError
 from fullres.memory.table1 import table1
 from fullres.model import UNet3D, validate_spatial_shape
+from fullres.step import autocast, prepare_model, to_device
 from fullres.train import TrainConfig, available_memory, load_checkpoint, write_json
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -50,7 +52,13 @@ def load_predictor(run_or_checkpoint: Path, device: torch.device) -> Predictor:
         raise UserError(f"{checkpoint}: the checkpoint holds no readable run configuration ({error})") from None
     model = UNet3D(config.job.model)
     model.load_state_dict(state["model"])
-    return Predictor(model.to(device).eval(), config, checkpoint)
+    return Predictor(prepare_model(model.to(device).eval(), inference_strategy(config)), config, checkpoint)
+
+
+def inference_strategy(config: TrainConfig):
+    """The run's layout and precision, as its validation passes ran; checkpointing and accumulation only
+    act on training, and slabs stay off (inference memory is judged by `forward_bytes` for whole volumes)."""
+    return replace(config.job.strategy, checkpointing=False, accumulate=1, slabs=1)
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -85,15 +93,21 @@ def forward_bytes(config: TrainConfig) -> int:
 def predict_volume(predictor: Predictor, image: np.ndarray, device: torch.device, whole: bool) -> np.ndarray:
     """Probabilities [K, H, W, D] for one preprocessed image [C, H, W, D]: in one pass, or sliding windows
     of the training shape with 50 % overlap and Gaussian blending (MONAI's sliding_window_inference)."""
+    strategy = inference_strategy(predictor.config)
+
+    def forward(volume: torch.Tensor) -> torch.Tensor:
+        with autocast(strategy, device.type):
+            return predictor.model(to_device(volume, device, strategy)).float()
+
     x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
     with torch.no_grad():
         if whole:
-            logits = predictor.model(x)
+            logits = forward(x)
         else:
             from monai.inferers import sliding_window_inference
 
             logits = sliding_window_inference(x, roi_size=predictor.config.job.shape, sw_batch_size=1,
-                                              predictor=predictor.model, overlap=SLIDING_WINDOW_OVERLAP,
+                                              predictor=forward, overlap=SLIDING_WINDOW_OVERLAP,
                                               mode="gaussian")
     logits = logits[0].float()
     probabilities = torch.sigmoid(logits) if predictor.config.data.target != "classes" else torch.softmax(logits, 0)
