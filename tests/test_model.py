@@ -49,3 +49,31 @@ def test_size_not_divisible_by_8_names_nearest_sizes():
 def test_bad_model_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**kwargs)
+
+
+def test_few_input_channels_run_on_onednn_with_the_same_result():
+    """conv1a at batch 1 where ATen's rule (N x C x D x H <= 20480) picks its slow path: zero channels
+    move it to oneDNN, with the same output and weight gradient (up to summation order)."""
+    from fullres.model import Conv3d, _conv_backend, _few_channels_on_onednn
+
+    torch.manual_seed(0)
+    layer = Conv3d(4, 8, kernel_size=3, padding=1)
+    reference = torch.nn.Conv3d(4, 8, kernel_size=3, padding=1)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 4, 64, 48, 8)  # 4 x 64 x 48 = 12288: slow path; 8 x 64 x 48: oneDNN
+    assert _conv_backend(x, layer.weight, layer.bias, layer).endswith("Slow3d")
+    assert _few_channels_on_onednn(layer, x) is not None
+    gradient = torch.randn(1, 8, 64, 48, 8)
+    wide, plain = layer(x), reference(x)
+    torch.testing.assert_close(wide, plain, rtol=0, atol=1e-5)
+    wide.backward(gradient)
+    plain.backward(gradient)
+    for mine, theirs in ((layer.weight.grad, reference.weight.grad), (layer.bias.grad, reference.bias.grad)):
+        assert (mine - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    # Left alone: enough channels, bf16, or a volume small enough that 8 channels stay on the slow path
+    assert _few_channels_on_onednn(layer, torch.randn(1, 4, 16, 16, 16)) is None
+    assert _few_channels_on_onednn(layer, x.bfloat16()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _few_channels_on_onednn(layer, x) is None
+    wide_layer = Conv3d(8, 8, kernel_size=3, padding=1)
+    assert _few_channels_on_onednn(wide_layer, torch.randn(1, 8, 16, 16, 16)) is None

@@ -118,7 +118,7 @@ class UNet3D(nn.Module):
         f = config.filters
         for name, (cin, cout) in _CONVS.items():
             in_channels = config.in_channels if cin is None else cin * f
-            setattr(self, name, nn.Conv3d(in_channels, cout * f, kernel_size=3, padding=1))
+            setattr(self, name, Conv3d(in_channels, cout * f, kernel_size=3, padding=1))
             # Norm modules only exist when asked for, so the default model is exactly Table 1's.
             if config.norm != "none":
                 setattr(self, "norm" + name[4:], _norm(config.norm, cout * f))
@@ -246,6 +246,48 @@ class UNet3D(nn.Module):
     def _checkpointed(segment, *inputs):
         # Non-reentrant checkpointing restores the RNG state, so dropout masks repeat exactly on recompute.
         return checkpoint(segment, *inputs, use_reentrant=False)
+
+
+FEW_CHANNELS = 8  # below this many input channels a convolution may be widened (zero channels) onto oneDNN
+
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d (same parameters and state dict) that runs on oneDNN where ATen's rules would send a
+    convolution with few input channels to its slow path: see `_few_channels_on_onednn`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = _few_channels_on_onednn(self, x)
+        return super().forward(x) if wide is None else wide
+
+
+def _conv_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Conv3d) -> str:
+    """The kernel family ATen picks for this convolution (its own rules: shapes, strides, dtype, threads)."""
+    return str(torch._C._select_conv_backend(x, weight, bias, list(layer.stride), list(layer.padding),
+                                             list(layer.dilation), False, [0, 0, 0], layer.groups, None))
+
+
+def _few_channels_on_onednn(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor | None:
+    """The first convolution (4 input channels) on oneDNN where ATen would take its slow path, else None.
+
+    ATen runs an fp32 CPU convolution at batch 1 with N x C x D x H <= 20480 (conv1a below
+    full resolution, e.g. 4 x 64 x 64) through vol2col + GEMM, which with 4 x 27 rows per GEMM runs
+    far below the machine's rate. Zero input channels (and zero weights for them) change nothing in
+    the sum but lift it past that rule: measured at 64^3, channels-last, 2 threads, forward and
+    backward 176 ms on the slow path against 53 ms padded to 8 channels on oneDNN, the training step
+    1.5 % faster (benchmarks/few_channels.py, docs/benchmarks.md).
+    The gradients of the real weights are the same up to summation order."""
+    channels = x.shape[1]
+    if channels >= FEW_CHANNELS or x.device.type != "cpu" or x.dtype != torch.float32 or layer.groups != 1:
+        return None
+    if torch.is_autocast_enabled("cpu"):  # bf16 convolutions always run on oneDNN
+        return None
+    if not _conv_backend(x, layer.weight, layer.bias, layer).endswith("Slow3d"):
+        return None
+    zeros = (0, 0, 0, 0, 0, 0, 0, FEW_CHANNELS - channels)  # pad dim 1 (channels) at its end
+    wide_x, wide_weight = F.pad(x, zeros), F.pad(layer.weight, zeros)
+    if not _conv_backend(wide_x, wide_weight, layer.bias, layer).endswith("Mkldnn"):
+        return None
+    return F.conv3d(wide_x, wide_weight, layer.bias, layer.stride, layer.padding, layer.dilation)
 
 
 def _call(segment, *inputs):

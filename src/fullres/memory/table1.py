@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fullres.model import Concatenate, ModelConfig, UNet3D, validate_spatial_shape
+from fullres.model import Concatenate, Conv3d, ModelConfig, UNet3D, validate_spatial_shape
 
 # Keras names, as Table 1 prints them.
 _LAYER_TYPES = {
     nn.Conv3d: "Conv3D",
+    Conv3d: "Conv3D",  # fullres's nn.Conv3d (oneDNN for few input channels), the same layer
     nn.ConvTranspose3d: "Conv3DTranspose",
     nn.MaxPool3d: "MaxPooling3D",
     nn.Dropout: "Dropout",
