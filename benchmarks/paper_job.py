@@ -52,7 +52,7 @@ def measure_step(precision: str, slabs: int) -> dict:
     from fullres.memory.measure import measure_peak
 
     job = JobConfig(batch=1, strategy=Strategy(checkpointing=True, channels_last=True, slabs=slabs, precision=precision))
-    estimate = dryrun(job, steps=1)
+    estimate = dryrun(job, steps=1, runtime="measured")  # the estimate fullres shows
     measured = measure_peak(job, steps=1)
     return {"job": job.to_json(), "dryrun_bytes": estimate.peak_bytes, "dryrun_peak_at": estimate.peak_at,
             "measured": measured.to_json(),
