@@ -77,3 +77,13 @@ def test_few_input_channels_run_on_onednn_with_the_same_result():
         assert _few_channels_on_onednn(layer, x) is None
     wide_layer = Conv3d(8, 8, kernel_size=3, padding=1)
     assert _few_channels_on_onednn(wide_layer, torch.randn(1, 8, 16, 16, 16)) is None
+
+
+def test_few_channels_left_alone_where_torch_cannot_say_which_kernel(monkeypatch):
+    from fullres.model import Conv3d, _few_channels_on_onednn
+
+    monkeypatch.delattr(torch._C, "_select_conv_backend")
+    layer = Conv3d(4, 8, kernel_size=3, padding=1)
+    x = torch.randn(1, 4, 64, 48, 8)
+    assert _few_channels_on_onednn(layer, x) is None
+    assert layer(x).shape == (1, 8, 64, 48, 8)

@@ -261,9 +261,13 @@ class Conv3d(nn.Conv3d):
 
 
 def _conv_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Conv3d) -> str:
-    """The kernel family ATen picks for this convolution (its own rules: shapes, strides, dtype, threads)."""
-    return str(torch._C._select_conv_backend(x, weight, bias, list(layer.stride), list(layer.padding),
-                                             list(layer.dilation), False, [0, 0, 0], layer.groups, None))
+    """The kernel family ATen picks for this convolution (its own rules: shapes, strides, dtype, threads);
+    "" where this torch does not say (a private function: then nothing is widened)."""
+    select = getattr(torch._C, "_select_conv_backend", None)
+    if select is None:
+        return ""
+    return str(select(x, weight, bias, list(layer.stride), list(layer.padding), list(layer.dilation), False,
+                      [0, 0, 0], layer.groups, None))
 
 
 def _few_channels_on_onednn(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor | None:
