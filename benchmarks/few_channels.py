@@ -71,13 +71,15 @@ def main(argv: list[str] | None = None) -> int:
 
     for label, once, repeats in (("conv1a forward + backward", conv_once, 5), ("training step", step_once, args.steps)):
         times = {name: [] for name in variants}
-        for repeat in range(repeats + 1):  # the first round warms up
-            for name, fn in variants.items():
-                model_module._few_channels_on_onednn = fn
-                seconds = timed(once)
-                if repeat:
-                    times[name].append(seconds)
-        model_module._few_channels_on_onednn = widen
+        try:
+            for repeat in range(repeats + 1):  # the first round warms up
+                for name, fn in variants.items():
+                    model_module._few_channels_on_onednn = fn
+                    seconds = timed(once)
+                    if repeat:
+                        times[name].append(seconds)
+        finally:
+            model_module._few_channels_on_onednn = widen
         medians = {name: statistics.median(values) for name, values in times.items()}
         for name, values in times.items():
             print(f"{label:27s} {name:18s} median {medians[name]:8.3f} s  (min {min(values):.3f}, max {max(values):.3f})")

@@ -10,7 +10,8 @@ tensors add oneDNN reorder copies: see docs/benchmarks.md). Set FULLRES_MALLOC=f
 row under the allocator policy that jobs with checkpointing or slabs get anyway.
 
 The second form merges sweeps run in pieces: it keeps their measurements and recomputes every dry run
-with the code as it is now, so the table and Figures 3 and 5 show the estimator that ships.
+with the code as it is now, so the table and Figures 3 and 5 show the estimator that ships. Its runtime
+term is the one measured on the machine running it (under its FULLRES_MALLOC): run it where the sweeps ran.
 """
 
 from __future__ import annotations

@@ -179,6 +179,15 @@ def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypa
     assert runtime.measured_runtime_bytes(job.with_(batch=4, shape=(64, 64, 64)), cache_dir=tmp_path) == expected
     assert len(calls) == 1 and calls[0] == small  # the second job shares the network: read from the cache
     assert json.loads((tmp_path / runtime.CACHE_FILE).read_text())  # a readable cache file
+    # The cache keeps the measurement; the tensors are the current dry run's, so a difference stored by
+    # an older tensor model is never reused.
+    cache_file = tmp_path / runtime.CACHE_FILE
+    entries = json.loads(cache_file.read_text())
+    for entry in entries.values():
+        entry["runtime_bytes"], entry["tensor_bytes"] = 1, 10**9 - 1
+    cache_file.write_text(json.dumps(entries))
+    assert runtime.measured_runtime_bytes(job, cache_dir=tmp_path) == expected
+    assert len(calls) == 1
     runtime.measured_runtime_bytes(job.with_(model=ModelConfig(in_channels=4, filters=8, norm="none")),
                                    cache_dir=tmp_path)
     assert len(calls) == 2

@@ -51,6 +51,7 @@ def test_bad_model_config(kwargs, message):
         ModelConfig(**kwargs)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a torch built with oneDNN")
 def test_few_input_channels_run_on_onednn_with_the_same_result():
     """conv1a at batch 1 where ATen's rule (N x C x D x H <= 20480) picks its slow path: zero channels
     move it to oneDNN, with the same output and weight gradient (up to summation order)."""
@@ -77,6 +78,8 @@ def test_few_input_channels_run_on_onednn_with_the_same_result():
         assert _few_channels_on_onednn(layer, x) is None
     wide_layer = Conv3d(8, 8, kernel_size=3, padding=1)
     assert _few_channels_on_onednn(wide_layer, torch.randn(1, 8, 16, 16, 16)) is None
+    reflecting = Conv3d(4, 8, kernel_size=3, padding=1, padding_mode="reflect")
+    assert _few_channels_on_onednn(reflecting, x) is None
 
 
 def test_few_channels_left_alone_where_torch_cannot_say_which_kernel(monkeypatch):

@@ -285,6 +285,10 @@ def _few_channels_on_onednn(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor |
         return None
     if torch.is_autocast_enabled("cpu"):  # bf16 convolutions always run on oneDNN
         return None
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):  # F.conv3d below pads with zeros, by number
+        return None
+    if torch.compiler.is_compiling():  # asking ATen for its backend would break the compiled graph
+        return None
     if not _conv_backend(x, layer.weight, layer.bias, layer).endswith("Slow3d"):
         return None
     zeros = (0, 0, 0, 0, 0, 0, 0, FEW_CHANNELS - channels)  # pad dim 1 (channels) at its end
