@@ -13,6 +13,7 @@ own term is 125 MiB and brings them to +0.4..+1.2 %.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import replace
@@ -43,20 +44,29 @@ def _cache_key(job: JobConfig) -> dict:
             "hostname": socket.gethostname(), "malloc": os.environ.get(ENV, "")}
 
 
+@functools.lru_cache(maxsize=None)
+def _tensor_bytes(small: JobConfig, threads: int) -> int:
+    """The dry run's tensors for the 16^3 calibration job, once per process: `plan` asks for the same
+    network's term at every batch and shape it tries (~0.3 s each). `threads` is part of the key because the
+    kernels ATen picks, and so the workspaces, depend on it."""
+    from fullres.memory.dryrun import dryrun
+
+    return dryrun(small, runtime=0).peak_bytes
+
+
 def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> int:
     """`job`'s runtime term in bytes (see the module docstring), from ``cache_dir/runtime.json`` when this
     network, strategy, torch, CPU, thread count and allocator setting were measured before; otherwise
     measured now (a 16^3 training step in a subprocess: a few seconds) and cached."""
     from fullres.bench import default_cache_dir
-    from fullres.memory.dryrun import dryrun
     from fullres.memory.measure import measure_peak
 
     path = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / CACHE_FILE
     key = _cache_key(job)
     small = runtime_job(job)
     # The measurement is what is cached; the tensors are the dry run's as the code stands now, so a
-    # change to the tensor model never leaves a stale difference behind (a 16^3 dry run: well under 1 s).
-    tensors = dryrun(small, runtime=0).peak_bytes
+    # change to the tensor model never leaves a stale difference behind.
+    tensors = _tensor_bytes(small, torch.get_num_threads())
     cached = None if refresh else cache_lookup(path, key)
     if cached is not None:
         return max(0, int(cached["measured_bytes"]) - tensors)
