@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     layer = prepare_model(model_module.Conv3d(4, args.filters, kernel_size=3, padding=1), strategy)
     x = to_device(torch.randn(1, 4, *args.shape), cpu, strategy)
     gradient = to_device(torch.randn(1, args.filters, *args.shape), cpu, strategy)
-    backend = model_module._conv_backend(x, layer.weight, layer.bias, layer).split(".")[-1]
+    backend = model_module._conv_backend(x, layer.weight, layer.bias, layer)
     wide = F.pad(x, (0, 0, 0, 0, 0, 0, 0, 4))
     wide_backend = model_module._conv_backend(wide, F.pad(layer.weight, (0, 0, 0, 0, 0, 0, 0, 4)), layer.bias, layer)
-    print(f"conv1a at {tuple(x.shape)}: ATen picks {backend}; widened to 8 channels: {wide_backend.split('.')[-1]}")
+    print(f"conv1a at {tuple(x.shape)}: ATen picks {backend}; widened to 8 channels: {wide_backend}")
 
     def conv_once():
         layer.zero_grad()

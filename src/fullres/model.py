@@ -260,14 +260,22 @@ class Conv3d(nn.Conv3d):
         return super().forward(x) if wide is None else wide
 
 
-def _conv_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Conv3d) -> str:
-    """The kernel family ATen picks for this convolution (its own rules: shapes, strides, dtype, threads);
-    "" where this torch does not say (a private function: then nothing is widened)."""
+def select_conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups) -> str:
+    """The kernel family ATen picks for this convolution, by its own rules (shapes, strides, dtype, thread
+    count, CPU features; never the data): "Mkldnn", "Slow3d", ...; "" where this torch does not say (it is
+    a private function). Used by `_few_channels_on_onednn` and by the dry run's workspace model."""
     select = getattr(torch._C, "_select_conv_backend", None)
     if select is None:
         return ""
-    return str(select(x, weight, bias, list(layer.stride), list(layer.padding), list(layer.dilation), False,
-                      [0, 0, 0], layer.groups, None))
+    return str(select(input, weight, bias, list(stride), list(padding), list(dilation), bool(transposed),
+                      list(output_padding), int(groups), None)).split(".")[-1]
+
+
+def _conv_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Conv3d) -> str:
+    """`select_conv_backend` for `layer` run on `x` with these weights ("" where this torch does not say:
+    then nothing is widened)."""
+    return select_conv_backend(x, weight, bias, layer.stride, layer.padding, layer.dilation, False, (0, 0, 0),
+                               layer.groups)
 
 
 def _few_channels_on_onednn(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor | None:
@@ -289,11 +297,11 @@ def _few_channels_on_onednn(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor |
         return None
     if torch.compiler.is_compiling():  # asking ATen for its backend would break the compiled graph
         return None
-    if not _conv_backend(x, layer.weight, layer.bias, layer).endswith("Slow3d"):
+    if _conv_backend(x, layer.weight, layer.bias, layer) != "Slow3d":
         return None
     zeros = (0, 0, 0, 0, 0, 0, 0, FEW_CHANNELS - channels)  # pad dim 1 (channels) at its end
     wide_x, wide_weight = F.pad(x, zeros), F.pad(layer.weight, zeros)
-    if not _conv_backend(wide_x, wide_weight, layer.bias, layer).endswith("Mkldnn"):
+    if _conv_backend(wide_x, wide_weight, layer.bias, layer) != "Mkldnn":
         return None
     return F.conv3d(wide_x, wide_weight, layer.bias, layer.stride, layer.padding, layer.dilation)
 

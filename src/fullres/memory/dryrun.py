@@ -57,6 +57,7 @@ from torch.utils._pytree import tree_flatten
 
 from fullres.config import JobConfig
 from fullres.memory.cuda_allocator import CachingAllocatorModel, round_size
+from fullres.model import select_conv_backend
 
 aten = torch.ops.aten
 
@@ -139,8 +140,7 @@ def conv_backend(input, weight, bias, stride, padding, dilation, transposed, out
     if key not in _BACKENDS:
         def probe(x, w):
             b = torch.empty(tuple(bias.shape), dtype=bias.dtype) if isinstance(bias, torch.Tensor) else None
-            return torch._C._select_conv_backend(x, w, b, list(stride), list(padding), list(dilation),
-                                                 bool(transposed), list(output_padding), int(groups), None)
+            return select_conv_backend(x, w, b, stride, padding, dilation, transposed, output_padding, groups)
 
         with torch.utils._python_dispatch._disable_current_modes():
             try:
@@ -152,8 +152,8 @@ def conv_backend(input, weight, bias, stride, padding, dilation, transposed, out
                     one = torch.empty((1, *input.shape[1:]), dtype=input.dtype)
                     backend = probe(one, torch.empty(tuple(weight.shape), dtype=weight.dtype))
                 except RuntimeError:
-                    backend = "Slow3d"  # assume the path with the larger workspace
-        _BACKENDS[key] = str(backend).split(".")[-1]
+                    backend = ""
+        _BACKENDS[key] = backend or "Slow3d"  # not known: assume the path with the larger workspace
     return _BACKENDS[key]
 
 
