@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     cpu_line = configure_cpu(args.threads, Process())  # oneDNN on by default, threads = physical cores
     try:
-        allocator = set_training_malloc_policy() or "default"  # FULLRES_MALLOC=fixed|cached|default, as `fullres` does
+        allocator = set_training_malloc_policy(job.strategy) or "default"  # the policy `fullres train` gives the job
     except UserError as error:
         parser.error(str(error))
     variants = select_variants(args.variants, "cpu")

@@ -201,3 +201,18 @@ def test_dryrun_runtime_argument():
     assert constant.breakdown["runtime"] == runtime_bytes(job)
     assert dryrun(job, runtime=0).peak_bytes == constant.peak_bytes - runtime_bytes(job)
     assert dryrun(job, runtime=5 * 2**20).breakdown["runtime"] == 5 * 2**20
+
+
+def test_under_the_cpu_pool_the_peak_is_its_segments_plus_what_oneDNN_allocates_outside():
+    """FULLRES_MALLOC=pool: the dry run replays the pool's rules; its segments (2 MiB, 20 MiB, or the
+    request rounded to 2 MiB) stay resident, so the peak is at least everything they reserved."""
+    job = SMALL.with_(strategy=Strategy(channels_last=True))
+    pooled = dryrun(job, runtime=0, allocator="pool")
+    plain = dryrun(job, runtime=0, allocator="default")
+    assert plain.reserved_bytes is None and plain.breakdown["allocator_cache"] == 0
+    assert pooled.reserved_bytes % (2 * 2**20) == 0
+    assert sum(pooled.breakdown.values()) == pooled.peak_bytes >= pooled.reserved_bytes
+    # the same tensors, counted as the pool's blocks (rounded up to 512 bytes) instead of their bytes
+    for category in ("parameters", "inputs"):
+        assert 0 <= pooled.breakdown[category] - plain.breakdown[category] < 512 * 64
+    assert pooled.peak_bytes > plain.peak_bytes

@@ -79,4 +79,4 @@ def test_an_unknown_allocator_policy_is_refused_in_one_line(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "FULLRES_MALLOC": "cache"}, cwd=tmp_path)
     assert done.returncode != 0
     assert done.stderr.strip() == ("fullres estimate: error: FULLRES_MALLOC='cache' is not an allocator policy: "
-                                   "use one of fixed, cached, default, or unset it")
+                                   "use one of pool, fixed, cached, default, or unset it")

@@ -588,9 +588,11 @@ def _measure(job: JobConfig, device: torch.device, steps: int = 2,
     cost grows with the weights, not with batch or voxels, so extrapolation must not scale it); then, as
     ``fullres train`` validates (eval mode, no gradients, batch 1, the job's autocast), 1 warm-up +
     `forwards` timed forward passes."""
+    from fullres.memory.malloc import set_training_malloc_policy
     from fullres.model import UNet3D
     from fullres.step import autocast, make_grad_scaler, prepare_model, to_device, train_step
 
+    set_training_malloc_policy(job.strategy, device=device.type)  # timed under the allocator `train` uses
     torch.manual_seed(0)
     model = prepare_model(UNet3D(job.model).to(device), job.strategy)
     model.train()

@@ -39,6 +39,9 @@ Terms
   checkpointing) or by the optimizer update, alive at the peak,
 * ``workspace``: memory an operator uses inside itself, modelled per operator in
   :func:`op_workspace` from first principles and checked against measurements (see there),
+* ``allocator_cache``: on CPU under the pool (:mod:`fullres.memory.cpu_pool`), what its segments hold
+  beyond the blocks in use at the tensors' peak: the pool's segments are mapped populated and kept, so
+  the peak is its reserved bytes, replayed through the same rules as CUDA's allocator,
 * ``runtime``: the fixed cost of the CPU runtime's first step (lazy imports, code pages); see
   :data:`CPU_RUNTIME_BYTES`. 0 on CUDA.
 """
@@ -62,7 +65,7 @@ from fullres.model import select_conv_backend
 aten = torch.ops.aten
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "inputs", "activations", "transient", "workspace",
-              "runtime")
+              "allocator_cache", "runtime")
 
 # Memory a CPU training process gains on its first step that no tensor owns, measured (not fitted) as
 # measured - dry run for the smallest job (filters 1, 8^3, batch 1: 0.9 MiB of tensors; torch 2.13 CPU,
@@ -89,7 +92,7 @@ class DryRunResult:
     saved_bytes: int = 0  # the most forward-pass tensors alive at once (what autograd saves for backward)
     seconds: float = 0.0
     job: dict = field(default_factory=dict)
-    reserved_bytes: int | None = None  # CUDA: the caching allocator's segments (max_memory_reserved); CPU: None
+    reserved_bytes: int | None = None  # the caching allocator's segments: CUDA (max_memory_reserved), CPU pool
 
     def to_json(self) -> dict:
         result = {"method": "dryrun", "peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown),
@@ -271,10 +274,12 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
 class _Tracker(TorchDispatchMode):
     """Follows every storage created under it: size, the phase that made it, alive or not."""
 
-    def __init__(self, cuda_allocator: CachingAllocatorModel | None = None) -> None:
+    def __init__(self, allocator: CachingAllocatorModel | None = None, workspace_in_allocator: bool = False) -> None:
         super().__init__()
-        # On CUDA, bytes are counted as the caching allocator's blocks (what max_memory_allocated counts).
-        self.cuda_allocator = cuda_allocator
+        # With a caching allocator (CUDA's, or the CPU pool), bytes are counted as its blocks (what
+        # max_memory_allocated counts); the CPU pool also serves the operators' workspaces.
+        self.allocator = allocator
+        self.workspace_in_allocator = workspace_in_allocator
         self.live: dict[int, int] = {}  # serial -> bytes
         self.kind: dict[int, str] = {}  # serial -> creation phase category
         self.serial_of: dict[int, int] = {}  # id(storage) -> serial, only while alive
@@ -299,8 +304,8 @@ class _Tracker(TorchDispatchMode):
         serial = self.next_serial
         self.next_serial += 1
         size, address = storage.nbytes(), None
-        if self.cuda_allocator is not None:
-            address, size = self.cuda_allocator.malloc(size)
+        if self.allocator is not None:
+            address, size = self.allocator.malloc(size)
         self.serial_of[key] = serial
         self.live[serial] = size
         self.kind[serial] = kind or self._phase_kind()
@@ -312,7 +317,7 @@ class _Tracker(TorchDispatchMode):
 
     def _free(self, key: int, serial: int, address: int | None = None) -> None:
         if address is not None:
-            self.cuda_allocator.free(address)
+            self.allocator.free(address)
         self.serial_of.pop(key, None)
         size = self.live.pop(serial, 0)
         self.current -= size
@@ -355,6 +360,16 @@ class _Tracker(TorchDispatchMode):
             self.peak_workspace = workspace
             self.peak_at = self._where(func)
 
+    def check_pool_peak(self, func, in_pool: int, outside: int) -> None:
+        """Under the CPU pool the process holds the pool's segments (populated, kept) plus what the
+        operator allocates outside it."""
+        total = self.allocator.reserved + outside
+        if total > self.peak:
+            self.peak = total
+            self.peak_live = dict(self.live)
+            self.peak_workspace = in_pool + outside
+            self.peak_at = self._where(func)
+
     # dispatch ----------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -371,8 +386,43 @@ class _Tracker(TorchDispatchMode):
             key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args[:3])
             first_call = key not in self.seen_backward
             self.seen_backward.add(key)
-        self.check_peak(func, op_workspace(func, args, kwargs, out, first_call))
+        if self.workspace_in_allocator:  # the CPU pool: what the operator takes from it, and what not
+            in_pool, outside = pool_op_workspace(func, args, kwargs, out, first_call)
+            addresses = [self.allocator.malloc(size)[0] for size in in_pool]
+            self.check_pool_peak(func, sum(in_pool), outside)
+            for address in addresses:
+                self.allocator.free(address)
+        else:
+            self.check_peak(func, op_workspace(func, args, kwargs, out, first_call))
         return out
+
+
+def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple[list[int], int]:
+    """`op_workspace` split for the CPU pool: (the blocks the operator takes from PyTorch's allocator, so
+    from the pool; the bytes it allocates elsewhere).
+
+    Read from the pool's trace of real steps (``fullres.memory.cpu_pool.trace``; 2 threads, machine B):
+    ATen's slow path takes its column buffer and contiguous copies as tensors; a oneDNN convolution takes
+    a copy of its weight in forward and two weight-sized buffers in backward (the weight in the primitive's
+    layout and its gradient before the copy out). oneDNN's scratchpad, the bf16 and NCDHW reorders come
+    from oneDNN's own allocations, outside the pool."""
+    if func not in (aten.convolution.default, aten.convolution_backward.default) or args[0].device.type != "cpu":
+        return [], 0
+    forward = func is aten.convolution.default
+    input, weight = (args[0], args[1]) if forward else (args[1], args[2])
+    grad_output = None if forward else args[0]
+    stride, padding, dilation, transposed, output_padding, groups = args[3:9] if forward else args[4:10]
+    bias = (args[2] if forward else (torch.empty(weight.shape[1 if transposed else 0]) if args[3] is not None
+                                     else None))
+    backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    if backend.startswith("Slow"):
+        voxels = math.prod((out if forward else grad_output).shape[2:])
+        blocks = [_columns_bytes(input, weight, voxels, transposed), _contiguous_copy_bytes(input)]
+        if not forward:
+            blocks.append(_contiguous_copy_bytes(grad_output))
+        return [size for size in blocks if size], 0
+    total = op_workspace(func, args, kwargs, out, first_call)
+    return [_nbytes(weight)] * (1 if forward else 2), total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,12 +437,14 @@ def runtime_bytes(job: JobConfig, device: str = "cpu") -> int:
 
 
 def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: str = "cpu",
-           steps: int = 2, runtime: int | str | None = None) -> DryRunResult:
+           steps: int = 2, runtime: int | str | None = None, allocator: str | None = None) -> DryRunResult:
     """Peak memory of `steps` training steps of `job` (see the module docstring), nothing allocated.
 
     `runtime` is the CPU runtime term: None, the constant :func:`runtime_bytes`; "measured", the term of
     this network measured on this machine at 16^3 (:mod:`fullres.memory.runtime`: a subprocess the first
     time, then cached); or a number of bytes. On CUDA it is 0 whatever is asked.
+    `allocator` is the CPU allocator policy (:mod:`fullres.memory.malloc`); None, the one `train` gives
+    the job. Under "pool" the peak is the pool's reserved bytes, replayed.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -404,8 +456,11 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
         raise ValueError(f"only the adam optimizer is modelled, got {optimizer!r}")
     started = time.perf_counter()
     loss_fn = loss_function(loss)
-    cuda_allocator = CachingAllocatorModel() if torch.device(device).type == "cuda" else None
-    tracker = _Tracker(cuda_allocator)
+    from fullres.memory.malloc import policy_for
+
+    pooled = torch.device(device).type == "cpu" and (allocator or policy_for(job.strategy, device)) == "pool"
+    caching = CachingAllocatorModel() if torch.device(device).type == "cuda" or pooled else None
+    tracker = _Tracker(caching, workspace_in_allocator=pooled)
     hooks = []
     with FakeTensorMode(allow_non_fake_inputs=False), tracker:
         # The model: built on the fake device, its parameters tracked as the first storages.
@@ -487,6 +542,8 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
                 category = "transient"
         breakdown[category] += size
     breakdown["workspace"] = tracker.peak_workspace
+    if pooled:  # the pool's free blocks at the peak: its segments stay resident from the moment they are mapped
+        breakdown["allocator_cache"] = max(0, tracker.peak - sum(breakdown.values()))
     if torch.device(device).type != "cpu":
         breakdown["runtime"] = 0
     elif runtime == "measured":
@@ -498,4 +555,4 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
     peak = tracker.peak + breakdown["runtime"]
     return DryRunResult(peak_bytes=int(peak), breakdown=breakdown, peak_at=tracker.peak_at,
                         saved_bytes=tracker.max_activations, seconds=time.perf_counter() - started,
-                        job=job.to_json(), reserved_bytes=cuda_allocator.reserved if cuda_allocator else None)
+                        job=job.to_json(), reserved_bytes=caching.reserved if caching else None)

@@ -35,7 +35,7 @@ LOSSES = ("dice", "dicebce")
 class MeasuredPeak:
     measured_bytes: int  # CPU: peak RSS above the post-import baseline; CUDA: max_memory_allocated
     baseline_bytes: int  # CPU: RSS right after importing torch and fullres; CUDA: 0
-    reserved_bytes: int | None  # CUDA: max_memory_reserved; CPU: None
+    reserved_bytes: int | None  # CUDA: max_memory_reserved; CPU: the pool's peak reserved (None without it)
     step_seconds: list[float]  # wall time of each step
     threads: int  # torch.get_num_threads() in the child
     device: str
@@ -150,8 +150,8 @@ def _child(request: dict) -> dict:
     if request.get("threads"):
         torch.set_num_threads(int(request["threads"]))
     job = JobConfig.from_json(request["job"])
-    malloc_policy = set_training_malloc_policy(job.strategy)  # the allocator policy `fullres train` runs with
     device = torch.device(request["device"])
+    malloc_policy = set_training_malloc_policy(job.strategy, device=device.type)  # as `fullres train` runs it
     cuda = device.type == "cuda"
     baseline, _ = _rss_bytes()
     parts_before = _rss_parts()
@@ -177,6 +177,10 @@ def _child(request: dict) -> dict:
         base = 0
     else:
         measured, reserved, base = peak - baseline, None, baseline
+        if malloc_policy == "pool":
+            from fullres.memory import cpu_pool
+
+            reserved = cpu_pool.stats().peak_reserved
     return {"measured_bytes": int(measured), "baseline_bytes": int(base), "reserved_bytes": reserved,
             "step_seconds": seconds, "threads": torch.get_num_threads(), "device": str(device),
             "extra": {"peak_rss_bytes": peak, "malloc_policy": malloc_policy, "hwm_reset": hwm_reset, "rss_before": parts_before,

@@ -2,7 +2,8 @@
 
 A training process holds memory that no tensor owns: the modules that building Adam imports, code pages
 touched by the first step, oneDNN's primitive cache (one JIT-compiled kernel per convolution shape, so it
-grows with the network's channel counts), and what the C allocator keeps under the job's policy. It
+grows with the network's channel counts), and what the C allocator keeps under the job's policy (under
+the pool, the tensors' segments are the dry run's; glibc still serves what PyTorch does not allocate). It
 does not grow with the volume, so it is measured once per network and strategy on the smallest volume,
 16^3 at batch 1: ``measured peak - the dry run's tensors``, in a fresh process (``measure_peak``).
 
@@ -26,7 +27,7 @@ from fullres.files import cache_lookup, cache_store
 
 CALIBRATION_SHAPE = (16, 16, 16)
 CACHE_FILE = "runtime.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the allocator policy is part of the key (the CPU pool)
 
 
 def runtime_job(job: JobConfig) -> JobConfig:
@@ -37,21 +38,21 @@ def runtime_job(job: JobConfig) -> JobConfig:
 
 
 def _cache_key(job: JobConfig) -> dict:
-    from fullres.memory.malloc import ENV
+    from fullres.memory.malloc import ENV, policy_for
 
     return {"version": CACHE_VERSION, "job": runtime_job(job).to_json(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "hostname": socket.gethostname(), "malloc": os.environ.get(ENV, "")}
+            "hostname": socket.gethostname(), "malloc": os.environ.get(ENV, ""), "policy": policy_for(job.strategy)}
 
 
 @functools.lru_cache(maxsize=None)
-def _tensor_bytes(small: JobConfig, threads: int) -> int:
+def _tensor_bytes(small: JobConfig, threads: int, policy: str) -> int:
     """The dry run's tensors for the 16^3 calibration job, once per process: `plan` asks for the same
     network's term at every batch and shape it tries (~0.3 s each). `threads` is part of the key because the
-    kernels ATen picks, and so the workspaces, depend on it."""
+    kernels ATen picks, and so the workspaces, depend on it; `policy`, the allocator's (the pool's segments)."""
     from fullres.memory.dryrun import dryrun
 
-    return dryrun(small, runtime=0).peak_bytes
+    return dryrun(small, runtime=0, allocator=policy).peak_bytes
 
 
 def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> int:
@@ -66,7 +67,7 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
     small = runtime_job(job)
     # The measurement is what is cached; the tensors are the dry run's as the code stands now, so a
     # change to the tensor model never leaves a stale difference behind.
-    tensors = _tensor_bytes(small, torch.get_num_threads())
+    tensors = _tensor_bytes(small, torch.get_num_threads(), key["policy"])
     cached = None if refresh else cache_lookup(path, key)
     if cached is not None:
         return max(0, int(cached["measured_bytes"]) - tensors)

@@ -1,0 +1,149 @@
+"""fullres's CPU pool (memory/cpu_pool.cpp): built, installed as PyTorch's CPU allocator, replayed exactly.
+
+Each test that installs the pool does so in a subprocess: the allocator is the process's."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fullres.memory import cpu_pool
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool is built for Linux")
+
+
+def run_python(code: str, *args: str, **env) -> str:
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+REPLAY = """
+import torch
+from fullres.config import JobConfig, ModelConfig, Strategy
+from fullres.memory import cpu_pool
+from fullres.memory.cuda_allocator import CachingAllocatorModel
+from fullres.memory.measure import loss_function, make_batch
+from fullres.model import UNet3D
+from fullres.step import make_grad_scaler, prepare_model, train_step
+torch.set_num_threads(1)
+cpu_pool.install()
+cpu_pool.trace(True)
+job = JobConfig(model=ModelConfig(in_channels=4, filters=4), shape=(16, 16, 16), batch=2,
+                strategy=Strategy(channels_last=True))
+torch.manual_seed(0)
+model = prepare_model(UNet3D(job.model), job.strategy)
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+images, targets = make_batch(job, torch.device("cpu"))
+for _ in range(2):
+    train_step(model, optimizer, images, targets, loss_function("dice"), job.strategy, make_grad_scaler(job.strategy, "cpu"))
+cpu_pool.trace(False)
+events, stats = cpu_pool.read_trace(), cpu_pool.stats()
+replay, differ, peak = CachingAllocatorModel(), 0, 0
+for nbytes, address in events:
+    if nbytes >= 0:
+        differ += replay.malloc(nbytes)[0] != address
+        peak = max(peak, replay.allocated)
+    else:
+        replay.free(address)
+print(len(events), differ, replay.reserved, stats.reserved, replay.allocated, stats.allocated, peak, stats.peak_allocated)
+"""
+
+
+def test_the_pool_follows_the_caching_allocator_model_block_for_block():
+    """Two real training steps through the pool, replayed through the Python model the dry run uses:
+    every block at the same (model) address, the same reserved and allocated bytes."""
+    count, differ, reserved, real_reserved, allocated, real_allocated, peak, real_peak = map(int, run_python(REPLAY).split())
+    assert count > 500
+    assert differ == 0
+    assert (reserved, allocated, peak) == (real_reserved, real_allocated, real_peak)
+    assert reserved >= 2 * 2**20
+
+
+REUSE = """
+import resource, torch
+from fullres.memory import cpu_pool
+cpu_pool.install()
+def step():
+    blocks = [torch.ones(16 * 2**20) for _ in range(4)]  # 4 x 64 MiB: glibc would mmap each afresh
+    del blocks
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+step()
+stats = cpu_pool.stats()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, stats.reserved, stats.allocated, stats.segments)
+"""
+
+
+def test_freed_blocks_are_reused_without_page_faults():
+    faults, reserved, allocated, segments = map(int, run_python(REUSE).split())
+    assert faults < 1_000  # glibc's default: ~130,000 for these two steps (test_malloc)
+    assert reserved == 4 * 64 * 2**20 and segments == 4
+    assert allocated == 0
+
+
+FORK = """
+import torch
+from torch.utils.data import DataLoader, Dataset
+from fullres.memory import cpu_pool
+cpu_pool.install()
+class Volumes(Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, index):
+        return torch.full((4, 16, 16, 16), float(index))
+total = sum(float(batch.sum()) for batch in DataLoader(Volumes(), batch_size=2, num_workers=2))
+print(total, cpu_pool.installed())
+"""
+
+
+def test_data_loader_workers_fork_from_a_process_using_the_pool():
+    """A forked worker must not inherit a held lock: it serves its own tensors with plain malloc."""
+    total, installed = run_python(FORK).split()
+    assert float(total) == sum(range(8)) * 4 * 16 ** 3
+    assert installed == "True"
+
+
+def test_uninstall_gives_pytorch_its_allocator_back_and_blocks_still_return_to_the_pool():
+    code = ("import torch; from fullres.memory import cpu_pool; cpu_pool.install(); x = torch.ones(2**20); "
+            "cpu_pool.uninstall(); y = torch.ones(2**20); a = cpu_pool.stats().allocated; del x; "
+            "print(cpu_pool.installed(), a, cpu_pool.stats().allocated)")
+    assert run_python(code) == f"False {4 * 2**20} 0"
+
+
+def test_without_a_compiler_the_pool_says_why_and_training_keeps_glibc(tmp_path):
+    code = ("from fullres.memory import cpu_pool, malloc; from fullres.config import Strategy\n"
+            "try:\n    cpu_pool.build()\nexcept RuntimeError as error:\n    print(error)\n"
+            "print(malloc.policy_for(Strategy()))")
+    out = run_python(code, CXX=str(tmp_path / "no-such-g++"), FULLRES_CACHE=str(tmp_path), FULLRES_MALLOC="pool")
+    assert out.splitlines() == [f"no C++ compiler ({str(tmp_path / 'no-such-g++')!r} not found) to build the CPU pool",
+                                "default"]
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_a_failed_build_names_the_compiler_error(tmp_path):
+    compiler = tmp_path / "broken-g++"
+    compiler.write_text("#!/bin/sh\necho 'cpu_pool.cpp:1: error: this compiler is broken' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    code = ("from fullres.memory import cpu_pool\n"
+            "try:\n    cpu_pool.build()\nexcept RuntimeError as error:\n    print(error)")
+    out = run_python(code, CXX=str(compiler), FULLRES_CACHE=str(tmp_path))
+    assert out == "building the CPU pool failed: cpu_pool.cpp:1: error: this compiler is broken"
+
+
+def test_the_library_is_built_once_per_source_and_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("FULLRES_CACHE", str(tmp_path))
+    first = cpu_pool.build()
+    stamp = first.stat().st_mtime_ns
+    assert cpu_pool.build() == first and first.stat().st_mtime_ns == stamp
+    assert first.parent.parent == tmp_path / "cpu_pool"
+
+
+def test_the_policy_chooses_the_pool_only_when_asked_and_only_on_cpu():
+    code = ("from fullres.config import Strategy; from fullres.memory.malloc import policy_for as p; "
+            "print(p(Strategy()), p(Strategy(checkpointing=True)), p(Strategy(), 'cuda'), p(None))")
+    assert run_python(code, FULLRES_MALLOC="pool") == "pool pool default default"
+    assert run_python(code, FULLRES_MALLOC="") == "default fixed default default"
