@@ -25,7 +25,7 @@ from fullres.bench import default_variants, figure6_chart, machine_info, run_ben
 from fullres.config import JobConfig, Strategy
 from fullres.errors import UserError
 from fullres.files import write_bytes_atomically
-from fullres.memory.malloc import set_training_malloc_policy
+from fullres.memory.malloc import policy_for
 from fullres.model import ModelConfig
 from fullres.train import Process, configure_cpu
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     cpu_line = configure_cpu(args.threads, Process())  # oneDNN on by default, threads = physical cores
     try:
-        allocator = set_training_malloc_policy(job.strategy) or "default"  # the policy `fullres train` gives the job
+        policy_for(job.strategy)  # FULLRES_MALLOC checked here; each variant runs under the policy train gives it
     except UserError as error:
         parser.error(str(error))
     variants = select_variants(args.variants, "cpu")
@@ -66,13 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"date: {machine['date']}")
     print(f"machine: {machine['cpu']} ({machine['logical_cpus']} logical CPUs), {machine['hostname']}; {cpu_line}")
     print(f"torch {machine['torch']}, python {machine['python']}; load average {machine['load_average_1min']:.2f}; "
-          f"allocator policy {allocator}")
+          f"allocator: per variant, as `fullres train` gives it")
     print(f"job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
           f"{job.model.filters} filters; {args.warmup} warm-up + {args.repeats} timed steps per variant", flush=True)
 
     result = run_bench(job, variants, warmup=args.warmup, repeats=args.repeats, peak_size=args.peak_size)
     result["command"] = command
-    result["allocator"] = allocator
 
     out = Path(args.out)
     write_bytes_atomically(out / "speed.json", (json.dumps(result, indent=2) + "\n").encode())
@@ -81,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     peaks = result["matmul_peak_tflops"]
     print(f"matmul peak: fp32 {peaks['fp32']:.3f} TFLOP/s" +
           (f", bf16 {peaks['bf16']:.3f} TFLOP/s" if peaks.get("bf16") else ""))
-    print(f"{'variant':<18}{'step s':>10}{'img/s':>9}{'TFLOP/s':>9}{'of peak':>9}{'vs stock':>10}")
+    print(f"{'variant':<18}{'step s':>10}{'img/s':>9}{'TFLOP/s':>9}{'of peak':>9}{'vs stock':>10}  allocator")
     for row in result["variants"]:
         if row["skipped"]:
             print(f"{row['name']:<18}  skipped: {row['skipped']}")
             continue
         vs_stock = f"x{row['speedup_vs_stock']:.2f}" if row["speedup_vs_stock"] else "-"
         print(f"{row['name']:<18}{row['step_s']:>10.4g}{row['images_per_s']:>9.3g}{row['tflops']:>9.3g}"
-              f"{row['fraction_of_peak']:>9.0%}{vs_stock:>10}")
+              f"{row['fraction_of_peak']:>9.0%}{vs_stock:>10}  {row['allocator']}")
     speedups = result["speedups"]
     fmt = lambda value: f"x{value:.2f}" if value else "n/a"  # noqa: E731
     print(f"oneDNN vs stock: {fmt(speedups['onednn_vs_stock'])}; best ({result['best_variant']}) vs plain fp32: "

@@ -3,6 +3,7 @@
 Each test that installs the pool does so in a subprocess: the allocator is the process's."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ import pytest
 from fullres.memory import cpu_pool
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool is built for Linux")
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None,
+                                    reason="no C++ compiler: the pool is not built (tested below)")
 
 
 def run_python(code: str, *args: str, **env) -> str:
@@ -52,6 +55,7 @@ print(len(events), differ, replay.reserved, stats.reserved, replay.allocated, st
 """
 
 
+@needs_compiler
 def test_the_pool_follows_the_caching_allocator_model_block_for_block():
     """Two real training steps through the pool, replayed through the Python model the dry run uses:
     every block at the same (model) address, the same reserved and allocated bytes."""
@@ -78,6 +82,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, stats.reserve
 """
 
 
+@needs_compiler
 def test_freed_blocks_are_reused_without_page_faults():
     faults, reserved, allocated, segments = map(int, run_python(REUSE).split())
     assert faults < 1_000  # glibc's default: ~130,000 for these two steps (test_malloc)
@@ -100,6 +105,7 @@ print(total, cpu_pool.installed())
 """
 
 
+@needs_compiler
 def test_data_loader_workers_fork_from_a_process_using_the_pool():
     """A forked worker must not inherit a held lock: it serves its own tensors with plain malloc."""
     total, installed = run_python(FORK).split()
@@ -107,6 +113,7 @@ def test_data_loader_workers_fork_from_a_process_using_the_pool():
     assert installed == "True"
 
 
+@needs_compiler
 def test_uninstall_gives_pytorch_its_allocator_back_and_blocks_still_return_to_the_pool():
     code = ("import torch; from fullres.memory import cpu_pool; cpu_pool.install(); x = torch.ones(2**20); "
             "cpu_pool.uninstall(); y = torch.ones(2**20); a = cpu_pool.stats().allocated; del x; "
@@ -134,6 +141,7 @@ def test_a_failed_build_names_the_compiler_error(tmp_path):
     assert out == "building the CPU pool failed: cpu_pool.cpp:1: error: this compiler is broken"
 
 
+@needs_compiler
 def test_the_library_is_built_once_per_source_and_torch(tmp_path, monkeypatch):
     monkeypatch.setenv("FULLRES_CACHE", str(tmp_path))
     first = cpu_pool.build()
@@ -142,8 +150,12 @@ def test_the_library_is_built_once_per_source_and_torch(tmp_path, monkeypatch):
     assert first.parent.parent == tmp_path / "cpu_pool"
 
 
-def test_the_policy_chooses_the_pool_only_when_asked_and_only_on_cpu():
+@needs_compiler
+def test_the_policy_gives_the_pool_to_fp32_cpu_jobs_without_memory_strategies():
     code = ("from fullres.config import Strategy; from fullres.memory.malloc import policy_for as p; "
-            "print(p(Strategy()), p(Strategy(checkpointing=True)), p(Strategy(), 'cuda'), p(None))")
-    assert run_python(code, FULLRES_MALLOC="pool") == "pool pool default default"
-    assert run_python(code, FULLRES_MALLOC="") == "default fixed default default"
+            "cl = Strategy(channels_last=True); "
+            "print(p(cl), p(Strategy()), p(Strategy(precision='bf16', channels_last=True)), "
+            "p(Strategy(checkpointing=True, channels_last=True)), p(Strategy(slabs=2)), p(cl, 'cuda'), p(None))")
+    assert run_python(code, FULLRES_MALLOC="") == "pool default default fixed fixed default default"
+    assert run_python(code, FULLRES_MALLOC="pool") == "pool pool pool pool pool default default"
+    assert run_python(code, FULLRES_MALLOC="default") == "default default default default default default default"

@@ -216,3 +216,38 @@ def test_under_the_cpu_pool_the_peak_is_its_segments_plus_what_oneDNN_allocates_
     for category in ("parameters", "inputs"):
         assert 0 <= pooled.breakdown[category] - plain.breakdown[category] < 512 * 64
     assert pooled.peak_bytes > plain.peak_bytes
+
+
+def test_gradients_meeting_at_a_branch_are_summed_in_place_as_autograd_does():
+    """Autograd adds the second gradient into the first one's buffer (InputBuffer::accumulate), but makes a
+    new sum for fake tensors: the dry run counts the sum in the first buffer's memory, as a real step holds it."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fullres.memory.dryrun import _Tracker
+
+    def run(in_place: bool) -> tuple[int, int]:
+        tracker = _Tracker()
+        if not in_place:
+            tracker._accumulates_in_place = lambda *args: False
+        at_sum = []
+        check_peak = tracker.check_peak
+
+        def record(func, workspace=0):
+            if func is torch.ops.aten.add.Tensor and tracker.phase == "backward":
+                at_sum.append(tracker.current)
+            check_peak(func, workspace)
+
+        tracker.check_peak = record
+        with FakeTensorMode(), tracker:
+            x = torch.empty(2**20, requires_grad=True)  # 4 MiB
+            tracker.track(x, "parameters")
+            tracker.phase = "forward"
+            (x.sin() + x.cos()).sum().backward()  # two gradients for x, summed
+        (held,) = at_sum
+        return tracker.next_serial, held
+
+    storages_in_place, held_in_place = run(True)
+    storages_new_sum, held_new_sum = run(False)
+    assert storages_new_sum - storages_in_place == 1
+    assert held_new_sum - held_in_place == 4 * 2**20  # no third 4 MiB buffer while the two are summed

@@ -1,3 +1,5 @@
+import os
+import shutil
 import subprocess
 import sys
 
@@ -11,9 +13,10 @@ def run_python(code: str, **env) -> str:
 
 def test_training_malloc_policy_follows_the_strategy_and_the_environment():
     code = ("import sys; from fullres.config import Strategy; from fullres.memory.malloc import set_training_malloc_policy as s; "
-            "print(s(None), s(Strategy()), s(Strategy(checkpointing=True)), s(Strategy(slabs=2)))")
+            "print(s(None), s(Strategy(channels_last=True)), s(Strategy(checkpointing=True)), s(Strategy(slabs=2)))")
     assert run_python(code, FULLRES_MALLOC="fixed") == "fixed fixed fixed fixed"  # glibc: thresholds fixed
-    assert run_python(code, FULLRES_MALLOC="") == "None None fixed fixed"  # memory-saving strategies only
+    pool = "pool" if shutil.which(os.environ.get("CXX") or "g++") else "None"  # fp32 channels-last: the CPU pool
+    assert run_python(code, FULLRES_MALLOC="") == f"None {pool} fixed fixed"
     assert run_python(code, FULLRES_MALLOC="default") == "None None None None"
     assert run_python(code, FULLRES_MALLOC="cached") == "cached cached cached cached"
 

@@ -358,9 +358,11 @@ def time_variant(job: JobConfig, variant: Variant, warmup: int = 1, repeats: int
     fields and ``step_s`` (median), ``step_s_min``, ``step_s_max``, ``step_s_all``, ``images_per_s``,
     ``voxels_per_s``, ``step_flops``, ``tflops`` (step FLOPs / median step time), ``peak_tflops`` (the
     matmul peak of the variant's precision; measured here when not given), ``fraction_of_peak``,
-    ``warmup_s``, ``threads_used`` and, compiled, ``compile_s`` (the first step's time). A compiled
+    ``warmup_s``, ``threads_used``, ``allocator`` (the policy `train` gives the variant, put in force
+    here: :mod:`fullres.memory.malloc`) and, compiled, ``compile_s`` (the first step's time). A compiled
     variant that torch.compile cannot build (no C compiler, an unsupported operator) is returned with
     ``skipped`` (the reason) and None timings instead of raising."""
+    from fullres.memory.malloc import set_training_malloc_policy
     from fullres.model import UNet3D
     from fullres.step import make_grad_scaler, prepare_model, to_device, train_step
 
@@ -373,6 +375,7 @@ def time_variant(job: JobConfig, variant: Variant, warmup: int = 1, repeats: int
                  "voxels_per_s": None, "step_flops": step_flops(job.with_(strategy=strategy)), "tflops": None,
                  "peak_tflops": peak_tflops, "fraction_of_peak": None}
     with variant_context(variant, device):
+        row["allocator"] = set_training_malloc_policy(strategy, device=device.type) or "default"  # as train runs it
         torch.manual_seed(seed)
         model = prepare_model(UNet3D(job.model).to(device), strategy)
         model.train()

@@ -245,13 +245,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fullres.bench import figure6_chart, run_bench, select_variants
     from fullres.train import Process, configure_cpu, pick_device
 
-    from fullres.memory.malloc import set_training_malloc_policy
-
     job = job_from_args(args)
     device = pick_device(args.device, Process())
     if device.type == "cpu":
         configure_cpu(args.threads, Process())
-    set_training_malloc_policy(job.strategy, device=device.type)  # the allocator `train` gives this job
     result = run_bench(job, select_variants(args.variants, device), warmup=args.warmup, repeats=args.repeats,
                        device=device, peak_size=args.peak_size or (8192 if device.type == "cuda" else 2048))
     if args.chart:

@@ -55,6 +55,7 @@ import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -283,6 +284,8 @@ class _Tracker(TorchDispatchMode):
         self.live: dict[int, int] = {}  # serial -> bytes
         self.kind: dict[int, str] = {}  # serial -> creation phase category
         self.serial_of: dict[int, int] = {}  # id(storage) -> serial, only while alive
+        self.finalizers: dict[int, weakref.finalize] = {}  # serial -> what frees it
+        self.addresses: dict[int, int] = {}  # serial -> its block in the caching allocator's model
         self.next_serial = 0
         self.current = 0
         self.peak = 0
@@ -306,6 +309,7 @@ class _Tracker(TorchDispatchMode):
         size, address = storage.nbytes(), None
         if self.allocator is not None:
             address, size = self.allocator.malloc(size)
+            self.addresses[serial] = address
         self.serial_of[key] = serial
         self.live[serial] = size
         self.kind[serial] = kind or self._phase_kind()
@@ -313,12 +317,25 @@ class _Tracker(TorchDispatchMode):
         if self.kind[serial] == "activations":
             self.activations += size
             self.max_activations = max(self.max_activations, self.activations)
-        weakref.finalize(storage, self._free, key, serial, address)
+        self.finalizers[serial] = weakref.finalize(storage, self._free, key, serial, address)
+
+    def adopt(self, tensor: torch.Tensor, source: torch.Tensor) -> None:
+        """`tensor` lives in `source`'s memory (in-place gradient accumulation): one storage, counted once,
+        freed when the later of the two is."""
+        serial = self.serial(source)
+        self.finalizers.pop(serial).detach()
+        del self.serial_of[id(source.untyped_storage())]  # its id may be reused once it is gone
+        address = self.addresses.get(serial)
+        storage = tensor.untyped_storage()
+        self.serial_of[id(storage)] = serial
+        self.finalizers[serial] = weakref.finalize(storage, self._free, id(storage), serial, address)
 
     def _free(self, key: int, serial: int, address: int | None = None) -> None:
         if address is not None:
             self.allocator.free(address)
         self.serial_of.pop(key, None)
+        self.finalizers.pop(serial, None)
+        self.addresses.pop(serial, None)
         size = self.live.pop(serial, 0)
         self.current -= size
         if self.kind.get(serial) == "activations":
@@ -352,6 +369,21 @@ class _Tracker(TorchDispatchMode):
             where += f" ({func.__name__ if hasattr(func, '__name__') else func})"
         return where
 
+    def _accumulates_in_place(self, func, args, kwargs, out) -> bool:
+        """Autograd sums the gradients that reach one tensor from two consumers (a skip connection and the
+        pooling below it) in place, into the first one's buffer when it holds its only reference
+        (``InputBuffer::accumulate``), but not for tensor subclasses such as the dry run's fake tensors, which
+        get a new sum. So a backward ``add`` of two equal dense gradients, the first made in backward, is
+        counted in the first one's memory."""
+        if func is not aten.add.Tensor or self.phase != "backward" or kwargs or len(args) != 2:
+            return False
+        first, second = args
+        if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
+            return False
+        serial = self.serial(first)
+        return (serial is not None and self.kind.get(serial) == "transient" and first.shape == second.shape == out.shape
+                and first.dtype == out.dtype and first.stride() == out.stride() and is_non_overlapping_and_dense(first))
+
     def check_peak(self, func, workspace: int = 0) -> None:
         total = self.current + workspace
         if total > self.peak:
@@ -378,6 +410,8 @@ class _Tracker(TorchDispatchMode):
         out = func(*args, **kwargs)
         if torch._C._current_autograd_node() is not None and self.phase == "forward":
             self.phase = "backward"
+        if self._accumulates_in_place(func, args, kwargs, out):
+            self.adopt(out, args[0])
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 self.track(tensor)
@@ -404,8 +438,8 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
     Read from the pool's trace of real steps (``fullres.memory.cpu_pool.trace``; 2 threads, machine B):
     ATen's slow path takes its column buffer and contiguous copies as tensors; a oneDNN convolution takes
     a copy of its weight in forward and two weight-sized buffers in backward (the weight in the primitive's
-    layout and its gradient before the copy out). oneDNN's scratchpad, the bf16 and NCDHW reorders come
-    from oneDNN's own allocations, outside the pool."""
+    layout and its gradient before the copy out), and in bf16 backward its per-thread copies of input and
+    output gradient. oneDNN's scratchpad and NCDHW reorders come from its own allocations, outside the pool."""
     if func not in (aten.convolution.default, aten.convolution_backward.default) or args[0].device.type != "cpu":
         return [], 0
     forward = func is aten.convolution.default
@@ -421,8 +455,14 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
         if not forward:
             blocks.append(_contiguous_copy_bytes(grad_output))
         return [size for size in blocks if size], 0
-    total = op_workspace(func, args, kwargs, out, first_call)
-    return [_nbytes(weight)] * (1 if forward else 2), total
+    outside = op_workspace(func, args, kwargs, out, first_call)
+    blocks = [_nbytes(weight)] * (1 if forward else 2)
+    if not forward and input.dtype == torch.bfloat16:  # the per-thread bf16 copies are tensors: in the pool
+        share = min(input.shape[0], torch.get_num_threads())
+        copies = [_nbytes(input) * share // input.shape[0], _nbytes(grad_output) * share // input.shape[0]]
+        blocks += copies
+        outside -= sum(copies)
+    return blocks, max(0, outside)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
-"""The allocator policy a training job runs under: the pool, or glibc with fixed thresholds.
+"""The allocator policy a training job runs under: fullres's CPU pool, or glibc with fixed thresholds.
 
-**pool** (jobs without checkpointing or slabs, on CPU): PyTorch's CPU tensors come from
+**pool** (fp32 channels-last jobs without checkpointing or slabs, on CPU; channels-last is `train`'s default): PyTorch's CPU tensors come from
 :mod:`fullres.memory.cpu_pool`, a caching allocator with the rules of PyTorch's CUDA one. Freed blocks
 are reused, so after the first step no page is faulted in again, and the memory it holds (its segments,
-mapped populated, never returned) is what the dry run's replay of the same rules predicts. Measured in one
-process, steps alternated (docs/benchmarks.md): 64^3 x 1, 32 filters, fp32 channels-last, 6.3 % faster
-than glibc's default; the demo job 6.3 % faster. It holds 8-20 % more than the live tensors' peak (blocks
-rounded, segments of 2 and 20 MiB): that is why jobs that declare memory their constraint keep the
-fixed policy below. Where the pool cannot be built (no C++ compiler), such jobs run under glibc's default.
+mapped populated, never returned) is what the dry run's replay of the same rules predicts. Measured
+(docs/benchmarks.md, machine B): in one process with steps alternated, the 64^3 x 1 fp32 channels-last
+step 6.3 % faster than under glibc's default, the demo job's 6.3 %; peaks -8..+12 % of glibc's default,
+and the dry run within -1.7..+4.9 % of them from 32^3 to 96x96x64 but for 64^3 x 1 (+9.2 %), where glibc's
+default missed 4 of 9 jobs by 6-10 %. bf16 jobs keep glibc's default: their oneDNN kernels take
+odd-sized buffers the pool holds on to (+27..+39 % at 64^3 and 96x96x64) and the replay does not follow.
+Contiguous (NCDHW) jobs keep it too: oneDNN reorders whole feature maps for them, and the pool would keep
+those blocks (the paper's 240x240x144 batch-1 fp32 step: 42.5 GB replayed under the pool, 34.0 GB of live
+tensors). Where the pool cannot be built (no C++ compiler), fp32 jobs run under glibc's default too.
 
 **fixed** (jobs with checkpointing or slabs): glibc with large blocks always straight from and back to
 the kernel.
@@ -74,11 +78,13 @@ def policy_for(strategy=None, device: str = "cpu") -> str:
         raise UserError(f"{ENV}={setting!r} is not an allocator policy: use one of {', '.join(POLICIES)}, or unset it")
     if strategy is None or torch.device(device).type != "cpu":
         return setting if setting and setting != "pool" else "default"
-    if setting == "pool":
-        return "pool" if pool_unavailable() is None else "default"
-    if setting:
+    if setting and setting != "pool":
         return setting
-    return "fixed" if strategy.checkpointing or strategy.slabs > 1 else "default"
+    if not setting and (strategy.checkpointing or strategy.slabs > 1):
+        return "fixed"
+    if not setting and (strategy.precision != "fp32" or not strategy.channels_last):
+        return "default"
+    return "pool" if pool_unavailable() is None else "default"
 
 
 def _mallopt():
