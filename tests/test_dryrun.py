@@ -95,12 +95,14 @@ def test_tiny_real_measurement_is_bounded_by_the_dry_run(shape):
 
 
 @pytest.mark.parametrize("shape, strategy", [((48, 32, 32), Strategy(checkpointing=True, channels_last=True)),
-                                             ((64, 64, 64), Strategy(checkpointing=True, slabs=4, channels_last=True))])
+                                             ((64, 64, 64), Strategy(checkpointing=True, slabs=4, channels_last=True)),
+                                             ((32, 32, 32), Strategy(channels_last=True))])
 def test_dry_run_is_within_five_percent_of_a_real_step(shape, strategy):
     """The accuracy goal as `estimate`, `plan` and `train` compute it (the network's runtime term measured at
-    16^3), memory-saving strategies on (so the allocator policy that comes with them), 32 filters: 48x32x32
-    was the worst case with a runtime constant (-6.9 %); slabs at 64^3 (below ~0.6 GB they are 6-10 % high:
-    docs/benchmarks.md)."""
+    16^3) under the allocator policy each job gets, 32 filters: with memory-saving strategies (glibc, fixed
+    thresholds), 48x32x32 was the worst case with a runtime constant (-6.9 %), slabs at 64^3 (below ~0.6 GB
+    they are 6-10 % high: docs/benchmarks.md); without, fp32 channels-last under the CPU pool (32^3: +0.9 %
+    there, -6.1 % under glibc's default heap before)."""
     import torch
 
     from fullres.memory.measure import measure_peak

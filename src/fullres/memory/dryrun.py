@@ -28,6 +28,14 @@ on an H100 for channels-last jobs from 64^3 to 240x240x144, fp32 and bf16, with 
 checkpointing: within 0.1 %. Jobs in the contiguous layout measured 12-22 % higher (cuDNN's workspaces
 for NCDHW tensors, not modelled); :data:`CUDA_CONTIGUOUS_NOTE` says so wherever such an estimate is shown.
 
+On CPU under fullres's pool (the allocator policy of fp32 channels-last jobs without a memory strategy,
+:mod:`fullres.memory.malloc`) the same model replays the pool, which follows the same rules: the peak is
+the largest of its reserved bytes (segments mapped populated and kept) plus what an operator allocates
+outside it (oneDNN's scratchpad), :func:`pool_op_workspace` saying which is which. The replay is exact
+for the allocations it is given (tested on a real trace); where the dry run's allocations differ from a
+real step's (oneDNN's internal copies, the order of frees in backward) it can miss by a segment, which
+at 64^3 and 128^3 is one 128-channel feature map too many (+9 %, +13 %: docs/benchmarks.md).
+
 Terms
 -----
 ``breakdown`` splits the bytes live at the peak:
