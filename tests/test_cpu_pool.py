@@ -125,7 +125,7 @@ def test_without_a_compiler_the_pool_says_why_and_training_keeps_glibc(tmp_path)
     code = ("from fullres.memory import cpu_pool, malloc; from fullres.config import Strategy\n"
             "try:\n    cpu_pool.build()\nexcept RuntimeError as error:\n    print(error)\n"
             "print(malloc.policy_for(Strategy()))")
-    out = run_python(code, CXX=str(tmp_path / "no-such-g++"), FULLRES_CACHE=str(tmp_path), FULLRES_MALLOC="pool")
+    out = run_python(code, CXX=str(tmp_path / "no-such-g++"), XDG_CACHE_HOME=str(tmp_path), FULLRES_MALLOC="pool")
     assert out.splitlines() == [f"no C++ compiler ({str(tmp_path / 'no-such-g++')!r} not found) to build the CPU pool",
                                 "default"]
     assert not list(tmp_path.rglob("*.so"))
@@ -137,17 +137,17 @@ def test_a_failed_build_names_the_compiler_error(tmp_path):
     compiler.chmod(0o755)
     code = ("from fullres.memory import cpu_pool\n"
             "try:\n    cpu_pool.build()\nexcept RuntimeError as error:\n    print(error)")
-    out = run_python(code, CXX=str(compiler), FULLRES_CACHE=str(tmp_path))
+    out = run_python(code, CXX=str(compiler), XDG_CACHE_HOME=str(tmp_path))
     assert out == "building the CPU pool failed: cpu_pool.cpp:1: error: this compiler is broken"
 
 
 @needs_compiler
 def test_the_library_is_built_once_per_source_and_torch(tmp_path, monkeypatch):
-    monkeypatch.setenv("FULLRES_CACHE", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = cpu_pool.build()
     stamp = first.stat().st_mtime_ns
     assert cpu_pool.build() == first and first.stat().st_mtime_ns == stamp
-    assert first.parent.parent == tmp_path / "cpu_pool"
+    assert first.parent.parent == tmp_path / "fullres" / "cpu_pool"
 
 
 @needs_compiler

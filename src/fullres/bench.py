@@ -41,7 +41,7 @@ import torch
 
 from fullres.config import JobConfig, Strategy
 from fullres.errors import UserError
-from fullres.files import cache_lookup, cache_store
+from fullres.files import cache_lookup, cache_store, user_cache_dir
 
 __all__ = ["Variant", "default_variants", "select_variants", "matmul_peak_tflops", "step_flops", "forward_flops",
            "count_flops", "count_step_flops", "count_forward_flops", "time_variant", "run_bench", "figure6_chart",
@@ -539,8 +539,7 @@ def figure6_chart(result: dict, path: str | os.PathLike, dpi: int = 100) -> Path
 # ------------------------------------------------------------------------------------------------
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fullres"
+    return user_cache_dir()
 
 
 def _memory_bytes(job: JobConfig) -> int:

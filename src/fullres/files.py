@@ -47,6 +47,12 @@ def current_umask() -> int:
 # A keyed JSON cache: one file of records, each stored under the SHA-256 of its key (a JSON-able dict) and
 # keeping the key beside it, so a digest collision or a hand-edited file can never return a wrong record.
 
+def user_cache_dir() -> Path:
+    """fullres's per-user cache folder: $XDG_CACHE_HOME/fullres, else ~/.cache/fullres (runtime terms,
+    time calibrations, the compiled CPU pool)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fullres"
+
+
 def _cache_digest(key: dict) -> tuple[str, dict]:
     text = json.dumps(key, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest(), json.loads(text)  # as read back: lists, not tuples

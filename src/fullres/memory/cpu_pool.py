@@ -6,8 +6,8 @@ pool keeps freed blocks for reuse by the rules of PyTorch's CUDA caching allocat
 :class:`fullres.memory.cuda_allocator.CachingAllocatorModel` replays it exactly in the dry run: the
 memory it holds is its reserved bytes, mapped populated and never returned.
 
-The library is compiled once per source and torch version into the cache folder (~/.cache/fullres or
-$FULLRES_CACHE) against c10's headers only (no Python headers). Where that cannot be done (no C++
+The library is compiled once per source and torch version into the cache folder ($XDG_CACHE_HOME/fullres,
+else ~/.cache/fullres) against c10's headers only (no Python headers). Where that cannot be done (no C++
 compiler, not Linux), :func:`load` says why and training keeps glibc's allocator.
 """
 
@@ -41,7 +41,9 @@ class PoolStats:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FULLRES_CACHE") or Path.home() / ".cache" / "fullres") / "cpu_pool"
+    from fullres.files import user_cache_dir
+
+    return user_cache_dir() / "cpu_pool"
 
 
 def _torch_paths() -> tuple[Path, Path]:
