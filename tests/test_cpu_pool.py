@@ -124,10 +124,11 @@ def test_uninstall_gives_pytorch_its_allocator_back_and_blocks_still_return_to_t
 def test_without_a_compiler_the_pool_says_why_and_training_keeps_glibc(tmp_path):
     code = ("from fullres.memory import cpu_pool, malloc; from fullres.config import Strategy\n"
             "try:\n    cpu_pool.build()\nexcept RuntimeError as error:\n    print(error)\n"
-            "print(malloc.policy_for(Strategy()))")
-    out = run_python(code, CXX=str(tmp_path / "no-such-g++"), XDG_CACHE_HOME=str(tmp_path), FULLRES_MALLOC="pool")
-    assert out.splitlines() == [f"no C++ compiler ({str(tmp_path / 'no-such-g++')!r} not found) to build the CPU pool",
-                                "default"]
+            "job = Strategy(channels_last=True)\n"
+            "print(malloc.policy_for(job)); print(malloc.policy_line(job))")
+    out = run_python(code, CXX=str(tmp_path / "no-such-g++"), XDG_CACHE_HOME=str(tmp_path), FULLRES_MALLOC="")
+    reason = f"no C++ compiler ({str(tmp_path / 'no-such-g++')!r} not found) to build the CPU pool"
+    assert out.splitlines() == [reason, "default", f"allocator: glibc's default, not fullres's CPU pool ({reason})"]
     assert not list(tmp_path.rglob("*.so"))
 
 

@@ -34,7 +34,7 @@ from fullres.files import atomic_write
 from fullres.errors import UserError
 from fullres.metrics import dice_bce_loss, dice_coefficient, soft_dice_loss, voxel_accuracy
 from fullres.model import UNet3D
-from fullres.memory.malloc import set_training_malloc_policy
+from fullres.memory.malloc import policy_line, set_training_malloc_policy
 from fullres.step import make_grad_scaler, prepare_model, to_device, train_step
 from fullres.units import format_bytes
 
@@ -402,13 +402,10 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
                 f"{job.model.filters} base filters, {job.strategy.describe()} "
                 f"(global batch {job.effective_batch * process.world}, {process.world} process(es), {device})")
 
-        allocator = set_training_malloc_policy(job.strategy, device=device.type)
-        if allocator and process.main:
-            log({"pool": "allocator: fullres's CPU pool (freed blocks reused, no page faults after the first step; "
-                         "its segments are in the estimate)",
-                 "fixed": "allocator: glibc mmap/trim thresholds fixed at 128 KiB (peaks follow the live tensors)",
-                 "cached": "allocator: freed memory kept for reuse (FULLRES_MALLOC=cached: faster, peak above the "
-                           "estimate)"}[allocator])
+        set_training_malloc_policy(job.strategy, device=device.type)
+        allocator_line = policy_line(job.strategy, device.type)
+        if allocator_line and process.main:
+            log(allocator_line)
         torch.manual_seed(config.seed)
         model = UNet3D(job.model).to(device)
         prepare_model(model, job.strategy)

@@ -496,6 +496,7 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from fullres.memory.malloc import policy_for
     from fullres.memory.measure import loss_function
     from fullres.model import UNet3D
     from fullres.step import make_grad_scaler, prepare_model, train_step
@@ -504,8 +505,6 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
         raise ValueError(f"only the adam optimizer is modelled, got {optimizer!r}")
     started = time.perf_counter()
     loss_fn = loss_function(loss)
-    from fullres.memory.malloc import policy_for
-
     pooled = torch.device(device).type == "cpu" and (allocator or policy_for(job.strategy, device)) == "pool"
     caching = CachingAllocatorModel() if torch.device(device).type == "cuda" or pooled else None
     tracker = _Tracker(caching, workspace_in_allocator=pooled)

@@ -70,21 +70,39 @@ def pool_unavailable() -> str | None:
     return None
 
 
-def policy_for(strategy=None, device: str = "cpu") -> str:
-    """The allocator policy a job with this `fullres.config.Strategy` runs under on `device` (None: no
-    job yet, as the CLI starts). On CUDA the tensors do not live in the C allocator: "default"."""
+def wanted_policy(strategy=None, device: str = "cpu") -> str:
+    """The policy the rules give a job with this `fullres.config.Strategy` on `device` (None: no job yet,
+    as the CLI starts), whether or not the pool can be built here. On CUDA the tensors do not live in the
+    C allocator: "default"."""
     setting = os.environ.get(ENV, "")
     if setting and setting not in POLICIES:
         raise UserError(f"{ENV}={setting!r} is not an allocator policy: use one of {', '.join(POLICIES)}, or unset it")
     if strategy is None or torch.device(device).type != "cpu":
         return setting if setting and setting != "pool" else "default"
-    if setting and setting != "pool":
+    if setting:
         return setting
-    if not setting and (strategy.checkpointing or strategy.slabs > 1):
+    if strategy.checkpointing or strategy.slabs > 1:
         return "fixed"
-    if not setting and (strategy.precision != "fp32" or not strategy.channels_last):
-        return "default"
-    return "pool" if pool_unavailable() is None else "default"
+    return "pool" if strategy.precision == "fp32" and strategy.channels_last else "default"
+
+
+def policy_for(strategy=None, device: str = "cpu") -> str:
+    """The allocator policy the job runs under: `wanted_policy`, but glibc's default where the pool is
+    wanted and cannot be built."""
+    wanted = wanted_policy(strategy, device)
+    return "default" if wanted == "pool" and pool_unavailable() is not None else wanted
+
+
+def policy_line(strategy, device: str = "cpu") -> str | None:
+    """What `train` says about the allocator of this job (None: glibc's default, as wanted)."""
+    policy = policy_for(strategy, device)
+    if policy == "default" and wanted_policy(strategy, device) == "pool":
+        return f"allocator: glibc's default, not fullres's CPU pool ({pool_unavailable()})"
+    return {"pool": "allocator: fullres's CPU pool (freed blocks reused, no page faults after the first step; "
+                    "its segments are in the estimate)",
+            "fixed": "allocator: glibc mmap/trim thresholds fixed at 128 KiB (peaks follow the live tensors)",
+            "cached": "allocator: freed memory kept for reuse (FULLRES_MALLOC=cached: faster, peak above the "
+                      "estimate)"}.get(policy)
 
 
 def _mallopt():
