@@ -202,7 +202,8 @@ def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu") -> int:
     print(f"Dry run: one training step of batch {job.batch} x {job.model.in_channels} x "
           f"{' x '.join(map(str, job.shape))}, {job.model.filters} base filters, {job.strategy.describe()}, Adam, "
           f"on {device}")
-    print(f"Peak: {format_bytes(result.peak_bytes)} at {result.peak_at}")
+    print(f"Peak: {format_bytes(result.peak_bytes)} at {result.peak_at}"
+          + (f" (allocator: {result.allocator})" if device == "cpu" else ""))
     for term, size in result.breakdown.items():
         print(f"  {term:<16}{format_bytes(size)}")
     if result.reserved_bytes is not None:

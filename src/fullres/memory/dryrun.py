@@ -102,10 +102,11 @@ class DryRunResult:
     seconds: float = 0.0
     job: dict = field(default_factory=dict)
     reserved_bytes: int | None = None  # the caching allocator's segments: CUDA (max_memory_reserved), CPU pool
+    allocator: str = "default"  # the CPU allocator policy estimated (fullres.memory.malloc); CUDA: "default"
 
     def to_json(self) -> dict:
         result = {"method": "dryrun", "peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown),
-                  "peak_at": self.peak_at}
+                  "peak_at": self.peak_at, "allocator": self.allocator}
         if self.reserved_bytes is not None:
             result["reserved_bytes"] = self.reserved_bytes
         return result
@@ -505,7 +506,8 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
         raise ValueError(f"only the adam optimizer is modelled, got {optimizer!r}")
     started = time.perf_counter()
     loss_fn = loss_function(loss)
-    pooled = torch.device(device).type == "cpu" and (allocator or policy_for(job.strategy, device)) == "pool"
+    allocator = allocator or policy_for(job.strategy, device)
+    pooled = torch.device(device).type == "cpu" and allocator == "pool"
     caching = CachingAllocatorModel() if torch.device(device).type == "cuda" or pooled else None
     tracker = _Tracker(caching, workspace_in_allocator=pooled)
     hooks = []
@@ -602,4 +604,4 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
     peak = tracker.peak + breakdown["runtime"]
     return DryRunResult(peak_bytes=int(peak), breakdown=breakdown, peak_at=tracker.peak_at,
                         saved_bytes=tracker.max_activations, seconds=time.perf_counter() - started,
-                        job=job.to_json(), reserved_bytes=caching.reserved if caching else None)
+                        job=job.to_json(), reserved_bytes=caching.reserved if caching else None, allocator=allocator)
