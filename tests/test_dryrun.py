@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from fullres.config import JobConfig, Strategy
 from fullres.memory import ESTIMATORS
@@ -14,6 +15,10 @@ from fullres.memory.dryrun import CATEGORIES, dryrun
 from fullres.model import ModelConfig, UNet3D, count_trainable
 
 SMALL = JobConfig(model=ModelConfig(filters=8), shape=(32, 32, 32), batch=1)
+# The CPU pool's replay follows the buffers oneDNN's kernels take inside each convolution, read from
+# traces on an AVX-512 machine; other ISAs run other kernels, not measured.
+AVX512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                            reason="the CPU pool's replay was measured on AVX-512 kernels only")
 
 
 def _state_bytes(job: JobConfig) -> int:
@@ -96,7 +101,7 @@ def test_tiny_real_measurement_is_bounded_by_the_dry_run(shape):
 
 @pytest.mark.parametrize("shape, strategy", [((48, 32, 32), Strategy(checkpointing=True, channels_last=True)),
                                              ((64, 64, 64), Strategy(checkpointing=True, slabs=4, channels_last=True)),
-                                             ((32, 32, 32), Strategy(channels_last=True))])
+                                             pytest.param((32, 32, 32), Strategy(channels_last=True), marks=AVX512)])
 def test_dry_run_is_within_five_percent_of_a_real_step(shape, strategy):
     """The accuracy goal as `estimate`, `plan` and `train` compute it (the network's runtime term measured at
     16^3) under the allocator policy each job gets, 32 filters: with memory-saving strategies (glibc, fixed

@@ -440,14 +440,20 @@ class _Tracker(TorchDispatchMode):
         return out
 
 
+# What oneDNN's transposed convolution (2x2x2, stride 2) takes beyond its per-thread buffers in forward,
+# measured in the pool's trace at 4^3 to 32^3 inputs, 128-512 channels, batch 1 and 2, fp32, 2 threads.
+TRANSPOSED_FORWARD_EXTRA_BYTES = 28848
+
+
 def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple[list[int], int]:
     """`op_workspace` split for the CPU pool: (the blocks the operator takes from PyTorch's allocator, so
     from the pool; the bytes it allocates elsewhere).
 
     Read from the pool's trace of real steps (``fullres.memory.cpu_pool.trace``; 2 threads, machine B):
     ATen's slow path takes its column buffer and contiguous copies as tensors; a oneDNN convolution takes
-    a copy of its weight in forward and two weight-sized buffers in backward (the weight in the primitive's
-    layout and its gradient before the copy out), and in bf16 backward its per-thread copies of input and
+    a copy of its weight in forward (two for a weight that is a slice), three weight-sized buffers in
+    backward (the weight in the primitive's layout, its gradient before the copy out), a transposed one in
+    forward a buffer of 1/8 of a sample's output per thread, and in bf16 backward the per-thread copies of input and
     output gradient. oneDNN's scratchpad and NCDHW reorders come from its own allocations, outside the pool."""
     if func not in (aten.convolution.default, aten.convolution_backward.default) or args[0].device.type != "cpu":
         return [], 0
@@ -465,7 +471,12 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
             blocks.append(_contiguous_copy_bytes(grad_output))
         return [size for size in blocks if size], 0
     outside = op_workspace(func, args, kwargs, out, first_call)
-    blocks = [_nbytes(weight)] * (1 if forward else 2)
+    blocks = [_nbytes(weight)] * (1 if forward else 3)
+    if forward and not (weight.is_contiguous() or _channels_last(weight)):  # a slice (concatenation-free decoder)
+        blocks.append(_nbytes(weight))
+    if forward and transposed:  # per thread, 1/8 of a sample's output (one of the 8 kernel offsets), and a bit
+        per_sample = _nbytes(out) // out.shape[0]
+        blocks.append(per_sample * torch.get_num_threads() // 8 + TRANSPOSED_FORWARD_EXTRA_BYTES)
     if not forward and input.dtype == torch.bfloat16:  # the per-thread bf16 copies are tensors: in the pool
         share = min(input.shape[0], torch.get_num_threads())
         copies = [_nbytes(input) * share // input.shape[0], _nbytes(grad_output) * share // input.shape[0]]
