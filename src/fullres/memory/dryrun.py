@@ -32,9 +32,10 @@ On CPU under fullres's pool (the allocator policy of fp32 channels-last jobs wit
 :mod:`fullres.memory.malloc`) the same model replays the pool, which follows the same rules: the peak is
 the largest of its reserved bytes (segments mapped populated and kept) plus what an operator allocates
 outside it (oneDNN's scratchpad), :func:`pool_op_workspace` saying which is which. The replay is exact
-for the allocations it is given (tested on a real trace); where the dry run's allocations differ from a
-real step's (oneDNN's internal copies, the order of frees in backward) it can miss by a segment, which
-at 64^3 and 128^3 is one 128-channel feature map too many (+9 %, +13 %: docs/benchmarks.md).
+for the allocations it is given (tested on a real trace), and the reserved bytes it computes equal a
+real step's at 16^3 and 32^3 (0.9 % under at 64^3, 8 % under at 32^3 x 2, where oneDNN takes one more
+buffer than modelled); estimates of fp32 jobs from 32^3 to 128^3 measured within -2.6..+4.5 %
+(docs/benchmarks.md). A segment the replay gets wrong costs a whole feature map, so these buffers matter.
 
 Terms
 -----

@@ -1,16 +1,17 @@
 """The allocator policy a training job runs under: fullres's CPU pool, or glibc with fixed thresholds.
 
-**pool** (fp32 channels-last jobs without checkpointing or slabs, on CPU; channels-last is `train`'s default): PyTorch's CPU tensors come from
-:mod:`fullres.memory.cpu_pool`, a caching allocator with the rules of PyTorch's CUDA one. Freed blocks
+**pool** (fp32 channels-last jobs without checkpointing or slabs, on CPU): PyTorch's CPU tensors come
+from :mod:`fullres.memory.cpu_pool`, a caching allocator with the rules of PyTorch's CUDA one. Freed blocks
 are reused, so after the first step no page is faulted in again, and the memory it holds (its segments,
 mapped populated, never returned) is what the dry run's replay of the same rules predicts. Measured
-(docs/benchmarks.md, machine B): in one process with steps alternated, the 64^3 x 1 fp32 channels-last
-step 6.3 % faster than under glibc's default, the demo job's 6.3 %; peaks -8..+12 % of glibc's default,
-and the dry run within -1.7..+4.9 % of them from 32^3 to 96x96x64 but for 64^3 x 1 (+9.2 %), where glibc's
-default missed 4 of 9 jobs by 6-10 %. bf16 jobs keep glibc's default: their oneDNN kernels take
-odd-sized buffers the pool holds on to (+27..+39 % at 64^3 and 96x96x64) and the replay does not follow.
+(docs/benchmarks.md, machine B): the 64^3 x 1 fp32 channels-last step 2-6 % faster than under glibc's
+default in one process with steps alternated, and 1.01x TensorFlow's; the demo job's configuration 11 %
+faster; peaks -8..+12 % of glibc's default; the dry run within -2.6..+4.5 % of them from 32^3 to 128^3,
+where glibc's default heap missed 4 of 10 jobs by 6-10 %. bf16 jobs keep glibc's default: their oneDNN
+kernels take odd-sized buffers the pool holds on to (+27..+39 % at 64^3 and 96x96x64), which the replay
+does not follow.
 Contiguous (NCDHW) jobs keep it too: oneDNN reorders whole feature maps for them, and the pool would keep
-those blocks (the paper's 240x240x144 batch-1 fp32 step: 42.5 GB replayed under the pool, 34.0 GB of live
+those blocks (the paper's 240x240x144 batch-1 fp32 step: 39.6 GB replayed under the pool, 34.0 GB of live
 tensors). Where the pool cannot be built (no C++ compiler), fp32 jobs run under glibc's default too.
 
 **fixed** (jobs with checkpointing or slabs): glibc with large blocks always straight from and back to
