@@ -538,10 +538,6 @@ def figure6_chart(result: dict, path: str | os.PathLike, dpi: int = 100) -> Path
 # training wall-time estimate
 # ------------------------------------------------------------------------------------------------
 
-def default_cache_dir() -> Path:
-    return user_cache_dir()
-
-
 def _memory_bytes(job: JobConfig) -> int:
     from fullres.memory import table1_training_bytes
 
@@ -645,7 +641,7 @@ def calibration(job: JobConfig, cache_dir: str | os.PathLike | None = None, devi
     usually run faster, so it tends to overestimate (and cannot see a job that would swap).
     """
     device = _device(device)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()
     path = cache / CACHE_FILE
     key = _cache_key(job, device, max_flops)
     cached = None if refresh else cache_lookup(path, key)

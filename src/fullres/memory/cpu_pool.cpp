@@ -161,12 +161,6 @@ class Pool {
     return stats_;
   }
 
-  void reset_peaks() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stats_.peak_allocated = stats_.allocated;
-    stats_.peak_reserved = stats_.reserved;
-  }
-
   // Requests as they come, two numbers each: (bytes asked, the block's model address) for an allocation,
   // (-1, model address) for a free. For tests and diagnosis.
   void trace(bool on) {
@@ -259,8 +253,6 @@ void fullres_pool_stats(int64_t* out) {
   out[4] = s.segments;
   out[5] = s.fallback;
 }
-
-void fullres_pool_reset_peaks() { pool().reset_peaks(); }
 
 void fullres_pool_trace(int on) { pool().trace(on != 0); }
 

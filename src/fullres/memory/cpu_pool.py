@@ -116,20 +116,15 @@ def uninstall() -> None:
 
 
 def installed() -> bool:
-    try:
-        return bool(load().fullres_pool_installed())
-    except (RuntimeError, OSError):
-        return False
+    """Whether the pool is PyTorch's CPU allocator now. Never builds it: a library not loaded yet was never
+    installed (jobs under glibc's policies ask this)."""
+    return load.cache_info().currsize > 0 and bool(load().fullres_pool_installed())
 
 
 def stats() -> PoolStats:
     values = (ctypes.c_int64 * 6)()
     load().fullres_pool_stats(values)
     return PoolStats(*values)
-
-
-def reset_peaks() -> None:
-    load().fullres_pool_reset_peaks()
 
 
 def trace(on: bool = True) -> None:

@@ -253,29 +253,60 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
         return 0
     if args[0].device.type != "cpu":
         return 0
-    if func is aten.convolution.default:
-        input, weight, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
-        backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-        if backend.startswith("Slow"):
-            return _columns_bytes(input, weight, math.prod(out.shape[2:]), transposed) + _contiguous_copy_bytes(input)
-        if _channels_last(input):
+    conv = _cpu_convolution(func, args)
+    if conv.backend.startswith("Slow"):
+        return sum(_slow_path_blocks(conv, out))
+    if conv.forward:
+        if _channels_last(conv.input):
             return 0
-        return 2 * _nbytes(out) if transposed else max(_nbytes(input), _nbytes(out))
-    # convolution_backward
-    grad_output, input, weight, _, stride, padding, dilation, transposed, output_padding, groups = args[:10]
-    bias = torch.empty(weight.shape[1 if transposed else 0]) if args[3] is not None else None
-    backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-    if backend.startswith("Slow"):
-        return (_columns_bytes(input, weight, math.prod(grad_output.shape[2:]), transposed)
-                + _contiguous_copy_bytes(input) + _contiguous_copy_bytes(grad_output))
-    pair = _nbytes(input) + _nbytes(grad_output)
-    reorder = 0 if _channels_last(input) else pair
-    # bf16: each thread converts one sample at a time (measured: batch 4 on 2 threads copies half)
-    batch = input.shape[0]
-    bf16 = pair * min(batch, torch.get_num_threads()) // batch if input.dtype == torch.bfloat16 else 0
+        return 2 * _nbytes(out) if conv.transposed else max(_nbytes(conv.input), _nbytes(out))
+    pair = _nbytes(conv.input) + _nbytes(conv.grad_output)
+    reorder = 0 if _channels_last(conv.input) else pair
     # The scratchpad comes with the primitive's creation, the first call at these shapes: measured
     # in a training step's second backward, every convolution's extra is within the copies +- 20 MB.
-    return (ONEDNN_BACKWARD_SCRATCH_BYTES if first_call else 0) + reorder + bf16
+    return (ONEDNN_BACKWARD_SCRATCH_BYTES if first_call else 0) + reorder + sum(_bf16_copy_blocks(conv))
+
+
+@dataclass(frozen=True)
+class _Convolution:
+    """A CPU convolution call as the workspace models read it (``grad_output`` None in forward)."""
+
+    forward: bool
+    input: torch.Tensor
+    weight: torch.Tensor
+    grad_output: torch.Tensor | None
+    transposed: bool
+    backend: str  # the kernel family ATen picks: "Slow3d", "Mkldnn", ...
+
+
+def _cpu_convolution(func, args) -> _Convolution:
+    if func is aten.convolution.default:
+        input, weight, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+        grad_output = None
+    else:  # convolution_backward
+        grad_output, input, weight, _, stride, padding, dilation, transposed, output_padding, groups = args[:10]
+        bias = torch.empty(weight.shape[1 if transposed else 0]) if args[3] is not None else None
+    backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    return _Convolution(grad_output is None, input, weight, grad_output, bool(transposed), backend)
+
+
+def _slow_path_blocks(conv: _Convolution, out) -> list[int]:
+    """ATen's slow path: its column buffer and the contiguous copies of channels-last operands."""
+    voxels = math.prod((out if conv.forward else conv.grad_output).shape[2:])
+    blocks = [_columns_bytes(conv.input, conv.weight, voxels, conv.transposed), _contiguous_copy_bytes(conv.input)]
+    if not conv.forward:
+        blocks.append(_contiguous_copy_bytes(conv.grad_output))
+    return blocks
+
+
+def _bf16_copy_blocks(conv: _Convolution) -> list[int]:
+    """oneDNN's bf16 backward copies input and output gradient of the samples its threads work on at once
+    (measured: batch 4 on 2 threads copies half); none in fp32."""
+    if conv.forward or conv.input.dtype != torch.bfloat16:
+        return []
+    batch = conv.input.shape[0]
+    share = min(batch, torch.get_num_threads())
+    return [_nbytes(conv.input) * share // batch, _nbytes(conv.grad_output) * share // batch]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,36 +485,25 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
     ATen's slow path takes its column buffer and contiguous copies as tensors; a oneDNN convolution takes
     a copy of its weight in forward (two for a weight that is a slice), three weight-sized buffers in
     backward (the weight in the primitive's layout, its gradient before the copy out), a transposed one in
-    forward a buffer of 1/8 of a sample's output per thread, and in bf16 backward the per-thread copies of input and
-    output gradient. oneDNN's scratchpad and NCDHW reorders come from its own allocations, outside the pool."""
+    forward a buffer of 1/8 of a sample's output per thread, and in bf16 backward the per-thread copies of
+    input and output gradient (`_bf16_copy_blocks`). oneDNN's scratchpad and NCDHW reorders come from its
+    own allocations, outside the pool."""
     if func not in (aten.convolution.default, aten.convolution_backward.default) or args[0].device.type != "cpu":
         return [], 0
-    forward = func is aten.convolution.default
-    input, weight = (args[0], args[1]) if forward else (args[1], args[2])
-    grad_output = None if forward else args[0]
-    stride, padding, dilation, transposed, output_padding, groups = args[3:9] if forward else args[4:10]
-    bias = (args[2] if forward else (torch.empty(weight.shape[1 if transposed else 0]) if args[3] is not None
-                                     else None))
-    backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-    if backend.startswith("Slow"):
-        voxels = math.prod((out if forward else grad_output).shape[2:])
-        blocks = [_columns_bytes(input, weight, voxels, transposed), _contiguous_copy_bytes(input)]
-        if not forward:
-            blocks.append(_contiguous_copy_bytes(grad_output))
-        return [size for size in blocks if size], 0
-    outside = op_workspace(func, args, kwargs, out, first_call)
-    blocks = [_nbytes(weight)] * (1 if forward else 3)
-    if forward and not (weight.is_contiguous() or _channels_last(weight)):  # a slice (concatenation-free decoder)
-        blocks.append(_nbytes(weight))
-    if forward and transposed:  # per thread, 1/8 of a sample's output (one of the 8 kernel offsets), and a bit
+    conv = _cpu_convolution(func, args)
+    if conv.backend.startswith("Slow"):
+        return [size for size in _slow_path_blocks(conv, out) if size], 0
+    weight = _nbytes(conv.weight)
+    blocks = [weight] * (1 if conv.forward else 3)
+    if conv.forward and not (conv.weight.is_contiguous() or _channels_last(conv.weight)):
+        blocks.append(weight)  # a slice of a weight (the concatenation-free decoder's), copied
+    if conv.forward and conv.transposed:
+        # per thread, 1/8 of a sample's output (one of the 8 kernel offsets), and a bit
         per_sample = _nbytes(out) // out.shape[0]
         blocks.append(per_sample * torch.get_num_threads() // 8 + TRANSPOSED_FORWARD_EXTRA_BYTES)
-    if not forward and input.dtype == torch.bfloat16:  # the per-thread bf16 copies are tensors: in the pool
-        share = min(input.shape[0], torch.get_num_threads())
-        copies = [_nbytes(input) * share // input.shape[0], _nbytes(grad_output) * share // input.shape[0]]
-        blocks += copies
-        outside -= sum(copies)
-    return blocks, max(0, outside)
+    copies = _bf16_copy_blocks(conv)  # tensors: in the pool, not outside it
+    outside = op_workspace(func, args, kwargs, out, first_call) - sum(copies)
+    return blocks + copies, max(0, outside)
 
 
 # ------------------------------------------------------------------------------------------------

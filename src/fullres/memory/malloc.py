@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 import torch
@@ -60,8 +61,10 @@ ENV = "FULLRES_MALLOC"  # one of POLICIES for every job; unset: chosen by the st
 POLICIES = ("pool", "fixed", "cached", "default")
 
 
+@functools.lru_cache(maxsize=1)
 def pool_unavailable() -> str | None:
-    """Why the CPU pool cannot be used here (one line), or None when it can (it is built if needed)."""
+    """Why the CPU pool cannot be used here (one line), or None when it can (it is built if needed). Once
+    per process: every dry run asks (`plan` runs dozens), and a failed build must not be retried each time."""
     from fullres.memory import cpu_pool
 
     try:

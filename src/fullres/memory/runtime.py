@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fullres.config import JobConfig
-from fullres.files import cache_lookup, cache_store
+from fullres.files import cache_lookup, cache_store, user_cache_dir
 
 CALIBRATION_SHAPE = (16, 16, 16)
 CACHE_FILE = "runtime.json"
@@ -59,10 +59,9 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
     """`job`'s runtime term in bytes (see the module docstring), from ``cache_dir/runtime.json`` when this
     network, strategy, torch, CPU, thread count and allocator setting were measured before; otherwise
     measured now (a 16^3 training step in a subprocess: a few seconds) and cached."""
-    from fullres.bench import default_cache_dir
     from fullres.memory.measure import measure_peak
 
-    path = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / CACHE_FILE
+    path = (Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()) / CACHE_FILE
     key = _cache_key(job)
     small = runtime_job(job)
     # The measurement is what is cached; the tensors are the dry run's as the code stands now, so a
