@@ -1,7 +1,7 @@
 """Issue 6's accuracy goal: dry-run estimate vs measured peak over 32^3-160^3 (non-cubic too), batch 1-4,
 fp32 and bf16, with and without checkpointing. A thin wrapper over `fullres sweep` with that grid.
 
-    python benchmarks/memory_accuracy.py OUT [--quick] [--precisions fp32 bf16] [--max-measure 18GiB]
+    python benchmarks/memory_accuracy.py OUT [--quick] [--precisions fp32 bf16] [--max-measure 18GiB] [--repeats N]
     python benchmarks/memory_accuracy.py OUT --recompute A/sweep.csv B/sweep.csv ...
 
 The first form measures (hours on 2 cores for the whole grid; --quick keeps shapes <= 64 a side and
@@ -43,12 +43,16 @@ def recompute(sources: list[str], out: Path) -> None:
                             strategy=strategy)
             estimate = dryrun(job, runtime="measured")  # the estimate fullres shows: runtime term measured per network
             measured = int(raw["measured_bytes"]) if raw["measured_bytes"] else None
+            low, high = raw.get("measured_min_bytes"), raw.get("measured_max_bytes")
             rows.append(SweepRow(job, table1_training_bytes(job), estimate.peak_bytes, measured, estimate.peak_at,
-                                 float(raw["step_s"]) if raw.get("step_s") else None))
+                                 float(raw["step_s"]) if raw.get("step_s") else None, int(raw.get("repeats") or 1),
+                                 (int(low), int(high)) if low and high else None))
             row = rows[-1]
             error = f"{row.error(row.dryrun_bytes) * 100:+.1f} %" if measured else "-"
+            spread = (f" ({row.repeats} runs: {(row.measured_range[0] - measured) / measured * 100:+.1f}…"
+                      f"{(row.measured_range[1] - measured) / measured * 100:+.1f} %)" if row.repeats > 1 and row.measured_range else "")
             print(f"| {raw['shape']} | {job.batch} | {strategy.describe()} | {row.table1_bytes / 1e9:.2f} GB | "
-                  f"{row.dryrun_bytes / 1e9:.2f} GB | {(measured or 0) / 1e9:.2f} GB | {error} |")
+                  f"{row.dryrun_bytes / 1e9:.2f} GB | {(measured or 0) / 1e9:.2f} GB{spread} | {error} |")
     out.mkdir(parents=True, exist_ok=True)
     write_sweep_csv(rows, out / "sweep.csv")
     table = list(csv.DictReader((out / "sweep.csv").open()))
@@ -65,6 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--max-measure", default="18GiB")
+    parser.add_argument("--repeats", default="1", help="measurements per job (fresh processes; the median is compared)")
     parser.add_argument("--recompute", nargs="+", metavar="CSV", help="merge these sweep CSVs, re-estimating")
     args = parser.parse_args(argv)
     if args.recompute:
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
     shapes, batches = (QUICK_SHAPES, ["1"]) if args.quick else (SHAPES, ["1", "2", "4"])
     return fullres(["sweep", "--channels-last", "--shapes", *shapes, "--batches", *batches,
                     "--precisions", *args.precisions, "--checkpointing-sweep", "both",
-                    "--max-measure", args.max_measure, "--out", args.out])
+                    "--max-measure", args.max_measure, "--repeats", args.repeats, "--out", args.out])
 
 
 if __name__ == "__main__":

@@ -200,6 +200,31 @@ def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypa
     assert len(calls) == 2
 
 
+def test_runtime_term_under_glibcs_heap_is_the_median_of_three_processes(tmp_path, monkeypatch):
+    """glibc's default heap keeps a different amount in each process, so a job under it (fp32 contiguous)
+    gets the median of three calibration runs; the cache stores them and reads back the median."""
+    from fullres.memory import measure, runtime
+    from fullres.memory.dryrun import dryrun
+    from fullres.memory.malloc import policy_for
+
+    peaks = iter([500, 470, 530])
+
+    def fake_measure_peak(job, steps=2, threads=None, **_):
+        return measure.MeasuredPeak(measured_bytes=next(peaks) * 10**6, baseline_bytes=0, reserved_bytes=None,
+                                    step_seconds=[0.1], threads=1, device="cpu")
+
+    monkeypatch.setattr(measure, "measure_peak", fake_measure_peak)
+    monkeypatch.delenv("FULLRES_MALLOC", raising=False)
+    job = JobConfig(model=ModelConfig(in_channels=4, filters=4, norm="none"), shape=(32, 32, 32), batch=1,
+                    strategy=Strategy(channels_last=False))
+    assert policy_for(job.strategy) == "default"
+    expected = 500 * 10**6 - dryrun(runtime.runtime_job(job), runtime=0, allocator="default").peak_bytes
+    assert runtime.measured_runtime_bytes(job, cache_dir=tmp_path) == expected
+    entry, = json.loads((tmp_path / runtime.CACHE_FILE).read_text()).values()
+    assert entry["runs"] == [500 * 10**6, 470 * 10**6, 530 * 10**6] and entry["measured_bytes"] == 500 * 10**6
+    assert runtime.measured_runtime_bytes(job, cache_dir=tmp_path) == expected  # from the cache: no fourth run
+
+
 def test_dryrun_runtime_argument():
     from fullres.memory.dryrun import dryrun, runtime_bytes
 

@@ -289,11 +289,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         error = row.error(row.dryrun_bytes)
         print(f"{'x'.join(map(str, row.job.shape)):<14}{row.job.batch:>6}  {row.job.strategy.describe():<46}"
               f"{row.table1_bytes / 1e9:>10.2f}GB{row.dryrun_bytes / 1e9:>10.2f}GB"
-              + (f"{row.measured_bytes / 1e9:>10.2f}GB{error * 100:>+8.1f}%" if row.measured_bytes else f"{'-':>12}"),
+              + (f"{row.measured_bytes / 1e9:>10.2f}GB{error * 100:>+8.1f}%" if row.measured_bytes else f"{'-':>12}")
+              + (f"  (median of {row.repeats}: {row.measured_range[0] / 1e9:.3f}-{row.measured_range[1] / 1e9:.3f} GB)"
+                 if row.measured_bytes and row.repeats > 1 else ""),
               flush=True)
 
     rows, unmeasured = run_sweep(jobs, measure=not args.no_measure, max_measure_bytes=args.max_measure, on_row=show,
-                                 device=device)
+                                 device=device, repeats=args.repeats)
     for line in unmeasured:
         print("not measured:", line)
     write_sweep_csv(rows, out / "sweep.csv")
@@ -668,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-measure", type=memory_size, default=parse_size("18GiB"),
                        help="rows whose dry run exceeds this are estimated only (default 18GiB)")
     sweep.add_argument("--no-measure", action="store_true", help="estimates only (seconds, not minutes)")
+    sweep.add_argument("--repeats", type=positive_int, default=1,
+                       help="measure each job N times, each in a fresh process; the median is compared (glibc's "
+                            "heap makes bf16 and contiguous jobs' peaks vary by a few per cent)")
     add_memory_device_argument(sweep)
     sweep.add_argument("--out", required=True, help="folder for sweep.csv and the figures")
     sweep.set_defaults(run=cmd_sweep)
