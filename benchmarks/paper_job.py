@@ -40,8 +40,10 @@ def strategy_table(precisions=("fp32", "bf16")) -> list[dict]:
     rows = []
     for precision in precisions:
         for name, settings in STRATEGIES:
-            per_sample = dryrun(JobConfig(batch=1, strategy=Strategy(precision=precision, **settings)))
-            job16 = dryrun(JobConfig(batch=1, strategy=Strategy(precision=precision, accumulate=16, **settings)))
+            # the estimates fullres shows: each network's runtime term measured on this machine (at 16^3)
+            per_sample = dryrun(JobConfig(batch=1, strategy=Strategy(precision=precision, **settings)), runtime="measured")
+            job16 = dryrun(JobConfig(batch=1, strategy=Strategy(precision=precision, accumulate=16, **settings)),
+                           runtime="measured")
             rows.append({"precision": precision, "strategy": name, "per_sample_bytes": per_sample.peak_bytes,
                          "job_bytes": job16.peak_bytes, "peak_at": job16.peak_at,
                          "paper_ratio": paper / job16.peak_bytes})

@@ -671,8 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rows whose dry run exceeds this are estimated only (default 18GiB)")
     sweep.add_argument("--no-measure", action="store_true", help="estimates only (seconds, not minutes)")
     sweep.add_argument("--repeats", type=positive_int, default=1,
-                       help="measure each job N times, each in a fresh process; the median is compared (glibc's "
-                            "heap makes bf16 and contiguous jobs' peaks vary by a few per cent)")
+                       help="measure each job N times, each in a fresh process; the median is compared (under "
+                            "glibc's default heap a job's peak varies by a few per cent)")
     add_memory_device_argument(sweep)
     sweep.add_argument("--out", required=True, help="folder for sweep.csv and the figures")
     sweep.set_defaults(run=cmd_sweep)
