@@ -19,7 +19,7 @@ bf16 is not pooled: its oneDNN kernels take odd-sized scratch buffers (twice the
 the pool would populate and keep (+27..+39 % at 64^3 and 96x96x64). Under glibc's default heap its peaks
 wander with the heap's leftovers, by size (the dry run -4.5..+5.2 % of the median of five runs, 32^3 to
 96x96x64) and from run to run (up to 6 % between runs of one job); under the fixed thresholds they are the
-same to 0.1 MB every run, 4-19 % lower, and the dry run follows them, for steps 0-6 % slower (+30 % at
+same to 0.5 MB every run, 2.5-19 % lower, and the dry run follows them, for steps 0-7 % slower (+30 % at
 32^3 x 1, where allocation dominates).
 
 glibc serves blocks above a *dynamic* mmap threshold with mmap (returned to the OS on free) and smaller
