@@ -1,6 +1,6 @@
 """The allocator policy a training job runs under: fullres's CPU pool, or glibc with fixed thresholds.
 
-**pool** (fp32 channels-last jobs without a memory strategy, on CPU): PyTorch's CPU tensors come
+**pool** (fp32 channels-last jobs without checkpointing or slabs, on CPU): PyTorch's CPU tensors come
 from :mod:`fullres.memory.cpu_pool`, a caching allocator with the rules of PyTorch's CUDA one. Freed blocks
 are reused, so after the first step no page is faulted in again, and the memory it holds (its segments,
 mapped populated, never returned) is what the dry run's replay of the same rules predicts. Measured
@@ -13,14 +13,17 @@ pool would keep those blocks (the paper's 240x240x144 batch-1 fp32 step: 39.6 GB
 34.0 GB of live tensors). Where the pool cannot be built (no C++ compiler), fp32 jobs run under glibc's
 default too.
 
-**fixed** (jobs with a memory strategy: checkpointing, slabs, or bf16): glibc with large blocks always
-straight from and back to the kernel, so the peak is the live tensors the dry run counts.
-bf16 is not pooled: its oneDNN kernels take odd-sized scratch buffers (twice the copies they touch) that
-the pool would populate and keep (+27..+39 % at 64^3 and 96x96x64). Under glibc's default heap its peaks
-wander with the heap's leftovers, by size (the dry run -4.5..+5.2 % of the median of five runs, 32^3 to
-96x96x64) and from run to run (up to 6 % between runs of one job); under the fixed thresholds they are the
-same to 0.5 MB every run, 2.5-19 % lower, and the dry run follows them, for steps 0-7 % slower (+30 % at
-32^3 x 1, where allocation dominates).
+bf16 jobs keep glibc's default too. The pool would populate and keep their oneDNN kernels' odd-sized
+scratch buffers, twice the copies they touch (+27..+39 % at 64^3 and 96x96x64). Under glibc's default heap
+their peaks wander with the heap's leftovers, by size (the dry run -4.5..+5.2 % of the median of five runs,
+32^3 to 96x96x64) and from run to run (up to 6 % between runs of one job). The fixed thresholds would make
+them repeat to 0.5 MB, 2.5-19 % lower, with the dry run within -0.9..+0.1 %, but cost 0-7 % per step (+30 %
+at 32^3 x 1), which took the 64^3 bf16 step to 0.85-0.89 of the bf16 matmul peak (0.88-0.97 under glibc's
+default; issue 7's goal is 0.90). So speed wins the default; FULLRES_MALLOC=fixed makes a bf16 job's
+peak exact.
+
+**fixed** (jobs with checkpointing or slabs): glibc with large blocks always straight from and back to
+the kernel, so the peak is the live tensors the dry run counts.
 
 glibc serves blocks above a *dynamic* mmap threshold with mmap (returned to the OS on free) and smaller
 ones from its heaps (kept after free). Each time a large mmapped block is freed the threshold rises to
@@ -32,7 +35,7 @@ Fixing the thresholds (`mallopt`, the same as the MALLOC_MMAP_THRESHOLD_ / MALLO
 environment variables) keeps every block above 128 KiB on mmap, so RSS follows the live tensors. The
 dry-run estimator counts live bytes, so this is also what makes its estimate match the measurement.
 
-It is applied to jobs that declare memory their constraint, those with checkpointing, slabs or bf16: there
+It is applied to jobs that declare memory their constraint, those with checkpointing or slabs: there
 it pays for itself (64^3, 32 filters, channels-last: measured peak -11 % with checkpointing, -15 % with
 slabs, and the dry run's error falls from -14/-19 % to -3/-5 %), while on small, allocation-heavy jobs every mmapped
 block's fresh page faults cost more than they save (the demo job's step: +45 %; docs/benchmarks.md).
@@ -90,9 +93,9 @@ def wanted_policy(strategy=None, device: str = "cpu") -> str:
         return setting if setting and setting != "pool" else "default"
     if setting:
         return setting
-    if strategy.checkpointing or strategy.slabs > 1 or strategy.precision != "fp32":
+    if strategy.checkpointing or strategy.slabs > 1:
         return "fixed"
-    return "pool" if strategy.channels_last else "default"
+    return "pool" if strategy.precision == "fp32" and strategy.channels_last else "default"
 
 
 def policy_for(strategy=None, device: str = "cpu") -> str:

@@ -11,7 +11,7 @@ Measured on machine B (docs/benchmarks.md), 32 filters, channels-last: the const
 filters 1 (86.6 MiB) left checkpointed fp32 jobs of 48x32x32 to 96x96x64 3.4-6.9 % low; their network's
 own term is 125 MiB and brings them to +0.4..+1.2 %.
 
-Under glibc's default heap (contiguous fp32 jobs, or any job under FULLRES_MALLOC=default) the same 16^3
+Under glibc's default heap (bf16 and contiguous fp32 jobs without checkpointing or slabs) the same 16^3
 step keeps a different amount each run: 540-562 MB over nine fresh processes for the 32-filter bf16 network
 on machine B. There the term is the median of three measurements, so that one unlucky process does not bias
 every later estimate; under the pool and the fixed thresholds a job's peak repeats to within 0.5 MB, and
