@@ -256,15 +256,17 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     conv = _cpu_convolution(func, args)
     if conv.backend.startswith("Slow"):
         return sum(_slow_path_blocks(conv, out))
+    layout_copies = sum(_layout_copy_blocks(conv))
     if conv.forward:
-        if _channels_last(conv.input):
-            return 0
+        if _onednn_channels_last(conv):
+            return layout_copies
         return 2 * _nbytes(out) if conv.transposed else max(_nbytes(conv.input), _nbytes(out))
     pair = _nbytes(conv.input) + _nbytes(conv.grad_output)
-    reorder = 0 if _channels_last(conv.input) else pair
+    reorder = 0 if _onednn_channels_last(conv) else pair
     # The scratchpad comes with the primitive's creation, the first call at these shapes: measured
     # in a training step's second backward, every convolution's extra is within the copies +- 20 MB.
-    return (ONEDNN_BACKWARD_SCRATCH_BYTES if first_call else 0) + reorder + sum(_bf16_copy_blocks(conv))
+    return ((ONEDNN_BACKWARD_SCRATCH_BYTES if first_call else 0) + reorder + layout_copies
+            + sum(_bf16_copy_blocks(conv)))
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,22 @@ def _slow_path_blocks(conv: _Convolution, out) -> list[int]:
     if not conv.forward:
         blocks.append(_contiguous_copy_bytes(conv.grad_output))
     return blocks
+
+
+def _onednn_channels_last(conv: _Convolution) -> bool:
+    """ATen runs a oneDNN convolution channels-last when its input *or* its weight is channels-last
+    (``mkldnn_conv_use_channels_last``): conv1a of a channels-last network fed a contiguous batch."""
+    return _channels_last(conv.input) or _channels_last(conv.weight)
+
+
+def _layout_copy_blocks(conv: _Convolution) -> list[int]:
+    """The channels-last copies ATen makes (as tensors) of the operands a channels-last oneDNN convolution
+    gets in another layout. Measured in the pool's trace, conv1a at 64^3 fed a contiguous batch (8
+    channels after widening): one 8 MiB copy of its input in forward and in backward, nothing outside."""
+    if not _onednn_channels_last(conv):
+        return []
+    operands = [conv.input] if conv.forward else [conv.input, conv.grad_output]
+    return [_nbytes(t) for t in operands if not _channels_last(t)]
 
 
 def _bf16_copy_blocks(conv: _Convolution) -> list[int]:
@@ -501,7 +519,7 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
         # per thread, 1/8 of a sample's output (one of the 8 kernel offsets), and a bit
         per_sample = _nbytes(out) // out.shape[0]
         blocks.append(per_sample * torch.get_num_threads() // 8 + TRANSPOSED_FORWARD_EXTRA_BYTES)
-    copies = _bf16_copy_blocks(conv)  # tensors: in the pool, not outside it
+    copies = _bf16_copy_blocks(conv) + _layout_copy_blocks(conv)  # tensors: in the pool, not outside it
     outside = op_workspace(func, args, kwargs, out, first_call) - sum(copies)
     return blocks + copies, max(0, outside)
 
