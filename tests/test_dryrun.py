@@ -162,6 +162,32 @@ def test_only_cpu_kernels_get_workspaces():
     assert estimate_training_bytes(SMALL, "table1", device="cuda") == estimate_training_bytes(SMALL, "table1")
 
 
+@pytest.mark.skipif(not __import__("torch").backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_a_contiguous_input_to_a_channels_last_weight_costs_one_copy_of_the_input():
+    """ATen runs a oneDNN convolution channels-last when its input or its weight is (conv1a of a channels-last
+    network fed a contiguous batch): the dry run charges a channels-last copy of the input, a tensor (in the
+    CPU pool when there is one), not the blocked reorders of a contiguous convolution."""
+    import torch
+
+    from fullres.memory.dryrun import conv_backend, op_workspace, pool_op_workspace
+
+    aten = torch.ops.aten
+    cl = torch.channels_last_3d
+    x = torch.empty(2, 8, 24, 24, 24)  # contiguous, past ATen's slow-path rule
+    w = torch.empty(16, 8, 3, 3, 3).contiguous(memory_format=cl)
+    out = torch.empty(2, 16, 24, 24, 24).contiguous(memory_format=cl)
+    conv = [[1, 1, 1], [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1]
+    assert conv_backend(x, w, None, *conv) == "Mkldnn"
+    forward = (x, w, None, *conv)
+    assert op_workspace(aten.convolution.default, forward, {}, out) == x.nbytes
+    assert pool_op_workspace(aten.convolution.default, forward, {}, out) == ([w.nbytes, x.nbytes], 0)
+    backward = (out, x, w, [16], *conv, [True, True, True])
+    assert op_workspace(aten.convolution_backward.default, backward, {}, None, first_call=False) == x.nbytes
+    # both contiguous: oneDNN reorders input and output gradient into its blocked layout
+    contiguous = (out.contiguous(), x, w.contiguous(), [16], *conv, [True, True, True])
+    assert op_workspace(aten.convolution_backward.default, contiguous, {}, None, first_call=False) == x.nbytes + out.nbytes
+
+
 def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypatch):
     """The runtime term: measured peak minus the dry run's tensors of the same network and strategy at 16^3,
     batch 1 (whatever the job's shape, batch and accumulation), cached; another network is measured anew."""

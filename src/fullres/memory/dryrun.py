@@ -34,7 +34,7 @@ the largest of its reserved bytes (segments mapped populated and kept) plus what
 outside it (oneDNN's scratchpad), :func:`pool_op_workspace` saying which is which. The replay is exact
 for the allocations it is given (tested on a real trace), and the reserved bytes it computes equal a
 real step's at 16^3 and 32^3 (0.9 % under at 64^3, 8 % under at 32^3 x 2, where oneDNN takes one more
-buffer than modelled); estimates of fp32 jobs from 32^3 to 128^3 measured within -2.6..+4.5 %
+buffer than modelled); estimates of fp32 jobs from 32^3 to 128^3 measured within -4.0..+2.3 %
 (docs/benchmarks.md). A segment the replay gets wrong costs a whole feature map, so these buffers matter.
 
 Terms
