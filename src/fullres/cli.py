@@ -192,10 +192,14 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu") -> int:
-    from fullres.memory.dryrun import CUDA_CONTIGUOUS_NOTE, dryrun
+    from fullres.memory.dryrun import CUDA_CONTIGUOUS_NOTE, GLIBC_HEAP_NOTE, dryrun
 
     result = dryrun(job, device=device, runtime="measured")
-    note = CUDA_CONTIGUOUS_NOTE if device == "cuda" and not job.strategy.channels_last else None
+    note = None
+    if device == "cuda" and not job.strategy.channels_last:
+        note = CUDA_CONTIGUOUS_NOTE
+    elif device == "cpu" and result.allocator == "default":
+        note = GLIBC_HEAP_NOTE
     if as_json:
         print_json({**result.to_json(), **({"note": note} if note else {})})
         return 0

@@ -92,6 +92,10 @@ CPU_AUTOCAST_RUNTIME_BYTES = 14 * 2**20 + 200 * 2**10
 
 CUDA_CONTIGUOUS_NOTE = ("on CUDA only channels-last jobs are modelled exactly (measured within 0.1 %); without "
                         "--channels-last, cuDNN's workspaces made real peaks 12-22 % higher on an H100")
+# Measured on machine B, bf16 jobs 32^3 to 96x96x64, five fresh processes each (docs/benchmarks.md).
+GLIBC_HEAP_NOTE = ("this job runs under glibc's default heap, whose leftovers make its peak vary from run to run "
+                   "(bf16 jobs: up to 6 % between runs, the dry run -4.5..+5.2 % of their medians); "
+                   "FULLRES_MALLOC=fixed makes the peak follow the estimate (within 1 %) for 0-7 % slower steps")
 
 
 @dataclass
