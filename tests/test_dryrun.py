@@ -162,13 +162,11 @@ def test_only_cpu_kernels_get_workspaces():
     assert estimate_training_bytes(SMALL, "table1", device="cuda") == estimate_training_bytes(SMALL, "table1")
 
 
-@pytest.mark.skipif(not __import__("torch").backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 def test_a_contiguous_input_to_a_channels_last_weight_costs_one_copy_of_the_input():
     """ATen runs a oneDNN convolution channels-last when its input or its weight is (conv1a of a channels-last
     network fed a contiguous batch): the dry run charges a channels-last copy of the input, a tensor (in the
     CPU pool when there is one), not the blocked reorders of a contiguous convolution."""
-    import torch
-
     from fullres.memory.dryrun import conv_backend, op_workspace, pool_op_workspace
 
     aten = torch.ops.aten

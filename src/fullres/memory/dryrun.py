@@ -260,17 +260,17 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     conv = _cpu_convolution(func, args)
     if conv.backend.startswith("Slow"):
         return sum(_slow_path_blocks(conv, out))
-    layout_copies = sum(_layout_copy_blocks(conv))
+    if _onednn_channels_last(conv):
+        layout = sum(_layout_copy_blocks(conv))  # channels-last copies of operands in another layout
+    elif conv.forward:
+        layout = 2 * _nbytes(out) if conv.transposed else max(_nbytes(conv.input), _nbytes(out))
+    else:
+        layout = _nbytes(conv.input) + _nbytes(conv.grad_output)  # blocked reorders
     if conv.forward:
-        if _onednn_channels_last(conv):
-            return layout_copies
-        return 2 * _nbytes(out) if conv.transposed else max(_nbytes(conv.input), _nbytes(out))
-    pair = _nbytes(conv.input) + _nbytes(conv.grad_output)
-    reorder = 0 if _onednn_channels_last(conv) else pair
+        return layout
     # The scratchpad comes with the primitive's creation, the first call at these shapes: measured
     # in a training step's second backward, every convolution's extra is within the copies +- 20 MB.
-    return ((ONEDNN_BACKWARD_SCRATCH_BYTES if first_call else 0) + reorder + layout_copies
-            + sum(_bf16_copy_blocks(conv)))
+    return (ONEDNN_BACKWARD_SCRATCH_BYTES if first_call else 0) + layout + sum(_bf16_copy_blocks(conv))
 
 
 @dataclass(frozen=True)

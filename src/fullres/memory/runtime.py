@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import functools
 import os
-import statistics
 import socket
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
