@@ -13,13 +13,16 @@ import, two steps) in `--repeats` fresh processes per allocator variant, variant
   fixed1m  glibc's thresholds fixed at 1 MiB instead of 128 KiB (fewer blocks mapped afresh each step)
   fixed4m  the same at 4 MiB
 
-The *slack* of a variant is its median minus the fixed variant's median: what the heap holds beyond the live
-tensors. The dry run estimates a job as its tensors plus one runtime term per network and strategy, so a
-term c puts every job within +-5 % of its median only if c lies in [slack - 5 % m, slack + 5 % m] for every
-job (m its median): the script prints that intersection per variant, empty when no term can.
+The dry run estimates a job as its tensors plus one runtime term per network and strategy, measured at
+16^3. For each job the script prints the *term* that would make that estimate exact (median peak minus the
+dry run's tensors, `dryrun(job, runtime=0)`; for "fused" that is fullres's foreach Adam step, not the fused
+one), and what the variant holds above the fixed thresholds. A term c puts every job within +-5 % of its
+median m only if c lies in [term - 5 % m, term + 5 % m] for every job: the script prints that intersection
+per variant (empty when no term can), beside the 16^3 job's own term, which is what fullres calibrates.
+`--save` keeps every run; `--recompute` reports a saved file again.
 
     python benchmarks/heap_slack.py --jobs 16x16x16:1 32x32x32:1 32x32x32:4 48x64x32:1 64x64x64:1 \\
-        --variants default fixed trim --repeats 3
+        --variants default fixed trim --repeats 3 --save slack.json
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 VARIANTS = {"default": {}, "fixed": {"FULLRES_MALLOC": "fixed"}, "trim": {}, "fused": {},
             "thp": {"FULLRES_MALLOC": "fixed", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
@@ -60,12 +64,15 @@ def _child(variant: str) -> None:
 
         register_module_forward_pre_hook(trim_around_the_forward)
         register_module_forward_hook(trim_around_the_forward)
+        def trim_before_the_update(*_):  # returns None, as a step pre-hook must
+            malloc_trim(0)
+
         adam = torch.optim.Adam
 
         class TrimmedAdam(adam):
             def __init__(self, params, **kwargs):
                 super().__init__(params, **kwargs)
-                self.register_step_pre_hook(lambda *_: malloc_trim(0) and None)
+                self.register_step_pre_hook(trim_before_the_update)
 
         torch.optim.Adam = TrimmedAdam
     elif variant == "fused":
@@ -94,49 +101,86 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--filters", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save", metavar="JSON", help="write every run's peak and step time here")
+    parser.add_argument("--recompute", metavar="JSON", help="report a saved run again, measuring nothing")
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child(args.child)
         return 0
 
+    if args.recompute:
+        saved = json.loads(Path(args.recompute).read_text())
+        print(f"$ {saved['command']}  (recomputed from {args.recompute})")
+        print(saved["header"])
+        runs = {tuple(key.split("|")): [tuple(run) for run in value] for key, value in saved["runs"].items()}
+        report(saved["jobs"], saved["variants"], runs, saved["filters"])
+        return 0
+
     from fullres.bench import machine_info
 
     machine = machine_info("cpu")
-    print(f"$ {shlex.join(['python', 'benchmarks/heap_slack.py', *(sys.argv[1:] if argv is None else argv)])}")
-    print(f"date: {machine['date']}; machine: {machine['cpu']}; torch {machine['torch']}; {args.threads} threads")
-    variants = list(dict.fromkeys(["fixed", *args.variants]))  # slack is measured against fixed
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    command = shlex.join(["python", "benchmarks/heap_slack.py", *(sys.argv[1:] if argv is None else argv)])
+    header = f"date: {machine['date']}; machine: {machine['cpu']}; torch {machine['torch']}; {args.threads} threads"
+    print(f"$ {command}")
+    print(header)
+    variants = list(dict.fromkeys(["fixed", *args.variants]))  # "above fixed" is measured against it
+    # The caller's allocator settings must not leak into a variant (FULLRES_MALLOC=fixed would make them all fixed).
+    inherited = {key: value for key, value in os.environ.items()
+                 if key not in ("FULLRES_MALLOC", "GLIBC_TUNABLES") and not key.startswith("MALLOC_")}
+    runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for spec in args.jobs:
         request = json.dumps({"job": _job(spec, args.filters).to_json(), "steps": 2, "loss": "dice", "device": "cpu",
                               "threads": args.threads})
         for _ in range(args.repeats):
             for variant in variants:
-                env = {**os.environ, **VARIANTS[variant], "OMP_NUM_THREADS": str(args.threads)}
+                env = {**inherited, **VARIANTS[variant], "OMP_NUM_THREADS": str(args.threads)}
                 done = subprocess.run([sys.executable, __file__, "--child", variant], input=request, capture_output=True,
                                       text=True, env=env)
-                if done.returncode != 0:
+                lines = done.stdout.strip().splitlines()
+                if done.returncode != 0 or not lines:
                     print(f"{spec} {variant}: the measurement failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
                     return 1
-                peak = json.loads(done.stdout.strip().splitlines()[-1])
-                results.setdefault((spec, variant), []).append((peak["measured_bytes"] / 1e6, peak["step_seconds"][-1]))
-    print(f"{'job':>14} {'variant':>8} {'median MB':>10} {'range MB':>15} {'slack MB':>9} {'step s':>7}")
-    bounds: dict[str, list[float]] = {variant: [float("-inf"), float("inf")] for variant in variants}
-    for spec in args.jobs:
-        fixed = statistics.median(mb for mb, _ in results[(spec, "fixed")])
-        for variant in variants:
-            peaks = [mb for mb, _ in results[(spec, variant)]]
-            median = statistics.median(peaks)
-            slack = median - fixed
-            low, high = bounds[variant]
-            bounds[variant] = [max(low, slack - 0.05 * median), min(high, slack + 0.05 * median)]
-            seconds = statistics.median(s for _, s in results[(spec, variant)])
-            print(f"{spec:>14} {variant:>8} {median:10.1f} {min(peaks):7.1f}-{max(peaks):<7.1f} {slack:9.1f} {seconds:7.3f}")
-    for variant in variants:
-        low, high = bounds[variant]
-        verdict = f"{low:.1f} to {high:.1f} MB" if low <= high else f"none (the bounds cross by {low - high:.1f} MB)"
-        print(f"{variant}: a runtime term within +-5 % of every job's median needs a slack of {verdict}")
+                peak = json.loads(lines[-1])
+                runs.setdefault((spec, variant), []).append((peak["measured_bytes"] / 1e6, peak["step_seconds"][-1]))
+    if args.save:
+        from fullres.files import write_bytes_atomically
+
+        write_bytes_atomically(Path(args.save), json.dumps({
+            "command": command, "header": header, "jobs": args.jobs, "variants": variants, "filters": args.filters,
+            "runs": {"|".join(key): value for key, value in runs.items()}}, indent=1).encode())
+    report(args.jobs, variants, runs, args.filters)
     return 0
+
+
+def report(jobs: list[str], variants: list[str], runs: dict, filters: int) -> None:
+    """Per job and variant: median and range of the peaks, what the variant holds above the fixed thresholds,
+    the runtime term that would make the dry run exact (median - the dry run's tensors, fullres's foreach Adam
+    step), the step time; then, per variant, the terms that put every job within +-5 % of its median."""
+    from fullres.memory.dryrun import dryrun
+
+    print(f"{'job':>14} {'variant':>8} {'median MB':>10} {'range MB':>15} {'above fixed':>11} {'term MB':>8} {'step s':>7}")
+    bands: dict[str, list[float]] = {variant: [float("-inf"), float("inf")] for variant in variants}
+    calibration: dict[str, float] = {}
+    for spec in jobs:
+        tensors = dryrun(_job(spec, filters), runtime=0, allocator="fixed").peak_bytes / 1e6
+        fixed = statistics.median(mb for mb, _ in runs[(spec, "fixed")])
+        for variant in variants:
+            peaks = [mb for mb, _ in runs[(spec, variant)]]
+            median = statistics.median(peaks)
+            term = median - tensors
+            if spec == "16x16x16:1":
+                calibration[variant] = term  # what fullres measures as the network's runtime term
+            low, high = bands[variant]
+            bands[variant] = [max(low, term - 0.05 * median), min(high, term + 0.05 * median)]
+            seconds = statistics.median(s for _, s in runs[(spec, variant)])
+            print(f"{spec:>14} {variant:>8} {median:10.1f} {min(peaks):7.1f}-{max(peaks):<7.1f} {median - fixed:11.1f} "
+                  f"{term:8.1f} {seconds:7.3f}")
+    for variant in variants:
+        low, high = bands[variant]
+        verdict = f"{low:.1f} to {high:.1f} MB" if low <= high else f"none (the bounds cross by {low - high:.1f} MB)"
+        own = f"; the 16^3 job's own term {calibration[variant]:.1f} MB" if variant in calibration else ""
+        print(f"{variant}: runtime terms within +-5 % of every job's median: {verdict}{own}")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ CUDA_CONTIGUOUS_NOTE = ("on CUDA only channels-last jobs are modelled exactly (m
 GLIBC_HEAP_NOTE = ("this job runs under glibc's default heap, whose leftovers make its peak vary from run to run "
                    "(bf16 jobs: up to 6 % between runs, the dry run -4.5..+5.2 % of their medians); "
                    "FULLRES_MALLOC=fixed makes the peak follow the estimate (within 1 %) for 0-7 % slower steps "
-                   "(+30 % at 32^3)")
+                   "(+30 % at 32^3 x 1, more on smaller jobs)")
 
 
 @dataclass

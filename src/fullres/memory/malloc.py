@@ -20,11 +20,13 @@ their peaks wander with the heap's leftovers, by size (the dry run -4.5..+5.2 % 
 them repeat to 0.5 MB, 2.5-19 % lower, with the dry run within -0.9..+0.1 %, but cost 0-7 % per step (+30 %
 at 32^3 x 1), which took the 64^3 bf16 step to 0.85-0.89 of the bf16 matmul peak (0.88-0.97 under glibc's
 default; issue 7's goal is 0.90). So speed wins the default; FULLRES_MALLOC=fixed makes a bf16 job's
-peak exact. What the heap holds beyond the tensors runs from 24 MB (64^3) to 110 MB (32^3 x 1), so no
-runtime term measured once per network can follow it within 5 % at 32^3; thresholds fixed at 1 or 4 MiB,
-malloc_trim at each phase and huge pages narrow it only at a similar cost in speed, and the pool with each
-convolution's backward kept outside it made peaks exact and the step fastest but held 14-38 % more
-(benchmarks/heap_slack.py; docs/benchmarks.md, session of 2026-11-25T02:31Z).
+peak exact. What the heap holds beyond the tensors runs from 24 MB (64^3) to 110 MB (32^3 x 1): the runtime
+terms that would put every job within 5 % form a band of at most ~10 MB on some runs and none on others,
+narrower than the 16^3 calibration's own spread (13 MB), so no term measured once per network can be relied
+on. Thresholds fixed at 1 or 4 MiB, malloc_trim at each phase and huge pages narrow it at a cost in speed
+at 32^3 x 1 (15-40 %); the pool with each convolution's backward kept outside it made peaks repeat and the
+64^3 step fastest but held 11-38 % more (benchmarks/heap_slack.py; docs/benchmarks.md, session of
+2026-11-25T02:31Z).
 
 **fixed** (jobs with checkpointing or slabs): glibc with large blocks always straight from and back to
 the kernel, so the peak is the live tensors the dry run counts.
