@@ -38,6 +38,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fullres.cli import positive_int
+
 VARIANTS = {"default": {}, "fixed": {"FULLRES_MALLOC": "fixed"}, "trim": {}, "fused": {},
             "thp": {"FULLRES_MALLOC": "fixed", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
             # glibc reads these at start-up; FULLRES_MALLOC=default so that fullres leaves them as set
@@ -58,12 +60,14 @@ def _child(variant: str) -> None:
 
         malloc_trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
         malloc_trim.argtypes = [ctypes.c_size_t]
+
         def trim_around_the_forward(module, *_):  # returns None: the hooks must not replace inputs or outputs
             if type(module) is UNet3D:
                 malloc_trim(0)
 
         register_module_forward_pre_hook(trim_around_the_forward)
         register_module_forward_hook(trim_around_the_forward)
+
         def trim_before_the_update(*_):  # returns None, as a step pre-hook must
             malloc_trim(0)
 
@@ -87,20 +91,27 @@ def _child(variant: str) -> None:
 
 
 def _job(spec: str, filters: int):
+    """The bf16 channels-last job of a HxWxD[:BATCH] spec (ValueError, one line, when it is not one)."""
     from fullres.config import JobConfig, ModelConfig, Strategy
 
     shape, _, batch = spec.partition(":")
-    return JobConfig(model=ModelConfig(in_channels=4, filters=filters), shape=tuple(int(n) for n in shape.split("x")),
-                     batch=int(batch or 1), strategy=Strategy(channels_last=True, precision="bf16"))
+    try:
+        sizes, batch_size = tuple(int(n) for n in shape.split("x")), int(batch or 1)
+    except ValueError:
+        raise ValueError(f"--jobs {spec!r}: not HxWxD[:BATCH], e.g. 32x32x32:4") from None
+    if len(sizes) != 3 or min(sizes) < 1 or batch_size < 1:
+        raise ValueError(f"--jobs {spec!r}: not HxWxD[:BATCH] with positive sizes, e.g. 32x32x32:4")
+    return JobConfig(model=ModelConfig(in_channels=4, filters=filters), shape=sizes, batch=batch_size,
+                     strategy=Strategy(channels_last=True, precision="bf16"))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", default=["16x16x16:1", "32x32x32:1", "32x32x32:4"], metavar="HxWxD:BATCH")
     parser.add_argument("--variants", nargs="+", default=["default", "fixed", "trim"], choices=sorted(VARIANTS))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--filters", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--filters", type=positive_int, default=32)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--save", metavar="JSON", help="write every run's peak and step time here")
     parser.add_argument("--recompute", metavar="JSON", help="report a saved run again, measuring nothing")
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
@@ -110,12 +121,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.recompute:
-        saved = json.loads(Path(args.recompute).read_text())
+        try:
+            saved = json.loads(Path(args.recompute).read_text())
+        except (OSError, ValueError) as error:
+            parser.error(f"--recompute {args.recompute}: cannot be read as a saved run ({error})")
+        missing = [key for key in ("command", "header", "jobs", "variants", "filters", "runs")
+                   if not isinstance(saved, dict) or key not in saved]
+        if missing:
+            parser.error(f"--recompute {args.recompute}: not a saved run of this script (no {', '.join(missing)})")
         print(f"$ {saved['command']}  (recomputed from {args.recompute})")
         print(saved["header"])
         runs = {tuple(key.split("|")): [tuple(run) for run in value] for key, value in saved["runs"].items()}
         report(saved["jobs"], saved["variants"], runs, saved["filters"])
         return 0
+
+    for spec in args.jobs:
+        try:
+            _job(spec, args.filters)
+        except ValueError as error:
+            parser.error(str(error))
 
     from fullres.bench import machine_info
 
@@ -158,18 +182,20 @@ def report(jobs: list[str], variants: list[str], runs: dict, filters: int) -> No
     the runtime term that would make the dry run exact (median - the dry run's tensors, fullres's foreach Adam
     step), the step time; then, per variant, the terms that put every job within +-5 % of its median."""
     from fullres.memory.dryrun import dryrun
+    from fullres.memory.runtime import CALIBRATION_SHAPE
 
     print(f"{'job':>14} {'variant':>8} {'median MB':>10} {'range MB':>15} {'above fixed':>11} {'term MB':>8} {'step s':>7}")
     bands: dict[str, list[float]] = {variant: [float("-inf"), float("inf")] for variant in variants}
     calibration: dict[str, float] = {}
     for spec in jobs:
-        tensors = dryrun(_job(spec, filters), runtime=0, allocator="fixed").peak_bytes / 1e6
+        job = _job(spec, filters)
+        tensors = dryrun(job, runtime=0, allocator="fixed").peak_bytes / 1e6
         fixed = statistics.median(mb for mb, _ in runs[(spec, "fixed")])
         for variant in variants:
             peaks = [mb for mb, _ in runs[(spec, variant)]]
             median = statistics.median(peaks)
             term = median - tensors
-            if spec == "16x16x16:1":
+            if job.shape == CALIBRATION_SHAPE and job.batch == 1:
                 calibration[variant] = term  # what fullres measures as the network's runtime term
             low, high = bands[variant]
             bands[variant] = [max(low, term - 0.05 * median), min(high, term + 0.05 * median)]
