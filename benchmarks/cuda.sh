@@ -3,13 +3,13 @@
 # (Figure 5 on the GPU), training speed (Figure 6 on the GPU: fp32/TF32, bf16, channels-last, compile,
 # against the GPU's measured matmul peak) and the paper's full-resolution step.
 #
-#   bash benchmarks/cuda.sh OUT [tests] [memory] [sumbuffer] [speed] [fullres] [demo]   (default: all but demo)
+#   bash benchmarks/cuda.sh OUT [tests] [memory] [speed] [fullres] [demo]   (default: all but demo)
 #
-# Each section writes its JSON/CSV/PNG and a log under OUT; results go to docs/benchmarks.md by hand.
+# Each section writes its JSON/CSV/PNG and a log under OUT; docs/performance.md and docs/memory.md keep the results.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/cuda.sh OUT [tests] [memory] [sumbuffer] [speed] [fullres] [demo]}
+out=${1:?usage: bash benchmarks/cuda.sh OUT [tests] [memory] [speed] [fullres] [demo]}
 shift
-sections=${*:-tests memory sumbuffer speed fullres}
+sections=${*:-tests memory speed fullres}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 fullres() { python3 -m fullres "$@"; }
@@ -40,8 +40,6 @@ for section in $sections; do
       run fullres_profile_fp32 fullres profile --device cuda --shape 240 240 144 --batch 1 --channels-last --json
       run fullres_profile_bf16 fullres profile --device cuda --shape 240 240 144 --batch 1 --channels-last \
         --precision bf16 --json ;;
-    sumbuffer)
-      run sum_buffer python3 benchmarks/cuda_sum_buffer.py ;;
     demo)
       run demo fullres demo --out "$out/demo" --quiet ;;
     *) echo "unknown section $section"; exit 2 ;;

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fullres.bench import cpu_model
+from fullres.bench.speed import cpu_model
 from fullres.data import DataConfig, MSDDataset, load_dataset_json, make_loader, write_dataset
 
 SOURCE_SHAPE = (240, 240, 155)

@@ -6,7 +6,7 @@ fp32 and bf16, with and without checkpointing. A thin wrapper over `fullres swee
 
 The first form measures (hours on 2 cores for the whole grid; --quick keeps shapes <= 64 a side and
 batch 1). Jobs run channels-last, the layout fullres recommends for memory-bound jobs (contiguous
-tensors add oneDNN reorder copies: see docs/benchmarks.md). Set FULLRES_MALLOC=fixed to measure every
+tensors add oneDNN reorder copies: see docs/memory.md). Set FULLRES_MALLOC=fixed to measure every
 row under the allocator policy that jobs with checkpointing or slabs get anyway.
 
 The second form merges sweeps run in pieces: it keeps their measurements and recomputes every dry run
@@ -30,8 +30,8 @@ QUICK_SHAPES = ["32", "48", "64", "32x48x64"]
 def recompute(sources: list[str], out: Path) -> None:
     from fullres.config import JobConfig, Strategy
     from fullres.figures import figure3_memory_vs_size, figure5_estimate_vs_measured
-    from fullres.memory import table1_training_bytes
-    from fullres.memory.dryrun import dryrun
+    from fullres.memory.estimate import table1_training_bytes
+    from fullres.memory.estimate import dryrun_estimate
     from fullres.memory.sweep import SweepRow, write_sweep_csv
 
     rows = []
@@ -41,7 +41,7 @@ def recompute(sources: list[str], out: Path) -> None:
                                 channels_last=raw.get("channels_last") == "True", slabs=int(raw.get("slabs") or 1))
             job = JobConfig(shape=tuple(int(v) for v in raw["shape"].split("x")), batch=int(raw["batch"]),
                             strategy=strategy)
-            estimate = dryrun(job, runtime="measured")  # the estimate fullres shows: runtime term measured per network
+            estimate = dryrun_estimate(job)  # the estimate fullres shows: runtime term measured per network
             measured = int(raw["measured_bytes"]) if raw["measured_bytes"] else None
             low, high = raw.get("measured_min_bytes"), raw.get("measured_max_bytes")
             rows.append(SweepRow(job, table1_training_bytes(job), estimate.peak_bytes, measured, estimate.peak_at,

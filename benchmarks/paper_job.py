@@ -17,10 +17,12 @@ import json
 import shlex
 import sys
 
-from fullres.bench import machine_info
+from fullres.bench.speed import machine_info
 from fullres.config import JobConfig, Strategy
-from fullres.memory import table1_training_bytes
+from fullres.memory.estimate import table1_training_bytes
 from fullres.memory.dryrun import dryrun
+from fullres.memory.estimate import dryrun_estimate
+from fullres.memory.runtime import measured_runtime_bytes
 
 GIB = 2**30
 STRATEGIES = [  # (name, strategy at micro-batch 1)
@@ -41,9 +43,8 @@ def strategy_table(precisions=("fp32", "bf16")) -> list[dict]:
     for precision in precisions:
         for name, settings in STRATEGIES:
             # the estimates fullres shows: each network's runtime term measured on this machine (at 16^3)
-            per_sample = dryrun(JobConfig(batch=1, strategy=Strategy(precision=precision, **settings)), runtime="measured")
-            job16 = dryrun(JobConfig(batch=1, strategy=Strategy(precision=precision, accumulate=16, **settings)),
-                           runtime="measured")
+            per_sample = dryrun_estimate(JobConfig(batch=1, strategy=Strategy(precision=precision, **settings)))
+            job16 = dryrun_estimate(JobConfig(batch=1, strategy=Strategy(precision=precision, accumulate=16, **settings)))
             rows.append({"precision": precision, "strategy": name, "per_sample_bytes": per_sample.peak_bytes,
                          "job_bytes": job16.peak_bytes, "peak_at": job16.peak_at,
                          "paper_ratio": paper / job16.peak_bytes})
@@ -54,7 +55,7 @@ def measure_step(precision: str, slabs: int) -> dict:
     from fullres.memory.measure import measure_peak
 
     job = JobConfig(batch=1, strategy=Strategy(checkpointing=True, channels_last=True, slabs=slabs, precision=precision))
-    estimate = dryrun(job, steps=1, runtime="measured")  # the estimate fullres shows
+    estimate = dryrun(job, steps=1, runtime=measured_runtime_bytes(job))  # the estimate fullres shows
     measured = measure_peak(job, steps=1)
     return {"job": job.to_json(), "dryrun_bytes": estimate.peak_bytes, "dryrun_peak_at": estimate.peak_at,
             "measured": measured.to_json(),

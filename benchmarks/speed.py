@@ -21,13 +21,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from fullres.bench import default_variants, figure6_chart, machine_info, run_bench, select_variants
+from fullres.bench.speed import default_variants, machine_info, run_bench, select_variants
 from fullres.config import JobConfig, Strategy
 from fullres.errors import UserError
+from fullres.figures import figure6_chart
 from fullres.files import write_bytes_atomically
 from fullres.memory.malloc import policy_for
 from fullres.model import ModelConfig
-from fullres.train import Process, configure_cpu
+from fullres.device import Process, configure_cpu
 
 
 def main(argv: list[str] | None = None) -> int:

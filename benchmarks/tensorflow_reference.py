@@ -1,6 +1,6 @@
 """The paper's own stack as a reference: the Table 1 3D U-Net in TensorFlow/Keras, one training step timed
 with oneDNN on and off, so that fullres's step can be compared with it on the same machine, in the same
-session (issue 7's goal: the default fp32 step at least as fast as TensorFlow + oneDNN).
+session (docs/performance.md).
 
 TensorFlow is not a fullres dependency. Run this in a separate virtual environment:
 

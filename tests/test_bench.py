@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from fullres import bench
-from fullres.bench import Variant
+from fullres import figures
+from fullres.bench import flops, speed, timing
+from fullres.bench.speed import Variant
 from fullres.config import JobConfig, Strategy
 from fullres.data.msd import split_cases
 from fullres.errors import UserError
@@ -44,17 +45,17 @@ def test_conv3d_flops_equal_a_hand_count():
     macs = n * c_out * d * h * w * c_in * k**3  # one multiply-add per weight per output voxel; bias not counted
     x = torch.randn(n, c_in, d, h, w, requires_grad=True)
     # forward 2 x MACs; backward: grad of the input (a transposed conv, 2 x MACs) + grad of the weight (2 x MACs)
-    assert bench.count_flops(lambda: conv(x).sum().backward()) == 3 * 2 * macs
-    assert bench.count_flops(lambda: conv(x)) == 2 * macs
+    assert flops.count_flops(lambda: conv(x).sum().backward()) == 3 * 2 * macs
+    assert flops.count_flops(lambda: conv(x)) == 2 * macs
     x_data = torch.randn(n, c_in, d, h, w)  # the first layer: no gradient for the image, so no grad-input conv
-    assert bench.count_flops(lambda: conv(x_data).sum().backward()) == 2 * 2 * macs
+    assert flops.count_flops(lambda: conv(x_data).sum().backward()) == 2 * 2 * macs
 
 
 def test_step_flops_double_with_the_batch():
-    one, two = bench.count_step_flops(tiny_job(batch=1)), bench.count_step_flops(tiny_job(batch=2))
+    one, two = flops.count_step_flops(tiny_job(batch=1)), flops.count_step_flops(tiny_job(batch=2))
     assert one > 0 and two == 2 * one
     # accumulation counts every micro-batch: 2 x 1 samples cost what 1 x 2 samples cost
-    assert bench.count_step_flops(tiny_job(batch=1, strategy=Strategy(accumulate=2))) == two
+    assert flops.count_step_flops(tiny_job(batch=1, strategy=Strategy(accumulate=2))) == two
 
 
 @pytest.mark.parametrize("job", [
@@ -66,20 +67,20 @@ def test_step_flops_double_with_the_batch():
 ], ids=["batch3", "anisotropic", "checkpointing-accumulate", "instance-norm-3-classes", "slabs"])
 def test_scaled_step_flops_equal_the_direct_count(job):
     """The proof that counting one 16^3 sample and scaling by batch x voxels is exact."""
-    assert bench.step_flops(job) == bench.count_step_flops(job)
-    assert bench.forward_flops(job) == bench.count_forward_flops(job)
+    assert flops.step_flops(job) == flops.count_step_flops(job)
+    assert flops.forward_flops(job) == flops.count_forward_flops(job)
 
 
 def test_checkpointing_counts_the_recomputed_forward():
-    plain = bench.count_step_flops(tiny_job())
-    checkpointed = bench.count_step_flops(tiny_job(strategy=Strategy(checkpointing=True)))
+    plain = flops.count_step_flops(tiny_job())
+    checkpointed = flops.count_step_flops(tiny_job(strategy=Strategy(checkpointing=True)))
     assert plain < checkpointed < 2 * plain
 
 
 def test_precision_and_layout_change_no_count():
     """Why the unit count may run in fp32, contiguous, for a bf16 / channels-last job."""
-    fp32 = bench.count_step_flops(tiny_job(batch=1))
-    other = bench.count_step_flops(tiny_job(batch=1, strategy=Strategy(precision="bf16", channels_last=True)))
+    fp32 = flops.count_step_flops(tiny_job(batch=1))
+    other = flops.count_step_flops(tiny_job(batch=1, strategy=Strategy(precision="bf16", channels_last=True)))
     assert other == fp32
 
 
@@ -91,11 +92,11 @@ def refuse_compile(model, *args, **kwargs):
 
 @pytest.fixture(scope="module")
 def bench_result():
-    variants = [v for v in bench.default_variants("cpu") if v.name in ("stock_fp32", "plain_fp32", "bf16_cl")]
+    variants = [v for v in speed.default_variants("cpu") if v.name in ("stock_fp32", "plain_fp32", "bf16_cl")]
     variants.append(Variant("compiled_fp32_cl", "fp32", channels_last=True, compiled=True))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "compile", refuse_compile)
-        return bench.run_bench(tiny_job(), variants, warmup=1, repeats=2, peak_size=64)
+        return speed.run_bench(tiny_job(), variants, warmup=1, repeats=2, peak_size=64)
 
 
 def test_run_bench_json_contract(bench_result):
@@ -137,26 +138,26 @@ def test_speedups_are_ratios_of_the_step_times(bench_result):
 
 
 def test_default_variants_and_selection():
-    names = [v.name for v in bench.default_variants("cpu")]
+    names = [v.name for v in speed.default_variants("cpu")]
     assert names == ["stock_fp32", "plain_fp32", "fp32_cl", "bf16", "bf16_cl", "compiled_fp32_cl", "compiled_bf16_cl"]
-    stock, plain = bench.default_variants("cpu")[:2]
+    stock, plain = speed.default_variants("cpu")[:2]
     assert not stock.onednn and plain.onednn and stock.precision == plain.precision == "fp32"
-    assert "stock_fp32" not in [v.name for v in bench.default_variants("cuda")]
-    assert [v.name for v in bench.select_variants(["bf16", "plain_fp32"])] == ["bf16", "plain_fp32"]
+    assert "stock_fp32" not in [v.name for v in speed.default_variants("cuda")]
+    assert [v.name for v in speed.select_variants(["bf16", "plain_fp32"])] == ["bf16", "plain_fp32"]
     with pytest.raises(UserError, match="unknown variant"):
-        bench.select_variants(["fp64"])
+        speed.select_variants(["fp64"])
 
 
 def test_onednn_flag_is_restored():
     before = torch.backends.mkldnn.enabled
-    with bench.variant_context(Variant("x", onednn=not before, threads=1), torch.device("cpu")):
+    with speed.variant_context(Variant("x", onednn=not before, threads=1), torch.device("cpu")):
         assert torch.backends.mkldnn.enabled is (not before)
         assert torch.get_num_threads() == 1
     assert torch.backends.mkldnn.enabled is before
 
 
 def test_figure6_chart_writes_a_png(bench_result, tmp_path):
-    path = bench.figure6_chart(bench_result, tmp_path / "charts" / "figure6.png")
+    path = figures.figure6_chart(bench_result, tmp_path / "charts" / "figure6.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["figure6.png"]  # no temp file left behind
 
@@ -170,9 +171,9 @@ def fake_calibration(step_s=2.0, forward_s=0.5, extrapolated_from=None):
 
 
 def test_estimate_time_arithmetic(monkeypatch):
-    monkeypatch.setattr(bench, "calibration", fake_calibration(step_s=2.0, forward_s=0.5))
+    monkeypatch.setattr(timing, "calibration", fake_calibration(step_s=2.0, forward_s=0.5))
     job = tiny_job(batch=2, strategy=Strategy(accumulate=2))  # effective batch 4
-    result = bench.estimate_time(job, cases=23, epochs=3, val_fraction=0.2)
+    result = timing.estimate_time(job, cases=23, epochs=3, val_fraction=0.2)
     # 23 cases: round(4.6) = 5 validation, 18 training; the trainer drops the last incomplete batch
     assert (result["train_cases"], result["val_cases"]) == (18, 5)
     assert result["steps_per_epoch"] == 18 // 4 == 4
@@ -180,17 +181,17 @@ def test_estimate_time_arithmetic(monkeypatch):
     assert result["validation_s"] == pytest.approx(5 * 3 * 0.5)
     assert result["total_s"] == pytest.approx(result["train_s"] + result["validation_s"])
     assert result["epochs"] == 3 and result["step_s"] == 2.0 and result["extrapolated_from"] is None
-    no_val = bench.estimate_time(job, cases=8, epochs=1, val_fraction=0.0)
+    no_val = timing.estimate_time(job, cases=8, epochs=1, val_fraction=0.0)
     assert (no_val["steps_per_epoch"], no_val["validation_s"]) == (2, 0.0)
     with pytest.raises(UserError, match="fewer than one batch"):
-        bench.estimate_time(job, cases=4, epochs=1)  # 3 training cases < batch of 4
+        timing.estimate_time(job, cases=4, epochs=1)  # 3 training cases < batch of 4
 
 
 @pytest.mark.parametrize("cases", [1, 2, 3, 7, 10, 23, 484])
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.2, 0.5])
 def test_split_sizes_match_the_trainer(cases, fraction):
     train, val = split_cases(range(cases), fraction, seed=0)
-    assert bench.split_sizes(cases, fraction) == (len(train), len(val))
+    assert timing.split_sizes(cases, fraction) == (len(train), len(val))
 
 
 def test_calibration_is_cached(monkeypatch, tmp_path):
@@ -200,45 +201,45 @@ def test_calibration_is_cached(monkeypatch, tmp_path):
         calls.append(job)
         return 0.25, 0.125, 0.0625
 
-    monkeypatch.setattr(bench, "_measure", measure)
+    monkeypatch.setattr(timing, "_measure", measure)
     job = tiny_job()
-    first = bench.calibration(job, cache_dir=tmp_path)
-    second = bench.calibration(job, cache_dir=tmp_path)
+    first = timing.calibration(job, cache_dir=tmp_path)
+    second = timing.calibration(job, cache_dir=tmp_path)
     assert len(calls) == 1 and not first["cached"] and second["cached"]
     assert first["step_s"] == second["step_s"] == 0.25 and second["forward_s"] == 0.125
-    assert bench.calibrate(job, cache_dir=tmp_path) == 0.25 and len(calls) == 1
+    assert timing.calibrate(job, cache_dir=tmp_path) == 0.25 and len(calls) == 1
     assert json.loads((tmp_path / "calibration.json").read_text())  # one readable JSON file
-    bench.calibration(job.with_(batch=1), cache_dir=tmp_path)  # another job: another key
+    timing.calibration(job.with_(batch=1), cache_dir=tmp_path)  # another job: another key
     assert len(calls) == 2
     monkeypatch.setattr(torch, "get_num_threads", lambda: 99)  # another thread count: another key
-    bench.calibration(job, cache_dir=tmp_path)
+    timing.calibration(job, cache_dir=tmp_path)
     assert len(calls) == 3
 
 
 def test_big_jobs_are_extrapolated_by_the_flop_ratio(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "_measure", lambda job, device, steps=2, forwards=2: (1.0, 0.1, 0.25))
+    monkeypatch.setattr(timing, "_measure", lambda job, device, steps=2, forwards=2: (1.0, 0.1, 0.25))
     job = tiny_job(shape=(32, 32, 16), batch=4)
-    limit = bench.step_flops(job) / 10
-    small = bench.calibration_job(job, max_flops=limit, memory_bytes=2**40)
+    limit = flops.step_flops(job) / 10
+    small = timing.calibration_job(job, max_flops=limit, memory_bytes=2**40)
     assert small.batch == 1 and math.prod(small.shape) < math.prod(job.shape)
-    assert bench.step_flops(small) <= limit and small.model == job.model
-    record = bench.calibration(job, cache_dir=tmp_path, max_flops=limit)
+    assert flops.step_flops(small) <= limit and small.model == job.model
+    record = timing.calibration(job, cache_dir=tmp_path, max_flops=limit)
     assert record["extrapolated_from"]["shape"] == list(small.shape)
     # the Adam update (0.25 s) is kept; the rest of the measured step (0.75 s) scales with the FLOPs
-    assert record["step_s"] == pytest.approx(0.25 + 0.75 * bench.step_flops(job) / bench.step_flops(small))
-    assert record["forward_s"] == pytest.approx(0.1 * bench.forward_flops(job) / bench.forward_flops(small))
-    assert bench.calibration_job(job, max_flops=1e30, memory_bytes=2**40) == job
+    assert record["step_s"] == pytest.approx(0.25 + 0.75 * flops.step_flops(job) / flops.step_flops(small))
+    assert record["forward_s"] == pytest.approx(0.1 * flops.forward_flops(job) / flops.forward_flops(small))
+    assert timing.calibration_job(job, max_flops=1e30, memory_bytes=2**40) == job
 
 
 def test_real_calibration_of_a_tiny_job(tmp_path):
-    record = bench.calibration(tiny_job(), cache_dir=tmp_path)
+    record = timing.calibration(tiny_job(), cache_dir=tmp_path)
     assert record["step_s"] > 0 and record["forward_s"] > 0 and record["extrapolated_from"] is None
     assert record["key"]["torch"] == torch.__version__ and "hostname" in record["key"]
-    estimate = bench.estimate_time(tiny_job(), cases=10, epochs=2, cache_dir=tmp_path)
+    estimate = timing.estimate_time(tiny_job(), cases=10, epochs=2, cache_dir=tmp_path)
     assert estimate["cached"] and estimate["step_s"] == record["step_s"]
 
 
 def test_matmul_peak_is_measured():
-    assert bench.matmul_peak_tflops("fp32", size=64, repeats=1) > 0
+    assert speed.matmul_peak_tflops("fp32", size=64, repeats=1) > 0
     with pytest.raises(ValueError):
-        bench.matmul_peak_tflops("fp64", size=64)
+        speed.matmul_peak_tflops("fp64", size=64)

@@ -28,7 +28,8 @@ import torch
 from fullres.config import JobConfig, ModelConfig, Strategy
 from fullres.memory import cpu_pool
 from fullres.memory.cuda_allocator import CachingAllocatorModel
-from fullres.memory.measure import loss_function, make_batch
+from fullres.losses import LOSSES
+from fullres.memory.measure import make_batch
 from fullres.model import UNet3D
 from fullres.step import make_grad_scaler, prepare_model, train_step
 torch.set_num_threads(1)
@@ -41,7 +42,7 @@ model = prepare_model(UNet3D(job.model), job.strategy)
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 images, targets = make_batch(job, torch.device("cpu"))
 for _ in range(2):
-    train_step(model, optimizer, images, targets, loss_function("dice"), job.strategy, make_grad_scaler(job.strategy, "cpu"))
+    train_step(model, optimizer, images, targets, LOSSES["dice"], job.strategy, make_grad_scaler(job.strategy, "cpu"))
 cpu_pool.trace(False)
 events, stats = cpu_pool.read_trace(), cpu_pool.stats()
 replay, differ, peak = CachingAllocatorModel(), 0, 0
@@ -153,8 +154,8 @@ def test_the_library_is_built_once_per_source_and_torch(tmp_path, monkeypatch):
 
 @needs_compiler
 def test_the_policy_gives_the_pool_to_fp32_cpu_jobs_without_memory_strategies():
-    """fp32 channels-last: the pool; checkpointing or slabs: glibc's fixed thresholds; bf16 (speed: issue 7's
-    goal), fp32 contiguous, CUDA, no job yet: glibc's default."""
+    """fp32 channels-last: the pool; checkpointing or slabs: glibc's fixed thresholds; bf16 (for its
+    speed), fp32 contiguous, CUDA, no job yet: glibc's default."""
     code = ("from fullres.config import Strategy; from fullres.memory.malloc import policy_for as p; "
             "cl = Strategy(channels_last=True); "
             "print(p(cl), p(Strategy()), p(Strategy(precision='bf16', channels_last=True)), "

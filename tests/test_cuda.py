@@ -78,7 +78,7 @@ def test_cuda_dryrun_within_5_percent_of_max_memory_allocated(job):
 
 @needs_cuda
 def test_cuda_train_predict_evaluate(small_msd, tmp_path, cli):
-    from fullres.train import load_checkpoint
+    from fullres.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
     code, out, err = cli("train", small_msd, "--out", run, "--epochs", "2", "--device", "cuda", "--precision",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fullres.config import JobConfig, Strategy
-from fullres.memory import ESTIMATORS
+from fullres.memory.estimate import ESTIMATORS, dryrun_estimate
 from fullres.memory.dryrun import CATEGORIES, dryrun
 from fullres.model import ModelConfig, UNet3D, count_trainable
 
@@ -95,7 +95,7 @@ def test_tiny_real_measurement_is_bounded_by_the_dry_run(shape):
     tensors = estimate.peak_bytes - estimate.breakdown["runtime"]
     assert measured >= tensors
     # A coarse bound for these tiny, runtime-dominated jobs; the +-5 % goal is checked below and in
-    # docs/benchmarks.md.
+    # docs/memory.md.
     assert measured <= 2.5 * estimate.peak_bytes
 
 
@@ -106,14 +106,14 @@ def test_dry_run_is_within_five_percent_of_a_real_step(shape, strategy):
     """The accuracy goal as `estimate`, `plan` and `train` compute it (the network's runtime term measured at
     16^3) under the allocator policy each job gets, 32 filters: with memory-saving strategies (glibc, fixed
     thresholds), 48x32x32 was the worst case with a runtime constant (-6.9 %), slabs at 64^3 (below ~0.6 GB
-    they are 6-10 % high: docs/benchmarks.md); without, fp32 channels-last under the CPU pool (32^3: +0.9 %
+    they are 6-10 % high: docs/memory.md); without, fp32 channels-last under the CPU pool (32^3: +0.9 %
     there, -6.1 % under glibc's default heap before)."""
     import torch
 
     from fullres.memory.measure import measure_peak
 
     job = JobConfig(shape=shape, batch=1, strategy=strategy)
-    estimate = dryrun(job, runtime="measured").peak_bytes
+    estimate = dryrun_estimate(job).peak_bytes
     measured = measure_peak(job, steps=2, threads=torch.get_num_threads()).measured_bytes
     assert abs(estimate - measured) / measured <= 0.05, (estimate, measured)
 
@@ -148,7 +148,7 @@ def test_only_cpu_kernels_get_workspaces():
     (the preflight of a CUDA job runs the dry run on "cuda")."""
     import torch
 
-    from fullres.memory import estimate_training_bytes
+    from fullres.memory.estimate import estimate_training_bytes
     from fullres.memory.dryrun import op_workspace
 
     aten = torch.ops.aten

@@ -13,20 +13,17 @@ import torch
 from scipy import ndimage
 
 from fullres.errors import UserError
+from fullres.losses import dice_bce_loss, dice_coefficient, soft_dice_loss, voxel_accuracy
 from fullres.metrics import (
     DEFAULT_REGIONS,
     dice,
-    dice_bce_loss,
-    dice_coefficient,
     evaluate_case,
     evaluate_folders,
     hd95,
     image_diagonal_mm,
     normalized_surface_distance,
     region_masks,
-    soft_dice_loss,
     summarize,
-    voxel_accuracy,
     write_metrics_csv,
     write_metrics_json,
 )

@@ -104,7 +104,7 @@ def test_prediction_runs_in_the_runs_layout_and_precision(strategy):
     from fullres.data import DataConfig
     from fullres.model import ModelConfig, UNet3D
     from fullres.step import autocast
-    from fullres.train import TrainConfig
+    from fullres.config import TrainConfig
 
     shape = (16, 16, 16)
     job = JobConfig(model=ModelConfig(in_channels=2, filters=2), shape=shape, batch=1, strategy=Strategy(**strategy))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fullres.config import Strategy
-from fullres.metrics import soft_dice_loss
+from fullres.losses import soft_dice_loss
 from fullres.model import ModelConfig, UNet3D
 from fullres.step import make_grad_scaler, prepare_model, train_step
 

@@ -17,7 +17,10 @@ import torch
 from fullres.config import JobConfig, Strategy
 from fullres.memory.table1 import table1
 from fullres.model import ModelConfig
-from fullres.train import CSV_COLUMNS, TrainConfig, candidate_strategies, load_checkpoint, preflight
+from fullres.checkpoint import load_checkpoint
+from fullres.config import TrainConfig
+from fullres.memory.plan import candidate_strategies, preflight
+from fullres.train import CSV_COLUMNS
 
 # On the CPU even on a GPU machine: these tests compare weights bit for bit, which cuDNN's nondeterministic
 # backward does not promise (tests/test_cuda.py covers training on CUDA).
@@ -187,7 +190,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(t
 
 @pytest.mark.parametrize("contiguous_s, channels_last_s", [(2.0, 1.5), (1.5, 2.0)])
 def test_memory_format_is_chosen_by_measurement_and_only_for_long_runs(monkeypatch, contiguous_s, channels_last_s):
-    import fullres.bench
+    import fullres.train
     from fullres.train import choose_memory_format
 
     job = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=1)
@@ -202,7 +205,7 @@ def test_memory_format_is_chosen_by_measurement_and_only_for_long_runs(monkeypat
         timed.append(variant.channels_last)
         return {"step_s": channels_last_s if variant.channels_last else contiguous_s}
 
-    monkeypatch.setattr(fullres.bench, "time_variant", fake_time_variant)
+    monkeypatch.setattr(fullres.train, "time_variant", fake_time_variant)
     chosen, line = choose_memory_format(job, cpu, total_steps=1000)
     assert sorted(timed) == [False, True]
     assert chosen.strategy.channels_last == (channels_last_s < contiguous_s)

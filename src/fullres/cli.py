@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from fullres.config import PAPER_BATCH, PAPER_SHAPE, PRECISIONS, JobConfig, Strategy
+from fullres.config import PRECISIONS, SCHEDULES, TARGET_CLASSES, JobConfig, Strategy
+from fullres.device import memory_device
 from fullres.errors import UserError
-from fullres.model import DOWNSAMPLING, ModelConfig, nearest_valid_sizes
+from fullres.losses import LOSSES
+from fullres.model import DOWNSAMPLING, NORMS, ModelConfig, nearest_valid_sizes
+from fullres.presets import PAPER
 from fullres.units import format_bytes, parse_size
-
-TARGET_CLASSES = {"wt": 1, "regions": 3, "classes": 4}  # output channels per target (MSD Task01 has 4 labels)
 
 
 class Parser(argparse.ArgumentParser):
@@ -100,19 +100,19 @@ def add_job_arguments(parser: argparse.ArgumentParser, defaults: bool = True) ->
     """One command line describes one job everywhere. With defaults=False unset flags stay None so the
     command can fill them (train picks the demo's small job when it has no data)."""
     group = parser.add_argument_group("job")
-    group.add_argument("--shape", nargs=3, type=spatial_size, metavar=("H", "W", "D"),
-                       default=list(PAPER_SHAPE) if defaults else None,
+    preset = PAPER.values() if defaults else dict.fromkeys(PAPER.values())  # train: None, filled from a preset
+    group.add_argument("--shape", nargs=3, type=spatial_size, metavar=("H", "W", "D"), default=preset["shape"],
                        help="input volume in voxels, multiples of 8 (paper: 240 240 144)")
-    group.add_argument("--channels", type=channels_spec, default="4" if defaults else None,
+    group.add_argument("--channels", type=channels_spec, default=preset["channels"],
                        help="N (the first N modalities) or names/indices, e.g. FLAIR or 0,3 (default: 4 = all)")
-    group.add_argument("--target", choices=sorted(TARGET_CLASSES), default="wt" if defaults else None,
+    group.add_argument("--target", choices=sorted(TARGET_CLASSES), default=preset["target"],
                        help="wt: whole-tumour mask (paper); regions: WT/TC/ET channels; classes: raw labels")
-    group.add_argument("--filters", type=positive_int, default=32 if defaults else None,
+    group.add_argument("--filters", type=positive_int, default=preset["filters"],
                        help="base filters (paper: 32)")
-    group.add_argument("--batch", type=positive_int, default=PAPER_BATCH if defaults else None,
+    group.add_argument("--batch", type=positive_int, default=preset["batch"],
                        help="samples per forward/backward (paper: 16)")
-    group.add_argument("--dropout", type=float, default=0.2, help="dropout after conv3a and conv4a")
-    group.add_argument("--norm", choices=("none", "instance", "group", "batch"), default="none" if defaults else None,
+    group.add_argument("--dropout", type=float, default=PAPER.dropout, help="dropout after conv3a and conv4a")
+    group.add_argument("--norm", choices=NORMS, default=preset["norm"],
                        help="normalisation after each convolution (paper: none)")
     strategy = parser.add_argument_group("memory strategies (exact gradients unless noted)")
     strategy.add_argument("--checkpointing", action="store_true", help="recompute activations in backward")
@@ -126,29 +126,27 @@ def add_job_arguments(parser: argparse.ArgumentParser, defaults: bool = True) ->
                                "backward (exact; needs --norm none)")
 
 
-def job_from_args(args: argparse.Namespace, in_channels: int | None = None, classes: int | None = None) -> JobConfig:
-    """The job the flags describe; `in_channels`/`classes` come from the dataset when there is one."""
+JOB_FLAGS = ("shape", "channels", "target", "filters", "batch", "dropout", "norm", "checkpointing", "accumulate",
+             "precision", "channels_last", "slabs")
+
+
+def job_from_options(options: dict, in_channels: int | None = None, classes: int | None = None) -> JobConfig:
+    """The job the flags describe (`options` by their CLI names); `in_channels`/`classes` come from the
+    dataset when there is one. Bad combinations raise UserError naming what is wrong."""
     try:
-        model = ModelConfig(in_channels=in_channels or channel_count(args.channels), filters=args.filters,
-                            classes=classes or TARGET_CLASSES[args.target], dropout=args.dropout, norm=args.norm)
-        strategy = Strategy(checkpointing=args.checkpointing, accumulate=args.accumulate,
-                            precision=args.precision, channels_last=args.channels_last, slabs=args.slabs)
-        return JobConfig(model=model, shape=tuple(args.shape), batch=args.batch, strategy=strategy)
+        model = ModelConfig(in_channels=in_channels or channel_count(options["channels"]), filters=options["filters"],
+                            classes=classes or TARGET_CLASSES[options["target"]], dropout=options["dropout"],
+                            norm=options["norm"])
+        strategy = Strategy(checkpointing=options["checkpointing"], accumulate=options["accumulate"],
+                            precision=options["precision"], channels_last=options["channels_last"],
+                            slabs=options["slabs"])
+        return JobConfig(model=model, shape=tuple(options["shape"]), batch=options["batch"], strategy=strategy)
     except (ValueError, argparse.ArgumentTypeError) as error:
         raise UserError(str(error)) from None
 
 
-def memory_device(choice: str) -> str:
-    """The device a memory estimate or measurement is for: "auto" is CUDA when this torch sees one. The dry
-    run of a CUDA job runs fake CUDA tensors (no GPU memory is touched) but reads the GPU's multiprocessor
-    count, so it needs a CUDA build of torch and a visible GPU."""
-    import torch
-
-    from fullres.train import Process, pick_device
-
-    if choice == "cuda" and not torch.backends.cuda.is_built():
-        raise UserError(f"--device cuda: this torch ({torch.__version__}) is built without CUDA")
-    return pick_device(choice, Process()).type  # auto, and a CUDA build that sees no GPU, as train resolves them
+def job_from_args(args: argparse.Namespace) -> JobConfig:
+    return job_from_options(vars(args))
 
 
 def add_memory_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +161,7 @@ def print_json(data: object) -> None:
 # ---- estimate -----------------------------------------------------------------------------------
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from fullres.memory import BYTES_PER_VALUE
+    from fullres.memory.estimate import BYTES_PER_VALUE
     from fullres.memory.table1 import table1
 
     job = job_from_args(args)
@@ -192,9 +190,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu") -> int:
-    from fullres.memory.dryrun import CUDA_CONTIGUOUS_NOTE, GLIBC_HEAP_NOTE, dryrun
+    from fullres.memory.dryrun import CUDA_CONTIGUOUS_NOTE, GLIBC_HEAP_NOTE
+    from fullres.memory.estimate import dryrun_estimate
 
-    result = dryrun(job, device=device, runtime="measured")
+    result = dryrun_estimate(job, device)
     note = None
     if device == "cuda" and not job.strategy.channels_last:
         note = CUDA_CONTIGUOUS_NOTE
@@ -220,9 +219,9 @@ def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu") -> int:
 
 def print_time_estimate(job: JobConfig, args: argparse.Namespace) -> int:
     """The paper's promise: plug in the dataset size and epochs, get memory and time (measured here)."""
-    from fullres.bench import estimate_time
-    from fullres.memory import estimate_training_bytes
-    from fullres.train import Process, configure_cpu
+    from fullres.bench.timing import estimate_time
+    from fullres.device import Process, configure_cpu
+    from fullres.memory.estimate import estimate_training_bytes
 
     if args.cases is None:
         raise UserError("--time needs --cases N (labelled cases in the dataset)")
@@ -247,8 +246,9 @@ def print_time_estimate(job: JobConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fullres.bench import figure6_chart, run_bench, select_variants
-    from fullres.train import Process, configure_cpu, pick_device
+    from fullres.bench.speed import run_bench, select_variants
+    from fullres.device import Process, configure_cpu, pick_device
+    from fullres.figures import figure6_chart
 
     job = job_from_args(args)
     device = pick_device(args.device, Process())
@@ -326,7 +326,7 @@ def shape_spec(text: str) -> tuple[int, int, int]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from fullres.memory.measure import profile
+    from fullres.memory.estimate import profile
 
     job = job_from_args(args)
     device = memory_device(args.device)
@@ -391,77 +391,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 # ---- train --------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fullres import train as training
-    from fullres.data import DataConfig, load_dataset_json, resolve_channels, split_cases
+    from fullres.train import TrainRequest, run
 
-    run_dir = Path(args.out)
-    main_process = training.is_main_process()
-    progress = not args.quiet
-    if args.resume:
-        training.prepare_run_dir(run_dir, resume=True)
-        config = training.read_run_config(run_dir)
-    else:
-        if main_process:
-            training.prepare_run_dir(run_dir, resume=False)
-        if args.data is None:  # the embedded default: a synthetic dataset and a job sized for 2 CPU cores
-            for flag, value in training.DEMO_JOB.items():
-                if getattr(args, flag) is None:
-                    setattr(args, flag, list(value) if flag == "shape" else value)
-            data_dir = training.demo_dataset(run_dir, progress and main_process) if main_process \
-                else training.wait_for_dataset(run_dir / "synthetic_data")
-        else:
-            data_dir = Path(args.data).absolute()
-        for flag, value in (("shape", [240, 240, 144]), ("filters", 32), ("batch", 16), ("epochs", 25),
-                            ("lr", 1e-4), ("channels", "4"), ("target", "wt"), ("norm", "none"), ("loss", "dice")):
-            if getattr(args, flag) is None:
-                setattr(args, flag, value)
-        training.refuse_bad_data(data_dir)
-        index = load_dataset_json(data_dir)
-        channels = resolve_channels(args.channels, index.modalities)
-        classes = len(index.labels) if args.target == "classes" else None
-        job = job_from_args(args, in_channels=len(channels), classes=classes)
-        strategy_choice = "manual"
-        device = training.pick_device(args.device, training.Process())
-        if not args.force:
-            budget = args.memory or training.available_memory(device)
-            method = training.default_method()
-            job, needed, chosen = training.preflight(job, budget, method, auto=args.strategy == "auto",
-                                                     allow_bf16=training.fast_bf16(device), device=device.type)
-            strategy_choice = "auto" if args.strategy == "auto" else "manual"
-            if main_process:
-                print(f"preflight ({method}): needs {format_bytes(needed)} of {format_bytes(budget)} available"
-                      + (f"; --strategy auto chose: {chosen}" if args.strategy == "auto" else ""))
-        if not args.no_autotune:
-            train_cases = len(split_cases(index.training, args.val_fraction, args.seed)[0])
-            total_steps = args.epochs * (train_cases // (job.effective_batch * int(os.environ.get("WORLD_SIZE", "1"))))
-            job, choice = training.choose_memory_format(job, device, total_steps)
-            if main_process:
-                print(choice)
-        try:
-            config = training.TrainConfig(
-                job=job, data=DataConfig(channels=channels, target=args.target, shape=tuple(args.shape)),
-                data_dir=str(data_dir), epochs=args.epochs, lr=args.lr, loss=args.loss, seed=args.seed,
-                val_fraction=args.val_fraction, device=args.device, threads=args.threads, workers=args.workers,
-                schedule=args.schedule, strategy_choice=strategy_choice)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        if main_process:
-            training.write_json(run_dir / "config.json", config.to_json())
-    last = training.train(config, run_dir, resume=args.resume, progress=progress)
-    if main_process:
-        from fullres.figures import training_curves
-
-        training_curves(run_dir / "metrics.csv", run_dir / "curves.png")
-        print(f"done: validation Dice {last.get('val_dice', float('nan')):.3f} after {last.get('epoch', 0)} epochs; "
-              f"run in {run_dir}/ (config.json, metrics.csv, last.pt, best.pt, curves.png, tb/)")
+    options = {name: getattr(args, name) for name in (*JOB_FLAGS, "epochs", "lr", "loss", "schedule", "seed",
+                                                       "val_fraction", "device", "threads", "workers")}
+    run(TrainRequest(out=Path(args.out), data=Path(args.data) if args.data is not None else None, options=options,
+                     make_job=job_from_options, strategy=args.strategy, memory=args.memory, force=args.force,
+                     autotune=not args.no_autotune, resume=args.resume, progress=not args.quiet))
     return 0
 
 
 # ---- predict, evaluate, show ----------------------------------------------------------------------
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from fullres.device import Process, pick_device
     from fullres.predict import predict_files
-    from fullres.train import pick_device, Process
 
     written = predict_files(Path(args.run_dir), args.inputs, Path(args.out), pick_device(args.device, Process()),
                             probabilities=args.probabilities, progress=not args.quiet)
@@ -470,7 +414,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fullres.metrics import evaluate_folders, write_metrics_csv
+    from fullres.metrics import METRIC_NAMES, evaluate_folders, write_metrics_csv
 
     result = evaluate_folders(args.pred, args.labels, tolerance_mm=args.tolerance,
                               pred_is_binary_wt=args.wt_only or predictions_are_binary(Path(args.pred)))
@@ -479,14 +423,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    print(f"{'case':<16}{'region':<8}{'Dice':>8}{'NSD':>8}{'HD95 (mm)':>11}")
+    headers = {"dice": "Dice", "nsd": "NSD", "hd95": "HD95 (mm)"}
+
+    def cells(values: dict) -> str:  # distances with 2 decimals, scores with 3
+        return "".join(f"{values[m]:>11.2f}" if m == "hd95" else f"{values[m]:>11.3f}" for m in METRIC_NAMES)
+
+    print(f"{'case':<16}{'region':<8}" + "".join(f"{headers.get(m, m):>11}" for m in METRIC_NAMES))
     for case, regions in result["cases"].items():
         for region, values in regions.items():
-            print(f"{case:<16}{region:<8}{values['dice']:>8.3f}{values['nsd']:>8.3f}{values['hd95']:>11.2f}")
+            print(f"{case:<16}{region:<8}{cells(values)}")
     for region, metrics in result["summary"].items():
-        print(f"{'mean ± std':<16}{region:<8}" + "".join(
-            f"{metrics[m]['mean']:>8.3f}" if m != "hd95" else f"{metrics[m]['mean']:>11.2f}" for m in ("dice", "nsd", "hd95"))
-            + "   (std " + ", ".join(f"{metrics[m]['std']:.3f}" for m in ("dice", "nsd", "hd95")) + ")")
+        print(f"{'mean ± std':<16}{region:<8}{cells({m: metrics[m]['mean'] for m in METRIC_NAMES})}"
+              + "   (std " + ", ".join(f"{metrics[m]['std']:.3f}" for m in METRIC_NAMES) + ")")
     print(f"NSD tolerance {args.tolerance} mm; CSV: {csv_path}")
     return 0
 
@@ -534,7 +482,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on the embedded synthetic default, as the commands a user would type."""
     import shutil
 
-    from fullres.train import available_memory, Process, pick_device
+    from fullres.device import Process, available_memory, pick_device
 
     out = Path(args.out).absolute()
     if out.exists() and any(out.iterdir()):
@@ -588,10 +536,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_arguments(parser, defaults=False)
     parser.add_argument("--epochs", type=positive_int, default=None, help="epochs (paper: 25)")
     parser.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate")
-    parser.add_argument("--loss", choices=("dice", "dice_bce"), default=None, help="soft Dice (default), or Dice + BCE")
-    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule")
-    parser.add_argument("--seed", type=int, default=0, help="weights, split, order and dropout follow from it")
-    parser.add_argument("--val-fraction", type=fraction, default=0.2, help="share of cases held out for validation")
+    parser.add_argument("--loss", choices=tuple(LOSSES), default=None, help="soft Dice (default), or Dice + BCE")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate schedule (default: cosine)")
+    parser.add_argument("--seed", type=int, default=None, help="weights, split, order and dropout follow from it")
+    parser.add_argument("--val-fraction", type=fraction, default=None, help="share of cases held out for validation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: one per physical core)")
     parser.add_argument("--workers", type=int, default=1, help="data-loading worker processes")

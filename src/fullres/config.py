@@ -1,18 +1,26 @@
-"""A job described as data: the network, the input, and the exact-gradient memory strategies.
+"""Jobs and runs described as data (frozen dataclasses, validated once, saved as JSON).
 
-One `JobConfig` describes one training job for every command (estimate, plan, train, profile,
-bench). It is validated once, at the CLI, and serialised to JSON next to every run.
+* `Strategy`: how a step trades compute for memory (all exact but the precision).
+* `JobConfig`: the network, the input and the strategy: one training job for every command (estimate,
+  plan, train, profile, bench).
+* `TrainConfig`: a whole run (job, data, optimisation, machine settings), saved as RUN/config.json and
+  read back by resume and predict.
+
+Defaults live in :mod:`fullres.presets`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
+from fullres.data.preprocess import DataConfig
+from fullres.losses import LOSSES
 from fullres.model import ModelConfig, slab_rows, validate_spatial_shape
+from fullres.presets import PAPER
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-PAPER_SHAPE = (240, 240, 144)  # BraTS 240x240x155, depth cropped to 144 (whitepaper Table 1)
-PAPER_BATCH = 16
+SCHEDULES = ("cosine", "constant")
+TARGET_CLASSES = {"wt": 1, "regions": 3, "classes": 4}  # output channels per --target (MSD Task01: 4 labels)
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,8 @@ class JobConfig:
     `batch * strategy.accumulate` samples per step."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    shape: tuple[int, int, int] = PAPER_SHAPE
-    batch: int = PAPER_BATCH
+    shape: tuple[int, int, int] = PAPER.shape
+    batch: int = PAPER.batch
     strategy: Strategy = field(default_factory=Strategy)
 
     def __post_init__(self) -> None:
@@ -87,3 +95,47 @@ class JobConfig:
     def from_json(cls, data: dict) -> "JobConfig":
         return cls(model=ModelConfig(**data["model"]), shape=tuple(data["shape"]), batch=data["batch"],
                    strategy=Strategy(**data["strategy"]))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; saved as RUN_DIR/config.json and read back by resume and predict."""
+
+    job: JobConfig
+    data: DataConfig
+    data_dir: str  # the dataset folder trained on (the synthetic one inside RUN_DIR for the demo)
+    epochs: int = PAPER.epochs
+    lr: float = PAPER.lr
+    loss: str = PAPER.loss
+    seed: int = PAPER.seed
+    val_fraction: float = PAPER.val_fraction
+    device: str = "auto"
+    threads: int = 0  # 0: one per physical core (the paper's setting)
+    workers: int = 1
+    schedule: str = PAPER.schedule
+    strategy_choice: str = "manual"  # how job.strategy was chosen: manual, or auto (by the preflight)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.threads < 0 or self.workers < 0:
+            raise ValueError("--threads and --workers must be >= 0")
+        if tuple(self.data.shape) != tuple(self.job.shape):
+            raise ValueError(f"data shape {self.data.shape} differs from the model's input shape {self.job.shape}")
+
+    def to_json(self) -> dict:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["job"], values["data"] = self.job.to_json(), self.data.to_json()
+        return values
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrainConfig":
+        return cls(**{**data, "job": JobConfig.from_json(data["job"]), "data": DataConfig.from_json(data["data"])})

@@ -2,6 +2,8 @@
 
 * :func:`figure7_overlay`  - Figure 7: prediction vs ground truth over the MRI, three orthogonal views.
 * :func:`training_curves`  - loss, Dice and accuracy per epoch, train and validation, from a run's ``metrics.csv``.
+* :func:`figure3_memory_vs_size`, :func:`figure5_estimate_vs_measured` - Figures 3 and 5 from a sweep's rows.
+* :func:`figure6_chart`    - Figure 6: training images/s per speed variant, from a ``fullres bench`` result.
 
 Matplotlib is used through ``matplotlib.figure.Figure`` objects only (rendered by the Agg canvas), never
 ``pyplot``: no global figure state, no GUI backend, safe in threads and in library code. Every PNG is
@@ -26,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fullres.bench.speed import STOCK
 from fullres.errors import UserError
 from fullres.files import write_bytes_atomically
 
@@ -314,4 +317,55 @@ def figure5_estimate_vs_measured(rows: Sequence[dict], path: str | os.PathLike, 
     ax.set_title("Estimate against measurement (Figure 5)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
+    return _save_atomic(fig, path, dpi)
+
+
+def figure6_chart(result: dict, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Figure 6 as measured: training images/s per variant (bars), each bar labelled with its step time
+    and its speed-up over stock (oneDNN off); skipped variants are shown as such. Written atomically."""
+    rows = result["variants"]
+    if not rows:
+        raise ValueError("the result has no variants to chart")
+    stock = next((r["step_s"] for r in rows if r["name"] == STOCK and r["step_s"]), None)
+    fig = _new_figure((max(6.0, 1.35 * len(rows) + 2.0), 5.0), dpi)
+    ax = fig.subplots()
+    names = [r["name"] for r in rows]
+    values = [r["images_per_s"] or 0.0 for r in rows]
+    colours = ["tab:grey" if r["name"] == STOCK else "tab:orange" if r["compiled"] else
+               "tab:green" if r["precision"] == "bf16" else "tab:blue" for r in rows]
+    bars = ax.bar(range(len(rows)), values, color=colours)
+    top = max(values) if any(values) else 1.0
+    for bar, row in zip(bars, rows):
+        if row["step_s"] is None:
+            label = "skipped"
+        else:
+            label = f"{row['step_s']:.3g} s/step"
+            if stock:
+                label += f"\n×{stock / row['step_s']:.2f}"
+        ax.annotate(label, xy=(bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 3),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, rotation=25, ha="right", fontsize=9)
+    ax.set_ylim(0, top * 1.45)  # room above the bars for their labels and the legend
+    ax.set_ylabel("training images / s")
+    job = result.get("job") or {}
+    shape = "x".join(map(str, job.get("shape", [])))
+    strategy = job.get("strategy", {})
+    batch = job.get("batch", 0) * strategy.get("accumulate", 1)
+    filters = job.get("model", {}).get("filters", "?")
+    machine = result.get("machine", {})
+    from matplotlib.patches import Patch
+
+    gpu = machine.get("gpu")
+    library, fp32 = ("cuDNN", f"cuDNN fp32 ({machine.get('fp32_math', 'fp32')})") if gpu else ("oneDNN", "oneDNN fp32")
+    legend = [Patch(color=c, label=l) for c, l in (("tab:grey", "stock (oneDNN off)"), ("tab:blue", fp32),
+                                                     ("tab:green", f"{library} bf16"), ("tab:orange", "torch.compile"))
+              if c in colours]
+    ax.legend(handles=legend, loc="upper center", ncol=len(legend), fontsize=8, frameon=False)
+    where = gpu or f"{machine.get('cpu', machine.get('device', ''))}, threads: {result.get('threads', '?')}"
+    ax.set_title(f"Training step speed: batch {batch} x {shape}, {filters} filters\n"
+                 f"{where}, torch {result.get('torch', '?')} ({result.get('date', '')[:10]})"
+                 + ("" if stock or gpu else "; no stock row: no speed-up"), fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.22, top=0.86)
     return _save_atomic(fig, path, dpi)

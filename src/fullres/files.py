@@ -37,6 +37,11 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         file.write(data)
 
 
+def write_json(path: Path, data: dict) -> None:
+    """`data` as indented JSON with a final newline, written atomically."""
+    write_bytes_atomically(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
 def current_umask() -> int:
     """The process umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)

@@ -1,14 +1,14 @@
 """Segmentation quality, measured the way the field measures it.
 
-Two families live here:
+Evaluation metrics on whole volumes (numpy in, float out): Dice, normalized surface distance
+(NSD, "surface Dice") and the 95th-percentile Hausdorff distance (HD95), per tumour region, per case,
+and summarised over a folder of NIfTI predictions. The maths is MONAI's (``monai.metrics``), the
+field's reference implementation; this module adds the region logic, the empty-mask convention,
+the bounding-box crop that keeps it fast on 240x240x155 volumes, and file handling. Training losses
+and the batch scores logged during training live in :mod:`fullres.losses`.
 
-* **Evaluation metrics** on whole volumes (numpy in, float out): Dice, normalized surface distance
-  (NSD, "surface Dice") and the 95th-percentile Hausdorff distance (HD95), per tumour region, per case,
-  and summarised over a folder of NIfTI predictions. The maths is MONAI's (``monai.metrics``), the
-  field's reference implementation; this module adds the region logic, the empty-mask convention,
-  the bounding-box crop that keeps it fast on 240x240x155 volumes, and file handling.
-* **Training-time metrics** on batches (torch in, torch out): ``soft_dice_loss``, ``dice_bce_loss``
-  (differentiable), ``dice_coefficient`` and ``voxel_accuracy`` (hard, for logging).
+Extension point: :data:`METRICS` maps a metric's name to ``f(pred_mask, truth_mask, spacing_mm,
+tolerance_mm) -> float``; every case, summary, CSV column and printed table follows it.
 
 Regions (BraTS, MSD Task01 labels 0 background, 1 edema, 2 non-enhancing tumour, 3 enhancing tumour)::
 
@@ -54,8 +54,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from fullres.data.nifti import case_id_from_path, is_nifti
 from fullres.errors import UserError
 from fullres.files import write_bytes_atomically
 
@@ -72,17 +72,11 @@ __all__ = [
     "evaluate_folders",
     "write_metrics_csv",
     "write_metrics_json",
-    "soft_dice_loss",
-    "dice_bce_loss",
-    "dice_coefficient",
-    "voxel_accuracy",
+    "METRICS",
 ]
 
 #: BraTS regions for MSD Task01 labels (0 background, 1 edema, 2 non-enhancing tumour, 3 enhancing tumour).
 DEFAULT_REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)}
-
-#: Metric names, in the order they appear in CSV files and result dicts.
-METRIC_NAMES: tuple[str, ...] = ("dice", "nsd", "hd95")
 
 # Voxels kept around the joint bounding box before calling MONAI. One voxel is enough for the
 # erosion that finds surfaces to see the same neighbourhood as in the full volume; two is slack.
@@ -241,6 +235,16 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float]) -> fl
 # --------------------------------------------------------------------------------------------------
 
 
+#: The evaluation metrics, by name, in the order of CSV columns and result dicts: each is
+#: ``f(pred_mask, truth_mask, spacing_mm, tolerance_mm) -> float`` on boolean masks of one region.
+METRICS = {
+    "dice": lambda pred, truth, spacing, tolerance: dice(pred, truth),
+    "nsd": lambda pred, truth, spacing, tolerance: normalized_surface_distance(pred, truth, spacing, tolerance),
+    "hd95": lambda pred, truth, spacing, tolerance: hd95(pred, truth, spacing),
+}
+METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
+
+
 def _check_regions(regions: Mapping[str, Iterable[int]] | None) -> dict[str, tuple[int, ...]]:
     if regions is None:
         return dict(DEFAULT_REGIONS)
@@ -299,11 +303,7 @@ def evaluate_case(
     result: dict[str, dict[str, float]] = {}
     for name in regs:
         p, t = pred_masks[name], truth_masks[name]
-        result[name] = {
-            "dice": dice(p, t),
-            "nsd": normalized_surface_distance(p, t, spacing, tolerance_mm),
-            "hd95": hd95(p, t, spacing),
-        }
+        result[name] = {metric: compute(p, t, spacing, tolerance_mm) for metric, compute in METRICS.items()}
     return result
 
 
@@ -329,22 +329,14 @@ def summarize(
     }
 
 
-def _case_name(path: Path) -> str | None:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
 def _nifti_files(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise UserError(f"{what} folder {folder} does not exist or is not a folder")
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        case = _case_name(path)
-        if case is None or not path.is_file() or path.name.startswith("."):
+        if not is_nifti(path) or not path.is_file() or path.name.startswith("."):
             continue
+        case = case_id_from_path(path)
         if case in files:
             raise UserError(f"{what} folder {folder} has two files for case {case}: {files[case].name} and {path.name}")
         files[case] = path
@@ -460,145 +452,3 @@ def write_metrics_csv(result: Mapping, path: str | os.PathLike) -> None:
 def write_metrics_json(result: Mapping, path: str | os.PathLike) -> None:
     """Write an :func:`evaluate_folders` result as JSON (the documented contract), atomically."""
     _atomic_write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
-
-
-# --------------------------------------------------------------------------------------------------
-# training-time metrics (torch, batched)
-# --------------------------------------------------------------------------------------------------
-
-
-def _resolve_activation(logits: torch.Tensor, target: torch.Tensor, activation: str) -> str:
-    if activation not in ("auto", "sigmoid", "softmax"):
-        raise ValueError(f"activation must be 'auto', 'sigmoid' or 'softmax', got {activation!r}")
-    if activation != "auto":
-        return activation
-    if target.shape == logits.shape and (logits.shape[1] == 1 or target.is_floating_point()):
-        return "sigmoid"
-    return "softmax"
-
-
-def _class_index_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Softmax target as class indices [B, *spatial] (accepts [B, *spatial] or [B, 1, *spatial])."""
-    if target.dim() == logits.dim() and target.shape[1] == 1:
-        target = target[:, 0]
-    if target.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(
-            f"softmax target must be class indices of shape {tuple(logits.shape[:1] + logits.shape[2:])} "
-            f"(or with a channel of 1), got {tuple(target.shape)}"
-        )
-    return target.long()
-
-
-def _probs_and_onehot(logits: torch.Tensor, target: torch.Tensor, activation: str):
-    """(probabilities, one-hot/float target), both [B, C, *spatial], and the resolved activation."""
-    act = _resolve_activation(logits, target, activation)
-    if act == "sigmoid":
-        if target.shape != logits.shape:
-            raise ValueError(f"sigmoid target must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}")
-        return torch.sigmoid(logits), target.to(logits.dtype), act
-    idx = _class_index_target(logits, target)
-    onehot = F.one_hot(idx, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
-    return torch.softmax(logits, dim=1), onehot, act
-
-
-def soft_dice_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    activation: str = "auto",
-    include_background: bool = False,
-    smooth: float = 1e-5,
-) -> torch.Tensor:
-    """Soft Dice loss ``1 - mean_c (2 sum p_c t_c + s) / (sum p_c + sum t_c + s)`` (Milletari et al., 2016).
-
-    Sums run over each sample's voxels, per channel ``c``; the loss averages samples and channels. Being a
-    per-sample mean, K micro-batches scaled by 1/K (accumulation), or R data-parallel ranks averaged, give
-    exactly the loss and gradient of the one full batch.
-
-    * ``activation="sigmoid"``: ``logits`` [B, C, *spatial] with independent sigmoid channels (C = 1 for a
-      binary whole-tumour model), ``target`` of the same shape with values in {0, 1}; every channel counts.
-    * ``activation="softmax"``: ``logits`` [B, C, *spatial], ``target`` class indices [B, *spatial] (or
-      [B, 1, *spatial]); the background channel 0 is left out unless ``include_background``.
-    * ``"auto"`` (default): sigmoid when target has the logits' shape and either C = 1 or the target is a
-      float tensor; softmax otherwise.
-    """
-    probs, onehot, act = _probs_and_onehot(logits, target, activation)
-    if act == "softmax" and not include_background and probs.shape[1] > 1:
-        probs, onehot = probs[:, 1:], onehot[:, 1:]
-    dims = tuple(range(2, probs.dim()))
-    intersection = (probs * onehot).sum(dims)
-    denominator = probs.sum(dims) + onehot.sum(dims)
-    return 1.0 - ((2.0 * intersection + smooth) / (denominator + smooth)).mean()
-
-
-def dice_bce_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    activation: str = "auto",
-    bce_weight: float = 1.0,
-    include_background: bool = False,
-    smooth: float = 1e-5,
-) -> torch.Tensor:
-    """``soft_dice_loss + bce_weight * cross-entropy``.
-
-    The cross-entropy is binary (``binary_cross_entropy_with_logits``, mean over voxels and channels) for
-    sigmoid outputs and categorical (``cross_entropy`` over all classes) for softmax outputs; the
-    activation is resolved as in :func:`soft_dice_loss`.
-    """
-    act = _resolve_activation(logits, target, activation)
-    loss = soft_dice_loss(logits, target, act, include_background, smooth)
-    if act == "sigmoid":
-        ce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
-    else:
-        ce = F.cross_entropy(logits, _class_index_target(logits, target))
-    return loss + bce_weight * ce
-
-
-@torch.no_grad()
-def dice_coefficient(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    threshold: float = 0.5,
-    activation: str = "auto",
-    smooth: float = 1e-6,
-) -> torch.Tensor:
-    """Hard Dice over the batch: ``mean_c (2 |P_c ∩ T_c| + s) / (|P_c| + |T_c| + s)`` for logging (no gradient).
-
-    Sigmoid outputs: ``P_c = sigmoid(logits_c) > threshold`` for every channel. Softmax outputs:
-    ``P_c = (argmax == c)`` for the foreground classes c >= 1. Counts run over the batch and all voxels;
-    the small ``smooth`` makes an all-empty channel score 1.
-    """
-    act = _resolve_activation(logits, target, activation)
-    if act == "sigmoid":
-        if target.shape != logits.shape:
-            raise ValueError(f"sigmoid target must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}")
-        pred = torch.sigmoid(logits) > threshold
-        truth = target > 0.5
-    else:
-        idx = _class_index_target(logits, target)
-        n = logits.shape[1]
-        pred = F.one_hot(logits.argmax(1), n).movedim(-1, 1).bool()
-        truth = F.one_hot(idx, n).movedim(-1, 1).bool()
-        if n > 1:
-            pred, truth = pred[:, 1:], truth[:, 1:]
-    dims = (0, *range(2, pred.dim()))
-    inter = (pred & truth).sum(dims).double()
-    denom = pred.sum(dims).double() + truth.sum(dims).double()
-    return ((2.0 * inter + smooth) / (denom + smooth)).mean().float()
-
-
-@torch.no_grad()
-def voxel_accuracy(
-    logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5, activation: str = "auto"
-) -> torch.Tensor:
-    """Fraction of voxels classified correctly: ``mean(pred == target)`` over batch, channels and voxels.
-
-    Sigmoid outputs: ``pred = sigmoid(logits) > threshold`` per channel; softmax: ``pred = argmax``.
-    """
-    act = _resolve_activation(logits, target, activation)
-    if act == "sigmoid":
-        if target.shape != logits.shape:
-            raise ValueError(f"sigmoid target must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}")
-        correct = (torch.sigmoid(logits) > threshold) == (target > 0.5)
-    else:
-        correct = logits.argmax(1) == _class_index_target(logits, target)
-    return correct.float().mean()

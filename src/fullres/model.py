@@ -1,4 +1,10 @@
-"""The paper's 3D U-Net (whitepaper Table 1), with Table 1's layer names as module names.
+"""The networks fullres trains, in a registry; the first is the paper's 3D U-Net (whitepaper Table 1).
+
+Extension point: :data:`MODELS` maps an architecture name to a :class:`ModelSpec`, and
+:func:`build_model` is the one place a network is constructed (train, predict, the dry run, Table 1,
+bench and profile all call it). :func:`register_model` adds a network; docs/extending.md has an example.
+
+The paper's network (``unet3d``), with Table 1's layer names as module names:
 
 Encoder: four levels of two 3x3x3 convolutions (32/64, 64/128, 128/256, 256/512 filters for
 base 32), 2x2x2 max-pooling between them, dropout after conv3a and conv4a. Decoder: 2x2x2
@@ -11,28 +17,36 @@ With the defaults the network has exactly 19,735,329 trainable weights (Table 1'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fullres.presets import PAPER
+
 NORMS = ("none", "instance", "group", "batch")
 DOWNSAMPLING = 8  # three 2x poolings: every spatial size must be a multiple of 8
+MODELS: dict[str, "ModelSpec"] = {}  # architecture name -> ModelSpec; filled by register_model below
 HALO = 2  # rows a full-resolution level reads beyond its slab: two 3x3x3 convolutions, 1 row each
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything that fixes the network's shape and weights count."""
+    """Everything that fixes the network's shape and weights count. `architecture` names its entry in
+    :data:`MODELS`."""
 
     in_channels: int = 4
-    filters: int = 32
+    filters: int = PAPER.filters
     classes: int = 1  # 1: sigmoid mask (the paper's whole tumour); N > 1: softmax over N classes
-    dropout: float = 0.2
-    norm: str = "none"
+    dropout: float = PAPER.dropout
+    norm: str = PAPER.norm
+    architecture: str = "unet3d"
 
     def __post_init__(self) -> None:
+        if self.architecture not in MODELS:
+            raise ValueError(f"unknown network {self.architecture!r}: choose one of {', '.join(sorted(MODELS))}")
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
         if self.filters < 1:
@@ -110,8 +124,9 @@ _TRANSPOSED = {"transConv4": 16, "transConv5": 8, "transConv6": 4}
 class UNet3D(nn.Module):
     """The Table 1 network. Input (N, C, H, W, D) with H, W, D multiples of 8; output logits (N, classes, H, W, D)."""
 
-    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+    def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
+        config = config if config is not None else ModelConfig()
         self.config = config
         self.checkpointing = False  # a training strategy, not part of the weights: set by the trainer
         self.slabs = 1  # full-resolution levels computed in this many slabs along H (a strategy too)
@@ -161,7 +176,7 @@ class UNet3D(nn.Module):
         """conv `name` of the channel concatenation of `up` and `skip`. In training the concatenation is
         never materialised: conv(cat(up, skip), W) = conv(up, W_up) + conv(skip, W_skip), the same
         maths, so neither the concatenated map nor its gradient (the largest tensors of a decoder
-        level's recomputation) exists; measured, the step is also 0-5 % faster (docs/benchmarks.md).
+        level's recomputation) exists; measured, the step is also 0-5 % faster (docs/performance.md).
         Without gradients (inference, and Table 1 reading the layers off the model) the modules run."""
         if not torch.is_grad_enabled():
             return self.conv(name, concatenate(up, skip))
@@ -286,7 +301,7 @@ def _few_channels_on_onednn(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor |
     far below the machine's rate. Zero input channels (and zero weights for them) change nothing in
     the sum but lift it past that rule: measured at 64^3, channels-last, 2 threads, forward and
     backward 176 ms on the slow path against 53 ms padded to 8 channels on oneDNN, the training step
-    1.5 % faster (benchmarks/few_channels.py, docs/benchmarks.md).
+    1.5 % faster (docs/performance.md).
     The gradients of the real weights are the same up to summation order."""
     channels = x.shape[1]
     if channels >= FEW_CHANNELS or x.device.type != "cpu" or x.dtype != torch.float32 or layer.groups != 1:
@@ -312,3 +327,34 @@ def _call(segment, *inputs):
 
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---- the registry ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A network fullres can build: `build(config)` returns an nn.Module mapping (N, in_channels, H, W, D)
+    to logits (N, classes, H, W, D). `slabs`: whether the module honours the `slabs` and `checkpointing`
+    attributes the trainer sets (its own exact slab and segment schedule)."""
+
+    name: str
+    build: Callable[[ModelConfig], nn.Module]
+    description: str
+    slabs: bool = False
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add `spec` to :data:`MODELS` under its name (a name may be registered once)."""
+    if spec.name in MODELS:
+        raise ValueError(f"a network named {spec.name!r} is already registered")
+    MODELS[spec.name] = spec
+    return spec
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The network `config` describes, on the current default device, in training mode."""
+    return MODELS[config.architecture].build(config)
+
+
+register_model(ModelSpec("unet3d", UNet3D, "the whitepaper's Table 1 3D U-Net (19,735,329 weights at 32 filters)",
+                         slabs=True))

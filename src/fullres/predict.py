@@ -11,21 +11,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fullres.data import load_case_image, load_dataset_json, uncrop, write_nifti
-from fullres.data.nifti import case_id_from_path
-from fullres.errors import UserError
-from fullres.memory.table1 import table1
-from fullres.model import UNet3D, validate_spatial_shape
-from fullres.step import autocast, prepare_model, to_device
-from fullres.train import TrainConfig, available_memory, load_checkpoint, write_json
+from torch import nn
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+from fullres.checkpoint import BEST, LAST, load_checkpoint
+from fullres.config import TrainConfig
+from fullres.data import load_case_image, load_dataset_json, uncrop, write_nifti
+from fullres.data.nifti import NIFTI_SUFFIXES, case_id_from_path
+from fullres.device import available_memory
+from fullres.errors import UserError
+from fullres.files import write_json
+from fullres.memory.table1 import table1
+from fullres.model import build_model, validate_spatial_shape
+from fullres.step import autocast, prepare_model, to_device
+
 SLIDING_WINDOW_OVERLAP = 0.5
 
 
 @dataclass(frozen=True)
 class Predictor:
-    model: UNet3D
+    model: nn.Module
     config: TrainConfig
     checkpoint: Path
 
@@ -34,7 +38,7 @@ def resolve_checkpoint(run_or_checkpoint: Path) -> Path:
     """A run folder means its best.pt (or last.pt when no validation ran); a file is taken as it is."""
     path = Path(run_or_checkpoint)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
+        for name in (BEST, LAST):
             if (path / name).exists():
                 return path / name
         raise UserError(f"{path}: no best.pt or last.pt in this run folder")
@@ -50,7 +54,7 @@ def load_predictor(run_or_checkpoint: Path, device: torch.device) -> Predictor:
         config = TrainConfig.from_json(state["config"])
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"{checkpoint}: the checkpoint holds no readable run configuration ({error})") from None
-    model = UNet3D(config.job.model)
+    model = build_model(config.job.model)
     model.load_state_dict(state["model"])
     return Predictor(prepare_model(model.to(device).eval(), inference_strategy(config)), config, checkpoint)
 

@@ -1,5 +1,6 @@
 """One training step under a memory strategy: the single definition that train, profile, bench and the
-dry-run estimator all run, so that what is measured or estimated is what trains.
+dry-run estimator all run, so that what is measured or estimated is what trains; and
+:func:`build_training`, the one place a job's model, optimizer and gradient scaler are set up.
 
 A step takes `accumulate` micro-batches, each forward + backward under autocast when asked, and
 then one optimizer update. Losses are per-sample means, so K micro-batches of b samples, each
@@ -9,16 +10,17 @@ scaled by 1/K, give the gradient of one batch of K x b (exact with no batch-norm
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from fullres.config import Strategy
+from fullres.config import JobConfig, Strategy
+from fullres.losses import LossFunction
+from fullres.model import build_model
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def autocast(strategy: Strategy, device_type: str):
@@ -56,6 +58,30 @@ def make_grad_scaler(strategy: Strategy, device_type: str) -> torch.amp.GradScal
     if device_type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device (gradient scaling); use bf16 on CPU")
     return torch.amp.GradScaler("cuda")
+
+
+@dataclass
+class Training:
+    """What a training step needs besides data: the prepared model, its optimizer, its gradient scaler."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+
+
+def build_training(job: JobConfig, device: str | torch.device, lr: float = 1e-4,
+                   model: nn.Module | None = None) -> Training:
+    """`job`'s network (built by :func:`fullres.model.build_model` on the CPU and moved to `device`, so
+    its initial weights follow the CPU generator's seed whatever the device), prepared for the job's
+    strategy, with Adam at `lr` and the precision's gradient scaler. A `model` built elsewhere (the dry
+    run builds one on fake tensors) is prepared and used instead."""
+    device = torch.device(device)
+    if model is None:
+        model = build_model(job.model).to(device)
+    prepare_model(model, job.strategy)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    return Training(model, optimizer, make_grad_scaler(job.strategy, device.type))
 
 
 def split_micro_batches(tensor: torch.Tensor, accumulate: int) -> tuple[torch.Tensor, ...]:

@@ -21,6 +21,12 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 GZIP_LEVEL = 1  # nibabel's own default: fast, and noisy images barely compress further at 9
 
 
+def is_nifti(path: str | Path) -> bool:
+    """Whether `path` is named like a NIfTI file (CASE.nii.gz or CASE.nii, CASE not empty)."""
+    name = Path(path).name
+    return any(name.endswith(suffix) and len(name) > len(suffix) for suffix in NIFTI_SUFFIXES)
+
+
 def case_id_from_path(path: str | Path) -> str:
     """'imagesTr/BRATS_001.nii.gz' -> 'BRATS_001'."""
     name = Path(path).name

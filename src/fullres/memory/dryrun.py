@@ -35,7 +35,7 @@ outside it (oneDNN's scratchpad), :func:`pool_op_workspace` saying which is whic
 for the allocations it is given (tested on a real trace), and the reserved bytes it computes equal a
 real step's at 16^3 and 32^3 (0.9 % under at 64^3, 8 % under at 32^3 x 2, where oneDNN takes one more
 buffer than modelled); estimates of fp32 jobs from 32^3 to 128^3 measured within -4.0..+2.3 %
-(docs/benchmarks.md). A segment the replay gets wrong costs a whole feature map, so these buffers matter.
+(docs/memory.md). A segment the replay gets wrong costs a whole feature map, so these buffers matter.
 
 Terms
 -----
@@ -69,8 +69,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fullres.config import JobConfig
+from fullres.losses import LOSSES
 from fullres.memory.cuda_allocator import CachingAllocatorModel, round_size
-from fullres.model import select_conv_backend
+from fullres.memory.malloc import policy_for
+from fullres.model import build_model, select_conv_backend
+from fullres.step import build_training, train_step
 
 aten = torch.ops.aten
 
@@ -92,7 +95,7 @@ CPU_AUTOCAST_RUNTIME_BYTES = 14 * 2**20 + 200 * 2**10
 
 CUDA_CONTIGUOUS_NOTE = ("on CUDA only channels-last jobs are modelled exactly (measured within 0.1 %); without "
                         "--channels-last, cuDNN's workspaces made real peaks 12-22 % higher on an H100")
-# Measured on machine B, bf16 jobs 32^3 to 96x96x64, five fresh processes each (docs/benchmarks.md).
+# Measured on machine B, bf16 jobs 32^3 to 96x96x64, five fresh processes each (docs/memory.md).
 GLIBC_HEAP_NOTE = ("this job runs under glibc's default heap, whose leftovers make its peak vary from run to run "
                    "(bf16 jobs: up to 6 % between runs, the dry run -4.5..+5.2 % of their medians); "
                    "FULLRES_MALLOC=fixed makes the peak follow the estimate (within 1 %) for 0-7 % slower steps "
@@ -187,7 +190,7 @@ def _columns_bytes(input, weight, output_voxels: int, transposed: bool) -> int:
 # oneDNN's convolution backward allocates a scratchpad of its own (weight-gradient reduction buffers
 # and the like) that does not grow with the volume: measured on single convolutions and transposed
 # convolutions with the allocator policy (peak RSS minus the tensors, 64^3 and 96^3, 32-192 channels,
-# fp32 and bf16, 2 threads, torch 2.13 on machine B of docs/benchmarks.md): 39-53 MB; 45 MB used.
+# fp32 and bf16, 2 threads, torch 2.13 on machine B of docs/memory.md): 39-53 MB; 45 MB used.
 ONEDNN_BACKWARD_SCRATCH_BYTES = 45 * 10**6
 
 
@@ -541,26 +544,22 @@ def runtime_bytes(job: JobConfig, device: str = "cpu") -> int:
 
 
 def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: str = "cpu",
-           steps: int = 2, runtime: int | str | None = None, allocator: str | None = None) -> DryRunResult:
+           steps: int = 2, runtime: int | None = None, allocator: str | None = None) -> DryRunResult:
     """Peak memory of `steps` training steps of `job` (see the module docstring), nothing allocated.
 
-    `runtime` is the CPU runtime term: None, the constant :func:`runtime_bytes`; "measured", the term of
-    this network measured on this machine at 16^3 (:mod:`fullres.memory.runtime`: a subprocess the first
-    time, then cached); or a number of bytes. On CUDA it is 0 whatever is asked.
+    `runtime` is the CPU runtime term in bytes: None, the constant :func:`runtime_bytes`; the term of
+    this network measured on this machine is :func:`fullres.memory.runtime.measured_runtime_bytes`
+    (:func:`fullres.memory.estimate.dryrun_estimate` passes it). On CUDA it is 0 whatever is asked.
     `allocator` is the CPU allocator policy (:mod:`fullres.memory.malloc`); None, the one `train` gives
     the job. Under "pool" the peak is the pool's reserved bytes, replayed.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fullres.memory.malloc import policy_for
-    from fullres.memory.measure import loss_function
-    from fullres.model import UNet3D
-    from fullres.step import make_grad_scaler, prepare_model, train_step
 
     if optimizer != "adam":
         raise ValueError(f"only the adam optimizer is modelled, got {optimizer!r}")
     started = time.perf_counter()
-    loss_fn = loss_function(loss)
+    loss_fn = LOSSES[loss]
     allocator = allocator or policy_for(job.strategy, device)
     pooled = torch.device(device).type == "cpu" and allocator == "pool"
     caching = CachingAllocatorModel() if torch.device(device).type == "cuda" or pooled else None
@@ -569,9 +568,8 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
     with FakeTensorMode(allow_non_fake_inputs=False), tracker:
         # The model: built on the fake device, its parameters tracked as the first storages.
         with torch.device(device):
-            model = UNet3D(job.model)
-        prepare_model(model, job.strategy)
-        model.train()
+            model = build_model(job.model)
+        training = build_training(job, device, model=model)
         parameters = list(model.parameters())
         for p in parameters:
             tracker.track(p, "parameters")
@@ -592,7 +590,7 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
 
             hooks.append(module.register_forward_pre_hook(pre))
             hooks.append(module.register_forward_hook(post))
-        opt = torch.optim.Adam(parameters, lr=1e-4)
+        opt = training.optimizer
 
         def opt_pre(*_):
             tracker.phase = "optimizer"
@@ -600,7 +598,7 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
 
         hooks.append(opt.register_step_pre_hook(opt_pre))
         hooks.append(opt.register_step_post_hook(lambda *_: setattr(tracker, "phase", "setup")))
-        scaler = make_grad_scaler(job.strategy, torch.device(device).type)
+        scaler = training.scaler
 
         # Inputs, as measure_peak makes them: the whole effective batch.
         images = torch.empty(job.effective_batch, job.model.in_channels, *job.shape, device=device)
@@ -650,10 +648,6 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
         breakdown["allocator_cache"] = max(0, tracker.peak - sum(breakdown.values()))
     if torch.device(device).type != "cpu":
         breakdown["runtime"] = 0
-    elif runtime == "measured":
-        from fullres.memory.runtime import measured_runtime_bytes
-
-        breakdown["runtime"] = measured_runtime_bytes(job)
     else:
         breakdown["runtime"] = runtime_bytes(job, device) if runtime is None else int(runtime)
     peak = tracker.peak + breakdown["runtime"]

@@ -4,7 +4,7 @@
 from :mod:`fullres.memory.cpu_pool`, a caching allocator with the rules of PyTorch's CUDA one. Freed blocks
 are reused, so after the first step no page is faulted in again, and the memory it holds (its segments,
 mapped populated, never returned) is what the dry run's replay of the same rules predicts. Measured
-(docs/benchmarks.md, machine B): the 64^3 x 1 fp32 channels-last step 2-6 % faster than under glibc's
+(docs/performance.md, machine B): the 64^3 x 1 fp32 channels-last step 2-6 % faster than under glibc's
 default in one process with steps alternated, and 1.01x TensorFlow's; the demo job's configuration 11 %
 faster; peaks -8..+12 % of glibc's default; the dry run within -4.0..+2.3 % of them from 32^3 to 128^3,
 where glibc's default heap missed 4 of 10 jobs by 6-10 %.
@@ -19,14 +19,13 @@ their peaks wander with the heap's leftovers, by size (the dry run -4.5..+5.2 % 
 32^3 to 96x96x64) and from run to run (up to 6 % between runs of one job). The fixed thresholds would make
 them repeat to 0.5 MB, 2.5-19 % lower, with the dry run within -0.9..+0.1 %, but cost 0-7 % per step (+30 %
 at 32^3 x 1), which took the 64^3 bf16 step to 0.85-0.89 of the bf16 matmul peak (0.88-0.97 under glibc's
-default; issue 7's goal is 0.90). So speed wins the default; FULLRES_MALLOC=fixed makes a bf16 job's
+default; the speed goal is 0.90). So speed wins the default; FULLRES_MALLOC=fixed makes a bf16 job's
 peak exact. What the heap holds beyond the tensors runs from 24 MB (64^3) to 110 MB (32^3 x 1): the runtime
 terms that would put every job within 5 % form a band of at most ~10 MB on some runs and none on others,
 narrower than the 16^3 calibration's own spread (13 MB), so no term measured once per network can be relied
 on. Thresholds fixed at 1 or 4 MiB, malloc_trim at each phase and huge pages narrow it at a cost in speed
 at 32^3 x 1 (15-40 %); the pool with each convolution's backward kept outside it made peaks repeat and the
-64^3 step fastest but held 11-38 % more (benchmarks/heap_slack.py; docs/benchmarks.md, session of
-2026-11-25T02:31Z).
+64^3 step fastest but held 11-38 % more (docs/memory.md).
 
 **fixed** (jobs with checkpointing or slabs): glibc with large blocks always straight from and back to
 the kernel, so the peak is the live tensors the dry run counts.
@@ -44,7 +43,7 @@ dry-run estimator counts live bytes, so this is also what makes its estimate mat
 It is applied to jobs that declare memory their constraint, those with checkpointing or slabs: there
 it pays for itself (64^3, 32 filters, channels-last: measured peak -11 % with checkpointing, -15 % with
 slabs, and the dry run's error falls from -14/-19 % to -3/-5 %), while on small, allocation-heavy jobs every mmapped
-block's fresh page faults cost more than they save (the demo job's step: +45 %; docs/benchmarks.md).
+block's fresh page faults cost more than they save (the demo job's step: +45 %; docs/performance.md).
 
 The opposite policy, "cached", trades memory for speed: no block is ever mmapped (M_MMAP_MAX 0) and the
 heap is never trimmed, so from the third step on no page is faulted in again (glibc's default still

@@ -13,9 +13,6 @@ creates its state there). It reports
 
 A fresh process is the only way to get a clean high-water mark: RSS never goes down in the
 allocator's books of a process that has already run something bigger.
-
-``profile(job)`` is the ``fullres profile`` payload: ``{"measured_bytes", "estimated_bytes", "error"}``
-with ``error = (estimated - measured) / measured``.
 """
 
 from __future__ import annotations
@@ -27,8 +24,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from fullres.config import JobConfig
-
-LOSSES = ("dice", "dicebce")
+from fullres.losses import LOSSES
 
 
 @dataclass(frozen=True)
@@ -65,18 +61,6 @@ def measure_peak(job: JobConfig, steps: int = 2, loss: str = "dice", device: str
         raise RuntimeError(f"measurement child failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return MeasuredPeak(**result)
-
-
-def profile(job: JobConfig, loss: str = "dice", device: str = "cpu", steps: int = 2) -> dict:
-    """Estimate (dry run) and measurement of one job on `device`: ``{"measured_bytes", "estimated_bytes", "error"}``,
-    with the device, the caching allocator's reserved bytes (CUDA; None on CPU) and each step's seconds."""
-    from fullres.memory.dryrun import dryrun
-
-    estimated = dryrun(job, loss=loss, device=device, runtime="measured").peak_bytes
-    peak = measure_peak(job, steps=steps, loss=loss, device=device)
-    measured = peak.measured_bytes
-    return {"measured_bytes": measured, "estimated_bytes": estimated, "error": (estimated - measured) / measured,
-            "device": device, "reserved_bytes": peak.reserved_bytes, "step_seconds": peak.step_seconds}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,12 +101,6 @@ def _reset_hwm() -> bool:
         return False
 
 
-def loss_function(name: str):
-    from fullres.metrics import dice_bce_loss, soft_dice_loss
-
-    return {"dice": soft_dice_loss, "dicebce": dice_bce_loss}[name]
-
-
 def make_batch(job: JobConfig, device, generator=None):
     """Random images (effective batch, C, H, W, D) and {0, 1} targets shaped like the model's output."""
     import torch
@@ -141,11 +119,8 @@ def _child(request: dict) -> dict:
 
     import torch
 
-    import fullres.metrics  # noqa: F401  (imported before the baseline, like everything the step needs)
-    from fullres.model import UNet3D
-    from fullres.step import make_grad_scaler, prepare_model, train_step
-
     from fullres.memory.malloc import set_training_malloc_policy
+    from fullres.step import build_training, train_step  # imported before the baseline, like all the step needs
 
     if request.get("threads"):
         torch.set_num_threads(int(request["threads"]))
@@ -157,11 +132,9 @@ def _child(request: dict) -> dict:
     parts_before = _rss_parts()
     hwm_reset = _reset_hwm()  # import transients must not count
     torch.manual_seed(0)
-    model = prepare_model(UNet3D(job.model).to(device), job.strategy)
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = make_grad_scaler(job.strategy, device.type)
-    loss_fn = loss_function(request["loss"])
+    training = build_training(job, device)
+    model, optimizer, scaler = training.model, training.optimizer, training.scaler
+    loss_fn = LOSSES[request["loss"]]
     images, targets = make_batch(job, device)
     seconds = []
     for _ in range(int(request["steps"])):

@@ -1,13 +1,20 @@
-"""Will a job fit a memory budget, and what is the largest batch or shape that does (whitepaper Table 2)."""
+"""Will a job fit a memory budget, what is the largest batch or shape that does (whitepaper Table 2), and
+which exact strategy makes a job fit (`--strategy auto` and the training preflight).
+
+Extension point: a new memory strategy (a `Strategy` field the step honours) joins the search in
+:func:`candidate_strategies`, ordered by how approximate it is.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from fullres.config import JobConfig
-from fullres.memory import estimate_training_bytes
+from fullres.errors import UserError
+from fullres.memory.estimate import ESTIMATORS, estimate_training_bytes
 from fullres.model import DOWNSAMPLING
+from fullres.units import format_bytes
 
 MAX_SEARCH = 1 << 20  # no batch or side length beyond a million is searched
 
@@ -101,3 +108,66 @@ def plan(job: JobConfig, budget_bytes: int, method: str, device: str = "cpu") ->
         max_batch=largest_fitting(batch_fits, guess=int(batch_guess)),
         max_shape=scaled_shape(job.shape, longest_side(steps)) if steps else None,
     )
+
+
+# ---- the strategy search and the training preflight ---------------------------------------------
+
+def default_method() -> str:
+    """The preflight's method: the dry run where it is available, else Table 1's."""
+    return "dryrun" if "dryrun" in ESTIMATORS else "table1"
+
+
+SLAB_CHOICES = (4, 8, 16)  # slabs --strategy auto tries: beyond 16 the full-resolution slab is no longer the peak
+
+
+def candidate_strategies(job: JobConfig, allow_bf16: bool = True) -> list[tuple[str, JobConfig]]:
+    """Least approximate first: none; checkpointing; accumulation (same global batch in smaller
+    micro-batches); full-resolution slabs at micro-batch 1 (exact, but each slab recomputed); bf16
+    (approximates fp32 numerics) last, and only where `allow_bf16`."""
+    candidates = [("as given", job), ("checkpointing", job.with_(strategy=replace(job.strategy, checkpointing=True)))]
+    total = job.batch * job.strategy.accumulate
+    for micro in sorted({d for d in range(1, job.batch) if total % d == 0}, reverse=True):
+        strategy = replace(job.strategy, checkpointing=True, accumulate=total // micro)
+        candidates.append((f"checkpointing + accumulate x{total // micro}", job.with_(batch=micro, strategy=strategy)))
+    if job.model.norm == "none":  # slabs are exact only without normalisation statistics
+        for slabs in (n for n in SLAB_CHOICES if n > job.strategy.slabs and n <= job.shape[0] // 2):
+            strategy = replace(job.strategy, checkpointing=True, accumulate=total, slabs=slabs)
+            name = f"checkpointing + accumulate x{total} + {slabs} slabs" if total > 1 else f"checkpointing + {slabs} slabs"
+            candidates.append((name, job.with_(batch=1, strategy=strategy)))
+    if job.strategy.precision == "fp32" and allow_bf16:
+        for name, candidate in list(candidates):
+            bf16 = replace(candidate.strategy, precision="bf16")
+            candidates.append((f"{name} + bf16" if name != "as given" else "bf16", candidate.with_(strategy=bf16)))
+    return candidates
+
+
+def preflight(job: JobConfig, budget: int, method: str, auto: bool,
+              allow_bf16: bool = True, device: str = "cpu") -> tuple[JobConfig, int, str]:
+    """The job (or with --strategy auto, the least approximate variant) that fits `budget` by `method`.
+    Refuses with the estimate, the budget and the options when nothing fits."""
+    tried = []
+    for name, candidate in (candidate_strategies(job, allow_bf16) if auto else [("as given", job)]):
+        needed = estimate_training_bytes(candidate, method, device)
+        if needed <= budget:
+            return candidate, needed, name
+        tried.append(f"{name}: {format_bytes(needed)}")
+    if auto and not allow_bf16:
+        tried.append("bf16: not tried (no hardware bf16 here; emulated it runs ~100x slower)")
+    raise UserError(refusal(job, budget, method, tried), exit_code=3)
+
+
+def refusal(job: JobConfig, budget: int, method: str, tried: list[str]) -> str:
+    # The suggestions use Table 1's method: a search of many dry runs would take minutes, and Table 1
+    # overstates real needs, so what it says fits does fit.
+    result = plan(job, budget, "table1")
+    shape = " ".join(map(str, result.max_shape)) if result.max_shape else "none"
+    lines = [f"the job does not fit: needs more than the {format_bytes(budget)} available ({method} estimate); tried "
+             + "; ".join(tried) + ".",
+             "  Exact options: --strategy auto (checkpointing, then accumulation, then slabs, then bf16), or a machine with "
+             "more memory"
+             " (see `fullres plan`).",
+             f"  The paper's tricks, never applied for you (sizes by the conservative Table 1 method): a smaller "
+             f"shape (at batch {job.batch}: --shape {shape}), a smaller batch (largest: {result.max_batch or 'none'}), "
+             "fewer --filters, or tiling.",
+             "  --force runs it anyway."]
+    return "\n".join(lines)

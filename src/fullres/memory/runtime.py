@@ -7,7 +7,7 @@ the pool, the tensors' segments are the dry run's; glibc still serves what PyTor
 does not grow with the volume, so it is measured once per network and strategy on the smallest volume,
 16^3 at batch 1: ``measured peak - the dry run's tensors``, in a fresh process (``measure_peak``).
 
-Measured on machine B (docs/benchmarks.md), 32 filters, channels-last: the constant measured with
+Measured on machine B (docs/memory.md), 32 filters, channels-last: the constant measured with
 filters 1 (86.6 MiB) left checkpointed fp32 jobs of 48x32x32 to 96x96x64 3.4-6.9 % low; their network's
 own term is 125 MiB and brings them to +0.4..+1.2 %.
 
@@ -31,6 +31,9 @@ import torch
 
 from fullres.config import JobConfig
 from fullres.files import cache_lookup, cache_store, user_cache_dir
+from fullres.memory.dryrun import dryrun
+from fullres.memory.malloc import ENV, policy_for
+from fullres.memory import measure
 
 CALIBRATION_SHAPE = (16, 16, 16)
 CACHE_FILE = "runtime.json"
@@ -47,8 +50,6 @@ def runtime_job(job: JobConfig) -> JobConfig:
 
 
 def _cache_key(job: JobConfig) -> dict:
-    from fullres.memory.malloc import ENV, policy_for
-
     return {"version": CACHE_VERSION, "job": runtime_job(job).to_json(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "hostname": socket.gethostname(), "malloc": os.environ.get(ENV, ""), "policy": policy_for(job.strategy)}
@@ -59,8 +60,6 @@ def _tensor_bytes(small: JobConfig, threads: int, policy: str) -> int:
     """The dry run's tensors for the 16^3 calibration job, once per process: `plan` asks for the same
     network's term at every batch and shape it tries (~0.3 s each). `threads` is part of the key because the
     kernels ATen picks, and so the workspaces, depend on it; `policy`, the allocator's (the pool's segments)."""
-    from fullres.memory.dryrun import dryrun
-
     return dryrun(small, runtime=0, allocator=policy).peak_bytes
 
 
@@ -69,8 +68,6 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
     network, strategy, torch, CPU, thread count and allocator setting were measured before; otherwise
     measured now (two 16^3 training steps in a subprocess, a few seconds; the median of three under glibc's
     heap) and cached."""
-    from fullres.memory.measure import measure_peak
-
     path = (Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()) / CACHE_FILE
     key = _cache_key(job)
     small = runtime_job(job)
@@ -80,7 +77,7 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
     cached = None if refresh else cache_lookup(path, key)
     if cached is not None:
         return max(0, int(cached["measured_bytes"]) - tensors)
-    runs = [measure_peak(small, steps=2, threads=torch.get_num_threads()).measured_bytes
+    runs = [measure.measure_peak(small, steps=2, threads=torch.get_num_threads()).measured_bytes
             for _ in range(NOISY_RUNS if key["policy"] in NOISY_POLICIES else 1)]
     measured = int(statistics.median(runs))
     cache_store(path, key, {"measured_bytes": measured, "runs": runs})

@@ -19,7 +19,8 @@ from typing import Callable, Iterable
 
 from fullres.config import JobConfig
 from fullres.files import write_bytes_atomically
-from fullres.memory import table1_training_bytes
+from fullres.memory.estimate import dryrun_estimate, table1_training_bytes
+from fullres.memory import measure as measurement
 
 CSV_COLUMNS = ["shape", "batch", "precision", "checkpointing", "slabs", "channels_last", "voxels", "table1_bytes", "dryrun_bytes",
                "measured_bytes", "table1_error", "dryrun_error", "peak_at", "step_s", "repeats", "measured_min_bytes",
@@ -68,15 +69,12 @@ def run_sweep(jobs: list[JobConfig], measure: bool, max_measure_bytes: int,
               repeats: int = 1) -> tuple[list[SweepRow], list[str]]:
     """Rows for every job on `device` ("cpu" or "cuda"), each measured `repeats` times; jobs whose dry run
     exceeds `max_measure_bytes` are estimated, not measured (listed in the second return value)."""
-    from fullres.memory.dryrun import dryrun
-    from fullres.memory.measure import measure_peak
-
     rows, unmeasured = [], []
     for job in jobs:
-        estimate = dryrun(job, device=device, runtime="measured")
+        estimate = dryrun_estimate(job, device)
         measured = []
         if measure and estimate.peak_bytes <= max_measure_bytes:
-            measured = [measure_peak(job, steps=2, device=device) for _ in range(repeats)]
+            measured = [measurement.measure_peak(job, steps=2, device=device) for _ in range(repeats)]
         elif measure:
             unmeasured.append(f"{'x'.join(map(str, job.shape))} batch {job.batch} {job.strategy.describe()}: "
                               f"dry run {estimate.peak_bytes / 2**30:.1f} GiB, over the measuring limit")

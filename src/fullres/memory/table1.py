@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fullres.model import Concatenate, Conv3d, ModelConfig, UNet3D, validate_spatial_shape
+from fullres.model import Concatenate, Conv3d, ModelConfig, build_model, validate_spatial_shape
 
 # Keras names, as Table 1 prints them.
 _LAYER_TYPES = {
@@ -107,7 +107,7 @@ def table1(model_config: ModelConfig, shape: tuple[int, int, int], batch: int,
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     with torch.device("meta"):
-        model = UNet3D(model_config)
+        model = build_model(model_config)
     rows = [_row("Input_Image", "InputLayer", (batch, model_config.in_channels, *shape), 0, bytes_per_value)]
 
     def record(module: nn.Module, _inputs, output: torch.Tensor) -> None:

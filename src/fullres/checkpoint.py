@@ -1,0 +1,65 @@
+"""Checkpoints and run folders: atomic saves, safe loads, and what `--resume` reads back.
+
+A checkpoint is ``{"model", "optimizer", "scheduler", "epoch", "best_dice", "history", "rng", "config"}``
+written to a temporary file, fsynced and renamed (a reader never sees half of one) and loaded with
+``weights_only=True`` (a file that needs arbitrary code to load is refused, not run).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fullres.config import TrainConfig
+from fullres.errors import UserError
+from fullres.files import atomic_write
+
+CONFIG_FILE = "config.json"
+LAST, BEST = "last.pt", "best.pt"
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """torch.save to a temp file, fsync, rename: a reader never sees a partial checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with atomic_write(path) as file:
+        file.write(buffer.getbuffer())
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """weights_only=True: a checkpoint that needs arbitrary code to load is refused, not run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such checkpoint") from None
+    except Exception as error:  # pickle errors, a non-checkpoint file, a forbidden global
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path}: not a loadable fullres checkpoint ({first_line})") from None
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run never overwrites an old one; --resume needs one."""
+    if resume:
+        if not (run_dir / "config.json").exists():
+            raise UserError(f"--resume: {run_dir} holds no run to resume (no config.json)")
+        return
+    if (run_dir / "last.pt").exists() or (run_dir / "config.json").exists():
+        raise UserError(f"--out {run_dir} already holds a run: use --resume to continue it, or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def read_run_config(run_dir: Path) -> TrainConfig:
+    path = run_dir / "config.json"
+    try:
+        return TrainConfig.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path}: not a readable fullres run configuration ({error})") from None

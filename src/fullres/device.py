@@ -1,0 +1,114 @@
+"""The machine a job runs on: device choice, CPU threads, the process group, and its memory.
+
+Every command that runs or sizes a job asks here, so `estimate`, `plan`, `bench` and `train` agree on
+which device "auto" means, how many threads a CPU job gets, and how much memory is available.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fullres.errors import UserError
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyper-threads counted once), from sysfs topology."""
+    cpus = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
+
+
+@dataclass(frozen=True)
+class Process:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_process_group(device_type: str) -> Process:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Process()
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Process(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def pick_device(choice: str, process: Process) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available (this torch: " + torch.__version__ + ")")
+        if process.local_rank >= torch.cuda.device_count():
+            raise UserError(f"--device cuda: local process {process.local_rank} has no GPU of its own "
+                            f"({torch.cuda.device_count()} visible): start at most that many processes per node "
+                            f"(torchrun --nproc-per-node), or use --device cpu")
+        torch.cuda.set_device(process.local_rank)
+        return torch.device("cuda", process.local_rank)
+    return torch.device("cpu")
+
+
+def configure_cpu(threads: int, process: Process) -> str:
+    """oneDNN on, intra-op threads = physical cores (shared between local processes). Returns a log line."""
+    torch.backends.mkldnn.enabled = True
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", process.world))
+    threads = threads or max(1, physical_cores() // local_world)
+    torch.set_num_threads(threads)
+    return (f"CPU: {threads} threads, oneDNN {'on' if torch.backends.mkldnn.is_available() else 'unavailable'}, "
+            f"ISA {torch.backends.cpu.get_cpu_capability()}")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes this job may use: MemAvailable on CPU (per local process under torchrun), free memory on CUDA."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            available = int(line.split()[1]) * 1024
+            return available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 has hardware support here. Without it (e.g. an AVX2-only CPU) oneDNN emulates bf16
+    about 100x slower than fp32 (docs/performance.md), so --strategy auto must not pick it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def memory_device(choice: str) -> str:
+    """The device type a memory estimate or measurement is for: "auto" is CUDA when this torch sees one.
+    The dry run of a CUDA job runs fake CUDA tensors (no GPU memory is touched) but reads the GPU's
+    multiprocessor count, so it needs a CUDA build of torch and a visible GPU."""
+    if choice == "cuda" and not torch.backends.cuda.is_built():
+        raise UserError(f"--device cuda: this torch ({torch.__version__}) is built without CUDA")
+    return pick_device(choice, Process()).type

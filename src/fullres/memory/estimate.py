@@ -1,0 +1,69 @@
+"""A job's training memory by name of method, and the `fullres profile` comparison.
+
+Extension point: :data:`ESTIMATORS` maps a method name (``--method``) to ``f(job, device) -> bytes``;
+`plan`, the training preflight and `estimate --time` pick one by name.
+
+* ``table1``: the whitepaper's hand method (:mod:`fullres.memory.table1`).
+* ``dryrun``: the real peak of a training step on fake tensors (:mod:`fullres.memory.dryrun`), with the
+  network's runtime term measured on this machine (:mod:`fullres.memory.runtime`) on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fullres.config import JobConfig
+from fullres.memory import runtime
+from fullres.memory.dryrun import DryRunResult, dryrun
+from fullres.memory.measure import measure_peak
+from fullres.memory.table1 import table1
+
+BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def table1_training_bytes(job: JobConfig, device: str = "cpu") -> int:
+    """Whitepaper Table 1: (weights + every layer's output, once) x bytes per value x 2 for training.
+
+    Only precision changes it (4 or 2 bytes per value); the other strategies are invisible to it.
+    """
+    return table1(job.model, job.shape, job.batch, BYTES_PER_VALUE[job.strategy.precision]).training_bytes
+
+
+def dryrun_estimate(job: JobConfig, device: str = "cpu", loss: str = "dice") -> DryRunResult:
+    """The dry run of `job` on `device` with its runtime term: on CPU the one this network and strategy
+    measured on this machine (cached after the first time; a subprocess of a few seconds before), on
+    CUDA none."""
+    term = runtime.measured_runtime_bytes(job) if torch.device(device).type == "cpu" else 0
+    return dryrun(job, loss=loss, device=device, runtime=term)
+
+
+def dryrun_training_bytes(job: JobConfig, device: str = "cpu") -> int:
+    """The real peak of a training step on `device` (fake tensors, nothing allocated); "cuda" needs a CUDA
+    build of torch."""
+    return dryrun_estimate(job, device).peak_bytes
+
+
+ESTIMATORS: dict[str, Callable[..., int]] = {
+    "table1": table1_training_bytes,
+    "dryrun": dryrun_training_bytes,
+}
+
+
+def estimate_training_bytes(job: JobConfig, method: str, device: str = "cpu") -> int:
+    """Bytes `job` needs to train on `device` ("cpu" or "cuda"; Table 1's method ignores it)."""
+    if method not in ESTIMATORS:
+        raise ValueError(f"unknown estimation method {method!r}: choose one of {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[method](job, device=device)
+
+
+def profile(job: JobConfig, loss: str = "dice", device: str = "cpu", steps: int = 2) -> dict:
+    """Estimate (dry run) and measurement (real steps in a fresh process) of one job on `device`:
+    ``{"measured_bytes", "estimated_bytes", "error"}`` with ``error = (estimated - measured) / measured``,
+    the device, the caching allocator's reserved bytes (CUDA; None on CPU) and each step's seconds."""
+    estimated = dryrun_estimate(job, device, loss).peak_bytes
+    peak = measure_peak(job, steps=steps, loss=loss, device=device)
+    measured = peak.measured_bytes
+    return {"measured_bytes": measured, "estimated_bytes": estimated, "error": (estimated - measured) / measured,
+            "device": device, "reserved_bytes": peak.reserved_bytes, "step_seconds": peak.step_seconds}
