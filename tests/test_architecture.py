@@ -123,3 +123,82 @@ def test_estimate_json_unchanged_on_six_jobs(monkeypatch):
                 assert json.loads(out.getvalue()) == golden["estimates"][f"{name}/{method}"], f"{name}/{method}"
     finally:
         torch.set_num_threads(threads)
+
+
+def tiny_network(config):
+    from torch import nn
+
+    return nn.Sequential(nn.Conv3d(config.in_channels, config.filters, 3, padding=1), nn.ReLU(),
+                         nn.Conv3d(config.filters, config.classes, 1))
+
+
+def test_a_registered_network_is_built_estimated_and_trained_everywhere(monkeypatch):
+    """docs/extending.md's worked example: one register_model call, and Table 1, the dry run and a
+    training step all run the new network; strategies it has no schedule for are refused."""
+    from fullres.config import JobConfig, Strategy
+    from fullres.memory.dryrun import dryrun
+    from fullres.memory.plan import candidate_strategies
+    from fullres.memory.table1 import table1
+    from fullres.model import MODELS, ModelConfig, ModelSpec, register_model
+    from fullres.step import build_training, train_step
+    from fullres.losses import LOSSES
+
+    monkeypatch.delitem(MODELS, "tiny", raising=False)  # the registry is as it was after the test
+    register_model(ModelSpec("tiny", tiny_network, "two convolutions"))
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(ModelSpec("tiny", tiny_network, "again"))
+    model = ModelConfig(architecture="tiny", in_channels=2, filters=3)
+    job = JobConfig(model=model, shape=(16, 16, 16), batch=1)
+    rows = table1(model, job.shape, job.batch).rows
+    assert [row.type for row in rows] == ["InputLayer", "Conv3D", "Conv3D"]
+    assert rows[1].trainable_weights == 2 * 3 * 27 + 3 and rows[1].feature_map_size == 3 * 16**3
+    assert dryrun(job, runtime=0).breakdown["parameters"] == 4 * (2 * 3 * 27 + 3 + 3 * 1 + 1)
+    training = build_training(job, "cpu")
+    images, targets = torch.randn(1, 2, 16, 16, 16), torch.ones(1, 1, 16, 16, 16)
+    before = [p.detach().clone() for p in training.model.parameters()]
+    train_step(training.model, training.optimizer, images, targets, LOSSES["dice"], job.strategy)
+    assert any(not torch.equal(a, b) for a, b in zip(before, training.model.parameters()))
+    with pytest.raises(ValueError, match="no slab schedule"):
+        JobConfig(model=model, shape=(16, 16, 16), batch=1, strategy=Strategy(slabs=2))
+    assert not any(candidate.strategy.slabs > 1 for _, candidate in candidate_strategies(job))
+    with pytest.raises(ValueError, match="unknown network 'nope'"):
+        ModelConfig(architecture="nope")
+
+
+def test_strategy_fields_are_the_job_flags():
+    """A Strategy field is a flag of every job command, with its metadata's help."""
+    from dataclasses import fields
+
+    from fullres.cli import build_parser
+    from fullres.config import Strategy
+
+    parser = build_parser()
+    for command in ("estimate", "plan", "profile", "bench", "sweep", "train"):
+        text = parser._subparsers._group_actions[0].choices[command].format_help()
+        for spec in fields(Strategy):
+            assert "--" + spec.name.replace("_", "-") in text, (command, spec.name)
+            assert spec.metadata["help"].split()[0] in text
+
+
+def test_a_metric_added_to_the_registry_reaches_the_case_table_and_the_csv(monkeypatch, tmp_path):
+    import numpy as np
+
+    from fullres import metrics
+
+    monkeypatch.setitem(metrics.METRICS, "volume", lambda pred, truth, spacing, tolerance: float(pred.sum()))
+    monkeypatch.setattr(metrics, "METRIC_NAMES", tuple(metrics.METRICS))
+    labels = np.zeros((8, 8, 8), np.int16)
+    labels[2:4, 2:4, 2:4] = 3
+    case = metrics.evaluate_case(labels, labels, (1.0, 1.0, 1.0))
+    assert case["ET"]["volume"] == 8.0 and case["WT"]["dice"] == 1.0
+    metrics.write_metrics_csv({"cases": {"c": case}, "summary": metrics.summarize({"c": case})}, tmp_path / "m.csv")
+    assert (tmp_path / "m.csv").read_text().splitlines()[0] == "case,region,dice,nsd,hd95,volume"
+
+
+def test_the_loss_registry_is_the_train_commands_choices():
+    from fullres.cli import build_parser
+    from fullres.losses import LOSSES
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    loss = next(action for action in train._actions if action.dest == "loss")
+    assert tuple(loss.choices) == tuple(LOSSES)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 import sys
 from pathlib import Path
 
@@ -115,19 +116,18 @@ def add_job_arguments(parser: argparse.ArgumentParser, defaults: bool = True) ->
     group.add_argument("--norm", choices=NORMS, default=preset["norm"],
                        help="normalisation after each convolution (paper: none)")
     strategy = parser.add_argument_group("memory strategies (exact gradients unless noted)")
-    strategy.add_argument("--checkpointing", action="store_true", help="recompute activations in backward")
-    strategy.add_argument("--accumulate", type=positive_int, default=1, metavar="K",
-                          help="K micro-batches of --batch per optimizer step")
-    strategy.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                          help="autocast precision (bf16/fp16 approximate the fp32 numerics)")
-    strategy.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
-    strategy.add_argument("--slabs", type=positive_int, default=1, metavar="S",
-                          help="compute the full-resolution levels in S slabs along H, each recomputed in "
-                               "backward (exact; needs --norm none)")
+    for spec in fields(Strategy):  # one flag per Strategy field, described by its metadata
+        flag, meta = "--" + spec.name.replace("_", "-"), spec.metadata
+        if spec.type in ("bool", bool):
+            strategy.add_argument(flag, action="store_true", help=meta["help"])
+        elif spec.type in ("int", int):
+            strategy.add_argument(flag, type=positive_int, default=spec.default, metavar=meta.get("metavar"),
+                                  help=meta["help"])
+        else:
+            strategy.add_argument(flag, choices=meta["choices"], default=spec.default, help=meta["help"])
 
 
-JOB_FLAGS = ("shape", "channels", "target", "filters", "batch", "dropout", "norm", "checkpointing", "accumulate",
-             "precision", "channels_last", "slabs")
+JOB_FLAGS = ("shape", "channels", "target", "filters", "batch", "dropout", "norm", *(f.name for f in fields(Strategy)))
 
 
 def job_from_options(options: dict, in_channels: int | None = None, classes: int | None = None) -> JobConfig:
@@ -137,9 +137,7 @@ def job_from_options(options: dict, in_channels: int | None = None, classes: int
         model = ModelConfig(in_channels=in_channels or channel_count(options["channels"]), filters=options["filters"],
                             classes=classes or TARGET_CLASSES[options["target"]], dropout=options["dropout"],
                             norm=options["norm"])
-        strategy = Strategy(checkpointing=options["checkpointing"], accumulate=options["accumulate"],
-                            precision=options["precision"], channels_last=options["channels_last"],
-                            slabs=options["slabs"])
+        strategy = Strategy(**{spec.name: options[spec.name] for spec in fields(Strategy)})
         return JobConfig(model=model, shape=tuple(options["shape"]), batch=options["batch"], strategy=strategy)
     except (ValueError, argparse.ArgumentTypeError) as error:
         raise UserError(str(error)) from None

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from fullres.data.preprocess import DataConfig
 from fullres.losses import LOSSES
-from fullres.model import ModelConfig, slab_rows, validate_spatial_shape
+from fullres.model import MODELS, ModelConfig, slab_rows, validate_spatial_shape
 from fullres.presets import PAPER
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -25,13 +25,20 @@ TARGET_CLASSES = {"wt": 1, "regions": 3, "classes": 4}  # output channels per --
 
 @dataclass(frozen=True)
 class Strategy:
-    """How a training step trades compute for memory. All but `precision` keep gradients exact."""
+    """How a training step trades compute for memory. All but `precision` keep gradients exact.
 
-    checkpointing: bool = False  # recompute activations in the backward pass
-    accumulate: int = 1  # micro-batches per optimizer step
-    precision: str = "fp32"  # autocast dtype: fp32 (off), bf16, fp16 (CUDA, with a gradient scaler)
-    channels_last: bool = False  # channels_last_3d memory format
-    slabs: int = 1  # full-resolution levels computed (and recomputed in backward) in this many slabs along H
+    Each field is a job flag of every command (`--channels-last` for `channels_last`): its metadata gives
+    the flag's help, and for an int its metavar, for a str its choices. What a field does is in
+    :mod:`fullres.step`."""
+
+    checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    accumulate: int = field(default=1, metadata={"metavar": "K", "help": "K micro-batches of --batch per optimizer step"})
+    precision: str = field(default="fp32", metadata={
+        "choices": PRECISIONS, "help": "autocast precision (bf16/fp16 approximate the fp32 numerics; fp16 needs CUDA)"})
+    channels_last: bool = field(default=False, metadata={"help": "channels_last_3d memory format"})
+    slabs: int = field(default=1, metadata={
+        "metavar": "S", "help": "compute the full-resolution levels in S slabs along H, each recomputed in backward "
+                                "(exact; needs --norm none and a network with slabs)"})
 
     def __post_init__(self) -> None:
         if self.accumulate < 1:
@@ -71,6 +78,8 @@ class JobConfig:
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
         if self.strategy.slabs > 1:
+            if not MODELS[self.model.architecture].slabs:
+                raise ValueError(f"slabs: the {self.model.architecture} network has no slab schedule")
             slab_rows(self.shape[0], self.strategy.slabs)  # raises when H cannot hold that many slabs
             if self.model.norm != "none":
                 raise ValueError(f"slabs need norm 'none': {self.model.norm} normalisation takes its statistics over "

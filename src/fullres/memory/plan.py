@@ -13,7 +13,7 @@ from typing import Callable
 from fullres.config import JobConfig
 from fullres.errors import UserError
 from fullres.memory.estimate import ESTIMATORS, estimate_training_bytes
-from fullres.model import DOWNSAMPLING
+from fullres.model import DOWNSAMPLING, MODELS
 from fullres.units import format_bytes
 
 MAX_SEARCH = 1 << 20  # no batch or side length beyond a million is searched
@@ -129,7 +129,7 @@ def candidate_strategies(job: JobConfig, allow_bf16: bool = True) -> list[tuple[
     for micro in sorted({d for d in range(1, job.batch) if total % d == 0}, reverse=True):
         strategy = replace(job.strategy, checkpointing=True, accumulate=total // micro)
         candidates.append((f"checkpointing + accumulate x{total // micro}", job.with_(batch=micro, strategy=strategy)))
-    if job.model.norm == "none":  # slabs are exact only without normalisation statistics
+    if job.model.norm == "none" and MODELS[job.model.architecture].slabs:  # exact only without normalisation
         for slabs in (n for n in SLAB_CHOICES if n > job.strategy.slabs and n <= job.shape[0] // 2):
             strategy = replace(job.strategy, checkpointing=True, accumulate=total, slabs=slabs)
             name = f"checkpointing + accumulate x{total} + {slabs} slabs" if total > 1 else f"checkpointing + {slabs} slabs"
