@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import random
 import signal
@@ -54,19 +55,50 @@ def test_train_writes_run_files(train_msd, tmp_path, cli):
     assert "preflight" in out and "done: validation Dice" in out
 
 
-def test_resume_equals_uninterrupted_with_constant_schedule(train_msd, tmp_path, cli):
+def test_resume_epochs_extends_a_run_to_what_an_uninterrupted_run_gives(train_msd, tmp_path, cli):
+    """--resume --epochs N extends a finished run: with the constant schedule it ends with the weights of a
+    run trained for N epochs from the start."""
     flags = [*TINY, "--schedule", "constant"]
-    assert cli("train", train_msd, "--out", tmp_path / "a", "--epochs", "2", *flags)[0] == 0
-    assert cli("train", train_msd, "--out", tmp_path / "b", "--epochs", "1", *flags)[0] == 0
-    config = json.loads((tmp_path / "b" / "config.json").read_text())
-    config["epochs"] = 2
-    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
-    code, out, err = cli("train", "--out", tmp_path / "b", "--resume", "--quiet")
+    assert cli("train", train_msd, "--out", tmp_path / "a", "--epochs", "3", *flags)[0] == 0
+    assert cli("train", train_msd, "--out", tmp_path / "b", "--epochs", "2", *flags)[0] == 0
+    code, out, err = cli("train", "--out", tmp_path / "b", "--resume", "--epochs", "3", "--quiet")
     assert code == 0, err
-    assert "resuming after epoch 1 of 2" in out
+    assert "resuming after epoch 2 of 3" in out
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["epochs"] == 3
     a, b = weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert len((tmp_path / "b" / "metrics.csv").read_text().splitlines()) == 4
+
+
+def test_resume_refuses_flags_that_disagree_with_the_run(train_msd, tmp_path, cli):
+    run = tmp_path / "run"
+    assert cli("train", train_msd, "--out", run, "--epochs", "2", *TINY)[0] == 0
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    other_data = tmp_path / "elsewhere"
+    for data, flags, message in (([], ["--lr", "0.5"], "--lr 0.5 differs from the run's 0.001"),
+                                 ([], ["--checkpointing"], "--checkpointing True differs from the run's False"),
+                                 ([], ["--shape", "32", "32", "16"], "--shape 32 32 16 differs from the run's (32, 32, 24)"),
+                                 ([], ["--channels", "2"], "--channels differs from the run's channels [0, 1, 2, 3]"),
+                                 ([], ["--epochs", "1"], "--epochs 1 is fewer than the run's 2"),
+                                 ([other_data], [], "a resumed run trains on its own data")):
+        code, out, err = cli("train", *data, "--out", run, "--resume", *flags)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    # flags that agree are accepted: the finished run has nothing left to do
+    code, out, err = cli("train", train_msd, "--out", run, "--resume", "--lr", "1e-3", "--quiet")
+    assert code == 0, err
+
+
+def test_cosine_schedule_extended_follows_the_longer_cosine():
+    from fullres.train import lr_schedule
+
+    config = TrainConfig.from_json({"job": JobConfig(shape=(16, 16, 16)).to_json(), "data": {"shape": [16, 16, 16]},
+                                    "data_dir": ".", "epochs": 2})
+    assert [lr_schedule(config)(e) for e in range(3)] == pytest.approx([1.0, 0.5, 0.0])
+    longer = lr_schedule(replace(config, epochs=4))
+    assert [longer(e) for e in range(5)] == pytest.approx([1.0, 0.853553, 0.5, 0.146447, 0.0], abs=1e-6)
+    assert lr_schedule(replace(config, schedule="constant"))(7) == 1.0
 
 
 def test_existing_run_is_never_overwritten_and_resume_needs_a_run(train_msd, tmp_path, cli):
@@ -78,6 +110,13 @@ def test_existing_run_is_never_overwritten_and_resume_needs_a_run(train_msd, tmp
     assert (run / "last.pt").read_bytes() == before
     code, _, err = cli("train", "--out", tmp_path / "empty", "--resume")
     assert code == 2 and "holds no run to resume" in err
+    mine = tmp_path / "mine"  # a folder of the user's own files is never written into
+    mine.mkdir()
+    (mine / "metrics.csv").write_text("my numbers\n")
+    code, _, err = cli("train", train_msd, "--out", mine, "--epochs", "1", *TINY)
+    assert code == 2 and "is not empty and holds no run" in err
+    assert [path.name for path in mine.iterdir()] == ["metrics.csv"]
+    assert (mine / "metrics.csv").read_text() == "my numbers\n"
 
 
 def test_job_that_cannot_fit_is_refused_in_seconds(train_msd, tmp_path, cli):

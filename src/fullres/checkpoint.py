@@ -52,8 +52,12 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         if not (run_dir / "config.json").exists():
             raise UserError(f"--resume: {run_dir} holds no run to resume (no config.json)")
         return
-    if (run_dir / "last.pt").exists() or (run_dir / "config.json").exists():
+    if (run_dir / LAST).exists() or (run_dir / CONFIG_FILE).exists():
         raise UserError(f"--out {run_dir} already holds a run: use --resume to continue it, or another --out")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UserError(f"--out {run_dir} is not empty and holds no run: choose a new or empty folder")
     run_dir.mkdir(parents=True, exist_ok=True)
 
 

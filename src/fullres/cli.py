@@ -112,19 +112,20 @@ def add_job_arguments(parser: argparse.ArgumentParser, defaults: bool = True) ->
                        help="base filters (paper: 32)")
     group.add_argument("--batch", type=positive_int, default=preset["batch"],
                        help="samples per forward/backward (paper: 16)")
-    group.add_argument("--dropout", type=float, default=PAPER.dropout, help="dropout after conv3a and conv4a")
+    group.add_argument("--dropout", type=float, default=preset["dropout"], help="dropout after conv3a and conv4a")
     group.add_argument("--norm", choices=NORMS, default=preset["norm"],
                        help="normalisation after each convolution (paper: none)")
     strategy = parser.add_argument_group("memory strategies (exact gradients unless noted)")
     for spec in fields(Strategy):  # one flag per Strategy field, described by its metadata
         flag, meta = "--" + spec.name.replace("_", "-"), spec.metadata
+        default = spec.default if defaults else None
         if spec.type in ("bool", bool):
-            strategy.add_argument(flag, action="store_true", help=meta["help"])
+            strategy.add_argument(flag, action="store_true", default=default, help=meta["help"])
         elif spec.type in ("int", int):
-            strategy.add_argument(flag, type=positive_int, default=spec.default, metavar=meta.get("metavar"),
+            strategy.add_argument(flag, type=positive_int, default=default, metavar=meta.get("metavar"),
                                   help=meta["help"])
         else:
-            strategy.add_argument(flag, choices=meta["choices"], default=spec.default, help=meta["help"])
+            strategy.add_argument(flag, choices=meta["choices"], default=default, help=meta["help"])
 
 
 JOB_FLAGS = ("shape", "channels", "target", "filters", "batch", "dropout", "norm", *(f.name for f in fields(Strategy)))
@@ -370,20 +371,32 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     test_cases = args.test_cases if args.test_cases is not None else max(1, args.cases // 4)
     out = write_dataset(Path(args.out), train_cases=args.cases, test_cases=test_cases, shape=tuple(args.shape),
-                        seed=args.seed, kind=args.kind, dtype=args.dtype, progress=not args.quiet)
+                        seed=args.seed, kind=args.kind, dtype=args.dtype, progress=not args.quiet,
+                        layout=args.layout)
     print(f"wrote {args.cases} training and {test_cases} test cases ({args.kind}, "
-          f"{' x '.join(map(str, args.shape))} x 4) to {out}")
+          f"{' x '.join(map(str, args.shape))} x 4"
+          + (f", {args.layout} layout" if args.layout != "msd" else "") + f") to {out}")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from fullres.data.check import check_dataset
 
-    report = check_dataset(Path(args.data))
+    report = check_dataset(Path(args.data), layout=args.layout)
     for line in report.lines():
         print(line)
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from fullres.data.convert import convert_dataset
+
+    source, train_cases, test_cases = convert_dataset(Path(args.data), Path(args.out), args.layout,
+                                                      source_layout=args.source_layout, progress=not args.quiet)
+    print(f"wrote {train_cases} training and {test_cases} test cases of {source.root} ({source.layout}) "
+          f"to {args.out} in the {args.layout} layout")
+    return 0
 
 
 # ---- train --------------------------------------------------------------------------------------
@@ -406,7 +419,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fullres.predict import predict_files
 
     written = predict_files(Path(args.run_dir), args.inputs, Path(args.out), pick_device(args.device, Process()),
-                            probabilities=args.probabilities, progress=not args.quiet)
+                            probabilities=args.probabilities, progress=not args.quiet, layout=args.layout)
     print(f"wrote {len(written)} mask(s) to {args.out}")
     return 0
 
@@ -414,7 +427,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fullres.metrics import METRIC_NAMES, evaluate_folders, write_metrics_csv
 
-    result = evaluate_folders(args.pred, args.labels, tolerance_mm=args.tolerance,
+    layout, label_regions = evaluation_regions(Path(args.pred), Path(args.labels), args.layout)
+    result = evaluate_folders(args.pred, args.labels, tolerance_mm=args.tolerance, regions=label_regions,
                               pred_is_binary_wt=args.wt_only or predictions_are_binary(Path(args.pred)))
     csv_path = Path(args.csv) if args.csv else Path(args.pred) / "metrics.csv"
     write_metrics_csv(result, csv_path)
@@ -433,8 +447,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for region, metrics in result["summary"].items():
         print(f"{'mean ± std':<16}{region:<8}{cells({m: metrics[m]['mean'] for m in METRIC_NAMES})}"
               + "   (std " + ", ".join(f"{metrics[m]['std']:.3f}" for m in METRIC_NAMES) + ")")
-    print(f"NSD tolerance {args.tolerance} mm; CSV: {csv_path}")
+    print(f"NSD tolerance {args.tolerance} mm; labels as {layout} ("
+          + ", ".join(f"{name} = {{{', '.join(map(str, values))}}}" for name, values in label_regions.items())
+          + f"); CSV: {csv_path}")
     return 0
+
+
+def evaluation_regions(pred_dir: Path, labels_dir: Path, layout: str | None) -> tuple[str, dict]:
+    """The label values of WT / TC / ET for scoring: --layout, else the prediction.json `predict` wrote,
+    else the dataset holding LABELS (DATA/labelsTs) or BraTS case names in it, else MSD Task01's."""
+    from fullres.data.layouts import MSD_REGIONS, detect_label_regions, regions_for_layout
+
+    if layout is not None:
+        return layout, regions_for_layout(layout, labels_dir)
+    try:
+        info = json.loads((pred_dir / "prediction.json").read_text())
+        if isinstance(info.get("regions"), dict) and info["regions"]:
+            return str(info.get("layout", "prediction.json")), {k: tuple(v) for k, v in info["regions"].items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    found = detect_label_regions(labels_dir)
+    return found if found is not None else ("msd", dict(MSD_REGIONS))
 
 
 def predictions_are_binary(pred_dir: Path) -> bool:
@@ -532,15 +565,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MSD dataset folder (default: a synthetic dataset generated inside --out)")
     parser.add_argument("--out", required=True, help="run folder: config.json, metrics.csv, checkpoints, logs")
     add_job_arguments(parser, defaults=False)
-    parser.add_argument("--epochs", type=positive_int, default=None, help="epochs (paper: 25)")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="epochs (paper: 25); with --resume, more than the run's extends it")
     parser.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate")
     parser.add_argument("--loss", choices=tuple(LOSSES), default=None, help="soft Dice (default), or Dice + BCE")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate schedule (default: cosine)")
     parser.add_argument("--seed", type=int, default=None, help="weights, split, order and dropout follow from it")
     parser.add_argument("--val-fraction", type=fraction, default=None, help="share of cases held out for validation")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: one per physical core)")
-    parser.add_argument("--workers", type=int, default=1, help="data-loading worker processes")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="auto (default): CUDA when present")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
+    parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes (default 1)")
     parser.add_argument("--strategy", choices=("manual", "auto"), default="manual",
                         help="auto: the least approximate strategy that fits (none, checkpointing, accumulation, bf16)")
     parser.add_argument("--memory", type=memory_size, default=None,
@@ -548,7 +582,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="skip the memory preflight")
     parser.add_argument("--no-autotune", action="store_true",
                         help="keep the contiguous memory format instead of timing channels-last (runs of 100+ steps)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from last.pt (other flags must agree with its config.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -627,7 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", required=True, help="folder for sweep.csv and the figures")
     sweep.set_defaults(run=cmd_sweep)
 
-    synth = commands.add_parser("synth", help="write a synthetic MSD-format brain-tumour dataset")
+    from fullres.data.layouts import LAYOUTS as LAYOUT_CHOICES
+
+    synth = commands.add_parser("synth", help="write a synthetic brain-tumour dataset (MSD layout, or another)")
     synth.add_argument("out", help="output folder (created; must be empty or a previous synth output)")
     synth.add_argument("--cases", type=positive_int, required=True, help="training cases")
     synth.add_argument("--test-cases", type=positive_int, default=None, help="test cases (default: cases/4, at least 1)")
@@ -637,12 +674,25 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--kind", choices=("brats", "random"), default="brats",
                        help="brats: BraTS-like phantoms; random: the paper's random-valued inputs (Table 2)")
     synth.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="image voxel type")
+    synth.add_argument("--layout", choices=LAYOUT_CHOICES, default="msd",
+                       help="msd (default), nnunet, brats2021 or brats2023: files, names and label values")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(run=cmd_synth)
 
-    check = commands.add_parser("check", help="validate every case of an MSD dataset before a long job")
-    check.add_argument("data", help="dataset folder (with dataset.json)")
+    check = commands.add_parser("check", help="validate every case of a dataset (MSD, nnU-Net, BraTS) before a long job")
+    check.add_argument("data", help="dataset folder")
+    check.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
+                       help="the folder's layout (default: detected)")
     check.set_defaults(run=cmd_check)
+
+    convert = commands.add_parser("convert", help="rewrite a dataset in another layout, label values mapped")
+    convert.add_argument("data", help="dataset folder (any layout)")
+    convert.add_argument("out", help="new folder (must not exist, or be empty)")
+    convert.add_argument("--layout", choices=LAYOUT_CHOICES, required=True, help="the layout to write")
+    convert.add_argument("--source-layout", choices=LAYOUT_CHOICES, default=None,
+                         help="DATA's layout (default: detected)")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.set_defaults(run=cmd_convert)
 
     train = commands.add_parser("train", help="train the 3D U-Net on whole volumes (no DATA: a synthetic demo)")
     add_train_arguments(train)
@@ -655,10 +705,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="write NIfTI masks for images with a trained run")
     predict.add_argument("run_dir", metavar="RUN", help="run folder (uses best.pt) or a checkpoint file")
-    predict.add_argument("inputs", nargs="+", help="NIfTI images, or an MSD folder (its test images)")
+    predict.add_argument("inputs", nargs="+", help="NIfTI images, or a dataset folder (its test cases)")
     predict.add_argument("--out", required=True, help="folder for the masks (<case>.nii.gz)")
     predict.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz")
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
+                         help="the input folders' layout (default: detected); masks follow its names and labels")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(run=cmd_predict)
 
@@ -668,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tolerance", type=positive_float, default=1.0, help="NSD tolerance in mm (default 1)")
     evaluate.add_argument("--wt-only", action="store_true", help="predictions are {0,1} whole-tumour masks")
     evaluate.add_argument("--csv", default=None, help="CSV path (default: PRED/metrics.csv)")
+    evaluate.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
+                          help="the labels' layout, for the values of WT/TC/ET (default: from PRED/prediction.json "
+                               "or the labels' folder; else MSD's)")
     evaluate.add_argument("--json", action="store_true", help="machine-readable output")
     evaluate.set_defaults(run=cmd_evaluate)
 

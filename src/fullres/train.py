@@ -22,7 +22,7 @@ import io
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,7 +76,7 @@ def run(request: TrainRequest, log=print) -> dict:
     main_process = is_main_process()
     if request.resume:
         prepare_run_dir(run_dir, resume=True)
-        config = read_run_config(run_dir)
+        config = _resumed_config(request, read_run_config(run_dir), main_process)
     else:
         config = _new_run(request, main_process, log)
     last = train(config, run_dir, resume=request.resume, progress=request.progress, log=log)
@@ -87,13 +87,61 @@ def run(request: TrainRequest, log=print) -> dict:
     return last
 
 
+def _run_values(config: TrainConfig) -> dict:
+    """The run's value of each option `--resume` compares, by CLI name (channels as resolved indices)."""
+    job = config.job
+    return {"shape": tuple(job.shape), "target": config.data.target, "filters": job.model.filters, "batch": job.batch,
+            "dropout": job.model.dropout, "norm": job.model.norm, "lr": config.lr, "loss": config.loss,
+            "schedule": config.schedule, "seed": config.seed, "val_fraction": config.val_fraction,
+            "device": config.device, "threads": config.threads, "workers": config.workers,
+            **{spec.name: getattr(job.strategy, spec.name) for spec in fields(Strategy)}}
+
+
+def _resumed_config(request: TrainRequest, config: TrainConfig, main_process: bool) -> TrainConfig:
+    """The run's own configuration. A flag given with --resume must agree with it, except --epochs above
+    the run's, which extends the run (the new total is written to config.json)."""
+    given = {name: value for name, value in request.options.items() if value is not None}
+    if request.data is not None and request.data.absolute() != Path(config.data_dir):
+        raise UserError(f"--resume: DATA {request.data} differs from the run's {config.data_dir}; "
+                        "a resumed run trains on its own data")
+    if "channels" in given:
+        index = load_dataset_json(Path(config.data_dir))
+        if resolve_channels(given.pop("channels"), index.modalities) != tuple(config.data.channels):
+            raise UserError(f"--resume: --channels differs from the run's channels {list(config.data.channels)}")
+    values = _run_values(config)
+    for name, value in given.items():
+        if name in values and (tuple(value) if name == "shape" else value) != values[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"--resume: {flag} {' '.join(map(str, value)) if name == 'shape' else value} differs "
+                            f"from the run's {values[name]} (config.json); resume without it, or start a new run")
+    epochs = given.get("epochs", config.epochs)
+    if epochs < config.epochs:
+        raise UserError(f"--resume: --epochs {epochs} is fewer than the run's {config.epochs}; a run can be extended, "
+                        "not shortened")
+    if epochs > config.epochs:
+        config = replace(config, epochs=epochs)
+        if main_process:
+            write_json(request.out / CONFIG_FILE, config.to_json())
+    return config
+
+
+def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
+    """The learning-rate factor after `epoch` epochs: constant 1, or the cosine from 1 to 0 over the run's
+    epochs (closed form, so a run extended to more epochs follows the longer cosine from where it is)."""
+    if config.schedule == "constant":
+        return lambda epoch: 1.0
+    return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * min(epoch, config.epochs) / config.epochs))
+
+
 def _new_run(request: TrainRequest, main_process: bool, log) -> TrainConfig:
     """The configuration of a new run, written to RUN_DIR/config.json (by the main process)."""
     run_dir = request.out
     if main_process:
         prepare_run_dir(run_dir, resume=False)
     preset = PAPER if request.data is not None else DEMO
-    options = {name: preset.values()[name] if value is None and name in preset.values() else value
+    defaults = {**preset.values(), **{spec.name: spec.default for spec in fields(Strategy)},
+                **{spec.name: spec.default for spec in fields(TrainConfig) if spec.name in ("device", "threads", "workers")}}
+    options = {name: defaults[name] if value is None and name in defaults else value
                for name, value in request.options.items()}
     if request.data is None:  # the embedded default: a synthetic dataset and a job sized for 2 CPU cores
         data_dir = (demo_dataset(run_dir, request.progress) if main_process
@@ -117,7 +165,16 @@ def _new_run(request: TrainRequest, main_process: bool, log) -> TrainConfig:
     if request.autotune:
         train_cases = len(split_cases(index.training, options["val_fraction"], options["seed"])[0])
         total_steps = options["epochs"] * (train_cases // (job.effective_batch * int(os.environ.get("WORLD_SIZE", "1"))))
-        job, choice = choose_memory_format(job, device, total_steps)
+        chosen, choice = choose_memory_format(job, device, total_steps)
+        if chosen != job and not request.force:
+            # the preflight judged the other layout (and its allocator): check the one that will run
+            try:
+                _, needed, _ = preflight(chosen, budget, method, auto=False, device=device.type)
+            except UserError:
+                chosen, choice = job, choice + f"; kept {'channels-last' if job.strategy.channels_last else 'contiguous'}: the faster one does not fit"
+            else:
+                choice += f"; preflight ({method}): needs {format_bytes(needed)}"
+        job = chosen
         if main_process:
             log(choice)
     try:
@@ -258,8 +315,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
         torch.manual_seed(config.seed)
         training = build_training(job, device, lr=config.lr)
         model, optimizer, scaler = training.model, training.optimizer, training.scaler
-        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-                     if config.schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
         start_epoch, best_dice, history = 0, -1.0, []
         if resume and (run_dir / LAST).exists():  # killed before the first checkpoint: start over
             state = load_checkpoint(run_dir / LAST)
