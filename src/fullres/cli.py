@@ -604,8 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--time", action="store_true",
                           help="also the training wall time, from a short calibration on this machine (cached)")
     estimate.add_argument("--cases", type=positive_int, default=None, help="with --time: labelled cases")
-    estimate.add_argument("--epochs", type=positive_int, default=25, help="with --time: epochs (paper: 25)")
-    estimate.add_argument("--val-fraction", type=fraction, default=0.2, help="with --time: validation share")
+    estimate.add_argument("--epochs", type=positive_int, default=PAPER.epochs, help="with --time: epochs (paper: 25)")
+    estimate.add_argument("--val-fraction", type=fraction, default=PAPER.val_fraction, help="with --time: validation share")
     estimate.add_argument("--threads", type=int, default=0, help="with --time: CPU threads (default: physical cores)")
     estimate.add_argument("--recalibrate", action="store_true", help="with --time: measure again, ignoring the cache")
     add_memory_device_argument(estimate)

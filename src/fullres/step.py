@@ -19,6 +19,7 @@ from torch import nn
 from fullres.config import JobConfig, Strategy
 from fullres.losses import LossFunction
 from fullres.model import build_model
+from fullres.presets import PAPER
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,7 +70,7 @@ class Training:
     scaler: torch.amp.GradScaler | None
 
 
-def build_training(job: JobConfig, device: str | torch.device, lr: float = 1e-4,
+def build_training(job: JobConfig, device: str | torch.device, lr: float = PAPER.lr,
                    model: nn.Module | None = None) -> Training:
     """`job`'s network (built by :func:`fullres.model.build_model` on the CPU and moved to `device`, so
     its initial weights follow the CPU generator's seed whatever the device), prepared for the job's
