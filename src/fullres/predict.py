@@ -15,7 +15,9 @@ from torch import nn
 
 from fullres.checkpoint import BEST, LAST, load_checkpoint
 from fullres.config import TrainConfig
-from fullres.data import load_case_image, load_dataset_json, uncrop, write_nifti
+from fullres.data import load_case_image, load_dataset, uncrop, write_nifti
+from fullres.data.layouts import MSD_REGIONS, apply_value_map, detect_layout, match_channels, value_map
+from fullres.data.msd import DatasetIndex
 from fullres.data.nifti import NIFTI_SUFFIXES, case_id_from_path
 from fullres.device import available_memory
 from fullres.errors import UserError
@@ -65,28 +67,77 @@ def inference_strategy(config: TrainConfig):
     return replace(config.job.strategy, checkpointing=False, accumulate=1, slabs=1)
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """NIfTI files as given; a folder: its dataset.json's test images, or else every NIfTI file in it
-    (an MSD folder without a test list contributes its imagesTs/)."""
-    files: list[Path] = []
+@dataclass(frozen=True)
+class PredictInput:
+    """One case to predict: its id (the mask's file name), its image (one file, or one 3D file per
+    channel), and the dataset folder it came from (its layout, modality names and label values), if any."""
+
+    case_id: str
+    image: Path | tuple[Path, ...]
+    index: DatasetIndex | None = None
+
+
+def expand_inputs(inputs: list[str], layout: str | None = None) -> list[PredictInput]:
+    """NIfTI files as given; a folder: a dataset's test cases in any layout (MSD: dataset.json's test list;
+    nnU-Net: imagesTs/; BraTS: case folders without a seg file, or in test/), or else every NIfTI file in
+    it (a folder without a dataset contributes its imagesTs/ when it has one). `layout` forces the folders'."""
+    found_all: list[PredictInput] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            if (item / "dataset.json").exists():
-                index = load_dataset_json(item)
-                found = [case.image for case in index.test]
+            detected = layout or detect_layout(item)
+            if layout is not None or (item / "dataset.json").exists() or detected != "msd":
+                index = load_dataset(item, layout)
+                found = [PredictInput(case.case_id, case.image, index) for case in index.test]
+                if not found:
+                    raise UserError(f"{item}: no test cases to predict in this {index.layout} dataset folder"
+                                    + (" (case folders without a seg file, or in test/)"
+                                       if index.layout.startswith("brats") else ""))
             else:
                 folder = item / "imagesTs" if (item / "imagesTs").is_dir() else item
-                found = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+                found = [PredictInput(case_id_from_path(p), p) for p in sorted(folder.iterdir())
+                         if p.name.endswith(NIFTI_SUFFIXES)]
             if not found:
                 raise UserError(f"{item}: no NIfTI images to predict in this folder")
-            files.extend(found)
+            found_all.extend(found)
         elif item.name.endswith(NIFTI_SUFFIXES):
             if not item.exists():
                 raise UserError(f"{item}: no such file")
-            files.append(item)
+            found_all.append(PredictInput(case_id_from_path(item), item))
         else:
             raise UserError(f"{item}: not a NIfTI file (.nii or .nii.gz) nor a folder")
-    return files
+    return found_all
+
+
+def training_dataset(config: TrainConfig) -> DatasetIndex | None:
+    """The dataset the run trained on (its layout, modalities and label values), read from config.json's
+    data_dir; None when that folder is gone or unreadable (MSD Task01 conventions are assumed then)."""
+    try:
+        return load_dataset(Path(config.data_dir))
+    except (UserError, OSError):
+        return None
+
+
+def output_labels(labels: np.ndarray, target: str, trained: DatasetIndex | None,
+                  regions: dict[str, tuple[int, ...]], same_dataset: bool) -> np.ndarray:
+    """`labels_from_probabilities`' map in the output layout's values (`regions`: its WT/TC/ET).
+
+    wt: {0, 1} as is. regions: 1/2/3 (edema/core/enhancing) become the layout's values for those roles.
+    classes: class k is the training dataset's k-th label value, mapped by role into the output layout
+    unless it is the training dataset's own layout.
+    """
+    if target == "wt":
+        return labels
+    if target == "regions":
+        mapping = value_map(MSD_REGIONS, regions, range(4))
+    else:
+        values = sorted(trained.labels) if trained is not None else [0, 1, 2, 3]
+        train_regions = trained.regions if trained is not None else MSD_REGIONS
+        to_output = ({v: v for v in values} if same_dataset
+                     else value_map(train_regions, regions, values))
+        mapping = {k: to_output[v] for k, v in enumerate(values)}
+    if all(k == v for k, v in mapping.items()):
+        return labels
+    return apply_value_map(labels, mapping, "prediction")
 
 
 def forward_bytes(config: TrainConfig) -> int:
@@ -134,33 +185,52 @@ def labels_from_probabilities(probabilities: np.ndarray, target: str, threshold:
 
 
 def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device: torch.device,
-                  probabilities: bool = False, progress: bool = True, log=print) -> list[Path]:
-    """Predict every input, writing OUT/<case>.nii.gz (and OUT/<case>_prob.nii.gz). Returns the mask paths."""
+                  probabilities: bool = False, progress: bool = True, log=print, layout: str | None = None) -> list[Path]:
+    """Predict every input, writing OUT/<case>.nii.gz (and OUT/<case>_prob.nii.gz). Returns the mask paths.
+
+    A dataset folder's cases are named and valued in its own layout (BraTS 2021: BraTS2021_XXXXX.nii.gz with
+    0/1/2/4); loose files in the training dataset's layout. Channels are matched by modality name.
+    """
     from tqdm import tqdm
 
-    files = expand_inputs(inputs)  # check every input before the first (long) prediction
+    cases = expand_inputs(inputs, layout)  # check every input before the first (long) prediction
     predictor = load_predictor(run_or_checkpoint, device)
     config = predictor.config
+    trained = training_dataset(config)
     need, have = forward_bytes(config), available_memory(device)
     whole = need <= have
-    log(f"predicting {len(files)} case(s) with {predictor.checkpoint} "
+    log(f"predicting {len(cases)} case(s) with {predictor.checkpoint} "
         + ("as whole volumes in one pass" if whole else
            f"with sliding windows of {config.job.shape} (a whole volume needs ~{need / 1e9:.1f} GB, {have / 1e9:.1f} GB free)"))
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in tqdm(files, desc="predict", disable=not progress):
-        image, box, source = load_case_image(path, config.data)
+    written, layouts, region_sets = [], set(), []
+    for case in tqdm(cases, desc="predict", disable=not progress):
+        source_index = case.index or trained
+        regions = source_index.regions if source_index is not None else dict(MSD_REGIONS)
+        data = config.data
+        if case.index is not None and trained is not None and case.index.modalities != trained.modalities:
+            data = replace(data, channels=match_channels(trained.modalities, data.channels, case.index.modalities))
+        image, box, source = load_case_image(case.image, data, case_id=case.case_id)
         validate_spatial_shape(image.shape[1:])
         probs = predict_volume(predictor, image, device, whole)
-        labels = uncrop(labels_from_probabilities(probs, config.data.target), box)
-        case = case_id_from_path(path)
-        mask_path = out / f"{case}.nii.gz"
+        same = trained is not None and source_index is not None and source_index.root == trained.root
+        labels = output_labels(labels_from_probabilities(probs, config.data.target), config.data.target, trained,
+                               regions, same or source_index is None)
+        labels = uncrop(labels, box)
+        mask_path = out / f"{case.case_id}.nii.gz"
         write_nifti(mask_path, labels, source.affine, source.header)
         if probabilities:
             restored = np.stack([uncrop(p, box) for p in probs], axis=-1).astype(np.float32)
-            write_nifti(out / f"{case}_prob.nii.gz", restored if restored.shape[-1] > 1 else restored[..., 0],
+            write_nifti(out / f"{case.case_id}_prob.nii.gz", restored if restored.shape[-1] > 1 else restored[..., 0],
                         source.affine, source.header)
         written.append(mask_path)
-    write_json(out / "prediction.json", {"checkpoint": str(predictor.checkpoint), "target": config.data.target,
-                                         "cases": [p.name for p in written]})
+        layouts.add(source_index.layout if source_index is not None else "msd")
+        if regions not in region_sets:
+            region_sets.append(regions)
+    info = {"checkpoint": str(predictor.checkpoint), "target": config.data.target,
+            "cases": [p.name for p in written],
+            "layout": layouts.pop() if len(layouts) == 1 else "mixed"}
+    if len(region_sets) == 1:  # the label values of the masks' (and their truths') WT / TC / ET, for `evaluate`
+        info["regions"] = {name: list(values) for name, values in region_sets[0].items()}
+    write_json(out / "prediction.json", info)
     return written

@@ -97,9 +97,21 @@ def require_channels(image: np.ndarray, config: DataConfig, path: Path) -> None:
                         f"{image.shape[0]} (channels are numbered from 0)")
 
 
-def preprocess_training_case(image_path: Path, label_path: Path, config: DataConfig) -> tuple[np.ndarray, np.ndarray, CropBox]:
-    """Read and preprocess one case from its NIfTI files: image (C, H, W, D) float32, label (H, W, D) uint8."""
+def _files(image) -> list[Path]:
+    return [Path(image)] if isinstance(image, (str, os.PathLike)) else [Path(p) for p in image]
+
+
+def _case_id(image, case_id: str | None) -> str:
+    if case_id is not None and not isinstance(image, (str, os.PathLike)):
+        return case_id
+    return case_id_from_path(_files(image)[0])
+
+
+def preprocess_training_case(image_path, label_path: Path, config: DataConfig) -> tuple[np.ndarray, np.ndarray, CropBox]:
+    """Read and preprocess one case from its NIfTI files: image (C, H, W, D) float32, label (H, W, D) uint8.
+    `image_path`: one 4D file, or the per-channel 3D files."""
     image, _ = read_image_channels_first(image_path)
+    image_path = _files(image_path)[0]
     require_channels(image, config, image_path)
     label = read_label(label_path)
     if label.shape != image.shape[1:]:
@@ -108,12 +120,14 @@ def preprocess_training_case(image_path: Path, label_path: Path, config: DataCon
     return processed, crop_or_pad(label, box), box
 
 
-def load_training_arrays(image_path: Path, label_path: Path, config: DataConfig,
-                         cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray, CropBox]:
-    """A training case, preprocessed: from the cache when it holds it (memory-mapped), else read and cached."""
+def load_training_arrays(image_path, label_path: Path, config: DataConfig,
+                         cache_dir: Path | None, case_id: str | None = None) -> tuple[np.ndarray, np.ndarray, CropBox]:
+    """A training case, preprocessed: from the cache when it holds it (memory-mapped), else read and cached.
+    `image_path`: one 4D file, or the per-channel 3D files (then `case_id` names the cache entry)."""
     if cache_dir is None:
         return preprocess_training_case(image_path, label_path, config)
-    paths = entry_paths(Path(cache_dir), case_id_from_path(image_path), cache_key([image_path, label_path], config))
+    paths = entry_paths(Path(cache_dir), _case_id(image_path, case_id),
+                        cache_key([*_files(image_path), label_path], config))
     cached = read_entry(paths, with_label=True)
     if cached is not None:
         return cached
@@ -122,20 +136,23 @@ def load_training_arrays(image_path: Path, label_path: Path, config: DataConfig,
     return image, label, box
 
 
-def load_case_image(path: Path, config: DataConfig, cache_dir: Path | None = None) -> tuple[np.ndarray, CropBox, nib.Nifti1Image]:
-    """One image file preprocessed for prediction: (C, H, W, D) float32, its CropBox, and the source
-    image opened lazily (for `.affine` and `.header` when writing the prediction; its voxels are not kept).
+def load_case_image(path, config: DataConfig, cache_dir: Path | None = None,
+                    case_id: str | None = None) -> tuple[np.ndarray, CropBox, nib.Nifti1Image]:
+    """One image preprocessed for prediction: (C, H, W, D) float32, its CropBox, and the source image
+    (the first channel's file for per-channel images) opened lazily (for `.affine` and `.header` when
+    writing the prediction; its voxels are not kept). `path`: one file, or the per-channel 3D files.
 
     Put the network output back with `uncrop(prediction, box)`.
     """
-    path = Path(path)
+    files = _files(path)
     if cache_dir is not None:
-        paths = entry_paths(Path(cache_dir), case_id_from_path(path), cache_key([path], config))
+        paths = entry_paths(Path(cache_dir), _case_id(path, case_id), cache_key(files, config))
         cached = read_entry(paths, with_label=False)
         if cached is not None:
             image, _, box = cached
-            return np.array(image), box, open_nifti(path)
+            return np.array(image), box, open_nifti(files[0])
     raw, source = read_image_channels_first(path)
+    path = files[0]
     require_channels(raw, config, path)
     image, box = preprocess_image(raw, config)
     if cache_dir is not None:

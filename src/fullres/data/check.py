@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from fullres.data.msd import DATASET_JSON, dataset_json_problems, read_dataset_json, resolve_entry
+from fullres.data.layouts import BRATS, check_layout_name, detect_layout, scan_dataset
+from fullres.data.msd import DATASET_JSON, dataset_json_problems, image_files, read_dataset_json, resolve_entry
 from fullres.data.nifti import NIFTI_SUFFIXES, open_nifti, read_array
 from fullres.errors import UserError
 
@@ -130,7 +131,7 @@ def _label_values(data: np.ndarray) -> np.ndarray:
 
 
 def _check_label(path: Path, image_path: Path, image: tuple[tuple[int, ...], np.ndarray] | None,
-                 declared: set[int] | None, findings: _Findings) -> None:
+                 declared: set[int] | None, findings: _Findings, declared_in: str = "dataset.json labels") -> None:
     read = _read(path, findings)
     if read is None:
         return
@@ -158,7 +159,7 @@ def _check_label(path: Path, image_path: Path, image: tuple[tuple[int, ...], np.
         undeclared = [v for v in values.tolist() if v not in declared]
         if undeclared:
             shown = ", ".join(f"{v:g}" for v in undeclared[:10])
-            findings.add(path, f"label values {shown} are not declared in dataset.json labels "
+            findings.add(path, f"label values {shown} are not declared in {declared_in} "
                                f"({', '.join(map(str, sorted(declared)))})")
     if not np.any(values != 0):
         findings.add(path, "empty label volume (no foreground voxels)", WARNING)
@@ -171,8 +172,12 @@ def _declared(raw: dict[str, Any], key: str) -> dict[int, str] | None:
     return {int(k): v for k, v in value.items()}
 
 
-def check_dataset(root: Path, progress: bool = False) -> CheckReport:
-    """Validate dataset.json and every training and test case of the MSD folder `root`."""
+def check_dataset(root: Path, progress: bool = False, layout: str | None = None) -> CheckReport:
+    """Validate every training and test case of the dataset folder `root`, in its layout (detected, or
+    forced: msd, nnunet, brats2021, brats2023; see `fullres.data.layouts`)."""
+    layout = check_layout_name(layout) or detect_layout(Path(root))
+    if layout != "msd":
+        return _check_layout(Path(root).resolve(), layout, progress)
     root = Path(root).resolve()
     findings = _Findings(root)
     try:
@@ -215,4 +220,59 @@ def check_dataset(root: Path, progress: bool = False) -> CheckReport:
             image_path = resolve(entry, f"test[{i}]")
             if image_path:
                 _check_image(image_path, n_modalities, findings)
+    return CheckReport(root, len(jobs), tuple(findings.items))
+
+
+def _check_channel_files(files: tuple[Path, ...], findings: _Findings) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """Per-channel 3D images (nnU-Net, BraTS): each readable, 3D and finite, all of one shape and affine.
+    The first channel's (shape, affine), or None when the case's image cannot be used."""
+    reference: tuple[tuple[int, ...], np.ndarray, Path] | None = None
+    usable = True
+    for path in files:
+        read = _read(path, findings)
+        if read is None:
+            usable = False
+            continue
+        data, affine = read
+        if data.ndim != 3:
+            findings.add(path, f"image must be 3D (H, W, D), one file per channel, got shape {data.shape}")
+            usable = False
+            continue
+        if data.dtype.kind == "f":
+            nan, inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+            if nan or inf:
+                findings.add(path, f"image has {nan} NaN and {inf} Inf voxels")
+        if reference is None:
+            reference = (data.shape, affine, path)
+        elif data.shape != reference[0]:
+            findings.add(path, f"shape {data.shape} != {findings.relative(reference[2])}'s shape {reference[0]} "
+                               "(the case's files disagree)")
+            usable = False
+        elif not np.allclose(affine, reference[1], rtol=0, atol=AFFINE_TOLERANCE_MM):
+            difference = float(np.abs(affine - reference[1]).max())
+            findings.add(path, f"affine differs from {findings.relative(reference[2])}'s by up to {difference:g} "
+                               "(the case's files disagree)")
+    return (reference[0], reference[1]) if usable and reference is not None else None
+
+
+def _check_layout(root: Path, layout: str, progress: bool) -> CheckReport:
+    """check_dataset for the nnunet and BraTS layouts: the folder's structure, then every case's files."""
+    findings = _Findings(root)
+    if not root.is_dir():
+        findings.add(root, f"not a directory (expected a {layout} dataset folder)")
+        return CheckReport(root, 0, tuple(findings.items))
+    scan = scan_dataset(root, layout)
+    for problem in scan.problems:
+        findings.add(problem.path, problem.message, problem.severity)
+    index = scan.index
+    if index is None:
+        return CheckReport(root, 0, tuple(findings.items))
+    declared = set(index.labels)
+    declared_in = f"{BRATS[layout].title} labels" if layout in BRATS else "dataset.json labels"
+    jobs = [(case, True) for case in index.training] + [(case, False) for case in index.test]
+    for case, training in tqdm(jobs, desc="check", unit="case", disable=True if not progress else None):
+        files = image_files(case.image)
+        image = _check_channel_files(files, findings)
+        if training:
+            _check_label(case.label, files[0], image, declared, findings, declared_in)
     return CheckReport(root, len(jobs), tuple(findings.items))

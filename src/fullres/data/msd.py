@@ -28,13 +28,26 @@ DATASET_JSON = "dataset.json"
 
 class TrainingCase(NamedTuple):
     case_id: str
-    image: Path
+    image: Path | tuple[Path, ...]  # one 4D file (MSD), or one 3D file per channel (nnU-Net, BraTS)
     label: Path
 
 
 class TestCase(NamedTuple):
     case_id: str
-    image: Path
+    image: Path | tuple[Path, ...]
+
+
+def image_files(image: Path | str | Sequence) -> tuple[Path, ...]:
+    """The files of a case's image: (the 4D file,) or the per-channel 3D files in channel order."""
+    if isinstance(image, (str, os.PathLike)):
+        return (Path(image),)
+    return tuple(Path(p) for p in image)
+
+
+def as_image_source(image: Path | str | Sequence) -> Path | tuple[Path, ...]:
+    """A Path for one file, a tuple of Paths for per-channel files."""
+    files = image_files(image)
+    return files[0] if isinstance(image, (str, os.PathLike)) else files
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,15 @@ class DatasetIndex:
     training: tuple[TrainingCase, ...]
     test: tuple[TestCase, ...]
     name: str = ""
+    layout: str = "msd"  # msd, nnunet, brats2021, brats2023 (see fullres.data.layouts)
+    region_map: Mapping[str, tuple[int, ...]] | None = None  # WT/TC/ET label values; None: from the label names
+
+    @property
+    def regions(self) -> dict[str, tuple[int, ...]]:
+        """The BraTS regions WT / TC / ET in this dataset's label values."""
+        if self.region_map is not None:
+            return {name: tuple(values) for name, values in self.region_map.items()}
+        return brats_regions(self.labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +194,8 @@ def resolve_channels(spec: str | int, modality_names: Sequence[str]) -> tuple[in
     """The channel indices that a `--channels` value selects.
 
     "4" (a lone number N): the first N modalities in dataset order ("1" is FLAIR alone in MSD Task01);
-    "all": every modality; otherwise a comma list of names (case-insensitive) or indices: "flair,T2w", "0,3".
+    "all": every modality; otherwise a comma list of names (case-insensitive, or another layout's name for the
+    same modality: t2f = FLAIR, t1ce = T1gd) or indices: "flair,T2w", "0,3".
     """
     names = list(modality_names)
     available = ", ".join(f"{i}={name}" for i, name in enumerate(names))
@@ -196,12 +219,37 @@ def resolve_channels(spec: str | int, modality_names: Sequence[str]) -> tuple[in
             index = int(item)
         elif item.lower() in lowered:
             index = lowered.index(item.lower())
+        elif _alias_index(item, names) is not None:
+            index = _alias_index(item, names)
         else:
             raise bad(f"unknown channel {item!r}")
         if index in chosen:
             raise bad(f"channel {item!r} is given twice")
         chosen.append(index)
     return tuple(chosen)
+
+
+MODALITY_ALIASES = {  # the same modality across layouts (fullres.data.layouts.canonical_modality)
+    "flair": "FLAIR", "t2f": "FLAIR", "t2flair": "FLAIR",
+    "t1": "T1", "t1n": "T1", "t1w": "T1", "t1native": "T1",
+    "t1c": "T1c", "t1ce": "T1c", "t1gd": "T1c", "t1gad": "T1c", "t1wce": "T1c", "t1contrast": "T1c",
+    "t2": "T2", "t2w": "T2",
+}
+
+
+def canonical_modality(name: str) -> str | None:
+    """'t2f', 'FLAIR', 'flair' -> 'FLAIR'; 'T1w', 't1n', 't1' -> 'T1'; 'T1gd', 't1ce', 't1c' -> 'T1c';
+    'T2w', 't2' -> 'T2'; None for any other name."""
+    return MODALITY_ALIASES.get(re.sub(r"[^a-z0-9]", "", str(name).lower()))
+
+
+def _alias_index(item: str, names: Sequence[str]) -> int | None:
+    """The index of the modality that `item` names under another layout's name (t2f = FLAIR, t1ce = T1gd...)."""
+    key = canonical_modality(item)
+    if key is None:
+        return None
+    hits = [i for i, name in enumerate(names) if canonical_modality(name) == key]
+    return hits[0] if len(hits) == 1 else None
 
 
 def _words(name: str) -> str:
@@ -261,13 +309,25 @@ class MSDDataset(Dataset):
     """
 
     def __init__(self, cases: Iterable[Sequence], config: DataConfig, labels: Mapping[int, str] | None = None,
-                 cache_dir: Path | None = None, cache: bool = True) -> None:
-        self.cases = [TrainingCase(str(c[0]), Path(c[1]), Path(c[2])) for c in cases]
+                 cache_dir: Path | None = None, cache: bool = True,
+                 regions: Mapping[str, Sequence[int]] | None = None) -> None:
+        self.cases = [TrainingCase(str(c[0]), as_image_source(c[1]), Path(c[2])) for c in cases]
         self.config = config
-        self.regions = brats_regions(labels) if labels is not None else None
+        if regions is not None:
+            self.regions = {name: tuple(int(v) for v in values) for name, values in regions.items()}
+        else:
+            self.regions = brats_regions(labels) if labels is not None else None
         if config.target == "regions" and (self.regions is None or set(self.regions) != set(REGION_NAMES)):
             found = ", ".join(self.regions or {}) or "none"
             raise UserError(f"target 'regions' needs WT, TC and ET from dataset.json's label names; found {found}")
+        # target "classes": label values -> class indices 0..K-1 (identity for MSD's 0, 1, 2, 3; BraTS 2021's
+        # 0, 1, 2, 4 become 0, 1, 2, 3)
+        values = sorted(labels) if labels is not None else []
+        self.class_table = None
+        if values and values != list(range(len(values))) and max(values) < 256:
+            table = np.zeros(256, dtype=np.uint8)
+            table[values] = np.arange(len(values), dtype=np.uint8)
+            self.class_table = table
         if not cache:
             self.cache_dir = None
         elif cache_dir is not None:
@@ -278,17 +338,21 @@ class MSDDataset(Dataset):
     @classmethod
     def from_index(cls, index: DatasetIndex, config: DataConfig, cases: Iterable[Sequence] | None = None,
                    cache_dir: Path | None = None) -> "MSDDataset":
-        """All (or the given) training cases of `index`, with its label names and default cache folder."""
+        """All (or the given) training cases of `index`, with its label names, regions and default cache folder."""
         cases = index.training if cases is None else cases
-        return cls(cases, config, labels=index.labels, cache_dir=cache_dir or default_cache_dir(index.root))
+        return cls(cases, config, labels=index.labels, cache_dir=cache_dir or default_cache_dir(index.root),
+                   regions=index.regions if index.region_map is not None else None)
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         case = self.cases[i]
-        image, label, _ = load_training_arrays(case.image, case.label, self.config, self.cache_dir)
-        target = make_target(np.asarray(label), self.config.target, self.regions)
+        image, label, _ = load_training_arrays(case.image, case.label, self.config, self.cache_dir, case.case_id)
+        label = np.asarray(label)
+        if self.config.target == "classes" and self.class_table is not None:
+            label = self.class_table[label]
+        target = make_target(label, self.config.target, self.regions)
         return torch.from_numpy(_in_memory(image)), torch.from_numpy(target)
 
 
@@ -299,7 +363,7 @@ def _in_memory(array: np.ndarray) -> np.ndarray:
 
 def dataset_root_of(cases: Sequence[TrainingCase]) -> Path:
     """The folder that holds every image and label of `cases` (the dataset root for MSD layouts)."""
-    folders = {str(Path(p).resolve().parent) for case in cases for p in (case.image, case.label)}
+    folders = {str(Path(p).resolve().parent) for case in cases for p in (*image_files(case.image), case.label)}
     return Path(os.path.commonpath(sorted(folders)))
 
 

@@ -62,8 +62,15 @@ def read_array(image: nib.Nifti1Image, path: Path) -> np.ndarray:
         raise UserError(f"{path}: truncated or corrupt data ({type(error).__name__}: {error})") from None
 
 
-def read_image_channels_first(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """A 4D image (H, W, D, C) as float32 (C, H, W, D); a 3D image counts as one channel."""
+def read_image_channels_first(path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """A 4D image (H, W, D, C) as float32 (C, H, W, D); a 3D image counts as one channel.
+
+    `path` may also be a sequence of 3D files, one per channel (nnU-Net, BraTS): they are stacked in
+    order, and must agree in shape; the first file's image is returned.
+    """
+    if not isinstance(path, (str, Path)):
+        return _read_channel_files([Path(p) for p in path])
+    path = Path(path)
     image = open_nifti(path)
     data = read_array(image, path)
     if data.ndim == 3:
@@ -71,6 +78,24 @@ def read_image_channels_first(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     if data.ndim != 4:
         raise UserError(f"{path}: expected a 4D image (H, W, D, channels), got shape {data.shape}")
     return np.ascontiguousarray(np.moveaxis(data, -1, 0), dtype=np.float32), image
+
+
+def _read_channel_files(paths: list[Path]) -> tuple[np.ndarray, nib.Nifti1Image]:
+    channels, first = [], None
+    for path in paths:
+        image = open_nifti(path)
+        data = read_array(image, path)
+        if data.ndim == 4 and data.shape[-1] == 1:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise UserError(f"{path}: expected a 3D image (one channel), got shape {data.shape}")
+        if channels and data.shape != channels[0].shape:
+            raise UserError(f"{path}: shape {data.shape} differs from {paths[0].name}'s {channels[0].shape}")
+        channels.append(np.asarray(data, dtype=np.float32))
+        first = first or image
+    if not channels:
+        raise UserError("an image needs at least one channel file")
+    return np.stack(channels), first
 
 
 def read_label(path: Path) -> np.ndarray:

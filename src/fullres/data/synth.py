@@ -271,10 +271,31 @@ def _validate(train_cases: int, test_cases: int, shape, seed: int, kind: str, dt
     return shape
 
 
+def _listed_files_only(folder: Path) -> bool:
+    """A non-MSD synth output: every file is one the marker lists (or the cache, dataset.json, the marker)."""
+    try:
+        listed = set(json.loads((folder / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if relative.parts[0] in (".fullres_cache", MARKER, "dataset.json") or path.is_dir():
+            continue
+        if relative.as_posix() not in listed:
+            return False
+    return True
+
+
 def is_previous_synth_output(folder: Path) -> bool:
     """True when `folder` holds only what `write_dataset` writes (plus the data cache): safe to replace."""
     if not (folder / MARKER).is_file():
         return False
+    try:
+        layout = json.loads((folder / MARKER).read_text()).get("layout", "msd")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if layout != "msd":
+        return _listed_files_only(folder)
     allowed = {"dataset.json", MARKER, ".fullres_cache", *SUBFOLDERS}
     if any(entry.name not in allowed for entry in folder.iterdir()):
         return False
@@ -313,7 +334,8 @@ def _dataset_json(train_ids: list[str], test_ids: list[str], kind: str, seed: in
 
 
 def write_dataset(out: Path, train_cases: int, test_cases: int = 0, shape: tuple[int, int, int] = (240, 240, 155),
-                  seed: int = 0, kind: str = "brats", dtype: str = "int16", progress: bool = True) -> Path:
+                  seed: int = 0, kind: str = "brats", dtype: str = "int16", progress: bool = True,
+                  layout: str = "msd") -> Path:
     """Write a complete MSD Task01-style folder to `out` and return it.
 
     imagesTr/ + labelsTr/ (listed in dataset.json's `training`), imagesTs/ (listed in `test`) and
@@ -321,10 +343,15 @@ def write_dataset(out: Path, train_cases: int, test_cases: int = 0, shape: tuple
     BRATS_002, ...; test cases follow the training ones. Everything is written to a temporary folder
     beside `out` and renamed into place. `out` may be missing, empty, or a previous synth output
     (which is replaced); anything else is refused, so user files are never touched.
+
+    `layout` (msd, nnunet, brats2021, brats2023): the same phantoms in another layout's files, names and
+    label values (see `fullres.data.layouts`); test labels are kept aside in labelsTs/CASE.nii.gz.
     """
     shape = _validate(train_cases, test_cases, shape, seed, kind, dtype)
     out = Path(out).absolute()
     _refuse_unless_replaceable(out)
+    if layout != "msd":
+        return _write_other_layout(out, train_cases, test_cases, shape, seed, kind, dtype, progress, layout)
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
@@ -361,3 +388,43 @@ def _move_into_place(temp: Path, out: Path) -> None:
     os.rename(out, old)
     os.rename(temp, out)
     shutil.rmtree(old)
+
+
+def _write_other_layout(out: Path, train_cases: int, test_cases: int, shape, seed: int, kind: str, dtype: str,
+                        progress: bool, layout: str) -> Path:
+    """`write_dataset` for the nnunet and BraTS layouts: the same cases, labels mapped to the layout's values."""
+    from fullres.data.convert import LayoutWriter, case_id_for, layout_regions, target_modalities
+    from fullres.data.layouts import LAYOUTS, MSD_REGIONS, apply_value_map, value_map
+
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        temp.chmod(0o777 & ~current_umask())
+        _, names = target_modalities(layout, list(MODALITIES.values()))
+        what = "BraTS-like glioma phantoms" if kind == "brats" else "uniform random images and labels"
+        writer = LayoutWriter(temp, layout, names, name="BRATS_synthetic",
+                              description=f"Synthetic {what}, {'x'.join(map(str, shape))}, seed {seed}, "
+                                          f"written by fullres {__version__}")
+        values = value_map(MSD_REGIONS, layout_regions(layout), range(4))
+        affine = synth_affine(shape)
+        total = train_cases + test_cases
+        quiet = not progress or (total <= 2 and int(np.prod(shape)) < 2_000_000)
+        for index in tqdm(range(total), desc="synth", unit="case", disable=True if quiet else None):
+            image, label = make_case(shape, seed, index, kind)
+            label = apply_value_map(label, values, "synthetic label")
+            case = case_id_for(layout, index + 1)
+            if index < train_cases:
+                writer.add_training(case, to_dtype(image, dtype), label, affine)
+            else:
+                writer.add_test(case, to_dtype(image, dtype), affine, label)
+        writer.finish()
+        settings = {"kind": kind, "seed": seed, "shape": list(shape), "dtype": dtype, "train_cases": train_cases,
+                    "test_cases": test_cases, "fullres": __version__, "layout": layout, "files": writer.files}
+        (temp / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
+        _move_into_place(temp, out)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return out
