@@ -327,3 +327,17 @@ def test_evaluate_knows_brats2021_labels_without_prediction_json(datasets, tmp_p
     write_nifti(tmp_path / "pred" / "BraTS2021_00004.nii.gz", np.where(mask == 4, 3, mask).astype(np.uint8), affine)
     code, out, _ = cli("evaluate", tmp_path / "pred", labels, "--json")
     assert json.loads(out)["cases"]["BraTS2021_00004"]["ET"]["dice"] == 0.0
+
+
+def test_output_labels_in_each_layouts_values(datasets):
+    from fullres.predict import output_labels
+
+    msd, brats = load_dataset(datasets["msd"]), load_dataset(datasets["brats2021"])
+    nested = np.array([0, 1, 2, 3], dtype=np.uint8)  # labels_from_probabilities: edema, core, enhancing
+    assert output_labels(nested, "regions", msd, msd.regions, True).tolist() == [0, 1, 2, 3]
+    assert output_labels(nested, "regions", msd, brats.regions, False).tolist() == [0, 2, 1, 4]
+    assert output_labels(nested[:2], "wt", msd, brats.regions, False).tolist() == [0, 1]
+    classes = np.array([0, 1, 2, 3], dtype=np.uint8)  # class k = the k-th label value of the training data
+    assert output_labels(classes, "classes", brats, brats.regions, True).tolist() == [0, 1, 2, 4]
+    assert output_labels(classes, "classes", brats, msd.regions, False).tolist() == [0, 2, 1, 3]
+    assert output_labels(classes, "classes", None, msd.regions, True).tolist() == [0, 1, 2, 3]

@@ -17,7 +17,10 @@ Regions (BraTS, MSD Task01 labels 0 background, 1 edema, 2 non-enhancing tumour,
     ET (enhancing tumour) = label  {3}
 
 A region mask is ``np.isin(label_map, region_labels)``. ``DEFAULT_REGIONS`` holds these; callers that
-read ``dataset.json`` pass their own (``fullres.data.msd.brats_regions``).
+read a dataset pass its own (``DatasetIndex.regions``, see ``fullres.data.layouts``): BraTS 2021 labels
+(1 necrotic core, 2 edema, 4 enhancing) give WT {1, 2, 4}, TC {1, 4}, ET {4}; BraTS 2023 (1 core,
+2 edema, 3 enhancing) WT {1, 2, 3}, TC {1, 3}, ET {3}. ``evaluate`` takes them from ``--layout``, the
+``prediction.json`` that ``predict`` writes, or the labels' folder.
 
 Distances are in millimetres: every surface metric takes the voxel spacing ``(sx, sy, sz)`` in mm,
 in array-axis order (nibabel ``header.get_zooms()[:3]``), so anisotropic voxels are honoured.

@@ -112,7 +112,7 @@ def training_dataset(config: TrainConfig) -> DatasetIndex | None:
     """The dataset the run trained on (its layout, modalities and label values), read from config.json's
     data_dir; None when that folder is gone or unreadable (MSD Task01 conventions are assumed then)."""
     try:
-        return load_dataset(Path(config.data_dir))
+        return load_dataset(Path(config.data_dir), getattr(config, "layout", None))
     except (UserError, OSError):
         return None
 
