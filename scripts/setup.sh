@@ -9,4 +9,7 @@ if ! python3 -c 'import torch' 2>/dev/null; then
     python3 -m pip install --quiet torch==2.13.0
 fi
 python3 -m pip install --quiet --editable ".${1:+[$1]}"
+# nnU-Net v2's networks: its package without its declared extras (timm would pull torchvision, a second
+# multi-GB torch build); fullres uses only its plain and residual U-Nets, which need neither.
+python3 -m pip install --quiet --no-deps dynamic-network-architectures==0.4.4
 python3 -c 'import fullres, torch; print(f"fullres {fullres.__version__} installed (torch {torch.__version__})")'

@@ -341,3 +341,19 @@ def test_output_labels_in_each_layouts_values(datasets):
     assert output_labels(classes, "classes", brats, brats.regions, True).tolist() == [0, 1, 2, 4]
     assert output_labels(classes, "classes", brats, msd.regions, False).tolist() == [0, 2, 1, 3]
     assert output_labels(classes, "classes", None, msd.regions, True).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("layout", ["nnunet", "brats2023", "msd"])
+def test_every_layout_trains_and_its_run_predicts_in_it(datasets, tmp_path, layout, cli):
+    """synth -> check -> train -> predict -> evaluate in each layout (brats2021: the `run` fixture)."""
+    out = tmp_path / "run"
+    code, _, err = cli("train", datasets[layout], "--out", out, "--target", "classes", *TINY)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["layout"] == layout
+    code, _, err = cli("predict", out, datasets[layout], "--out", tmp_path / "pred", "--quiet")
+    assert code == 0, err
+    code, stdout, err = cli("evaluate", tmp_path / "pred", datasets[layout] / "labelsTs", "--json")
+    assert code == 0, err
+    assert set(next(iter(json.loads(stdout)["cases"].values()))) == {"WT", "TC", "ET"}
+    code, _, err = cli("train", "--out", out, "--resume", "--layout", "msd" if layout != "msd" else "nnunet")
+    assert code == 2 and "--layout" in err and "differs from the run's" in err

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fullres.config import PRECISIONS, SCHEDULES, TARGET_CLASSES, JobConfig, Strategy
+from fullres.config import PRECISIONS, SCHEDULES, TARGET_CLASSES, JobConfig, Strategy, job_defaults
+from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
 from fullres.device import memory_device
 from fullres.errors import UserError
 from fullres.losses import LOSSES
-from fullres.model import DOWNSAMPLING, NORMS, ModelConfig, nearest_valid_sizes
+from fullres.model import NORMS, ModelConfig, check_shape
+from fullres.networks import factory_file, file_digest
 from fullres.presets import PAPER
 from fullres.units import format_bytes, parse_size
 
@@ -39,15 +41,6 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def spatial_size(text: str) -> int:
-    value = positive_int(text)
-    if value % DOWNSAMPLING:
-        lower, upper = nearest_valid_sizes(value)
-        raise argparse.ArgumentTypeError(
-            f"{value} is not divisible by {DOWNSAMPLING} (the U-Net pools three times); nearest valid: {lower} or {upper}")
     return value
 
 
@@ -97,51 +90,65 @@ def channels_spec(text: str) -> str:
 
 # ---- the job flags shared by estimate, plan, train, profile and bench --------------------------
 
-def add_job_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """One command line describes one job everywhere. With defaults=False unset flags stay None so the
-    command can fill them (train picks the demo's small job when it has no data)."""
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """One command line describes one job everywhere. Unset flags stay None and are filled from the
+    network's preset (:func:`fullres.config.job_defaults`): the paper's, or intel-unet's own; `train`
+    without data fills them from the demo's."""
     group = parser.add_argument_group("job")
-    preset = PAPER.values() if defaults else dict.fromkeys(PAPER.values())  # train: None, filled from a preset
-    group.add_argument("--shape", nargs=3, type=spatial_size, metavar=("H", "W", "D"), default=preset["shape"],
-                       help="input volume in voxels, multiples of 8 (paper: 240 240 144)")
-    group.add_argument("--channels", type=channels_spec, default=preset["channels"],
-                       help="N (the first N modalities) or names/indices, e.g. FLAIR or 0,3 (default: 4 = all)")
-    group.add_argument("--target", choices=sorted(TARGET_CLASSES), default=preset["target"],
+    group.add_argument("--model", metavar="NAME",
+                       help="the network: unet3d (the paper's Table 1 network), intel-unet (the paper's code "
+                            "repository's), monai:CLASS (e.g. monai:SegResNet), nnunet:PlainConvUNet, "
+                            "nnunet:ResidualEncoderUNet, or a factory FILE.py:FUNCTION / package.module:FUNCTION")
+    group.add_argument("--model-args", metavar="JSON",
+                       help="the network's keyword arguments as a JSON object, e.g. '{\"feature_size\": 48}'")
+    group.add_argument("--shape", nargs=3, type=positive_int, metavar=("H", "W", "D"),
+                       help="input volume in voxels, multiples of the network's divisor (paper: 240 240 144)")
+    group.add_argument("--channels", type=channels_spec,
+                       help="N (the first N modalities) or names/indices, e.g. FLAIR or 0,3 (paper: 4 = all)")
+    group.add_argument("--target", choices=sorted(TARGET_CLASSES),
                        help="wt: whole-tumour mask (paper); regions: WT/TC/ET channels; classes: raw labels")
-    group.add_argument("--filters", type=positive_int, default=preset["filters"],
-                       help="base filters (paper: 32)")
-    group.add_argument("--batch", type=positive_int, default=preset["batch"],
-                       help="samples per forward/backward (paper: 16)")
-    group.add_argument("--dropout", type=float, default=preset["dropout"], help="dropout after conv3a and conv4a")
-    group.add_argument("--norm", choices=NORMS, default=preset["norm"],
-                       help="normalisation after each convolution (paper: none)")
+    group.add_argument("--filters", type=positive_int, help="base filters of unet3d and intel-unet (paper: 32)")
+    group.add_argument("--batch", type=positive_int, help="samples per forward/backward (paper: 16)")
+    group.add_argument("--dropout", type=float, help="dropout after conv3a and conv4a (paper: 0.2)")
+    group.add_argument("--norm", choices=NORMS, help="normalisation after each convolution (paper: none)")
     strategy = parser.add_argument_group("memory strategies (exact gradients unless noted)")
     for spec in fields(Strategy):  # one flag per Strategy field, described by its metadata
         flag, meta = "--" + spec.name.replace("_", "-"), spec.metadata
-        default = spec.default if defaults else None
         if spec.type in ("bool", bool):
-            strategy.add_argument(flag, action="store_true", default=default, help=meta["help"])
+            strategy.add_argument(flag, action="store_true", default=None, help=meta["help"])
         elif spec.type in ("int", int):
-            strategy.add_argument(flag, type=positive_int, default=default, metavar=meta.get("metavar"),
-                                  help=meta["help"])
+            strategy.add_argument(flag, type=positive_int, metavar=meta.get("metavar"), help=meta["help"])
         else:
-            strategy.add_argument(flag, choices=meta["choices"], default=default, help=meta["help"])
+            strategy.add_argument(flag, choices=meta["choices"], help=meta["help"])
 
 
-JOB_FLAGS = ("shape", "channels", "target", "filters", "batch", "dropout", "norm", *(f.name for f in fields(Strategy)))
+JOB_FLAGS = ("model", "model_args", "shape", "channels", "target", "filters", "batch", "dropout", "norm",
+             *(f.name for f in fields(Strategy)))
 
 
 def job_from_options(options: dict, in_channels: int | None = None, classes: int | None = None) -> JobConfig:
-    """The job the flags describe (`options` by their CLI names); `in_channels`/`classes` come from the
-    dataset when there is one. Bad combinations raise UserError naming what is wrong."""
+    """The job the flags describe (`options` by their CLI names; None: the network's preset); `in_channels`
+    and `classes` come from the dataset when there is one. The network is checked to take the job's shape
+    (a forward pass on the meta device). Bad combinations raise UserError naming what is wrong."""
     try:
+        defaults = job_defaults(options.get("model") or "unet3d")
+        options = {name: defaults[name] if options.get(name) is None and name in defaults else value
+                   for name, value in {**defaults, **options}.items()}
+        architecture = options["model"]
+        digest = ""
+        if factory_file(architecture) is not None and factory_file(architecture).is_file():
+            digest = file_digest(factory_file(architecture))
         model = ModelConfig(in_channels=in_channels or channel_count(options["channels"]), filters=options["filters"],
                             classes=classes or TARGET_CLASSES[options["target"]], dropout=options["dropout"],
-                            norm=options["norm"])
+                            norm=options["norm"], architecture=architecture, args=options["model_args"] or "",
+                            source_sha256=digest)
         strategy = Strategy(**{spec.name: options[spec.name] for spec in fields(Strategy)})
-        return JobConfig(model=model, shape=tuple(options["shape"]), batch=options["batch"], strategy=strategy)
+        job = JobConfig(model=model, shape=tuple(options["shape"]), batch=options["batch"], strategy=strategy)
+        check_shape(job.model, job.shape)
+        return job
     except (ValueError, argparse.ArgumentTypeError) as error:
-        raise UserError(str(error)) from None
+        prefix = "" if options.get("model", "unet3d") == "unet3d" else f"--model {options.get('model')}: "
+        raise UserError(prefix + str(error)) from None
 
 
 def job_from_args(args: argparse.Namespace) -> JobConfig:
@@ -282,8 +289,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     base = job_from_args(args)
     device = memory_device(args.device)
-    jobs = sweep_jobs(base, args.shapes, args.batches, args.precisions,
-                      {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing_sweep])
+    try:
+        jobs = sweep_jobs(base, args.shapes, args.batches, args.precisions,
+                          {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing_sweep])
+    except ValueError as error:
+        raise UserError(f"--shapes: {error}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'shape':<14}{'batch':>6}  {'strategy':<46}{'Table 1':>12}{'dry run':>12}{'measured':>12}{'error':>9}")
@@ -321,7 +331,7 @@ def shape_spec(text: str) -> tuple[int, int, int]:
         parts *= 3
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape: write N or HxWxD, e.g. 64 or 96x96x64")
-    return tuple(spatial_size(p) for p in parts)
+    return tuple(positive_int(p) for p in parts)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -408,7 +418,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                        "val_fraction", "device", "threads", "workers")}
     run(TrainRequest(out=Path(args.out), data=Path(args.data) if args.data is not None else None, options=options,
                      make_job=job_from_options, strategy=args.strategy, memory=args.memory, force=args.force,
-                     autotune=not args.no_autotune, resume=args.resume, progress=not args.quiet))
+                     autotune=not args.no_autotune, resume=args.resume, progress=not args.quiet, layout=args.layout))
     return 0
 
 
@@ -526,13 +536,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     device = pick_device("auto", Process())  # where `train` below will run (CUDA when present)
     budget = f"{available_memory(device) / 2**30:.1f}GiB"
     quiet = ["--quiet"] if args.quiet else []
+    model = (["--model", args.model] if args.model else []) + (["--model-args", args.model_args] if args.model_args else [])
     steps = [
         ("1/7 estimate: the paper's job, Table 1 method", ["estimate"]),
         ("2/7 plan: the paper's job on its 1.5 TB server (Table 2)", ["plan", "--memory", "1.5TB", "--device", "cpu"]),
         ("3/7 plan: the demo job on this machine (dry-run method)",
          ["plan", "--memory", budget, "--method", "dryrun", "--shape", "48", "48", "32", "--filters", "8",
-          "--batch", "2", "--norm", "instance", "--device", device.type]),
-        ("4/7 train: synthetic BraTS-like data, whole 48x48x32 volumes", ["train", "--out", str(run), *quiet]),
+          "--batch", "2", "--device", device.type,
+          *(model or ["--norm", "instance"])]),
+        ("4/7 train: synthetic BraTS-like data, whole 48x48x32 volumes", ["train", "--out", str(run), *quiet, *model]),
         ("5/7 predict: the held-out synthetic test cases", ["predict", str(run), str(data), "--out",
                                                              str(out / "predictions"), *quiet]),
         ("6/7 evaluate: Dice, NSD, HD95 against the kept-aside test labels",
@@ -564,7 +576,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="?", default=None,
                         help="MSD dataset folder (default: a synthetic dataset generated inside --out)")
     parser.add_argument("--out", required=True, help="run folder: config.json, metrics.csv, checkpoints, logs")
-    add_job_arguments(parser, defaults=False)
+    add_job_arguments(parser)
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="epochs (paper: 25); with --resume, more than the run's extends it")
     parser.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate")
@@ -582,6 +594,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="skip the memory preflight")
     parser.add_argument("--no-autotune", action="store_true",
                         help="keep the contiguous memory format instead of timing channels-last (runs of 100+ steps)")
+    parser.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
+                        help="the dataset's layout (default: detected from the folder)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from last.pt (other flags must agree with its config.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -662,7 +676,6 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", required=True, help="folder for sweep.csv and the figures")
     sweep.set_defaults(run=cmd_sweep)
 
-    from fullres.data.layouts import LAYOUTS as LAYOUT_CHOICES
 
     synth = commands.add_parser("synth", help="write a synthetic brain-tumour dataset (MSD layout, or another)")
     synth.add_argument("out", help="output folder (created; must be empty or a previous synth output)")
@@ -674,22 +687,22 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--kind", choices=("brats", "random"), default="brats",
                        help="brats: BraTS-like phantoms; random: the paper's random-valued inputs (Table 2)")
     synth.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="image voxel type")
-    synth.add_argument("--layout", choices=LAYOUT_CHOICES, default="msd",
+    synth.add_argument("--layout", choices=LAYOUT_NAMES, default="msd",
                        help="msd (default), nnunet, brats2021 or brats2023: files, names and label values")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(run=cmd_synth)
 
     check = commands.add_parser("check", help="validate every case of a dataset (MSD, nnU-Net, BraTS) before a long job")
     check.add_argument("data", help="dataset folder")
-    check.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
+    check.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
                        help="the folder's layout (default: detected)")
     check.set_defaults(run=cmd_check)
 
     convert = commands.add_parser("convert", help="rewrite a dataset in another layout, label values mapped")
     convert.add_argument("data", help="dataset folder (any layout)")
     convert.add_argument("out", help="new folder (must not exist, or be empty)")
-    convert.add_argument("--layout", choices=LAYOUT_CHOICES, required=True, help="the layout to write")
-    convert.add_argument("--source-layout", choices=LAYOUT_CHOICES, default=None,
+    convert.add_argument("--layout", choices=LAYOUT_NAMES, required=True, help="the layout to write")
+    convert.add_argument("--source-layout", choices=LAYOUT_NAMES, default=None,
                          help="DATA's layout (default: detected)")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(run=cmd_convert)
@@ -701,6 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole pipeline on built-in synthetic data (a few minutes on 2 cores)")
     demo.add_argument("--out", default="fullres-demo", help="results folder (default: ./fullres-demo)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--model", default=None, metavar="NAME", help="the network to train (default: unet3d; see train)")
+    demo.add_argument("--model-args", default=None, metavar="JSON", help="its keyword arguments (JSON)")
     demo.set_defaults(run=cmd_demo)
 
     predict = commands.add_parser("predict", help="write NIfTI masks for images with a trained run")
@@ -709,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="folder for the masks (<case>.nii.gz)")
     predict.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz")
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    predict.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
+    predict.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
                          help="the input folders' layout (default: detected); masks follow its names and labels")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(run=cmd_predict)
@@ -720,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tolerance", type=positive_float, default=1.0, help="NSD tolerance in mm (default 1)")
     evaluate.add_argument("--wt-only", action="store_true", help="predictions are {0,1} whole-tumour masks")
     evaluate.add_argument("--csv", default=None, help="CSV path (default: PRED/metrics.csv)")
-    evaluate.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
+    evaluate.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
                           help="the labels' layout, for the values of WT/TC/ET (default: from PRED/prediction.json "
                                "or the labels' folder; else MSD's)")
     evaluate.add_argument("--json", action="store_true", help="machine-readable output")

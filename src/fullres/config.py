@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from fullres.data.preprocess import DataConfig
 from fullres.losses import LOSSES
-from fullres.model import MODELS, ModelConfig, slab_rows, validate_spatial_shape
-from fullres.presets import PAPER
+from fullres.model import ModelConfig, check_divisible, model_spec, slab_rows
+from fullres.presets import DEMO, PAPER, PRESETS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
@@ -39,6 +39,8 @@ class Strategy:
     slabs: int = field(default=1, metadata={
         "metavar": "S", "help": "compute the full-resolution levels in S slabs along H, each recomputed in backward "
                                 "(exact; needs --norm none and a network with slabs)"})
+    offload: bool = field(default=False, metadata={
+        "help": "keep saved activations in host memory until backward (exact; CUDA only)"})
 
     def __post_init__(self) -> None:
         if self.accumulate < 1:
@@ -58,6 +60,8 @@ class Strategy:
             parts.append("channels-last")
         if self.slabs > 1:
             parts.append(f"{self.slabs} slabs")
+        if self.offload:
+            parts.append("offload")
         return " + ".join(parts)
 
 
@@ -74,11 +78,11 @@ class JobConfig:
     def __post_init__(self) -> None:
         if len(self.shape) != 3:
             raise ValueError(f"shape must be H W D, got {self.shape}")
-        validate_spatial_shape(self.shape)
+        check_divisible(self.model, self.shape)
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
         if self.strategy.slabs > 1:
-            if not MODELS[self.model.architecture].slabs:
+            if not model_spec(self.model.architecture).slabs:
                 raise ValueError(f"slabs: the {self.model.architecture} network has no slab schedule")
             slab_rows(self.shape[0], self.strategy.slabs)  # raises when H cannot hold that many slabs
             if self.model.norm != "none":
@@ -123,6 +127,7 @@ class TrainConfig:
     workers: int = 1
     schedule: str = PAPER.schedule
     strategy_choice: str = "manual"  # how job.strategy was chosen: manual, or auto (by the preflight)
+    layout: str | None = None  # the dataset's layout (fullres.data.LAYOUTS), as detected or forced
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -148,3 +153,20 @@ class TrainConfig:
     @classmethod
     def from_json(cls, data: dict) -> "TrainConfig":
         return cls(**{**data, "job": JobConfig.from_json(data["job"]), "data": DataConfig.from_json(data["data"])})
+
+
+def job_defaults(architecture: str = "unet3d", demo: bool = False) -> dict:
+    """Every job flag's and training option's default (CLI names) for a job of `architecture`: its own
+    preset where it has one (intel-unet), else the paper's; with `demo`, the demo's sizes and optimisation
+    with the network's own normalisation and dropout."""
+    try:
+        own = PRESETS.get(model_spec(architecture).preset)
+    except ValueError:
+        own = None  # an unknown network: ModelConfig names it when the job is built
+    preset = DEMO if demo else own or PAPER
+    values = preset.values()
+    if demo and own is not None:
+        values.update(norm=own.norm, dropout=own.dropout)
+    machine = {spec.name: spec.default for spec in fields(TrainConfig) if spec.name in ("device", "threads", "workers")}
+    return {**values, **{spec.name: spec.default for spec in fields(Strategy)}, **machine,
+            "model": architecture, "model_args": ""}

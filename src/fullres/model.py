@@ -16,6 +16,7 @@ With the defaults the network has exactly 19,735,329 trainable weights (Table 1'
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,18 +25,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fullres import networks
 from fullres.presets import PAPER
 
 NORMS = ("none", "instance", "group", "batch")
 DOWNSAMPLING = 8  # three 2x poolings: every spatial size must be a multiple of 8
 MODELS: dict[str, "ModelSpec"] = {}  # architecture name -> ModelSpec; filled by register_model below
+FAMILIES = ("monai:CLASS", "nnunet:PlainConvUNet", "nnunet:ResidualEncoderUNet", "FILE.py:FUNCTION",
+            "package.module:FUNCTION")
 HALO = 2  # rows a full-resolution level reads beyond its slab: two 3x3x3 convolutions, 1 row each
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything that fixes the network's shape and weights count. `architecture` names its entry in
-    :data:`MODELS`."""
+    """Everything that fixes the network's shape and weights count. `architecture` names a network of
+    :data:`MODELS` or of a family (``monai:CLASS``, ``nnunet:...``, a user's ``FILE.py:FUNCTION``);
+    `args` is its keyword arguments as canonical JSON (``--model-args``); `source_sha256` the content hash
+    of a user's factory file, checked whenever the network is built again. `filters`, `dropout` and
+    `norm` shape fullres's own networks (unet3d, intel-unet); other networks take `args`."""
 
     in_channels: int = 4
     filters: int = PAPER.filters
@@ -43,10 +50,21 @@ class ModelConfig:
     dropout: float = PAPER.dropout
     norm: str = PAPER.norm
     architecture: str = "unet3d"
+    args: str = ""
+    source_sha256: str = ""
 
     def __post_init__(self) -> None:
-        if self.architecture not in MODELS:
-            raise ValueError(f"unknown network {self.architecture!r}: choose one of {', '.join(sorted(MODELS))}")
+        spec = model_spec(self.architecture)  # raises ValueError naming an unknown network
+        if self.args:
+            try:
+                parsed = json.loads(self.args)
+            except ValueError as error:
+                raise ValueError(f"--model-args is not JSON: {error}") from None
+            if not isinstance(parsed, dict):
+                raise ValueError(f"--model-args must be a JSON object of keyword arguments, got {self.args}")
+            object.__setattr__(self, "args", json.dumps(parsed, sort_keys=True))
+        if spec.check is not None:
+            spec.check(self)
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
         if self.filters < 1:
@@ -61,11 +79,17 @@ class ModelConfig:
             raise ValueError(f"group norm uses 8 groups: filters must be a multiple of 8, got {self.filters}")
 
 
-def nearest_valid_sizes(size: int) -> tuple[int, int]:
-    """The multiples of 8 just below and above `size` (the lower one at least 8)."""
-    lower = max(DOWNSAMPLING, size // DOWNSAMPLING * DOWNSAMPLING)
-    upper = -(-size // DOWNSAMPLING) * DOWNSAMPLING
-    return lower, max(upper, DOWNSAMPLING)
+    @property
+    def kwargs(self) -> dict:
+        """`args` as keyword arguments."""
+        return json.loads(self.args) if self.args else {}
+
+
+def nearest_valid_sizes(size: int, divisor: int = DOWNSAMPLING) -> tuple[int, int]:
+    """The multiples of `divisor` just below and above `size` (the lower one at least `divisor`)."""
+    lower = max(divisor, size // divisor * divisor)
+    upper = -(-size // divisor) * divisor
+    return lower, max(upper, divisor)
 
 
 def validate_spatial_shape(shape: tuple[int, ...]) -> None:
@@ -333,14 +357,27 @@ def count_trainable(model: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A network fullres can build: `build(config)` returns an nn.Module mapping (N, in_channels, H, W, D)
-    to logits (N, classes, H, W, D). `slabs`: whether the module honours the `slabs` and `checkpointing`
-    attributes the trainer sets (its own exact slab and segment schedule)."""
+    """A network fullres can build.
+
+    `build(config, shape)` returns an nn.Module mapping (N, in_channels, H, W, D) to logits
+    (N, classes, H, W, D); `shape` is the job's (H, W, D), for networks that fix their input size (MONAI's
+    UNETR), or None. `divisor(config)`: every spatial size must be a multiple of it (`why` says why, in
+    errors). `check(config)` refuses settings the network cannot take. `slabs`: the module honours the
+    `slabs` and `checkpointing` attributes the trainer sets (its own exact slab and segment schedule);
+    other networks are checkpointed block by block (:func:`fullres.step.prepare_model`). `preset`: the name
+    of its defaults in :data:`fullres.presets.PRESETS`, if it has its own."""
 
     name: str
-    build: Callable[[ModelConfig], nn.Module]
+    build: Callable[[ModelConfig, tuple[int, int, int] | None], nn.Module]
     description: str
     slabs: bool = False
+    divisor: Callable[[ModelConfig], int] = lambda config: 1
+    why: str = "the network's downsampling"
+    check: Callable[[ModelConfig], None] | None = None
+    preset: str | None = None
+
+
+_FAMILY_SPECS: dict[str, ModelSpec] = {}  # monai:/nnunet:/factory specs, made on first use
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
@@ -351,10 +388,112 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """The network `config` describes, on the current default device, in training mode."""
-    return MODELS[config.architecture].build(config)
+def model_spec(name: str) -> ModelSpec:
+    """The spec of a registered network or of a family member (``monai:CLASS``, ``nnunet:NAME``, a user's
+    ``FILE.py:FUNCTION`` / ``package.module:FUNCTION``). ValueError naming the network and the reason."""
+    if name in MODELS:
+        return MODELS[name]
+    if name in _FAMILY_SPECS:
+        return _FAMILY_SPECS[name]
+    family, _, member = name.partition(":")
+    if family == "monai" and member:
+        networks.monai_class(member)
+        spec = ModelSpec(name, lambda config, shape: networks.build_monai(member, config.in_channels, config.classes,
+                                                                           shape, config.kwargs),
+                         f"MONAI's {member}", divisor=lambda config: networks.monai_divisor(member, config.kwargs),
+                         why=f"{member}'s downsampling")
+    elif family == "nnunet" and member:
+        if member not in networks.NNUNET_DEFAULTS:
+            raise ValueError(f"unknown network {name!r}: choose nnunet:PlainConvUNet or nnunet:ResidualEncoderUNet")
+        spec = ModelSpec(name, lambda config, shape: networks.build_nnunet(member, config.in_channels, config.classes,
+                                                                            config.kwargs),
+                         f"nnU-Net v2's {member}", divisor=lambda config: networks.nnunet_divisor(member, config.kwargs),
+                         why=f"{member}'s strides")
+    elif networks.is_factory_name(name):
+        spec = ModelSpec(name, lambda config, shape: networks.build_factory(name, config.in_channels, config.classes,
+                                                                             config.kwargs, config.source_sha256),
+                         f"the factory {name}")
+    else:
+        raise ValueError(f"unknown network {name!r}: choose one of {', '.join(sorted(MODELS))}, or "
+                         f"{', '.join(FAMILIES)}")
+    _FAMILY_SPECS[name] = spec
+    return spec
 
 
-register_model(ModelSpec("unet3d", UNet3D, "the whitepaper's Table 1 3D U-Net (19,735,329 weights at 32 filters)",
-                         slabs=True))
+def build_model(config: ModelConfig, shape: tuple[int, int, int] | None = None) -> nn.Module:
+    """The network `config` describes, for inputs of spatial `shape` where the network needs to know it, on
+    the current default device, in training mode. ValueError naming the network when it cannot be built."""
+    try:
+        return model_spec(config.architecture).build(config, tuple(shape) if shape is not None else None)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"network {config.architecture}: {_first_line(error)}") from None
+
+
+def build_on_meta(config: ModelConfig, shape: tuple[int, int, int] | None = None) -> nn.Module:
+    """The network on the meta device (shapes only, nothing allocated). A network whose constructor reads
+    tensor values (SwinUNETR's drop-path rates) is built on the CPU and moved."""
+    try:
+        with torch.device("meta"):
+            return build_model(config, shape)
+    except ValueError as error:
+        if "meta" not in str(error):
+            raise
+    return build_model(config, shape).to("meta")
+
+
+def spatial_divisor(config: ModelConfig) -> int:
+    """Every spatial size of `config`'s network must be a multiple of this."""
+    return int(model_spec(config.architecture).divisor(config))
+
+
+def check_divisible(config: ModelConfig, shape: tuple[int, ...]) -> None:
+    """Raise ValueError, naming the nearest valid sizes, when a spatial size of `shape` is not a positive
+    multiple of the network's divisor."""
+    divisor = spatial_divisor(config)
+    for axis, size in zip("HWD", shape):
+        if size < divisor or size % divisor:
+            lower, upper = nearest_valid_sizes(size, divisor)
+            network = "" if config.architecture == "unet3d" else f"network {config.architecture}: "
+            raise ValueError(f"{network}spatial size {axis}={size} is not divisible by {divisor} "
+                             f"({model_spec(config.architecture).why}); nearest valid: {lower}"
+                             + (f" or {upper}" if upper != lower else ""))
+
+
+def check_shape(config: ModelConfig, shape: tuple[int, int, int], batch: int = 1) -> None:
+    """Raise ValueError naming the network when it does not take `shape`: a size that is not a multiple of
+    its divisor, or a forward pass in training mode that fails on the meta device (nothing is allocated)
+    or returns another shape than logits (batch, classes, *shape)."""
+    check_divisible(config, shape)
+    if config.architecture == "unet3d":
+        return  # the paper's network takes every multiple of 8
+    model = build_on_meta(config, shape)
+    try:  # outside the meta context: tensors a forward makes for itself (masks, indices) stay real
+        output = model(torch.empty(max(batch, 2), config.in_channels, *shape, device="meta"))
+    except Exception as error:  # noqa: BLE001 - any failure is the network refusing this shape
+        raise ValueError(f"network {config.architecture} does not take {'x'.join(map(str, shape))}: "
+                         f"{_first_line(error)}") from None
+    expected = (max(batch, 2), config.classes, *shape)
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(f"network {config.architecture} returns {got} for {'x'.join(map(str, shape))}, not "
+                         f"logits of shape {expected}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _intel_check(config: ModelConfig) -> None:
+    if config.norm != "batch":
+        raise ValueError("intel-unet has batch norm after every convolution: --norm must be batch")
+
+
+register_model(ModelSpec("unet3d", lambda config, shape: UNet3D(config),
+                         "the whitepaper's Table 1 3D U-Net (19,735,329 weights at 32 filters)", slabs=True,
+                         divisor=lambda config: DOWNSAMPLING, why="the U-Net pools three times"))
+register_model(ModelSpec("intel-unet", lambda config, shape: networks.IntelUNet(config.in_channels, config.classes,
+                                                                               config.filters),
+                         "the paper's code repository's 3D U-Net (IntelAI/unet: 5,650,801 parameters)",
+                         divisor=lambda config: 16, why="intel-unet pools four times", check=_intel_check,
+                         preset="intel-unet"))

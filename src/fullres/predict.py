@@ -56,7 +56,7 @@ def load_predictor(run_or_checkpoint: Path, device: torch.device) -> Predictor:
         config = TrainConfig.from_json(state["config"])
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"{checkpoint}: the checkpoint holds no readable run configuration ({error})") from None
-    model = build_model(config.job.model)
+    model = build_model(config.job.model, config.job.shape)
     model.load_state_dict(state["model"])
     return Predictor(prepare_model(model.to(device).eval(), inference_strategy(config)), config, checkpoint)
 

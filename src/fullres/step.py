@@ -9,6 +9,7 @@ scaled by 1/K, give the gradient of one batch of K x b (exact with no batch-norm
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -32,7 +33,9 @@ def autocast(strategy: Strategy, device_type: str):
 
 
 def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
-    """Apply the strategy's model-side settings (memory format, checkpointing) in place."""
+    """Apply the strategy's model-side settings (memory format, checkpointing, slabs) in place. A network
+    with its own schedule (the paper's UNet3D: `checkpointing` and `slabs` attributes) gets them set; any
+    other network is checkpointed block by block (:func:`checkpoint_blocks`)."""
     if strategy.channels_last:
         # Each 5-D weight in place, as Module.to(memory_format=...) does, but without the tensor swap that
         # fails on the dry run's fake parameters.
@@ -40,9 +43,44 @@ def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
             if parameter.dim() == 5:
                 parameter.data = parameter.data.contiguous(memory_format=torch.channels_last_3d)
     inner = getattr(model, "module", model)  # DistributedDataParallel wraps the network
-    inner.checkpointing = strategy.checkpointing
-    inner.slabs = strategy.slabs
+    if hasattr(inner, "checkpointing") and hasattr(inner, "slabs"):
+        inner.checkpointing = strategy.checkpointing
+        inner.slabs = strategy.slabs
+    elif strategy.checkpointing:
+        checkpoint_blocks(inner)
     return model
+
+
+def checkpoint_blocks(model: nn.Module) -> list[str]:
+    """Wrap the forward of each of `model`'s blocks in non-reentrant activation checkpointing (exact: it
+    restores the RNG state, so dropout repeats on recompute): each keeps only its inputs for backward and
+    recomputes the rest. The blocks are the top-level children with parameters; where there is only one,
+    its children, and so on down. Returns the blocks' names; idempotent."""
+    prefix, blocks = "", [(name, child) for name, child in model.named_children()]
+    while True:
+        with_parameters = [(name, child) for name, child in blocks if any(True for _ in child.parameters())]
+        if len(with_parameters) != 1 or not any(True for _ in with_parameters[0][1].children()):
+            break
+        prefix += with_parameters[0][0] + "."
+        blocks = list(with_parameters[0][1].named_children())
+    for _, block in with_parameters:
+        if not getattr(block, "_fullres_checkpointed", False):
+            block.forward = functools.partial(_checkpointed, block.forward)
+            block._fullres_checkpointed = True
+    return [prefix + name for name, _ in with_parameters]
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def offloaded(strategy: Strategy):
+    """Saved activations kept in (pinned) host memory until backward needs them, with --offload."""
+    if not strategy.offload:
+        return nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=True)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device, strategy: Strategy) -> torch.Tensor:
@@ -77,8 +115,10 @@ def build_training(job: JobConfig, device: str | torch.device, lr: float = PAPER
     strategy, with Adam at `lr` and the precision's gradient scaler. A `model` built elsewhere (the dry
     run builds one on fake tensors) is prepared and used instead."""
     device = torch.device(device)
+    if job.strategy.offload and device.type != "cuda":
+        raise ValueError("--offload moves saved activations to host memory: it needs a CUDA device")
     if model is None:
-        model = build_model(job.model).to(device)
+        model = build_model(job.model, job.shape).to(device)
     prepare_model(model, job.strategy)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -108,7 +148,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     micro_targets = split_micro_batches(targets, strategy.accumulate)
     for index, (x, y) in enumerate(zip(micro_images, micro_targets)):
         last = index == strategy.accumulate - 1
-        with (nullcontext() if last or no_sync is None else no_sync()):
+        with (nullcontext() if last or no_sync is None else no_sync()), offloaded(strategy):
             with autocast(strategy, device_type):
                 output = model(x)
             loss = loss_fn(output.float(), y) / strategy.accumulate

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import time
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from fullres.bench.speed import Variant, time_variant
 from fullres.checkpoint import BEST, CONFIG_FILE, LAST, load_checkpoint, prepare_run_dir, read_run_config, save_checkpoint
-from fullres.config import JobConfig, Strategy, TrainConfig
+from fullres.config import JobConfig, Strategy, TrainConfig, job_defaults
 from fullres.data import DataConfig, MSDDataset, check_dataset, load_dataset_json, resolve_channels, split_cases, write_dataset
 from fullres.device import (Process, available_memory, configure_cpu, fast_bf16, is_main_process, peak_memory, pick_device,
                             start_process_group)
@@ -42,7 +43,7 @@ from fullres.files import atomic_write, write_json
 from fullres.losses import LOSSES, dice_coefficient, voxel_accuracy
 from fullres.memory.malloc import policy_line, set_training_malloc_policy
 from fullres.memory.plan import default_method, preflight
-from fullres.presets import DEMO, DEMO_DATA, PAPER
+from fullres.presets import DEMO_DATA
 from fullres.step import autocast, build_training, to_device, train_step
 from fullres.units import format_bytes
 
@@ -68,6 +69,7 @@ class TrainRequest:
     autotune: bool = True
     resume: bool = False
     progress: bool = True
+    layout: str | None = None  # the dataset's layout (None: detected from the folder)
 
 
 def run(request: TrainRequest, log=print) -> dict:
@@ -90,7 +92,8 @@ def run(request: TrainRequest, log=print) -> dict:
 def _run_values(config: TrainConfig) -> dict:
     """The run's value of each option `--resume` compares, by CLI name (channels as resolved indices)."""
     job = config.job
-    return {"shape": tuple(job.shape), "target": config.data.target, "filters": job.model.filters, "batch": job.batch,
+    return {"model": job.model.architecture, "model_args": job.model.args,
+            "shape": tuple(job.shape), "target": config.data.target, "filters": job.model.filters, "batch": job.batch,
             "dropout": job.model.dropout, "norm": job.model.norm, "lr": config.lr, "loss": config.loss,
             "schedule": config.schedule, "seed": config.seed, "val_fraction": config.val_fraction,
             "device": config.device, "threads": config.threads, "workers": config.workers,
@@ -101,14 +104,21 @@ def _resumed_config(request: TrainRequest, config: TrainConfig, main_process: bo
     """The run's own configuration. A flag given with --resume must agree with it, except --epochs above
     the run's, which extends the run (the new total is written to config.json)."""
     given = {name: value for name, value in request.options.items() if value is not None}
+    if request.layout is not None and request.layout != config.layout:
+        raise UserError(f"--resume: --layout {request.layout} differs from the run's {config.layout}")
     if request.data is not None and request.data.absolute() != Path(config.data_dir):
         raise UserError(f"--resume: DATA {request.data} differs from the run's {config.data_dir}; "
                         "a resumed run trains on its own data")
     if "channels" in given:
-        index = load_dataset_json(Path(config.data_dir))
+        index = load_dataset_json(Path(config.data_dir), config.layout)
         if resolve_channels(given.pop("channels"), index.modalities) != tuple(config.data.channels):
             raise UserError(f"--resume: --channels differs from the run's channels {list(config.data.channels)}")
     values = _run_values(config)
+    if given.get("model_args"):
+        try:
+            given["model_args"] = json.dumps(json.loads(given["model_args"]), sort_keys=True)
+        except ValueError:
+            pass  # not JSON: it differs from the run's, and is refused below
     for name, value in given.items():
         if name in values and (tuple(value) if name == "shape" else value) != values[name]:
             flag = "--" + name.replace("_", "-")
@@ -138,9 +148,7 @@ def _new_run(request: TrainRequest, main_process: bool, log) -> TrainConfig:
     run_dir = request.out
     if main_process:
         prepare_run_dir(run_dir, resume=False)
-    preset = PAPER if request.data is not None else DEMO
-    defaults = {**preset.values(), **{spec.name: spec.default for spec in fields(Strategy)},
-                **{spec.name: spec.default for spec in fields(TrainConfig) if spec.name in ("device", "threads", "workers")}}
+    defaults = job_defaults(request.options.get("model") or "unet3d", demo=request.data is None)
     options = {name: defaults[name] if value is None and name in defaults else value
                for name, value in request.options.items()}
     if request.data is None:  # the embedded default: a synthetic dataset and a job sized for 2 CPU cores
@@ -148,8 +156,8 @@ def _new_run(request: TrainRequest, main_process: bool, log) -> TrainConfig:
                     else wait_for_dataset(run_dir / "synthetic_data"))
     else:
         data_dir = request.data.absolute()
-    refuse_bad_data(data_dir)
-    index = load_dataset_json(data_dir)
+    refuse_bad_data(data_dir, request.layout)
+    index = load_dataset_json(data_dir, request.layout)
     channels = resolve_channels(options["channels"], index.modalities)
     classes = len(index.labels) if options["target"] == "classes" else None
     job = request.make_job(options, len(channels), classes)
@@ -183,7 +191,8 @@ def _new_run(request: TrainRequest, main_process: bool, log) -> TrainConfig:
             data_dir=str(data_dir), epochs=options["epochs"], lr=options["lr"], loss=options["loss"],
             seed=options["seed"], val_fraction=options["val_fraction"], device=options["device"],
             threads=options["threads"], workers=options["workers"], schedule=options["schedule"],
-            strategy_choice="auto" if request.strategy == "auto" and not request.force else "manual")
+            strategy_choice="auto" if request.strategy == "auto" and not request.force else "manual",
+            layout=index.layout)
     except ValueError as error:
         raise UserError(str(error)) from None
     if main_process:
@@ -237,8 +246,8 @@ def demo_dataset(run_dir: Path, progress: bool) -> Path:
     return folder
 
 
-def refuse_bad_data(data_dir: Path) -> None:
-    report = check_dataset(data_dir)
+def refuse_bad_data(data_dir: Path, layout: str | None = None) -> None:
+    report = check_dataset(data_dir, layout=layout)
     if not report.ok:
         raise UserError("the dataset has problems; fix them first (fullres check):\n"
                         + "\n".join(report.lines()) + "\n" + report.summary(), exit_code=1)
@@ -330,7 +339,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
             network = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        index = load_dataset_json(Path(config.data_dir))
+        index = load_dataset_json(Path(config.data_dir), config.layout)
         train_cases, val_cases = split_cases(index.training, config.val_fraction, config.seed)
         train_set = MSDDataset.from_index(index, config.data, train_cases)
         val_set = MSDDataset.from_index(index, config.data, val_cases)

@@ -74,7 +74,7 @@ def count_step_flops(job: JobConfig, device: str | torch.device = "cpu") -> int:
 def count_forward_flops(job: JobConfig, device: str | torch.device = "cpu") -> int:
     """FLOPs of one validation forward pass (batch 1, eval mode, no gradients) at `job`'s shape, counted."""
     device = as_device(device)
-    model = build_model(job.model).to(device).eval()
+    model = build_model(job.model, job.shape).to(device).eval()
     images = torch.zeros(1, job.model.in_channels, *job.shape, device=device)
     with torch.no_grad():
         return count_flops(lambda: model(images))

@@ -64,6 +64,8 @@ import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                           UnsupportedOperatorException)
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -568,7 +570,7 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
     with FakeTensorMode(allow_non_fake_inputs=False), tracker:
         # The model: built on the fake device, its parameters tracked as the first storages.
         with torch.device(device):
-            model = build_model(job.model)
+            model = build_model(job.model, job.shape)
         training = build_training(job, device, model=model)
         parameters = list(model.parameters())
         for p in parameters:
@@ -619,7 +621,12 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
         gradient_serials = set()
         for _ in range(steps):
             tracker.phase = "forward"
-            train_step(model, opt, run_images, run_targets, loss_fn, run_strategy, scaler)
+            try:
+                train_step(model, opt, run_images, run_targets, loss_fn, run_strategy, scaler)
+            except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException) as error:
+                op = getattr(error, "func", None) or (error.args[0] if error.args else "an operator")
+                raise ValueError(f"network {job.model.architecture}: the dry run cannot follow {op} (its output "
+                                 "depends on the data, or it has no shape rule); use --method table1") from None
             tracker.phase = "setup"
             gradient_serials |= {tracker.serial(p.grad) for p in parameters if p.grad is not None}
         state_serials = {tracker.serial(t) for state in opt.state.values() for t in state.values()

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from fullres.config import JobConfig
+from fullres.errors import UserError
 from fullres.memory import runtime
 from fullres.memory.dryrun import DryRunResult, dryrun
 from fullres.memory.measure import measure_peak
@@ -35,8 +36,11 @@ def dryrun_estimate(job: JobConfig, device: str = "cpu", loss: str = "dice") -> 
     """The dry run of `job` on `device` with its runtime term: on CPU the one this network and strategy
     measured on this machine (cached after the first time; a subprocess of a few seconds before), on
     CUDA none."""
-    term = runtime.measured_runtime_bytes(job) if torch.device(device).type == "cpu" else 0
-    return dryrun(job, loss=loss, device=device, runtime=term)
+    try:
+        term = runtime.measured_runtime_bytes(job) if torch.device(device).type == "cpu" else 0
+        return dryrun(job, loss=loss, device=device, runtime=term)
+    except ValueError as error:  # a network the dry run cannot follow: one line, not a traceback
+        raise UserError(str(error)) from None
 
 
 def dryrun_training_bytes(job: JobConfig, device: str = "cpu") -> int:

@@ -13,7 +13,7 @@ from typing import Callable
 from fullres.config import JobConfig
 from fullres.errors import UserError
 from fullres.memory.estimate import ESTIMATORS, estimate_training_bytes
-from fullres.model import DOWNSAMPLING, MODELS
+from fullres.model import model_spec, spatial_divisor
 from fullres.units import format_bytes
 
 MAX_SEARCH = 1 << 20  # no batch or side length beyond a million is searched
@@ -70,26 +70,27 @@ def largest_fitting(fits: Callable[[int], bool], guess: int = 1) -> int:
     return low
 
 
-def scaled_shape(shape: tuple[int, int, int], longest: int) -> tuple[int, int, int]:
-    """`shape` scaled so its longest side is `longest` voxels, each side rounded to a multiple of 8."""
+def scaled_shape(shape: tuple[int, int, int], longest: int, divisor: int = 8) -> tuple[int, int, int]:
+    """`shape` scaled so its longest side is `longest` voxels, each side rounded to a multiple of `divisor`."""
     scale = longest / max(shape)
-    return tuple(max(DOWNSAMPLING, round(side * scale / DOWNSAMPLING) * DOWNSAMPLING) for side in shape)
+    return tuple(max(divisor, round(side * scale / divisor) * divisor) for side in shape)
 
 
 def plan(job: JobConfig, budget_bytes: int, method: str, device: str = "cpu") -> Plan:
     """Fit of `job` in `budget_bytes` on `device` ("cpu" or "cuda"), the largest batch at its shape, and the
-    largest shape (H, W, D scaled together, multiples of 8) at its batch."""
+    largest shape (H, W, D scaled together, multiples of the network's divisor) at its batch."""
     required = estimate_training_bytes(job, method, device)
+    unit = spatial_divisor(job.model)  # shapes are searched in multiples of the network's divisor
 
     def batch_fits(batch: int) -> bool:
         return estimate_training_bytes(job.with_(batch=batch), method, device) <= budget_bytes
 
     def longest_side(steps: int) -> int:
-        # From 16 voxels up: at 8 the bottleneck is a single voxel, which instance norm cannot train on.
-        return (steps + 1) * DOWNSAMPLING
+        # From two divisors up: at one the bottleneck is a single voxel, which instance norm cannot train on.
+        return (steps + 1) * unit
 
     def shape_fits(steps: int) -> bool:
-        return estimate_training_bytes(job.at_shape(scaled_shape(job.shape, longest_side(steps))), method, device) <= budget_bytes
+        return estimate_training_bytes(job.at_shape(scaled_shape(job.shape, longest_side(steps), unit)), method, device) <= budget_bytes
 
     # Guesses from a straight line through the job's own estimates at batch 1 and 2: memory is nearly
     # affine in samples, and, at a fixed batch, in voxels. The search then checks around the guess.
@@ -99,14 +100,14 @@ def plan(job: JobConfig, budget_bytes: int, method: str, device: str = "cpu") ->
     batch_guess = (budget_bytes - required) // per_sample + job.batch
     voxel_ratio = max((budget_bytes - fixed) / max(required - fixed, 1), 1e-9)
     side_guess = max(job.shape) * voxel_ratio ** (1 / 3)
-    steps = largest_fitting(shape_fits, guess=max(1, round(side_guess / DOWNSAMPLING) - 1))
+    steps = largest_fitting(shape_fits, guess=max(1, round(side_guess / unit) - 1))
     return Plan(
         method=method,
         fits=required <= budget_bytes,
         required_bytes=required,
         budget_bytes=budget_bytes,
         max_batch=largest_fitting(batch_fits, guess=int(batch_guess)),
-        max_shape=scaled_shape(job.shape, longest_side(steps)) if steps else None,
+        max_shape=scaled_shape(job.shape, longest_side(steps), unit) if steps else None,
     )
 
 
@@ -120,20 +121,25 @@ def default_method() -> str:
 SLAB_CHOICES = (4, 8, 16)  # slabs --strategy auto tries: beyond 16 the full-resolution slab is no longer the peak
 
 
-def candidate_strategies(job: JobConfig, allow_bf16: bool = True) -> list[tuple[str, JobConfig]]:
+def candidate_strategies(job: JobConfig, allow_bf16: bool = True, device: str = "cpu") -> list[tuple[str, JobConfig]]:
     """Least approximate first: none; checkpointing; accumulation (same global batch in smaller
-    micro-batches); full-resolution slabs at micro-batch 1 (exact, but each slab recomputed); bf16
-    (approximates fp32 numerics) last, and only where `allow_bf16`."""
+    micro-batches); full-resolution slabs at micro-batch 1 (exact, but each slab recomputed; networks with
+    a slab schedule); on CUDA, each exact candidate with its saved activations offloaded to host memory;
+    bf16 (approximates fp32 numerics) last, and only where `allow_bf16`."""
     candidates = [("as given", job), ("checkpointing", job.with_(strategy=replace(job.strategy, checkpointing=True)))]
     total = job.batch * job.strategy.accumulate
     for micro in sorted({d for d in range(1, job.batch) if total % d == 0}, reverse=True):
         strategy = replace(job.strategy, checkpointing=True, accumulate=total // micro)
         candidates.append((f"checkpointing + accumulate x{total // micro}", job.with_(batch=micro, strategy=strategy)))
-    if job.model.norm == "none" and MODELS[job.model.architecture].slabs:  # exact only without normalisation
+    if job.model.norm == "none" and model_spec(job.model.architecture).slabs:  # exact only without normalisation
         for slabs in (n for n in SLAB_CHOICES if n > job.strategy.slabs and n <= job.shape[0] // 2):
             strategy = replace(job.strategy, checkpointing=True, accumulate=total, slabs=slabs)
             name = f"checkpointing + accumulate x{total} + {slabs} slabs" if total > 1 else f"checkpointing + {slabs} slabs"
             candidates.append((name, job.with_(batch=1, strategy=strategy)))
+    if device == "cuda" and not job.strategy.offload:
+        for name, candidate in list(candidates):
+            offload = replace(candidate.strategy, offload=True)
+            candidates.append((f"{name} + offload" if name != "as given" else "offload", candidate.with_(strategy=offload)))
     if job.strategy.precision == "fp32" and allow_bf16:
         for name, candidate in list(candidates):
             bf16 = replace(candidate.strategy, precision="bf16")
@@ -146,7 +152,7 @@ def preflight(job: JobConfig, budget: int, method: str, auto: bool,
     """The job (or with --strategy auto, the least approximate variant) that fits `budget` by `method`.
     Refuses with the estimate, the budget and the options when nothing fits."""
     tried = []
-    for name, candidate in (candidate_strategies(job, allow_bf16) if auto else [("as given", job)]):
+    for name, candidate in (candidate_strategies(job, allow_bf16, device) if auto else [("as given", job)]):
         needed = estimate_training_bytes(candidate, method, device)
         if needed <= budget:
             return candidate, needed, name

@@ -31,6 +31,7 @@ import torch
 
 from fullres.config import JobConfig
 from fullres.files import cache_lookup, cache_store, user_cache_dir
+from fullres.model import spatial_divisor
 from fullres.memory.dryrun import dryrun
 from fullres.memory.malloc import ENV, policy_for
 from fullres.memory import measure
@@ -42,10 +43,17 @@ NOISY_POLICIES = ("default", "cached")  # glibc's heap: its peak varies from pro
 NOISY_RUNS = 3
 
 
+def calibration_shape(job: JobConfig) -> tuple[int, int, int]:
+    """16^3 for the paper's network; for others the smallest cube whose coarsest level keeps 2 voxels a
+    side (normalisation in training needs more than one value per channel): 2 x the network's divisor."""
+    side = max(CALIBRATION_SHAPE[0], 2 * spatial_divisor(job.model))
+    return (side, side, side)
+
+
 def runtime_job(job: JobConfig) -> JobConfig:
     """The job whose measured excess over its tensors is `job`'s runtime term: same network and strategy,
-    16^3 at batch 1, no accumulation (slabs capped at what 16 rows hold)."""
-    small = job.at_shape(CALIBRATION_SHAPE)
+    at :func:`calibration_shape` and batch 1, no accumulation (slabs capped at what its rows hold)."""
+    small = job.at_shape(calibration_shape(job))
     return replace(small, batch=1, strategy=replace(small.strategy, accumulate=1))
 
 

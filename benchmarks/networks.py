@@ -1,0 +1,144 @@
+"""Any network: the dry run against measured peaks, and what each network needs at BraTS size.
+
+    python benchmarks/networks.py accuracy OUT [--precisions fp32 bf16] [--networks ...]
+    python benchmarks/networks.py table OUT [--precisions fp32] [--networks ...]
+
+`accuracy`: for each network at two shapes, with and without checkpointing, the dry run's peak (as
+`fullres estimate --method dryrun` computes it, runtime term included) against two real training steps in
+a fresh process (`fullres profile`'s measurement), channels-last, batch 1. Writes OUT/accuracy.csv and
+prints a row per job.
+
+`table`: for each network at BraTS size (240x240x144, or the nearest shape the network takes) and at its
+usual patch, the dry-run peak per sample under each exact strategy, and the largest cubic patch (batch 2,
+checkpointing) that fits 24 GiB and 80 GB. Writes OUT/table.csv.
+
+Everything goes through fullres's public API (`fullres.memory.estimate`, `fullres.memory.measure`,
+`fullres.memory.plan`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fullres.config import JobConfig, Strategy
+from fullres.errors import UserError
+from fullres.memory.estimate import dryrun_estimate
+from fullres.memory.measure import measure_peak
+from fullres.memory.plan import plan
+from fullres.model import ModelConfig, nearest_valid_sizes, spatial_divisor
+
+# name -> (model args, two shapes for the accuracy goal, usual patch); in_channels 4, 3 region outputs
+NETWORKS = {
+    "unet3d": ("", [(32, 32, 32), (64, 64, 64)], (128, 128, 128)),
+    "intel-unet": ("", [(32, 32, 32), (64, 64, 64)], (144, 144, 144)),
+    "monai:SegResNet": ("", [(32, 32, 32), (64, 64, 64)], (128, 128, 128)),
+    "monai:BasicUNet": ("", [(32, 32, 32), (64, 64, 64)], (128, 128, 128)),
+    "monai:UNETR": ("", [(32, 32, 32), (64, 64, 64)], (96, 96, 96)),
+    "monai:SwinUNETR": ('{"feature_size": 48}', [(64, 64, 64), (96, 96, 96)], (96, 96, 96)),
+    "nnunet:PlainConvUNet": ("", [(64, 64, 64), (96, 96, 96)], (128, 128, 128)),
+}
+BRATS = (240, 240, 144)
+
+
+def model_config(name: str, args: str) -> ModelConfig:
+    extra = {"norm": "batch", "filters": 16, "dropout": 0.0} if name == "intel-unet" else {}
+    return ModelConfig(architecture=name, args=args, in_channels=4, classes=3, **extra)
+
+
+def machine() -> dict:
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
+
+
+def accuracy(out: Path, networks: list[str], precisions: list[str]) -> None:
+    rows = []
+    print(json.dumps(machine()))
+    print(f"{'network':<24}{'shape':<10}{'strategy':<36}{'dry run':>10}{'measured':>10}{'error':>8}")
+    for name in networks:
+        args, shapes, _ = NETWORKS[name]
+        for shape in shapes:
+            for precision in precisions:
+                for checkpointing in (False, True):
+                    job = JobConfig(model=model_config(name, args), shape=shape, batch=1,
+                                    strategy=Strategy(checkpointing=checkpointing, precision=precision,
+                                                      channels_last=True))
+                    start = time.perf_counter()
+                    estimate = dryrun_estimate(job).peak_bytes
+                    measured = measure_peak(job, steps=2, threads=torch.get_num_threads()).measured_bytes
+                    error = (estimate - measured) / measured
+                    row = {"network": name, "shape": "x".join(map(str, shape)), "strategy": job.strategy.describe(),
+                           "dryrun_bytes": estimate, "measured_bytes": measured, "error": error,
+                           "seconds": time.perf_counter() - start}
+                    rows.append(row)
+                    print(f"{name:<24}{row['shape']:<10}{row['strategy']:<36}{estimate / 1e9:>9.3f}G"
+                          f"{measured / 1e9:>9.3f}G{error * 100:>+7.1f}%", flush=True)
+    _write(out / "accuracy.csv", rows)
+    within = sum(abs(row["error"]) <= 0.05 for row in rows)
+    print(f"{within} of {len(rows)} within +-5 %")
+
+
+def nearest_shape(shape: tuple[int, int, int], divisor: int) -> tuple[int, int, int]:
+    return tuple(nearest_valid_sizes(size, divisor)[0] for size in shape)
+
+
+def table(out: Path, networks: list[str], precisions: list[str]) -> None:
+    rows = []
+    print(json.dumps(machine()))
+    strategies = {"none": {}, "checkpointing": {"checkpointing": True}}
+    for name in networks:
+        args, _, patch = NETWORKS[name]
+        config = model_config(name, args)
+        brats = nearest_shape(BRATS, spatial_divisor(config))
+        for precision in precisions:
+            row = {"network": name, "precision": precision, "brats_shape": "x".join(map(str, brats)),
+                   "patch": "x".join(map(str, patch))}
+            for label, shape in (("brats", brats), ("patch", patch)):
+                for strategy, settings in strategies.items():
+                    job = JobConfig(model=config, shape=shape, batch=1,
+                                    strategy=Strategy(precision=precision, channels_last=True, **settings))
+                    try:
+                        row[f"{label}_{strategy}_bytes"] = dryrun_estimate(job).peak_bytes
+                    except (UserError, ValueError) as error:
+                        row[f"{label}_{strategy}_bytes"] = f"refused: {error}"
+            cube = JobConfig(model=config, shape=patch, batch=2,
+                             strategy=Strategy(precision=precision, channels_last=True, checkpointing=True))
+            for budget_name, budget in (("24GiB", 24 * 2**30), ("80GB", 80 * 10**9)):
+                result = plan(cube, budget, "dryrun")
+                row[f"largest_cube_batch2_{budget_name}"] = "x".join(map(str, result.max_shape)) if result.max_shape else "none"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    _write(out / "table.csv", rows)
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("accuracy", "table"))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=("fp32", "bf16"))
+    args = parser.parse_args()
+    (accuracy if args.what == "accuracy" else table)(args.out, args.networks, args.precisions)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Any network: the registry's families (intel-unet, MONAI, nnU-Net, a user's factory) build, fit their
+shapes, read off Table 1, dry-run, checkpoint exactly and refuse bad input in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fullres.config import JobConfig, Strategy
+from fullres.memory.dryrun import dryrun
+from fullres.memory.table1 import table1
+from fullres.model import ModelConfig, build_model, check_shape, count_trainable, spatial_divisor
+from fullres.step import build_training, checkpoint_blocks, prepare_model, train_step
+from fullres.losses import LOSSES
+
+FACTORY = '''
+from torch import nn
+
+
+def tiny(in_channels, out_channels, width=4):
+    return nn.Sequential(nn.Conv3d(in_channels, width, 3, padding=1), nn.ReLU(), nn.Conv3d(width, out_channels, 1))
+'''
+
+
+def test_intel_unet_has_the_papers_appendix_parameter_counts():
+    model = build_model(ModelConfig(architecture="intel-unet", in_channels=1, filters=16, norm="batch", dropout=0.0))
+    buffers = sum(b.numel() for name, b in model.named_buffers() if "running" in name)
+    assert count_trainable(model) == 5_647_857
+    assert count_trainable(model) + buffers == 5_650_801
+    assert spatial_divisor(model_config := ModelConfig(architecture="intel-unet", norm="batch")) == 16
+    with pytest.raises(ValueError, match="--norm must be batch"):
+        ModelConfig(architecture="intel-unet", norm="instance")
+    assert model_config.norm == "batch"
+
+
+@pytest.mark.parametrize("name, args, shape, divisor", [
+    ("monai:SegResNet", '{"init_filters": 8}', (16, 16, 16), 8),
+    ("monai:BasicUNet", '{"features": [4, 4, 8, 8, 16, 4]}', (32, 32, 32), 16),
+    ("monai:UNet", '{"channels": [4, 8, 16], "strides": [2, 2]}', (16, 16, 16), 4),
+    ("monai:DynUNet", '{"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "upsample_kernel_size": [2, 2], "filters": [4, 8, 16]}',
+     (16, 16, 16), 4),
+    ("monai:UNETR", '{"feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}', (32, 32, 32), 16),
+    ("monai:SwinUNETR", '{"feature_size": 12, "depths": [1, 1, 1, 1]}', (64, 64, 64), 32),
+    ("nnunet:PlainConvUNet", '{"features_per_stage": [4, 8, 16], "n_stages": 3, "strides": [1, 2, 2]}',
+     (16, 16, 16), 4),
+    ("nnunet:ResidualEncoderUNet", '{"features_per_stage": [4, 8, 16], "n_stages": 3, "strides": [1, 2, 2], '
+     '"n_blocks_per_stage": [1, 1, 1]}', (16, 16, 16), 4),
+])
+def test_every_family_builds_checks_tables_and_dry_runs(name, args, shape, divisor):
+    if name.startswith("nnunet"):
+        pytest.importorskip("dynamic_network_architectures")
+    config = ModelConfig(architecture=name, args=args, in_channels=2, classes=3)
+    assert spatial_divisor(config) == divisor
+    check_shape(config, shape)  # a forward pass on the meta device gives (N, 3, *shape)
+    job = JobConfig(model=config, shape=shape, batch=1)
+    rows = table1(config, shape, 1).rows
+    model = build_model(config, shape)
+    assert table1(config, shape, 1).trainable_weights == count_trainable(model)
+    assert rows[0].type == "InputLayer" and len(rows) > 3
+    result = dryrun(job, runtime=0)
+    assert result.breakdown["parameters"] >= 4 * count_trainable(model)
+    assert result.peak_at
+
+
+def test_a_shape_the_network_cannot_take_is_named():
+    with pytest.raises(ValueError, match=r"H=48 is not divisible by 32 \(SwinUNETR's downsampling\); nearest valid: 32 or 64"):
+        check_shape(ModelConfig(architecture="monai:SwinUNETR"), (48, 64, 64))
+    with pytest.raises(ValueError, match="does not take 32x32x32"):  # instance norm over a single voxel
+        check_shape(ModelConfig(architecture="monai:SwinUNETR", args='{"feature_size": 12}'), (32, 32, 32))
+
+
+def test_block_checkpointing_gives_the_plain_gradients():
+    torch.manual_seed(0)
+    config = ModelConfig(architecture="monai:SegResNet", args='{"init_filters": 8, "dropout_prob": 0.2}', in_channels=2,
+                         classes=1)
+    plain = build_model(config, (16, 16, 16))
+    checkpointed = build_model(config, (16, 16, 16))
+    checkpointed.load_state_dict(plain.state_dict())
+    blocks = checkpoint_blocks(checkpointed)
+    assert len(blocks) >= 3 and checkpoint_blocks(checkpointed) == blocks  # idempotent
+    x, y = torch.randn(2, 2, 16, 16, 16), (torch.rand(2, 1, 16, 16, 16) > 0.5).float()
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)  # the same dropout masks, recomputed exactly under checkpointing
+        LOSSES["dice"](model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_offload_needs_cuda():
+    job = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=1, strategy=Strategy(offload=True))
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        build_training(job, "cpu")
+
+
+def test_a_users_factory_file_is_built_and_a_changed_one_refused(tmp_path):
+    path = tmp_path / "nets.py"
+    path.write_text(FACTORY)
+    os.chmod(path, 0o644)
+    os.chmod(tmp_path, 0o755)
+    from fullres.networks import file_digest
+
+    config = ModelConfig(architecture=f"{path}:tiny", args='{"width": 3}', in_channels=2, classes=1,
+                         source_sha256=file_digest(path))
+    job = JobConfig(model=config, shape=(16, 16, 16), batch=1)
+    training = build_training(job, "cpu")
+    assert count_trainable(training.model) == 2 * 3 * 27 + 3 + 3 + 1
+    train_step(training.model, training.optimizer, torch.randn(1, 2, 16, 16, 16), torch.ones(1, 1, 16, 16, 16),
+               LOSSES["dice"], job.strategy)
+    path.write_text(FACTORY + "\n# edited\n")
+    with pytest.raises(ValueError, match="changed since this run was configured"):
+        build_model(config)
+    os.chmod(path, 0o666)
+    with pytest.raises(ValueError, match="writable by others"):
+        build_model(ModelConfig(architecture=f"{path}:tiny"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "monai:Nope"], "--model monai:Nope: monai.networks.nets has no network 'Nope'"),
+    (["--model", "nnunet:Foo"], "unknown network 'nnunet:Foo'"),
+    (["--model", "nope"], "unknown network 'nope'"),
+    (["--model", "monai:UNet", "--model-args", "{bad"], "--model-args is not JSON"),
+    (["--model", "monai:UNet", "--model-args", "[1]"], "--model-args must be a JSON object"),
+    (["--model", "monai:UNet", "--model-args", '{"no_such_argument": 1}'], "unexpected keyword argument 'no_such_argument'"),
+    (["--model", "monai:SwinUNETR", "--shape", "48", "48", "48"], "not divisible by 32"),
+    (["--model", "missing.py:make"], "no such file"),
+    (["--model", "intel-unet", "--norm", "instance"], "--norm must be batch"),
+    (["--model", "monai:SegResNet", "--slabs", "2", "--shape", "32", "32", "32"], "has no slab schedule"),
+])
+def test_bad_networks_are_refused_in_one_line(cli, argv, message):
+    code, out, err = cli("estimate", *argv)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_users_factory_that_raises_is_named(cli, tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("def make(in_channels, out_channels):\n    raise RuntimeError('no GPU here')\n")
+    os.chmod(tmp_path, 0o755)
+    code, _, err = cli("estimate", "--model", f"{path}:make", "--shape", "16", "16", "16")
+    assert code == 2 and f"{path}:make raised RuntimeError: no GPU here" in err, err
+
+
+def test_intel_unet_preset_fills_the_repositorys_defaults(cli):
+    code, out, err = cli("estimate", "--model", "intel-unet", "--json")
+    assert code == 0, err
+    table = json.loads(out)
+    assert table["rows"][0]["feature_maps"] == 1 and table["rows"][0]["batch"] == 8  # FLAIR only, batch 8
+    assert (table["rows"][0]["height"], table["rows"][0]["depth"]) == (144, 144)
+    assert sum(row["trainable_weights"] for row in table["rows"]) == 5_647_857
+
+
+def test_train_and_predict_with_a_monai_network(cli, tmp_path):
+    from fullres.data import write_dataset
+
+    data = write_dataset(tmp_path / "msd", train_cases=4, test_cases=1, shape=(24, 24, 16), seed=1, progress=False)
+    run = tmp_path / "run"
+    code, out, err = cli("train", data, "--out", run, "--model", "monai:SegResNet", "--model-args",
+                         '{"init_filters": 8}', "--shape", "16", "16", "16", "--batch", "1", "--epochs", "1",
+                         "--workers", "0", "--quiet", "--device", "cpu", "--checkpointing")
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    assert config["job"]["model"]["architecture"] == "monai:SegResNet"
+    assert json.loads(config["job"]["model"]["args"]) == {"init_filters": 8}
+    code, out, err = cli("predict", run, data, "--out", tmp_path / "pred", "--quiet")
+    assert code == 0, err
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
+    code, _, err = cli("train", "--out", run, "--resume", "--model", "monai:UNet")
+    assert code == 2 and "--model monai:UNet differs from the run's monai:SegResNet" in err
+
+
+def test_dry_run_follows_a_monai_network_within_five_percent():
+    """The accuracy goal's cheapest case, as `estimate` computes it: SegResNet at 32^3, checkpointed."""
+    from fullres.memory.estimate import dryrun_estimate
+    from fullres.memory.measure import measure_peak
+
+    job = JobConfig(model=ModelConfig(architecture="monai:SegResNet", in_channels=4, classes=1), shape=(32, 32, 32),
+                    batch=1, strategy=Strategy(checkpointing=True, channels_last=True))
+    estimate = dryrun_estimate(job).peak_bytes
+    measured = measure_peak(job, steps=2, threads=torch.get_num_threads()).measured_bytes
+    assert abs(estimate - measured) / measured <= 0.05, (estimate, measured)
