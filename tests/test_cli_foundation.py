@@ -50,6 +50,9 @@ def test_plan_json(capsys):
     (["estimate", "--dropout", "1.5"], "dropout must be in [0, 1)"),
     (["estimate", "--bogus"], "unrecognized arguments: --bogus"),
     (["estimate", "--precision", "fp8"], "argument --precision: invalid choice"),
+    (["estimate", "--channels", "FOO"], "argument --channels: unknown channel 'FOO'"),
+    (["estimate", "--shape", "800000", "800000", "800000"], "too large: its tensors would have more elements"),
+    (["estimate", "--filters", "100000000"], "too large: its tensors would have more elements"),
 ])
 def test_bad_input_is_one_line_and_nonzero(capsys, argv, message):
     code, _, err = exit_code_and_output(capsys, argv)
@@ -124,3 +127,16 @@ def test_demo_never_replaces_a_folder_it_did_not_write(capsys, tmp_path):
     code, _, err = run(capsys, "demo", "--out", str(tmp_path))
     assert code == 2 and "is not empty and is not a previous demo" in err
     assert (tmp_path / "results.csv").read_text() == "precious"
+
+
+def test_faults_writing_outputs_are_one_line_and_leave_files_alone(cli, tmp_path):
+    """An existing --out is kept; a read-only folder or a path through a file is an OS error in one line."""
+    png = tmp_path / "figure.png"
+    png.write_bytes(b"mine")
+    code, _, err = cli("show", "image.nii.gz", "--out", png)
+    assert code == 2 and "exists: choose another path, or --overwrite" in err and png.read_bytes() == b"mine"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, _, err = cli("synth", blocker / "data", "--cases", "1", "--shape", "16", "16", "16", "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert str(blocker) in err and blocker.read_text() == "x"

@@ -56,9 +56,15 @@ def channel_count(spec: str) -> int:
     spec = spec.strip()
     if spec.lstrip("-").isdigit():
         return positive_int(spec)
-    items = [item for item in spec.split(",") if item.strip()]
+    items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
         raise argparse.ArgumentTypeError(f"{spec!r} names no channel")
+    from fullres.data.msd import canonical_modality
+
+    for item in items:
+        if spec.lower() != "all" and not item.isdigit() and canonical_modality(item) is None:
+            raise argparse.ArgumentTypeError(f"unknown channel {item!r}: name FLAIR, T1, T1c or T2 (or their "
+                                             "aliases: T1w, T1gd, T2w, flair, t1ce, t2f, ...) or give indices")
     return len(items)
 
 
@@ -493,6 +499,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     from fullres.figures import figure7_overlay
     from fullres.data.nifti import open_nifti, read_array
 
+    if Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a folder: give a PNG path")
+    if Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"--out {args.out} exists: choose another path, or --overwrite")
+
     image_nii = open_nifti(Path(args.image))
     image = read_array(image_nii, Path(args.image))
     if image.ndim == 4:
@@ -747,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--label", default=None, help="ground-truth label map (NIfTI)")
     show.add_argument("--channel", type=int, default=0, help="channel of a 4D image (default 0: FLAIR in MSD)")
     show.add_argument("--title", default=None)
-    show.add_argument("--out", required=True, help="PNG path")
+    show.add_argument("--out", required=True, help="PNG path (an existing file is kept unless --overwrite)")
+    show.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     show.set_defaults(run=cmd_show)
     return parser
 
@@ -768,6 +780,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except MemoryError:
         print(f"fullres {args.command}: error: out of memory (see `fullres plan` for what fits)", file=sys.stderr)
+        return 1
+    except OSError as error:  # permissions, a read-only or full disk, a path that is a file or a folder
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"fullres {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 1
 
 

@@ -81,6 +81,11 @@ class JobConfig:
         check_divisible(self.model, self.shape)
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
+        widest = max(self.model.in_channels, 32 * self.model.filters, self.model.classes)
+        if self.batch * widest * self.shape[0] * self.shape[1] * self.shape[2] >= 2**62 or \
+                (16 * self.model.filters) ** 2 * 27 >= 2**62:
+            raise ValueError(f"batch {self.batch} x {'x'.join(map(str, self.shape))} with {self.model.filters} filters "
+                             "is too large: its tensors would have more elements than 64-bit sizes can count")
         if self.strategy.slabs > 1:
             if not model_spec(self.model.architecture).slabs:
                 raise ValueError(f"slabs: the {self.model.architecture} network has no slab schedule")
