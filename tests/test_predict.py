@@ -125,3 +125,17 @@ def test_prediction_runs_in_the_runs_layout_and_precision(strategy):
     np.testing.assert_allclose(whole, expected, rtol=0, atol=1e-5)
     windows = predict_module.predict_volume(predictor, image, cpu, whole=False)
     assert windows.shape == expected.shape and np.isfinite(windows).all()
+
+
+def test_an_image_with_nan_voxels_is_refused_not_predicted_empty(trained, tmp_path, cli):
+    data, run = trained
+    source = nib.load(data / "imagesTs" / "BRATS_004.nii.gz")
+    array = np.asarray(source.dataobj, dtype=np.float32).copy()
+    array[3, 4, 5, 0] = np.nan
+    array[6, 7, 8, 1] = np.inf
+    bad = tmp_path / "inputs" / "BRATS_NAN.nii.gz"
+    bad.parent.mkdir()
+    nib.save(nib.Nifti1Image(array, source.affine), bad)
+    code, _, err = cli("predict", run, bad, "--out", tmp_path / "pred", "--quiet")
+    assert code == 2 and f"{bad}: 2 voxels are NaN or infinite" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "pred" / "BRATS_NAN.nii.gz").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -211,6 +212,13 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
         if case.index is not None and trained is not None and case.index.modalities != trained.modalities:
             data = replace(data, channels=match_channels(trained.modalities, data.channels, case.index.modalities))
         image, box, source = load_case_image(case.image, data, case_id=case.case_id)
+        if not np.isfinite(image).all():  # a NaN would silently become an empty mask: count them in the file
+            for path in (case.image if isinstance(case.image, tuple) else (case.image,)):
+                raw = np.asanyarray(nib.load(path).dataobj)
+                bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+                if bad:
+                    raise UserError(f"{path}: {bad} voxels are NaN or infinite; fix the image (fullres predicts no "
+                                    "mask from them)")
         validate_spatial_shape(image.shape[1:])
         probs = predict_volume(predictor, image, device, whole)
         same = trained is not None and source_index is not None and source_index.root == trained.root
