@@ -321,12 +321,12 @@ def test_evaluate_knows_brats2021_labels_without_prediction_json(datasets, tmp_p
         assert scores["ET"]["dice"] == 1.0 and scores["TC"]["dice"] == 1.0
     code, out, _ = cli("evaluate", tmp_path / "pred", labels)
     assert "labels as brats2021 (WT = {1, 2, 4}, TC = {1, 4}, ET = {4})" in out
-    # a prediction that calls the enhancing tumour 3 (MSD's value) misses ET entirely under BraTS 2021
+    # a prediction that calls the enhancing tumour 3 (MSD's value) is refused under BraTS 2021, not scored
     mask, affine = _read(tmp_path / "pred" / "BraTS2021_00004.nii.gz")
     assert (mask == 4).any()
     write_nifti(tmp_path / "pred" / "BraTS2021_00004.nii.gz", np.where(mask == 4, 3, mask).astype(np.uint8), affine)
-    code, out, _ = cli("evaluate", tmp_path / "pred", labels, "--json")
-    assert json.loads(out)["cases"]["BraTS2021_00004"]["ET"]["dice"] == 0.0
+    code, out, err = cli("evaluate", tmp_path / "pred", labels, "--json")
+    assert code == 2 and "label value(s) [3] outside the declared [0, 1, 2, 4]" in err, err
 
 
 def test_output_labels_in_each_layouts_values(datasets):

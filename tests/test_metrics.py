@@ -344,3 +344,16 @@ def test_dice_coefficient_and_accuracy():
     onehot_wrong = torch.nn.functional.one_hot(wrong, 3).movedim(-1, 1)
     assert voxel_accuracy(perfect_logits(onehot_wrong), idx).item() == pytest.approx(0.75)
     assert dice_coefficient(perfect_logits(onehot_wrong), idx).item() == pytest.approx((2 / 3 + 1.0) / 2, abs=1e-5)
+
+
+def test_undeclared_label_values_are_refused_not_scored_as_background(tmp_path, cli):
+    from fullres.data.nifti import write_nifti
+
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[2:5, 2:5, 2:5] = 3
+    for folder, array in (("truth", labels), ("pred", np.where(labels == 3, 7, 0).astype(np.uint8))):
+        (tmp_path / folder).mkdir()
+        write_nifti(tmp_path / folder / "case.nii.gz", array, np.eye(4))
+    code, _, err = cli("evaluate", tmp_path / "pred", tmp_path / "truth")
+    assert code == 2 and "has label value(s) [7] outside the declared [0, 1, 2, 3]" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "pred" / "metrics.csv").exists()

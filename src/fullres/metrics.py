@@ -407,6 +407,13 @@ def evaluate_folders(
     for case in sorted(labels):
         truth, truth_img = _load_labels(labels[case])
         pred, pred_img = _load_labels(preds[case])
+        declared = {0, *(value for values in regs.values() for value in values)}
+        for path, array, allowed in ((labels[case], truth, declared),
+                                     (preds[case], pred, {0, 1} if pred_is_binary_wt else declared)):
+            undeclared = sorted(set(np.unique(array).tolist()) - allowed)
+            if undeclared:  # scoring them as background would be a silently wrong answer
+                raise UserError(f"{path} has label value(s) {undeclared[:5]} outside the declared "
+                                f"{sorted(allowed)} (the regions {', '.join(regs)}); pass --layout if the dataset uses others")
         if pred.shape != truth.shape:
             raise UserError(f"{preds[case]} has shape {pred.shape} but its label {labels[case]} has shape {truth.shape}")
         if not np.allclose(pred_img.affine, truth_img.affine, atol=1e-4, rtol=0):
