@@ -7,9 +7,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -40,6 +41,22 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
 def write_json(path: Path, data: dict) -> None:
     """`data` as indented JSON with a final newline, written atomically."""
     write_bytes_atomically(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, move_into_place: Callable[[Path, Path], None]) -> Iterator[Path]:
+    """A temporary folder beside `out` with the usual permissions (0777 less the umask) to fill in the
+    block; when the block succeeds `move_into_place(temp, out)` puts it in place, and on any failure it is
+    removed, so `out` is never seen half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        temp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private
+        yield temp
+        move_into_place(temp, out)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
 
 
 def current_umask() -> int:

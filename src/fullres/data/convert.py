@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +34,7 @@ from fullres.data.layouts import (
 from fullres.data.msd import DatasetIndex, canonical_modality, image_files
 from fullres.data.nifti import open_nifti, read_array, read_label, write_nifti
 from fullres.errors import UserError
-from fullres.files import current_umask
+from fullres.files import staged_folder
 
 MSD_MODALITY_NAMES = {"FLAIR": "FLAIR", "T1": "T1w", "T1c": "t1gd", "T2": "T2w"}  # as `synth` writes them
 NNUNET_MODALITY_NAMES = {"FLAIR": "FLAIR", "T1": "T1", "T1c": "T1c", "T2": "T2"}
@@ -201,10 +199,7 @@ def convert_dataset(data: Path, out: Path, layout: str, source_layout: str | Non
     values = value_map(source.regions, layout_regions(layout), sorted(source.labels))
     ids = new_case_ids(source, layout)
     test_labels = kept_test_labels(source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        temp.chmod(0o777 & ~current_umask())
+    with staged_folder(out, _rename_into_empty) as temp:
         writer = LayoutWriter(temp, layout, names, name=source.name or "converted",
                               description=f"{source.root.name} ({source.layout}) converted by fullres {__version__}")
         jobs = [("train", c) for c in source.training] + [("test", c) for c in source.test]
@@ -221,11 +216,11 @@ def convert_dataset(data: Path, out: Path, layout: str, source_layout: str | Non
                     label = apply_value_map(read_label(path), values, path)
                 writer.add_test(ids[case.case_id], image, affine, label)
         writer.finish()
-        if out.exists():
-            refuse_non_empty(out)
-            out.rmdir()
-        os.rename(temp, out)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return source, len(source.training), len(source.test)
+
+
+def _rename_into_empty(temp: Path, out: Path) -> None:
+    if out.exists():
+        refuse_non_empty(out)  # again: it may have filled while we were writing
+        out.rmdir()
+    os.rename(temp, out)

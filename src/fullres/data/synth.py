@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from fullres import __version__
-from fullres.files import current_umask
+from fullres.files import staged_folder
 from fullres.data.nifti import write_nifti
 from fullres.errors import UserError
 
@@ -352,30 +351,28 @@ def write_dataset(out: Path, train_cases: int, test_cases: int = 0, shape: tuple
     _refuse_unless_replaceable(out)
     if layout != "msd":
         return _write_other_layout(out, train_cases, test_cases, shape, seed, kind, dtype, progress, layout)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        temp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the dataset should get normal permissions
+    settings = {"kind": kind, "seed": seed, "shape": list(shape), "dtype": dtype,
+                "train_cases": train_cases, "test_cases": test_cases, "fullres": __version__}
+    with staged_folder(out, _move_into_place) as temp:
         ids = [f"BRATS_{i + 1:03d}" for i in range(train_cases + test_cases)]
         train_ids, test_ids = ids[:train_cases], ids[train_cases:]
         affine = synth_affine(shape)
-        quiet = not progress or (len(ids) <= 2 and int(np.prod(shape)) < 2_000_000)
-        for index, case_id in enumerate(tqdm(ids, desc="synth", unit="case", disable=True if quiet else None)):
+        for index in _case_indices(len(ids), shape, progress):
             image, label = make_case(shape, seed, index, kind)
             images, labels = ("imagesTr", "labelsTr") if index < train_cases else ("imagesTs", "labelsTs")
-            write_nifti(temp / images / f"{case_id}.nii.gz", to_dtype(image, dtype), affine)
-            write_nifti(temp / labels / f"{case_id}.nii.gz", label, affine)
+            write_nifti(temp / images / f"{ids[index]}.nii.gz", to_dtype(image, dtype), affine)
+            write_nifti(temp / labels / f"{ids[index]}.nii.gz", label, affine)
         for sub in SUBFOLDERS:
             (temp / sub).mkdir(exist_ok=True)
         (temp / "dataset.json").write_text(json.dumps(_dataset_json(train_ids, test_ids, kind, seed, shape), indent=2) + "\n")
-        settings = {"kind": kind, "seed": seed, "shape": list(shape), "dtype": dtype,
-                    "train_cases": train_cases, "test_cases": test_cases, "fullres": __version__}
         (temp / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
-        _move_into_place(temp, out)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return out
+
+
+def _case_indices(total: int, shape, progress: bool):
+    """range(total) behind a progress bar, hidden when asked or when a couple of small cases take no time."""
+    quiet = not progress or (total <= 2 and int(np.prod(shape)) < 2_000_000)
+    return tqdm(range(total), desc="synth", unit="case", disable=True if quiet else None)
 
 
 def _move_into_place(temp: Path, out: Path) -> None:
@@ -398,10 +395,7 @@ def _write_other_layout(out: Path, train_cases: int, test_cases: int, shape, see
 
     if layout not in LAYOUTS:
         raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        temp.chmod(0o777 & ~current_umask())
+    with staged_folder(out, _move_into_place) as temp:
         _, names = target_modalities(layout, list(MODALITIES.values()))
         what = "BraTS-like glioma phantoms" if kind == "brats" else "uniform random images and labels"
         writer = LayoutWriter(temp, layout, names, name="BRATS_synthetic",
@@ -409,9 +403,7 @@ def _write_other_layout(out: Path, train_cases: int, test_cases: int, shape, see
                                           f"written by fullres {__version__}")
         values = value_map(MSD_REGIONS, layout_regions(layout), range(4))
         affine = synth_affine(shape)
-        total = train_cases + test_cases
-        quiet = not progress or (total <= 2 and int(np.prod(shape)) < 2_000_000)
-        for index in tqdm(range(total), desc="synth", unit="case", disable=True if quiet else None):
+        for index in _case_indices(train_cases + test_cases, shape, progress):
             image, label = make_case(shape, seed, index, kind)
             label = apply_value_map(label, values, "synthetic label")
             case = case_id_for(layout, index + 1)
@@ -423,8 +415,4 @@ def _write_other_layout(out: Path, train_cases: int, test_cases: int, shape, see
         settings = {"kind": kind, "seed": seed, "shape": list(shape), "dtype": dtype, "train_cases": train_cases,
                     "test_cases": test_cases, "fullres": __version__, "layout": layout, "files": writer.files}
         (temp / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
-        _move_into_place(temp, out)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return out
