@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from fullres.config import JobConfig, Strategy
 from fullres.memory.dryrun import dryrun
 from fullres.memory.table1 import table1
 from fullres.model import ModelConfig, build_model, check_shape, count_trainable, spatial_divisor
-from fullres.step import build_training, checkpoint_blocks, prepare_model, train_step
+from fullres.step import build_training, checkpoint_blocks, train_step
 from fullres.losses import LOSSES
 
 FACTORY = '''

@@ -141,9 +141,8 @@ def job_from_options(options: dict, in_channels: int | None = None, classes: int
         options = {name: defaults[name] if options.get(name) is None and name in defaults else value
                    for name, value in {**defaults, **options}.items()}
         architecture = options["model"]
-        digest = ""
-        if factory_file(architecture) is not None and factory_file(architecture).is_file():
-            digest = file_digest(factory_file(architecture))
+        source = factory_file(architecture)
+        digest = file_digest(source) if source is not None and source.is_file() else ""
         model = ModelConfig(in_channels=in_channels or channel_count(options["channels"]), filters=options["filters"],
                             classes=classes or TARGET_CLASSES[options["target"]], dropout=options["dropout"],
                             norm=options["norm"], architecture=architecture, args=options["model_args"] or "",

@@ -92,18 +92,6 @@ def nearest_valid_sizes(size: int, divisor: int = DOWNSAMPLING) -> tuple[int, in
     return lower, max(upper, divisor)
 
 
-def validate_spatial_shape(shape: tuple[int, ...]) -> None:
-    """Raise ValueError naming the nearest valid sizes when a spatial size is not a multiple of 8."""
-    for axis, size in zip("HWD", shape):
-        if size < DOWNSAMPLING or size % DOWNSAMPLING:
-            lower, upper = nearest_valid_sizes(size)
-            nearest = f"{lower}" if lower == upper else f"{lower} or {upper}"
-            raise ValueError(
-                f"spatial size {axis}={size} must be a positive multiple of {DOWNSAMPLING} "
-                f"(three 2x poolings); nearest valid: {nearest}"
-            )
-
-
 def slab_rows(height: int, slabs: int) -> list[tuple[int, int]]:
     """[start, stop) rows of `slabs` near-equal slabs of `height` rows, every boundary even (the 2x
     transposed convolution maps row k of the half-resolution level to rows 2k and 2k+1)."""
@@ -251,7 +239,7 @@ class UNet3D(nn.Module):
         return self.decoder7b(x7)[:, :, start - low:stop - low]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        validate_spatial_shape(tuple(x.shape[2:]))
+        check_divisible(self.config, tuple(x.shape[2:]))
         run = self._checkpointed if self.checkpointing and torch.is_grad_enabled() else _call
         if self.slabs > 1:
             return self._forward_slabs(x, run)

@@ -24,7 +24,7 @@ from fullres.device import available_memory
 from fullres.errors import UserError
 from fullres.files import write_json
 from fullres.memory.table1 import table1
-from fullres.model import build_model, validate_spatial_shape
+from fullres.model import build_model, check_divisible
 from fullres.step import autocast, prepare_model, to_device
 
 SLIDING_WINDOW_OVERLAP = 0.5
@@ -219,7 +219,7 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
                 if bad:
                     raise UserError(f"{path}: {bad} voxels are NaN or infinite; fix the image (fullres predicts no "
                                     "mask from them)")
-        validate_spatial_shape(image.shape[1:])
+        check_divisible(config.job.model, image.shape[1:])
         probs = predict_volume(predictor, image, device, whole)
         same = trained is not None and source_index is not None and source_index.root == trained.root
         labels = output_labels(labels_from_probabilities(probs, config.data.target), config.data.target, trained,
