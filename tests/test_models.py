@@ -183,3 +183,39 @@ def test_dry_run_follows_a_monai_network_within_five_percent():
     estimate = dryrun_estimate(job).peak_bytes
     measured = measure_peak(job, steps=2, threads=torch.get_num_threads()).measured_bytes
     assert abs(estimate - measured) / measured <= 0.05, (estimate, measured)
+
+
+SMALL_NNUNET_DS = json.dumps({"n_stages": 4, "features_per_stage": [4, 8, 8, 8], "strides": [1, 2, 2, 2],
+                              "deep_supervision": True})
+
+
+def test_deep_supervision_heads_are_trained_with_nnunets_weights_and_predicted_from_alone():
+    from fullres.losses import deep_supervision_loss, deep_supervision_weights, primary_output, supervised_outputs
+
+    assert deep_supervision_weights(1) == [1.0]
+    assert deep_supervision_weights(3) == pytest.approx([1 / 1.5, 0.5 / 1.5, 0.0])
+    config = ModelConfig(architecture="nnunet:PlainConvUNet", in_channels=2, classes=1, args=SMALL_NNUNET_DS)
+    check_shape(config, (16, 16, 16))  # a list of heads is accepted: the full-resolution one is the logits
+    torch.manual_seed(0)
+    model = build_model(config, (16, 16, 16))
+    x = torch.randn(2, 2, 16, 16, 16)
+    target = (torch.rand(2, 1, 16, 16, 16) > 0.5).float()
+    heads = supervised_outputs(model(x))
+    assert [tuple(h.shape[2:]) for h in heads] == [(16, 16, 16), (8, 8, 8), (4, 4, 4)]
+    loss_fn = LOSSES["dice_bce"]
+    # the independent sum: nearest-exact targets (the voxel at each coarse voxel's centre: odd indices),
+    # weights 1/2^i with the coarsest at 0, normalised
+    coarse = target[:, :, 1::2, 1::2, 1::2]
+    expected = (1 / 1.5) * loss_fn(heads[0], target) + (0.5 / 1.5) * loss_fn(heads[1], coarse)
+    assert torch.allclose(deep_supervision_loss(loss_fn, heads, target), expected)
+    # a network without heads: exactly the plain loss
+    assert torch.equal(deep_supervision_loss(loss_fn, heads[0], target), loss_fn(heads[0], target))
+    # train_step runs on the heads; evaluation and prediction read the full-resolution logits only
+    job = JobConfig(model=config, shape=(16, 16, 16), batch=2)
+    training = build_training(job, "cpu")
+    seen = []
+    train_step(training.model, training.optimizer, x, target, loss_fn, job.strategy,
+               on_output=lambda logits, y: seen.append(tuple(logits.shape)))
+    assert seen == [(2, 1, 16, 16, 16)]
+    with torch.no_grad():
+        assert primary_output(training.model.eval()(x)).shape == (2, 1, 16, 16, 16)

@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOSSES", "LossFunction", "soft_dice_loss", "dice_bce_loss", "dice_coefficient", "voxel_accuracy"]
+__all__ = ["LOSSES", "LossFunction", "soft_dice_loss", "dice_bce_loss", "dice_coefficient", "voxel_accuracy",
+           "supervised_outputs", "primary_output", "deep_supervision_weights", "deep_supervision_loss"]
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -160,3 +161,52 @@ def voxel_accuracy(
 #: ``--loss`` names: soft Dice (the paper's), and Dice + cross-entropy (the demo's: it keeps a small
 #: network from collapsing to all-background).
 LOSSES: dict[str, LossFunction] = {"dice": soft_dice_loss, "dice_bce": dice_bce_loss}
+
+
+# ---- deep supervision ---------------------------------------------------------------------------------
+
+def supervised_outputs(output: torch.Tensor | list | tuple) -> list[torch.Tensor]:
+    """A network's output as its list of logits, full resolution first: a tensor is one output; nnU-Net's
+    deep supervision returns a list (full resolution first, each coarser level after it); MONAI's DynUNet
+    stacks its heads, upsampled to full size, on dimension 1 (N, 1 + heads, C, *spatial)."""
+    if isinstance(output, (list, tuple)):
+        return list(output)
+    if output.dim() == 6:
+        return list(output.unbind(1))
+    return [output]
+
+
+def primary_output(output: torch.Tensor | list | tuple) -> torch.Tensor:
+    """The full-resolution logits of a network's output: what is predicted from and scored."""
+    return supervised_outputs(output)[0]
+
+
+def deep_supervision_weights(outputs: int) -> list[float]:
+    """nnU-Net v2's weights for `outputs` deep-supervision heads (nnUNetTrainer._build_loss): 1/2^i from
+    full resolution down, the coarsest head weighted 0, normalised to sum 1; one output weighs 1."""
+    if outputs == 1:
+        return [1.0]
+    weights = [1 / 2 ** i for i in range(outputs)]
+    weights[-1] = 0.0
+    return [weight / sum(weights) for weight in weights]
+
+
+def deep_supervision_loss(loss_fn: LossFunction, output: torch.Tensor | list | tuple,
+                          target: torch.Tensor) -> torch.Tensor:
+    """`loss_fn` over every head of `output`, weighted as nnU-Net does (:func:`deep_supervision_weights`),
+    each against the target resized to its head's grid by nearest-neighbour sampling (nnU-Net's
+    downsampling of segmentations). A single output is `loss_fn(output, target)` exactly."""
+    outputs = supervised_outputs(output)
+    if len(outputs) == 1:
+        return loss_fn(outputs[0].float(), target)
+    terms = []
+    for head, weight in zip(outputs, deep_supervision_weights(len(outputs))):
+        if weight == 0:
+            continue
+        head_target = target
+        if head.shape[2:] != target.shape[-3:]:
+            grid = target if target.dim() == 5 else target[:, None]
+            head_target = F.interpolate(grid.float(), size=head.shape[2:], mode="nearest-exact").to(target.dtype)
+            head_target = head_target if target.dim() == 5 else head_target[:, 0]
+        terms.append(weight * loss_fn(head.float(), head_target))
+    return sum(terms[1:], terms[0])

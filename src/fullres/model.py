@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fullres import networks
+from fullres.losses import primary_output
 from fullres.presets import PAPER
 
 NORMS = ("none", "instance", "group", "batch")
@@ -461,6 +462,8 @@ def check_shape(config: ModelConfig, shape: tuple[int, int, int], batch: int = 1
         raise ValueError(f"network {config.architecture} does not take {'x'.join(map(str, shape))}: "
                          f"{_first_line(error)}") from None
     expected = (max(batch, 2), config.classes, *shape)
+    if isinstance(output, (list, tuple)) or (isinstance(output, torch.Tensor) and output.dim() == 6):
+        output = primary_output(output)  # deep-supervision heads: the full-resolution one is the logits
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise ValueError(f"network {config.architecture} returns {got} for {'x'.join(map(str, shape))}, not "

@@ -25,6 +25,7 @@ from fullres.errors import UserError
 from fullres.files import write_json
 from fullres.memory.table1 import table1
 from fullres.model import build_model, check_divisible
+from fullres.losses import primary_output
 from fullres.step import autocast, prepare_model, to_device
 
 SLIDING_WINDOW_OVERLAP = 0.5
@@ -153,7 +154,7 @@ def predict_volume(predictor: Predictor, image: np.ndarray, device: torch.device
 
     def forward(volume: torch.Tensor) -> torch.Tensor:
         with autocast(strategy, device.type):
-            return predictor.model(to_device(volume, device, strategy)).float()
+            return primary_output(predictor.model(to_device(volume, device, strategy))).float()
 
     x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
     with torch.no_grad():

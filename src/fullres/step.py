@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fullres.config import JobConfig, Strategy
-from fullres.losses import LossFunction
+from fullres.losses import LossFunction, deep_supervision_loss, primary_output
 from fullres.model import build_model
 from fullres.presets import PAPER
 
@@ -137,8 +137,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
                on_output: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> float:
     """One optimizer step over `images` (accumulate x micro-batch samples). Returns the mean loss.
 
-    `on_output(logits, targets)` sees each micro-batch's detached logits (for metrics) as they are made,
-    so no logits are kept across micro-batches. `no_sync` (DistributedDataParallel.no_sync) skips the
+    A network with deep-supervision heads is trained on all of them, weighted as nnU-Net does
+    (:func:`fullres.losses.deep_supervision_loss`). `on_output(logits, targets)` sees each micro-batch's
+    detached full-resolution logits (for metrics) as they are made, so no logits are kept across
+    micro-batches. `no_sync` (DistributedDataParallel.no_sync) skips the
     gradient all-reduce on all but the last micro-batch.
     """
     device_type = images.device.type
@@ -151,11 +153,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         with (nullcontext() if last or no_sync is None else no_sync()), offloaded(strategy):
             with autocast(strategy, device_type):
                 output = model(x)
-            loss = loss_fn(output.float(), y) / strategy.accumulate
+            loss = deep_supervision_loss(loss_fn, output, y) / strategy.accumulate
             (scaler.scale(loss) if scaler else loss).backward()
         total_loss += loss.item()
         if on_output is not None:
-            on_output(output.detach(), y)
+            on_output(primary_output(output).detach(), y)
         del output, loss  # free this micro-batch's logits before the next forward
     if scaler:
         scaler.step(optimizer)

@@ -40,7 +40,7 @@ from fullres.device import (Process, available_memory, configure_cpu, fast_bf16,
 from fullres.errors import UserError
 from fullres.figures import figure7_overlay, training_curves
 from fullres.files import atomic_write, write_json
-from fullres.losses import LOSSES, dice_coefficient, voxel_accuracy
+from fullres.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy
 from fullres.memory.malloc import policy_line, set_training_malloc_policy
 from fullres.memory.plan import default_method, preflight
 from fullres.presets import DEMO_DATA
@@ -283,7 +283,7 @@ def evaluate(model, loader, loss_fn, device, strategy: Strategy) -> tuple[float,
         for images, targets in loader:
             images, targets = to_device(images, device, strategy), targets.to(device)
             with autocast(strategy, device.type):
-                logits = model(images).float()
+                logits = primary_output(model(images)).float()
             totals.add(loss_fn(logits, targets).item(), float(dice_coefficient(logits, targets)),
                        float(voxel_accuracy(logits, targets)), len(images))
     model.train()
@@ -438,7 +438,7 @@ def draw_validation_overlays(model, val_set, config: TrainConfig, run_dir: Path,
     for index in range(min(cases, len(val_set))):
         image, target = val_set[index]
         with torch.no_grad(), autocast(config.job.strategy, device.type):
-            logits = model(image[None].to(device)).float()[0].cpu()
+            logits = primary_output(model(image[None].to(device))).float()[0].cpu()
         if config.data.target == "classes":
             truth, pred = target > 0, logits.argmax(0) > 0
         else:  # wt, or WT/TC/ET channels: the whole tumour is channel 0

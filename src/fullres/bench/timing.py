@@ -20,7 +20,7 @@ from fullres.config import JobConfig
 from fullres.device import available_memory
 from fullres.errors import UserError
 from fullres.files import cache_lookup, cache_store, user_cache_dir
-from fullres.losses import LOSSES
+from fullres.losses import LOSSES, primary_output
 from fullres.memory.estimate import table1_training_bytes
 from fullres.memory.malloc import set_training_malloc_policy
 from fullres.step import autocast, build_training, to_device, train_step
@@ -98,7 +98,7 @@ def _measure(job: JobConfig, device: torch.device, steps: int = 2,
         for index in range(1 + forwards):
             start = time.perf_counter()
             with autocast(job.strategy, device.type):
-                model(image).float()
+                primary_output(model(image)).float()
             synchronize(device)
             if index:
                 forward.append(time.perf_counter() - start)
