@@ -9,8 +9,9 @@ a fresh process (`fullres profile`'s measurement), channels-last, batch 1. Write
 prints a row per job.
 
 `table`: for each network at BraTS size (240x240x144, or the nearest shape the network takes) and at its
-usual patch, the dry-run peak per sample under each exact strategy, and the largest cubic patch (batch 2,
-checkpointing) that fits 24 GiB and 80 GB. Writes OUT/table.csv.
+usual patch, the dry-run peak per sample under each exact strategy, the largest cubic patch (batch 2,
+checkpointing) that fits 24 GiB and 80 GB, and the usual patch at batch 2 on CUDA in bf16 (the dry run, no
+runtime term) beside nnU-Net's own estimate where the network is nnU-Net's. Writes OUT/table.csv.
 
 Everything goes through fullres's public API (`fullres.memory.estimate`, `fullres.memory.measure`,
 `fullres.memory.plan`).
@@ -34,7 +35,8 @@ from fullres.errors import UserError
 from fullres.memory.estimate import dryrun_estimate
 from fullres.memory.measure import measure_peak
 from fullres.memory.plan import plan
-from fullres.model import ModelConfig, nearest_valid_sizes, spatial_divisor
+from fullres.model import ModelConfig, build_on_meta, nearest_valid_sizes, spatial_divisor
+from fullres.networks import nnunet_vram_estimate
 
 # name -> (model args, two shapes for the accuracy goal, usual patch); in_channels 4, 3 region outputs
 NETWORKS = {
@@ -45,6 +47,7 @@ NETWORKS = {
     "monai:UNETR": ("", [(32, 32, 32), (64, 64, 64)], (96, 96, 96)),
     "monai:SwinUNETR": ('{"feature_size": 48}', [(64, 64, 64), (96, 96, 96)], (96, 96, 96)),
     "nnunet:PlainConvUNet": ("", [(64, 64, 64), (96, 96, 96)], (128, 128, 128)),
+    "nnunet:ResidualEncoderUNet": ("", [(64, 64, 64), (96, 96, 96)], (128, 128, 128)),
 }
 BRATS = (240, 240, 144)
 
@@ -115,6 +118,9 @@ def table(out: Path, networks: list[str], precisions: list[str]) -> None:
             for budget_name, budget in (("24GiB", 24 * 2**30), ("80GB", 80 * 10**9)):
                 result = plan(cube, budget, "dryrun")
                 row[f"largest_cube_batch2_{budget_name}"] = "x".join(map(str, result.max_shape)) if result.max_shape else "none"
+            gpu = JobConfig(model=config, shape=patch, batch=2, strategy=Strategy(precision="bf16", channels_last=True))
+            row["patch_batch2_cuda_bf16_bytes"] = dryrun_estimate(gpu, device="cuda").peak_bytes
+            row["patch_batch2_nnunet_own_bytes"] = nnunet_vram_estimate(build_on_meta(config, patch), patch, 2) or ""
             rows.append(row)
             print(json.dumps(row), flush=True)
     _write(out / "table.csv", rows)

@@ -219,3 +219,16 @@ def test_deep_supervision_heads_are_trained_with_nnunets_weights_and_predicted_f
     assert seen == [(2, 1, 16, 16, 16)]
     with torch.no_grad():
         assert primary_output(training.model.eval()(x)).shape == (2, 1, 16, 16, 16)
+
+
+def test_nnunets_own_vram_estimate_is_its_planners_feature_map_rule():
+    from fullres.model import build_on_meta
+    from fullres.networks import nnunet_vram_estimate
+
+    config = ModelConfig(architecture="nnunet:PlainConvUNet", in_channels=4, classes=3)
+    model = build_on_meta(config, (128, 128, 128))
+    count = model.compute_conv_feature_map_size((128, 128, 128))
+    # nnU-Net's planner: batch 2 fits 8 GB while the count stays under 560e6; linear in batch
+    assert nnunet_vram_estimate(model, (128, 128, 128), 2) == round(count / 560e6 * 8e9)
+    assert nnunet_vram_estimate(model, (128, 128, 128), 4) == pytest.approx(2 * nnunet_vram_estimate(model, (128, 128, 128), 2), abs=1)
+    assert nnunet_vram_estimate(build_model(ModelConfig()), (16, 16, 16), 2) is None

@@ -138,6 +138,24 @@ def build_nnunet(name: str, in_channels: int, classes: int, args: dict) -> nn.Mo
     return getattr(unet, name)(input_channels=in_channels, num_classes=classes, **kwargs)
 
 
+#: nnU-Net v2's planner constants (ExperimentPlanner, ResEncUNetPlanner): the feature-map count of its
+#: `compute_conv_feature_map_size` that corresponds to 8 GB of GPU memory at batch 2 (its authors call
+#: the numbers arbitrary, set to reproduce nnU-Net v1's configurations).
+NNUNET_VRAM_REFERENCE = {"PlainConvUNet": 560_000_000, "ResidualEncoderUNet": 680_000_000}
+NNUNET_REFERENCE_BYTES, NNUNET_REFERENCE_BATCH = 8 * 10**9, 2
+
+
+def nnunet_vram_estimate(model: nn.Module, shape: tuple[int, int, int], batch: int) -> int | None:
+    """nnU-Net v2's own GPU-memory estimate for one of its networks at `shape` and `batch`, in bytes: the
+    network's convolutional feature-map count against the planner's reference constant, scaled linearly
+    in batch as its batch-size rule is (GB read as 10^9 bytes). None for any other network."""
+    reference = NNUNET_VRAM_REFERENCE.get(type(model).__name__)
+    if reference is None or not hasattr(model, "compute_conv_feature_map_size"):
+        return None
+    count = int(model.compute_conv_feature_map_size(tuple(shape)))
+    return round(count / reference * NNUNET_REFERENCE_BYTES * batch / NNUNET_REFERENCE_BATCH)
+
+
 def nnunet_divisor(name: str, args: dict) -> int:
     strides = args.get("strides", NNUNET_DEFAULTS.get(name, NNUNET_DEFAULTS["PlainConvUNet"])["strides"])
     divisor = 1
