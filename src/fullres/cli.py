@@ -18,6 +18,7 @@ from fullres.config import PRECISIONS, SCHEDULES, TARGET_CLASSES, JobConfig, Str
 from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
 from fullres.device import memory_device
 from fullres.errors import UserError
+from fullres.lesions import CHALLENGES, DEFAULT_CHALLENGE
 from fullres.losses import LOSSES
 from fullres.model import NORMS, ModelConfig, check_shape
 from fullres.networks import factory_file, file_digest
@@ -440,31 +441,40 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fullres.metrics import METRIC_NAMES, evaluate_folders, write_metrics_csv
+    from fullres.metrics import evaluate_folders, result_columns, write_metrics_csv
 
+    if args.challenge is not None and not args.lesion_wise:
+        raise UserError("--challenge sets the lesion-wise parameters: it needs --lesion-wise")
+    rule = (args.challenge or DEFAULT_CHALLENGE) if args.lesion_wise else None
     layout, label_regions = evaluation_regions(Path(args.pred), Path(args.labels), args.layout)
     result = evaluate_folders(args.pred, args.labels, tolerance_mm=args.tolerance, regions=label_regions,
-                              pred_is_binary_wt=args.wt_only or predictions_are_binary(Path(args.pred)))
+                              pred_is_binary_wt=args.wt_only or predictions_are_binary(Path(args.pred)),
+                              lesion_rule=rule)
     csv_path = Path(args.csv) if args.csv else Path(args.pred) / "metrics.csv"
     write_metrics_csv(result, csv_path)
     if args.json:
         print_json(result)
         return 0
-    headers = {"dice": "Dice", "nsd": "NSD", "hd95": "HD95 (mm)"}
+    columns = result_columns(result)
+    headers = {"dice": "Dice", "nsd": "NSD", "hd95": "HD95 (mm)", "lesion_dice": "L-Dice", "lesion_hd95": "L-HD95",
+               "truth_lesions": "lesions", "matched_lesions": "matched", "missed_lesions": "missed",
+               "fp_lesions": "FP"}
 
-    def cells(values: dict) -> str:  # distances with 2 decimals, scores with 3
-        return "".join(f"{values[m]:>11.2f}" if m == "hd95" else f"{values[m]:>11.3f}" for m in METRIC_NAMES)
+    def cells(values: dict) -> str:  # distances and mean counts with 2 decimals, scores with 3, counts whole
+        return "".join(f"{values[m]:>11d}" if isinstance(values[m], int)
+                       else f"{values[m]:>11.2f}" if m.endswith(("hd95", "lesions")) else f"{values[m]:>11.3f}"
+                       for m in columns)
 
-    print(f"{'case':<16}{'region':<8}" + "".join(f"{headers.get(m, m):>11}" for m in METRIC_NAMES))
+    print(f"{'case':<16}{'region':<8}" + "".join(f"{headers.get(m, m):>11}" for m in columns))
     for case, regions in result["cases"].items():
         for region, values in regions.items():
             print(f"{case:<16}{region:<8}{cells(values)}")
     for region, metrics in result["summary"].items():
-        print(f"{'mean ± std':<16}{region:<8}{cells({m: metrics[m]['mean'] for m in METRIC_NAMES})}"
-              + "   (std " + ", ".join(f"{metrics[m]['std']:.3f}" for m in METRIC_NAMES) + ")")
+        print(f"{'mean ± std':<16}{region:<8}{cells({m: metrics[m]['mean'] for m in columns})}"
+              + "   (std " + ", ".join(f"{metrics[m]['std']:.3f}" for m in columns) + ")")
     print(f"NSD tolerance {args.tolerance} mm; labels as {layout} ("
           + ", ".join(f"{name} = {{{', '.join(map(str, values))}}}" for name, values in label_regions.items())
-          + f"); CSV: {csv_path}")
+          + ")" + (f"; lesion-wise as {rule} (docs/evaluation.md)" if rule else "") + f"; CSV: {csv_path}")
     return 0
 
 
@@ -748,6 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
                           help="the labels' layout, for the values of WT/TC/ET (default: from PRED/prediction.json "
                                "or the labels' folder; else MSD's)")
+    evaluate.add_argument("--lesion-wise", action="store_true",
+                          help="also BraTS 2023's lesion-wise Dice and HD95, and lesion counts, per region")
+    evaluate.add_argument("--challenge", choices=tuple(CHALLENGES), default=None,
+                          help=f"the lesion-wise parameters (default {DEFAULT_CHALLENGE})")
     evaluate.add_argument("--json", action="store_true", help="machine-readable output")
     evaluate.set_defaults(run=cmd_evaluate)
 

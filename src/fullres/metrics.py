@@ -8,7 +8,10 @@ the bounding-box crop that keeps it fast on 240x240x155 volumes, and file handli
 and the batch scores logged during training live in :mod:`fullres.losses`.
 
 Extension point: :data:`METRICS` maps a metric's name to ``f(pred_mask, truth_mask, spacing_mm,
-tolerance_mm) -> float``; every case, summary, CSV column and printed table follows it.
+tolerance_mm) -> float``; every case, summary, CSV column and printed table follows it. Lesion-wise
+scores (BraTS 2023's lesion-wise Dice and HD95 and the lesion counts, :mod:`fullres.lesions`) come
+from one matching per region, so they are one group added beside these when asked for
+(``lesion_rule``); the CSV and the table take their columns from the result.
 
 Regions (BraTS, MSD Task01 labels 0 background, 1 edema, 2 non-enhancing tumour, 3 enhancing tumour)::
 
@@ -61,6 +64,7 @@ import torch
 from fullres.data.nifti import case_id_from_path, is_nifti
 from fullres.errors import UserError
 from fullres.files import write_bytes_atomically
+from fullres.lesions import LesionRule, lesion_wise
 
 __all__ = [
     "DEFAULT_REGIONS",
@@ -75,6 +79,7 @@ __all__ = [
     "evaluate_folders",
     "write_metrics_csv",
     "write_metrics_json",
+    "result_columns",
     "METRICS",
 ]
 
@@ -273,8 +278,14 @@ def evaluate_case(
     regions: Mapping[str, Iterable[int]] | None = None,
     tolerance_mm: float = 1.0,
     pred_is_binary_wt: bool = False,
+    lesion_rule: "LesionRule | str | None" = None,
 ) -> dict[str, dict[str, float]]:
     """Dice, NSD and HD95 of one case, per region: ``{region: {"dice", "nsd", "hd95"}}``.
+
+    ``lesion_rule`` (a :class:`fullres.lesions.LesionRule` or a challenge name such as ``"BraTS-GLI"``):
+    each region also gets :func:`fullres.lesions.lesion_wise`'s scores and counts
+    (``lesion_dice``, ``lesion_hd95``, ``truth_lesions``, ``matched_lesions``, ``missed_lesions``,
+    ``fp_lesions``; counts are ints).
 
     ``pred_labels`` and ``truth_labels`` are integer label maps of the same shape; each region's mask is
     ``np.isin(labels, regions[region])`` on both (default regions: WT/TC/ET of BraTS labels 0-3).
@@ -307,6 +318,8 @@ def evaluate_case(
     for name in regs:
         p, t = pred_masks[name], truth_masks[name]
         result[name] = {metric: compute(p, t, spacing, tolerance_mm) for metric, compute in METRICS.items()}
+        if lesion_rule is not None:
+            result[name].update(lesion_wise(p, t, spacing, lesion_rule))
     return result
 
 
@@ -374,6 +387,7 @@ def evaluate_folders(
     tolerance_mm: float = 1.0,
     regions: Mapping[str, Iterable[int]] | None = None,
     pred_is_binary_wt: bool = False,
+    lesion_rule: "LesionRule | str | None" = None,
 ) -> dict:
     """Evaluate every prediction in ``pred_dir`` against its label in ``label_dir``.
 
@@ -382,7 +396,8 @@ def evaluate_folders(
     have the same shape and (to 1e-4) the same affine.
 
     Returns ``{"cases": {CASE: {REGION: {"dice", "nsd", "hd95"}}}, "summary": {REGION: {METRIC: {"mean", "std"}}}}``
-    (regions default to WT/TC/ET for labels 0-3; ``pred_is_binary_wt`` as in :func:`evaluate_case`).
+    (regions default to WT/TC/ET for labels 0-3; ``pred_is_binary_wt`` and ``lesion_rule``, which adds
+    the lesion-wise keys, as in :func:`evaluate_case`).
 
     Raises ``UserError`` naming the folder or file for: a missing or empty folder, a case present in
     only one folder, a shape or affine mismatch, an unreadable or non-label file.
@@ -423,7 +438,7 @@ def evaluate_folders(
             )
         spacing = tuple(float(z) for z in truth_img.header.get_zooms()[:3])
         try:
-            cases[case] = evaluate_case(pred, truth, spacing, regs, tolerance_mm, pred_is_binary_wt)
+            cases[case] = evaluate_case(pred, truth, spacing, regs, tolerance_mm, pred_is_binary_wt, lesion_rule)
         except ValueError as exc:
             raise UserError(f"{preds[case]}: {exc}") from exc
     return {"cases": cases, "summary": summarize(cases)}
@@ -438,24 +453,35 @@ def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomically(Path(path), text.encode("utf-8"))
 
 
+def result_columns(result: Mapping) -> tuple[str, ...]:
+    """The metric names of an :func:`evaluate_folders` result, in order: :data:`METRIC_NAMES`, then the
+    lesion-wise ones when it has them."""
+    for regions in result["cases"].values():
+        for metrics in regions.values():
+            return tuple(metrics)
+    return METRIC_NAMES
+
+
 def write_metrics_csv(result: Mapping, path: str | os.PathLike) -> None:
     """Write an :func:`evaluate_folders` result as CSV, atomically (temp file + ``os.replace``).
 
-    Columns ``case, region, dice, nsd, hd95``: one row per case x region (cases sorted as in the
-    result), then one ``mean`` row and one ``std`` row per region (``case`` = "mean" / "std").
-    Floats are written with ``repr`` precision.
+    Columns ``case, region, dice, nsd, hd95`` (then the lesion-wise ones, when evaluated): one row per
+    case x region (cases sorted as in the result), then one ``mean`` row and one ``std`` row per region
+    (``case`` = "mean" / "std"). Floats are written with ``repr`` precision, counts as integers.
     """
     import io
 
+    columns = result_columns(result)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "region", *METRIC_NAMES])
+    writer.writerow(["case", "region", *columns])
     for case, regions in result["cases"].items():
         for region, metrics in regions.items():
-            writer.writerow([case, region, *(repr(float(metrics[m])) for m in METRIC_NAMES)])
+            writer.writerow([case, region, *(str(metrics[m]) if isinstance(metrics[m], (int, np.integer))
+                                             else repr(float(metrics[m])) for m in columns)])
     for stat in ("mean", "std"):
         for region, metrics in result["summary"].items():
-            writer.writerow([stat, region, *(repr(float(metrics[m][stat])) for m in METRIC_NAMES)])
+            writer.writerow([stat, region, *(repr(float(metrics[m][stat])) for m in columns)])
     _atomic_write_text(path, buf.getvalue())
 
 
