@@ -278,7 +278,7 @@ def evaluate_case(
     regions: Mapping[str, Iterable[int]] | None = None,
     tolerance_mm: float = 1.0,
     pred_is_binary_wt: bool = False,
-    lesion_rule: "LesionRule | str | None" = None,
+    lesion_rule: LesionRule | str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Dice, NSD and HD95 of one case, per region: ``{region: {"dice", "nsd", "hd95"}}``.
 
@@ -387,7 +387,7 @@ def evaluate_folders(
     tolerance_mm: float = 1.0,
     regions: Mapping[str, Iterable[int]] | None = None,
     pred_is_binary_wt: bool = False,
-    lesion_rule: "LesionRule | str | None" = None,
+    lesion_rule: LesionRule | str | None = None,
 ) -> dict:
     """Evaluate every prediction in ``pred_dir`` against its label in ``label_dir``.
 
