@@ -465,12 +465,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        else f"{values[m]:>11.2f}" if m.endswith(("hd95", "lesions")) else f"{values[m]:>11.3f}"
                        for m in columns)
 
-    print(f"{'case':<16}{'region':<8}" + "".join(f"{headers.get(m, m):>11}" for m in columns))
+    width = max([16, *(len(case) + 2 for case in result["cases"])])  # BraTS 2023 names are 19 characters
+    print(f"{'case':<{width}}{'region':<8}" + "".join(f"{headers.get(m, m):>11}" for m in columns))
     for case, regions in result["cases"].items():
         for region, values in regions.items():
-            print(f"{case:<16}{region:<8}{cells(values)}")
+            print(f"{case:<{width}}{region:<8}{cells(values)}")
     for region, metrics in result["summary"].items():
-        print(f"{'mean ± std':<16}{region:<8}{cells({m: metrics[m]['mean'] for m in columns})}"
+        print(f"{'mean ± std':<{width}}{region:<8}{cells({m: metrics[m]['mean'] for m in columns})}"
               + "   (std " + ", ".join(f"{metrics[m]['std']:.3f}" for m in columns) + ")")
     print(f"NSD tolerance {args.tolerance} mm; labels as {layout} ("
           + ", ".join(f"{name} = {{{', '.join(map(str, values))}}}" for name, values in label_regions.items())
