@@ -11,7 +11,8 @@ prints a row per job.
 `table`: for each network at BraTS size (240x240x144, or the nearest shape the network takes) and at its
 usual patch, the dry-run peak per sample under each exact strategy, the largest cubic patch (batch 2,
 checkpointing) that fits 24 GiB and 80 GB, and the usual patch at batch 2 on CUDA in bf16 (the dry run, no
-runtime term) beside nnU-Net's own estimate where the network is nnU-Net's. Writes OUT/table.csv.
+runtime term; it needs a CUDA build of torch, not a GPU) beside nnU-Net's own estimate where the network is
+nnU-Net's. Writes OUT/table.csv.
 
 Everything goes through fullres's public API (`fullres.memory.estimate`, `fullres.memory.measure`,
 `fullres.memory.plan`).
@@ -119,7 +120,8 @@ def table(out: Path, networks: list[str], precisions: list[str]) -> None:
                 result = plan(cube, budget, "dryrun")
                 row[f"largest_cube_batch2_{budget_name}"] = "x".join(map(str, result.max_shape)) if result.max_shape else "none"
             gpu = JobConfig(model=config, shape=patch, batch=2, strategy=Strategy(precision="bf16", channels_last=True))
-            row["patch_batch2_cuda_bf16_bytes"] = dryrun_estimate(gpu, device="cuda").peak_bytes
+            row["patch_batch2_cuda_bf16_bytes"] = (dryrun_estimate(gpu, device="cuda").peak_bytes
+                                                   if torch.backends.cuda.is_built() else "needs a CUDA build of torch")
             row["patch_batch2_nnunet_own_bytes"] = nnunet_vram_estimate(build_on_meta(config, patch), patch, 2) or ""
             rows.append(row)
             print(json.dumps(row), flush=True)
