@@ -2,6 +2,7 @@
 
 Each test that installs the pool does so in a subprocess: the allocator is the process's."""
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -126,10 +127,12 @@ def test_without_a_compiler_the_pool_says_why_and_training_keeps_glibc(tmp_path)
     code = ("from fullres.memory import cpu_pool, malloc; from fullres.config import Strategy\n"
             "try:\n    cpu_pool.build()\nexcept RuntimeError as error:\n    print(error)\n"
             "job = Strategy(channels_last=True)\n"
+            "print(malloc.policy_for(job)); print(malloc.set_training_malloc_policy(job)); "
             "print(malloc.policy_for(job)); print(malloc.policy_line(job))")
     out = run_python(code, CXX=str(tmp_path / "no-such-g++"), XDG_CACHE_HOME=str(tmp_path), FULLRES_MALLOC="")
     reason = f"no C++ compiler ({str(tmp_path / 'no-such-g++')!r} not found) to build the CPU pool"
-    assert out.splitlines() == [reason, "default", f"allocator: glibc's default, not fullres's CPU pool ({reason})"]
+    assert out.splitlines() == [reason, "default", "None", "default",
+                                f"allocator: glibc's default, not fullres's CPU pool ({reason})"]
     assert not list(tmp_path.rglob("*.so"))
 
 
@@ -163,3 +166,105 @@ def test_the_policy_gives_the_pool_to_fp32_cpu_jobs_without_memory_strategies():
     assert run_python(code, FULLRES_MALLOC="") == "pool default default fixed fixed default default"
     assert run_python(code, FULLRES_MALLOC="pool") == "pool pool pool pool pool default default"
     assert run_python(code, FULLRES_MALLOC="default") == "default default default default default default default"
+
+
+# ---- the cached library: trusted only when intact and private ---------------------------------------
+
+LOAD = ("import torch; from fullres.memory import cpu_pool; cpu_pool.install(); x = torch.ones(2**20); "
+        "print(cpu_pool.installed(), float(x.sum()), cpu_pool.load()._name)")
+
+
+def built_library(cache):
+    """A library built into the cache folder `cache` (a test's own): its path."""
+    out = run_python("from fullres.memory import cpu_pool; print(cpu_pool.build())", XDG_CACHE_HOME=str(cache))
+    return cpu_pool.Path(out)
+
+
+@needs_compiler
+def test_a_truncated_cached_library_is_rebuilt_not_loaded(tmp_path):
+    """A crash while the library was written left half of it: loading that maps pages past its end (SIGBUS
+    in every later training process). Its hash differs from the recorded one, so it is rebuilt."""
+    library = built_library(tmp_path)
+    whole = library.read_bytes()
+    library.write_bytes(whole[: len(whole) // 2])
+    assert run_python(LOAD, XDG_CACHE_HOME=str(tmp_path)) == f"True {float(2**20)} {library}"
+    assert library.read_bytes() == whole
+
+
+@needs_compiler
+def test_a_library_planted_in_the_cache_is_replaced_by_a_build(tmp_path):
+    library = built_library(tmp_path)
+    whole = library.read_bytes()
+    library.write_bytes(b"\x7fELF planted by someone else" + bytes(4096))
+    assert run_python(LOAD, XDG_CACHE_HOME=str(tmp_path)).startswith("True")
+    assert library.read_bytes() == whole
+
+
+@needs_compiler
+def test_a_cache_folder_others_could_write_is_made_private_and_its_library_rebuilt(tmp_path):
+    """Someone who could write the folder could have planted a library with a matching hash file: after
+    the folder is made private (0700) nothing it held is trusted."""
+    library = built_library(tmp_path)
+    whole = library.read_bytes()
+    planted = b"\x7fELF planted, with its hash" + bytes(4096)
+    library.write_bytes(planted)
+    (library.parent / cpu_pool.DIGEST).write_text(hashlib.sha256(planted).hexdigest())
+    library.parent.chmod(0o777)
+    assert run_python(LOAD, XDG_CACHE_HOME=str(tmp_path)).startswith("True")
+    assert library.read_bytes() == whole
+    assert library.parent.stat().st_mode & 0o777 == 0o700
+
+
+@needs_compiler
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a folder to another user needs root")
+def test_a_cache_folder_of_another_user_is_refused_in_one_line(tmp_path):
+    library = built_library(tmp_path)
+    os.chown(library.parent, 65534, 65534)
+    code = ("from fullres.errors import UserError; from fullres.memory import malloc; from fullres.config import Strategy\n"
+            "try:\n    malloc.set_training_malloc_policy(Strategy(channels_last=True))\n"
+            "except UserError as error:\n    print('UserError', error)")
+    out = run_python(code, XDG_CACHE_HOME=str(tmp_path), FULLRES_MALLOC="")
+    assert out == (f"UserError {library.parent}: the CPU pool's cache folder belongs to another user (uid 65534), "
+                   "so its library is not loaded; remove the folder or set XDG_CACHE_HOME")
+    code = "from fullres.memory import cpu_pool; print(cpu_pool.cached())"
+    assert run_python(code, XDG_CACHE_HOME=str(tmp_path)) == "None"  # and estimate models glibc, untouched
+
+
+def test_estimate_does_not_build_the_pool_and_profile_does(tmp_path):
+    """`estimate` never trains: its dry run and its runtime calibration use the pool only once a training
+    command has built it. `profile` trains, so it builds it first and its dry run knows what it got."""
+    marker = tmp_path / "compiler-ran"
+    compiler = tmp_path / "g++"
+    compiler.write_text(f"#!/bin/sh\ntouch {marker}\necho 'error: not a compiler' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    env = {**os.environ, "CXX": str(compiler), "XDG_CACHE_HOME": str(tmp_path / "cache"), "FULLRES_MALLOC": ""}
+    job = ["--shape", "16", "16", "16", "--filters", "2", "--channels-last"]
+    done = subprocess.run([sys.executable, "-m", "fullres", "estimate", "--method", "dryrun", *job], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "(allocator: default)" in done.stdout
+    assert not marker.exists() and not (tmp_path / "cache" / "fullres" / "cpu_pool").exists()
+    done = subprocess.run([sys.executable, "-m", "fullres", "profile", "--steps", "1", *job], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()
+
+
+RELEASE = """
+import resource, torch
+from fullres.memory import cpu_pool
+cpu_pool.install()
+MiB = 2**20
+x = torch.empty(64 * MiB // 4)
+del x  # its 64 MiB segment is cached
+size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (size + 48 * MiB, resource.RLIM_INFINITY))
+y = torch.empty(96 * MiB // 4)  # fits the address space only once the cached segment is unmapped
+stats = cpu_pool.stats()
+print(stats.reserved // MiB, stats.segments, stats.released, stats.allocated // MiB)
+"""
+
+
+@needs_compiler
+def test_cached_segments_are_released_and_the_mapping_retried_before_failing():
+    assert run_python(RELEASE) == "96 1 1 96"

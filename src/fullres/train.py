@@ -41,7 +41,7 @@ from fullres.errors import UserError
 from fullres.figures import figure7_overlay, training_curves
 from fullres.files import atomic_write, write_json
 from fullres.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy
-from fullres.memory.malloc import policy_line, set_training_malloc_policy
+from fullres.memory.malloc import policy_line, prepare_pool_for, set_training_malloc_policy
 from fullres.memory.plan import default_method, preflight
 from fullres.presets import DEMO_DATA
 from fullres.step import autocast, build_training, to_device, train_step
@@ -162,6 +162,7 @@ def _new_run(request: TrainRequest, main_process: bool, log) -> TrainConfig:
     classes = len(index.labels) if options["target"] == "classes" else None
     job = request.make_job(options, len(channels), classes)
     device = pick_device(options["device"], Process())
+    prepare_pool_for(job.strategy, device.type)  # built before the dry runs, so they see the allocator the job gets
     if not request.force:
         budget = request.memory or available_memory(device)
         method = default_method()

@@ -8,8 +8,14 @@
 // by (size, address) in a small (<= 1 MiB) or large pool; a new segment of 2 MiB for small requests,
 // 20 MiB for 1-10 MiB ones, the request rounded up to 2 MiB above that; a block split when the rest is
 // worth keeping (>= 512 bytes small, > 1 MiB large); a freed block merged with its free neighbours.
-// Segments are mapped populated (MAP_POPULATE) and never returned, so the resident memory the pool
-// adds is exactly its reserved bytes.
+// Segments are mapped populated (MAP_POPULATE) and kept, so the resident memory the pool adds is exactly
+// its reserved bytes; only when the kernel refuses a new segment are the wholly free ones unmapped and
+// the mapping tried once more (as the CUDA allocator frees its cached blocks before reporting out of
+// memory), so a failed allocation never leaves cached memory behind.
+//
+// fork(): handlers registered with pthread_atfork hold the pool's lock across the fork, so the child
+// gets the pool's maps in a consistent state (not half-way through another thread's update) and its
+// lock free; the child then serves its own allocations with plain malloc (data-loader workers).
 //
 // Built by fullres.memory.cpu_pool with g++ against c10 only and driven through ctypes.
 
@@ -63,7 +69,8 @@ struct Block {
 using FreeKey = std::tuple<size_t, uintptr_t, uintptr_t>;  // size, model address, real address
 
 struct Stats {
-  int64_t allocated = 0, reserved = 0, peak_allocated = 0, peak_reserved = 0, segments = 0, fallback = 0;
+  int64_t allocated = 0, reserved = 0, peak_allocated = 0, peak_reserved = 0, segments = 0, fallback = 0,
+          released = 0;
 };
 
 class Pool {
@@ -89,11 +96,12 @@ class Pool {
       pool.erase(it);
     } else {
       block_size = segment_size(size);
-      void* segment = mmap(nullptr, block_size, PROT_READ | PROT_WRITE,
-                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+      void* segment = map_segment(block_size);
+      if (segment == MAP_FAILED && release_free_segments() > 0) segment = map_segment(block_size);
       if (segment == MAP_FAILED) return nullptr;
       address = reinterpret_cast<uintptr_t>(segment);
       blocks_[address] = {block_size, small, false, address, next_logical_};
+      segments_[address] = block_size;
       next_logical_ += block_size + kMinBlockSize;  // the model's gap between segments
       stats_.reserved += block_size;
       stats_.segments += 1;
@@ -176,13 +184,42 @@ class Pool {
     return trace_.size();
   }
 
-  // After fork() the child's copy of the mutex may be held by a thread that does not exist there.
+  // pthread_atfork's handlers: the forking thread holds the lock across fork(), so no other thread is
+  // inside the pool when the child's copy is made; both sides then release it (the child's only thread
+  // is the one that took it).
+  void before_fork() { mutex_.lock(); }
+  void after_fork_in_parent() { mutex_.unlock(); }
   void after_fork_in_child() {
-    new (&mutex_) std::mutex();
     passthrough_ = true;
+    mutex_.unlock();
+  }
+
+  // Unmaps every segment that is one free block; returns how many. Called with the lock held.
+  size_t release_free_segments() {
+    size_t released = 0;
+    for (auto it = segments_.begin(); it != segments_.end();) {
+      auto block = blocks_.find(it->first);
+      if (block == blocks_.end() || block->second.in_use || block->second.size != it->second) {
+        ++it;
+        continue;
+      }
+      free_[block->second.small].erase(free_key(block->first, block->second.size, block->second));
+      blocks_.erase(block);
+      munmap(reinterpret_cast<void*>(it->first), it->second);
+      stats_.reserved -= static_cast<int64_t>(it->second);
+      stats_.segments -= 1;
+      stats_.released += 1;
+      released += 1;
+      it = segments_.erase(it);
+    }
+    return released;
   }
 
  private:
+  static void* map_segment(size_t size) {
+    return mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+  }
+
   static FreeKey free_key(uintptr_t address, size_t size, const Block& of_segment) {
     return {size, of_segment.logical + (address - of_segment.segment), address};
   }
@@ -193,6 +230,7 @@ class Pool {
   std::vector<int64_t> trace_;
   uintptr_t next_logical_ = 0;
   std::map<uintptr_t, Block> blocks_;            // every block by address, free or in use
+  std::map<uintptr_t, size_t> segments_;         // every mapped segment: start -> size
   std::set<FreeKey> free_[2];  // [large, small]: free blocks
   Stats stats_;
 };
@@ -226,7 +264,8 @@ extern "C" {
 int fullres_pool_install() {
   static bool atfork = false;
   if (!atfork) {
-    pthread_atfork(nullptr, nullptr, [] { pool().after_fork_in_child(); });
+    pthread_atfork([] { pool().before_fork(); }, [] { pool().after_fork_in_parent(); },
+                   [] { pool().after_fork_in_child(); });
     atfork = true;
   }
   if (previous == nullptr) previous = c10::GetCPUAllocator();
@@ -243,7 +282,7 @@ int fullres_pool_uninstall() {
 
 int fullres_pool_installed() { return c10::GetCPUAllocator() == &allocator; }
 
-// allocated, reserved, peak allocated, peak reserved, segments, passthrough allocations
+// allocated, reserved, peak allocated, peak reserved, segments, passthrough allocations, segments released
 void fullres_pool_stats(int64_t* out) {
   Stats s = pool().stats();
   out[0] = s.allocated;
@@ -252,6 +291,7 @@ void fullres_pool_stats(int64_t* out) {
   out[3] = s.peak_reserved;
   out[4] = s.segments;
   out[5] = s.fallback;
+  out[6] = s.released;
 }
 
 void fullres_pool_trace(int on) { pool().trace(on != 0); }

@@ -66,6 +66,9 @@ def profile(job: JobConfig, loss: str = "dice", device: str = "cpu", steps: int 
     """Estimate (dry run) and measurement (real steps in a fresh process) of one job on `device`:
     ``{"measured_bytes", "estimated_bytes", "error"}`` with ``error = (estimated - measured) / measured``,
     the device, the caching allocator's reserved bytes (CUDA; None on CPU) and each step's seconds."""
+    from fullres.memory.malloc import prepare_pool_for
+
+    prepare_pool_for(job.strategy, device)  # the measured child runs under it: the dry run must know if it can
     estimated = dryrun_estimate(job, device, loss).peak_bytes
     peak = measure_peak(job, steps=steps, loss=loss, device=device)
     measured = peak.measured_bytes

@@ -75,15 +75,44 @@ POLICIES = ("pool", "fixed", "cached", "default")
 
 
 @functools.lru_cache(maxsize=1)
-def pool_unavailable() -> str | None:
-    """Why the CPU pool cannot be used here (one line), or None when it can (it is built if needed). Once
-    per process: every dry run asks (`plan` runs dozens), and a failed build must not be retried each time."""
+def _load_pool() -> str | None:
     from fullres.memory import cpu_pool
 
     try:
         cpu_pool.load()
     except (RuntimeError, OSError) as error:
         return str(error)
+    return None
+
+
+def prepare_pool() -> str | None:
+    """Build (if needed) and load the CPU pool; why it cannot be used here (one line), or None. Commands that
+    train call this (through :func:`set_training_malloc_policy`, or before the dry run of the job they are
+    about to run, so that it estimates the allocator the job gets); once per process, a failed build is
+    not retried. Raises UserError when the pool's cache folder is not private to this user."""
+    return _load_pool()
+
+
+def prepare_pool_for(strategy, device: str = "cpu") -> None:
+    """:func:`prepare_pool` where a job with this strategy, in either memory layout (the layout trial may
+    switch it), would run under the pool; nothing otherwise. For commands that train, before their dry
+    runs."""
+    from dataclasses import replace
+
+    if any(wanted_policy(replace(strategy, channels_last=layout), device) == "pool" for layout in (False, True)):
+        prepare_pool()
+
+
+def pool_unavailable(build: bool = False) -> str | None:
+    """Why the CPU pool cannot be used here (one line), or None when it can. Builds it only when `build`;
+    otherwise (`estimate`, `plan`: they never train) the answer of this process's :func:`prepare_pool` if
+    it ran, else whether a trustworthy library is already built (:func:`fullres.memory.cpu_pool.cached`)."""
+    from fullres.memory import cpu_pool
+
+    if build or _load_pool.cache_info().currsize:
+        return prepare_pool()
+    if cpu_pool.cached() is None:
+        return "the CPU pool is not built yet (the first training command here builds it)"
     return None
 
 
@@ -103,11 +132,11 @@ def wanted_policy(strategy=None, device: str = "cpu") -> str:
     return "pool" if strategy.precision == "fp32" and strategy.channels_last else "default"
 
 
-def policy_for(strategy=None, device: str = "cpu") -> str:
+def policy_for(strategy=None, device: str = "cpu", build: bool = False) -> str:
     """The allocator policy the job runs under: `wanted_policy`, but glibc's default where the pool is
-    wanted and cannot be built."""
+    wanted and cannot be used (`build`: see :func:`pool_unavailable`)."""
     wanted = wanted_policy(strategy, device)
-    return "default" if wanted == "pool" and pool_unavailable() is not None else wanted
+    return "default" if wanted == "pool" and pool_unavailable(build) is not None else wanted
 
 
 def policy_line(strategy, device: str = "cpu") -> str | None:
@@ -134,12 +163,14 @@ def _mallopt():
     return mallopt
 
 
-def set_training_malloc_policy(strategy=None, force: bool = False, device: str = "cpu") -> str | None:
-    """Put `policy_for(strategy, device)` in force ("fixed" when `force`). Returns the policy's name, or
-    None when nothing changed (the default policy, or no glibc)."""
+def set_training_malloc_policy(strategy=None, force: bool = False, device: str = "cpu",
+                               build: bool = True) -> str | None:
+    """Put `policy_for(strategy, device, build)` in force ("fixed" when `force`). Returns the policy's name,
+    or None when nothing changed (the default policy, or no glibc). `build` False: the pool only if it is
+    built already (the runtime calibrations of `estimate` and `plan`)."""
     from fullres.memory import cpu_pool
 
-    policy = "fixed" if force else policy_for(strategy, device)
+    policy = "fixed" if force else policy_for(strategy, device, build)
     if policy == "pool":
         cpu_pool.install()
         return policy

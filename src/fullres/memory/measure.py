@@ -42,16 +42,18 @@ class MeasuredPeak:
 
 
 def measure_peak(job: JobConfig, steps: int = 2, loss: str = "dice", device: str = "cpu",
-                 threads: int | None = None, timeout: float | None = None) -> MeasuredPeak:
+                 threads: int | None = None, timeout: float | None = None, build_pool: bool = True) -> MeasuredPeak:
     """Run `steps` real training steps of `job` in a fresh subprocess and return its peak memory.
 
     `threads` sets OMP_NUM_THREADS / torch threads in the child (default: the machine's default).
+    `build_pool` False: the child uses the CPU pool only if it is built already (see memory/malloc.py).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    request = {"job": job.to_json(), "steps": steps, "loss": loss, "device": device, "threads": threads}
+    request = {"job": job.to_json(), "steps": steps, "loss": loss, "device": device, "threads": threads,
+               "build_pool": build_pool}
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -126,7 +128,8 @@ def _child(request: dict) -> dict:
         torch.set_num_threads(int(request["threads"]))
     job = JobConfig.from_json(request["job"])
     device = torch.device(request["device"])
-    malloc_policy = set_training_malloc_policy(job.strategy, device=device.type)  # as `fullres train` runs it
+    malloc_policy = set_training_malloc_policy(job.strategy, device=device.type,  # as `fullres train` runs it
+                                               build=request.get("build_pool", True))
     cuda = device.type == "cuda"
     baseline, _ = _rss_bytes()
     parts_before = _rss_parts()

@@ -85,7 +85,7 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
     cached = None if refresh else cache_lookup(path, key)
     if cached is not None:
         return max(0, int(cached["measured_bytes"]) - tensors)
-    runs = [measure.measure_peak(small, steps=2, threads=torch.get_num_threads()).measured_bytes
+    runs = [measure.measure_peak(small, steps=2, threads=torch.get_num_threads(), build_pool=False).measured_bytes
             for _ in range(NOISY_RUNS if key["policy"] in NOISY_POLICIES else 1)]
     measured = int(statistics.median(runs))
     cache_store(path, key, {"measured_bytes": measured, "runs": runs})

@@ -69,8 +69,12 @@ def run_sweep(jobs: list[JobConfig], measure: bool, max_measure_bytes: int,
               repeats: int = 1) -> tuple[list[SweepRow], list[str]]:
     """Rows for every job on `device` ("cpu" or "cuda"), each measured `repeats` times; jobs whose dry run
     exceeds `max_measure_bytes` are estimated, not measured (listed in the second return value)."""
+    from fullres.memory.malloc import prepare_pool_for
+
     rows, unmeasured = [], []
     for job in jobs:
+        if measure:
+            prepare_pool_for(job.strategy, device)  # as the measured child will (once per process)
         estimate = dryrun_estimate(job, device)
         measured = []
         if measure and estimate.peak_bytes <= max_measure_bytes:
