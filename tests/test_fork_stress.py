@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="t
               pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None,
                                  reason="no C++ compiler: the pool is not built")]
 
-FORKS = 1200
+FORKS = 1000
 
 STRESS = """
 import os, signal, sys, threading, time
