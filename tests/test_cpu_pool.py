@@ -230,24 +230,34 @@ def test_a_cache_folder_of_another_user_is_refused_in_one_line(tmp_path):
     assert run_python(code, XDG_CACHE_HOME=str(tmp_path)) == "None"  # and estimate models glibc, untouched
 
 
-def test_estimate_does_not_build_the_pool_and_profile_does(tmp_path):
-    """`estimate` never trains: its dry run and its runtime calibration use the pool only once a training
-    command has built it. `profile` trains, so it builds it first and its dry run knows what it got."""
+NO_BUILD = """
+import os, sys
+from fullres.config import JobConfig, ModelConfig, Strategy
+from fullres.memory import measure
+from fullres.memory.dryrun import dryrun
+from fullres.memory.malloc import prepare_pool_for
+marker = sys.argv[1]
+job = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=1, strategy=Strategy(channels_last=True))
+print(dryrun(job, runtime=0).allocator, os.path.exists(marker))  # what `estimate` and `plan` run
+calibration = measure.measure_peak(job, steps=1, build_pool=False)  # their runtime term's measurement
+print(calibration.extra["malloc_policy"], os.path.exists(marker))
+prepare_pool_for(job.strategy)  # what `train`, `profile` and `sweep` call before their dry runs
+print(dryrun(job, runtime=0).allocator, os.path.exists(marker))
+"""
+
+
+def test_estimate_and_plan_do_not_build_the_pool_and_training_commands_do(tmp_path):
+    """`estimate` and `plan` never train: their dry runs and runtime calibrations use the pool only once a
+    training command has built it, and model glibc's default until then. (That `train` builds it before
+    its preflight: tests/test_train_preflight.py.)"""
     marker = tmp_path / "compiler-ran"
     compiler = tmp_path / "g++"
     compiler.write_text(f"#!/bin/sh\ntouch {marker}\necho 'error: not a compiler' >&2\nexit 1\n")
     compiler.chmod(0o755)
-    env = {**os.environ, "CXX": str(compiler), "XDG_CACHE_HOME": str(tmp_path / "cache"), "FULLRES_MALLOC": ""}
-    job = ["--shape", "16", "16", "16", "--filters", "2", "--channels-last"]
-    done = subprocess.run([sys.executable, "-m", "fullres", "estimate", "--method", "dryrun", *job], env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "(allocator: default)" in done.stdout
-    assert not marker.exists() and not (tmp_path / "cache" / "fullres" / "cpu_pool").exists()
-    done = subprocess.run([sys.executable, "-m", "fullres", "profile", "--steps", "1", *job], env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert marker.exists()
+    out = run_python(NO_BUILD, str(marker), CXX=str(compiler), XDG_CACHE_HOME=str(tmp_path / "cache"),
+                     FULLRES_MALLOC="")
+    assert out.splitlines() == ["default False", "None False", "default True"]
+    assert not list((tmp_path / "cache").rglob("*.so"))
 
 
 RELEASE = """
