@@ -106,12 +106,14 @@ def test_estimate_json_unchanged_on_six_jobs(monkeypatch):
     """`fullres estimate --json`, both methods, equals the answers recorded before the package was
     layered (the runtime term fixed at 100 MB, 2 threads: the tensors' model is what is compared)."""
     from fullres.cli import main
-    from fullres.memory import runtime
+    from fullres.memory import malloc, runtime
 
     golden = json.loads(GOLDEN.read_text())
     if golden["cpu_capability"] != torch.backends.cpu.get_cpu_capability():
         pytest.skip(f"recorded on {golden['cpu_capability']}: oneDNN's workspaces differ by vector ISA")
     monkeypatch.setattr(runtime, "measured_runtime_bytes", lambda job, *args, **kwargs: 100_000_000)
+    # as where a training command has built the CPU pool: estimate then models it for fp32 channels-last
+    monkeypatch.setattr(malloc, "pool_unavailable", lambda build=False: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -177,7 +178,7 @@ LOAD = ("import torch; from fullres.memory import cpu_pool; cpu_pool.install(); 
 def built_library(cache):
     """A library built into the cache folder `cache` (a test's own): its path."""
     out = run_python("from fullres.memory import cpu_pool; print(cpu_pool.build())", XDG_CACHE_HOME=str(cache))
-    return cpu_pool.Path(out)
+    return Path(out)
 
 
 @needs_compiler

@@ -162,7 +162,7 @@ def _new_run(request: TrainRequest, main_process: bool, log) -> TrainConfig:
     classes = len(index.labels) if options["target"] == "classes" else None
     job = request.make_job(options, len(channels), classes)
     device = pick_device(options["device"], Process())
-    prepare_pool_for(job.strategy, device.type)  # built before the dry runs, so they see the allocator the job gets
+    prepare_pool_for(job.strategy, device.type, either_layout=request.autotune)  # before the dry runs: they model it
     if not request.force:
         budget = request.memory or available_memory(device)
         method = default_method()

@@ -93,13 +93,14 @@ def prepare_pool() -> str | None:
     return _load_pool()
 
 
-def prepare_pool_for(strategy, device: str = "cpu") -> None:
-    """:func:`prepare_pool` where a job with this strategy, in either memory layout (the layout trial may
-    switch it), would run under the pool; nothing otherwise. For commands that train, before their dry
-    runs."""
+def prepare_pool_for(strategy, device: str = "cpu", either_layout: bool = False) -> None:
+    """:func:`prepare_pool` where a job with this strategy would run under the pool (`either_layout`: in
+    either memory layout, for a job whose layout a trial may still switch); nothing otherwise. For
+    commands that train, before their dry runs."""
     from dataclasses import replace
 
-    if any(wanted_policy(replace(strategy, channels_last=layout), device) == "pool" for layout in (False, True)):
+    layouts = (False, True) if either_layout else (strategy.channels_last,)
+    if any(wanted_policy(replace(strategy, channels_last=layout), device) == "pool" for layout in layouts):
         prepare_pool()
 
 
