@@ -187,9 +187,44 @@ def test_two_processes_equal_one_with_the_same_global_batch(train_msd, tmp_path)
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(train_msd, tmp_path):
-    flags = ["--shape", "32", "32", "24", "--filters", "2", "--batch", "1", "--workers", "0", "--threads", "1",
-             "--quiet", "--epochs", "6", "--schedule", "constant", "--device", "cpu"]
+# Runs `fullres ARGS...` with every checkpoint write cut short: after half of the bytes of the Nth write
+# reached the temporary file, the process SIGKILLs itself, so a kill lands inside a checkpoint write for sure
+# (a kill from outside at a random moment rarely does: a tiny checkpoint takes microseconds to write).
+KILL_DURING_WRITE = """
+import contextlib, os, signal, sys
+import fullres.checkpoint as checkpoint
+original, writes, at = checkpoint.atomic_write, [0], int(os.environ["KILL_AT_WRITE"])
+
+@contextlib.contextmanager
+def killing(path):
+    with original(path) as file:
+        class Half:
+            def write(self, data):
+                writes[0] += 1
+                if writes[0] == at:
+                    data = bytes(data)
+                    file.write(data[: len(data) // 2])
+                    file.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return file.write(data)
+        yield Half()
+
+checkpoint.atomic_write = killing
+from fullres.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("schedule", [["--schedule", "constant", "--workers", "0"], []],
+                         ids=["constant-no-workers", "defaults"])
+def test_sigkill_at_random_moments_and_during_writes_then_resume_gives_the_uninterrupted_weights(
+        train_msd, tmp_path, schedule):
+    """Five SIGKILLs per run: three at random moments from outside, two inside a checkpoint write (its
+    temporary file left behind proves it); after each, last.pt loads and --resume goes on, and the run ends
+    with exactly the weights of an uninterrupted one. With the default schedule (cosine) and data-loading
+    workers (1) too."""
+    flags = ["--shape", "32", "32", "24", "--filters", "2", "--batch", "1", "--threads", "1", "--quiet",
+             "--epochs", "6", "--device", "cpu", *schedule]
     command = [sys.executable, "-m", "fullres", "train", str(train_msd)]
     reference = subprocess.run([*command, "--out", str(tmp_path / "ref"), *flags], capture_output=True, text=True,
                                env=subprocess_env())
@@ -199,29 +234,36 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(t
     rng = random.Random(1)
     kills, during_write, first = 0, 0, True
     while True:
-        argv = [*command, "--out", str(run), *flags] if first else \
-            [sys.executable, "-m", "fullres", "train", "--out", str(run), "--resume", "--quiet"]
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
-        deadline = time.monotonic() + rng.uniform(2.0, 8.0)
-        while process.poll() is None and time.monotonic() < deadline and kills < 5:
-            # Prefer to strike while a checkpoint is being written (its temp file exists).
-            if kills % 2 == 1 and any(p.name.endswith(".tmp") for p in run.glob(".*.pt.*")):
-                during_write += 1
-                break
-            time.sleep(0.0005 if kills % 2 == 1 else 0.05)
-        if process.poll() is None and kills < 5:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
+        cli = [*command[:3], "train", str(train_msd), "--out", str(run), *flags] if first else \
+            [*command[:3], "train", "--out", str(run), "--resume", "--quiet"]
+        outside = kills - during_write
+        in_write = not first and during_write < 2 and (outside >= 3 or kills >= 2 * during_write + 1)
+        if in_write:
+            cli = [sys.executable, "-c", KILL_DURING_WRITE, *cli[3:]]
+        env = {**subprocess_env(), "KILL_AT_WRITE": "1"}
+        before = set(run.glob(".*.tmp"))
+        process = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        if not in_write and outside < 3:
+            deadline = time.monotonic() + rng.uniform(2.0, 7.0)
+            while process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+        _, err = process.communicate()
+        if process.returncode == -signal.SIGKILL:
             kills += 1
+            if in_write:
+                left = set(run.glob(".*.pt.*.tmp")) - before
+                assert left, "killed in a checkpoint write, yet no temporary file was left"
+                during_write += 1
+        elif process.returncode == 0:
+            break
         else:
-            _, err = process.communicate()
-            if process.returncode == 0:
-                break
-            assert process.returncode == 0, err.decode()[-2000:]
+            raise AssertionError(err.decode()[-2000:])
         if (run / "last.pt").exists():
             load_checkpoint(run / "last.pt")  # never unreadable, whenever the kill came
         first = not (run / "config.json").exists()  # killed before config.json: a new run, else --resume
-    assert kills >= 3
+    assert kills == 5 and during_write == 2, (kills, during_write)
     reference_weights, resumed = weights(tmp_path / "ref" / "last.pt"), weights(run / "last.pt")
     for name in reference_weights:
         torch.testing.assert_close(resumed[name], reference_weights[name], rtol=0, atol=0, msg=name)

@@ -170,6 +170,26 @@ def print_json(data: object) -> None:
     print(json.dumps(data, indent=2))
 
 
+def refuse_existing(path: Path, option: str, overwrite: bool, ours=None) -> None:
+    """Before any work: refuse an output file `path` that is a folder, or that exists and is not this
+    command's own earlier output (`ours(path)` true) unless `overwrite`."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder: give a file path")
+    if (path.exists() or path.is_symlink()) and not overwrite and not (ours is not None and ours(path)):
+        raise UserError(f"{option} {path} exists: choose another path, or --overwrite")
+
+
+def starts_with(header: str):
+    """`ours` for refuse_existing: a file whose first line is `header` (this command's own CSV)."""
+    def ours(path: Path) -> bool:
+        try:
+            with path.open(errors="replace") as file:
+                return file.readline().rstrip("\r\n") == header
+        except OSError:
+            return False
+    return ours
+
+
 # ---- estimate -----------------------------------------------------------------------------------
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -263,6 +283,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fullres.figures import figure6_chart
 
     job = job_from_args(args)
+    if args.chart:
+        refuse_existing(Path(args.chart), "--chart", args.overwrite)
     device = pick_device(args.device, Process())
     if device.type == "cpu":
         configure_cpu(args.threads, Process())
@@ -291,8 +313,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import csv
 
     from fullres.figures import figure3_memory_vs_size, figure5_estimate_vs_measured
-    from fullres.memory.sweep import run_sweep, sweep_jobs, write_sweep_csv
+    from fullres.memory.sweep import CSV_COLUMNS, run_sweep, sweep_jobs, write_sweep_csv
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for sweep.csv and the figures")
+    earlier = starts_with(",".join(CSV_COLUMNS))(out / "sweep.csv")  # an earlier sweep's files may be replaced
+    for name in ("sweep.csv", "figure3_memory_vs_size.png", "figure5_estimate_vs_measured.png"):
+        refuse_existing(out / name, f"--out {out}:", args.overwrite, lambda path: earlier)
     base = job_from_args(args)
     device = memory_device(args.device)
     try:
@@ -300,7 +328,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                           {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing_sweep])
     except ValueError as error:
         raise UserError(f"--shapes: {error}") from None
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'shape':<14}{'batch':>6}  {'strategy':<46}{'Table 1':>12}{'dry run':>12}{'measured':>12}{'error':>9}")
 
@@ -398,7 +425,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from fullres.data.check import check_dataset
 
-    report = check_dataset(Path(args.data), layout=args.layout)
+    data = Path(args.data)
+    if not data.is_dir():  # the command's own error (stderr), not a finding about a dataset (stdout)
+        raise UserError(f"{data}: {'not a folder' if data.exists() else 'no such folder'} (give a dataset folder)")
+    report = check_dataset(data, layout=args.layout)
     for line in report.lines():
         print(line)
     print(report.summary())
@@ -420,6 +450,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from fullres.train import TrainRequest, run
 
+    if args.data is not None and not Path(args.data).is_dir():  # before --out is made
+        raise UserError(f"DATA {args.data}: {'not a folder' if Path(args.data).exists() else 'no such folder'}")
     options = {name: getattr(args, name) for name in (*JOB_FLAGS, "epochs", "lr", "loss", "schedule", "seed",
                                                        "val_fraction", "device", "threads", "workers")}
     run(TrainRequest(out=Path(args.out), data=Path(args.data) if args.data is not None else None, options=options,
@@ -435,22 +467,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fullres.predict import predict_files
 
     written = predict_files(Path(args.run_dir), args.inputs, Path(args.out), pick_device(args.device, Process()),
-                            probabilities=args.probabilities, progress=not args.quiet, layout=args.layout)
+                            probabilities=args.probabilities, progress=not args.quiet, layout=args.layout,
+                            overwrite=args.overwrite)
     print(f"wrote {len(written)} mask(s) to {args.out}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fullres.metrics import evaluate_folders, result_columns, write_metrics_csv
+    from fullres.metrics import METRIC_NAMES, evaluate_folders, result_columns, write_metrics_csv
 
     if args.challenge is not None and not args.lesion_wise:
         raise UserError("--challenge sets the lesion-wise parameters: it needs --lesion-wise")
     rule = (args.challenge or DEFAULT_CHALLENGE) if args.lesion_wise else None
+    csv_path = Path(args.csv) if args.csv else Path(args.pred) / "metrics.csv"
+    refuse_existing(csv_path, "--csv", args.overwrite, starts_with(",".join(["case", "region", *METRIC_NAMES])))
     layout, label_regions = evaluation_regions(Path(args.pred), Path(args.labels), args.layout)
     result = evaluate_folders(args.pred, args.labels, tolerance_mm=args.tolerance, regions=label_regions,
                               pred_is_binary_wt=args.wt_only or predictions_are_binary(Path(args.pred)),
                               lesion_rule=rule)
-    csv_path = Path(args.csv) if args.csv else Path(args.pred) / "metrics.csv"
     write_metrics_csv(result, csv_path)
     if args.json:
         print_json(result)
@@ -676,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--chart", default=None, help="write the Figure 6 bar chart here (PNG)")
+    bench.add_argument("--overwrite", action="store_true", help="replace an existing --chart")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.set_defaults(run=cmd_bench)
 
@@ -695,6 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "glibc's default heap a job's peak varies by a few per cent)")
     add_memory_device_argument(sweep)
     sweep.add_argument("--out", required=True, help="folder for sweep.csv and the figures")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="replace files in --out that an earlier sweep did not write")
     sweep.set_defaults(run=cmd_sweep)
 
 
@@ -747,6 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     predict.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
                          help="the input folders' layout (default: detected); masks follow its names and labels")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace masks in --out that an earlier predict did not write (never the inputs)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(run=cmd_predict)
 
@@ -755,7 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("labels", help="folder of ground-truth label maps (same file names)")
     evaluate.add_argument("--tolerance", type=positive_float, default=1.0, help="NSD tolerance in mm (default 1)")
     evaluate.add_argument("--wt-only", action="store_true", help="predictions are {0,1} whole-tumour masks")
-    evaluate.add_argument("--csv", default=None, help="CSV path (default: PRED/metrics.csv)")
+    evaluate.add_argument("--csv", default=None,
+                          help="CSV path (default: PRED/metrics.csv; an earlier evaluate's CSV is replaced)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace a --csv that evaluate did not write")
     evaluate.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
                           help="the labels' layout, for the values of WT/TC/ET (default: from PRED/prediction.json "
                                "or the labels' folder; else MSD's)")

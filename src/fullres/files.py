@@ -28,8 +28,10 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
             os.fchmod(file.fileno(), 0o666 & ~current_umask())
             os.fsync(file.fileno())
         os.replace(temp_name, path)
-    except BaseException:
+    except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:  # a failed write names no file: name `path`
+            raise OSError(error.errno, error.strerror or f"write failed ({error}; is the disk full?)", str(path)) from error
         raise
 
 

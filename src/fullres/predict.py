@@ -5,6 +5,7 @@ whole volumes in one pass when they fit, and NIfTI masks written back in each in
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -59,7 +60,12 @@ def load_predictor(run_or_checkpoint: Path, device: torch.device) -> Predictor:
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"{checkpoint}: the checkpoint holds no readable run configuration ({error})") from None
     model = build_model(config.job.model, config.job.shape)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError) as error:  # weights of another network than its config describes
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{checkpoint}: its weights do not fit the network its configuration describes "
+                        f"({detail[:200]})") from None
     return Predictor(prepare_model(model.to(device).eval(), inference_strategy(config)), config, checkpoint)
 
 
@@ -186,19 +192,84 @@ def labels_from_probabilities(probabilities: np.ndarray, target: str, threshold:
     return probabilities.argmax(0).astype(np.uint8)
 
 
+def output_paths(out: Path, cases: list[PredictInput], probabilities: bool) -> list[Path]:
+    """Every file `predict_files` writes in `out`: each case's mask (and probabilities), then prediction.json."""
+    names = [f"{case.case_id}.nii.gz" for case in cases]
+    names += [f"{case.case_id}_prob.nii.gz" for case in cases] if probabilities else []
+    return [out / name for name in names] + [out / "prediction.json"]
+
+
+def check_output_folder(out: Path, cases: list[PredictInput], inputs: list[str], probabilities: bool,
+                        overwrite: bool) -> None:
+    """Refuse, before any work, an `out` that would lose a file: a file in its place, a folder holding any
+    input (never, even with `overwrite`), or masks already there that an earlier `predict` did not write
+    (its prediction.json lists its own) unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for the masks")
+    if not out.is_dir():
+        return
+    here = out.resolve()
+    for case in cases:
+        for path in (case.image if isinstance(case.image, tuple) else (case.image,)):
+            if Path(path).resolve().parent == here:
+                raise UserError(f"--out {out} holds the input {path}: write the masks to another folder")
+    for item in map(Path, inputs):
+        if item.is_dir() and item.resolve() == here:
+            raise UserError(f"--out {out} is the input folder {item}: write the masks to another folder")
+    if overwrite:
+        return
+    own: set[str] = set()
+    try:  # what an earlier predict wrote here may be replaced
+        info = json.loads((out / "prediction.json").read_text())
+        listed = [str(name) for name in info.get("cases", [])]
+        own = {"prediction.json", *listed, *(name.replace(".nii.gz", "_prob.nii.gz") for name in listed)}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    for path in output_paths(out, cases, probabilities):
+        if (path.exists() or path.is_symlink()) and path.name not in own:
+            raise UserError(f"--out {out}: {path.name} exists and was not written by fullres predict; "
+                            "choose another folder, or --overwrite")
+
+
+def load_input(case: PredictInput, config: TrainConfig, trained: DatasetIndex | None):
+    """One case read and preprocessed as the run expects: (image, crop box, source image). Raises UserError
+    naming the file when it is unreadable, has the wrong channels or non-finite voxels, or a shape the
+    network cannot take."""
+    data = config.data
+    if case.index is not None and trained is not None and case.index.modalities != trained.modalities:
+        data = replace(data, channels=match_channels(trained.modalities, data.channels, case.index.modalities))
+    image, box, source = load_case_image(case.image, data, case_id=case.case_id)
+    if not np.isfinite(image).all():  # a NaN would silently become an empty mask: count them in the file
+        for path in (case.image if isinstance(case.image, tuple) else (case.image,)):
+            raw = np.asanyarray(nib.load(path).dataobj)
+            bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+            if bad:
+                raise UserError(f"{path}: {bad} voxels are NaN or infinite; fix the image (fullres predicts no "
+                                "mask from them)")
+    check_divisible(config.job.model, image.shape[1:])
+    return image, box, source
+
+
 def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device: torch.device,
-                  probabilities: bool = False, progress: bool = True, log=print, layout: str | None = None) -> list[Path]:
+                  probabilities: bool = False, progress: bool = True, log=print, layout: str | None = None,
+                  overwrite: bool = False) -> list[Path]:
     """Predict every input, writing OUT/<case>.nii.gz (and OUT/<case>_prob.nii.gz). Returns the mask paths.
 
+    Nothing is written until every input has been read and checked (readable, the run's channels, finite,
+    a shape the network takes), and each file is written atomically; `out` must not hold an input, and a
+    file there that an earlier predict did not write is replaced only with `overwrite`.
     A dataset folder's cases are named and valued in its own layout (BraTS 2021: BraTS2021_XXXXX.nii.gz with
     0/1/2/4); loose files in the training dataset's layout. Channels are matched by modality name.
     """
     from tqdm import tqdm
 
     cases = expand_inputs(inputs, layout)  # check every input before the first (long) prediction
+    check_output_folder(out, cases, inputs, probabilities, overwrite)
     predictor = load_predictor(run_or_checkpoint, device)
     config = predictor.config
     trained = training_dataset(config)
+    for case in tqdm(cases, desc="check inputs", disable=not progress or len(cases) < 2):
+        load_input(case, config, trained)  # every input readable and usable before the first mask is written
     need, have = forward_bytes(config), available_memory(device)
     whole = need <= have
     log(f"predicting {len(cases)} case(s) with {predictor.checkpoint} "
@@ -209,18 +280,7 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     for case in tqdm(cases, desc="predict", disable=not progress):
         source_index = case.index or trained
         regions = source_index.regions if source_index is not None else dict(MSD_REGIONS)
-        data = config.data
-        if case.index is not None and trained is not None and case.index.modalities != trained.modalities:
-            data = replace(data, channels=match_channels(trained.modalities, data.channels, case.index.modalities))
-        image, box, source = load_case_image(case.image, data, case_id=case.case_id)
-        if not np.isfinite(image).all():  # a NaN would silently become an empty mask: count them in the file
-            for path in (case.image if isinstance(case.image, tuple) else (case.image,)):
-                raw = np.asanyarray(nib.load(path).dataobj)
-                bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
-                if bad:
-                    raise UserError(f"{path}: {bad} voxels are NaN or infinite; fix the image (fullres predicts no "
-                                    "mask from them)")
-        check_divisible(config.job.model, image.shape[1:])
+        image, box, source = load_input(case, config, trained)
         probs = predict_volume(predictor, image, device, whole)
         same = trained is not None and source_index is not None and source_index.root == trained.root
         labels = output_labels(labels_from_probabilities(probs, config.data.target), config.data.target, trained,

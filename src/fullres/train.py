@@ -329,10 +329,14 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
         start_epoch, best_dice, history = 0, -1.0, []
         if resume and (run_dir / LAST).exists():  # killed before the first checkpoint: start over
             state = load_checkpoint(run_dir / LAST)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch, best_dice, history = state["epoch"], state["best_dice"], state["history"]
+            try:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                start_epoch, best_dice, history = state["epoch"], state["best_dice"], state["history"]
+            except (KeyError, TypeError, ValueError, RuntimeError) as error:  # another run's, or another network's
+                detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                raise UserError(f"{run_dir / LAST}: does not fit the run's configuration in config.json ({detail})") from None
             if process.main:
                 log(f"resuming after epoch {start_epoch} of {config.epochs} from {run_dir / 'last.pt'}")
         network = model

@@ -16,10 +16,16 @@ step keeps a different amount each run: 540-562 MB over nine fresh processes for
 on machine B. There the term is the median of three measurements, so that one unlucky process does not bias
 every later estimate; under the pool and the fixed thresholds a job's peak repeats to within 0.5 MB, and
 the term is measured once.
+
+So that one job gives the same bytes in every process, the measurement is made once per machine and
+cached: processes that need the same term at once wait on a lock beside the cache and read the first
+one's measurement, and where the cache folder cannot be written (a read-only home) the term is not
+measured at all but the constant :data:`fullres.memory.dryrun.CPU_RUNTIME_BYTES` (and its bf16 part).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -32,7 +38,7 @@ import torch
 from fullres.config import JobConfig
 from fullres.files import cache_lookup, cache_store, user_cache_dir
 from fullres.model import spatial_divisor
-from fullres.memory.dryrun import dryrun
+from fullres.memory.dryrun import dryrun, runtime_bytes
 from fullres.memory.malloc import ENV, policy_for
 from fullres.memory import measure
 
@@ -85,8 +91,40 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
     cached = None if refresh else cache_lookup(path, key)
     if cached is not None:
         return max(0, int(cached["measured_bytes"]) - tensors)
-    runs = [measure.measure_peak(small, steps=2, threads=torch.get_num_threads(), build_pool=False).measured_bytes
-            for _ in range(NOISY_RUNS if key["policy"] in NOISY_POLICIES else 1)]
-    measured = int(statistics.median(runs))
-    cache_store(path, key, {"measured_bytes": measured, "runs": runs})
+    with _measuring(path) as writable:
+        if not writable:  # a measurement no later process could read: every process would get its own
+            return runtime_bytes(job)
+        cached = None if refresh else cache_lookup(path, key)  # measured by another process meanwhile
+        if cached is not None:
+            return max(0, int(cached["measured_bytes"]) - tensors)
+        runs = [measure.measure_peak(small, steps=2, threads=torch.get_num_threads(),
+                                        build_pool=False).measured_bytes
+                for _ in range(NOISY_RUNS if key["policy"] in NOISY_POLICIES else 1)]
+        measured = int(statistics.median(runs))
+        cache_store(path, key, {"measured_bytes": measured, "runs": runs})
     return max(0, measured - tensors)
+
+
+@contextlib.contextmanager
+def _measuring(path: Path):
+    """Hold an exclusive lock on `path`.lock while a term is measured and stored (other processes wait,
+    then find it cached). Yields False, holding nothing, when the cache folder cannot be written."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: measured without a lock
+        yield True
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent / (path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield False
+        return
+    try:
+        if not os.access(path.parent, os.W_OK):
+            yield False
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)  # closing releases the lock
