@@ -331,12 +331,14 @@ class Outcome:
     skipped: str | None = None
     seconds: float = 0.0
     created: list = field(default_factory=list)
+    argv: list = field(default_factory=list)
 
 
 def run_row(row: Row, sandbox: Path, base: Base) -> Outcome:
     sandbox.mkdir(parents=True)
     argv = [str(a) for a in row.setup(sandbox, base)]
-    outcome = Outcome(before=tree_hashes(sandbox, row.changes))
+    outcome = Outcome(before=tree_hashes(sandbox, row.changes), argv=[a.replace(str(sandbox), "S")
+                                                                      .replace(str(base.root), "B") for a in argv])
     if row.readonly:
         (sandbox / row.readonly).chmod(0o555)
         if writes_despite_chmod(sandbox / row.readonly):
@@ -389,7 +391,13 @@ def base(tmp_path_factory) -> Base:
 
 @pytest.fixture(scope="module")
 def outcomes(base, tmp_path_factory) -> dict[str, Outcome]:
-    return run_rows(ROWS, base, tmp_path_factory.mktemp("sandboxes"))
+    results = run_rows(ROWS, base, tmp_path_factory.mktemp("sandboxes"))
+    if os.environ.get("FULLRES_RELIABILITY_TABLE"):  # docs/reliability.md's table is written from this
+        Path(os.environ["FULLRES_RELIABILITY_TABLE"]).write_text(json.dumps(
+            [{"name": row.name, "argv": results[row.name].argv, "code": results[row.name].code,
+              "stderr": results[row.name].stderr, "skipped": results[row.name].skipped,
+              "seconds": results[row.name].seconds} for row in ROWS], indent=1))
+    return results
 
 
 def test_the_table_is_large_enough():
@@ -419,3 +427,68 @@ def test_bad_input(row, outcomes, base):
 def test_no_row_changed_the_shared_files(outcomes):
     shared = outcomes["shared files"]
     assert shared.before and shared.after == shared.before
+
+
+# ---- what --overwrite and a command's own earlier output allow ----------------------------------------
+
+def test_a_commands_own_output_is_replaced_and_others_only_with_overwrite(base, tmp_path, cli):
+    pred = tmp_path / "pred"
+    assert cli("predict", base.run, base.image, "--out", pred, "--quiet")[0] == 0
+    mask = (pred / "BRATS_004.nii.gz").read_bytes()
+    assert cli("predict", base.run, base.image, "--out", pred, "--quiet")[0] == 0  # its own masks: replaced
+    assert (pred / "BRATS_004.nii.gz").read_bytes() == mask
+    foreign = tmp_path / "other"
+    text(foreign / "BRATS_004.nii.gz")
+    code, _, err = cli("predict", base.run, base.image, "--out", foreign, "--quiet")
+    assert code == 2 and "was not written by fullres predict" in err
+    assert cli("predict", base.run, base.image, "--out", foreign, "--quiet", "--overwrite")[0] == 0
+    assert (foreign / "BRATS_004.nii.gz").read_bytes() == mask
+    inputs = copy(base.image, tmp_path / "in" / base.image.name)
+    code, _, err = cli("predict", base.run, inputs, "--out", inputs.parent, "--overwrite", "--quiet")
+    assert code == 2 and "holds the input" in err  # never the inputs, even with --overwrite
+    # evaluate: its own CSV again, a foreign one only with --overwrite
+    labels, scored = base.data / "labelsTs", copy(base.pred, tmp_path / "scored")
+    assert cli("evaluate", scored, labels)[0] == 0 and cli("evaluate", scored, labels)[0] == 0
+    mine = text(tmp_path / "scores.csv")
+    assert cli("evaluate", scored, labels, "--csv", mine)[0] == 2 and mine.read_text() == "not what it should be\n"
+    assert cli("evaluate", scored, labels, "--csv", mine, "--overwrite")[0] == 0
+    assert mine.read_text().startswith("case,region,dice,nsd,hd95\n")
+    # sweep: its own folder again
+    for _ in range(2):
+        assert cli("sweep", "--shapes", "16", "--filters", "2", "--no-measure", "--checkpointing-sweep", "off",
+                   "--out", tmp_path / "sweep")[0] == 0
+
+
+# ---- the dry run gives the same bytes in every process --------------------------------------------------
+
+DRYRUN = [sys.executable, "-m", "fullres", "estimate", "--method", "dryrun", "--json", *SHAPE, "--filters", "2",
+          "--batch", "1", "--checkpointing"]
+
+
+def test_the_dry_run_gives_the_same_bytes_in_two_processes(tmp_path):
+    """Two processes started together with an empty cache: one measures the runtime term, the other waits
+    for it (under glibc each measurement differs by up to tens of MB, so two would disagree); a cache that
+    cannot be written gives the constant term, the same in every process."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    started = [subprocess.Popen(DRYRUN, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for _ in range(2)]
+    results = [process.communicate() + (process.returncode,) for process in started]
+    assert [code for _, _, code in results] == [0, 0], [err for _, err, _ in results]
+    first, second = (json.loads(out) for out, _, _ in results)
+    assert first["peak_bytes"] == second["peak_bytes"] and first["breakdown"] == second["breakdown"]
+    entry, = json.loads((tmp_path / "cache" / "fullres" / "runtime.json").read_text()).values()
+    assert first["breakdown"]["runtime"] > 0 and entry["measured_bytes"] > 0
+
+    from fullres.config import JobConfig, Strategy
+    from fullres.memory.dryrun import runtime_bytes
+    from fullres.model import ModelConfig
+
+    unwritable = {**os.environ, "XDG_CACHE_HOME": str(text(tmp_path / "a-file"))}  # no folder can be made there
+    peaks = []
+    for _ in range(2):
+        done = subprocess.run(DRYRUN, capture_output=True, text=True, env=unwritable)
+        assert done.returncode == 0, done.stderr
+        peaks.append(json.loads(done.stdout))
+    job = JobConfig(model=ModelConfig(in_channels=4, filters=2), shape=(16, 16, 16), batch=1,
+                    strategy=Strategy(checkpointing=True))
+    assert peaks[0] == peaks[1] and peaks[0]["breakdown"]["runtime"] == runtime_bytes(job)

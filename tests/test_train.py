@@ -224,7 +224,7 @@ def test_sigkill_at_random_moments_and_during_writes_then_resume_gives_the_unint
     with exactly the weights of an uninterrupted one. With the default schedule (cosine) and data-loading
     workers (1) too."""
     flags = ["--shape", "32", "32", "24", "--filters", "2", "--batch", "1", "--threads", "1", "--quiet",
-             "--epochs", "6", "--device", "cpu", *schedule]
+             "--epochs", "8", "--device", "cpu", *schedule]
     command = [sys.executable, "-m", "fullres", "train", str(train_msd)]
     reference = subprocess.run([*command, "--out", str(tmp_path / "ref"), *flags], capture_output=True, text=True,
                                env=subprocess_env())
@@ -237,16 +237,19 @@ def test_sigkill_at_random_moments_and_during_writes_then_resume_gives_the_unint
         cli = [*command[:3], "train", str(train_msd), "--out", str(run), *flags] if first else \
             [*command[:3], "train", "--out", str(run), "--resume", "--quiet"]
         outside = kills - during_write
-        in_write = not first and during_write < 2 and (outside >= 3 or kills >= 2 * during_write + 1)
+        in_write = during_write < 2 and (outside >= 3 or kills >= 2 * during_write + 1)
         if in_write:
             cli = [sys.executable, "-c", KILL_DURING_WRITE, *cli[3:]]
         env = {**subprocess_env(), "KILL_AT_WRITE": "1"}
         before = set(run.glob(".*.tmp"))
         process = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         if not in_write and outside < 3:
-            deadline = time.monotonic() + rng.uniform(2.0, 7.0)
+            # a random moment: of a new run, once it has started (config.json); of a resumed one, from its start
+            while first and process.poll() is None and not (run / "config.json").exists():
+                time.sleep(0.02)
+            deadline = time.monotonic() + rng.uniform(0.0, 3.0 if first else 6.0)
             while process.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(0.02)
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
         _, err = process.communicate()
