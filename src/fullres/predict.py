@@ -268,7 +268,7 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     predictor = load_predictor(run_or_checkpoint, device)
     config = predictor.config
     trained = training_dataset(config)
-    for case in tqdm(cases, desc="check inputs", disable=not progress or len(cases) < 2):
+    for case in cases:
         load_input(case, config, trained)  # every input readable and usable before the first mask is written
     need, have = forward_bytes(config), available_memory(device)
     whole = need <= have
