@@ -227,12 +227,14 @@ def _rows() -> list[Row]:
         R("train, missing data folder", lambda s, b: ["train", s / "nodata", "--out", s / "run", *TINY], 2,
           "nodata: no such folder", absent=("run",)),
         R("train --model unknown", lambda s, b: ["train", b.data, "--out", s / "run", *TINY, "--model", "nonet"],
-          2, "nonet"),  # (an empty run folder is left: it is made before the job is checked)
+          2, "nonet", absent=("run",)),
         R("train --model-args not JSON", lambda s, b: ["train", b.data, "--out", s / "run", *TINY,
-                                                       "--model-args", "{filters: 3"], 2, "--model-args"),
+                                                       "--model-args", "{filters: 3"], 2, "--model-args",
+          absent=("run",)),
         R("train --model-args unknown keyword", lambda s, b: ["train", b.data, "--out", s / "run", *TINY,
                                                               "--model", "monai:SegResNet", "--model-args",
-                                                              '{"no_such_arg": 1}'], 2, "no_such_arg"),
+                                                              '{"no_such_arg": 1}'], 2, "no_such_arg",
+          absent=("run",)),
         R("train --channels FOO", lambda s, b: ["train", b.data, "--out", s / "run", *TINY, "--channels", "FOO"],
           2, "unknown channel 'FOO'", absent=("run",)),
         # estimate, plan: sizes and jobs

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -144,10 +145,22 @@ def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
 
 
 def _new_run(request: TrainRequest, main_process: bool, log) -> TrainConfig:
-    """The configuration of a new run, written to RUN_DIR/config.json (by the main process)."""
+    """The configuration of a new run, written to RUN_DIR/config.json (by the main process). A job refused
+    before that leaves no trace: a RUN_DIR this command created is removed again."""
     run_dir = request.out
+    created = main_process and not run_dir.exists()
     if main_process:
         prepare_run_dir(run_dir, resume=False)
+    try:
+        return _configure_new_run(request, main_process, log)
+    except UserError:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainConfig:
+    run_dir = request.out
     defaults = job_defaults(request.options.get("model") or "unet3d", demo=request.data is None)
     options = {name: defaults[name] if value is None and name in defaults else value
                for name, value in request.options.items()}
