@@ -282,12 +282,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fullres.device import Process, configure_cpu, pick_device
     from fullres.figures import figure6_chart
 
+    if args.breakdown:
+        from fullres.bench.breakdown import DEFAULT_BATCH, DEFAULT_SHAPE, format_breakdown, run_breakdown
+        args.shape, args.batch = args.shape or DEFAULT_SHAPE, args.batch or DEFAULT_BATCH
     job = job_from_args(args)
     if args.chart:
         refuse_existing(Path(args.chart), "--chart", args.overwrite)
     device = pick_device(args.device, Process())
     if device.type == "cpu":
         configure_cpu(args.threads, Process())
+    if args.breakdown:
+        result = run_breakdown(job, device, peak_size=args.peak_size or 2048)
+        print_json(result) if args.json else print("\n".join(format_breakdown(result)))
+        return 0
     result = run_bench(job, select_variants(args.variants, device), warmup=args.warmup, repeats=args.repeats,
                        device=device, peak_size=args.peak_size or (8192 if device.type == "cuda" else 2048))
     if args.chart:
@@ -709,6 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "to fill the GPU)")
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--breakdown", action="store_true",
+                       help="where one step's time goes, per operator (torch.profiler; default job 64^3 x 1)")
     bench.add_argument("--chart", default=None, help="write the Figure 6 bar chart here (PNG)")
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --chart")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
