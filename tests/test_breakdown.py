@@ -1,6 +1,8 @@
 """`bench --breakdown`: the parts of one profiled training step add up to the step, the convolutions'
 FLOPs are torch's FLOP counter's (forward, recomputed forward, backward-data, backward-weights), every
-part has a share, and the CLI prints the same as JSON.
+part has a share, and the CLI prints the same as JSON. The fastest strategy that fits (`plan --optimize
+time`, `train --strategy auto`): FLOPs counted on fake tensors equal the real count, and the ranking
+follows the estimate (a calibration stands in for this machine's, so the test is exact).
 
 Tiny networks (2-4 filters, 16^3 voxels) on one thread.
 """
@@ -12,9 +14,12 @@ import json
 import pytest
 import torch
 
-from fullres.bench import breakdown
+from fullres.bench import breakdown, timing
 from fullres.bench.flops import count_forward_flops, count_step_flops
 from fullres.config import JobConfig, Strategy
+from fullres.errors import UserError
+from fullres.memory import plan
+from fullres.memory.plan import candidate_strategies, fastest_fitting, rank_by_time
 from fullres.model import ModelConfig
 
 
@@ -82,3 +87,69 @@ def test_cli_breakdown_json(cli):
                          "--peak-size", 64)
     assert code == 0, err
     assert "conv backward-data" in out and "sum of the parts" in out
+
+
+# ---- the fastest strategy that fits ----------------------------------------------------------------
+
+def test_fake_flops_equal_the_real_count():
+    for strategy in (Strategy(), Strategy(checkpointing=True, accumulate=2), Strategy(checkpointing=True, slabs=2)):
+        tiny = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=2 // strategy.accumulate,
+                         strategy=strategy)
+        assert timing.fake_step_flops(tiny) == count_step_flops(tiny), strategy
+
+
+def fake_calibration(job, cache_dir=None, device="cpu", max_flops=None, refresh=False):
+    """A machine that runs 1e11 FLOP/s plus a 0.25 s optimizer update."""
+    flops = timing.fake_step_flops(job)
+    assert job == timing.rate_job(job)  # calibrated without a memory strategy
+    return {"step_s": 0.25 + flops / 1e11, "optimizer_s": 0.25, "step_flops": flops, "cached": True}
+
+
+@pytest.fixture
+def calibrated(monkeypatch):
+    monkeypatch.setattr(timing, "calibration", fake_calibration)
+
+
+def ranking_job() -> JobConfig:
+    """Instance norm: no slab candidates (they need norm none), so three candidates to count."""
+    return JobConfig(model=ModelConfig(filters=4, norm="instance"), shape=(16, 16, 16), batch=2)
+
+
+def stand_in_bytes(job, method, device="cpu"):
+    """A memory model standing in for the dry run (minutes on a busy 2-core machine): 1 MB fixed plus 1 MB
+    per sample of the micro-batch, 0.6 MB with checkpointing."""
+    return 10**6 + job.batch * (6 * 10**5 if job.strategy.checkpointing else 10**6)
+
+
+def test_generous_budget_runs_as_given_tight_budget_checkpoints(calibrated, monkeypatch):
+    monkeypatch.setattr(plan, "estimate_training_bytes", stand_in_bytes)
+    job = ranking_job()
+    needs = {name: stand_in_bytes(candidate, "dryrun") for name, candidate in candidate_strategies(job, allow_bf16=False)}
+    assert list(needs) == ["as given", "checkpointing", "checkpointing + accumulate x2"]
+    ranked, tried = rank_by_time(job, 10 * needs["as given"], "dryrun", allow_bf16=False)
+    assert not tried and ranked[0].name == "as given"
+    steps = [r.step_s for r in ranked]
+    assert steps == sorted(steps)  # ordered by the estimate
+    for r in ranked:  # the estimate is the calibrated rate times the strategy's own FLOPs
+        assert r.step_s == pytest.approx(0.25 + timing.fake_step_flops(r.job) / 1e11)
+    assert ranked[1].step_flops > ranked[0].step_flops  # checkpointing recomputes the forward
+    budget = (needs["as given"] + needs["checkpointing"]) // 2
+    assert needs["checkpointing"] <= budget < needs["as given"]
+    chosen, needed, line = fastest_fitting(job, budget, "dryrun", allow_bf16=False)
+    # checkpointing and checkpointing + accumulate x2 do the same FLOPs: the less approximate wins the tie
+    assert chosen.strategy.checkpointing and chosen.batch == 2 and needed == needs["checkpointing"]
+    assert line.startswith("checkpointing (estimated") and "runner-up: checkpointing + accumulate x2" in line
+    with pytest.raises(UserError, match="does not fit"):
+        fastest_fitting(job, 1000, "dryrun", allow_bf16=False)
+
+
+def test_plan_optimize_time_prints_the_ranking(calibrated, cli):
+    code, out, err = cli("plan", "--shape", 16, 16, 16, "--batch", 2, "--filters", 4, "--norm", "instance",
+                         "--memory", "64GB", "--method", "table1", "--optimize", "time", "--json")
+    assert code == 0, err
+    ranking = json.loads(out)["ranking"]["fastest_first"]
+    assert ranking[0]["strategy"] == "as given"
+    assert [r["step_s"] for r in ranking] == sorted(r["step_s"] for r in ranking)
+    code, out, err = cli("plan", "--shape", 16, 16, 16, "--batch", 2, "--filters", 4, "--norm", "instance",
+                         "--memory", "64GB", "--method", "table1", "--optimize", "time")
+    assert code == 0 and "fastest first" in out and "checkpointing" in out

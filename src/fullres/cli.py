@@ -400,8 +400,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     job = job_from_args(args)
     result = plan(job, args.memory, args.method, memory_device(args.device))
+    ranking = None
+    if args.optimize == "time":
+        from fullres.device import Process, configure_cpu
+        from fullres.memory.plan import format_ranking, ranking_report
+        configure_cpu(0, Process())  # calibrated with the threads train uses, so train reads the same cache
+        ranking = ranking_report(job, args.memory, args.method, memory_device(args.device))
     if args.json:
-        print_json(result.to_json())
+        print_json({**result.to_json(), **({"ranking": ranking} if ranking is not None else {})})
         return 0
     verdict = "FITS" if result.fits else "DOES NOT FIT"
     print(f"Job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
@@ -411,6 +417,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"Largest batch at {' x '.join(map(str, job.shape))}: {result.max_batch or 'none (batch 1 does not fit)'}")
     shape = ' x '.join(map(str, result.max_shape)) if result.max_shape else "none (not even 16 voxels a side fits)"
     print(f"Largest shape at batch {job.batch}: {shape}")
+    if ranking is not None:
+        print("\n".join(format_ranking(ranking)))
     return 0
 
 
@@ -650,7 +658,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes (default 1)")
     parser.add_argument("--strategy", choices=("manual", "auto"), default="manual",
-                        help="auto: the least approximate strategy that fits (none, checkpointing, accumulation, bf16)")
+                        help="auto: the fastest exact strategy that fits, by estimated step time (checkpointing, "
+                             "accumulation, slabs; bf16 where the hardware has it)")
     parser.add_argument("--memory", type=memory_size, default=None,
                         help="memory budget for the preflight (default: what is available now)")
     parser.add_argument("--force", action="store_true", help="skip the memory preflight")
@@ -694,6 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--method", choices=("table1", "dryrun"), default="dryrun",
                       help="dryrun (default): the real peak of a training step, on fake tensors (seconds per "
                            "estimate); table1: the paper's hand method (Table 2's verdicts)")
+    plan.add_argument("--optimize", choices=("memory", "time"), default="memory",
+                      help="time: also rank the exact strategies that fit by estimated step time (calibrated here)")
     add_memory_device_argument(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(run=cmd_plan)

@@ -43,7 +43,7 @@ from fullres.figures import figure7_overlay, training_curves
 from fullres.files import atomic_write, write_json
 from fullres.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy
 from fullres.memory.malloc import policy_line, prepare_pool_for, set_training_malloc_policy
-from fullres.memory.plan import default_method, preflight
+from fullres.memory.plan import default_method, fastest_fitting, preflight
 from fullres.presets import DEMO_DATA
 from fullres.step import autocast, build_training, to_device, train_step
 from fullres.units import format_bytes
@@ -179,8 +179,10 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
     if not request.force:
         budget = request.memory or available_memory(device)
         method = default_method()
-        job, needed, chosen = preflight(job, budget, method, auto=request.strategy == "auto",
-                                        allow_bf16=fast_bf16(device), device=device.type)
+        if request.strategy == "auto":  # the fastest exact strategy that fits, by estimated step time
+            job, needed, chosen = fastest_fitting(job, budget, method, allow_bf16=fast_bf16(device), device=device.type)
+        else:
+            job, needed, chosen = preflight(job, budget, method, auto=False, device=device.type)
         if main_process:
             log(f"preflight ({method}): needs {format_bytes(needed)} of {format_bytes(budget)} available"
                 + (f"; --strategy auto chose: {chosen}" if request.strategy == "auto" else ""))

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fullres.bench.flops import as_device, forward_flops, random_batch, step_flops, synchronize
 from fullres.config import JobConfig
@@ -206,3 +207,65 @@ def estimate_time(job: JobConfig, cases: int, epochs: int, val_fraction: float =
         "threads": torch.get_num_threads(),
         "excludes": "data loading, checkpoint writes, validation overlays",
     }
+
+
+# ---- the step time of each memory strategy (`plan --optimize time`, `train --strategy auto`) ----------
+
+class _ScalarsOfFakes(TorchDispatchMode):
+    """``.item()`` of a fake tensor (the loss, Adam's step count) answers 1: no data, and FLOPs do not
+    depend on it."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return 1.0 if args[0].is_floating_point() else 1
+        return func(*args, **(kwargs or {}))
+
+
+_FAKE_COUNTS: dict[JobConfig, int] = {}
+
+
+def fake_step_flops(job: JobConfig) -> int:
+    """FLOPs of one training step of `job` as given (all micro-batches; checkpointing's and slabs'
+    recomputation included), counted by torch's FlopCounterMode while ``train_step`` runs on fake
+    tensors (``FakeTensorMode``: shapes only, no memory, no arithmetic), so a full-resolution job costs
+    a fraction of a second. The same count as :func:`fullres.bench.flops.count_step_flops` (tested)."""
+    if job not in _FAKE_COUNTS:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from fullres.model import build_model
+
+        counter = FlopCounterMode(display=False)
+        with FakeTensorMode(allow_non_fake_inputs=False), counter, _ScalarsOfFakes():
+            model = build_model(job.model, job.shape)
+            training = build_training(job, "cpu", model=model)
+            images, targets = random_batch(job, torch.device("cpu"))
+            train_step(model, training.optimizer, images, targets, LOSSES["dice"], job.strategy, training.scaler)
+        _FAKE_COUNTS[job] = int(counter.get_total_flops())
+    return _FAKE_COUNTS[job]
+
+
+def rate_job(job: JobConfig) -> JobConfig:
+    """The job whose calibration gives the FLOP rate of `job`'s precision: `job` with no memory strategy
+    (no checkpointing, slabs, accumulation or offload), in its precision and memory format."""
+    strategy = replace(job.strategy, checkpointing=False, slabs=1, accumulate=1, offload=False)
+    return job.with_(batch=job.effective_batch, strategy=strategy)
+
+
+def strategy_step_seconds(job: JobConfig, cache_dir: str | os.PathLike | None = None,
+                          device: str | torch.device = "cpu", max_flops: float = DEFAULT_CALIBRATION_FLOPS) -> dict:
+    """Estimated seconds of one training step of `job` under its memory strategy, without running it:
+    ``optimizer_s + (step_s - optimizer_s) x FLOPs(job) / FLOPs(calibrated)``, from the cached
+    :func:`calibration` of :func:`rate_job` (the job without a memory strategy, in its precision) and
+    the FLOPs of `job` counted on fake tensors (:func:`fake_step_flops`), so checkpointing's and slabs'
+    recomputed forward costs what its convolutions cost. One calibration per precision and memory
+    format serves every strategy. Assumes the same FLOP rate for the recomputed work and for smaller
+    micro-batches or slabs, and nothing for the non-convolution work the recomputation repeats.
+    Returns ``{"step_s", "step_flops", "calibrated_step_s", "calibrated_flops", "optimizer_s", "cached"}``."""
+    measured = calibration(rate_job(job), cache_dir=cache_dir, device=device, max_flops=max_flops)
+    flops = fake_step_flops(job)
+    optimizer_s = min(measured["optimizer_s"], measured["step_s"])
+    per_flop = (measured["step_s"] - optimizer_s) / measured["step_flops"]
+    return {"step_s": optimizer_s + per_flop * flops, "step_flops": flops, "calibrated_step_s": measured["step_s"],
+            "calibrated_flops": measured["step_flops"], "optimizer_s": optimizer_s,
+            "cached": measured.get("cached", False)}

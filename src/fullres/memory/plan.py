@@ -177,3 +177,90 @@ def refusal(job: JobConfig, budget: int, method: str, tried: list[str]) -> str:
              "fewer --filters, or tiling.",
              "  --force runs it anyway."]
     return "\n".join(lines)
+
+
+# ---- the fastest exact strategy that fits (`plan --optimize time`, `train --strategy auto`) ---------
+
+@dataclass(frozen=True)
+class RankedStrategy:
+    """One candidate strategy that fits, with its estimated step time and peak memory."""
+
+    name: str
+    job: JobConfig
+    peak_bytes: int
+    step_s: float  # estimated: FLOPs over this machine's calibrated rate (fullres.bench.timing)
+    step_flops: int
+
+    def to_json(self) -> dict:
+        return {"strategy": self.name, "describe": self.job.strategy.describe(), "batch": self.job.batch,
+                "step_s": self.step_s, "step_tflop": self.step_flops / 1e12, "peak_mb": self.peak_bytes / 1e6}
+
+
+def rank_by_time(job: JobConfig, budget: int, method: str, allow_bf16: bool = True, device: str = "cpu",
+                 step_seconds: Callable[[JobConfig], dict] | None = None) -> tuple[list[RankedStrategy], list[str]]:
+    """The candidates of :func:`candidate_strategies` that fit `budget` by `method`, fastest first by
+    estimated step time (`step_seconds(candidate)` -> ``{"step_s", "step_flops"}``; default
+    :func:`fullres.bench.timing.strategy_step_seconds`, calibrated once per precision on this machine);
+    ties keep the least approximate first. Also returns "name: bytes" of those that do not fit."""
+    if step_seconds is None:
+        from fullres.bench.timing import strategy_step_seconds
+
+        def step_seconds(candidate: JobConfig) -> dict:
+            return strategy_step_seconds(candidate, device=device)
+
+    fitting, tried = [], []
+    for name, candidate in candidate_strategies(job, allow_bf16, device):
+        needed = estimate_training_bytes(candidate, method, device)
+        if needed > budget:
+            tried.append(f"{name}: {format_bytes(needed)}")
+            continue
+        estimate = step_seconds(candidate)
+        fitting.append(RankedStrategy(name, candidate, needed, estimate["step_s"], estimate["step_flops"]))
+    order = sorted(range(len(fitting)), key=lambda i: (fitting[i].step_s, i))  # stable: exactness breaks ties
+    return [fitting[i] for i in order], tried
+
+
+def fastest_fitting(job: JobConfig, budget: int, method: str, allow_bf16: bool = True, device: str = "cpu",
+                    step_seconds: Callable[[JobConfig], dict] | None = None) -> tuple[JobConfig, int, str]:
+    """`--strategy auto`: the fastest candidate that fits (see :func:`rank_by_time`), its peak, and one line
+    naming it, its estimated step time and the runner-up's. Refuses as :func:`preflight` does when
+    nothing fits."""
+    ranked, tried = rank_by_time(job, budget, method, allow_bf16, device, step_seconds)
+    if not ranked:
+        if not allow_bf16:
+            tried.append("bf16: not tried (no hardware bf16 here; emulated it runs ~100x slower)")
+        raise UserError(refusal(job, budget, method, tried), exit_code=3)
+    best = ranked[0]
+    line = f"{best.name} (estimated {best.step_s:.2f} s/step"
+    if len(ranked) > 1:
+        line += f"; runner-up: {ranked[1].name}, {ranked[1].step_s:.2f} s/step"
+    return best.job, best.peak_bytes, line + ")"
+
+
+def ranking_report(job: JobConfig, budget: int, method: str, device: str = "cpu",
+                   step_seconds: Callable[[JobConfig], dict] | None = None) -> dict:
+    """`plan --optimize time`: :func:`rank_by_time` with bf16 only where this machine runs it natively
+    (:func:`fullres.device.fast_bf16`), JSON-ready."""
+    import torch
+
+    from fullres.device import fast_bf16
+
+    allow_bf16 = fast_bf16(torch.device(device))
+    ranked, tried = rank_by_time(job, budget, method, allow_bf16, device, step_seconds)
+    return {"fastest_first": [r.to_json() for r in ranked], "does_not_fit": tried, "budget_mb": budget / 1e6,
+            "method": method, "bf16": "tried" if allow_bf16 else "not tried (no hardware bf16 here)"}
+
+
+def format_ranking(report: dict) -> list[str]:
+    lines = [f"Exact strategies that fit, fastest first (step time estimated from FLOPs and this machine's "
+             f"calibrated rate; memory: {report['method']}):",
+             f"  {'#':<3}{'strategy':<48}{'batch':>6}{'step s':>10}{'TFLOP':>9}{'peak':>12}"]
+    for index, row in enumerate(report["fastest_first"], 1):
+        lines.append(f"  {index:<3}{row['strategy'][:47]:<48}{row['batch']:>6}{row['step_s']:>10.2f}"
+                     f"{row['step_tflop']:>9.3f}{format_bytes(row['peak_mb'] * 1e6):>12}")
+    if not report["fastest_first"]:
+        lines.append("  none fits")
+    if report["does_not_fit"]:
+        lines.append("  does not fit: " + "; ".join(report["does_not_fit"]))
+    lines.append(f"  bf16: {report['bf16']}")
+    return lines
