@@ -180,6 +180,8 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
         budget = request.memory or available_memory(device)
         method = default_method()
         if request.strategy == "auto":  # the fastest exact strategy that fits, by estimated step time
+            if device.type == "cpu":
+                configure_cpu(options["threads"], Process())  # its calibration runs with the run's threads
             job, needed, chosen = fastest_fitting(job, budget, method, allow_bf16=fast_bf16(device), device=device.type)
         else:
             job, needed, chosen = preflight(job, budget, method, auto=False, device=device.type)
