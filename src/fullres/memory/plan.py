@@ -254,10 +254,10 @@ def ranking_report(job: JobConfig, budget: int, method: str, device: str = "cpu"
 def format_ranking(report: dict) -> list[str]:
     lines = [f"Exact strategies that fit, fastest first (step time estimated from FLOPs and this machine's "
              f"calibrated rate; memory: {report['method']}):",
-             f"  {'#':<3}{'strategy':<48}{'batch':>6}{'step s':>10}{'TFLOP':>9}{'peak':>12}"]
+             f"  {'#':<3}{'strategy':<48}{'batch':>6}{'step s':>10}{'TFLOP':>10}  peak"]
     for index, row in enumerate(report["fastest_first"], 1):
         lines.append(f"  {index:<3}{row['strategy'][:47]:<48}{row['batch']:>6}{row['step_s']:>10.2f}"
-                     f"{row['step_tflop']:>9.3f}{format_bytes(row['peak_mb'] * 1e6):>12}")
+                     f"{row['step_tflop']:>10.3f}  {format_bytes(row['peak_mb'] * 1e6)}")
     if not report["fastest_first"]:
         lines.append("  none fits")
     if report["does_not_fit"]:
