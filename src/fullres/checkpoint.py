@@ -67,3 +67,27 @@ def read_run_config(run_dir: Path) -> TrainConfig:
         return TrainConfig.from_json(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"{path}: not a readable fullres run configuration ({error})") from None
+
+
+def load_weights(model: torch.nn.Module, state: dict, checkpoint: Path) -> None:
+    """`state["model"]` into `model`; UserError in one line when they belong to another network."""
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        detail = str(error).strip().splitlines()
+        reason = (detail[1].strip() if len(detail) > 1 else detail[0]) if detail else type(error).__name__
+        raise UserError(f"{checkpoint}: its weights do not fit the network its config describes "
+                        f"({reason[:200]})") from None
+
+
+def resolve_checkpoint(run_or_checkpoint: Path) -> Path:
+    """A run folder means its best.pt (or last.pt when no validation ran); a file is taken as it is."""
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        for name in (BEST, LAST):
+            if (path / name).exists():
+                return path / name
+        raise UserError(f"{path}: no best.pt or last.pt in this run folder")
+    if not path.exists():
+        raise UserError(f"{path}: no such run folder or checkpoint")
+    return path

@@ -481,10 +481,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fullres.device import Process, pick_device
     from fullres.predict import predict_files
 
-    written = predict_files(Path(args.run_dir), args.inputs, Path(args.out), pick_device(args.device, Process()),
+    device = pick_device(args.device if args.engine == "torch" else "cpu", Process())
+    written = predict_files(Path(args.run_dir), args.inputs, Path(args.out), device,
                             probabilities=args.probabilities, progress=not args.quiet, layout=args.layout,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, engine=args.engine,
+                            engine_file=Path(args.engine_file) if args.engine_file else None, memory=args.memory)
     print(f"wrote {len(written)} mask(s) to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fullres.export import export_run
+
+    result = export_run(Path(args.run_dir), args.format, Path(args.out) if args.out else None,
+                        tuple(args.shape) if args.shape else None, args.dynamic, args.overwrite)
+    if args.json:
+        print_json(result)
+        return 0
+    shape = "any H x W x D" if result["shape"] is None else " x ".join(map(str, result["shape"]))
+    print(f"wrote {' + '.join(result['files'])} ({args.format}, input 1 x C x {shape}); verified against PyTorch at "
+          f"{' x '.join(map(str, result['verified_shape']))}: max abs difference {result['max_abs_diff']:.1e} "
+          f"(tolerance {result['tolerance']:g})")
     return 0
 
 
@@ -807,7 +824,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overwrite", action="store_true",
                          help="replace masks in --out that an earlier predict did not write (never the inputs)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.add_argument("--engine", choices=("torch", "onnx", "openvino"), default="torch",
+                         help="torch (default), or the run's exported model through ONNX Runtime or OpenVINO (CPU)")
+    predict.add_argument("--engine-file", default=None, metavar="FILE",
+                         help="the exported model (default: the run's own, RUN/export/model.onnx or model.xml)")
+    predict.add_argument("--memory", type=memory_size, default=None, metavar="SIZE",
+                         help="memory the inference plan must fit (default: what is available now), e.g. 8GiB")
     predict.set_defaults(run=cmd_predict)
+
+    export = commands.add_parser("export", help="the trained network as ONNX or OpenVINO IR, verified against PyTorch")
+    export.add_argument("run_dir", metavar="RUN", help="run folder (uses best.pt) or a checkpoint file")
+    export.add_argument("--format", required=True, help="onnx or openvino")
+    export.add_argument("--out", default=None, metavar="FILE",
+                        help="the model file (default: RUN/export/model.onnx, or RUN/export/model.xml + .bin)")
+    shape = export.add_mutually_exclusive_group()
+    shape.add_argument("--shape", nargs=3, type=positive_int, metavar=("H", "W", "D"),
+                       help="the input's spatial size (default: the run's)")
+    shape.add_argument("--dynamic", action="store_true", help="any spatial size the network takes")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    export.add_argument("--json", action="store_true", help="machine-readable output")
+    export.set_defaults(run=cmd_export)
 
     evaluate = commands.add_parser("evaluate", help="Dice, NSD and HD95 per case and region (WT, TC, ET)")
     evaluate.add_argument("pred", help="folder of predicted masks")

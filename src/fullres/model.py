@@ -323,7 +323,7 @@ def _few_channels_on_onednn(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor |
         return None
     if layer.padding_mode != "zeros" or isinstance(layer.padding, str):  # F.conv3d below pads with zeros, by number
         return None
-    if torch.compiler.is_compiling():  # asking ATen for its backend would break the compiled graph
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # a compiled or exported graph must not bake in this machine's kernel choice
         return None
     if _conv_backend(x, layer.weight, layer.bias, layer) != "Slow3d":
         return None

@@ -1,6 +1,8 @@
 """Predict masks with a trained run: the run's own preprocessing, layout and precision (as its validation ran),
-whole volumes in one pass when they fit, and NIfTI masks written back in each input's original geometry
-(crop/pad undone, same affine and header).
+an inference plan that fits the memory (:func:`plan_inference`: whole volume, whole volume in slabs, or
+sliding windows, chosen by the dry run's inference peak), through PyTorch or the run's exported ONNX /
+OpenVINO model (`--engine`), and NIfTI masks written back in each input's original geometry (crop/pad
+undone, same affine and header).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from torch import nn
 
-from fullres.checkpoint import BEST, LAST, load_checkpoint
+from fullres.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
 from fullres.config import TrainConfig
 from fullres.data import load_case_image, load_dataset, uncrop, write_nifti
 from fullres.data.layouts import MSD_REGIONS, apply_value_map, detect_layout, match_channels, value_map
@@ -24,12 +26,12 @@ from fullres.data.nifti import NIFTI_SUFFIXES, case_id_from_path
 from fullres.device import available_memory
 from fullres.errors import UserError
 from fullres.files import write_json
-from fullres.memory.table1 import table1
-from fullres.model import build_model, check_divisible
 from fullres.losses import primary_output
+from fullres.model import build_model, check_divisible, model_spec, spatial_divisor
 from fullres.step import autocast, prepare_model, to_device
+from fullres.units import format_bytes
 
-SLIDING_WINDOW_OVERLAP = 0.5
+SLIDING_WINDOW_OVERLAP = 0.5  # of the window, on each axis (MONAI's sliding_window_inference, Gaussian weights)
 
 
 @dataclass(frozen=True)
@@ -37,19 +39,6 @@ class Predictor:
     model: nn.Module
     config: TrainConfig
     checkpoint: Path
-
-
-def resolve_checkpoint(run_or_checkpoint: Path) -> Path:
-    """A run folder means its best.pt (or last.pt when no validation ran); a file is taken as it is."""
-    path = Path(run_or_checkpoint)
-    if path.is_dir():
-        for name in (BEST, LAST):
-            if (path / name).exists():
-                return path / name
-        raise UserError(f"{path}: no best.pt or last.pt in this run folder")
-    if not path.exists():
-        raise UserError(f"{path}: no such run folder or checkpoint")
-    return path
 
 
 def load_predictor(run_or_checkpoint: Path, device: torch.device) -> Predictor:
@@ -60,18 +49,13 @@ def load_predictor(run_or_checkpoint: Path, device: torch.device) -> Predictor:
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"{checkpoint}: the checkpoint holds no readable run configuration ({error})") from None
     model = build_model(config.job.model, config.job.shape)
-    try:
-        model.load_state_dict(state["model"])
-    except (KeyError, TypeError, RuntimeError) as error:  # weights of another network than its config describes
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{checkpoint}: its weights do not fit the network its configuration describes "
-                        f"({detail[:200]})") from None
+    load_weights(model, state, checkpoint)
     return Predictor(prepare_model(model.to(device).eval(), inference_strategy(config)), config, checkpoint)
 
 
 def inference_strategy(config: TrainConfig):
     """The run's layout and precision, as its validation passes ran; checkpointing and accumulation only
-    act on training, and slabs stay off (inference memory is judged by `forward_bytes` for whole volumes)."""
+    act on training, and slabs start off (:func:`plan_inference` turns them on when a whole volume does not fit)."""
     return replace(config.job.strategy, checkpointing=False, accumulate=1, slabs=1)
 
 
@@ -148,32 +132,137 @@ def output_labels(labels: np.ndarray, target: str, trained: DatasetIndex | None,
     return apply_value_map(labels, mapping, "prediction")
 
 
-def forward_bytes(config: TrainConfig) -> int:
-    """Inference memory for one whole volume: every layer's output once (Table 1 without the training double)."""
-    return table1(config.job.model, config.job.shape, 1).params * 4
+@dataclass(frozen=True)
+class InferencePlan:
+    """How one volume is predicted: "whole" (one pass), "slabs" (one pass, the full-resolution levels in
+    `slabs` slabs along H: exact), or "sliding" (windows of `window`, overlapping by
+    :data:`SLIDING_WINDOW_OVERLAP`, Gaussian-blended); `need` is the dry run's inference peak of that choice
+    in bytes, `budget` the memory it had to fit, `reason` why it was chosen."""
+
+    mode: str
+    need: int
+    budget: int
+    reason: str
+    slabs: int = 1
+    window: tuple[int, int, int] | None = None
+
+    def describe(self) -> str:
+        if self.mode == "whole":
+            how = "whole volumes in one pass"
+        elif self.mode == "slabs":
+            how = f"whole volumes in one pass of {self.slabs} slabs (exact)"
+        else:
+            how = (f"sliding windows of {'x'.join(map(str, self.window))} "
+                   f"({SLIDING_WINDOW_OVERLAP:.0%} overlap, Gaussian-weighted)")
+        return f"{how}: {self.reason}"
 
 
-def predict_volume(predictor: Predictor, image: np.ndarray, device: torch.device, whole: bool) -> np.ndarray:
-    """Probabilities [K, H, W, D] for one preprocessed image [C, H, W, D]: in one pass, or sliding windows
-    of the training shape with 50 % overlap and Gaussian blending (MONAI's sliding_window_inference)."""
+def inference_need(config: TrainConfig, shape: tuple[int, int, int], device: torch.device, slabs: int = 1) -> int:
+    """The dry run's peak of one inference forward of the run's network at `shape` (its precision and memory
+    format, `slabs` slabs, the output activation), in bytes."""
+    from fullres.config import JobConfig
+    from fullres.export import activation_of
+    from fullres.memory.dryrun import dryrun_inference
+
+    job = JobConfig(model=config.job.model, shape=tuple(shape), batch=1,
+                    strategy=replace(inference_strategy(config), slabs=slabs))
+    try:
+        return dryrun_inference(job, activation_of(config), device.type).peak_bytes
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def _smaller_window(window: tuple[int, ...], divisor: int, smallest: int) -> tuple[int, ...] | None:
+    """`window` with its largest axis halved (down to a multiple of the divisor, not below `smallest`);
+    None when no axis can shrink."""
+    order = sorted(range(3), key=lambda axis: -window[axis])
+    for axis in order:
+        size = max(smallest, window[axis] // 2 // divisor * divisor)
+        if size < window[axis]:
+            return tuple(size if i == axis else s for i, s in enumerate(window))
+    return None
+
+
+def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: torch.device,
+                   budget: int | None = None) -> InferencePlan:
+    """Pick, in this order, the first way to predict a volume of `shape` whose dry-run inference peak fits
+    `budget` bytes (None: the memory available on `device` now): the whole volume in one pass; the whole
+    volume in 2, 4, 8, ... slabs (networks with a slab schedule and no normalisation: the same result up to
+    summation order), while more slabs still lower the peak; sliding windows, the largest found by halving
+    the largest axis (multiples of the network's divisor, down to twice it), plus MONAI's full-volume
+    blending buffers. When nothing fits, the smallest window is used, and the reason says so."""
+    budget_source = "--memory" if budget is not None else "available"
+    budget = available_memory(device) if budget is None else int(budget)
+    shape = tuple(int(s) for s in shape)
+    model = config.job.model
+    have = f"{format_bytes(budget)} {budget_source}"
+    whole = inference_need(config, shape, device)
+    if whole <= budget:
+        return InferencePlan("whole", whole, budget, f"needs ~{format_bytes(whole)} of {have} (dry run)")
+    why_not = f"a whole volume needs ~{format_bytes(whole)}, more than {have}"
+    if model_spec(model.architecture).slabs and model.norm == "none":
+        best, slabs = whole, 2
+        while slabs <= shape[0] // 2:
+            need = inference_need(config, shape, device, slabs)
+            if need <= budget:
+                return InferencePlan("slabs", need, budget, f"{why_not}; {slabs} slabs need ~{format_bytes(need)} "
+                                     "(dry run)", slabs=slabs)
+            if need >= best * 0.99:  # more slabs no longer lower the peak (the coarser levels hold it)
+                break
+            best, slabs = need, slabs * 2
+        why_not += f", and slabs ~{format_bytes(best)} at least"
+    divisor = spatial_divisor(model)
+    window, need = shape, whole
+    blending = (model.classes + 1) * 4 * int(np.prod(shape))  # MONAI's output and count maps, fp32
+    while True:
+        smaller = _smaller_window(window, divisor, min(2 * divisor, *shape))
+        if smaller is None:
+            return InferencePlan("sliding", need, budget, f"{why_not}; no window fits (the smallest, "
+                                 f"{'x'.join(map(str, window))}, needs ~{format_bytes(need)}): trying it anyway",
+                                 window=window)
+        window = smaller
+        need = inference_need(config, window, device) + blending + 4 * int(np.prod(window))
+        if need <= budget:
+            return InferencePlan("sliding", need, budget, f"{why_not}; windows need ~{format_bytes(need)} "
+                                 "(dry run, with the blending buffers)", window=window)
+
+
+def predict_volume(predictor: Predictor, image: np.ndarray, device: torch.device, whole: bool = True,
+                   plan: InferencePlan | None = None, engine=None) -> np.ndarray:
+    """Probabilities [K, H, W, D] for one preprocessed image [C, H, W, D], as `plan` says (without one:
+    `whole` volume in one pass, or sliding windows of the training shape): one pass, one pass in slabs, or
+    MONAI's sliding_window_inference (Gaussian-blended). `engine` (:class:`fullres.export.Engine`) runs an
+    exported model instead of the PyTorch one; its windows blend probabilities, PyTorch's logits."""
     strategy = inference_strategy(predictor.config)
+    if plan is None:
+        plan = InferencePlan("whole" if whole else "sliding", 0, 0, "", window=None if whole else predictor.config.job.shape)
+    model = getattr(predictor.model, "module", predictor.model)
 
     def forward(volume: torch.Tensor) -> torch.Tensor:
+        if engine is not None:
+            return torch.from_numpy(engine(volume.cpu().numpy()))
         with autocast(strategy, device.type):
             return primary_output(predictor.model(to_device(volume, device, strategy))).float()
 
-    x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
+    x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device if engine is None else "cpu")
     with torch.no_grad():
-        if whole:
-            logits = forward(x)
+        if plan.mode in ("whole", "slabs"):
+            if plan.slabs > 1:
+                model.slabs = plan.slabs
+            try:
+                output = forward(x)
+            finally:
+                if plan.slabs > 1:
+                    model.slabs = 1
         else:
             from monai.inferers import sliding_window_inference
 
-            logits = sliding_window_inference(x, roi_size=predictor.config.job.shape, sw_batch_size=1,
-                                              predictor=forward, overlap=SLIDING_WINDOW_OVERLAP,
-                                              mode="gaussian")
-    logits = logits[0].float()
-    probabilities = torch.sigmoid(logits) if predictor.config.data.target != "classes" else torch.softmax(logits, 0)
+            output = sliding_window_inference(x, roi_size=plan.window, sw_batch_size=1, predictor=forward,
+                                              overlap=SLIDING_WINDOW_OVERLAP, mode="gaussian")
+    output = output[0].float()
+    if engine is not None:  # an exported model ends in the run's activation already
+        return output.cpu().numpy()
+    probabilities = torch.sigmoid(output) if predictor.config.data.target != "classes" else torch.softmax(output, 0)
     return probabilities.cpu().numpy()
 
 
@@ -252,7 +341,8 @@ def load_input(case: PredictInput, config: TrainConfig, trained: DatasetIndex | 
 
 def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device: torch.device,
                   probabilities: bool = False, progress: bool = True, log=print, layout: str | None = None,
-                  overwrite: bool = False) -> list[Path]:
+                  overwrite: bool = False, engine: str = "torch", engine_file: Path | None = None,
+                  memory: int | None = None) -> list[Path]:
     """Predict every input, writing OUT/<case>.nii.gz (and OUT/<case>_prob.nii.gz). Returns the mask paths.
 
     Nothing is written until every input has been read and checked (readable, the run's channels, finite,
@@ -260,6 +350,9 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     file there that an earlier predict did not write is replaced only with `overwrite`.
     A dataset folder's cases are named and valued in its own layout (BraTS 2021: BraTS2021_XXXXX.nii.gz with
     0/1/2/4); loose files in the training dataset's layout. Channels are matched by modality name.
+    `engine` "torch" runs the network in PyTorch, planned by :func:`plan_inference` to fit `memory` bytes
+    (None: what is available); "onnx" / "openvino" run `engine_file` (default: the run's own export, where
+    `fullres export` writes it) on the CPU, whole volumes.
     """
     from tqdm import tqdm
 
@@ -270,18 +363,35 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     trained = training_dataset(config)
     for case in cases:
         load_input(case, config, trained)  # every input readable and usable before the first mask is written
-    need, have = forward_bytes(config), available_memory(device)
-    whole = need <= have
-    log(f"predicting {len(cases)} case(s) with {predictor.checkpoint} "
-        + ("as whole volumes in one pass" if whole else
-           f"with sliding windows of {config.job.shape} (a whole volume needs ~{need / 1e9:.1f} GB, {have / 1e9:.1f} GB free)"))
+    runner = None
+    if engine != "torch":
+        from fullres.export import default_engine_file, open_engine
+
+        engine_file = Path(engine_file) if engine_file is not None else default_engine_file(run_or_checkpoint, engine)
+        runner = open_engine(engine, engine_file, config, predictor.checkpoint)
+    elif engine_file is not None:
+        raise UserError("--engine-file needs --engine onnx or openvino")
+    plans: dict[tuple, InferencePlan] = {}
+
+    def plan_for(shape: tuple) -> InferencePlan:
+        if shape not in plans:
+            if runner is not None:
+                plans[shape] = InferencePlan("whole", 0, 0, f"{engine} engine ({engine_file}), on the CPU")
+            else:
+                plans[shape] = plan_inference(config, shape, device, memory)
+            if len(plans) == 1:
+                log(f"predicting {len(cases)} case(s) with {predictor.checkpoint} as {plans[shape].describe()}")
+            else:
+                log(f"{'x'.join(map(str, shape))} volumes: {plans[shape].describe()}")
+        return plans[shape]
+
     out.mkdir(parents=True, exist_ok=True)
     written, layouts, region_sets = [], set(), []
     for case in tqdm(cases, desc="predict", disable=not progress):
         source_index = case.index or trained
         regions = source_index.regions if source_index is not None else dict(MSD_REGIONS)
         image, box, source = load_input(case, config, trained)
-        probs = predict_volume(predictor, image, device, whole)
+        probs = predict_volume(predictor, image, device, plan=plan_for(tuple(image.shape[1:])), engine=runner)
         same = trained is not None and source_index is not None and source_index.root == trained.root
         labels = output_labels(labels_from_probabilities(probs, config.data.target), config.data.target, trained,
                                regions, same or source_index is None)
@@ -296,7 +406,7 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
         layouts.add(source_index.layout if source_index is not None else "msd")
         if regions not in region_sets:
             region_sets.append(regions)
-    info = {"checkpoint": str(predictor.checkpoint), "target": config.data.target,
+    info = {"checkpoint": str(predictor.checkpoint), "target": config.data.target, "engine": engine,
             "cases": [p.name for p in written],
             "layout": layouts.pop() if len(layouts) == 1 else "mixed"}
     if len(region_sets) == 1:  # the label values of the masks' (and their truths') WT / TC / ET, for `evaluate`

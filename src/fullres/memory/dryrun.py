@@ -661,3 +661,83 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
     return DryRunResult(peak_bytes=int(peak), breakdown=breakdown, peak_at=tracker.peak_at,
                         saved_bytes=tracker.max_activations, seconds=time.perf_counter() - started,
                         job=job.to_json(), reserved_bytes=caching.reserved if caching else None, allocator=allocator)
+
+
+# ------------------------------------------------------------------------------------------------
+# inference
+# ------------------------------------------------------------------------------------------------
+
+# What a CPU inference process holds beyond its tensors at the forward's peak (code pages, oneDNN's
+# primitives, glibc's heap), measured as peak RSS minus the dry run's tensors in a fresh process (torch
+# 2.13 CPU, 2 threads): 12 MiB for filters 1 at 16^3, 68-107 MiB for the paper's 32-filter network at 64^3
+# (contiguous, channels-last, 4 slabs). The larger is used: planning should not promise what does not fit.
+CPU_INFERENCE_RUNTIME_BYTES = 104 * 2**20
+
+
+def dryrun_inference(job: JobConfig, activation: str = "sigmoid", device: str = "cpu",
+                     runtime: int | None = None) -> DryRunResult:
+    """Peak memory of one inference forward of `job` (batch `job.batch` at `job.shape`, its precision,
+    memory format and slabs), nothing allocated: the parameters, the input (and its device or layout copy),
+    every activation while alive (no gradients: nothing is saved for backward), the operators' workspaces,
+    and the output `activation` ("sigmoid" or "softmax" over channels, in fp32), as `fullres predict` runs
+    it. CPU: glibc's heap (no pool), plus `runtime` bytes (None: :data:`CPU_INFERENCE_RUNTIME_BYTES`);
+    CUDA: the caching allocator's blocks."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fullres.step import autocast, prepare_model, to_device
+
+    started = time.perf_counter()
+    on_cuda = torch.device(device).type == "cuda"
+    caching = CachingAllocatorModel() if on_cuda else None
+    tracker = _Tracker(caching)
+    strategy = replace(job.strategy, checkpointing=False, accumulate=1)
+    hooks = []
+    with FakeTensorMode(allow_non_fake_inputs=False), tracker:
+        with torch.device(device):
+            model = build_model(job.model, job.shape)
+        prepare_model(model.eval(), strategy)
+        for p in model.parameters():
+            tracker.track(p, "parameters")
+        def enter(module, inputs):
+            tracker.module_stack.append(names[module])
+
+        def leave(module, inputs, output):  # returns None: a forward hook's value would replace the output
+            if tracker.module_stack:
+                tracker.module_stack.pop()
+
+        names = {module: name or type(module).__name__ for name, module in model.named_modules()}
+        for module in names:
+            hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        image = torch.empty(job.batch, job.model.in_channels, *job.shape)
+        tracker.track(image, "inputs")
+        input_serials = {tracker.serial(image)}
+        tracker.phase = "forward"
+        try:
+            with torch.no_grad():
+                x = to_device(image, torch.device(device), strategy)
+                input_serials.add(tracker.serial(x))
+                with autocast(strategy, torch.device(device).type):
+                    logits = model(x)
+                del x
+                logits = logits.float()
+                output = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, 1)
+                del logits, output
+        except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException) as error:
+            op = getattr(error, "func", None) or (error.args[0] if error.args else "an operator")
+            raise ValueError(f"network {job.model.architecture}: the dry run cannot follow {op}") from None
+        parameter_serials = {tracker.serial(p) for p in model.parameters()}
+    for hook in hooks:
+        hook.remove()
+    breakdown = dict.fromkeys(CATEGORIES, 0)
+    for serial, size in tracker.peak_live.items():
+        if serial in parameter_serials:
+            breakdown["parameters"] += size
+        elif serial in input_serials:
+            breakdown["inputs"] += size
+        else:
+            breakdown["activations"] += size
+    breakdown["workspace"] = tracker.peak_workspace
+    breakdown["runtime"] = 0 if on_cuda else (CPU_INFERENCE_RUNTIME_BYTES if runtime is None else int(runtime))
+    return DryRunResult(peak_bytes=int(tracker.peak + breakdown["runtime"]), breakdown=breakdown,
+                        peak_at=tracker.peak_at, saved_bytes=0, seconds=time.perf_counter() - started,
+                        job=job.to_json(), reserved_bytes=caching.reserved if caching else None)
