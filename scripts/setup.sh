@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install fullres into the current Python (3.11+). `bash scripts/setup.sh test` adds the test extras.
+# Install fullres into the current Python (3.11+). `bash scripts/setup.sh test` adds the test extras (pytest, and
+# the deploy extra the export tests need: onnx, onnxruntime, onnxscript, openvino; ~100 MB of wheels, no torch).
 # torch: one already installed is kept (a CUDA build stays a CUDA build); otherwise the CPU build
 # torch==2.13.0 is installed, so that no multi-GB CUDA build is pulled onto a CPU machine.
 set -euo pipefail

@@ -227,3 +227,17 @@ def test_predict_memory_flag_picks_and_reports_the_plan(run, small_msd, tmp_path
     assert code == 0 and "whole volumes in one pass: needs ~" in out and "64.0 GiB) --memory" in out
     code, _, err = cli("predict", run, small_msd, "--out", tmp_path / "c", "--memory", "lots")
     assert code == 2 and "--memory" in err
+
+
+def test_bench_inference_times_every_engine_on_the_same_volume(cli):
+    code, out, err = cli("bench", "--inference", "--shape", "16", "16", "16", "--filters", "2", "--threads", "1",
+                         "--warmup", "1", "--repeats", "1", "--engines", "torch-fp32", "onnxruntime", "openvino",
+                         "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    rows = {row["engine"]: row for row in result["rows"]}
+    assert list(rows) == ["torch-fp32", "onnxruntime", "openvino"]
+    assert rows["torch-fp32"]["vs_torch_fp32"] == 1.0 and rows["torch-fp32"]["max_abs_diff"] == 0.0
+    assert all(0 <= row["max_abs_diff"] <= 1e-4 and row["seconds"] > 0 for row in rows.values())
+    code, _, err = cli("bench", "--inference", "--shape", "16", "16", "16", "--engines", "tensorrt")
+    assert code == 2 and "--engines tensorrt" in err

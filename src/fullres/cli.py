@@ -286,6 +286,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from fullres.bench.breakdown import DEFAULT_BATCH, DEFAULT_SHAPE, format_breakdown, run_breakdown
         args.shape, args.batch = args.shape or DEFAULT_SHAPE, args.batch or DEFAULT_BATCH
     job = job_from_args(args)
+    if args.inference:
+        return print_inference_bench(job, args)
     if args.chart:
         refuse_existing(Path(args.chart), "--chart", args.overwrite)
     device = pick_device(args.device, Process())
@@ -313,6 +315,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{row['name']:<20}{row['step_s']:>10.2f} ({row['step_s_min']:.2f}-{row['step_s_max']:.2f})"
               f"{row['images_per_s']:>9.2f}{row['tflops']:>10.3f}{of_peak}")
     print("speed-ups: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedups"].items() if v))
+    return 0
+
+
+def print_inference_bench(job: JobConfig, args: argparse.Namespace) -> int:
+    from fullres.bench.inference import run_inference_bench
+    from fullres.device import Process, configure_cpu
+
+    configure_cpu(args.threads, Process())
+    result = run_inference_bench(job, tuple(args.engines) if args.engines else None, warmup=args.warmup,
+                                 repeats=args.repeats)
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"inference: 1 x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, {job.model.architecture} "
+          f"{job.model.filters} filters, {result['machine']['threads']} threads, median of {args.repeats} "
+          "alternated rounds")
+    print(f"{'engine':<14}{'seconds (min-max)':>24}{'vs torch fp32':>15}{'max abs diff':>14}")
+    for row in result["rows"]:
+        ratio = f"{row['vs_torch_fp32']:.2f}x" if row["vs_torch_fp32"] else "-"
+        diff = f"{row['max_abs_diff']:.1e}" if row["max_abs_diff"] is not None else "-"
+        print(f"{row['engine']:<14}{row['seconds']:>10.3f} ({row['seconds_min']:.3f}-{row['seconds_max']:.3f})"
+              f"{ratio:>15}{diff:>14}")
     return 0
 
 
@@ -749,6 +773,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chart", default=None, help="write the Figure 6 bar chart here (PNG)")
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --chart")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.add_argument("--inference", action="store_true",
+                       help="time one inference forward instead: PyTorch fp32 (and bf16 on native-bf16 CPUs), "
+                            "ONNX Runtime and OpenVINO, alternated")
+    bench.add_argument("--engines", nargs="+", default=None, metavar="ENGINE",
+                       help="with --inference: torch-fp32, torch-bf16, onnxruntime, openvino (default: all but "
+                            "bf16 where the CPU has no native bf16)")
     bench.set_defaults(run=cmd_bench)
 
     sweep = commands.add_parser("sweep", help="memory over many shapes: CSV, Figure 3 and Figure 5")
