@@ -137,7 +137,7 @@ def _require(module: str):
 
 
 def export_run(run_or_checkpoint: Path, fmt: str, out: Path | None = None, shape: tuple[int, int, int] | None = None,
-               dynamic: bool = False, overwrite: bool = False, log=print) -> dict:
+               dynamic: bool = False, overwrite: bool = False) -> dict:
     """Export the run's network (see the module docstring) to `out` (default :func:`default_path`) for inputs
     of spatial `shape` (default the run's), or of any valid shape with `dynamic`; verify it; write it
     atomically. Refuses, in one line and writing nothing: an unknown format, a missing run or checkpoint,
