@@ -523,7 +523,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     shape = "any H x W x D" if result["shape"] is None else " x ".join(map(str, result["shape"]))
-    print(f"wrote {' + '.join(result['files'])} ({args.format}, input 1 x C x {shape}); verified against PyTorch at "
+    print(f"wrote {' + '.join(result['files'])} ({args.format}, input 1 x {result['in_channels']} x {shape}); verified against PyTorch at "
           f"{' x '.join(map(str, result['verified_shape']))}: max abs difference {result['max_abs_diff']:.1e} "
           f"(tolerance {result['tolerance']:g})")
     return 0

@@ -144,7 +144,7 @@ def export_run(run_or_checkpoint: Path, fmt: str, out: Path | None = None, shape
     weights of another network, an existing file without `overwrite`, a shape the network does not take, an
     unsupported operator (named by the exporter), an export outside :data:`TOLERANCE`.
 
-    Returns {"path", "files", "format", "shape" (None when dynamic), "verified_shape", "max_abs_diff",
+    Returns {"path", "files", "format", "in_channels", "shape" (None when dynamic), "verified_shape", "max_abs_diff",
     "tolerance", "checkpoint", "checkpoint_sha256"}."""
     check_format(fmt)
     if dynamic and shape is not None:
@@ -215,7 +215,7 @@ def export_run(run_or_checkpoint: Path, fmt: str, out: Path | None = None, shape
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result = {"path": str(out), "files": [str(p) for p in output_files(out, fmt)], "format": fmt,
-              "shape": None if dynamic else list(export_shape), "verified_shape": list(verify_shape),
+              "in_channels": config.job.model.in_channels, "shape": None if dynamic else list(export_shape), "verified_shape": list(verify_shape),
               "max_abs_diff": diff, "tolerance": TOLERANCE, "checkpoint": str(network.checkpoint),
               "checkpoint_sha256": sha}
     return result
