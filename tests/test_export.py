@@ -100,6 +100,11 @@ def test_dynamic_softmax_export_runs_other_shapes(tmp_path, small_msd, cli):
     got = engine(x.numpy())
     np.testing.assert_allclose(got.sum(1), 1, atol=1e-5)  # softmax over the 4 classes
     assert np.abs(got - expected).max() <= 1e-4
+    code, _, err = cli("export", run, "--format", "onnx", "--shape", "16", "16", "16", "--out", tmp_path / "dyn.onnx",
+                       "--overwrite")
+    assert code == 0, err
+    engine = open_engine("onnx", tmp_path / "dyn.onnx", network.config, network.checkpoint, run_shape=False)
+    assert engine.spatial_shape == (16, 16, 16)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
