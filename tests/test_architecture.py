@@ -98,7 +98,8 @@ def test_registries_are_the_only_construction_sites():
     assert set(calls_to({"UNet3D", "IntelUNet", "build_monai", "build_nnunet", "build_factory"})) == {"fullres.model"}
     assert set(calls_to({"Adam", "GradScaler"})) == {"fullres.step"}
     assert set(calls_to({"build_model"})) <= {"fullres.model", "fullres.step", "fullres.memory.dryrun",
-                                              "fullres.predict", "fullres.bench.flops"}
+                                              "fullres.predict", "fullres.export", "fullres.bench.flops",
+                                              "fullres.bench.timing", "fullres.bench.inference"}
 
 
 @pytest.mark.skipif(not GOLDEN.exists(), reason="no recorded estimates")
