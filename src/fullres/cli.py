@@ -180,11 +180,13 @@ def refuse_existing(path: Path, option: str, overwrite: bool, ours=None) -> None
 
 
 def starts_with(header: str):
-    """`ours` for refuse_existing: a file whose first line is `header` (this command's own CSV)."""
+    """`ours` for refuse_existing: a file whose first line is `header`, or `header` followed by more columns
+    (this command's own CSV, with or without optional columns)."""
     def ours(path: Path) -> bool:
         try:
             with path.open(errors="replace") as file:
-                return file.readline().rstrip("\r\n") == header
+                line = file.readline().rstrip("\r\n")
+                return line == header or line.startswith(header + ",")
         except OSError:
             return False
     return ours
