@@ -125,3 +125,34 @@ def test_training_curves_bad_files_name_the_file(tmp_path):
     with pytest.raises(UserError, match=r"nofile\.csv"):
         training_curves(tmp_path / "nofile.csv", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_figure7_outlines_missed_and_false_positive_lesions(tmp_path):
+    from fullres.lesions import lesion_masks
+
+    image, truth, _ = case()
+    far = sphere((4, 4, 4), 3)  # a second truth lesion, far from the first: no prediction reaches it
+    stray = sphere((28, 4, 4), 3)  # a prediction component matching no truth lesion, in far's axial slice
+    truth_two, pred = truth | far, truth | stray
+    missed, false_positive = lesion_masks(pred, truth_two, SPACING)
+    assert np.array_equal(missed, far) and np.array_equal(false_positive, stray)
+    plain = imread(str(figure7_overlay(image, truth_two, pred, tmp_path / "plain.png", spacing_mm=SPACING)))
+    marked = imread(str(figure7_overlay(image, truth_two, pred, tmp_path / "marked.png", spacing_mm=SPACING,
+                                        missed=missed, false_positive=false_positive)))
+
+    def yellow(png):
+        r, g, b = png[..., 0], png[..., 1], png[..., 2]
+        return (r > 0.8) & (g > 0.75) & (b < 0.3)
+
+    def green(png):
+        r, g, b = png[..., 0], png[..., 1], png[..., 2]
+        return (g > 0.7) & (r < 0.3) & (b < 0.5)
+
+    body = np.zeros(marked.shape[:2], bool)
+    body[60:420] = True  # the panels, away from the orientation letters' rows... and the legend
+    letters = yellow(plain) & body  # the orientation letters are yellow too
+    assert (yellow(marked) & body & ~letters).sum() > 20  # the missed lesion's outline
+    assert (green(marked) & body).sum() > 20 and not (green(plain) & body).any()
+    legend = np.zeros_like(body)
+    legend[430:] = True
+    assert (green(marked) & legend).any() and not (green(plain) & legend).any()

@@ -621,8 +621,16 @@ def cmd_show(args: argparse.Namespace) -> int:
         if array.shape != image.shape:
             raise UserError(f"{path}: shape {array.shape} differs from the image's {image.shape}")
         masks.append(array > 0)
+    outlines = {}
+    if args.lesions:  # the whole tumour's missed and false-positive lesions, as evaluate --lesion-wise finds them
+        from fullres.lesions import lesion_masks
+
+        if args.pred is None or args.label is None:
+            raise UserError("--lesions compares --pred with --label: give both")
+        spacing = tuple(float(z) for z in image_nii.header.get_zooms()[:3])
+        outlines = dict(zip(("missed", "false_positive"), lesion_masks(masks[0], masks[1], spacing, args.challenge)))
     out = figure7_overlay(image, masks[1], masks[0], Path(args.out), affine=image_nii.affine,
-                          title=args.title or Path(args.image).name)
+                          title=args.title or Path(args.image).name, **outlines)
     print(f"wrote {out}")
     return 0
 
@@ -903,6 +911,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--title", default=None)
     show.add_argument("--out", required=True, help="PNG path (an existing file is kept unless --overwrite)")
     show.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    show.add_argument("--lesions", action="store_true",
+                      help="outline the missed (yellow) and false-positive (green) lesions of the whole tumour, "
+                           "matched as evaluate --lesion-wise matches them")
+    show.add_argument("--challenge", choices=tuple(CHALLENGES), default=DEFAULT_CHALLENGE,
+                      help=f"with --lesions: the lesion-wise parameters (default {DEFAULT_CHALLENGE})")
     show.set_defaults(run=cmd_show)
     return parser
 

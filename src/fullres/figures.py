@@ -38,6 +38,8 @@ __all__ = ["figure7_overlay", "training_curves", "PRED_COLOUR", "TRUTH_COLOUR", 
 PRED_COLOUR = (1.0, 0.0, 0.0)  # red
 TRUTH_COLOUR = (0.0, 0.35, 1.0)  # blue
 OVERLAP_COLOUR = (0.75, 0.0, 0.85)  # purple
+MISSED_COLOUR = (1.0, 0.9, 0.0)  # yellow outline: a truth lesion no prediction matched
+FALSE_POSITIVE_COLOUR = (0.0, 0.9, 0.3)  # green outline: a prediction component matching no lesion
 _OVERLAY_ALPHA = 0.6
 
 TRAINING_COLUMNS = ("epoch", "train_loss", "val_loss", "train_dice", "val_dice", "train_accuracy", "val_accuracy")
@@ -102,6 +104,16 @@ def _compose(grey2d: np.ndarray, truth2d: np.ndarray, pred2d: np.ndarray) -> np.
     return rgb
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of `mask` (all False when it is empty)."""
+    if not mask.any():
+        return mask
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, ndimage.generate_binary_structure(3, 3))
+    return labels == 1 + int(np.argmax(ndimage.sum_labels(mask, labels, range(1, count + 1))))
+
+
 def _views(vol: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
     """Axial, coronal, sagittal 2D slices in display order (row 0 at the top, column 0 on the left)."""
     ci, cj, ck = centre
@@ -120,6 +132,8 @@ def figure7_overlay(
     title: str | None = None,
     affine: np.ndarray | None = None,
     dpi: int = 100,
+    missed: np.ndarray | None = None,
+    false_positive: np.ndarray | None = None,
 ) -> Path:
     """Figure 7: the prediction against the ground truth over one MRI modality, in three orthogonal views.
 
@@ -133,6 +147,12 @@ def figure7_overlay(
     Orientation: arrays are assumed RAS+ (nibabel canonical); give the NIfTI ``affine`` to reorient them
     first (``spacing_mm`` is then taken from the affine). See the module docstring for the radiological
     display convention. The PNG (``12 x 4.8`` inches at ``dpi``) is written atomically; returns its path.
+
+    ``missed`` and ``false_positive`` (boolean masks of the same shape, e.g. from
+    :func:`fullres.lesions.lesion_masks`) are outlined in yellow and green where the slices cross them:
+    the truth lesions no prediction component matched, and the prediction components that match no
+    truth lesion. The slices then pass through the largest missed lesion (else the largest false
+    positive), so that at least it shows.
     """
     image = np.asarray(image)
     truth = np.asarray(truth).astype(bool)
@@ -141,14 +161,19 @@ def figure7_overlay(
         raise ValueError(
             f"image, truth and pred must be 3D arrays of one shape; got {image.shape}, {truth.shape}, {pred.shape}"
         )
+    outlines = [np.zeros(image.shape, bool) if m is None else np.asarray(m).astype(bool) for m in (missed, false_positive)]
+    if any(m.shape != image.shape for m in outlines):
+        raise ValueError(f"missed and false_positive must have the image's shape {image.shape}")
     if affine is not None:
-        (image, truth, pred), spacing = _to_ras([image, truth, pred], affine)
+        (image, truth, pred, *outlines), spacing = _to_ras([image, truth, pred, *outlines], affine)
     else:
         spacing = tuple(float(s) for s in spacing_mm)
         if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
             raise ValueError(f"spacing_mm must be 3 positive numbers, got {spacing_mm!r}")
 
-    union = truth | pred
+    union = _largest_component(outlines[0] if outlines[0].any() else outlines[1])
+    if not union.any():
+        union = truth | pred
     if union.any():
         centre = tuple(int(round(float(c))) for c in np.argwhere(union).mean(axis=0))
     else:
@@ -171,9 +196,14 @@ def figure7_overlay(
     fig = _new_figure((12.0, 4.8), dpi)
     fig.patch.set_facecolor("black")
     axes = fig.subplots(1, 3)
-    for ax, rgb, (name, where, col_mm, row_mm, (left, right, top, bottom)) in zip(axes, rgb_views, panels):
+    outline_views = [_views(m, centre) for m in outlines]
+    for index, (ax, rgb, (name, where, col_mm, row_mm, (left, right, top, bottom))) in enumerate(zip(axes, rgb_views, panels)):
         rows, cols = rgb.shape[:2]
         ax.imshow(rgb, extent=(0, cols * col_mm, rows * row_mm, 0), interpolation="nearest", aspect="equal")
+        for views, colour in zip(outline_views, (MISSED_COLOUR, FALSE_POSITIVE_COLOUR)):
+            if views[index].any():  # contour at voxel centres, in the panel's mm
+                ax.contour((np.arange(cols) + 0.5) * col_mm, (np.arange(rows) + 0.5) * row_mm,
+                           views[index].astype(float), levels=[0.5], colors=[colour], linewidths=1.5)
         ax.set_title(f"{name} ({where})", color="white", fontsize=11)
         ax.set_axis_off()
         style = dict(color="yellow", fontsize=10, fontweight="bold", transform=ax.transAxes)
@@ -186,8 +216,12 @@ def figure7_overlay(
         Patch(facecolor=TRUTH_COLOUR, label="ground truth only (false negative)"),
         Patch(facecolor=OVERLAP_COLOUR, label="overlap (true positive)"),
     ]
+    if outlines[0].any():
+        handles.append(Patch(facecolor="none", edgecolor=MISSED_COLOUR, label="missed lesion"))
+    if outlines[1].any():
+        handles.append(Patch(facecolor="none", edgecolor=FALSE_POSITIVE_COLOUR, label="false-positive lesion"))
     fig.legend(
-        handles=handles, loc="lower center", ncol=3, frameon=False, labelcolor="white", fontsize=10,
+        handles=handles, loc="lower center", ncol=len(handles), frameon=False, labelcolor="white", fontsize=10 if len(handles) <= 3 else 8,
         bbox_to_anchor=(0.5, 0.0),
     )
     if title:

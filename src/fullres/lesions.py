@@ -48,6 +48,7 @@ __all__ = [
     "MISSED_HD95_MM",
     "LESION_METRIC_NAMES",
     "lesion_wise",
+    "lesion_masks",
     "robust_hd95",
 ]
 
@@ -145,6 +146,61 @@ def _union(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
     return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
 
 
+@dataclass
+class _Matching:
+    """The matching of one region of one case, inside ``crop`` of the full arrays: prediction
+    ``components`` (numbered from 1), truth ``lesions`` (numbered from 1), per lesion its box (grown
+    for its dilation), whether it is kept (above the volume threshold) and the components it matched."""
+
+    crop: tuple[slice, ...]
+    components: np.ndarray
+    component_boxes: list
+    lesions: np.ndarray
+    per_lesion: list[tuple[int, tuple[slice, ...], bool, list[int]]]
+    matched_any: set[int]
+
+
+def _match(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], rule: LesionRule) -> _Matching | None:
+    """Steps 1-3 and 5 of the module docstring; None when both masks are empty."""
+    from scipy import ndimage  # imported here: the cli imports this module for CHALLENGES
+
+    k = int(rule.dilation_iterations)
+    connect = ndimage.generate_binary_structure(3, _CONNECTIVITY)
+    element = ndimage.generate_binary_structure(3, _DILATION_CONNECTIVITY)
+    both = pred | truth
+    if not both.any():
+        return None
+    # Work inside the joint bounding box grown by the dilation's reach: nothing outside it can change
+    # a component, a dilation or a surface, and labelling a 240x240x155 volume is most of the cost.
+    crop = _grown(ndimage.find_objects(both.astype(np.uint8))[0], k + 1, truth.shape)
+    pred, truth = pred[crop], truth[crop]
+
+    components, _ = ndimage.label(pred, connect)
+    # Truth voxels take the number of their component of the dilated truth: lesions closer than the
+    # dilation merge (every such component holds truth voxels, so each number is a lesion).
+    groups, _ = ndimage.label(ndimage.binary_dilation(truth, element, iterations=k), connect)
+    lesions = np.where(truth, groups, 0)
+    voxel_mm3 = float(np.prod(spacing))
+    per_lesion, matched_any = [], set()
+    for number, box in enumerate(ndimage.find_objects(lesions), start=1):
+        box = _grown(box, k, truth.shape)  # room for the lesion's dilation
+        lesion = lesions[box] == number
+        roi = ndimage.binary_dilation(lesion, element, iterations=k)
+        hits = [int(h) for h in np.unique(components[box][roi]) if h != 0]
+        matched_any.update(hits)
+        per_lesion.append((number, box, lesion.sum() * voxel_mm3 > rule.min_volume_mm3, hits))
+    return _Matching(crop, components, ndimage.find_objects(components), lesions, per_lesion, matched_any)
+
+
+def _inputs(pred, truth, spacing_mm, rule):
+    rule = CHALLENGES[rule] if isinstance(rule, str) else rule
+    pred = np.asarray(pred, bool)
+    truth = np.asarray(truth, bool)
+    if pred.shape != truth.shape or pred.ndim != 3:
+        raise ValueError(f"lesion-wise metrics need two 3D masks of one shape, got {pred.shape} and {truth.shape}")
+    return pred, truth, tuple(float(s) for s in spacing_mm), rule
+
+
 def lesion_wise(
     pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float], rule: LesionRule | str = DEFAULT_CHALLENGE,
 ) -> dict[str, float | int]:
@@ -154,46 +210,15 @@ def lesion_wise(
     ``pred`` and ``truth`` are 3D boolean masks of the same shape; ``spacing_mm`` the voxel size in mm
     per array axis; ``rule`` a :class:`LesionRule` or a name in :data:`CHALLENGES`.
     """
-    from scipy import ndimage  # imported here: the cli imports this module for CHALLENGES
-
-    rule = CHALLENGES[rule] if isinstance(rule, str) else rule
-    pred = np.asarray(pred, bool)
-    truth = np.asarray(truth, bool)
-    if pred.shape != truth.shape or pred.ndim != 3:
-        raise ValueError(f"lesion-wise metrics need two 3D masks of one shape, got {pred.shape} and {truth.shape}")
-    spacing = tuple(float(s) for s in spacing_mm)
-    voxel_mm3 = float(np.prod(spacing))
-    k = int(rule.dilation_iterations)
-    connect = ndimage.generate_binary_structure(3, _CONNECTIVITY)
-    element = ndimage.generate_binary_structure(3, _DILATION_CONNECTIVITY)
-
-    both = pred | truth
-    if not both.any():
+    pred, truth, spacing, rule = _inputs(pred, truth, spacing_mm, rule)
+    matching = _match(pred, truth, spacing, rule)
+    if matching is None:
         return _scores(0.0, 0.0, kept=0, matched=0, false_positives=0)
-    # Work inside the joint bounding box grown by the dilation's reach: nothing outside it can change
-    # a component, a dilation or a surface, and labelling a 240x240x155 volume is most of the cost.
-    crop = _grown(ndimage.find_objects(both.astype(np.uint8))[0], k + 1, truth.shape)
-    pred, truth = pred[crop], truth[crop]
-
-    components, _ = ndimage.label(pred, connect)
-    component_boxes = ndimage.find_objects(components)
-    # Truth voxels take the number of their component of the dilated truth: lesions closer than the
-    # dilation merge (every such component holds truth voxels, so each number is a lesion).
-    groups, _ = ndimage.label(ndimage.binary_dilation(truth, element, iterations=k), connect)
-    lesions = np.where(truth, groups, 0)
-    lesion_boxes = ndimage.find_objects(lesions)
-
-    matched_any: set[int] = set()
+    shape = matching.lesions.shape
     dice_sum = hd95_sum = 0.0
     kept = matched = 0
-    for number, box in enumerate(lesion_boxes, start=1):
-        box = _grown(box, k, truth.shape)  # room for the lesion's dilation
-        lesion = lesions[box] == number
-        roi = ndimage.binary_dilation(lesion, element, iterations=k)
-        hits = np.unique(components[box][roi])
-        hits = [int(h) for h in hits if h != 0]
-        matched_any.update(hits)
-        if lesion.sum() * voxel_mm3 <= rule.min_volume_mm3:
+    for number, box, keep, hits in matching.per_lesion:
+        if not keep:
             continue
         kept += 1
         if not hits:
@@ -202,14 +227,31 @@ def lesion_wise(
         matched += 1
         whole = box
         for h in hits:  # the matched components whole, wherever they reach
-            whole = _union(whole, component_boxes[h - 1])
-        whole = _grown(whole, 1, truth.shape)
-        lesion_w = lesions[whole] == number
-        pred_w = np.isin(components[whole], hits)
+            whole = _union(whole, matching.component_boxes[h - 1])
+        whole = _grown(whole, 1, shape)
+        lesion_w = matching.lesions[whole] == number
+        pred_w = np.isin(matching.components[whole], hits)
         dice_sum += 2.0 * float((lesion_w & pred_w).sum()) / float(lesion_w.sum() + pred_w.sum())
         hd95_sum += robust_hd95(pred_w, lesion_w, spacing)
-    false_positives = len(component_boxes) - len(matched_any)
+    false_positives = len(matching.component_boxes) - len(matching.matched_any)
     return _scores(dice_sum, hd95_sum, kept=kept, matched=matched, false_positives=false_positives)
+
+
+def lesion_masks(
+    pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float], rule: LesionRule | str = DEFAULT_CHALLENGE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The lesions :func:`lesion_wise` penalises, as two boolean masks of the inputs' shape: the missed
+    truth lesions (kept, no component matched) and the false-positive prediction components."""
+    pred, truth, spacing, rule = _inputs(pred, truth, spacing_mm, rule)
+    missed, false_positive = np.zeros(truth.shape, bool), np.zeros(truth.shape, bool)
+    matching = _match(pred, truth, spacing, rule)
+    if matching is None:
+        return missed, false_positive
+    missed_numbers = [number for number, _, keep, hits in matching.per_lesion if keep and not hits]
+    fp_numbers = [n for n in range(1, len(matching.component_boxes) + 1) if n not in matching.matched_any]
+    missed[matching.crop] = np.isin(matching.lesions, missed_numbers)
+    false_positive[matching.crop] = np.isin(matching.components, fp_numbers)
+    return missed, false_positive
 
 
 def _scores(dice_sum: float, hd95_sum: float, kept: int, matched: int, false_positives: int) -> dict:
