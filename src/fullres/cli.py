@@ -126,7 +126,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         elif spec.type in ("int", int):
             strategy.add_argument(flag, type=positive_int, metavar=meta.get("metavar"), help=meta["help"])
         else:
-            strategy.add_argument(flag, choices=meta["choices"], help=meta["help"])
+            strategy.add_argument(flag, choices=meta.get("choices"), metavar=meta.get("metavar"), help=meta["help"])
 
 
 JOB_FLAGS = ("model", "model_args", "shape", "channels", "target", "filters", "batch", "dropout", "norm",
@@ -422,7 +422,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 # ---- plan ---------------------------------------------------------------------------------------
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from fullres.memory.plan import plan
+    from fullres.memory.plan import plan, slab_options
 
     job = job_from_args(args)
     result = plan(job, args.memory, args.method, memory_device(args.device))
@@ -432,8 +432,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from fullres.memory.plan import format_ranking, ranking_report
         configure_cpu(0, Process())  # calibrated with the threads train uses, so train reads the same cache
         ranking = ranking_report(job, args.memory, args.method, memory_device(args.device))
+    options = []
+    if args.method == "dryrun" and not result.fits and not job.strategy.coarse_slabs:
+        options = slab_options(job, args.memory, memory_device(args.device))
     if args.json:
-        print_json({**result.to_json(), **({"ranking": ranking} if ranking is not None else {})})
+        print_json({**result.to_json(), **({"ranking": ranking} if ranking is not None else {}),
+                    **({"slab_options": [option.to_json() for option in options]} if options else {})})
         return 0
     verdict = "FITS" if result.fits else "DOES NOT FIT"
     print(f"Job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
@@ -443,9 +447,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"Largest batch at {' x '.join(map(str, job.shape))}: {result.max_batch or 'none (batch 1 does not fit)'}")
     shape = ' x '.join(map(str, result.max_shape)) if result.max_shape else "none (not even 16 voxels a side fits)"
     print(f"Largest shape at batch {job.batch}: {shape}")
+    for line in slab_lines(options):
+        print(line)
     if ranking is not None:
         print("\n".join(format_ranking(ranking)))
     return 0
+
+
+def slab_lines(options) -> list[str]:
+    """plan's table of every-level slab schedules (when the job does not fit as given)."""
+    if not options:
+        return []
+    lines = ["Slabs at every level (dry run, checkpointing, micro-batch 1; FLOPs by torch's counter, against the "
+             "step without slabs or checkpointing):"]
+    for option in options:
+        coarse = list(option.counts[1:])
+        while len(coarse) > 1 and coarse[-1] == 1:
+            coarse.pop()
+        lines.append(f"  --slabs {option.counts[0]} --coarse-slabs {','.join(map(str, coarse))}: "
+                     f"{format_bytes(option.peak_bytes)}, {'fits' if option.fits else 'does not fit'}, "
+                     f"recomputation +{option.overhead:.0%} FLOPs")
+    return lines
 
 
 # ---- data ---------------------------------------------------------------------------------------

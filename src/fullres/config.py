@@ -15,12 +15,31 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from fullres.data.preprocess import DataConfig
 from fullres.losses import LOSSES
+from fullres.model import LEVELS as SLAB_LEVELS
 from fullres.model import ModelConfig, check_divisible, model_spec, slab_rows
 from fullres.presets import DEMO, PAPER, PRESETS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 TARGET_CLASSES = {"wt": 1, "regions": 3, "classes": 4}  # output channels per --target (MSD Task01: 4 labels)
+
+
+def _canonical_counts(text) -> str:
+    """--coarse-slabs as canonical text: positive counts joined by commas, trailing 1s dropped ("" for none)."""
+    if isinstance(text, (tuple, list)):
+        text = ",".join(map(str, text))
+    text = str(text).replace(" ", "")
+    if not text:
+        return ""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--coarse-slabs must be counts separated by commas (e.g. 8,4,2), got {text!r}") from None
+    if any(count < 1 for count in counts):
+        raise ValueError(f"--coarse-slabs counts must be >= 1, got {text!r}")
+    while counts and counts[-1] == 1:
+        counts.pop()
+    return ",".join(map(str, counts))
 
 
 @dataclass(frozen=True)
@@ -38,7 +57,10 @@ class Strategy:
     channels_last: bool = field(default=False, metadata={"help": "channels_last_3d memory format"})
     slabs: int = field(default=1, metadata={
         "metavar": "S", "help": "compute the full-resolution levels in S slabs along H, each recomputed in backward "
-                                "(exact; needs --norm none and a network with slabs)"})
+                                "(exact, normalisation included; a network with slabs)"})
+    coarse_slabs: str = field(default="", metadata={
+        "metavar": "S1,S2,...", "help": "slabs of each coarser level, half resolution first (e.g. 8,4,2 with --slabs 16; "
+                                        "default: whole), their skips recomputed from each level's stored input"})
     offload: bool = field(default=False, metadata={
         "help": "keep saved activations in host memory until backward (exact; CUDA only)"})
 
@@ -47,8 +69,22 @@ class Strategy:
             raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
         if self.slabs < 1:
             raise ValueError(f"slabs must be >= 1, got {self.slabs}")
+        object.__setattr__(self, "coarse_slabs", _canonical_counts(self.coarse_slabs))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    @property
+    def slab_counts(self) -> tuple[int, ...]:
+        """Slabs per resolution, full resolution first (trailing whole levels left out)."""
+        counts = (self.slabs, *(int(c) for c in self.coarse_slabs.split(",") if c))
+        while len(counts) > 1 and counts[-1] == 1:
+            counts = counts[:-1]
+        return counts
+
+    @property
+    def slabbed(self) -> bool:
+        """Whether any level runs in slabs."""
+        return any(count > 1 for count in self.slab_counts)
 
     def describe(self) -> str:
         parts = [self.precision]
@@ -58,7 +94,9 @@ class Strategy:
             parts.append(f"accumulate x{self.accumulate}")
         if self.channels_last:
             parts.append("channels-last")
-        if self.slabs > 1:
+        if len(self.slab_counts) > 1:
+            parts.append(f"slabs {','.join(map(str, self.slab_counts))}")
+        elif self.slabs > 1:
             parts.append(f"{self.slabs} slabs")
         if self.offload:
             parts.append("offload")
@@ -86,13 +124,19 @@ class JobConfig:
                 (16 * self.model.filters) ** 2 * 27 >= 2**62:
             raise ValueError(f"batch {self.batch} x {'x'.join(map(str, self.shape))} with {self.model.filters} filters "
                              "is too large: its tensors would have more elements than 64-bit sizes can count")
-        if self.strategy.slabs > 1:
+        if self.strategy.slabbed:
             if not model_spec(self.model.architecture).slabs:
                 raise ValueError(f"slabs: the {self.model.architecture} network has no slab schedule")
-            slab_rows(self.shape[0], self.strategy.slabs)  # raises when H cannot hold that many slabs
-            if self.model.norm != "none":
-                raise ValueError(f"slabs need norm 'none': {self.model.norm} normalisation takes its statistics over "
-                                 "the whole volume, so slab by slab it would not be exact")
+            counts = self.strategy.slab_counts
+            if len(counts) > SLAB_LEVELS:
+                raise ValueError(f"--coarse-slabs: {self.model.architecture} has {SLAB_LEVELS - 1} levels below full "
+                                 f"resolution, got {len(counts) - 1} counts ({self.strategy.coarse_slabs})")
+            for level, count in enumerate(counts):  # raises when a level's H cannot hold that many slabs
+                try:
+                    slab_rows(self.shape[0] >> level, count)
+                except ValueError as error:
+                    flag = "--slabs" if level == 0 else f"--coarse-slabs (level 1/{2 ** level})"
+                    raise ValueError(f"{flag}: {error}") from None
 
     @property
     def effective_batch(self) -> int:
@@ -102,9 +146,10 @@ class JobConfig:
         return replace(self, **changes)
 
     def at_shape(self, shape: tuple[int, int, int]) -> "JobConfig":
-        """This job at another shape; slabs capped at what its H holds (2 rows each at least)."""
-        slabs = min(self.strategy.slabs, max(1, shape[0] // 2))
-        return replace(self, shape=tuple(shape), strategy=replace(self.strategy, slabs=slabs))
+        """This job at another shape; each level's slabs capped at what its H holds (2 rows each at least)."""
+        counts = [min(count, max(1, (shape[0] >> level) // 2)) for level, count in enumerate(self.strategy.slab_counts)]
+        coarse = ",".join(map(str, counts[1:])) if self.strategy.coarse_slabs else ""
+        return replace(self, shape=tuple(shape), strategy=replace(self.strategy, slabs=counts[0], coarse_slabs=coarse))
 
     def to_json(self) -> dict:
         return asdict(self)

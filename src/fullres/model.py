@@ -28,13 +28,14 @@ from torch.utils.checkpoint import checkpoint
 from fullres import networks
 from fullres.losses import primary_output
 from fullres.presets import PAPER
+from fullres.slabs import Level, forward_levels, slab_rows  # noqa: F401 - slab_rows is part of this module's API
 
 NORMS = ("none", "instance", "group", "batch")
 DOWNSAMPLING = 8  # three 2x poolings: every spatial size must be a multiple of 8
 MODELS: dict[str, "ModelSpec"] = {}  # architecture name -> ModelSpec; filled by register_model below
 FAMILIES = ("monai:CLASS", "nnunet:PlainConvUNet", "nnunet:ResidualEncoderUNet", "FILE.py:FUNCTION",
             "package.module:FUNCTION")
-HALO = 2  # rows a full-resolution level reads beyond its slab: two 3x3x3 convolutions, 1 row each
+LEVELS = 4  # resolutions of unet3d: full, 1/2, 1/4, 1/8 (the bottleneck)
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,6 @@ def nearest_valid_sizes(size: int, divisor: int = DOWNSAMPLING) -> tuple[int, in
     return lower, max(upper, divisor)
 
 
-def slab_rows(height: int, slabs: int) -> list[tuple[int, int]]:
-    """[start, stop) rows of `slabs` near-equal slabs of `height` rows, every boundary even (the 2x
-    transposed convolution maps row k of the half-resolution level to rows 2k and 2k+1)."""
-    if not 1 <= slabs <= height // 2:
-        raise ValueError(f"slabs must be between 1 and {height // 2} (H={height} rows, 2 per slab at least), got {slabs}")
-    pairs = height // 2
-    bounds = [2 * (pairs * i // slabs) for i in range(slabs + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
 class Concatenate(nn.Module):
     """Channel concatenation as a module, so that walking the model sees Table 1's concatenate rows."""
 
@@ -142,7 +133,7 @@ class UNet3D(nn.Module):
         config = config if config is not None else ModelConfig()
         self.config = config
         self.checkpointing = False  # a training strategy, not part of the weights: set by the trainer
-        self.slabs = 1  # full-resolution levels computed in this many slabs along H (a strategy too)
+        self.slabs: int | tuple[int, ...] = 1  # slabs along H per resolution (a strategy too): see slab_counts
         f = config.filters
         for name, (cin, cout) in _CONVS.items():
             in_channels = config.in_channels if cin is None else cin * f
@@ -213,37 +204,29 @@ class UNet3D(nn.Module):
     def decoder7b(self, x7):
         return self.PredictionMask(self.conv("conv7b", x7))
 
-    # Slabs: the two full-resolution levels (conv1a-conv1b, and transConv6-conv7a-conv7b-prediction)
-    # computed in horizontal slabs of rows [start, stop) along H. Two 3x3x3 convolutions see 2 rows
-    # either side, so each slab reads its input with a 2-row halo (zero padding only at the volume's
-    # real edges, as in the whole-volume convolution) and keeps the exact rows [start, stop): the
-    # result is the whole-volume result up to summation order. skip1 is never assembled: it stays a
-    # list of slabs ("pieces"), pooled piece by piece (2x2x2 windows never cross an even boundary),
-    # so neither it nor its gradient ever exists as one full-resolution tensor beside the slabs'.
-    def encoder1_rows(self, x, start: int, stop: int):
-        low, high = max(start - HALO, 0), min(stop + HALO, x.shape[2])
-        y = self.conv("conv1b", self.conv("conv1a", x[:, :, low:high]))
-        # A copy, not a view: a view would keep the halo rows' memory alive with the piece.
-        return y[:, :, start - low:stop - low].clone(memory_format=torch.preserve_format)
+    # Slabs (fullres.slabs): level r of the encoder and of the decoder (resolution 1/2^r) in counts[r]
+    # slabs along H, each reading one halo row per convolution and recomputed in backward; a slabbed
+    # encoder level's output (the skip) is recomputed from its stored input where the decoder reads it.
+    ENCODERS = (Level(("conv1a", "conv1b")), Level(("conv2a", "conv2b")),
+                Level(("conv3a", "conv3b"), dropout="dropout_1"), Level(("conv4a", "conv4b"), dropout="dropout_2"))
+    DECODERS = (Level(("conv7a", "conv7b"), decoder=True, prediction="PredictionMask"),
+                Level(("conv6a", "conv6b"), decoder=True), Level(("conv5a", "conv5b"), decoder=True))
+    UPSAMPLERS = ("transConv6", "transConv5", "transConv4")
 
-    def encoder2_pieces(self, *pieces):
-        return self.conv("conv2b", self.conv("conv2a", torch.cat([self.pool1(piece) for piece in pieces], dim=2)))
-
-    def decoder7_rows(self, x6, before, piece, after, start: int, stop: int):
-        """Output rows [start, stop) from the half-resolution x6 and skip1's piece for those rows,
-        with HALO rows of the pieces before and after it (None at the volume's edges)."""
-        parts = ([before[:, :, -HALO:]] if before is not None else []) + [piece]
-        parts += [after[:, :, :HALO]] if after is not None else []
-        low = start - (HALO if before is not None else 0)
-        high = stop + (HALO if after is not None else 0)
-        x7 = self.decoder7a(x6[:, :, low // 2:high // 2], torch.cat(parts, dim=2))  # low, high are even
-        return self.decoder7b(x7)[:, :, start - low:stop - low]
+    def slab_counts(self) -> tuple[int, ...]:
+        """Slabs per resolution, full resolution first: `slabs` is an int S (full resolution only: (S, 1, 1, 1))
+        or one count per resolution, missing ones 1."""
+        counts = (self.slabs,) if isinstance(self.slabs, int) else tuple(self.slabs)
+        if len(counts) > LEVELS or any(count < 1 for count in counts):
+            raise ValueError(f"slabs: one count >= 1 per resolution, at most {LEVELS}, got {counts}")
+        return counts + (1,) * (LEVELS - len(counts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_divisible(self.config, tuple(x.shape[2:]))
         run = self._checkpointed if self.checkpointing and torch.is_grad_enabled() else _call
-        if self.slabs > 1:
-            return self._forward_slabs(x, run)
+        counts = self.slab_counts()
+        if any(count > 1 for count in counts):
+            return forward_levels(self, x, counts, self.ENCODERS, self.DECODERS, self.UPSAMPLERS, run)
         skip1 = run(self.encoder1b, run(self.encoder1a, x))
         skip2 = run(self.encoder2, skip1)
         x = self._middle(run, skip2)
@@ -256,19 +239,6 @@ class UNet3D(nn.Module):
         x = run(self.bottleneck, skip3)
         x = run(self.decoder5, x, skip3)
         return run(self.decoder6, x, skip2)
-
-    def _forward_slabs(self, x, run):
-        # Each slab is recomputed in backward whatever `checkpointing` says: keeping the slabs'
-        # activations would keep the whole level's, and save nothing.
-        if self.config.norm != "none":  # JobConfig refuses this; a model set up by hand must not go inexact
-            raise ValueError(f"slabs need norm 'none', this model has {self.config.norm} normalisation")
-        slab_run = self._checkpointed if torch.is_grad_enabled() else _call
-        rows = slab_rows(x.shape[2], self.slabs)
-        pieces = [slab_run(self.encoder1_rows, x, start, stop) for start, stop in rows]
-        x6 = self._middle(run, run(self.encoder2_pieces, *pieces))
-        neighbours = [None, *pieces, None]
-        return torch.cat([slab_run(self.decoder7_rows, x6, neighbours[i], pieces[i], neighbours[i + 2], start, stop)
-                          for i, (start, stop) in enumerate(rows)], dim=2)
 
     @staticmethod
     def _checkpointed(segment, *inputs):

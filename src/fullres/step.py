@@ -45,7 +45,7 @@ def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
     inner = getattr(model, "module", model)  # DistributedDataParallel wraps the network
     if hasattr(inner, "checkpointing") and hasattr(inner, "slabs"):
         inner.checkpointing = strategy.checkpointing
-        inner.slabs = strategy.slabs
+        inner.slabs = strategy.slab_counts if len(strategy.slab_counts) > 1 else strategy.slabs
     elif strategy.checkpointing:
         checkpoint_blocks(inner)
     return model

@@ -86,7 +86,7 @@ def _unit_job(job: JobConfig) -> JobConfig:
     contiguous: emulated bf16 on a CPU without native bf16 would make counting seconds slower.
     With slabs the unit keeps the job's H (the slabs' halo rows are recomputed work that depends on H),
     H x 16 x 16: every level's count is then exactly proportional to W x D."""
-    shape = UNIT_SHAPE if job.strategy.slabs == 1 else (job.shape[0], *UNIT_SHAPE[1:])
+    shape = UNIT_SHAPE if not job.strategy.slabbed else (job.shape[0], *UNIT_SHAPE[1:])
     return job.with_(shape=shape, batch=1,
                      strategy=replace(job.strategy, accumulate=1, precision="fp32", channels_last=False))
 

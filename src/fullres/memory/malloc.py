@@ -128,7 +128,7 @@ def wanted_policy(strategy=None, device: str = "cpu") -> str:
         return setting if setting and setting != "pool" else "default"
     if setting:
         return setting
-    if strategy.checkpointing or strategy.slabs > 1:
+    if strategy.checkpointing or strategy.slabbed:
         return "fixed"
     return "pool" if strategy.precision == "fp32" and strategy.channels_last else "default"
 

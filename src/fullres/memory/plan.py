@@ -13,6 +13,7 @@ from typing import Callable
 from fullres.config import JobConfig
 from fullres.errors import UserError
 from fullres.memory.estimate import ESTIMATORS, estimate_training_bytes
+from fullres.model import LEVELS as SLAB_LEVELS
 from fullres.model import model_spec, spatial_divisor
 from fullres.units import format_bytes
 
@@ -121,21 +122,86 @@ def default_method() -> str:
 SLAB_CHOICES = (4, 8, 16)  # slabs --strategy auto tries: beyond 16 the full-resolution slab is no longer the peak
 
 
+SLAB_BASES = (8, 16, 32, 64)  # full-resolution slabs of the every-level schedules plan and --strategy auto offer
+
+
+def slab_schedules(job: JobConfig) -> list[tuple[int, ...]]:
+    """Every-level slab schedules for `job`'s network: S slabs at full resolution (each of SLAB_BASES), half as
+    many at each coarser level (at least 1), each capped at what the level's rows hold (2 each); none for a
+    network without a slab schedule."""
+    if not model_spec(job.model.architecture).slabs:
+        return []
+    schedules = []
+    for base in SLAB_BASES:
+        counts = tuple(max(1, min(base >> level, (job.shape[0] >> level) // 2)) for level in range(SLAB_LEVELS))
+        if counts not in schedules and counts[0] == min(base, job.shape[0] // 2):
+            schedules.append(counts)
+    return schedules
+
+
+def with_slabs(job: JobConfig, counts: tuple[int, ...]) -> JobConfig:
+    """`job` with `counts` slabs per level, checkpointing on and micro-batch 1 (the same effective batch)."""
+    coarse = ",".join(map(str, counts[1:]))
+    strategy = replace(job.strategy, checkpointing=True, accumulate=job.effective_batch, slabs=counts[0],
+                       coarse_slabs=coarse)
+    return job.with_(batch=1, strategy=strategy)
+
+
+@dataclass(frozen=True)
+class SlabOption:
+    """One slab schedule of a job: its dry-run peak, whether it fits the budget, one step's FLOPs (torch's
+    counter, recomputation included) and their excess over the step without slabs or checkpointing."""
+
+    counts: tuple[int, ...]
+    peak_bytes: int
+    fits: bool
+    flops: int
+    overhead: float
+
+    def to_json(self) -> dict:
+        return {"slabs": list(self.counts), "peak_mb": self.peak_bytes / 1e6, "fits": self.fits, "flops": self.flops,
+                "recompute_overhead": self.overhead}
+
+
+def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu") -> list[SlabOption]:
+    """The dry run of each of :func:`slab_schedules` (with the runtime term the dry-run method uses), and
+    its FLOPs against those of `job` without slabs or checkpointing, both counted on the fake tensors."""
+    from fullres.memory.dryrun import dryrun
+    from fullres.memory.runtime import measured_runtime_bytes
+
+    plain = job.with_(strategy=replace(job.strategy, checkpointing=False, slabs=1, coarse_slabs=""))
+    baseline = dryrun(plain, device=device, steps=1, runtime=0, count_flops=True).flops
+    options = []
+    for counts in slab_schedules(job):
+        candidate = with_slabs(job, counts)
+        term = measured_runtime_bytes(candidate) if device == "cpu" else 0
+        result = dryrun(candidate, device=device, runtime=term, count_flops=True)
+        options.append(SlabOption(counts, result.peak_bytes, result.peak_bytes <= budget_bytes, result.flops,
+                                  result.flops / baseline - 1))
+    return options
+
+
 def candidate_strategies(job: JobConfig, allow_bf16: bool = True, device: str = "cpu") -> list[tuple[str, JobConfig]]:
     """Least approximate first: none; checkpointing; accumulation (same global batch in smaller
     micro-batches); full-resolution slabs at micro-batch 1 (exact, but each slab recomputed; networks with
-    a slab schedule); on CUDA, each exact candidate with its saved activations offloaded to host memory;
+    a slab schedule), then every level in slabs (:func:`slab_schedules`); on CUDA, each exact candidate with its saved activations offloaded to host memory;
     bf16 (approximates fp32 numerics) last, and only where `allow_bf16`."""
     candidates = [("as given", job), ("checkpointing", job.with_(strategy=replace(job.strategy, checkpointing=True)))]
     total = job.batch * job.strategy.accumulate
     for micro in sorted({d for d in range(1, job.batch) if total % d == 0}, reverse=True):
         strategy = replace(job.strategy, checkpointing=True, accumulate=total // micro)
         candidates.append((f"checkpointing + accumulate x{total // micro}", job.with_(batch=micro, strategy=strategy)))
-    if job.model.norm == "none" and model_spec(job.model.architecture).slabs:  # exact only without normalisation
+    if model_spec(job.model.architecture).slabs:
         for slabs in (n for n in SLAB_CHOICES if n > job.strategy.slabs and n <= job.shape[0] // 2):
             strategy = replace(job.strategy, checkpointing=True, accumulate=total, slabs=slabs)
             name = f"checkpointing + accumulate x{total} + {slabs} slabs" if total > 1 else f"checkpointing + {slabs} slabs"
             candidates.append((name, job.with_(batch=1, strategy=strategy)))
+        for counts in slab_schedules(job):  # every level in slabs: the least memory, the most recomputation
+            if counts[0] > job.strategy.slabs:
+                candidate = with_slabs(job, counts)
+                accumulate = f" + accumulate x{total}" if total > 1 else ""
+                counts = candidate.strategy.slab_counts
+                candidates.append((f"checkpointing{accumulate} + slabs {','.join(map(str, counts))}", candidate))
     if device == "cuda" and not job.strategy.offload:
         for name, candidate in list(candidates):
             offload = replace(candidate.strategy, offload=True)
@@ -169,7 +235,7 @@ def refusal(job: JobConfig, budget: int, method: str, tried: list[str]) -> str:
     shape = " ".join(map(str, result.max_shape)) if result.max_shape else "none"
     lines = [f"the job does not fit: needs more than the {format_bytes(budget)} available ({method} estimate); tried "
              + "; ".join(tried) + ".",
-             "  Exact options: --strategy auto (checkpointing, then accumulation, then slabs, then bf16), or a machine with "
+             "  Exact options: --strategy auto (checkpointing, then accumulation, then slabs at every level, then bf16), or a machine with "
              "more memory"
              " (see `fullres plan`).",
              f"  The paper's tricks, never applied for you (sizes by the conservative Table 1 method): a smaller "
