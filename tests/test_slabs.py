@@ -57,6 +57,21 @@ def test_every_level_in_slabs_gives_the_whole_volume_gradients(norm, slabs):
             torch.testing.assert_close(buffer, dict(slab_model.named_buffers())[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_normalise_and_relu_keeps_only_its_output_and_has_the_exact_gradient():
+    from fullres.slabs import _NormReLU
+
+    torch.manual_seed(0)
+    y = torch.randn(2, 3, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    for scale_shape in ((2, 3, 1, 1, 1), (1, 3, 1, 1, 1)):  # per sample and channel (instance, group); per channel
+        scale = torch.randn(scale_shape, dtype=torch.float64, requires_grad=True)
+        shift = torch.randn(scale_shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(_NormReLU.apply, (y, scale, shift))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z = _NormReLU.apply(y, scale, shift)
+    assert [tuple(t.shape) for t in saved if t.numel() > 3] == [tuple(y.shape)] and saved[0].data_ptr() == z.data_ptr()
+
+
 def test_slab_heights_are_exact_at_every_level():
     assert slab_rows(40, 3) == [(0, 12), (12, 26), (26, 40)]
     assert slab_rows(5, 2) == [(0, 2), (2, 5)]  # an odd (coarsest) level: its last row in the last slab

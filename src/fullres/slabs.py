@@ -9,10 +9,12 @@ activation checkpointing: only its inputs are kept, and it is recomputed in back
 
 Data flow (:func:`forward_levels`): maps live as :class:`Rows` (a list of pieces along H) behind
 *sources* that produce any row range on demand: :class:`Stored` pieces, :class:`Pooled` and
-:class:`Upsampled` views of another source, and :class:`Encoded`, an encoder level's output recomputed
-from that level's stored input. A slabbed encoder level stores only the pooled input of the level
+:class:`Upsampled` views of another source, and :class:`Recomputed`, a level's output computed from
+that level's own sources when read. A slabbed encoder level stores only the pooled input of the level
 below (8 times fewer voxels than its own output, at the same width); its skip is recomputed from its
-own stored input inside the decoder's slabs. So no activation of a slabbed level ever exists whole.
+own stored input inside the decoder's slabs. A slabbed decoder level read by a slabbed level above is
+recomputed inside that level's slabs, so only the last level's output (the logits) is stored. So no
+activation of a slabbed level ever exists whole, nor as a full set of stored slabs.
 
 Normalisation (:func:`level_statistics`): instance, group and batch norm take statistics over the
 whole volume (batch norm: over the batch too). For each normalised convolution of a slabbed level a
@@ -97,15 +99,16 @@ class Upsampled:
         return self.layer(self.source.rows(first, last))[:, :, low - 2 * first:high - 2 * first]
 
 
-class Encoded:
-    """An encoder level's output, recomputed from the level's stored input whenever rows are read."""
+class Recomputed:
+    """A level's output, recomputed from the level's own sources whenever rows are read (an encoder level's
+    skip from its stored input; a decoder level's output from the coarser map and the skip)."""
 
-    def __init__(self, net, level: "Level", source, statistics: list, seed: int | None) -> None:
-        self.net, self.level, self.source, self.statistics, self.seed = net, level, source, statistics, seed
-        self.height = source.height
+    def __init__(self, net, level: "Level", sources: list, statistics: list | None, seed: int | None) -> None:
+        self.net, self.level, self.sources, self.statistics, self.seed = net, level, sources, statistics, seed
+        self.height = sources[0].height
 
     def rows(self, low: int, high: int) -> torch.Tensor:
-        return level_rows(self.net, self.level, [self.source], low, high, self.statistics, seed=self.seed)
+        return level_rows(self.net, self.level, self.sources, low, high, self.statistics, seed=self.seed)
 
 
 # ---- levels -------------------------------------------------------------------------------------
@@ -121,15 +124,32 @@ class Level:
     prediction: str | None = None
 
 
-def _normalise(net, name: str, y: torch.Tensor, statistics) -> torch.Tensor:
-    """The normalisation after convolution `name`: the module itself (a whole level), or the given
-    whole-volume (mean, variance) applied to these rows."""
-    if net.config.norm == "none":
-        return y
-    module = getattr(net, "norm" + name[4:])
-    if statistics is None:
-        return module(y)
-    return apply_norm(module, net.config.norm, y, *statistics)
+def _normalise(net, name: str, y: torch.Tensor) -> torch.Tensor:
+    """The normalisation module after convolution `name` (a whole level), if any."""
+    return y if net.config.norm == "none" else getattr(net, "norm" + name[4:])(y)
+
+
+class _NormReLU(torch.autograd.Function):
+    """relu(y * scale + shift) that keeps only its output for backward (the next convolution keeps that map
+    anyway), not `y`: where ReLU passed a value, y = (z - shift) / scale; elsewhere the gradient is 0. So a
+    normalised convolution costs no more saved memory than one without normalisation."""
+
+    @staticmethod
+    def forward(ctx, y, scale, shift):
+        z = torch.addcmul(shift, y, scale).relu_()
+        ctx.save_for_backward(z, scale, shift)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, scale, shift = ctx.saved_tensors
+        g = grad * (z > 0)
+        dims = [dim for dim in range(z.dim()) if scale.shape[dim] == 1 and z.shape[dim] != 1]
+        accumulate = torch.promote_types(z.dtype, torch.float32)
+        sum_g = g.sum(dims, keepdim=True, dtype=accumulate)
+        sum_gz = (g * z).sum(dims, keepdim=True, dtype=accumulate)
+        grad_scale = (sum_gz - shift * sum_g) / scale  # the sum of g * y, y recovered where g is not 0
+        return g.mul_(scale), grad_scale.to(scale.dtype), sum_g.to(shift.dtype)
 
 
 def level_rows(net, level: Level, sources: list, low: int, high: int, statistics, upto: int | None = None,
@@ -147,11 +167,16 @@ def level_rows(net, level: Level, sources: list, low: int, high: int, statistics
     else:
         y = getattr(net, level.convs[0])(sources[0].rows(first, last))
     for index, name in enumerate(level.convs):
-        if index:
-            y = getattr(net, name)(y)
+        if index:  # each convolution needs one halo row fewer than the one before: the rest is not computed
+            keep_first, keep_last = max(low - depth + index, 0), min(high + depth - index, height)
+            y = getattr(net, name)(y[:, :, keep_first - first:keep_last - first])
+            first = keep_first
         if upto is not None and index + 1 == upto:
             return y[:, :, low - first:high - first]
-        y = F.relu(_normalise(net, name, y, None if statistics is None else statistics[index]), inplace=True)
+        if statistics is None or net.config.norm == "none":
+            y = F.relu(_normalise(net, name, y), inplace=True)
+        else:
+            y = _NormReLU.apply(y, *norm_affine(getattr(net, "norm" + name[4:]), net.config.norm, y, *statistics[index]))
         if index == 0 and level.dropout is not None:
             module = getattr(net, level.dropout)
             y = module(y) if seed is None else row_dropout(y, module.p if module.training else 0.0, seed, first, height)
@@ -200,6 +225,14 @@ def combine(partials: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> 
 
 def apply_norm(module, kind: str, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """`module`'s normalisation of `y` with the given statistics and its affine weights."""
+    scale, shift = norm_affine(module, kind, y, mean, var)
+    return torch.addcmul(shift, y, scale)
+
+
+def norm_affine(module, kind: str, y: torch.Tensor, mean: torch.Tensor,
+                var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), shaped to broadcast over `y`: `module`'s normalisation with these statistics is
+    y * scale + shift."""
     rstd = torch.rsqrt(var + module.eps)
     if kind == "group":
         per_group = y.shape[1] // module.num_groups
@@ -210,7 +243,7 @@ def apply_norm(module, kind: str, y: torch.Tensor, mean: torch.Tensor, var: torc
     scale = rstd if weight is None else rstd * weight
     shift = -mean * scale if getattr(module, "bias", None) is None else module.bias - mean * scale
     shape = (*scale.shape, 1, 1, 1)
-    return torch.addcmul(shift.reshape(shape).to(y.dtype), y, scale.reshape(shape).to(y.dtype))
+    return scale.reshape(shape).to(y.dtype), shift.reshape(shape).to(y.dtype)
 
 
 def level_statistics(net, level: Level, sources: list, bounds: list[tuple[int, int]], slab_call,
@@ -319,7 +352,7 @@ def forward_levels(net, x: torch.Tensor, counts: Sequence[int], encoders: Sequen
             slab = _slab(net, level, [source], statistics, seed, pool=False)
             skips.append(Stored([slab_call(slab, low, high) for low, high in bounds], [b for b, _ in bounds] + [height]))
             continue
-        skips.append(Encoded(net, level, source, statistics, seed))  # recomputed where the decoder reads it
+        skips.append(Recomputed(net, level, [source], statistics, seed))  # recomputed where the decoder reads it
         slab = _slab(net, level, [source], statistics, seed, pool=True)
         source = Stored([slab_call(slab, low, high) for low, high in bounds], [b // 2 for b, _ in bounds] + [height // 2])
     below = skips[-1]
@@ -333,6 +366,9 @@ def forward_levels(net, x: torch.Tensor, counts: Sequence[int], encoders: Sequen
             continue
         bounds = slab_rows(height, count)
         statistics = level_statistics(net, level, inputs, bounds, slab_call, None)
+        if r > 0 and counts[r - 1] > 1:  # read in slabs above: recomputed there, never stored
+            below = Recomputed(net, level, inputs, statistics, None)
+            continue
         slab = _slab(net, level, inputs, statistics, None, pool=False)
         below = Stored([slab_call(slab, low, high) for low, high in bounds], [b for b, _ in bounds] + [height])
     return below.all()
