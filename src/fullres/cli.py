@@ -513,7 +513,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from fullres.train import TrainRequest, run
 
-    if args.data is not None and not Path(args.data).is_dir():  # before --out is made
+    if args.data is not None and not args.resume and not Path(args.data).is_dir():  # before --out is made
         raise UserError(f"DATA {args.data}: {'not a folder' if Path(args.data).exists() else 'no such folder'}")
     options = {name: getattr(args, name) for name in (*JOB_FLAGS, "epochs", "lr", "loss", "schedule", "seed",
                                                        "val_fraction", "device", "threads", "workers")}

@@ -387,11 +387,14 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
         for epoch in range(start_epoch, config.epochs):
             # The epoch's randomness (dropout; the sampler's order) is a function of (seed, epoch) alone,
             # so a run resumed after a crash repeats exactly what the uninterrupted run would have done.
-            torch.manual_seed(config.seed * 100_003 + epoch)
+            # The loader's iterator is made first: a new one draws its workers' seed from the global RNG
+            # and a persistent one, reset, does not, so a resumed run would otherwise shift dropout's stream.
             sampler.set_epoch(epoch)
+            batches = iter(loader)
+            torch.manual_seed(config.seed * 100_003 + epoch)
             totals = EpochTotals()
             epoch_start = time.perf_counter()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+            bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                        disable=not (progress and process.main), dynamic_ncols=True)
             for images, targets in bar:
                 step_start = time.perf_counter()
