@@ -177,10 +177,16 @@ def test_two_processes_equal_one_with_the_same_global_batch(train_msd, tmp_path)
     single = subprocess.run([sys.executable, "-m", "fullres", "train", str(train_msd), "--out", str(tmp_path / "one"),
                              "--batch", "2", *flags], capture_output=True, text=True, env=subprocess_env())
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(29500 + os.getpid() % 1000), "-m", "fullres", "train", str(train_msd), "--out",
-                          str(tmp_path / "two"), "--batch", "1", *flags],
-                         capture_output=True, text=True, env=subprocess_env())
+    # Loopback only, a free port, and a time limit that reports what the ranks printed: a machine whose
+    # hostname does not resolve must not turn a rendezvous into a hang.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--local-addr", "127.0.0.1", "-m", "fullres", "train", str(train_msd), "--out", str(tmp_path / "two"),
+               "--batch", "1", *flags]
+    try:
+        ddp = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                             env={**subprocess_env(), "GLOO_SOCKET_IFNAME": "lo"})
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"torchrun did not end in 300 s; its stderr:\n{(error.stderr or b'')[-3000:]!r}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "2 process(es)" in ddp.stdout
     one, two = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
