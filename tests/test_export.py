@@ -178,8 +178,8 @@ def test_engine_files_of_another_run_or_shape_are_refused(run, exported, tmp_pat
 
 # ---- the inference planner --------------------------------------------------------------------------
 
-def tiny_config(filters: int = 4, shape=(32, 32, 32), **strategy) -> TrainConfig:
-    job = JobConfig(model=ModelConfig(in_channels=2, filters=filters), shape=shape, batch=1,
+def tiny_config(filters: int = 4, shape=(32, 32, 32), norm: str = "none", **strategy) -> TrainConfig:
+    job = JobConfig(model=ModelConfig(in_channels=2, filters=filters, norm=norm), shape=shape, batch=1,
                     strategy=Strategy(**strategy))
     return TrainConfig(job=job, data=DataConfig(channels=(0, 1), shape=shape), data_dir="unused")
 
@@ -200,16 +200,39 @@ def test_the_plan_follows_the_memory_budget():
 
 def test_a_network_without_slabs_goes_from_whole_to_sliding_windows():
     cpu = torch.device("cpu")
-    normed = TrainConfig(job=JobConfig(model=ModelConfig(in_channels=2, filters=8, norm="group"), shape=(32, 32, 32),
-                                       batch=1), data=DataConfig(channels=(0, 1), shape=(32, 32, 32)), data_dir="unused")
-    whole = predict_module.inference_need(normed, (32, 32, 32), cpu)
-    plan = predict_module.plan_inference(normed, (32, 32, 32), cpu, budget=whole - 1)
-    assert plan.mode == "sliding" and "slabs" not in plan.reason and plan.window[0] == 16  # H halved first
+    model = ModelConfig(architecture="intel-unet", in_channels=1, filters=4, norm="batch", dropout=0.0)
+    other = TrainConfig(job=JobConfig(model=model, shape=(64, 64, 64), batch=1),
+                        data=DataConfig(channels=(0,), shape=(64, 64, 64)), data_dir="unused")
+    whole = predict_module.inference_need(other, (64, 64, 64), cpu)
+    plan = predict_module.plan_inference(other, (64, 64, 64), cpu, budget=whole - 1)
+    assert plan.mode == "sliding" and "slabs" not in plan.reason and plan.window == (32, 64, 64)  # H halved first
 
 
-@pytest.mark.parametrize("strategy", [{}, {"channels_last": True}])
-def test_slab_inference_equals_whole_volume_inference(strategy):
-    config = tiny_config(filters=2, shape=(32, 16, 16), **strategy)
+def test_a_normalised_network_past_full_resolution_slabs_gets_every_level_slabs(monkeypatch):
+    """Instance norm in slabs is exact, so normalised networks get slabs too; when full-resolution slabs no
+    longer lower the peak enough, the schedules with every level in slabs come next, the first that fits."""
+    config, cpu = tiny_config(filters=4, norm="instance"), torch.device("cpu")
+    counts_tried = []
+    real_need = predict_module.inference_need
+
+    def need(config_, shape, device, slabs=1):
+        counts_tried.append(predict_module.slab_counts(slabs))
+        return real_need(config_, shape, device, slabs)
+
+    monkeypatch.setattr(predict_module, "inference_need", need)
+    every_level = real_need(config, (32, 32, 32), cpu, (16, 8, 4, 2))
+    full_resolution = min(real_need(config, (32, 32, 32), cpu, s) for s in (2, 4, 8, 16))
+    assert every_level < full_resolution
+    plan = predict_module.plan_inference(config, (32, 32, 32), cpu, budget=every_level)
+    assert plan.mode == "slabs" and plan.slab_counts == (16, 8, 4, 2) and plan.need == every_level
+    assert counts_tried[0] == (1,) and (16, 8, 4, 2) == counts_tried[-1] and (8, 4, 2, 1) in [
+        tuple(c) + (1,) * (4 - len(c)) for c in counts_tried]
+    assert "slabs 16,8,4,2 per level" in plan.describe() and "(exact)" in plan.describe()
+
+
+@pytest.mark.parametrize("strategy, norm", [({}, "none"), ({"channels_last": True}, "none"), ({}, "instance")])
+def test_slab_inference_equals_whole_volume_inference(strategy, norm):
+    config = tiny_config(filters=2, shape=(32, 16, 16), norm=norm, **strategy)
     torch.manual_seed(0)
     model = UNet3D(config.job.model).eval()
     predictor = predict_module.Predictor(predict_module.prepare_model(model, predict_module.inference_strategy(config)),
@@ -217,7 +240,7 @@ def test_slab_inference_equals_whole_volume_inference(strategy):
     image = np.random.default_rng(0).standard_normal((2, 32, 16, 16)).astype(np.float32)
     cpu = torch.device("cpu")
     whole = predict_module.predict_volume(predictor, image, cpu, plan=predict_module.InferencePlan("whole", 0, 0, ""))
-    for slabs in (2, 4, 16):
+    for slabs in (2, 4, 16, (4, 2), (16, 8, 4, 2)):
         plan = predict_module.InferencePlan("slabs", 0, 0, "", slabs=slabs)
         np.testing.assert_allclose(predict_module.predict_volume(predictor, image, cpu, plan=plan), whole,
                                    rtol=0, atol=1e-6)

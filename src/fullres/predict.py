@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fullres.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
-from fullres.config import TrainConfig
+from fullres.config import JobConfig, TrainConfig
 from fullres.data import load_case_image, load_dataset, uncrop, write_nifti
 from fullres.data.layouts import MSD_REGIONS, apply_value_map, detect_layout, match_channels, value_map
 from fullres.data.msd import DatasetIndex
@@ -55,8 +55,9 @@ def load_predictor(run_or_checkpoint: Path, device: torch.device) -> Predictor:
 
 def inference_strategy(config: TrainConfig):
     """The run's layout and precision, as its validation passes ran; checkpointing and accumulation only
-    act on training, and slabs start off (:func:`plan_inference` turns them on when a whole volume does not fit)."""
-    return replace(config.job.strategy, checkpointing=False, accumulate=1, slabs=1)
+    act on training, and slabs start off at every level (:func:`plan_inference` turns them on when a whole
+    volume does not fit)."""
+    return replace(config.job.strategy, checkpointing=False, accumulate=1, slabs=1, coarse_slabs="")
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,8 @@ def output_labels(labels: np.ndarray, target: str, trained: DatasetIndex | None,
 
 @dataclass(frozen=True)
 class InferencePlan:
-    """How one volume is predicted: "whole" (one pass), "slabs" (one pass, the full-resolution levels in
-    `slabs` slabs along H: exact), or "sliding" (windows of `window`, overlapping by
+    """How one volume is predicted: "whole" (one pass), "slabs" (one pass in slabs along H, exact: `slabs` is
+    the full-resolution count, or one count per level, full resolution first), or "sliding" (windows of `window`, overlapping by
     :data:`SLIDING_WINDOW_OVERLAP`, Gaussian-blended); `need` is the dry run's inference peak of that choice
     in bytes, `budget` the memory it had to fit, `reason` why it was chosen."""
 
@@ -143,29 +144,44 @@ class InferencePlan:
     need: int
     budget: int
     reason: str
-    slabs: int = 1
+    slabs: int | tuple[int, ...] = 1
     window: tuple[int, int, int] | None = None
+
+    @property
+    def slab_counts(self) -> tuple[int, ...]:
+        return slab_counts(self.slabs)
 
     def describe(self) -> str:
         if self.mode == "whole":
             how = "whole volumes in one pass"
         elif self.mode == "slabs":
-            how = f"whole volumes in one pass of {self.slabs} slabs (exact)"
+            counts = self.slab_counts
+            how = ("whole volumes in one pass of " + (f"{counts[0]} slabs" if len(counts) == 1 else
+                   f"slabs {','.join(map(str, counts))} per level") + " (exact)")
         else:
             how = (f"sliding windows of {'x'.join(map(str, self.window))} "
                    f"({SLIDING_WINDOW_OVERLAP:.0%} overlap, Gaussian-weighted)")
         return f"{how}: {self.reason}"
 
 
-def inference_need(config: TrainConfig, shape: tuple[int, int, int], device: torch.device, slabs: int = 1) -> int:
+def slab_counts(slabs: int | tuple[int, ...]) -> tuple[int, ...]:
+    """Slabs per level, full resolution first, trailing whole levels left out."""
+    counts = (slabs,) if isinstance(slabs, int) else tuple(slabs)
+    while len(counts) > 1 and counts[-1] == 1:
+        counts = counts[:-1]
+    return counts
+
+
+def inference_need(config: TrainConfig, shape: tuple[int, int, int], device: torch.device,
+                   slabs: int | tuple[int, ...] = 1) -> int:
     """The dry run's peak of one inference forward of the run's network at `shape` (its precision and memory
-    format, `slabs` slabs, the output activation), in bytes."""
-    from fullres.config import JobConfig
+    format, `slabs` slabs at full resolution or per level, the output activation), in bytes."""
     from fullres.export import activation_of
     from fullres.memory.dryrun import dryrun_inference
 
     job = JobConfig(model=config.job.model, shape=tuple(shape), batch=1,
-                    strategy=replace(inference_strategy(config), slabs=slabs))
+                    strategy=replace(inference_strategy(config), slabs=slab_counts(slabs)[0],
+                                     coarse_slabs=",".join(map(str, slab_counts(slabs)[1:]))))
     try:
         return dryrun_inference(job, activation_of(config), device.type).peak_bytes
     except ValueError as error:
@@ -187,8 +203,9 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
                    budget: int | None = None) -> InferencePlan:
     """Pick, in this order, the first way to predict a volume of `shape` whose dry-run inference peak fits
     `budget` bytes (None: the memory available on `device` now): the whole volume in one pass; the whole
-    volume in 2, 4, 8, ... slabs (networks with a slab schedule and no normalisation: the same result up to
-    summation order), while more slabs still lower the peak; sliding windows, the largest found by halving
+    volume in 2, 4, 8, ... full-resolution slabs while more still lower the peak, then with every level in
+    slabs (:func:`fullres.memory.plan.slab_schedules`; networks with a slab schedule, normalised or not: the
+    same result up to summation order); sliding windows, the largest found by halving
     the largest axis (multiples of the network's divisor, down to twice it), plus MONAI's full-volume
     blending buffers. When nothing fits, the smallest window is used, and the reason says so."""
     budget_source = "--memory" if budget is not None else "available"
@@ -200,7 +217,9 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
     if whole <= budget:
         return InferencePlan("whole", whole, budget, f"needs ~{format_bytes(whole)} of {have} (dry run)")
     why_not = f"a whole volume needs ~{format_bytes(whole)}, more than {have}"
-    if model_spec(model.architecture).slabs and model.norm == "none":
+    if model_spec(model.architecture).slabs:
+        from fullres.memory.plan import slab_schedules
+
         best, slabs = whole, 2
         while slabs <= shape[0] // 2:
             need = inference_need(config, shape, device, slabs)
@@ -209,7 +228,15 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
                                      "(dry run)", slabs=slabs)
             if need >= best * 0.99:  # more slabs no longer lower the peak (the coarser levels hold it)
                 break
-            best, slabs = need, slabs * 2
+            best, slabs = min(best, need), slabs * 2
+        for counts in slab_schedules(JobConfig(model=model, shape=shape, batch=1)):
+            if len(slab_counts(counts)) == 1:  # full resolution only: tried above
+                continue
+            need = inference_need(config, shape, device, counts)
+            if need <= budget:
+                return InferencePlan("slabs", need, budget, f"{why_not}; slabs {','.join(map(str, counts))} per level "
+                                     f"need ~{format_bytes(need)} (dry run)", slabs=slab_counts(counts))
+            best = min(best, need)
         why_not += f", and slabs ~{format_bytes(best)} at least"
     divisor = spatial_divisor(model)
     window, need = shape, whole
@@ -247,12 +274,13 @@ def predict_volume(predictor: Predictor, image: np.ndarray, device: torch.device
     x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device if engine is None else "cpu")
     with torch.no_grad():
         if plan.mode in ("whole", "slabs"):
-            if plan.slabs > 1:
-                model.slabs = plan.slabs
+            slabbed = plan.mode == "slabs" and any(count > 1 for count in plan.slab_counts)
+            if slabbed:
+                model.slabs = plan.slab_counts
             try:
                 output = forward(x)
             finally:
-                if plan.slabs > 1:
+                if slabbed:
                     model.slabs = 1
         else:
             from monai.inferers import sliding_window_inference
