@@ -74,6 +74,7 @@ def test_resume_epochs_extends_a_run_to_what_an_uninterrupted_run_gives(train_ms
 def test_resume_refuses_flags_that_disagree_with_the_run(train_msd, tmp_path, cli):
     run = tmp_path / "run"
     assert cli("train", train_msd, "--out", run, "--epochs", "2", *TINY)[0] == 0
+    (run / ".last.pt.k1l2d3.tmp").write_bytes(b"half a checkpoint")  # a write cut short by a kill
     before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
     other_data = tmp_path / "elsewhere"
     for data, flags, message in (([], ["--lr", "0.5"], "--lr 0.5 differs from the run's 0.001"),
@@ -86,8 +87,10 @@ def test_resume_refuses_flags_that_disagree_with_the_run(train_msd, tmp_path, cl
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
     # flags that agree are accepted: the finished run has nothing left to do
-    code, out, err = cli("train", train_msd, "--out", run, "--resume", "--lr", "1e-3", "--quiet")
+    code, out, err = cli("train", train_msd, "--out", run, "--resume", "--lr", "1e-3")
     assert code == 0, err
+    assert "removed 1 unfinished checkpoint write(s) of the interrupted run: .last.pt.k1l2d3.tmp" in out
+    assert not (run / ".last.pt.k1l2d3.tmp").exists() and (run / "last.pt").read_bytes() == before["last.pt"]
 
 
 def test_cosine_schedule_extended_follows_the_longer_cosine():
@@ -274,6 +277,8 @@ def test_sigkill_at_random_moments_and_during_writes_then_resume_gives_the_unint
             load_checkpoint(run / "last.pt")  # never unreadable, whenever the kill came
         first = not (run / "config.json").exists()  # killed before config.json: a new run, else --resume
     assert kills == 5 and during_write == 2, (kills, during_write)
+    # each resume removed the unfinished writes before it; the last write was never cut short
+    assert not list(run.glob(".*.tmp")), sorted(path.name for path in run.glob(".*.tmp"))
     reference_weights, resumed = weights(tmp_path / "ref" / "last.pt"), weights(run / "last.pt")
     for name in reference_weights:
         torch.testing.assert_close(resumed[name], reference_weights[name], rtol=0, atol=0, msg=name)

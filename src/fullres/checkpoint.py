@@ -61,6 +61,17 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove the temporary files of checkpoint writes that a killed run left in `run_dir`
+    (:func:`fullres.files.atomic_write`'s ``.last.pt.*.tmp`` / ``.best.pt.*.tmp``: never renamed over a
+    checkpoint, so never needed). For a resumed run's main process, once its flags are accepted.
+    Returns the files removed."""
+    stale = sorted(path for name in (LAST, BEST) for path in run_dir.glob(f".{name}.*.tmp") if path.is_file())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def read_run_config(run_dir: Path) -> TrainConfig:
     path = run_dir / "config.json"
     try:

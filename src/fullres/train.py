@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fullres.bench.speed import Variant, time_variant
-from fullres.checkpoint import BEST, CONFIG_FILE, LAST, load_checkpoint, prepare_run_dir, read_run_config, save_checkpoint
+from fullres.checkpoint import (BEST, CONFIG_FILE, LAST, load_checkpoint, prepare_run_dir, read_run_config,
+                               remove_stale_temporaries, save_checkpoint)
 from fullres.config import JobConfig, Strategy, TrainConfig, job_defaults
 from fullres.data import DataConfig, MSDDataset, check_dataset, load_dataset_json, resolve_channels, split_cases, write_dataset
 from fullres.device import (Process, available_memory, configure_cpu, fast_bf16, is_main_process, peak_memory, pick_device,
@@ -80,6 +81,9 @@ def run(request: TrainRequest, log=print) -> dict:
     if request.resume:
         prepare_run_dir(run_dir, resume=True)
         config = _resumed_config(request, read_run_config(run_dir), main_process)
+        if main_process and (stale := remove_stale_temporaries(run_dir)):
+            log(f"removed {len(stale)} unfinished checkpoint write(s) of the interrupted run: "
+                + ", ".join(path.name for path in stale))
     else:
         config = _new_run(request, main_process, log)
     last = train(config, run_dir, resume=request.resume, progress=request.progress, log=log)
