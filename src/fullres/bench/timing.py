@@ -228,20 +228,23 @@ def fake_step_flops(job: JobConfig) -> int:
     """FLOPs of one training step of `job` as given (all micro-batches; checkpointing's and slabs'
     recomputation included), counted by torch's FlopCounterMode while ``train_step`` runs on fake
     tensors (``FakeTensorMode``: shapes only, no memory, no arithmetic), so a full-resolution job costs
-    a fraction of a second. The same count as :func:`fullres.bench.flops.count_step_flops` (tested)."""
+    seconds. One micro-batch is counted and multiplied by the accumulation steps: every micro-batch runs
+    the same shapes, and the optimizer's update has no counted operator. The same count as
+    :func:`fullres.bench.flops.count_step_flops` (tested)."""
     if job not in _FAKE_COUNTS:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.utils.flop_counter import FlopCounterMode
 
         from fullres.model import build_model
 
+        micro = job.with_(strategy=replace(job.strategy, accumulate=1))
         counter = FlopCounterMode(display=False)
         with FakeTensorMode(allow_non_fake_inputs=False), counter, _ScalarsOfFakes():
-            model = build_model(job.model, job.shape)
-            training = build_training(job, "cpu", model=model)
-            images, targets = random_batch(job, torch.device("cpu"))
-            train_step(model, training.optimizer, images, targets, LOSSES["dice"], job.strategy, training.scaler)
-        _FAKE_COUNTS[job] = int(counter.get_total_flops())
+            model = build_model(micro.model, micro.shape)
+            training = build_training(micro, "cpu", model=model)
+            images, targets = random_batch(micro, torch.device("cpu"))
+            train_step(model, training.optimizer, images, targets, LOSSES["dice"], micro.strategy, training.scaler)
+        _FAKE_COUNTS[job] = int(counter.get_total_flops()) * job.strategy.accumulate
     return _FAKE_COUNTS[job]
 
 

@@ -114,7 +114,6 @@ class DryRunResult:
     job: dict = field(default_factory=dict)
     reserved_bytes: int | None = None  # the caching allocator's segments: CUDA (max_memory_reserved), CPU pool
     allocator: str = "default"  # the CPU allocator policy estimated (fullres.memory.malloc); CUDA: "default"
-    flops: int | None = None  # with count_flops: one step's FLOPs, torch's FlopCounterMode on the fake tensors
 
     def to_json(self) -> dict:
         result = {"method": "dryrun", "peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown),
@@ -547,18 +546,15 @@ def runtime_bytes(job: JobConfig, device: str = "cpu") -> int:
 
 
 def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: str = "cpu",
-           steps: int = 2, runtime: int | None = None, allocator: str | None = None,
-           count_flops: bool = False) -> DryRunResult:
+           steps: int = 2, runtime: int | None = None, allocator: str | None = None) -> DryRunResult:
     """Peak memory of `steps` training steps of `job` (see the module docstring), nothing allocated.
 
     `runtime` is the CPU runtime term in bytes: None, the constant :func:`runtime_bytes`; the term of
     this network measured on this machine is :func:`fullres.memory.runtime.measured_runtime_bytes`
     (:func:`fullres.memory.estimate.dryrun_estimate` passes it). On CUDA it is 0 whatever is asked.
     `allocator` is the CPU allocator policy (:mod:`fullres.memory.malloc`); None, the one `train` gives
-    the job. Under "pool" the peak is the pool's reserved bytes, replayed. With `count_flops` the last step
-    one more step runs under torch's FlopCounterMode (it counts by shapes, so fake tensors count as real
-    ones), outside the peak: `flops` is one step's count, slabs' recomputation included, as
-    :mod:`fullres.bench.flops` counts it.
+    the job. Under "pool" the peak is the pool's reserved bytes, replayed. A step's FLOPs on the same fake
+    tensors: :func:`fullres.bench.timing.fake_step_flops`.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -637,19 +633,6 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
         state_serials = {tracker.serial(t) for state in opt.state.values() for t in state.values()
                          if isinstance(t, torch.Tensor)}
         parameter_serials = {tracker.serial(p) for p in parameters}
-        flops = None
-        if count_flops:  # one more step, counted apart: FlopCounterMode keeps tensors alive, so the peak is not its
-            from torch.utils.flop_counter import FlopCounterMode
-
-            kept = (tracker.peak, tracker.peak_live, tracker.peak_workspace, tracker.peak_at, tracker.max_activations,
-                    caching.reserved if caching else None)
-            counter = FlopCounterMode(display=False)
-            with counter:
-                train_step(model, opt, run_images, run_targets, loss_fn, run_strategy, scaler)
-            flops = int(counter.get_total_flops()) * job.strategy.accumulate // micro_batches
-            tracker.peak, tracker.peak_live, tracker.peak_workspace, tracker.peak_at, tracker.max_activations = kept[:5]
-            if caching:
-                caching.reserved = kept[5]
     for hook in hooks:
         hook.remove()
 
@@ -678,8 +661,7 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
     peak = tracker.peak + breakdown["runtime"]
     return DryRunResult(peak_bytes=int(peak), breakdown=breakdown, peak_at=tracker.peak_at,
                         saved_bytes=tracker.max_activations, seconds=time.perf_counter() - started,
-                        job=job.to_json(), reserved_bytes=caching.reserved if caching else None, allocator=allocator,
-                        flops=flops)
+                        job=job.to_json(), reserved_bytes=caching.reserved if caching else None, allocator=allocator)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -165,19 +165,22 @@ class SlabOption:
 
 def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu") -> list[SlabOption]:
     """The dry run of each of :func:`slab_schedules` (with the runtime term the dry-run method uses), and
-    its FLOPs against those of `job` without slabs or checkpointing, both counted on the fake tensors."""
+    its FLOPs against those of `job` without slabs or checkpointing, both counted by torch's counter on
+    fake tensors (:func:`fullres.bench.timing.fake_step_flops`)."""
+    from fullres.bench.timing import fake_step_flops
     from fullres.memory.dryrun import dryrun
     from fullres.memory.runtime import measured_runtime_bytes
 
     plain = job.with_(strategy=replace(job.strategy, checkpointing=False, slabs=1, coarse_slabs=""))
-    baseline = dryrun(plain, device=device, steps=1, runtime=0, count_flops=True).flops
+    baseline = fake_step_flops(plain)
     options = []
     for counts in slab_schedules(job):
         candidate = with_slabs(job, counts)
         term = measured_runtime_bytes(candidate) if device == "cpu" else 0
-        result = dryrun(candidate, device=device, runtime=term, count_flops=True)
-        options.append(SlabOption(counts, result.peak_bytes, result.peak_bytes <= budget_bytes, result.flops,
-                                  result.flops / baseline - 1))
+        result = dryrun(candidate, device=device, runtime=term)
+        flops = fake_step_flops(candidate)
+        options.append(SlabOption(counts, result.peak_bytes, result.peak_bytes <= budget_bytes, flops,
+                                  flops / baseline - 1))
     return options
 
 
