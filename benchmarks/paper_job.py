@@ -2,7 +2,7 @@
 its dry-run peak under each exact strategy, and, with --measure, one real full-resolution training step.
 
     python benchmarks/paper_job.py                      # the strategy table (dry runs: seconds each)
-    python benchmarks/paper_job.py --measure --slabs 16 [--precision bf16]
+    python benchmarks/paper_job.py --measure --slabs 16 [--coarse-slabs 8,4,2] [--precision bf16]
         # one real step at batch 1 in a fresh process: measured peak RSS and time (minutes)
 
 The paper needed Table 1's 914.8 GB (a 1.5 TB server). The table prints each strategy's peak per sample
@@ -51,10 +51,11 @@ def strategy_table(precisions=("fp32", "bf16")) -> list[dict]:
     return rows
 
 
-def measure_step(precision: str, slabs: int) -> dict:
+def measure_step(precision: str, slabs: int, coarse_slabs: str = "") -> dict:
     from fullres.memory.measure import measure_peak
 
-    job = JobConfig(batch=1, strategy=Strategy(checkpointing=True, channels_last=True, slabs=slabs, precision=precision))
+    job = JobConfig(batch=1, strategy=Strategy(checkpointing=True, channels_last=True, slabs=slabs,
+                                               coarse_slabs=coarse_slabs, precision=precision))
     estimate = dryrun(job, steps=1, runtime=measured_runtime_bytes(job))  # the estimate fullres shows
     measured = measure_peak(job, steps=1)
     return {"job": job.to_json(), "dryrun_bytes": estimate.peak_bytes, "dryrun_peak_at": estimate.peak_at,
@@ -67,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", action="store_true", help="run one real full-resolution step (minutes)")
     parser.add_argument("--slabs", type=int, default=16)
+    parser.add_argument("--coarse-slabs", default="", metavar="S1,S2,S3", help="slabs of the coarser levels (e.g. 8,4,2)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     print(f"$ python {shlex.join(sys.argv)}")
@@ -74,7 +76,7 @@ def main() -> None:
     print(f"{machine['date']}, {machine['cpu']} ({machine['cpu_capability']}), torch {machine['torch']}, "
           f"{machine['threads']} threads")
     if args.measure:
-        print(json.dumps(measure_step(args.precision, args.slabs), indent=1))
+        print(json.dumps(measure_step(args.precision, args.slabs, args.coarse_slabs), indent=1))
         return
     print("| precision | strategy (micro-batch 1) | per sample | job (x16 by accumulation) | 914.8 GB / job | peak at |")
     print("|---|---|---|---|---|---|")
