@@ -216,7 +216,7 @@ def test_a_normalised_network_past_full_resolution_slabs_gets_every_level_slabs(
     real_need = predict_module.inference_need
 
     def need(config_, shape, device, slabs=1):
-        counts_tried.append(predict_module.slab_counts(slabs))
+        counts_tried.append(predict_module.strategy_with_slabs(Strategy(), slabs).slab_counts)
         return real_need(config_, shape, device, slabs)
 
     monkeypatch.setattr(predict_module, "inference_need", need)

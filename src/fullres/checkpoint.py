@@ -16,7 +16,7 @@ import torch
 
 from fullres.config import TrainConfig
 from fullres.errors import UserError
-from fullres.files import atomic_write
+from fullres.files import atomic_write, unfinished_writes
 
 CONFIG_FILE = "config.json"
 LAST, BEST = "last.pt", "best.pt"
@@ -63,10 +63,9 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Remove the temporary files of checkpoint writes that a killed run left in `run_dir`
-    (:func:`fullres.files.atomic_write`'s ``.last.pt.*.tmp`` / ``.best.pt.*.tmp``: never renamed over a
-    checkpoint, so never needed). For a resumed run's main process, once its flags are accepted.
-    Returns the files removed."""
-    stale = sorted(path for name in (LAST, BEST) for path in run_dir.glob(f".{name}.*.tmp") if path.is_file())
+    (:func:`fullres.files.unfinished_writes` of last.pt and best.pt). For a resumed run's main process,
+    once its flags are accepted. Returns the files removed."""
+    stale = [path for name in (LAST, BEST) for path in unfinished_writes(run_dir / name)]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

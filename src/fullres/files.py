@@ -35,6 +35,12 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
+def unfinished_writes(path: Path) -> list[Path]:
+    """The temporary files of :func:`atomic_write` calls for `path` that never reached their rename (a
+    killed process leaves them behind; nothing ever reads them)."""
+    return sorted(temp for temp in path.parent.glob(f".{path.name}.*.tmp") if temp.is_file())
+
+
 def write_bytes_atomically(path: Path, data: bytes) -> None:
     with atomic_write(path) as file:
         file.write(data)

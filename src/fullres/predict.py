@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fullres.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
-from fullres.config import JobConfig, TrainConfig
+from fullres.config import JobConfig, Strategy, TrainConfig
 from fullres.data import load_case_image, load_dataset, uncrop, write_nifti
 from fullres.data.layouts import MSD_REGIONS, apply_value_map, detect_layout, match_channels, value_map
 from fullres.data.msd import DatasetIndex
@@ -149,7 +149,7 @@ class InferencePlan:
 
     @property
     def slab_counts(self) -> tuple[int, ...]:
-        return slab_counts(self.slabs)
+        return strategy_with_slabs(Strategy(), self.slabs).slab_counts
 
     def describe(self) -> str:
         if self.mode == "whole":
@@ -164,12 +164,10 @@ class InferencePlan:
         return f"{how}: {self.reason}"
 
 
-def slab_counts(slabs: int | tuple[int, ...]) -> tuple[int, ...]:
-    """Slabs per level, full resolution first, trailing whole levels left out."""
+def strategy_with_slabs(strategy: Strategy, slabs: int | tuple[int, ...]) -> Strategy:
+    """`strategy` with `slabs`: a full-resolution count, or one count per level, full resolution first."""
     counts = (slabs,) if isinstance(slabs, int) else tuple(slabs)
-    while len(counts) > 1 and counts[-1] == 1:
-        counts = counts[:-1]
-    return counts
+    return replace(strategy, slabs=counts[0], coarse_slabs=counts[1:])
 
 
 def inference_need(config: TrainConfig, shape: tuple[int, int, int], device: torch.device,
@@ -180,8 +178,7 @@ def inference_need(config: TrainConfig, shape: tuple[int, int, int], device: tor
     from fullres.memory.dryrun import dryrun_inference
 
     job = JobConfig(model=config.job.model, shape=tuple(shape), batch=1,
-                    strategy=replace(inference_strategy(config), slabs=slab_counts(slabs)[0],
-                                     coarse_slabs=",".join(map(str, slab_counts(slabs)[1:]))))
+                    strategy=strategy_with_slabs(inference_strategy(config), slabs))
     try:
         return dryrun_inference(job, activation_of(config), device.type).peak_bytes
     except ValueError as error:
@@ -228,14 +225,14 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
                                      "(dry run)", slabs=slabs)
             if need >= best * 0.99:  # more slabs no longer lower the peak (the coarser levels hold it)
                 break
-            best, slabs = min(best, need), slabs * 2
+            best, slabs = need, slabs * 2
         for counts in slab_schedules(JobConfig(model=model, shape=shape, batch=1)):
-            if len(slab_counts(counts)) == 1:  # full resolution only: tried above
+            if all(count == 1 for count in counts[1:]):  # full resolution only: tried above
                 continue
             need = inference_need(config, shape, device, counts)
             if need <= budget:
                 return InferencePlan("slabs", need, budget, f"{why_not}; slabs {','.join(map(str, counts))} per level "
-                                     f"need ~{format_bytes(need)} (dry run)", slabs=slab_counts(counts))
+                                     f"need ~{format_bytes(need)} (dry run)", slabs=counts)
             best = min(best, need)
         why_not += f", and slabs ~{format_bytes(best)} at least"
     divisor = spatial_divisor(model)
