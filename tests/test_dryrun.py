@@ -4,6 +4,8 @@ real (tiny) measurements."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -166,7 +168,8 @@ def test_a_contiguous_input_to_a_channels_last_weight_costs_one_copy_of_the_inpu
     """ATen runs a oneDNN convolution channels-last when its input or its weight is (conv1a of a channels-last
     network fed a contiguous batch): the dry run charges a channels-last copy of the input, a tensor (in the
     CPU pool when there is one), not the blocked reorders of a contiguous convolution."""
-    from fullres.memory.dryrun import conv_backend, op_workspace, pool_op_workspace
+    from fullres.memory.dryrun import (_cpu_convolution, conv_backend, gemm_weight_gradient_bytes, op_workspace,
+                                       pool_op_workspace)
 
     aten = torch.ops.aten
     cl = torch.channels_last_3d
@@ -179,10 +182,85 @@ def test_a_contiguous_input_to_a_channels_last_weight_costs_one_copy_of_the_inpu
     assert op_workspace(aten.convolution.default, forward, {}, out) == x.nbytes
     assert pool_op_workspace(aten.convolution.default, forward, {}, out) == ([w.nbytes, x.nbytes], 0)
     backward = (out, x, w, [16], *conv, [True, True, True])
-    assert op_workspace(aten.convolution_backward.default, backward, {}, None, first_call=False) == x.nbytes
+    gemm = gemm_weight_gradient_bytes(_cpu_convolution(aten.convolution_backward.default, backward))  # AVX2 only
+    assert op_workspace(aten.convolution_backward.default, backward, {}, None, first_call=False) == x.nbytes + gemm
     # both contiguous: oneDNN reorders input and output gradient into its blocked layout
     contiguous = (out.contiguous(), x, w.contiguous(), [16], *conv, [True, True, True])
     assert op_workspace(aten.convolution_backward.default, contiguous, {}, None, first_call=False) == x.nbytes + out.nbytes
+
+
+_PROBE = """
+import json, sys, torch
+from fullres.config import Strategy
+from fullres.memory.malloc import set_training_malloc_policy
+set_training_malloc_policy(Strategy(checkpointing=True, channels_last=True))  # large blocks: mmap, unmapped when freed
+torch.set_num_threads(2)
+aten, cl = torch.ops.aten, torch.channels_last_3d
+cin, cout, h, w, d, kernel = json.loads(sys.argv[1])
+x = torch.randn(1, cin, h, w, d).to(memory_format=cl)
+weight = torch.randn(cout, cin, kernel, kernel, kernel).to(memory_format=cl)
+grad = torch.randn(1, cout, h, w, d).to(memory_format=cl)
+conv = [[1] * 3, [kernel // 2] * 3, [1] * 3, False, [0] * 3, 1]
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+for _ in range(2):  # the second call: the primitive exists
+    open("/proc/self/clear_refs", "w").write("5")  # resets the peak RSS
+    before = status("VmRSS")
+    outs = aten.convolution_backward(grad, x, weight, [cout], *conv, [True, True, True])
+    extra = status("VmHWM") - before - sum(o.numel() * o.element_size() for o in outs)
+    del outs
+print(extra)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not torch.backends.mkldnn.is_available(),
+                    reason="reads /proc's peak RSS of a oneDNN convolution")
+@pytest.mark.parametrize("cin, cout, h, w, d, kernel", [(32, 32, 18, 64, 64, 3), (64, 32, 24, 48, 32, 3),
+                                                          (32, 8, 18, 64, 64, 1)])
+def test_a_channels_last_backward_takes_what_the_model_charges(cin, cout, h, w, d, kernel):
+    """A real fp32 channels-last convolution backward (past ATen's slow-path rule) takes beyond its operands
+    what the dry run charges (AVX2: a copy of the input and one plane's GEMM columns, 9-24 MB here; AVX-512:
+    nothing after the first call), to 2 MB."""
+    from fullres.memory.dryrun import op_workspace
+
+    aten = torch.ops.aten
+    cl = torch.channels_last_3d
+    x = torch.empty(1, cin, h, w, d).to(memory_format=cl)
+    weight = torch.empty(cout, cin, kernel, kernel, kernel).to(memory_format=cl)
+    grad = torch.empty(1, cout, h, w, d).to(memory_format=cl)
+    args = (grad, x, weight, [cout], [1] * 3, [kernel // 2] * 3, [1] * 3, False, [0] * 3, 1, [True, True, True])
+    charged = op_workspace(aten.convolution_backward.default, args, {}, None, first_call=False)
+    result = subprocess.run([sys.executable, "-c", _PROBE, json.dumps([cin, cout, h, w, d, kernel])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    measured = int(result.stdout.split()[-1])
+    assert abs(measured - charged) < 2 * 10**6, (measured, charged)
+
+
+def test_the_gemm_weight_gradient_buffers_follow_the_kernel_oneDNN_runs(monkeypatch):
+    """Only a 3x3x3 fp32 channels-last weight gradient on a CPU without AVX-512 runs im2col + GEMM: the input
+    copied once, and C_in x 27 x (the last two sizes) columns; no weight gradient, a 1x1x1 or a transposed convolution,
+    bf16 or AVX-512 take none."""
+    from fullres.memory import dryrun as module
+
+    aten = torch.ops.aten
+    cl = torch.channels_last_3d
+    x = torch.empty(1, 32, 40, 30, 20).to(memory_format=cl)  # past ATen's slow-path rule
+    grad = torch.empty(1, 8, 40, 30, 20).to(memory_format=cl)
+
+    def charged(weight, mask=(True, True, True), transposed=False, grad=grad, x=x):
+        args = (grad, x, weight, [8], [1] * 3, [weight.shape[2] // 2] * 3, [1] * 3, transposed, [0] * 3, 1, list(mask))
+        return module.gemm_weight_gradient_bytes(module._cpu_convolution(aten.convolution_backward.default, args),
+                                                 weight_gradient=mask[1])
+
+    monkeypatch.setattr(module, "avx512", lambda: False)
+    w3 = torch.empty(8, 32, 3, 3, 3).to(memory_format=cl)
+    assert charged(w3) == x.nbytes + 32 * 27 * 30 * 20 * 4
+    assert charged(w3, mask=(True, False, True)) == 0
+    assert charged(torch.empty(8, 32, 1, 1, 1).to(memory_format=cl)) == 0
+    assert charged(w3.bfloat16(), grad=grad.bfloat16(), x=x.bfloat16()) == 0
+    monkeypatch.setattr(module, "avx512", lambda: True)
+    assert charged(w3) == 0
 
 
 def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypatch):

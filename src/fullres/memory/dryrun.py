@@ -196,6 +196,29 @@ def _columns_bytes(input, weight, output_voxels: int, transposed: bool) -> int:
 ONEDNN_BACKWARD_SCRATCH_BYTES = 45 * 10**6
 
 
+def avx512() -> bool:
+    """Whether oneDNN gets AVX-512 kernels here (its brgemm convolutions; AVX2 CPUs run others)."""
+    return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+
+
+def gemm_weight_gradient_bytes(conv: "_Convolution", weight_gradient: bool = True) -> int:
+    """What oneDNN's weight gradient of a channels-last fp32 convolution takes on a CPU without AVX-512,
+    where it runs im2col + GEMM (``x64:gemm:jit``): a copy of the input and the column buffer of one
+    output plane along the first spatial dim, C_in x kernel volume x (the output's last two sizes).
+
+    Measured per operator on machine A (AVX2, 2 threads, torch 2.13; peak RSS reset before the call):
+    exact to 0.2 MB from 16x64x64 to 20x240x144 maps, 4-256 input channels, 1 and 2 threads, with and
+    without the input gradient (whose kernel, brgemm, takes nothing). 1x1x1 and transposed convolutions
+    run other kernels here and take nothing; AVX-512 CPUs run brgemm for the weight gradient too."""
+    if (avx512() or conv.forward or not weight_gradient or conv.transposed or conv.backend.startswith("Slow")
+            or not _onednn_channels_last(conv) or conv.input.dtype != torch.float32
+            or math.prod(conv.weight.shape[2:]) == 1):
+        return 0
+    plane = math.prod(conv.grad_output.shape[3:])
+    columns = conv.input.shape[1] * math.prod(conv.weight.shape[2:]) * plane * conv.input.element_size()
+    return _nbytes(conv.input) + columns
+
+
 def _contiguous_copy_bytes(tensor) -> int:
     """What ATen's slow path copies to make `tensor` contiguous (0 when it already is)."""
     return 0 if tensor.is_contiguous() else _nbytes(tensor)
@@ -250,7 +273,8 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
 
     oneDNN convolutions work in their own layouts, measured per operator (see
     ONEDNN_BACKWARD_SCRATCH_BYTES for how): with channels-last tensors forward needs nothing and
-    backward its scratchpad, plus, in bf16, a copy of its input and output gradient for the samples
+    backward its scratchpad (AVX-512; without it, the weight gradient's GEMM buffers,
+    :func:`gemm_weight_gradient_bytes`), plus, in bf16, a copy of its input and output gradient for the samples
     its threads work on at once; with contiguous (NCDHW) tensors each primitive also reorders into
     blocked layouts: forward a copy of the larger of input and output (twice the output for a
     transposed convolution), backward a copy of input and output gradient.
@@ -276,7 +300,10 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
         return layout
     # The scratchpad comes with the primitive's creation, the first call at these shapes: measured
     # in a training step's second backward, every convolution's extra is within the copies +- 20 MB.
-    return (ONEDNN_BACKWARD_SCRATCH_BYTES if first_call else 0) + layout + sum(_bf16_copy_blocks(conv))
+    # Without AVX-512 the first call takes ~5 MB more (within the runtime term) and GEMM's buffers instead.
+    gemm = gemm_weight_gradient_bytes(conv, weight_gradient=bool(args[10][1]))
+    scratch = ONEDNN_BACKWARD_SCRATCH_BYTES if first_call and avx512() else 0
+    return scratch + layout + sum(_bf16_copy_blocks(conv)) + gemm
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ from fullres.memory import measure
 
 CALIBRATION_SHAPE = (16, 16, 16)
 CACHE_FILE = "runtime.json"
-CACHE_VERSION = 3  # 2: the allocator policy is part of the key (the CPU pool); 3: medians under glibc's heap
+CACHE_VERSION = 4  # 2: the allocator policy is part of the key (the CPU pool); 3: medians under glibc's heap;
+# 4: the dry run charges AVX2's GEMM weight-gradient buffers (the term is measured minus the dry run)
 NOISY_POLICIES = ("default", "cached")  # glibc's heap: its peak varies from process to process
 NOISY_RUNS = 3
 
