@@ -57,6 +57,50 @@ def test_every_level_in_slabs_gives_the_whole_volume_gradients(norm, slabs):
             torch.testing.assert_close(buffer, dict(slab_model.named_buffers())[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("norm,slabs,recompute", [("none", (3, 3, 2, 2), 1), ("instance", (3, 3, 2, 2), 3),
+                                                  ("batch", (2, 3, 2, 2), 2)])
+def test_recomputed_level_inputs_give_the_whole_volume_gradients(norm, slabs, recompute):
+    """Levels' inputs recomputed from the slabbed level above wherever read (nothing of those levels stored),
+    with dropout (hashed: every recomputation draws the same mask) and checkpointing: the outputs and gradients
+    of the schedule that stores them, which equal the whole volume's."""
+    model = network(norm, dropout=0.3)
+    images, targets = data(2 if norm == "batch" else 1)
+    stored_model, recomputed_model = copy.deepcopy(model), copy.deepcopy(model)
+    stored_output, stored = run(stored_model, images, targets, slabs, checkpointing=True)
+    recomputed_model.recompute_inputs = recompute
+    recomputed_output, recomputed = run(recomputed_model, images, targets, slabs, checkpointing=True)
+    torch.testing.assert_close(stored_output, recomputed_output, rtol=1e-10, atol=1e-12)
+    assert_same(stored, recomputed)
+    recomputed_model.eval()  # no dropout (batch norm: the running statistics of the step): the whole volume's forward
+    whole_model = copy.deepcopy(recomputed_model)
+    whole_model.slabs, whole_model.recompute_inputs = 1, 0
+    with torch.no_grad():
+        torch.testing.assert_close(whole_model(images), recomputed_model(images), rtol=1e-10, atol=1e-12)
+
+
+def test_recomputed_inputs_are_not_stored_and_are_validated():
+    """The dry run: recomputing the half-resolution level's input takes its stored maps (and their gradient)
+    off the peak; a recomputed input between whole levels is refused, and at_shape keeps only what still applies."""
+    from fullres.memory.dryrun import dryrun
+
+    stored = JobConfig(shape=(64, 32, 32), batch=1, model=ModelConfig(filters=2),
+                       strategy=Strategy(checkpointing=True, slabs=8, coarse_slabs="4,2"))
+    recomputed = stored.with_(strategy=Strategy(checkpointing=True, slabs=8, coarse_slabs="4,2", recompute_inputs=1))
+    assert dryrun(recomputed, steps=1).breakdown["activations"] < dryrun(stored, steps=1).breakdown["activations"]
+    assert recomputed.strategy.describe() == "fp32 + checkpointing + slabs 8,4,2 + 1 level input recomputed"
+    assert JobConfig.from_json(recomputed.to_json()) == recomputed
+    deeper = stored.with_(strategy=Strategy(slabs=8, coarse_slabs="4,2", recompute_inputs=2))
+    assert deeper.at_shape((16, 8, 8)).strategy.recompute_inputs == 2  # 16, 8, 4 rows: slabs 8, 4, 2 still
+    assert deeper.at_shape((8, 8, 8)).strategy.recompute_inputs == 1  # level 1/4 has 2 rows: whole
+    with pytest.raises(ValueError, match=r"--recompute-inputs 2: the levels that make and read each recomputed input "
+                                         r"must be slabbed, and level 1/4 runs whole"):
+        JobConfig(shape=(64, 32, 32), strategy=Strategy(slabs=8, coarse_slabs="4", recompute_inputs=2))
+    with pytest.raises(ValueError, match="has 3 levels whose input can be recomputed, got 4"):
+        JobConfig(shape=(64, 32, 32), strategy=Strategy(slabs=8, coarse_slabs="4,2,2", recompute_inputs=4))
+    with pytest.raises(ValueError, match="recompute_inputs must be >= 0"):
+        Strategy(recompute_inputs=-1)
+
+
 def test_normalise_and_relu_keeps_only_its_output_and_has_the_exact_gradient():
     from fullres.slabs import _NormReLU
 
@@ -175,14 +219,17 @@ def test_plan_offers_every_level_schedules_with_their_counted_flops(monkeypatch)
     job = JobConfig(model=ModelConfig(filters=1, norm="none"), shape=(16, 16, 16), batch=2)
     assert slab_schedules(job) == [(8, 4, 2, 1)]  # 16 rows hold 8 slabs, 8 rows 4, 4 rows 2, 2 rows 1
     assert slab_schedules(JobConfig(shape=(240, 240, 144), batch=1)) == [
-        (8, 4, 2, 1), (16, 8, 4, 2), (32, 16, 8, 4), (64, 32, 16, 8)]
+        (8, 4, 2, 1), (16, 8, 4, 2), (32, 16, 8, 4), (64, 32, 16, 8), (120, 60, 30, 15)]
     assert slab_schedules(JobConfig(model=ModelConfig(architecture="intel-unet", norm="batch"), shape=(32, 32, 32))) == []
     names = [name for name, _ in candidate_strategies(job, allow_bf16=False)]
+    assert names[-1] == "checkpointing + accumulate x2 + slabs 8,4,2 + 1 level input recomputed"
     assert "checkpointing + accumulate x2 + slabs 8,4,2" in names
     candidate = with_slabs(job, (8, 4, 2, 1))
     assert candidate.batch == 1 and candidate.strategy.accumulate == 2 and candidate.strategy.slab_counts == (8, 4, 2)
-    [option] = slab_options(job, budget_bytes=2**40)
-    assert option.counts == (8, 4, 2, 1) and option.fits
+    option, recomputed = slab_options(job, budget_bytes=2**40)
+    assert option.counts == recomputed.counts == (8, 4, 2, 1) and option.fits
+    assert (option.recompute_inputs, recomputed.recompute_inputs) == (0, 1)
     assert option.flops == count_step_flops(candidate)  # the dry run's count on fake tensors is the real count
+    assert recomputed.flops == count_step_flops(with_slabs(job, (8, 4, 2, 1), 1)) > option.flops
     plain = count_step_flops(job)
     assert option.overhead == pytest.approx(option.flops / plain - 1) and option.overhead > 0

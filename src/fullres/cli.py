@@ -464,7 +464,8 @@ def slab_lines(options) -> list[str]:
         coarse = list(option.counts[1:])
         while len(coarse) > 1 and coarse[-1] == 1:
             coarse.pop()
-        lines.append(f"  --slabs {option.counts[0]} --coarse-slabs {','.join(map(str, coarse))}: "
+        lines.append(f"  --slabs {option.counts[0]} --coarse-slabs {','.join(map(str, coarse))}"
+                     f"{' --recompute-inputs 1' if option.recompute_inputs else ''}: "
                      f"{format_bytes(option.peak_bytes)}, {'fits' if option.fits else 'does not fit'}, "
                      f"recomputation +{option.overhead:.0%} FLOPs")
     return lines

@@ -61,6 +61,10 @@ class Strategy:
     coarse_slabs: str = field(default="", metadata={
         "metavar": "S1,S2,...", "help": "slabs of each coarser level, half resolution first (e.g. 8,4,2 with --slabs 16; "
                                         "default: whole), their skips recomputed from each level's stored input"})
+    recompute_inputs: int = field(default=0, metadata={
+        "metavar": "K", "help": "with slabs: the inputs of the K levels below full resolution (half resolution first) "
+                                "are recomputed from the slabbed level above wherever read, not stored (less memory, "
+                                "more FLOPs)"})
     offload: bool = field(default=False, metadata={
         "help": "keep saved activations in host memory until backward (exact; CUDA only)"})
 
@@ -69,6 +73,8 @@ class Strategy:
             raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
         if self.slabs < 1:
             raise ValueError(f"slabs must be >= 1, got {self.slabs}")
+        if self.recompute_inputs < 0:
+            raise ValueError(f"recompute_inputs must be >= 0, got {self.recompute_inputs}")
         object.__setattr__(self, "coarse_slabs", _canonical_counts(self.coarse_slabs))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -98,6 +104,8 @@ class Strategy:
             parts.append(f"slabs {','.join(map(str, self.slab_counts))}")
         elif self.slabs > 1:
             parts.append(f"{self.slabs} slabs")
+        if self.recompute_inputs:
+            parts.append(f"{self.recompute_inputs} level input{'s' if self.recompute_inputs > 1 else ''} recomputed")
         if self.offload:
             parts.append("offload")
         return " + ".join(parts)
@@ -137,6 +145,17 @@ class JobConfig:
                 except ValueError as error:
                     flag = "--slabs" if level == 0 else f"--coarse-slabs (level 1/{2 ** level})"
                     raise ValueError(f"{flag}: {error}") from None
+        recompute = self.strategy.recompute_inputs
+        if recompute:
+            counts = self.strategy.slab_counts + (1,) * SLAB_LEVELS
+            if recompute > SLAB_LEVELS - 1 or not model_spec(self.model.architecture).slabs:
+                raise ValueError(f"--recompute-inputs: {self.model.architecture} has "
+                                 f"{SLAB_LEVELS - 1 if model_spec(self.model.architecture).slabs else 0} levels whose "
+                                 f"input can be recomputed, got {recompute}")
+            whole = [level for level in range(recompute + 1) if counts[level] == 1]
+            if whole:  # a whole level would compute (or read) a recomputed map whole: nothing saved
+                raise ValueError(f"--recompute-inputs {recompute}: the levels that make and read each recomputed input "
+                                 f"must be slabbed, and level 1/{2 ** whole[0]} runs whole (see --slabs, --coarse-slabs)")
 
     @property
     def effective_batch(self) -> int:
@@ -149,7 +168,11 @@ class JobConfig:
         """This job at another shape; each level's slabs capped at what its H holds (2 rows each at least)."""
         counts = [min(count, max(1, (shape[0] >> level) // 2)) for level, count in enumerate(self.strategy.slab_counts)]
         coarse = ",".join(map(str, counts[1:])) if self.strategy.coarse_slabs else ""
-        return replace(self, shape=tuple(shape), strategy=replace(self.strategy, slabs=counts[0], coarse_slabs=coarse))
+        padded = counts + [1] * SLAB_LEVELS
+        whole = next((level for level in range(self.strategy.recompute_inputs + 1) if padded[level] == 1), None)
+        recompute = self.strategy.recompute_inputs if whole is None else max(0, whole - 1)  # between slabbed levels only
+        return replace(self, shape=tuple(shape), strategy=replace(self.strategy, slabs=counts[0], coarse_slabs=coarse,
+                                                                  recompute_inputs=recompute))
 
     def to_json(self) -> dict:
         return asdict(self)

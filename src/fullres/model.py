@@ -134,6 +134,7 @@ class UNet3D(nn.Module):
         self.config = config
         self.checkpointing = False  # a training strategy, not part of the weights: set by the trainer
         self.slabs: int | tuple[int, ...] = 1  # slabs along H per resolution (a strategy too): see slab_counts
+        self.recompute_inputs = 0  # levels below full resolution whose slabbed input is recomputed, not stored
         f = config.filters
         for name, (cin, cout) in _CONVS.items():
             in_channels = config.in_channels if cin is None else cin * f
@@ -226,7 +227,8 @@ class UNet3D(nn.Module):
         run = self._checkpointed if self.checkpointing and torch.is_grad_enabled() else _call
         counts = self.slab_counts()
         if any(count > 1 for count in counts):
-            return forward_levels(self, x, counts, self.ENCODERS, self.DECODERS, self.UPSAMPLERS, run)
+            return forward_levels(self, x, counts, self.ENCODERS, self.DECODERS, self.UPSAMPLERS, run,
+                                  recompute_inputs=self.recompute_inputs)
         skip1 = run(self.encoder1b, run(self.encoder1a, x))
         skip2 = run(self.encoder2, skip1)
         x = self._middle(run, skip2)

@@ -11,8 +11,9 @@ Data flow (:func:`forward_levels`): maps live as :class:`Rows` (a list of pieces
 *sources* that produce any row range on demand: :class:`Stored` pieces, :class:`Pooled` and
 :class:`Upsampled` views of another source, and :class:`Recomputed`, a level's output computed from
 that level's own sources when read. A slabbed encoder level stores only the pooled input of the level
-below (8 times fewer voxels than its own output, at the same width); its skip is recomputed from its
-own stored input inside the decoder's slabs. A slabbed decoder level read by a slabbed level above is
+below (8 times fewer voxels than its own output, at the same width), or with `recompute_inputs` not even
+that: the level below reads it through :class:`Pooled` of the level recomputed; its skip is recomputed
+from its own input inside the decoder's slabs. A slabbed decoder level read by a slabbed level above is
 recomputed inside that level's slabs, so only the last level's output (the logits) is stored. So no
 activation of a slabbed level ever exists whole, nor as a full set of stored slabs.
 
@@ -327,12 +328,15 @@ def _piece(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def forward_levels(net, x: torch.Tensor, counts: Sequence[int], encoders: Sequence[Level],
-                   decoders: Sequence[Level], upsamplers: Sequence[str], run: Callable) -> torch.Tensor:
+                   decoders: Sequence[Level], upsamplers: Sequence[str], run: Callable,
+                   recompute_inputs: int = 0) -> torch.Tensor:
     """The U-Net's forward with encoder level r and decoder level r (same resolution) in counts[r] slabs
     along H. `encoders`: full resolution down to the bottleneck; `decoders[r]`: the decoder level at
     resolution r (r < len(encoders) - 1), reading `upsamplers[r]` of the level below. A level in one slab
     runs whole under `run` (checkpointed with --checkpointing), its output stored; a level in more slabs
-    is recomputed in backward slab by slab, whatever `run` does."""
+    is recomputed in backward slab by slab, whatever `run` does. `recompute_inputs` = K: the pooled outputs
+    of slabbed encoder levels 0..K-1 (the inputs of levels 1..K) are not stored but recomputed from their
+    own inputs wherever a slab below reads them."""
     slab_call = _checkpointed if torch.is_grad_enabled() else _call
     source = Stored.whole(x)
     skips = []
@@ -353,6 +357,9 @@ def forward_levels(net, x: torch.Tensor, counts: Sequence[int], encoders: Sequen
             skips.append(Stored([slab_call(slab, low, high) for low, high in bounds], [b for b, _ in bounds] + [height]))
             continue
         skips.append(Recomputed(net, level, [source], statistics, seed))  # recomputed where the decoder reads it
+        if r < recompute_inputs:  # the level below reads its input recomputed: nothing of this level stored
+            source = Pooled(skips[-1])
+            continue
         slab = _slab(net, level, [source], statistics, seed, pool=True)
         source = Stored([slab_call(slab, low, high) for low, high in bounds], [b // 2 for b, _ in bounds] + [height // 2])
     below = skips[-1]

@@ -46,6 +46,7 @@ def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
     if hasattr(inner, "checkpointing") and hasattr(inner, "slabs"):
         inner.checkpointing = strategy.checkpointing
         inner.slabs = strategy.slab_counts if len(strategy.slab_counts) > 1 else strategy.slabs
+        inner.recompute_inputs = strategy.recompute_inputs
     elif strategy.checkpointing:
         checkpoint_blocks(inner)
     return model

@@ -122,7 +122,7 @@ def default_method() -> str:
 SLAB_CHOICES = (4, 8, 16)  # slabs --strategy auto tries: beyond 16 the full-resolution slab is no longer the peak
 
 
-SLAB_BASES = (8, 16, 32, 64)  # full-resolution slabs of the every-level schedules plan and --strategy auto offer
+SLAB_BASES = (8, 16, 32, 64, 128)  # full-resolution slabs of the every-level schedules plan and --strategy auto offer
 
 
 def slab_schedules(job: JobConfig) -> list[tuple[int, ...]]:
@@ -139,12 +139,20 @@ def slab_schedules(job: JobConfig) -> list[tuple[int, ...]]:
     return schedules
 
 
-def with_slabs(job: JobConfig, counts: tuple[int, ...]) -> JobConfig:
-    """`job` with `counts` slabs per level, checkpointing on and micro-batch 1 (the same effective batch)."""
+def with_slabs(job: JobConfig, counts: tuple[int, ...], recompute_inputs: int = 0) -> JobConfig:
+    """`job` with `counts` slabs per level (and `recompute_inputs`), checkpointing on and micro-batch 1 (the
+    same effective batch)."""
     coarse = ",".join(map(str, counts[1:]))
     strategy = replace(job.strategy, checkpointing=True, accumulate=job.effective_batch, slabs=counts[0],
-                       coarse_slabs=coarse)
+                       coarse_slabs=coarse, recompute_inputs=recompute_inputs)
     return job.with_(batch=1, strategy=strategy)
+
+
+def recomputed_schedule(job: JobConfig) -> tuple[int, ...] | None:
+    """The deepest of :func:`slab_schedules`, offered once more with the half-resolution level's input
+    recomputed (the largest map a schedule stores): None where that level cannot be slabbed."""
+    schedules = slab_schedules(job)
+    return schedules[-1] if schedules and schedules[-1][1] > 1 else None
 
 
 @dataclass(frozen=True)
@@ -157,10 +165,11 @@ class SlabOption:
     fits: bool
     flops: int
     overhead: float
+    recompute_inputs: int = 0
 
     def to_json(self) -> dict:
-        return {"slabs": list(self.counts), "peak_mb": self.peak_bytes / 1e6, "fits": self.fits, "flops": self.flops,
-                "recompute_overhead": self.overhead}
+        return {"slabs": list(self.counts), "recompute_inputs": self.recompute_inputs, "peak_mb": self.peak_bytes / 1e6,
+                "fits": self.fits, "flops": self.flops, "recompute_overhead": self.overhead}
 
 
 def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu") -> list[SlabOption]:
@@ -174,13 +183,14 @@ def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu") -> list
     plain = job.with_(strategy=replace(job.strategy, checkpointing=False, slabs=1, coarse_slabs=""))
     baseline = fake_step_flops(plain)
     options = []
-    for counts in slab_schedules(job):
-        candidate = with_slabs(job, counts)
+    deepest = recomputed_schedule(job)
+    for counts, recompute in [(counts, 0) for counts in slab_schedules(job)] + ([(deepest, 1)] if deepest else []):
+        candidate = with_slabs(job, counts, recompute)
         term = measured_runtime_bytes(candidate) if device == "cpu" else 0
         result = dryrun(candidate, device=device, runtime=term)
         flops = fake_step_flops(candidate)
         options.append(SlabOption(counts, result.peak_bytes, result.peak_bytes <= budget_bytes, flops,
-                                  flops / baseline - 1))
+                                  flops / baseline - 1, recompute))
     return options
 
 
@@ -205,6 +215,12 @@ def candidate_strategies(job: JobConfig, allow_bf16: bool = True, device: str = 
                 accumulate = f" + accumulate x{total}" if total > 1 else ""
                 counts = candidate.strategy.slab_counts
                 candidates.append((f"checkpointing{accumulate} + slabs {','.join(map(str, counts))}", candidate))
+        deepest = recomputed_schedule(job)
+        if deepest and deepest[0] > job.strategy.slabs:
+            candidate = with_slabs(job, deepest, 1)
+            accumulate = f" + accumulate x{total}" if total > 1 else ""
+            candidates.append((f"checkpointing{accumulate} + slabs {','.join(map(str, candidate.strategy.slab_counts))} "
+                               "+ 1 level input recomputed", candidate))
     if device == "cuda" and not job.strategy.offload:
         for name, candidate in list(candidates):
             offload = replace(candidate.strategy, offload=True)
