@@ -101,6 +101,21 @@ def test_recomputed_inputs_are_not_stored_and_are_validated():
         Strategy(recompute_inputs=-1)
 
 
+def test_recompute_inputs_flag(capsys):
+    from fullres.cli import main
+
+    assert main(["estimate", "--shape", "32", "32", "32", "--batch", "1", "--recompute-inputs", "0"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # argparse's refusal
+        main(["estimate", "--shape", "32", "32", "32", "--recompute-inputs", "-1"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("argument --recompute-inputs: -1 must be at least 0")
+    assert main(["estimate", "--shape", "32", "32", "32", "--slabs", "4", "--recompute-inputs", "1"]) != 0
+    assert capsys.readouterr().err.strip() == (
+        "fullres estimate: error: --recompute-inputs 1: the levels that make and read each recomputed input must be "
+        "slabbed, and level 1/2 runs whole (see --slabs, --coarse-slabs)")
+
+
 def test_normalise_and_relu_keeps_only_its_output_and_has_the_exact_gradient():
     from fullres.slabs import _NormReLU
 

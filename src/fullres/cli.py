@@ -35,6 +35,16 @@ class Parser(argparse.ArgumentParser):
 
 # ---- argument types: each rejects bad input with a message naming what is wrong -------------
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -123,8 +133,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         flag, meta = "--" + spec.name.replace("_", "-"), spec.metadata
         if spec.type in ("bool", bool):
             strategy.add_argument(flag, action="store_true", default=None, help=meta["help"])
-        elif spec.type in ("int", int):
-            strategy.add_argument(flag, type=positive_int, metavar=meta.get("metavar"), help=meta["help"])
+        elif spec.type in ("int", int):  # a count that may be 0 (its default) accepts 0
+            kind = non_negative_int if spec.default == 0 else positive_int
+            strategy.add_argument(flag, type=kind, metavar=meta.get("metavar"), help=meta["help"])
         else:
             strategy.add_argument(flag, choices=meta.get("choices"), metavar=meta.get("metavar"), help=meta["help"])
 
