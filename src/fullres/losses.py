@@ -11,15 +11,46 @@ a softmax output takes class indices ``[B, *spatial]`` or ``[B, 1, *spatial]``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOSSES", "LossFunction", "soft_dice_loss", "dice_bce_loss", "dice_coefficient", "voxel_accuracy",
+__all__ = ["LOSSES", "LossFunction", "voxel_sums", "soft_dice_loss", "dice_bce_loss", "dice_coefficient", "voxel_accuracy",
            "supervised_outputs", "primary_output", "deep_supervision_weights", "deep_supervision_loss"]
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_VOXEL_SUM: contextvars.ContextVar = contextvars.ContextVar("voxel_sum", default=None)
+
+
+@contextlib.contextmanager
+def voxel_sums(reduce: Callable[[torch.Tensor], torch.Tensor]):
+    """Within, every sum over voxels a loss takes goes through `reduce`: spatial parallelism passes the sum over
+    the processes that hold one sample's rows (:func:`fullres.spatial.sum_over_space`)."""
+    token = _VOXEL_SUM.set(reduce)
+    try:
+        yield
+    finally:
+        _VOXEL_SUM.reset(token)
+
+
+def _voxel_sum(x: torch.Tensor, dims) -> torch.Tensor:
+    total = x.sum(dims)
+    reduce = _VOXEL_SUM.get()
+    return total if reduce is None else reduce(total)
+
+
+def _voxel_mean(loss: Callable[[str], torch.Tensor], elements: int) -> torch.Tensor:
+    """`loss(reduction)`'s mean over its `elements` values (of the whole volume, under :func:`voxel_sums`)."""
+    reduce = _VOXEL_SUM.get()
+    if reduce is None:
+        return loss("mean")
+    total = loss("sum")
+    return reduce(total) / reduce(torch.tensor(float(elements), dtype=total.dtype, device=total.device))
+
 
 def _resolve_activation(logits: torch.Tensor, target: torch.Tensor, activation: str) -> str:
     if activation not in ("auto", "sigmoid", "softmax"):
@@ -79,8 +110,8 @@ def soft_dice_loss(
     if act == "softmax" and not include_background and probs.shape[1] > 1:
         probs, onehot = probs[:, 1:], onehot[:, 1:]
     dims = tuple(range(2, probs.dim()))
-    intersection = (probs * onehot).sum(dims)
-    denominator = probs.sum(dims) + onehot.sum(dims)
+    intersection = _voxel_sum(probs * onehot, dims)
+    denominator = _voxel_sum(probs, dims) + _voxel_sum(onehot, dims)
     return 1.0 - ((2.0 * intersection + smooth) / (denominator + smooth)).mean()
 
 
@@ -101,9 +132,11 @@ def dice_bce_loss(
     act = _resolve_activation(logits, target, activation)
     loss = soft_dice_loss(logits, target, act, include_background, smooth)
     if act == "sigmoid":
-        ce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
+        ce = _voxel_mean(lambda reduction: F.binary_cross_entropy_with_logits(
+            logits, target.to(logits.dtype), reduction=reduction), logits.numel())
     else:
-        ce = F.cross_entropy(logits, _class_index_target(logits, target))
+        indices = _class_index_target(logits, target)
+        ce = _voxel_mean(lambda reduction: F.cross_entropy(logits, indices, reduction=reduction), indices.numel())
     return loss + bce_weight * ce
 
 

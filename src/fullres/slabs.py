@@ -248,10 +248,13 @@ def norm_affine(module, kind: str, y: torch.Tensor, mean: torch.Tensor,
 
 
 def level_statistics(net, level: Level, sources: list, bounds: list[tuple[int, int]], slab_call,
-                     seed: int | None) -> list | None:
+                     seed: int | None, combine_partials: Callable = None) -> list | None:
     """Per normalised convolution of `level`, the whole-volume (mean, variance), computed slab by slab
     (`slab_call` runs each slab, checkpointed in training); None without normalisation. Batch norm in
-    eval mode uses its running statistics; in training it updates them once, as nn.BatchNorm3d does."""
+    eval mode uses its running statistics; in training it updates them once, as nn.BatchNorm3d does.
+    `combine_partials` (default :func:`combine`) turns the slabs' moments into (mean, variance, count):
+    spatial parallelism gathers every process's slabs first."""
+    combine_partials = combine_partials or combine
     kind = net.config.norm
     if kind == "none":
         return None
@@ -267,7 +270,7 @@ def level_statistics(net, level: Level, sources: list, bounds: list[tuple[int, i
             return moments(module, kind, level_rows(net, level, sources, low, high, known, upto=index + 1, seed=seed))
 
         partials = [slab_call(partial, low, high) for low, high in bounds]
-        mean, var, count = combine(partials)
+        mean, var, count = combine_partials(partials)
         if kind == "batch" and module.training and module.running_mean is not None:
             _update_running(module, mean, var, int(count.reshape(-1)[0].item()))
         statistics.append((mean, var))

@@ -1,0 +1,119 @@
+"""Spatial parallelism (fullres.spatial): processes sharing one volume along H give the whole volume's logits,
+gradients and optimizer step, alone and combined with data parallelism (gloo, float64)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fullres.losses import soft_dice_loss
+from fullres.model import ModelConfig, UNet3D
+from fullres.spatial import shard_bounds
+
+WORKER = r"""
+import sys
+from datetime import timedelta
+import torch
+import torch.distributed as dist
+from fullres.losses import soft_dice_loss, voxel_sums
+from fullres.model import ModelConfig, UNet3D
+from fullres.spatial import forward_shards, mesh, reduce_gradients, space_of, sum_over_space
+
+rank, world, spatial, init, out, norm, height, dropout = sys.argv[1:9]
+rank, world, spatial, height, dropout = int(rank), int(world), int(spatial), int(height), float(dropout)
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+device_mesh = mesh(spatial)
+space = space_of(device_mesh, height)
+data_index, data_size = device_mesh.get_local_rank("data"), device_mesh.size(0)
+torch.manual_seed(0)
+model = UNet3D(ModelConfig(in_channels=2, filters=4, norm=norm, dropout=dropout)).double()
+images, targets = torch.load(f"{out}/data.pt")
+lo, hi = space.rows(0)
+x, t = images[data_index:data_index + 1, :, lo:hi], targets[data_index:data_index + 1, :, lo:hi]
+logits = forward_shards(model, x, space)
+with voxel_sums(lambda total: sum_over_space(total, space)):
+    loss = soft_dice_loss(logits, t)
+loss.backward()
+reduce_gradients(model.parameters(), data_size=data_size)
+grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+torch.optim.Adam(model.parameters(), lr=1e-2).step()
+torch.save({"logits": logits.detach(), "rows": (lo, hi), "sample": data_index, "loss": loss.detach(),
+            "grads": grads, "weights": {n: p.detach().clone() for n, p in model.named_parameters()}},
+           f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def whole_volume(norm: str, images, targets, dropout: float):
+    torch.manual_seed(0)
+    model = UNet3D(ModelConfig(in_channels=2, filters=4, norm=norm, dropout=dropout)).double()
+    # With dropout, the slabbed forward: its hashed mask is the processes' (any schedule draws the same one,
+    # tests/test_slabs.py); nn.Dropout's whole-volume mask is another draw.
+    model.slabs = (2, 2, 2, 2) if dropout else 1
+    logits = model(images)
+    loss = soft_dice_loss(logits, targets)  # a per-sample mean: the batch's loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    torch.optim.Adam(model.parameters(), lr=1e-2).step()
+    return logits.detach(), loss.detach(), grads, {n: p.detach() for n, p in model.named_parameters()}
+
+
+def run_processes(tmp_path, world: int, spatial: int, norm: str, samples: int, height: int, dropout: float):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(samples, 2, height, 8, 8, generator=generator, dtype=torch.float64)
+    targets = (torch.rand(samples, 1, height, 8, 8, generator=generator) > 0.7).double()
+    torch.save((images, targets), tmp_path / "data.pt")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    processes = [subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(spatial),
+                                   str(tmp_path / "init"), str(tmp_path), norm, str(height), str(dropout)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for rank in range(world)]
+    errors = []
+    for rank, process in enumerate(processes):
+        try:
+            _, err = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            pytest.fail(f"rank {rank} did not end in 240 s")
+        if process.returncode:
+            errors.append(f"rank {rank}: {err[-2000:]}")
+    assert not errors, "\n".join(errors)
+    return images, targets, [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+
+
+@pytest.mark.parametrize("world,spatial,norm,samples,height,dropout", [
+    (2, 2, "none", 1, 32, 0.0), (2, 2, "instance", 1, 32, 0.3), (4, 4, "instance", 1, 64, 0.0),
+    (4, 2, "instance", 2, 32, 0.0)], ids=["2-none", "2-instance-dropout", "4-instance", "2x2-instance"])
+def test_processes_sharing_a_volume_give_the_whole_volume_step(tmp_path, world, spatial, norm, samples, height,
+                                                               dropout):
+    """Each process's rows of the logits are the whole volume's; every process ends with the whole batch's
+    gradients and the same Adam step (2 x 2: two samples, each across two processes)."""
+    images, targets, ranks = run_processes(tmp_path, world, spatial, norm, samples, height, dropout)
+    logits, loss, grads, weights = whole_volume(norm, images, targets, dropout)
+    for result in ranks:
+        lo, hi = result["rows"]
+        sample = result["sample"]
+        torch.testing.assert_close(result["logits"][0], logits[sample, :, lo:hi], rtol=1e-9, atol=1e-12)
+        if samples == 1:
+            torch.testing.assert_close(result["loss"], loss, rtol=1e-12, atol=1e-12)
+        for name in grads:  # atol: a bias before a norm has a gradient of 0 up to rounding
+            torch.testing.assert_close(result["grads"][name], grads[name], rtol=1e-9, atol=1e-12, msg=name)
+            if grads[name].abs().max() > 1e-10:  # Adam turns such a bias's rounding noise into a step of +-lr
+                torch.testing.assert_close(result["weights"][name], weights[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_shards_halve_exactly_to_the_coarsest_level():
+    assert shard_bounds(64, 4) == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert shard_bounds(240, 3) == [(0, 80), (80, 160), (160, 240)]
+    assert shard_bounds(40, 2) == [(0, 16), (16, 40)]  # 5 units of 8 rows: 2 and 3
+    with pytest.raises(ValueError, match=r"--spatial 4: H=48 must be a multiple of 8 with at least 16 rows per "
+                                         r"process \(64 in all\)"):
+        shard_bounds(48, 4)
