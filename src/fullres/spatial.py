@@ -15,12 +15,14 @@ over the data group) is the whole batch's gradient (:func:`reduce_gradients`).
 The world is a 2-D device mesh ``data x space`` (:func:`mesh`): ``torchrun --nproc-per-node 8`` with
 S = 4 trains 2 samples at a time, each across 4 processes.
 
-Why not DTensor or PhysicsNeMo's ShardTensor: PyTorch's DTensor shards a convolution's input only along
-its last spatial dim for conv2d (``torch.distributed.tensor._ops._conv_ops``/``_tp_conv``: halo exchange for
-2-D, no 3-D, no transposed convolution, no instance-norm statistics across shards); ShardTensor covers
-3-D convolutions and norms but is not on the package index this project installs from (and pulls in
-PhysicsNeMo). The slab engine already computes each level's rows from a source of rows with halos; a
-source whose halo rows come from the neighbours is all spatial parallelism needs here.
+Why not DTensor or PhysicsNeMo's ShardTensor: PyTorch's DTensor convolution (``torch.distributed.tensor._tp_conv``)
+exchanges halos along the last dim only, on the whole world's ranks (not one dimension of a mesh), with
+no transposed convolution. PhysicsNeMo's ShardTensor (``nvidia-physicsnemo`` 2.2.2, read, not run) patches
+conv3d, conv_transpose3d, group_norm and max_pool3d, but not ``F.instance_norm`` or batch norm, and it
+brings torchvision, warp-lang, hydra, s3fs, onnx and timm as requirements (torchvision pins its own torch
+build). The slab engine already computes each level's rows from a source of rows with halos; a source whose
+halo rows come from the neighbours is all spatial parallelism needs here, and slabs and shards stay one
+computation.
 """
 
 from __future__ import annotations
