@@ -180,7 +180,7 @@ def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu") -> list
     from fullres.memory.dryrun import dryrun
     from fullres.memory.runtime import measured_runtime_bytes
 
-    plain = job.with_(strategy=replace(job.strategy, checkpointing=False, slabs=1, coarse_slabs=""))
+    plain = job.with_(strategy=replace(job.strategy, checkpointing=False, slabs=1, coarse_slabs="", recompute_inputs=0))
     baseline = fake_step_flops(plain)
     options = []
     deepest = recomputed_schedule(job)
