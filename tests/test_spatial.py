@@ -35,6 +35,11 @@ model = UNet3D(ModelConfig(in_channels=2, filters=4, norm=norm, dropout=dropout)
 images, targets = torch.load(f"{out}/data.pt")
 lo, hi = space.rows(0)
 x, t = images[data_index:data_index + 1, :, lo:hi], targets[data_index:data_index + 1, :, lo:hi]
+if norm == "none":  # channels-last maps and weights (the halos travel as contiguous buffers)
+    from fullres.config import Strategy
+    from fullres.step import prepare_model
+    prepare_model(model, Strategy(channels_last=True))
+    x = x.contiguous(memory_format=torch.channels_last_3d)
 logits = forward_shards(model, x, space)
 with voxel_sums(lambda total: sum_over_space(total, space)):
     loss = soft_dice_loss(logits, t)
@@ -117,3 +122,63 @@ def test_shards_halve_exactly_to_the_coarsest_level():
     with pytest.raises(ValueError, match=r"--spatial 4: H=48 must be a multiple of 8 with at least 16 rows per "
                                          r"process \(64 in all\)"):
         shard_bounds(48, 4)
+
+
+
+@pytest.fixture(scope="module")
+def msd(tmp_path_factory):
+    from fullres.data import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("spatial") / "msd", train_cases=4, test_cases=1, shape=(32, 32, 24),
+                         seed=3, progress=False)
+
+
+FLAGS = ["--shape", "32", "32", "24", "--filters", "2", "--workers", "0", "--threads", "1", "--quiet", "--dropout", "0",
+         "--lr", "1e-3", "--device", "cpu", "--batch", "1"]
+
+
+def fullres(*args, processes: int = 1) -> subprocess.CompletedProcess:
+    """`fullres ARGS`, or under torchrun with `processes` (loopback, a free port, a time limit)."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+                 "--local-addr", "127.0.0.1"] if processes > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    try:
+        return subprocess.run([*launcher, "-m", "fullres", *map(str, args)], capture_output=True, text=True, env=env,
+                              timeout=300)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"fullres {args[0]} did not end in 300 s; its stderr:\n{(error.stderr or b'')[-3000:]!r}")
+
+
+def test_train_with_spatial_equals_one_process_and_resumes_under_another_count(msd, tmp_path):
+    """`torchrun --nproc-per-node 2 ... train --spatial 2` ends its epoch with one process's weights; the run then
+    resumes in one process (another S) and ends as the one-process run resumed alike."""
+    from fullres.checkpoint import load_checkpoint
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (done := fullres("train", msd, "--out", one, "--epochs", "1", *FLAGS)).returncode == 0, done.stderr
+    shared = fullres("train", msd, "--out", two, "--epochs", "1", *FLAGS, "--spatial", "2", processes=2)
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    assert "2 process(es): 1 x 2 sharing each sample" in shared.stdout and "per process" in shared.stdout
+
+    def same_weights():
+        a, b = load_checkpoint(one / "last.pt")["model"], load_checkpoint(two / "last.pt")["model"]
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    same_weights()
+    for run in (one, two):
+        assert (done := fullres("train", "--out", run, "--resume", "--epochs", "2", *FLAGS)).returncode == 0, done.stderr
+    same_weights()
+
+
+def test_spatial_jobs_that_cannot_split_are_refused_before_a_run_folder(msd, tmp_path):
+    cases = [(["--spatial", "2"], "--spatial 2 must divide the number of processes (1; start them with torchrun "
+                                  "--nproc-per-node)"),
+             (["--spatial", "3"], "--spatial 3: H=32 must be a multiple of 8 with at least 16 rows per process (48 in all)"),
+             (["--spatial", "2", "--checkpointing"], "--spatial 2: not with --slabs, --coarse-slabs, --checkpointing or "
+                                                     "--offload (each process computes its rows of a level whole)")]
+    for flags, message in cases:
+        out = tmp_path / "refused"
+        result = fullres("train", msd, "--out", out, "--epochs", "1", *FLAGS, *flags)
+        assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == f"fullres train: error: {message}"
+        assert not out.exists()

@@ -531,7 +531,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                        "val_fraction", "device", "threads", "workers")}
     run(TrainRequest(out=Path(args.out), data=Path(args.data) if args.data is not None else None, options=options,
                      make_job=job_from_options, strategy=args.strategy, memory=args.memory, force=args.force,
-                     autotune=not args.no_autotune, resume=args.resume, progress=not args.quiet, layout=args.layout))
+                     autotune=not args.no_autotune, resume=args.resume, progress=not args.quiet, layout=args.layout,
+                     spatial=args.spatial))
     return 0
 
 
@@ -754,6 +755,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the dataset's layout (default: detected from the folder)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from last.pt (other flags must agree with its config.json)")
+    parser.add_argument("--spatial", type=positive_int, default=1, metavar="S",
+                        help="under torchrun: S processes share each sample, each holding its rows (along H) of "
+                             "every level; processes / S samples at a time (exact; a resumed run may change S)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -168,8 +168,8 @@ def dice_coefficient(
         if n > 1:
             pred, truth = pred[:, 1:], truth[:, 1:]
     dims = (0, *range(2, pred.dim()))
-    inter = (pred & truth).sum(dims).double()
-    denom = pred.sum(dims).double() + truth.sum(dims).double()
+    inter = _voxel_sum(pred & truth, dims).double()
+    denom = _voxel_sum(pred, dims).double() + _voxel_sum(truth, dims).double()
     return ((2.0 * inter + smooth) / (denom + smooth)).mean().float()
 
 
@@ -188,7 +188,8 @@ def voxel_accuracy(
         correct = (torch.sigmoid(logits) > threshold) == (target > 0.5)
     else:
         correct = logits.argmax(1) == _class_index_target(logits, target)
-    return correct.float().mean()
+    correct = correct.float()
+    return _voxel_mean(lambda reduction: correct.sum() if reduction == "sum" else correct.mean(), correct.numel())
 
 
 #: ``--loss`` names: soft Dice (the paper's), and Dice + cross-entropy (the demo's: it keeps a small

@@ -135,6 +135,7 @@ class UNet3D(nn.Module):
         self.checkpointing = False  # a training strategy, not part of the weights: set by the trainer
         self.slabs: int | tuple[int, ...] = 1  # slabs along H per resolution (a strategy too): see slab_counts
         self.recompute_inputs = 0  # levels below full resolution whose slabbed input is recomputed, not stored
+        self.space = None  # spatial parallelism: this process's fullres.spatial.Space (its rows of every level)
         f = config.filters
         for name, (cin, cout) in _CONVS.items():
             in_channels = config.in_channels if cin is None else cin * f
@@ -224,6 +225,9 @@ class UNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_divisible(self.config, tuple(x.shape[2:]))
+        if self.space is not None:  # x is this process's rows of the volume
+            from fullres.spatial import forward_shards
+            return forward_shards(self, x, self.space)
         run = self._checkpointed if self.checkpointing and torch.is_grad_enabled() else _call
         counts = self.slab_counts()
         if any(count > 1 for count in counts):

@@ -27,7 +27,7 @@ computation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,7 @@ class Space:
     ranks: tuple[int, ...]
     index: int
     height: int
+    sent: dict = field(default_factory=lambda: {"bytes": 0}, compare=False)  # halo bytes this process has sent
 
     @property
     def size(self) -> int:
@@ -75,6 +76,12 @@ def shard_bounds(height: int, size: int, levels: int = 4, halo: int = 2) -> list
                          f"per process ({halo * unit * size} in all)")
     bounds = [unit * (units * k // size) for k in range(size + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def local_rows(tensor: torch.Tensor, space: Space) -> torch.Tensor:
+    """This process's full-resolution rows of a batch (N, C, H, W, D), or of class indices (N, H, W, D)."""
+    lo, hi = space.rows(0)
+    return tensor[:, :, lo:hi] if tensor.dim() == 5 else tensor[:, lo:hi]
 
 
 def mesh(space_size: int, device: str = "cpu"):
@@ -109,15 +116,12 @@ def _exchange(space: Space, to_previous: torch.Tensor, to_next: torch.Tensor, fr
                 dist.P2POp(dist.irecv, from_next, space.next, space.group)]
     for request in dist.batch_isend_irecv(ops) if ops else []:
         request.wait()
+    space.sent["bytes"] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
 
 
 def _empty_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], x.shape[1], rows, *x.shape[3:])).contiguous(memory_format=_format(x))
-
-
-def _format(x: torch.Tensor):
-    return torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
-        and not x.is_contiguous() else torch.contiguous_format
+    # contiguous whatever x's memory format: the backends send and receive contiguous buffers only
+    return x.new_empty((x.shape[0], x.shape[1], rows, *x.shape[3:]))
 
 
 class _Halo(torch.autograd.Function):

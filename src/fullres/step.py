@@ -135,14 +135,16 @@ def split_micro_batches(tensor: torch.Tensor, accumulate: int) -> tuple[torch.Te
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
                loss_fn: LossFunction, strategy: Strategy, scaler: torch.amp.GradScaler | None = None,
                no_sync: Callable[[], object] | None = None,
-               on_output: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> float:
+               on_output: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+               before_update: Callable[[], None] | None = None) -> float:
     """One optimizer step over `images` (accumulate x micro-batch samples). Returns the mean loss.
 
     A network with deep-supervision heads is trained on all of them, weighted as nnU-Net does
     (:func:`fullres.losses.deep_supervision_loss`). `on_output(logits, targets)` sees each micro-batch's
     detached full-resolution logits (for metrics) as they are made, so no logits are kept across
     micro-batches. `no_sync` (DistributedDataParallel.no_sync) skips the
-    gradient all-reduce on all but the last micro-batch.
+    gradient all-reduce on all but the last micro-batch. `before_update()` runs once the gradients are
+    complete, before the optimizer's update (spatial parallelism sums them over the processes).
     """
     device_type = images.device.type
     optimizer.zero_grad(set_to_none=True)
@@ -160,6 +162,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         if on_output is not None:
             on_output(primary_output(output).detach(), y)
         del output, loss  # free this micro-batch's logits before the next forward
+    if before_update is not None:
+        before_update()
     if scaler:
         scaler.step(optimizer)
         scaler.update()

@@ -17,6 +17,7 @@ so any split of that batch over micro-batches and processes gives the same updat
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -42,10 +43,11 @@ from fullres.device import (Process, available_memory, configure_cpu, fast_bf16,
 from fullres.errors import UserError
 from fullres.figures import figure7_overlay, training_curves
 from fullres.files import atomic_write, write_json
-from fullres.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy
+from fullres.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy, voxel_sums
 from fullres.memory.malloc import policy_line, prepare_pool_for, set_training_malloc_policy
-from fullres.memory.plan import default_method, fastest_fitting, preflight
+from fullres.memory.plan import check_spatial, default_method, fastest_fitting, preflight, spatial_rank_job
 from fullres.presets import DEMO_DATA
+from fullres.spatial import local_rows, reduce_gradients, sum_over_space
 from fullres.step import autocast, build_training, to_device, train_step
 from fullres.units import format_bytes
 
@@ -72,6 +74,7 @@ class TrainRequest:
     resume: bool = False
     progress: bool = True
     layout: str | None = None  # the dataset's layout (None: detected from the folder)
+    spatial: int = 1  # processes sharing each sample (--spatial): a launch option, not part of the run's config
 
 
 def run(request: TrainRequest, log=print) -> dict:
@@ -86,7 +89,7 @@ def run(request: TrainRequest, log=print) -> dict:
                 + ", ".join(path.name for path in stale))
     else:
         config = _new_run(request, main_process, log)
-    last = train(config, run_dir, resume=request.resume, progress=request.progress, log=log)
+    last = train(config, run_dir, resume=request.resume, progress=request.progress, log=log, spatial=request.spatial)
     if main_process:
         training_curves(run_dir / "metrics.csv", run_dir / "curves.png")
         log(f"done: validation Dice {last.get('val_dice', float('nan')):.3f} after {last.get('epoch', 0)} epochs; "
@@ -129,6 +132,7 @@ def _resumed_config(request: TrainRequest, config: TrainConfig, main_process: bo
             flag = "--" + name.replace("_", "-")
             raise UserError(f"--resume: {flag} {' '.join(map(str, value)) if name == 'shape' else value} differs "
                             f"from the run's {values[name]} (config.json); resume without it, or start a new run")
+    refuse_spatial(config.job, request.spatial, int(os.environ.get("WORLD_SIZE", "1")))  # any S the job splits into
     epochs = given.get("epochs", config.epochs)
     if epochs < config.epochs:
         raise UserError(f"--resume: --epochs {epochs} is fewer than the run's {config.epochs}; a run can be extended, "
@@ -178,6 +182,9 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
     channels = resolve_channels(options["channels"], index.modalities)
     classes = len(index.labels) if options["target"] == "classes" else None
     job = request.make_job(options, len(channels), classes)
+    refuse_spatial(job, request.spatial, int(os.environ.get("WORLD_SIZE", "1")))
+    if request.spatial > 1 and request.strategy == "auto":
+        raise UserError(f"--spatial {request.spatial}: give the strategy (--strategy auto does not plan per process yet)")
     device = pick_device(options["device"], Process())
     prepare_pool_for(job.strategy, device.type, either_layout=request.autotune)  # before the dry runs: they model it
     if not request.force:
@@ -187,12 +194,16 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
             if device.type == "cpu":
                 configure_cpu(options["threads"], Process())  # its calibration runs with the run's threads
             job, needed, chosen = fastest_fitting(job, budget, method, allow_bf16=fast_bf16(device), device=device.type)
+        elif request.spatial > 1:  # what one process holds: its shard of every level
+            held = spatial_rank_job(job, request.spatial)
+            _, needed, chosen = preflight(held, budget, method, auto=False, device=device.type)
         else:
             job, needed, chosen = preflight(job, budget, method, auto=False, device=device.type)
         if main_process:
-            log(f"preflight ({method}): needs {format_bytes(needed)} of {format_bytes(budget)} available"
+            log(f"preflight ({method}): needs {format_bytes(needed)}{' per process' if request.spatial > 1 else ''} "
+                f"of {format_bytes(budget)} available"
                 + (f"; --strategy auto chose: {chosen}" if request.strategy == "auto" else ""))
-    if request.autotune:
+    if request.autotune and request.spatial == 1:  # its trial steps run the whole volume in one process
         train_cases = len(split_cases(index.training, options["val_fraction"], options["seed"])[0])
         total_steps = options["epochs"] * (train_cases // (job.effective_batch * int(os.environ.get("WORLD_SIZE", "1"))))
         chosen, choice = choose_memory_format(job, device, total_steps)
@@ -321,8 +332,10 @@ def reduce_mean(values: list[float], process: Process, device: torch.device) -> 
 
 
 def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          log=print) -> dict:
-    """Train per `config` into `run_dir`. Returns the last epoch's metrics row."""
+          log=print, spatial: int = 1) -> dict:
+    """Train per `config` into `run_dir`. Returns the last epoch's metrics row. `spatial` = S: under torchrun,
+    each S consecutive processes share every sample, each holding its rows of every level
+    (:mod:`fullres.spatial`); the processes / S groups are data-parallel."""
     from tqdm import tqdm
 
     process = start_process_group("cuda" if config.device == "cuda" or
@@ -334,10 +347,16 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
             if process.main:
                 log(settings)
         job = config.job
+        space, data_rank, data_size = None, process.rank, process.world
+        if spatial > 1:
+            space, data_rank, data_size = _spatial_group(job, spatial, process, device)
         if process.main:
+            processes = f"{process.world} process(es)"
+            if space is not None:
+                processes += f": {data_size} x {spatial} sharing each sample"
             log(f"job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
                 f"{job.model.filters} base filters, {job.strategy.describe()} "
-                f"(global batch {job.effective_batch * process.world}, {process.world} process(es), {device})")
+                f"(global batch {job.effective_batch * data_size}, {processes}, {device})")
 
         set_training_malloc_policy(job.strategy, device=device.type)
         allocator_line = policy_line(job.strategy, device.type)
@@ -361,7 +380,9 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
             if process.main:
                 log(f"resuming after epoch {start_epoch} of {config.epochs} from {run_dir / 'last.pt'}")
         network = model
-        if process.world > 1:
+        if space is not None:
+            model.space = space  # its forward computes this process's rows; gradients summed in before_update
+        elif process.world > 1:
             network = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -369,18 +390,20 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
         train_cases, val_cases = split_cases(index.training, config.val_fraction, config.seed)
         train_set = MSDDataset.from_index(index, config.data, train_cases)
         val_set = MSDDataset.from_index(index, config.data, val_cases)
-        global_batch = job.effective_batch * process.world
+        global_batch = job.effective_batch * data_size
         if len(train_set) < global_batch:
             raise UserError(f"{len(train_set)} training cases are fewer than one global batch of {global_batch}")
         # One sampler for any number of processes: the same seeded permutation, dealt out by rank, so
         # N processes with batch b see exactly the samples one process with batch N x b sees.
-        sampler = DistributedSampler(train_set, num_replicas=process.world, rank=process.rank, shuffle=True,
+        sampler = DistributedSampler(train_set, num_replicas=data_size, rank=data_rank, shuffle=True,
                                      seed=config.seed, drop_last=True)
         loader = DataLoader(train_set, batch_size=job.effective_batch, sampler=sampler, drop_last=True,
                             num_workers=config.workers, pin_memory=device.type == "cuda",
                             persistent_workers=config.workers > 0)
         val_loader = DataLoader(val_set, batch_size=1, num_workers=0)
         loss_fn = LOSSES[config.loss]
+        sums = (lambda: voxel_sums(lambda total: sum_over_space(total, space))) if space else contextlib.nullcontext
+        before_update = (lambda: reduce_gradients(model.parameters(), data_size=data_size)) if space else None
 
         writer = None
         if process.main:
@@ -402,15 +425,20 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
                        disable=not (progress and process.main), dynamic_ncols=True)
             for images, targets in bar:
                 step_start = time.perf_counter()
+                if space is not None:
+                    images, targets = local_rows(images, space), local_rows(targets, space)
                 images, targets = to_device(images, device, job.strategy), targets.to(device)
                 micro = []  # (dice, accuracy) of each micro-batch, weighted equally: equal sizes
 
                 def score(logits, micro_targets):
-                    micro.append((float(dice_coefficient(logits, micro_targets)),
-                                  float(voxel_accuracy(logits, micro_targets))))
+                    with sums():
+                        micro.append((float(dice_coefficient(logits, micro_targets)),
+                                      float(voxel_accuracy(logits, micro_targets))))
 
-                loss = train_step(network, optimizer, images, targets, loss_fn, job.strategy, scaler,
-                                  no_sync=getattr(network, "no_sync", None), on_output=score)
+                with sums():
+                    loss = train_step(network, optimizer, images, targets, loss_fn, job.strategy, scaler,
+                                      no_sync=getattr(network, "no_sync", None), on_output=score,
+                                      before_update=before_update)
                 totals.step_seconds.append(time.perf_counter() - step_start)
                 totals.add(loss, sum(d for d, _ in micro) / len(micro), sum(a for _, a in micro) / len(micro),
                            len(images))
@@ -420,13 +448,15 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
             train_loss, train_dice, train_accuracy = reduce_mean(list(totals.means()), process, device)
             epoch_seconds = time.perf_counter() - epoch_start
             if process.main:
+                model.space = None  # validation runs whole volumes here
                 val_loss, val_dice, val_accuracy = (evaluate(model, val_loader, loss_fn, device, job.strategy)
                                                     if len(val_set) else (math.nan, math.nan, math.nan))
+                model.space = space
                 step_s = sorted(totals.step_seconds)[len(totals.step_seconds) // 2]
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "train_dice": train_dice,
                        "train_accuracy": train_accuracy, "val_loss": val_loss, "val_dice": val_dice,
                        "val_accuracy": val_accuracy, "step_s": step_s,
-                       "images_per_s": totals.images * process.world / sum(totals.step_seconds),
+                       "images_per_s": totals.images * data_size / sum(totals.step_seconds),
                        "peak_memory_bytes": peak_memory(device), "lr": scheduler.get_last_lr()[0],
                        "epoch_s": epoch_seconds}
                 history.append(row)
@@ -451,11 +481,32 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
         if writer:
             writer.close()
         if process.main and len(val_set):
+            model.space = None
             draw_validation_overlays(model, val_set, config, run_dir, device)
         return row
     finally:
         if process.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def refuse_spatial(job: JobConfig, spatial: int, world: int) -> None:
+    """A UserError naming --spatial where `world` processes cannot share `job`'s samples `spatial` at a time."""
+    try:
+        check_spatial(job, spatial)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if world % spatial:
+        raise UserError(f"--spatial {spatial} must divide the number of processes ({world}; start them with "
+                        "torchrun --nproc-per-node)")
+
+
+def _spatial_group(job: JobConfig, spatial: int, process: Process, device: torch.device):
+    """(this process's Space, its data-parallel rank, the data-parallel size) on a data x space mesh."""
+    from fullres.spatial import mesh, space_of
+
+    refuse_spatial(job, spatial, process.world)
+    device_mesh = mesh(spatial, device.type)
+    return space_of(device_mesh, job.shape[0]), device_mesh.get_local_rank("data"), device_mesh.size(0)
 
 
 def draw_validation_overlays(model, val_set, config: TrainConfig, run_dir: Path, device: torch.device,

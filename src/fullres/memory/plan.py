@@ -15,6 +15,7 @@ from fullres.errors import UserError
 from fullres.memory.estimate import ESTIMATORS, estimate_training_bytes
 from fullres.model import LEVELS as SLAB_LEVELS
 from fullres.model import model_spec, spatial_divisor
+from fullres.spatial import shard_bounds
 from fullres.units import format_bytes
 
 MAX_SEARCH = 1 << 20  # no batch or side length beyond a million is searched
@@ -153,6 +154,27 @@ def recomputed_schedule(job: JobConfig) -> tuple[int, ...] | None:
     recomputed (the largest map a schedule stores): None where that level cannot be slabbed."""
     schedules = slab_schedules(job)
     return schedules[-1] if schedules and schedules[-1][1] > 1 else None
+
+
+def check_spatial(job: JobConfig, spatial: int) -> None:
+    """Raise ValueError, naming --spatial, where `job` cannot be split across `spatial` processes."""
+    if spatial == 1:
+        return
+    if not model_spec(job.model.architecture).slabs:
+        raise ValueError(f"--spatial {spatial}: the {job.model.architecture} network has no level schedule to split "
+                         "(unet3d has)")
+    strategy = job.strategy
+    if strategy.slabbed or strategy.checkpointing or strategy.offload:
+        raise ValueError(f"--spatial {spatial}: not with --slabs, --coarse-slabs, --checkpointing or --offload (each "
+                         "process computes its rows of a level whole)")
+    shard_bounds(job.shape[0], spatial)
+
+
+def spatial_rank_job(job: JobConfig, spatial: int) -> JobConfig:
+    """The job one of `spatial` processes runs, for its dry run: the largest shard's rows of the volume (the halo
+    rows it receives, two per level's input, are not counted)."""
+    rows = max(hi - lo for lo, hi in shard_bounds(job.shape[0], spatial))
+    return job.with_(shape=(rows, *job.shape[1:]))
 
 
 @dataclass(frozen=True)
