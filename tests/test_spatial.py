@@ -182,3 +182,24 @@ def test_spatial_jobs_that_cannot_split_are_refused_before_a_run_folder(msd, tmp
         result = fullres("train", msd, "--out", out, "--epochs", "1", *FLAGS, *flags)
         assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == f"fullres train: error: {message}"
         assert not out.exists()
+
+
+def test_plan_says_how_many_processes_a_job_needs(monkeypatch):
+    """plan's spatial options: 2, 4, ... processes, each one's shard dry-run, up to the first that fits; the
+    strategies --spatial does not combine with left out; none where H does not split."""
+    import fullres.memory.runtime as runtime
+    from fullres.config import JobConfig, Strategy
+    from fullres.memory.estimate import estimate_training_bytes
+    from fullres.memory.plan import spatial_options, spatial_rank_job
+
+    monkeypatch.setattr(runtime, "measured_runtime_bytes", lambda job: 0)  # the tensors are what is compared
+    job = JobConfig(model=ModelConfig(filters=2), shape=(64, 32, 32), batch=1, strategy=Strategy(checkpointing=True))
+    plain = job.with_(strategy=Strategy())
+    need = {s: estimate_training_bytes(spatial_rank_job(plain, s), "dryrun") for s in (2, 4)}
+    assert spatial_rank_job(plain, 4).shape == (16, 32, 32) and need[4] < need[2]
+    [only] = spatial_options(job, need[2], "dryrun")
+    assert (only.processes, only.peak_bytes, only.fits) == (2, need[2], True)
+    two, four = spatial_options(job, need[4], "dryrun")
+    assert (two.processes, two.fits, four.processes, four.fits) == (2, False, 4, True)
+    assert [o.processes for o in spatial_options(job, 1, "dryrun")] == [2, 4]  # 64 rows: 16 a process at most 4
+    assert spatial_options(JobConfig(shape=(24, 32, 32)), 1, "dryrun") == []

@@ -433,7 +433,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 # ---- plan ---------------------------------------------------------------------------------------
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from fullres.memory.plan import plan, slab_options
+    from fullres.memory.plan import plan, slab_options, spatial_options
 
     job = job_from_args(args)
     result = plan(job, args.memory, args.method, memory_device(args.device))
@@ -443,12 +443,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from fullres.memory.plan import format_ranking, ranking_report
         configure_cpu(0, Process())  # calibrated with the threads train uses, so train reads the same cache
         ranking = ranking_report(job, args.memory, args.method, memory_device(args.device))
-    options = []
+    options, spatial = [], []
     if args.method == "dryrun" and not result.fits and not job.strategy.coarse_slabs:
         options = slab_options(job, args.memory, memory_device(args.device))
+    if args.method == "dryrun" and not result.fits:
+        spatial = spatial_options(job, args.memory, args.method, memory_device(args.device))
     if args.json:
         print_json({**result.to_json(), **({"ranking": ranking} if ranking is not None else {}),
-                    **({"slab_options": [option.to_json() for option in options]} if options else {})})
+                    **({"slab_options": [option.to_json() for option in options]} if options else {}),
+                    **({"spatial_options": [option.to_json() for option in spatial]} if spatial else {})})
         return 0
     verdict = "FITS" if result.fits else "DOES NOT FIT"
     print(f"Job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
@@ -458,11 +461,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"Largest batch at {' x '.join(map(str, job.shape))}: {result.max_batch or 'none (batch 1 does not fit)'}")
     shape = ' x '.join(map(str, result.max_shape)) if result.max_shape else "none (not even 16 voxels a side fits)"
     print(f"Largest shape at batch {job.batch}: {shape}")
-    for line in slab_lines(options):
+    for line in slab_lines(options) + spatial_lines(spatial):
         print(line)
     if ranking is not None:
         print("\n".join(format_ranking(ranking)))
     return 0
+
+
+def spatial_lines(options) -> list[str]:
+    """plan's lines on processes sharing each sample (when the job does not fit as given)."""
+    if not options:
+        return []
+    lines = ["One volume across processes (train --spatial S under torchrun; dry run of one process's shard, without "
+             "checkpointing or slabs):"]
+    lines += [f"  --spatial {option.processes}: {format_bytes(option.peak_bytes)} per process, "
+              f"{'fits' if option.fits else 'does not fit'}" for option in options]
+    return lines
 
 
 def slab_lines(options) -> list[str]:

@@ -178,6 +178,37 @@ def spatial_rank_job(job: JobConfig, spatial: int) -> JobConfig:
 
 
 @dataclass(frozen=True)
+class SpatialOption:
+    """`processes` sharing each sample (--spatial): one process's dry-run peak and whether it fits."""
+
+    processes: int
+    peak_bytes: int
+    fits: bool
+
+    def to_json(self) -> dict:
+        return {"spatial": self.processes, "per_process_mb": self.peak_bytes / 1e6, "fits": self.fits}
+
+
+def spatial_options(job: JobConfig, budget_bytes: int, method: str, device: str = "cpu") -> list[SpatialOption]:
+    """2, 4, 8, ... processes sharing each sample, as far as H splits (16 rows a process at least), up to the
+    first count whose shard fits `budget_bytes`: each one's per-process estimate (the job without the memory
+    strategies --spatial does not combine with). [] for a network without a level schedule."""
+    plain = job.with_(strategy=replace(job.strategy, checkpointing=False, slabs=1, coarse_slabs="", recompute_inputs=0,
+                                       offload=False))
+    options, processes = [], 2
+    while True:
+        try:
+            check_spatial(plain, processes)
+        except ValueError:
+            return options
+        need = estimate_training_bytes(spatial_rank_job(plain, processes), method, device)
+        options.append(SpatialOption(processes, need, need <= budget_bytes))
+        if need <= budget_bytes:
+            return options
+        processes *= 2
+
+
+@dataclass(frozen=True)
 class SlabOption:
     """One slab schedule of a job: its dry-run peak, whether it fits the budget, one step's FLOPs (torch's
     counter, recomputation included) and their excess over the step without slabs or checkpointing."""
