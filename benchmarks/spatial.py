@@ -6,7 +6,8 @@
 Each process runs `--warmup` + `--steps` training steps of the paper's network (fp32, channels-last, batch 1,
 Adam, soft Dice) through fullres.step.train_step, as `fullres train --spatial S` does, and prints one JSON line:
 its median step time, the halo bytes it sent per step, its peak RSS above its RSS after the imports, and the
-dry run of what one process holds (`fullres.memory.plan.spatial_rank_job`, with this machine's runtime term).
+dry run of what one process holds (`fullres.memory.dryrun.dryrun(..., spatial=S)`, with this machine's runtime
+term).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from fullres.losses import LOSSES, voxel_sums
 from fullres.memory.dryrun import dryrun
 from fullres.memory.malloc import prepare_pool_for, set_training_malloc_policy
 from fullres.memory.runtime import measured_runtime_bytes
-from fullres.memory.plan import spatial_rank_job
 from fullres.spatial import local_rows, mesh, reduce_gradients, space_of, sum_over_space
 from fullres.step import build_training, to_device, train_step
 
@@ -78,8 +78,8 @@ def main() -> None:
             times.append(time.perf_counter() - started)
             sent.append((space.sent["bytes"] if space else 0) - before)
     _, peak = rss()
-    held = spatial_rank_job(job, world) if world > 1 else job  # the dry run after the steps: its memory is not theirs
-    estimate = dryrun(held, steps=2, runtime=measured_runtime_bytes(held)).peak_bytes
+    # the dry run after the steps: its memory is not theirs
+    estimate = dryrun(job, steps=2, runtime=measured_runtime_bytes(job), spatial=world).peak_bytes
     info = machine_info("cpu")
     print(json.dumps({"processes": world, "threads": args.threads, "rank": dist.get_rank() if space else 0,
                       "shape": list(job.shape), "rows": list(space.rows(0)) if space else [0, job.shape[0]],
