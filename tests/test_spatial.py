@@ -185,18 +185,19 @@ def test_spatial_jobs_that_cannot_split_are_refused_before_a_run_folder(msd, tmp
 
 
 def test_plan_says_how_many_processes_a_job_needs(monkeypatch):
-    """plan's spatial options: 2, 4, ... processes, each one's shard dry-run, up to the first that fits; the
-    strategies --spatial does not combine with left out; none where H does not split."""
+    """plan's spatial options: 2, 4, ... processes, each one's dry run (its shard, halos included), up to the
+    first that fits; the strategies --spatial does not combine with left out; none where H does not split."""
     import fullres.memory.runtime as runtime
     from fullres.config import JobConfig, Strategy
-    from fullres.memory.estimate import estimate_training_bytes
-    from fullres.memory.plan import spatial_options, spatial_rank_job
+    from fullres.memory.dryrun import dryrun
+    from fullres.memory.plan import spatial_need, spatial_options
 
     monkeypatch.setattr(runtime, "measured_runtime_bytes", lambda job: 0)  # the tensors are what is compared
     job = JobConfig(model=ModelConfig(filters=2), shape=(64, 32, 32), batch=1, strategy=Strategy(checkpointing=True))
     plain = job.with_(strategy=Strategy())
-    need = {s: estimate_training_bytes(spatial_rank_job(plain, s), "dryrun") for s in (2, 4)}
-    assert spatial_rank_job(plain, 4).shape == (16, 32, 32) and need[4] < need[2]
+    need = {s: spatial_need(plain, s, "dryrun") for s in (2, 4)}
+    assert need[2] == dryrun(plain, spatial=2, runtime=0).peak_bytes
+    assert need[4] < need[2] < dryrun(plain, runtime=0).peak_bytes
     [only] = spatial_options(job, need[2], "dryrun")
     assert (only.processes, only.peak_bytes, only.fits) == (2, need[2], True)
     two, four = spatial_options(job, need[4], "dryrun")

@@ -45,7 +45,7 @@ from fullres.figures import figure7_overlay, training_curves
 from fullres.files import atomic_write, write_json
 from fullres.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy, voxel_sums
 from fullres.memory.malloc import policy_line, prepare_pool_for, set_training_malloc_policy
-from fullres.memory.plan import check_spatial, default_method, fastest_fitting, preflight, spatial_rank_job
+from fullres.memory.plan import check_spatial, default_method, fastest_fitting, preflight, spatial_need
 from fullres.presets import DEMO_DATA
 from fullres.spatial import local_rows, reduce_gradients, sum_over_space
 from fullres.step import autocast, build_training, to_device, train_step
@@ -194,9 +194,12 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
             if device.type == "cpu":
                 configure_cpu(options["threads"], Process())  # its calibration runs with the run's threads
             job, needed, chosen = fastest_fitting(job, budget, method, allow_bf16=fast_bf16(device), device=device.type)
-        elif request.spatial > 1:  # what one process holds: its shard of every level
-            held = spatial_rank_job(job, request.spatial)
-            _, needed, chosen = preflight(held, budget, method, auto=False, device=device.type)
+        elif request.spatial > 1:  # what one process holds: its shard of every level, and its halos
+            needed, chosen = spatial_need(job, request.spatial, method, device.type), "as given"
+            if needed > budget:
+                raise UserError(f"the job does not fit: one of {request.spatial} processes sharing each sample needs "
+                                f"{format_bytes(needed)} of the {format_bytes(budget)} available ({method} estimate); "
+                                "more processes per sample (see `fullres plan`), or --force", exit_code=3)
         else:
             job, needed, chosen = preflight(job, budget, method, auto=False, device=device.type)
         if main_process:

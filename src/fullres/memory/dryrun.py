@@ -573,7 +573,7 @@ def runtime_bytes(job: JobConfig, device: str = "cpu") -> int:
 
 
 def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: str = "cpu",
-           steps: int = 2, runtime: int | None = None, allocator: str | None = None) -> DryRunResult:
+           steps: int = 2, runtime: int | None = None, allocator: str | None = None, spatial: int = 1) -> DryRunResult:
     """Peak memory of `steps` training steps of `job` (see the module docstring), nothing allocated.
 
     `runtime` is the CPU runtime term in bytes: None, the constant :func:`runtime_bytes`; the term of
@@ -581,7 +581,9 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
     (:func:`fullres.memory.estimate.dryrun_estimate` passes it). On CUDA it is 0 whatever is asked.
     `allocator` is the CPU allocator policy (:mod:`fullres.memory.malloc`); None, the one `train` gives
     the job. Under "pool" the peak is the pool's reserved bytes, replayed. A step's FLOPs on the same fake
-    tensors: :func:`fullres.bench.timing.fake_step_flops`.
+    tensors: :func:`fullres.bench.timing.fake_step_flops`. `spatial` = S: the peak of one of S processes
+    sharing each sample (``train --spatial``), the one with the most rows and two neighbours, its halo
+    buffers and copies included (:func:`fullres.spatial.simulated`).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -600,6 +602,13 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
         with torch.device(device):
             model = build_model(job.model, job.shape)
         training = build_training(job, device, model=model)
+        rows = job.shape[0]
+        if spatial > 1:
+            from fullres.spatial import simulated
+
+            model.space = simulated(job.shape[0], spatial)
+            lo, hi = model.space.rows(0)
+            rows = hi - lo
         parameters = list(model.parameters())
         for p in parameters:
             tracker.track(p, "parameters")
@@ -631,11 +640,12 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
         scaler = training.scaler
 
         # Inputs, as measure_peak makes them: the whole effective batch.
-        images = torch.empty(job.effective_batch, job.model.in_channels, *job.shape, device=device)
+        held = (rows, *job.shape[1:])  # this process's rows of every sample
+        images = torch.empty(job.effective_batch, job.model.in_channels, *held, device=device)
         if job.model.classes == 1:
-            targets = torch.empty(job.effective_batch, 1, *job.shape, device=device)
+            targets = torch.empty(job.effective_batch, 1, *held, device=device)
         else:
-            targets = torch.empty(job.effective_batch, 1, *job.shape, dtype=torch.long, device=device)
+            targets = torch.empty(job.effective_batch, 1, *held, dtype=torch.long, device=device)
         tracker.track(images, "inputs")
         tracker.track(targets, "inputs")
         input_serials = {tracker.serial(images), tracker.serial(targets)}

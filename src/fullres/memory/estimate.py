@@ -32,13 +32,13 @@ def table1_training_bytes(job: JobConfig, device: str = "cpu") -> int:
     return table1(job.model, job.shape, job.batch, BYTES_PER_VALUE[job.strategy.precision]).training_bytes
 
 
-def dryrun_estimate(job: JobConfig, device: str = "cpu", loss: str = "dice") -> DryRunResult:
+def dryrun_estimate(job: JobConfig, device: str = "cpu", loss: str = "dice", spatial: int = 1) -> DryRunResult:
     """The dry run of `job` on `device` with its runtime term: on CPU the one this network and strategy
     measured on this machine (cached after the first time; a subprocess of a few seconds before), on
-    CUDA none."""
+    CUDA none. `spatial` = S: one of S processes sharing each sample."""
     try:
         term = runtime.measured_runtime_bytes(job) if torch.device(device).type == "cpu" else 0
-        return dryrun(job, loss=loss, device=device, runtime=term)
+        return dryrun(job, loss=loss, device=device, runtime=term, spatial=spatial)
     except ValueError as error:  # a network the dry run cannot follow: one line, not a traceback
         raise UserError(str(error)) from None
 

@@ -170,11 +170,15 @@ def check_spatial(job: JobConfig, spatial: int) -> None:
     shard_bounds(job.shape[0], spatial)
 
 
-def spatial_rank_job(job: JobConfig, spatial: int) -> JobConfig:
-    """The job one of `spatial` processes runs, for its dry run: the largest shard's rows of the volume (the halo
-    rows it receives, two per level's input, are not counted)."""
+def spatial_need(job: JobConfig, spatial: int, method: str, device: str = "cpu") -> int:
+    """Bytes one of `spatial` processes sharing each sample needs: the dry run of its shard, halos included
+    (:func:`fullres.memory.dryrun.dryrun`'s `spatial`); Table 1's method, of the largest shard's rows."""
+    if method == "dryrun":
+        from fullres.memory.estimate import dryrun_estimate
+
+        return dryrun_estimate(job, device, spatial=spatial).peak_bytes
     rows = max(hi - lo for lo, hi in shard_bounds(job.shape[0], spatial))
-    return job.with_(shape=(rows, *job.shape[1:]))
+    return estimate_training_bytes(job.with_(shape=(rows, *job.shape[1:])), method, device)
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,7 @@ def spatial_options(job: JobConfig, budget_bytes: int, method: str, device: str 
             check_spatial(plain, processes)
         except ValueError:
             return options
-        need = estimate_training_bytes(spatial_rank_job(plain, processes), method, device)
+        need = spatial_need(plain, processes, method, device)
         options.append(SpatialOption(processes, need, need <= budget_bytes))
         if need <= budget_bytes:
             return options
