@@ -24,6 +24,13 @@ SCHEDULES = ("cosine", "constant")
 TARGET_CLASSES = {"wt": 1, "regions": 3, "classes": 4}  # output channels per --target (MSD Task01: 4 labels)
 
 
+def _first_whole_level(counts, recompute_inputs: int) -> int | None:
+    """The first of levels 0..recompute_inputs (those that make and read the recomputed inputs) that runs whole
+    under per-level slab `counts` (missing counts: whole); None if all are slabbed."""
+    padded = tuple(counts) + (1,) * (recompute_inputs + 1)
+    return next((level for level in range(recompute_inputs + 1) if padded[level] == 1), None)
+
+
 def _canonical_counts(text) -> str:
     """--coarse-slabs as canonical text: positive counts joined by commas, trailing 1s dropped ("" for none)."""
     if isinstance(text, (tuple, list)):
@@ -87,6 +94,10 @@ class Strategy:
             counts = counts[:-1]
         return counts
 
+    def without_slabs(self) -> "Strategy":
+        """This strategy with every level whole (no slabs, so no recomputed level inputs either)."""
+        return replace(self, slabs=1, coarse_slabs="", recompute_inputs=0)
+
     @property
     def slabbed(self) -> bool:
         """Whether any level runs in slabs."""
@@ -147,15 +158,14 @@ class JobConfig:
                     raise ValueError(f"{flag}: {error}") from None
         recompute = self.strategy.recompute_inputs
         if recompute:
-            counts = self.strategy.slab_counts + (1,) * SLAB_LEVELS
             if recompute > SLAB_LEVELS - 1 or not model_spec(self.model.architecture).slabs:
                 raise ValueError(f"--recompute-inputs: {self.model.architecture} has "
                                  f"{SLAB_LEVELS - 1 if model_spec(self.model.architecture).slabs else 0} levels whose "
                                  f"input can be recomputed, got {recompute}")
-            whole = [level for level in range(recompute + 1) if counts[level] == 1]
-            if whole:  # a whole level would compute (or read) a recomputed map whole: nothing saved
+            whole = _first_whole_level(self.strategy.slab_counts, recompute)
+            if whole is not None:  # a whole level would compute (or read) a recomputed map whole: nothing saved
                 raise ValueError(f"--recompute-inputs {recompute}: the levels that make and read each recomputed input "
-                                 f"must be slabbed, and level 1/{2 ** whole[0]} runs whole (see --slabs, --coarse-slabs)")
+                                 f"must be slabbed, and level 1/{2 ** whole} runs whole (see --slabs, --coarse-slabs)")
 
     @property
     def effective_batch(self) -> int:
@@ -168,8 +178,7 @@ class JobConfig:
         """This job at another shape; each level's slabs capped at what its H holds (2 rows each at least)."""
         counts = [min(count, max(1, (shape[0] >> level) // 2)) for level, count in enumerate(self.strategy.slab_counts)]
         coarse = ",".join(map(str, counts[1:])) if self.strategy.coarse_slabs else ""
-        padded = counts + [1] * SLAB_LEVELS
-        whole = next((level for level in range(self.strategy.recompute_inputs + 1) if padded[level] == 1), None)
+        whole = _first_whole_level(counts, self.strategy.recompute_inputs)
         recompute = self.strategy.recompute_inputs if whole is None else max(0, whole - 1)  # between slabbed levels only
         return replace(self, shape=tuple(shape), strategy=replace(self.strategy, slabs=counts[0], coarse_slabs=coarse,
                                                                   recompute_inputs=recompute))

@@ -57,8 +57,7 @@ def inference_strategy(config: TrainConfig):
     """The run's layout and precision, as its validation passes ran; checkpointing and accumulation only
     act on training, and slabs start off at every level (:func:`plan_inference` turns them on when a whole
     volume does not fit)."""
-    return replace(config.job.strategy, checkpointing=False, accumulate=1, slabs=1, coarse_slabs="",
-                   recompute_inputs=0)
+    return replace(config.job.strategy.without_slabs(), checkpointing=False, accumulate=1)
 
 
 @dataclass(frozen=True)

@@ -248,13 +248,12 @@ def norm_affine(module, kind: str, y: torch.Tensor, mean: torch.Tensor,
 
 
 def level_statistics(net, level: Level, sources: list, bounds: list[tuple[int, int]], slab_call,
-                     seed: int | None, combine_partials: Callable = None) -> list | None:
+                     seed: int | None, combine_partials: Callable = combine) -> list | None:
     """Per normalised convolution of `level`, the whole-volume (mean, variance), computed slab by slab
     (`slab_call` runs each slab, checkpointed in training); None without normalisation. Batch norm in
     eval mode uses its running statistics; in training it updates them once, as nn.BatchNorm3d does.
     `combine_partials` (default :func:`combine`) turns the slabs' moments into (mean, variance, count):
     spatial parallelism gathers every process's slabs first."""
-    combine_partials = combine_partials or combine
     kind = net.config.norm
     if kind == "none":
         return None

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fullres.slabs import Upsampled, combine, level_rows, level_statistics
+from fullres.slabs import Upsampled, _call, _dropout_seed, combine, level_rows, level_statistics
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,7 @@ def gathered_combine(space: Space):
     return combine_all
 
 
-def reduce_gradients(parameters, data_group=None, data_size: int = 1) -> None:
+def reduce_gradients(parameters, data_size: int = 1) -> None:
     """Each process's gradients summed over the whole world and divided by the data-parallel size: the sum over
     a space group is one sample group's gradient, the mean over data groups the batch's (losses are means)."""
     for parameter in parameters:
@@ -261,8 +261,6 @@ def forward_shards(net, x: torch.Tensor, space: Space) -> torch.Tensor:
     """The U-Net's forward on this process's rows `x` (N, C, hi - lo, W, D) of the volume: its rows of the
     logits. Every process of the space group calls it at once. The network's levels (``ENCODERS``,
     ``DECODERS``, ``UPSAMPLERS``) are computed by :func:`fullres.slabs.level_rows` on :class:`Shard` sources."""
-    from fullres.slabs import _call, _dropout_seed
-
     encoders, decoders, upsamplers = net.ENCODERS, net.DECODERS, net.UPSAMPLERS
     combine_all = gathered_combine(space)
     lo, hi = space.rows(0)

@@ -197,8 +197,7 @@ def spatial_options(job: JobConfig, budget_bytes: int, method: str, device: str 
     """2, 4, 8, ... processes sharing each sample, as far as H splits (16 rows a process at least), up to the
     first count whose shard fits `budget_bytes`: each one's per-process estimate (the job without the memory
     strategies --spatial does not combine with). [] for a network without a level schedule."""
-    plain = job.with_(strategy=replace(job.strategy, checkpointing=False, slabs=1, coarse_slabs="", recompute_inputs=0,
-                                       offload=False))
+    plain = job.with_(strategy=replace(job.strategy.without_slabs(), checkpointing=False, offload=False))
     options, processes = [], 2
     while True:
         try:
@@ -237,7 +236,7 @@ def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu") -> list
     from fullres.memory.dryrun import dryrun
     from fullres.memory.runtime import measured_runtime_bytes
 
-    plain = job.with_(strategy=replace(job.strategy, checkpointing=False, slabs=1, coarse_slabs="", recompute_inputs=0))
+    plain = job.with_(strategy=replace(job.strategy.without_slabs(), checkpointing=False))
     baseline = fake_step_flops(plain)
     options = []
     deepest = recomputed_schedule(job)
