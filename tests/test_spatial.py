@@ -204,3 +204,58 @@ def test_plan_says_how_many_processes_a_job_needs(monkeypatch):
     assert (two.processes, two.fits, four.processes, four.fits) == (2, False, 4, True)
     assert [o.processes for o in spatial_options(job, 1, "dryrun")] == [2, 4]  # 64 rows: 16 a process at most 4
     assert spatial_options(JobConfig(shape=(24, 32, 32)), 1, "dryrun") == []
+
+
+def _torchrun_worker(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of `launcher`'s worker process with RANK=`rank`, once it runs."""
+    for children in __import__("glob").glob(f"/proc/{launcher.pid}/task/*/children"):
+        for pid in open(children).read().split():
+            try:
+                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(pid)
+    return None
+
+
+def test_a_process_that_hangs_ends_the_job_with_one_line_and_the_run_resumes(msd, tmp_path):
+    """A rank stopped mid-run (SIGSTOP: it holds its connections but never answers) makes the other one fail its
+    next exchange after --timeout seconds with one line naming its rank and the cause; the run then resumes from
+    its last checkpoint in one process and ends."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--local-addr",
+         "127.0.0.1", "-m", "fullres", "train", str(msd), "--out", str(run), "--epochs", "3", *FLAGS,
+         "--spatial", "2", "--timeout", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"})
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "last.pt").exists() and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (run / "last.pt").exists(), "no checkpoint within 240 s"
+        waiting, stopped = _torchrun_worker(launcher, 0), _torchrun_worker(launcher, 1)
+        os.kill(stopped, signal.SIGSTOP)
+        while os.path.exists(f"/proc/{waiting}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(stopped, signal.SIGKILL)  # torchrun would wait 30 s for the stopped one to take its SIGTERM
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    lines = [line for line in stderr.splitlines() if line.startswith("fullres train: error: ")]
+    assert lines == [f"fullres train: error: rank 0 of 2: lost the other processes (Timed out waiting 5000ms for recv "
+                     f"operation to complete); after a fix, continue from the last checkpoint with --out {run} "
+                     "--resume"], stderr[-3000:]
+    assert "fullres/" not in "".join(line for line in stderr.splitlines() if line.lstrip().startswith("File "))
+    from fullres.checkpoint import load_checkpoint
+
+    done_before = load_checkpoint(run / "last.pt")["epoch"]
+    assert 1 <= done_before < 3
+    resumed = fullres("train", "--out", run, "--resume", *FLAGS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3

@@ -16,7 +16,7 @@ import numpy as np
 
 from fullres.config import PRECISIONS, SCHEDULES, TARGET_CLASSES, JobConfig, Strategy, job_defaults
 from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
-from fullres.device import memory_device
+from fullres.device import COLLECTIVE_TIMEOUT_S, memory_device
 from fullres.errors import UserError
 from fullres.lesions import CHALLENGES, DEFAULT_CHALLENGE
 from fullres.losses import LOSSES
@@ -544,7 +544,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run(TrainRequest(out=Path(args.out), data=Path(args.data) if args.data is not None else None, options=options,
                      make_job=job_from_options, strategy=args.strategy, memory=args.memory, force=args.force,
                      autotune=not args.no_autotune, resume=args.resume, progress=not args.quiet, layout=args.layout,
-                     spatial=args.spatial))
+                     spatial=args.spatial, timeout=args.timeout))
     return 0
 
 
@@ -770,6 +770,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spatial", type=positive_int, default=1, metavar="S",
                         help="under torchrun: S processes share each sample, each holding its rows (along H) of "
                              "every level; processes / S samples at a time (exact; a resumed run may change S)")
+    parser.add_argument("--timeout", type=positive_int, default=COLLECTIVE_TIMEOUT_S, metavar="SECONDS",
+                        help="under torchrun: a process waiting this long for the others in a collective ends the "
+                             f"job (default {COLLECTIVE_TIMEOUT_S})")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -6,9 +6,11 @@ which device "auto" means, how many threads a CPU job gets, and how much memory 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -41,13 +43,41 @@ class Process:
         return self.rank == 0
 
 
-def start_process_group(device_type: str) -> Process:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+# How long any collective or halo exchange waits for the other processes before it fails (gloo's and
+# NCCL's own defaults are 30 and 10 minutes): long enough for one rank's largest level on a CPU.
+COLLECTIVE_TIMEOUT_S = 1800
+
+
+def start_process_group(device_type: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Process:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process. Every collective
+    and point-to-point transfer of the group fails after `timeout_s` seconds without its peers, so a rank
+    that hangs cannot hang the others (one that dies is seen at once: its connections close)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Process()
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return Process(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# How a failed transfer reads: torch.distributed's own errors (NCCL, the store), and gloo's, which are plain
+# RuntimeErrors that name its transport: a timeout, or a connection a dead peer closed.
+_GLOO_FAILURES = ("gloo/transport", "Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+
+
+@contextlib.contextmanager
+def collective_failures(process: Process, resume_hint: str = ""):
+    """Turn a failed collective or halo exchange (a peer that died, or hung past the timeout) into a
+    one-line UserError naming this rank and the cause, exit code 1; other errors pass unchanged."""
+    try:
+        yield
+    except RuntimeError as error:
+        lost = isinstance(error, dist.DistError) or any(mark in str(error) for mark in _GLOO_FAILURES)
+        if process.world == 1 or not lost:
+            raise
+        cause = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        cause = cause.split("] ", 1)[-1] if cause.startswith("[") else cause  # gloo's source location
+        raise UserError(f"rank {process.rank} of {process.world}: lost the other processes ({cause[:200]})"
+                        f"{resume_hint}", exit_code=1) from None
 
 
 def is_main_process() -> bool:

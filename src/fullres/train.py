@@ -38,8 +38,8 @@ from fullres.checkpoint import (BEST, CONFIG_FILE, LAST, load_checkpoint, prepar
                                remove_stale_temporaries, save_checkpoint)
 from fullres.config import JobConfig, Strategy, TrainConfig, job_defaults
 from fullres.data import DataConfig, MSDDataset, check_dataset, load_dataset_json, resolve_channels, split_cases, write_dataset
-from fullres.device import (Process, available_memory, configure_cpu, fast_bf16, is_main_process, peak_memory, pick_device,
-                            start_process_group)
+from fullres.device import (COLLECTIVE_TIMEOUT_S, Process, available_memory, collective_failures, configure_cpu,
+                            fast_bf16, is_main_process, peak_memory, pick_device, start_process_group)
 from fullres.errors import UserError
 from fullres.figures import figure7_overlay, training_curves
 from fullres.files import atomic_write, write_json
@@ -75,6 +75,7 @@ class TrainRequest:
     progress: bool = True
     layout: str | None = None  # the dataset's layout (None: detected from the folder)
     spatial: int = 1  # processes sharing each sample (--spatial): a launch option, not part of the run's config
+    timeout: float = COLLECTIVE_TIMEOUT_S  # seconds a collective waits for the other processes (--timeout)
 
 
 def run(request: TrainRequest, log=print) -> dict:
@@ -89,7 +90,8 @@ def run(request: TrainRequest, log=print) -> dict:
                 + ", ".join(path.name for path in stale))
     else:
         config = _new_run(request, main_process, log)
-    last = train(config, run_dir, resume=request.resume, progress=request.progress, log=log, spatial=request.spatial)
+    last = train(config, run_dir, resume=request.resume, progress=request.progress, log=log, spatial=request.spatial,
+                 timeout_s=request.timeout)
     if main_process:
         training_curves(run_dir / "metrics.csv", run_dir / "curves.png")
         log(f"done: validation Dice {last.get('val_dice', float('nan')):.3f} after {last.get('epoch', 0)} epochs; "
@@ -335,161 +337,169 @@ def reduce_mean(values: list[float], process: Process, device: torch.device) -> 
 
 
 def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          log=print, spatial: int = 1) -> dict:
+          log=print, spatial: int = 1, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> dict:
     """Train per `config` into `run_dir`. Returns the last epoch's metrics row. `spatial` = S: under torchrun,
     each S consecutive processes share every sample, each holding its rows of every level
-    (:mod:`fullres.spatial`); the processes / S groups are data-parallel."""
-    from tqdm import tqdm
-
+    (:mod:`fullres.spatial`); the processes / S groups are data-parallel. A process that loses the others
+    (one died, or waited `timeout_s` seconds in a collective) raises a UserError naming its rank."""
     process = start_process_group("cuda" if config.device == "cuda" or
-                                  (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+                                  (config.device == "auto" and torch.cuda.is_available()) else "cpu", timeout_s)
     try:
-        device = pick_device(config.device, process)
-        if device.type == "cpu":
-            settings = configure_cpu(config.threads, process)
-            if process.main:
-                log(settings)
-        job = config.job
-        space, data_rank, data_size = None, process.rank, process.world
-        if spatial > 1:
-            space, data_rank, data_size = _spatial_group(job, spatial, process, device)
-        if process.main:
-            processes = f"{process.world} process(es)"
-            if space is not None:
-                processes += f": {data_size} x {spatial} sharing each sample"
-            log(f"job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
-                f"{job.model.filters} base filters, {job.strategy.describe()} "
-                f"(global batch {job.effective_batch * data_size}, {processes}, {device})")
-
-        set_training_malloc_policy(job.strategy, device=device.type)
-        allocator_line = policy_line(job.strategy, device.type)
-        if allocator_line and process.main:
-            log(allocator_line)
-        torch.manual_seed(config.seed)
-        training = build_training(job, device, lr=config.lr)
-        model, optimizer, scaler = training.model, training.optimizer, training.scaler
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
-        start_epoch, best_dice, history = 0, -1.0, []
-        if resume and (run_dir / LAST).exists():  # killed before the first checkpoint: start over
-            state = load_checkpoint(run_dir / LAST)
-            try:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                start_epoch, best_dice, history = state["epoch"], state["best_dice"], state["history"]
-            except (KeyError, TypeError, ValueError, RuntimeError) as error:  # another run's, or another network's
-                detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-                raise UserError(f"{run_dir / LAST}: does not fit the run's configuration in config.json ({detail})") from None
-            if process.main:
-                log(f"resuming after epoch {start_epoch} of {config.epochs} from {run_dir / 'last.pt'}")
-        network = model
-        if space is not None:
-            model.space = space  # its forward computes this process's rows; gradients summed in before_update
-        elif process.world > 1:
-            network = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        index = load_dataset_json(Path(config.data_dir), config.layout)
-        train_cases, val_cases = split_cases(index.training, config.val_fraction, config.seed)
-        train_set = MSDDataset.from_index(index, config.data, train_cases)
-        val_set = MSDDataset.from_index(index, config.data, val_cases)
-        global_batch = job.effective_batch * data_size
-        if len(train_set) < global_batch:
-            raise UserError(f"{len(train_set)} training cases are fewer than one global batch of {global_batch}")
-        # One sampler for any number of processes: the same seeded permutation, dealt out by rank, so
-        # N processes with batch b see exactly the samples one process with batch N x b sees.
-        sampler = DistributedSampler(train_set, num_replicas=data_size, rank=data_rank, shuffle=True,
-                                     seed=config.seed, drop_last=True)
-        loader = DataLoader(train_set, batch_size=job.effective_batch, sampler=sampler, drop_last=True,
-                            num_workers=config.workers, pin_memory=device.type == "cuda",
-                            persistent_workers=config.workers > 0)
-        val_loader = DataLoader(val_set, batch_size=1, num_workers=0)
-        loss_fn = LOSSES[config.loss]
-        sums = (lambda: voxel_sums(lambda total: sum_over_space(total, space))) if space else contextlib.nullcontext
-        before_update = (lambda: reduce_gradients(model.parameters(), data_size=data_size)) if space else None
-
-        writer = None
-        if process.main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1)
-        row: dict[str, Any] = history[-1] if history else {}
-        for epoch in range(start_epoch, config.epochs):
-            # The epoch's randomness (dropout; the sampler's order) is a function of (seed, epoch) alone,
-            # so a run resumed after a crash repeats exactly what the uninterrupted run would have done.
-            # The loader's iterator is made first: a new one draws its workers' seed from the global RNG
-            # and a persistent one, reset, does not, so a resumed run would otherwise shift dropout's stream.
-            sampler.set_epoch(epoch)
-            batches = iter(loader)
-            torch.manual_seed(config.seed * 100_003 + epoch)
-            totals = EpochTotals()
-            epoch_start = time.perf_counter()
-            bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                       disable=not (progress and process.main), dynamic_ncols=True)
-            for images, targets in bar:
-                step_start = time.perf_counter()
-                if space is not None:
-                    images, targets = local_rows(images, space), local_rows(targets, space)
-                images, targets = to_device(images, device, job.strategy), targets.to(device)
-                micro = []  # (dice, accuracy) of each micro-batch, weighted equally: equal sizes
-
-                def score(logits, micro_targets):
-                    with sums():
-                        micro.append((float(dice_coefficient(logits, micro_targets)),
-                                      float(voxel_accuracy(logits, micro_targets))))
-
-                with sums():
-                    loss = train_step(network, optimizer, images, targets, loss_fn, job.strategy, scaler,
-                                      no_sync=getattr(network, "no_sync", None), on_output=score,
-                                      before_update=before_update)
-                totals.step_seconds.append(time.perf_counter() - step_start)
-                totals.add(loss, sum(d for d, _ in micro) / len(micro), sum(a for _, a in micro) / len(micro),
-                           len(images))
-                bar.set_postfix(loss=f"{loss:.3f}", dice=f"{totals.dice / totals.batches:.3f}",
-                                step=f"{totals.step_seconds[-1]:.2f}s")
-            scheduler.step()
-            train_loss, train_dice, train_accuracy = reduce_mean(list(totals.means()), process, device)
-            epoch_seconds = time.perf_counter() - epoch_start
-            if process.main:
-                model.space = None  # validation runs whole volumes here
-                val_loss, val_dice, val_accuracy = (evaluate(model, val_loader, loss_fn, device, job.strategy)
-                                                    if len(val_set) else (math.nan, math.nan, math.nan))
-                model.space = space
-                step_s = sorted(totals.step_seconds)[len(totals.step_seconds) // 2]
-                row = {"epoch": epoch + 1, "train_loss": train_loss, "train_dice": train_dice,
-                       "train_accuracy": train_accuracy, "val_loss": val_loss, "val_dice": val_dice,
-                       "val_accuracy": val_accuracy, "step_s": step_s,
-                       "images_per_s": totals.images * data_size / sum(totals.step_seconds),
-                       "peak_memory_bytes": peak_memory(device), "lr": scheduler.get_last_lr()[0],
-                       "epoch_s": epoch_seconds}
-                history.append(row)
-                improved = not math.isnan(val_dice) and val_dice > best_dice
-                best_dice = max(best_dice, val_dice) if improved else best_dice
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_dice": best_dice,
-                         "history": history, "rng": torch.get_rng_state(), "config": config.to_json()}
-                save_checkpoint(run_dir / LAST, state)
-                if improved:
-                    save_checkpoint(run_dir / BEST, state)
-                write_metrics_csv(run_dir / "metrics.csv", history)
-                for key in CSV_COLUMNS[1:]:
-                    writer.add_scalar(key, row[key], epoch + 1)
-                writer.flush()
-                log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {train_loss:.4f}/{val_loss:.4f}  "
-                    f"dice {train_dice:.3f}/{val_dice:.3f}  accuracy {train_accuracy:.4f}/{val_accuracy:.4f}  "
-                    f"(train/val)  step {step_s:.2f}s  {row['images_per_s']:.2f} img/s  "
-                    f"peak {format_bytes(row['peak_memory_bytes'])}{'  *best' if improved else ''}")
-            if process.world > 1:
-                dist.barrier()
-        if writer:
-            writer.close()
-        if process.main and len(val_set):
-            model.space = None
-            draw_validation_overlays(model, val_set, config, run_dir, device)
-        return row
+        with collective_failures(process, f"; after a fix, continue from the last checkpoint with --out {run_dir} "
+                                          "--resume"):
+            return _train(config, run_dir, process, resume, progress, log, spatial)
     finally:
         if process.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, progress: bool, log,
+           spatial: int) -> dict:
+    from tqdm import tqdm
+
+    device = pick_device(config.device, process)
+    if device.type == "cpu":
+        settings = configure_cpu(config.threads, process)
+        if process.main:
+            log(settings)
+    job = config.job
+    space, data_rank, data_size = None, process.rank, process.world
+    if spatial > 1:
+        space, data_rank, data_size = _spatial_group(job, spatial, process, device)
+    if process.main:
+        processes = f"{process.world} process(es)"
+        if space is not None:
+            processes += f": {data_size} x {spatial} sharing each sample"
+        log(f"job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
+            f"{job.model.filters} base filters, {job.strategy.describe()} "
+            f"(global batch {job.effective_batch * data_size}, {processes}, {device})")
+
+    set_training_malloc_policy(job.strategy, device=device.type)
+    allocator_line = policy_line(job.strategy, device.type)
+    if allocator_line and process.main:
+        log(allocator_line)
+    torch.manual_seed(config.seed)
+    training = build_training(job, device, lr=config.lr)
+    model, optimizer, scaler = training.model, training.optimizer, training.scaler
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
+    start_epoch, best_dice, history = 0, -1.0, []
+    if resume and (run_dir / LAST).exists():  # killed before the first checkpoint: start over
+        state = load_checkpoint(run_dir / LAST)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, best_dice, history = state["epoch"], state["best_dice"], state["history"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:  # another run's, or another network's
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise UserError(f"{run_dir / LAST}: does not fit the run's configuration in config.json ({detail})") from None
+        if process.main:
+            log(f"resuming after epoch {start_epoch} of {config.epochs} from {run_dir / 'last.pt'}")
+    network = model
+    if space is not None:
+        model.space = space  # its forward computes this process's rows; gradients summed in before_update
+    elif process.world > 1:
+        network = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    index = load_dataset_json(Path(config.data_dir), config.layout)
+    train_cases, val_cases = split_cases(index.training, config.val_fraction, config.seed)
+    train_set = MSDDataset.from_index(index, config.data, train_cases)
+    val_set = MSDDataset.from_index(index, config.data, val_cases)
+    global_batch = job.effective_batch * data_size
+    if len(train_set) < global_batch:
+        raise UserError(f"{len(train_set)} training cases are fewer than one global batch of {global_batch}")
+    # One sampler for any number of processes: the same seeded permutation, dealt out by rank, so
+    # N processes with batch b see exactly the samples one process with batch N x b sees.
+    sampler = DistributedSampler(train_set, num_replicas=data_size, rank=data_rank, shuffle=True,
+                                 seed=config.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=job.effective_batch, sampler=sampler, drop_last=True,
+                        num_workers=config.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=config.workers > 0)
+    val_loader = DataLoader(val_set, batch_size=1, num_workers=0)
+    loss_fn = LOSSES[config.loss]
+    sums = (lambda: voxel_sums(lambda total: sum_over_space(total, space))) if space else contextlib.nullcontext
+    before_update = (lambda: reduce_gradients(model.parameters(), data_size=data_size)) if space else None
+
+    writer = None
+    if process.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1)
+    row: dict[str, Any] = history[-1] if history else {}
+    for epoch in range(start_epoch, config.epochs):
+        # The epoch's randomness (dropout; the sampler's order) is a function of (seed, epoch) alone,
+        # so a run resumed after a crash repeats exactly what the uninterrupted run would have done.
+        # The loader's iterator is made first: a new one draws its workers' seed from the global RNG
+        # and a persistent one, reset, does not, so a resumed run would otherwise shift dropout's stream.
+        sampler.set_epoch(epoch)
+        batches = iter(loader)
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        totals = EpochTotals()
+        epoch_start = time.perf_counter()
+        bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not (progress and process.main), dynamic_ncols=True)
+        for images, targets in bar:
+            step_start = time.perf_counter()
+            if space is not None:
+                images, targets = local_rows(images, space), local_rows(targets, space)
+            images, targets = to_device(images, device, job.strategy), targets.to(device)
+            micro = []  # (dice, accuracy) of each micro-batch, weighted equally: equal sizes
+
+            def score(logits, micro_targets):
+                with sums():
+                    micro.append((float(dice_coefficient(logits, micro_targets)),
+                                  float(voxel_accuracy(logits, micro_targets))))
+
+            with sums():
+                loss = train_step(network, optimizer, images, targets, loss_fn, job.strategy, scaler,
+                                  no_sync=getattr(network, "no_sync", None), on_output=score,
+                                  before_update=before_update)
+            totals.step_seconds.append(time.perf_counter() - step_start)
+            totals.add(loss, sum(d for d, _ in micro) / len(micro), sum(a for _, a in micro) / len(micro),
+                       len(images))
+            bar.set_postfix(loss=f"{loss:.3f}", dice=f"{totals.dice / totals.batches:.3f}",
+                            step=f"{totals.step_seconds[-1]:.2f}s")
+        scheduler.step()
+        train_loss, train_dice, train_accuracy = reduce_mean(list(totals.means()), process, device)
+        epoch_seconds = time.perf_counter() - epoch_start
+        if process.main:
+            model.space = None  # validation runs whole volumes here
+            val_loss, val_dice, val_accuracy = (evaluate(model, val_loader, loss_fn, device, job.strategy)
+                                                if len(val_set) else (math.nan, math.nan, math.nan))
+            model.space = space
+            step_s = sorted(totals.step_seconds)[len(totals.step_seconds) // 2]
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_dice": train_dice,
+                   "train_accuracy": train_accuracy, "val_loss": val_loss, "val_dice": val_dice,
+                   "val_accuracy": val_accuracy, "step_s": step_s,
+                   "images_per_s": totals.images * data_size / sum(totals.step_seconds),
+                   "peak_memory_bytes": peak_memory(device), "lr": scheduler.get_last_lr()[0],
+                   "epoch_s": epoch_seconds}
+            history.append(row)
+            improved = not math.isnan(val_dice) and val_dice > best_dice
+            best_dice = max(best_dice, val_dice) if improved else best_dice
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_dice": best_dice,
+                     "history": history, "rng": torch.get_rng_state(), "config": config.to_json()}
+            save_checkpoint(run_dir / LAST, state)
+            if improved:
+                save_checkpoint(run_dir / BEST, state)
+            write_metrics_csv(run_dir / "metrics.csv", history)
+            for key in CSV_COLUMNS[1:]:
+                writer.add_scalar(key, row[key], epoch + 1)
+            writer.flush()
+            log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {train_loss:.4f}/{val_loss:.4f}  "
+                f"dice {train_dice:.3f}/{val_dice:.3f}  accuracy {train_accuracy:.4f}/{val_accuracy:.4f}  "
+                f"(train/val)  step {step_s:.2f}s  {row['images_per_s']:.2f} img/s  "
+                f"peak {format_bytes(row['peak_memory_bytes'])}{'  *best' if improved else ''}")
+        if process.world > 1:
+            dist.barrier()
+    if writer:
+        writer.close()
+    if process.main and len(val_set):
+        model.space = None
+        draw_validation_overlays(model, val_set, config, run_dir, device)
+    return row
 
 
 def refuse_spatial(job: JobConfig, spatial: int, world: int) -> None:
