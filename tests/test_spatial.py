@@ -259,3 +259,58 @@ def test_a_process_that_hangs_ends_the_job_with_one_line_and_the_run_resumes(msd
     resumed = fullres("train", "--out", run, "--resume", *FLAGS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_checkpoint(run / "last.pt")["epoch"] == 3
+
+
+def test_predict_with_spatial_equals_predict_without(msd, tmp_path):
+    """`torchrun --nproc-per-node 2 ... predict --spatial 2` writes the masks and probabilities one process
+    writes (each volume shared by the two processes, gathered on the first)."""
+    import nibabel as nib
+    import numpy as np
+
+    run = tmp_path / "run"
+    assert (done := fullres("train", msd, "--out", run, "--epochs", "1", *FLAGS, "--norm", "instance")).returncode == 0, \
+        done.stderr[-3000:]
+    refused = fullres("predict", run, msd, "--out", tmp_path / "refused", "--spatial", "2")
+    assert refused.stderr.strip().splitlines()[-1] == ("fullres predict: error: --spatial 2 must divide the number of "
+                                                       "processes (1; start them with torchrun --nproc-per-node)")
+    assert refused.returncode == 2 and not (tmp_path / "refused").exists()
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (alone := fullres("predict", run, msd, "--out", one, "--probabilities", "--quiet",
+                             "--device", "cpu")).returncode == 0, alone.stderr[-3000:]
+    shared = fullres("predict", run, msd, "--out", two, "--probabilities", "--quiet", "--device", "cpu", "--spatial", "2",
+                     processes=2)
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    assert "whole volumes shared by 2 processes, each its rows of every level (exact)" in shared.stdout
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for mask in one.glob("*.nii.gz"):
+        a, b = np.asanyarray(nib.load(mask).dataobj), np.asanyarray(nib.load(two / mask.name).dataobj)
+        if mask.name.endswith("_prob.nii.gz"):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=mask.name)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=mask.name)
+    assert (one / "prediction.json").read_text() == (two / "prediction.json").read_text()
+
+
+def test_the_spatial_inference_plan_is_one_process_share_and_refused_where_it_cannot_fit():
+    import fullres.predict as predict_module
+    from fullres.config import JobConfig, Strategy, TrainConfig
+    from fullres.data import DataConfig
+    from fullres.errors import UserError
+
+    job = JobConfig(model=ModelConfig(in_channels=2, filters=4, norm="instance"), shape=(64, 32, 32), batch=1,
+                    strategy=Strategy(checkpointing=True))  # training-only: inference runs without it
+    config, cpu = TrainConfig(job=job, data=DataConfig(channels=(0, 1), shape=job.shape), data_dir="unused"), \
+        torch.device("cpu")
+    whole = predict_module.inference_need(config, (64, 32, 32), cpu)
+    share = {s: predict_module.inference_need(config, (64, 32, 32), cpu, spatial=s) for s in (2, 4)}
+    # not below `whole` at 4 filters: a shard's split decoder convolutions take ATen's slow path (column buffers)
+    assert share[4] < share[2]
+    plan = predict_module.plan_inference(config, (64, 32, 32), cpu, budget=share[2], spatial=2)
+    assert (plan.mode, plan.need, plan.spatial) == ("spatial", share[2], 2)
+    with pytest.raises(UserError) as refused:
+        predict_module.plan_inference(config, (64, 32, 32), cpu, budget=share[2] - 1, spatial=2)
+    assert refused.value.exit_code == 3 and str(refused.value).startswith(
+        "--spatial 2: one of 2 processes sharing a 64x32x32 volume needs ~")
+    with pytest.raises(UserError, match=r"^--spatial 5: H=64 must be a multiple of 8 with at least 16 rows per process "
+                                        r"\(80 in all\) \(64x32x32 volumes\)$"):
+        predict_module.plan_inference(config, (64, 32, 32), cpu, budget=whole, spatial=5)

@@ -1,8 +1,8 @@
 """Predict masks with a trained run: the run's own preprocessing, layout and precision (as its validation ran),
 an inference plan that fits the memory (:func:`plan_inference`: whole volume, whole volume in slabs, or
-sliding windows, chosen by the dry run's inference peak), through PyTorch or the run's exported ONNX /
-OpenVINO model (`--engine`), and NIfTI masks written back in each input's original geometry (crop/pad
-undone, same affine and header).
+sliding windows, chosen by the dry run's inference peak; or, under torchrun with `--spatial S`, each volume
+shared by S processes), through PyTorch or the run's exported ONNX / OpenVINO model (`--engine`), and
+NIfTI masks written back in each input's original geometry (crop/pad undone, same affine and header).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from torch import nn
 
@@ -23,7 +24,7 @@ from fullres.data import load_case_image, load_dataset, uncrop, write_nifti
 from fullres.data.layouts import MSD_REGIONS, apply_value_map, detect_layout, match_channels, value_map
 from fullres.data.msd import DatasetIndex
 from fullres.data.nifti import NIFTI_SUFFIXES, case_id_from_path
-from fullres.device import available_memory
+from fullres.device import Process, available_memory
 from fullres.errors import UserError
 from fullres.files import write_json
 from fullres.losses import primary_output
@@ -136,9 +137,10 @@ def output_labels(labels: np.ndarray, target: str, trained: DatasetIndex | None,
 @dataclass(frozen=True)
 class InferencePlan:
     """How one volume is predicted: "whole" (one pass), "slabs" (one pass in slabs along H, exact: `slabs` is
-    the full-resolution count, or one count per level, full resolution first), or "sliding" (windows of `window`, overlapping by
-    :data:`SLIDING_WINDOW_OVERLAP`, Gaussian-blended); `need` is the dry run's inference peak of that choice
-    in bytes, `budget` the memory it had to fit, `reason` why it was chosen."""
+    the full-resolution count, or one count per level, full resolution first), "spatial" (one pass shared by
+    `spatial` processes, each computing its rows of every level, exact), or "sliding" (windows of `window`,
+    overlapping by :data:`SLIDING_WINDOW_OVERLAP`, Gaussian-blended); `need` is the dry run's inference peak
+    of that choice in bytes (one process's), `budget` the memory it had to fit, `reason` why it was chosen."""
 
     mode: str
     need: int
@@ -146,6 +148,7 @@ class InferencePlan:
     reason: str
     slabs: int | tuple[int, ...] = 1
     window: tuple[int, int, int] | None = None
+    spatial: int = 1
 
     @property
     def slab_counts(self) -> tuple[int, ...]:
@@ -158,6 +161,8 @@ class InferencePlan:
             counts = self.slab_counts
             how = ("whole volumes in one pass of " + (f"{counts[0]} slabs" if len(counts) == 1 else
                    f"slabs {','.join(map(str, counts))} per level") + " (exact)")
+        elif self.mode == "spatial":
+            how = f"whole volumes shared by {self.spatial} processes, each its rows of every level (exact)"
         else:
             how = (f"sliding windows of {'x'.join(map(str, self.window))} "
                    f"({SLIDING_WINDOW_OVERLAP:.0%} overlap, Gaussian-weighted)")
@@ -171,16 +176,17 @@ def strategy_with_slabs(strategy: Strategy, slabs: int | tuple[int, ...]) -> Str
 
 
 def inference_need(config: TrainConfig, shape: tuple[int, int, int], device: torch.device,
-                   slabs: int | tuple[int, ...] = 1) -> int:
+                   slabs: int | tuple[int, ...] = 1, spatial: int = 1) -> int:
     """The dry run's peak of one inference forward of the run's network at `shape` (its precision and memory
-    format, `slabs` slabs at full resolution or per level, the output activation), in bytes."""
+    format, `slabs` slabs at full resolution or per level, the output activation), in bytes; with `spatial`
+    = S, one of S processes sharing the volume."""
     from fullres.export import activation_of
     from fullres.memory.dryrun import dryrun_inference
 
     job = JobConfig(model=config.job.model, shape=tuple(shape), batch=1,
                     strategy=strategy_with_slabs(inference_strategy(config), slabs))
     try:
-        return dryrun_inference(job, activation_of(config), device.type).peak_bytes
+        return dryrun_inference(job, activation_of(config), device.type, spatial=spatial).peak_bytes
     except ValueError as error:
         raise UserError(str(error)) from None
 
@@ -197,19 +203,35 @@ def _smaller_window(window: tuple[int, ...], divisor: int, smallest: int) -> tup
 
 
 def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: torch.device,
-                   budget: int | None = None) -> InferencePlan:
+                   budget: int | None = None, spatial: int = 1) -> InferencePlan:
     """Pick, in this order, the first way to predict a volume of `shape` whose dry-run inference peak fits
     `budget` bytes (None: the memory available on `device` now): the whole volume in one pass; the whole
     volume in 2, 4, 8, ... full-resolution slabs while more still lower the peak, then with every level in
     slabs (:func:`fullres.memory.plan.slab_schedules`; networks with a slab schedule, normalised or not: the
     same result up to summation order); sliding windows, the largest found by halving
     the largest axis (multiples of the network's divisor, down to twice it), plus MONAI's full-volume
-    blending buffers. When nothing fits, the smallest window is used, and the reason says so."""
+    blending buffers. When nothing fits, the smallest window is used, and the reason says so.
+    `spatial` = S > 1: the volume shared by S processes (the "spatial" plan), refused with exit code 3 where
+    one process's share does not fit (the budget is then each local process's)."""
     budget_source = "--memory" if budget is not None else "available"
     budget = available_memory(device) if budget is None else int(budget)
     shape = tuple(int(s) for s in shape)
     model = config.job.model
     have = f"{format_bytes(budget)} {budget_source}"
+    if spatial > 1:
+        from fullres.memory.plan import check_spatial
+
+        try:
+            check_spatial(JobConfig(model=model, shape=shape, batch=1, strategy=inference_strategy(config)), spatial)
+        except ValueError as error:
+            raise UserError(f"{error} ({'x'.join(map(str, shape))} volumes)") from None
+        need = inference_need(config, shape, device, spatial=spatial)
+        if need > budget:
+            raise UserError(f"--spatial {spatial}: one of {spatial} processes sharing a {'x'.join(map(str, shape))} "
+                            f"volume needs ~{format_bytes(need)}, more than {have} (dry run); start more processes, "
+                            "or predict without --spatial (slabs or sliding windows)", exit_code=3)
+        return InferencePlan("spatial", need, budget, f"each needs ~{format_bytes(need)} of {have} (dry run)",
+                             spatial=spatial)
     whole = inference_need(config, shape, device)
     if whole <= budget:
         return InferencePlan("whole", whole, budget, f"needs ~{format_bytes(whole)} of {have} (dry run)")
@@ -252,11 +274,13 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
 
 
 def predict_volume(predictor: Predictor, image: np.ndarray, device: torch.device, whole: bool = True,
-                   plan: InferencePlan | None = None, engine=None) -> np.ndarray:
+                   plan: InferencePlan | None = None, engine=None, space=None) -> np.ndarray | None:
     """Probabilities [K, H, W, D] for one preprocessed image [C, H, W, D], as `plan` says (without one:
     `whole` volume in one pass, or sliding windows of the training shape): one pass, one pass in slabs, or
     MONAI's sliding_window_inference (Gaussian-blended). `engine` (:class:`fullres.export.Engine`) runs an
-    exported model instead of the PyTorch one; its windows blend probabilities, PyTorch's logits."""
+    exported model instead of the PyTorch one; its windows blend probabilities, PyTorch's logits.
+    A "spatial" plan: every process of `space` (:class:`fullres.spatial.Space`) calls this at once with the
+    same image and computes its rows; the group's first process returns the whole volume, the others None."""
     strategy = inference_strategy(predictor.config)
     if plan is None:
         plan = InferencePlan("whole" if whole else "sliding", 0, 0, "", window=None if whole else predictor.config.job.shape)
@@ -270,7 +294,15 @@ def predict_volume(predictor: Predictor, image: np.ndarray, device: torch.device
 
     x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device if engine is None else "cpu")
     with torch.no_grad():
-        if plan.mode in ("whole", "slabs"):
+        if plan.mode == "spatial":
+            from fullres.spatial import local_rows
+
+            model.space = space
+            try:
+                output = forward(local_rows(x, space))
+            finally:
+                model.space = None
+        elif plan.mode in ("whole", "slabs"):
             slabbed = plan.mode == "slabs" and any(count > 1 for count in plan.slab_counts)
             if slabbed:
                 model.slabs = plan.slab_counts
@@ -288,6 +320,11 @@ def predict_volume(predictor: Predictor, image: np.ndarray, device: torch.device
     if engine is not None:  # an exported model ends in the run's activation already
         return output.cpu().numpy()
     probabilities = torch.sigmoid(output) if predictor.config.data.target != "classes" else torch.softmax(output, 0)
+    if plan.mode == "spatial":
+        from fullres.spatial import gather_rows
+
+        probabilities = gather_rows(probabilities[None], space)
+        return None if probabilities is None else probabilities[0].cpu().numpy()
     return probabilities.cpu().numpy()
 
 
@@ -367,7 +404,7 @@ def load_input(case: PredictInput, config: TrainConfig, trained: DatasetIndex | 
 def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device: torch.device,
                   probabilities: bool = False, progress: bool = True, log=print, layout: str | None = None,
                   overwrite: bool = False, engine: str = "torch", engine_file: Path | None = None,
-                  memory: int | None = None) -> list[Path]:
+                  memory: int | None = None, process: Process = Process(), spatial: int = 1) -> list[Path]:
     """Predict every input, writing OUT/<case>.nii.gz (and OUT/<case>_prob.nii.gz). Returns the mask paths.
 
     Nothing is written until every input has been read and checked (readable, the run's channels, finite,
@@ -378,16 +415,25 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     `engine` "torch" runs the network in PyTorch, planned by :func:`plan_inference` to fit `memory` bytes
     (None: what is available); "onnx" / "openvino" run `engine_file` (default: the run's own export, where
     `fullres export` writes it) on the CPU, whole volumes.
+    Under torchrun (`process` in a started process group), every process calls this alike: the processes form
+    data groups of `spatial` (S) processes, each group predicts its share of the cases, and each case's
+    volume is shared by its group's S processes (:func:`fullres.spatial.forward_shards`, exact); the group's
+    first process writes its masks, rank 0 prediction.json.
     """
     from tqdm import tqdm
 
+    if spatial > 1 and engine != "torch":
+        raise UserError(f"--spatial {spatial} runs the PyTorch network (--engine torch), not {engine}")
+    if process.world % spatial:
+        raise UserError(f"--spatial {spatial} must divide the number of processes ({process.world}; start them with "
+                        "torchrun --nproc-per-node)")
     cases = expand_inputs(inputs, layout)  # check every input before the first (long) prediction
     check_output_folder(out, cases, inputs, probabilities, overwrite)
     predictor = load_predictor(run_or_checkpoint, device)
     config = predictor.config
     trained = training_dataset(config)
-    for case in cases:
-        load_input(case, config, trained)  # every input readable and usable before the first mask is written
+    # every input readable and usable before the first mask is written
+    shapes = [tuple(load_input(case, config, trained)[0].shape[1:]) for case in cases]
     runner = None
     if engine != "torch":
         from fullres.export import default_engine_file, open_engine
@@ -397,26 +443,37 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     elif engine_file is not None:
         raise UserError("--engine-file needs --engine onnx or openvino")
     plans: dict[tuple, InferencePlan] = {}
+    for shape in shapes:  # every shape planned (and a plan that cannot fit refused) before the first mask
+        if shape in plans:
+            continue
+        if runner is not None:
+            plans[shape] = InferencePlan("whole", 0, 0, f"{engine} engine ({engine_file}), on the CPU")
+        else:
+            plans[shape] = plan_inference(config, shape, device, memory, spatial)
+        if process.main and len(plans) == 1:
+            log(f"predicting {len(cases)} case(s) with {predictor.checkpoint} as {plans[shape].describe()}")
+        elif process.main:
+            log(f"{'x'.join(map(str, shape))} volumes: {plans[shape].describe()}")
+    space, data_rank, data_size = None, process.rank, process.world
+    if process.world > 1:
+        from fullres.spatial import mesh, space_of
 
-    def plan_for(shape: tuple) -> InferencePlan:
-        if shape not in plans:
-            if runner is not None:
-                plans[shape] = InferencePlan("whole", 0, 0, f"{engine} engine ({engine_file}), on the CPU")
-            else:
-                plans[shape] = plan_inference(config, shape, device, memory)
-            if len(plans) == 1:
-                log(f"predicting {len(cases)} case(s) with {predictor.checkpoint} as {plans[shape].describe()}")
-            else:
-                log(f"{'x'.join(map(str, shape))} volumes: {plans[shape].describe()}")
-        return plans[shape]
+        dist.barrier()  # every process has checked the inputs and the folder before any writes into it
+        if spatial > 1:
+            device_mesh = mesh(spatial, device.type)
+            space = space_of(device_mesh, 0)
+            data_rank, data_size = device_mesh.get_local_rank("data"), device_mesh.size(0)
 
     out.mkdir(parents=True, exist_ok=True)
-    written, layouts, region_sets = [], set(), []
-    for case in tqdm(cases, desc="predict", disable=not progress):
+    for case in tqdm(cases[data_rank::data_size], desc="predict", disable=not (progress and process.main)):
         source_index = case.index or trained
         regions = source_index.regions if source_index is not None else dict(MSD_REGIONS)
         image, box, source = load_input(case, config, trained)
-        probs = predict_volume(predictor, image, device, plan=plan_for(tuple(image.shape[1:])), engine=runner)
+        shape = tuple(image.shape[1:])
+        case_space = None if space is None else replace(space, height=shape[0])
+        probs = predict_volume(predictor, image, device, plan=plans[shape], engine=runner, space=case_space)
+        if probs is None:  # another process of the group writes this case
+            continue
         same = trained is not None and source_index is not None and source_index.root == trained.root
         labels = output_labels(labels_from_probabilities(probs, config.data.target), config.data.target, trained,
                                regions, same or source_index is None)
@@ -427,14 +484,21 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
             restored = np.stack([uncrop(p, box) for p in probs], axis=-1).astype(np.float32)
             write_nifti(out / f"{case.case_id}_prob.nii.gz", restored if restored.shape[-1] > 1 else restored[..., 0],
                         source.affine, source.header)
-        written.append(mask_path)
+    if process.world > 1:
+        dist.barrier()  # every mask is written before prediction.json lists them
+    layouts, region_sets = set(), []
+    for case in cases:
+        source_index = case.index or trained
         layouts.add(source_index.layout if source_index is not None else "msd")
+        regions = source_index.regions if source_index is not None else dict(MSD_REGIONS)
         if regions not in region_sets:
             region_sets.append(regions)
+    written = [out / f"{case.case_id}.nii.gz" for case in cases]
     info = {"checkpoint": str(predictor.checkpoint), "target": config.data.target, "engine": engine,
             "cases": [p.name for p in written],
             "layout": layouts.pop() if len(layouts) == 1 else "mixed"}
     if len(region_sets) == 1:  # the label values of the masks' (and their truths') WT / TC / ET, for `evaluate`
         info["regions"] = {name: list(values) for name, values in region_sets[0].items()}
-    write_json(out / "prediction.json", info)
+    if process.main:
+        write_json(out / "prediction.json", info)
     return written

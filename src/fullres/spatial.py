@@ -255,6 +255,24 @@ def reduce_gradients(parameters, data_size: int = 1) -> None:
                 parameter.grad.div_(data_size)
 
 
+def gather_rows(local: torch.Tensor, space: Space) -> torch.Tensor | None:
+    """The whole volume (N, C, H, W, D) on the group's first process from every process's rows `local` (its rows
+    [lo, hi) of H); None on the others. Every process of the group calls it at once (no gradient)."""
+    bounds = shard_bounds(space.height, space.size)
+    most = max(hi - lo for lo, hi in bounds)
+    padded = local.new_zeros((*local.shape[:2], most, *local.shape[3:]))  # the backends gather equal shapes
+    padded[:, :, :local.shape[2]] = local
+    first = space.index == 0
+    parts = [torch.empty_like(padded) for _ in bounds] if first else None
+    if space.group is not None:
+        dist.gather(padded, parts, dst=space.ranks[0], group=space.group)
+    elif first:
+        parts[0] = padded
+    if not first:
+        return None
+    return torch.cat([part[:, :, :hi - lo] for part, (lo, hi) in zip(parts, bounds)], dim=2)
+
+
 # ---- the forward pass -------------------------------------------------------------------------------
 
 def forward_shards(net, x: torch.Tensor, space: Space) -> torch.Tensor:

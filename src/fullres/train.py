@@ -45,7 +45,7 @@ from fullres.figures import figure7_overlay, training_curves
 from fullres.files import atomic_write, write_json
 from fullres.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy, voxel_sums
 from fullres.memory.malloc import policy_line, prepare_pool_for, set_training_malloc_policy
-from fullres.memory.plan import check_spatial, default_method, fastest_fitting, preflight, spatial_need
+from fullres.memory.plan import default_method, fastest_fitting, preflight, refuse_spatial, spatial_need
 from fullres.presets import DEMO_DATA
 from fullres.spatial import local_rows, reduce_gradients, sum_over_space
 from fullres.step import autocast, build_training, to_device, train_step
@@ -500,17 +500,6 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
         model.space = None
         draw_validation_overlays(model, val_set, config, run_dir, device)
     return row
-
-
-def refuse_spatial(job: JobConfig, spatial: int, world: int) -> None:
-    """A UserError naming --spatial where `world` processes cannot share `job`'s samples `spatial` at a time."""
-    try:
-        check_spatial(job, spatial)
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    if world % spatial:
-        raise UserError(f"--spatial {spatial} must divide the number of processes ({world}; start them with "
-                        "torchrun --nproc-per-node)")
 
 
 def _spatial_group(job: JobConfig, spatial: int, process: Process, device: torch.device):

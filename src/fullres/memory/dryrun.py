@@ -713,13 +713,14 @@ CPU_INFERENCE_RUNTIME_BYTES = 104 * 2**20
 
 
 def dryrun_inference(job: JobConfig, activation: str = "sigmoid", device: str = "cpu",
-                     runtime: int | None = None) -> DryRunResult:
+                     runtime: int | None = None, spatial: int = 1) -> DryRunResult:
     """Peak memory of one inference forward of `job` (batch `job.batch` at `job.shape`, its precision,
     memory format and slabs), nothing allocated: the parameters, the input (and its device or layout copy),
     every activation while alive (no gradients: nothing is saved for backward), the operators' workspaces,
     and the output `activation` ("sigmoid" or "softmax" over channels, in fp32), as `fullres predict` runs
     it. CPU: glibc's heap (no pool), plus `runtime` bytes (None: :data:`CPU_INFERENCE_RUNTIME_BYTES`);
-    CUDA: the caching allocator's blocks."""
+    CUDA: the caching allocator's blocks. `spatial` = S: one of S processes sharing the volume
+    (``predict --spatial``), its rows of the input and of every level with their halos (as :func:`dryrun`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fullres.step import autocast, prepare_model, to_device
@@ -734,6 +735,13 @@ def dryrun_inference(job: JobConfig, activation: str = "sigmoid", device: str = 
         with torch.device(device):
             model = build_model(job.model, job.shape)
         prepare_model(model.eval(), strategy)
+        rows = job.shape[0]
+        if spatial > 1:
+            from fullres.spatial import simulated
+
+            model.space = simulated(job.shape[0], spatial)
+            lo, hi = model.space.rows(0)
+            rows = hi - lo
         for p in model.parameters():
             tracker.track(p, "parameters")
         def enter(module, inputs):
@@ -746,12 +754,16 @@ def dryrun_inference(job: JobConfig, activation: str = "sigmoid", device: str = 
         names = {module: name or type(module).__name__ for name, module in model.named_modules()}
         for module in names:
             hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-        image = torch.empty(job.batch, job.model.in_channels, *job.shape)
+        image = torch.empty(job.batch, job.model.in_channels, *job.shape)  # every process reads the whole case
         tracker.track(image, "inputs")
         input_serials = {tracker.serial(image)}
         tracker.phase = "forward"
         try:
             with torch.no_grad():
+                whole = image  # held while its rows are computed
+                if spatial > 1:  # this process's rows, copied
+                    image = torch.empty(job.batch, job.model.in_channels, rows, *job.shape[1:])
+                    input_serials.add(tracker.serial(image))
                 x = to_device(image, torch.device(device), strategy)
                 input_serials.add(tracker.serial(x))
                 with autocast(strategy, torch.device(device).type):
@@ -759,7 +771,7 @@ def dryrun_inference(job: JobConfig, activation: str = "sigmoid", device: str = 
                 del x
                 logits = logits.float()
                 output = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, 1)
-                del logits, output
+                del logits, output, whole
         except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException) as error:
             op = getattr(error, "func", None) or (error.args[0] if error.args else "an operator")
             raise ValueError(f"network {job.model.architecture}: the dry run cannot follow {op}") from None

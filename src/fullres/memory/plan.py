@@ -170,6 +170,18 @@ def check_spatial(job: JobConfig, spatial: int) -> None:
     shard_bounds(job.shape[0], spatial)
 
 
+def refuse_spatial(job: JobConfig, spatial: int, world: int) -> None:
+    """A UserError naming --spatial where `world` processes (torchrun's) cannot share `job`'s samples `spatial`
+    at a time."""
+    try:
+        check_spatial(job, spatial)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if world % spatial:
+        raise UserError(f"--spatial {spatial} must divide the number of processes ({world}; start them with "
+                        "torchrun --nproc-per-node)")
+
+
 def spatial_need(job: JobConfig, spatial: int, method: str, device: str = "cpu") -> int:
     """Bytes one of `spatial` processes sharing each sample needs: the dry run of its shard, halos included
     (:func:`fullres.memory.dryrun.dryrun`'s `spatial`); Table 1's method, of the largest shard's rows."""
