@@ -1,10 +1,10 @@
 """One volume across processes (--spatial) against one process: step time, halo traffic, per-process peak.
 
     torchrun --standalone --nproc-per-node 2 benchmarks/spatial.py --shape 128 128 128   # 2 processes x 1 thread
-    python benchmarks/spatial.py --shape 128 128 128 --threads 2                          # 1 process x 2 threads
+    python benchmarks/spatial.py --shape 128 128 128 --threads 2 --slabs 2              # 1 process x 2 threads
 
-Each process runs `--warmup` + `--steps` training steps of the paper's network (fp32, channels-last, batch 1,
-Adam, soft Dice) through fullres.step.train_step, as `fullres train --spatial S` does, and prints one JSON line:
+Each process runs `--warmup` + `--steps` training steps of the paper's network (fp32, channels-last unless
+`--contiguous`, batch 1, Adam, soft Dice; one process may run `--slabs N` at full resolution) through fullres.step.train_step, as `fullres train --spatial S` does, and prints one JSON line:
 its median step time, the halo bytes it sent per step, its peak RSS above its RSS after the imports, and the
 dry run of what one process holds (`fullres.memory.dryrun.dryrun(..., spatial=S)`, with this machine's runtime
 term).
@@ -45,10 +45,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--slabs", type=int, default=1, help="one process: full-resolution slabs")
+    parser.add_argument("--contiguous", action="store_true", help="NCDHW maps instead of channels-last")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     job = JobConfig(model=ModelConfig(filters=args.filters), shape=tuple(args.shape), batch=1,
-                    strategy=Strategy(channels_last=True))
+                    strategy=Strategy(channels_last=not args.contiguous, slabs=args.slabs))
     baseline, _ = rss()  # as fullres profile measures: above the RSS right after the imports
     torch.set_num_threads(args.threads)
     prepare_pool_for(job.strategy)
@@ -82,6 +84,7 @@ def main() -> None:
     estimate = dryrun(job, steps=2, runtime=measured_runtime_bytes(job), spatial=world).peak_bytes
     info = machine_info("cpu")
     print(json.dumps({"processes": world, "threads": args.threads, "rank": dist.get_rank() if space else 0,
+                      "strategy": job.strategy.describe(),
                       "shape": list(job.shape), "rows": list(space.rows(0)) if space else [0, job.shape[0]],
                       "step_s": statistics.median(times), "step_s_all": times, "halo_bytes_per_step": sent[-1],
                       "peak_bytes": peak - baseline, "dryrun_bytes": estimate,

@@ -258,6 +258,57 @@ def test_the_gemm_weight_gradient_buffers_follow_the_kernel_oneDNN_runs(monkeypa
     assert charged(w3) == 0
 
 
+@pytest.mark.parametrize("cin,cout,shape,channels_last,reference", [
+    (128, 128, (100, 128, 128), True, False), (128, 128, (102, 128, 128), True, True),
+    (116, 116, (128, 128, 128), True, True), (100, 100, (128, 128, 128), True, False),
+    (64, 64, (208, 128, 128), True, False), (192, 128, (18, 240, 144), True, True),
+    (128, 64, (20, 240, 144), True, False), (128, 128, (112, 128, 128), False, False)])
+def test_weight_gradients_past_onednns_scratchpad_limit_run_its_reference_kernel(monkeypatch, cin, cout, shape,
+                                                                                channels_last, reference):
+    """Without AVX-512, a channels-last fp32 weight gradient whose GEMM scratchpad (input, one plane's columns,
+    weights) passes 1 GiB runs oneDNN's ``ref:any`` (each row as its verbose log named the kernel on machine A);
+    it then takes no GEMM buffers, and its FLOPs are the ones the time estimate charges at the reference rate."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fullres.memory import dryrun as module
+
+    monkeypatch.setattr(module, "avx512", lambda: False)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    with FakeTensorMode():
+        x = torch.empty(1, cin, *shape).to(memory_format=layout)
+        grad = torch.empty(1, cout, *shape).to(memory_format=layout)
+        weight = torch.empty(cout, cin, 3, 3, 3).to(memory_format=layout)
+        args = (grad, x, weight, [cout], [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, [True, True, True])
+        conv = module._cpu_convolution(torch.ops.aten.convolution_backward.default, args)
+        assert module.onednn_reference_weight_gradient(conv) is reference
+        flops = module.reference_weight_gradient_flops(torch.ops.aten.convolution_backward.default, args)
+    assert flops == (2 * cout * cin * 27 * shape[0] * shape[1] * shape[2] if reference else 0)
+    if reference:
+        assert module.gemm_weight_gradient_bytes(conv) == 0
+
+
+def test_the_time_estimate_charges_reference_kernel_flops_at_their_rate(monkeypatch):
+    """128^3 channels-last fp32, the paper's network: two weight gradients at full resolution pass the limit whole,
+    not in 2 slabs nor contiguous; the estimated step pays for them at the reference kernel's rate."""
+    import fullres.bench.timing as timing
+    from fullres.memory import dryrun as module
+
+    monkeypatch.setattr(module, "avx512", lambda: False)
+    monkeypatch.setattr(timing, "_FAKE_COUNTS", {})
+    job = JobConfig(model=ModelConfig(filters=32), shape=(128, 128, 128), batch=1, strategy=Strategy(channels_last=True))
+    slow = timing.reference_kernel_flops(job)
+    # conv7a's part on transConv6's 128 channels (the skip's 64 pass) and conv7b (128 -> 128) at 128^3
+    assert slow == 2 * 27 * 128**3 * (128 * 128 + 128 * 128)
+    assert timing.reference_kernel_flops(job.with_(strategy=Strategy(channels_last=True, slabs=2))) == 0
+    assert timing.reference_kernel_flops(job.with_(strategy=Strategy())) == 0
+    monkeypatch.setattr(timing, "calibration", lambda *a, **k: {"step_s": 11.0, "optimizer_s": 1.0,
+                                                                 "step_flops": 10**12})
+    estimate = timing.strategy_step_seconds(job)
+    assert estimate["reference_flops"] == slow
+    assert estimate["step_s"] == pytest.approx(1.0 + 10 * (estimate["step_flops"] - slow) / 1e12
+                                               + slow / module.ONEDNN_REFERENCE_FLOPS_PER_S)
+
+
 def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypatch):
     """The runtime term: measured peak minus the dry run's tensors of the same network and strategy at 16^3,
     batch 1 (whatever the job's shape, batch and accumulation), cached; another network is measured anew."""

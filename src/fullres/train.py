@@ -223,6 +223,8 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
         job = chosen
         if main_process:
             log(choice)
+    if main_process and (warning := reference_kernel_warning(job, device)):
+        log(warning)
     try:
         config = TrainConfig(
             job=job, data=DataConfig(channels=channels, target=options["target"], shape=tuple(options["shape"])),
@@ -243,6 +245,23 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
 AUTOTUNE_MIN_STEPS = 100  # below this, timing 2 x 2 trial steps would cost more than it could save
 
 
+def reference_kernel_warning(job: JobConfig, device: torch.device) -> str | None:
+    """A line when oneDNN would compute some of `job`'s weight gradients with its reference kernel on this CPU
+    (channels-last fp32 past its 1 GiB scratchpad, without AVX-512; ~1000x slower), else None."""
+    from fullres.memory.dryrun import avx512
+
+    if device.type != "cpu" or not job.strategy.channels_last or job.strategy.precision != "fp32" or avx512():
+        return None
+    from fullres.bench.timing import fake_step_flops, reference_kernel_flops
+
+    slow = reference_kernel_flops(job)
+    if not slow:
+        return None
+    return (f"warning: oneDNN runs {slow / 1e12:.2f} of this step's {fake_step_flops(job) / 1e12:.2f} TFLOP (weight "
+            "gradients whose GEMM scratchpad would pass its 1 GiB limit) on its reference kernel here, ~1000x slower; "
+            "--slabs, the contiguous layout or --strategy auto avoid it")
+
+
 def choose_memory_format(job: JobConfig, device: torch.device, total_steps: int) -> tuple[JobConfig, str]:
     """Channels-last only where it is measured faster, for this job on this machine: one warm-up and one
     timed step of each memory format on a throwaway model (the run's own model and RNG are untouched).
@@ -251,6 +270,8 @@ def choose_memory_format(job: JobConfig, device: torch.device, total_steps: int)
         return job, "memory format: channels-last (asked for)"
     if total_steps < AUTOTUNE_MIN_STEPS:
         return job, f"memory format: contiguous (run of {total_steps} steps too short to measure the alternative)"
+    if reference_kernel_warning(job.with_(strategy=replace(job.strategy, channels_last=True)), device):
+        return job, "memory format: contiguous (channels-last would run weight gradients on oneDNN's reference kernel here)"
     seconds = {}
     for channels_last in (False, True):
         variant = Variant("autotune", job.strategy.precision, onednn=True, channels_last=channels_last, compiled=False)

@@ -213,15 +213,23 @@ def estimate_time(job: JobConfig, cases: int, epochs: int, val_fraction: float =
 
 class _ScalarsOfFakes(TorchDispatchMode):
     """``.item()`` of a fake tensor (the loss, Adam's step count) answers 1: no data, and FLOPs do not
-    depend on it."""
+    depend on it. Also sums the FLOPs that oneDNN would run on its reference kernel on this CPU
+    (:func:`fullres.memory.dryrun.reference_weight_gradient_flops`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reference_flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from fullres.memory.dryrun import reference_weight_gradient_flops
+
         if func is torch.ops.aten._local_scalar_dense.default:
             return 1.0 if args[0].is_floating_point() else 1
+        self.reference_flops += reference_weight_gradient_flops(func, args)
         return func(*args, **(kwargs or {}))
 
 
-_FAKE_COUNTS: dict[JobConfig, int] = {}
+_FAKE_COUNTS: dict[JobConfig, tuple[int, int]] = {}  # job -> (its step's FLOPs, those on the reference kernel)
 
 
 def fake_step_flops(job: JobConfig) -> int:
@@ -231,6 +239,17 @@ def fake_step_flops(job: JobConfig) -> int:
     seconds. One micro-batch is counted and multiplied by the accumulation steps: every micro-batch runs
     the same shapes, and the optimizer's update has no counted operator. The same count as
     :func:`fullres.bench.flops.count_step_flops` (tested)."""
+    return _fake_counts(job)[0]
+
+
+def reference_kernel_flops(job: JobConfig) -> int:
+    """The FLOPs of :func:`fake_step_flops` that oneDNN would compute with its reference kernel on this CPU
+    (channels-last fp32 weight gradients past its scratchpad limit, without AVX-512:
+    :func:`fullres.memory.dryrun.onednn_reference_weight_gradient`)."""
+    return _fake_counts(job)[1]
+
+
+def _fake_counts(job: JobConfig) -> tuple[int, int]:
     if job not in _FAKE_COUNTS:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.utils.flop_counter import FlopCounterMode
@@ -238,13 +257,14 @@ def fake_step_flops(job: JobConfig) -> int:
         from fullres.model import build_model
 
         micro = job.with_(strategy=replace(job.strategy, accumulate=1))
-        counter = FlopCounterMode(display=False)
-        with FakeTensorMode(allow_non_fake_inputs=False), counter, _ScalarsOfFakes():
+        counter, scalars = FlopCounterMode(display=False), _ScalarsOfFakes()
+        with FakeTensorMode(allow_non_fake_inputs=False), counter, scalars:
             model = build_model(micro.model, micro.shape)
             training = build_training(micro, "cpu", model=model)
             images, targets = random_batch(micro, torch.device("cpu"))
             train_step(model, training.optimizer, images, targets, LOSSES["dice"], micro.strategy, training.scaler)
-        _FAKE_COUNTS[job] = int(counter.get_total_flops()) * job.strategy.accumulate
+        steps = job.strategy.accumulate
+        _FAKE_COUNTS[job] = (int(counter.get_total_flops()) * steps, scalars.reference_flops * steps)
     return _FAKE_COUNTS[job]
 
 
@@ -263,12 +283,20 @@ def strategy_step_seconds(job: JobConfig, cache_dir: str | os.PathLike | None = 
     the FLOPs of `job` counted on fake tensors (:func:`fake_step_flops`), so checkpointing's and slabs'
     recomputed forward costs what its convolutions cost. One calibration per precision and memory
     format serves every strategy. Assumes the same FLOP rate for the recomputed work and for smaller
-    micro-batches or slabs, and nothing for the non-convolution work the recomputation repeats.
-    Returns ``{"step_s", "step_flops", "calibrated_step_s", "calibrated_flops", "optimizer_s", "cached"}``."""
+    micro-batches or slabs, and nothing for the non-convolution work the recomputation repeats. On a CPU,
+    the FLOPs oneDNN would run on its reference kernel (:func:`reference_kernel_flops`) cost
+    :data:`fullres.memory.dryrun.ONEDNN_REFERENCE_FLOPS_PER_S` instead (the calibration runs a smaller shape,
+    where they do not arise).
+    Returns ``{"step_s", "step_flops", "reference_flops", "calibrated_step_s", "calibrated_flops",
+    "optimizer_s", "cached"}``."""
+    from fullres.memory.dryrun import ONEDNN_REFERENCE_FLOPS_PER_S
+
     measured = calibration(rate_job(job), cache_dir=cache_dir, device=device, max_flops=max_flops)
     flops = fake_step_flops(job)
+    reference = reference_kernel_flops(job) if as_device(device).type == "cpu" else 0
     optimizer_s = min(measured["optimizer_s"], measured["step_s"])
     per_flop = (measured["step_s"] - optimizer_s) / measured["step_flops"]
-    return {"step_s": optimizer_s + per_flop * flops, "step_flops": flops, "calibrated_step_s": measured["step_s"],
-            "calibrated_flops": measured["step_flops"], "optimizer_s": optimizer_s,
-            "cached": measured.get("cached", False)}
+    step_s = optimizer_s + per_flop * (flops - reference) + reference / ONEDNN_REFERENCE_FLOPS_PER_S
+    return {"step_s": step_s, "step_flops": flops, "reference_flops": reference,
+            "calibrated_step_s": measured["step_s"], "calibrated_flops": measured["step_flops"],
+            "optimizer_s": optimizer_s, "cached": measured.get("cached", False)}

@@ -114,10 +114,14 @@ class DryRunResult:
     job: dict = field(default_factory=dict)
     reserved_bytes: int | None = None  # the caching allocator's segments: CUDA (max_memory_reserved), CPU pool
     allocator: str = "default"  # the CPU allocator policy estimated (fullres.memory.malloc); CUDA: "default"
+    # where oneDNN would compute a weight gradient with its reference kernel on this CPU (~1000x slower)
+    reference_kernels: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         result = {"method": "dryrun", "peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown),
                   "peak_at": self.peak_at, "allocator": self.allocator}
+        if self.reference_kernels:
+            result["reference_kernels"] = list(self.reference_kernels)
         if self.reserved_bytes is not None:
             result["reserved_bytes"] = self.reserved_bytes
         return result
@@ -201,6 +205,49 @@ def avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
 
 
+# oneDNN offers a primitive only if its scratchpad is at most this (``scratchpad_limit``, 1 GiB); past it the
+# convolution's weight gradient falls back to the reference kernel (``ref:any``).
+ONEDNN_SCRATCHPAD_LIMIT = 2**30
+# What ``ref:any`` computes a weight gradient at, measured on machine A (AVX2, 2 threads, torch 2.13): 128 -> 1
+# channels, 3^3, 102x128x128, 11.5 GFLOP in 118.7 s (its input gradient and forward apart). GEMM ran the
+# same convolution at 100 rows in 5.7 s with its input gradient: the reference kernel is ~100-1000x slower.
+ONEDNN_REFERENCE_FLOPS_PER_S = 0.1e9
+
+
+def onednn_reference_weight_gradient(conv: "_Convolution", weight_gradient: bool = True) -> bool:
+    """Whether oneDNN computes this channels-last fp32 convolution's weight gradient with its reference kernel:
+    on a CPU without AVX-512, where it would run im2col + GEMM, whose scratchpad (the input, transposed, one
+    output plane's columns and the weight gradient, :func:`gemm_weight_gradient_bytes`) exceeds
+    :data:`ONEDNN_SCRATCHPAD_LIMIT`. Measured on machine A (oneDNN's verbose log names the kernel): 128
+    input channels at 128x128 planes take GEMM up to 100 rows and ``ref:any`` from 102; 116 channels at 128^3
+    ``ref:any``, 100 GEMM; 64 channels at 208x128x128 GEMM; 192 channels at 18x240x144 ``ref:any``, 128 at
+    20x240x144 GEMM. Contiguous (NCDHW) convolutions shrink their column block instead, and 1x1x1 ones run
+    another kernel (``jit_1x1``)."""
+    if (avx512() or conv.forward or not weight_gradient or conv.transposed or conv.backend.startswith("Slow")
+            or not _onednn_channels_last(conv) or conv.input.dtype != torch.float32
+            or math.prod(conv.weight.shape[2:]) == 1):
+        return False
+    return _gemm_scratchpad_bytes(conv) + _nbytes(conv.weight) > ONEDNN_SCRATCHPAD_LIMIT
+
+
+def _gemm_scratchpad_bytes(conv: "_Convolution") -> int:
+    plane = math.prod(conv.grad_output.shape[3:])
+    columns = conv.input.shape[1] * math.prod(conv.weight.shape[2:]) * plane * conv.input.element_size()
+    return _nbytes(conv.input) + columns
+
+
+def reference_weight_gradient_flops(func, args) -> int:
+    """FLOPs of `func` (an aten operator call) that oneDNN runs on its reference kernel on this CPU
+    (:func:`onednn_reference_weight_gradient`): a convolution backward's weight gradient, 2 x N x C_out x
+    C_in x kernel volume x output voxels; 0 for everything else."""
+    if func is not aten.convolution_backward.default or args[0].device.type != "cpu":
+        return 0
+    conv = _cpu_convolution(func, args)
+    if not onednn_reference_weight_gradient(conv, weight_gradient=bool(args[10][1])):
+        return 0
+    return 2 * conv.grad_output.numel() * conv.input.shape[1] * math.prod(conv.weight.shape[2:])
+
+
 def gemm_weight_gradient_bytes(conv: "_Convolution", weight_gradient: bool = True) -> int:
     """What oneDNN's weight gradient of a channels-last fp32 convolution takes on a CPU without AVX-512,
     where it runs im2col + GEMM (``x64:gemm:jit``): a copy of the input and the column buffer of one
@@ -212,11 +259,9 @@ def gemm_weight_gradient_bytes(conv: "_Convolution", weight_gradient: bool = Tru
     run other kernels here and take nothing; AVX-512 CPUs run brgemm for the weight gradient too."""
     if (avx512() or conv.forward or not weight_gradient or conv.transposed or conv.backend.startswith("Slow")
             or not _onednn_channels_last(conv) or conv.input.dtype != torch.float32
-            or math.prod(conv.weight.shape[2:]) == 1):
-        return 0
-    plane = math.prod(conv.grad_output.shape[3:])
-    columns = conv.input.shape[1] * math.prod(conv.weight.shape[2:]) * plane * conv.input.element_size()
-    return _nbytes(conv.input) + columns
+            or math.prod(conv.weight.shape[2:]) == 1 or onednn_reference_weight_gradient(conv)):
+        return 0  # the reference kernel (past oneDNN's scratchpad limit) takes nothing
+    return _gemm_scratchpad_bytes(conv)
 
 
 def _contiguous_copy_bytes(tensor) -> int:
@@ -390,6 +435,7 @@ class _Tracker(TorchDispatchMode):
         self.peak_at = ""
         self.phase = "setup"
         self.seen_backward: set[tuple] = set()  # convolution backward shapes already run (primitives made)
+        self.reference_kernels: list[str] = []  # where a weight gradient runs oneDNN's reference kernel
         self.module_stack: list[str] = []
         self.activations = 0
         self.max_activations = 0
@@ -513,6 +559,10 @@ class _Tracker(TorchDispatchMode):
                 self.track(tensor)
         first_call = True
         if func is aten.convolution_backward.default:
+            if reference_weight_gradient_flops(func, args):
+                where = self._where(func)
+                if where not in self.reference_kernels:
+                    self.reference_kernels.append(where)
             key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args[:3])
             first_call = key not in self.seen_backward
             self.seen_backward.add(key)
@@ -698,7 +748,8 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
     peak = tracker.peak + breakdown["runtime"]
     return DryRunResult(peak_bytes=int(peak), breakdown=breakdown, peak_at=tracker.peak_at,
                         saved_bytes=tracker.max_activations, seconds=time.perf_counter() - started,
-                        job=job.to_json(), reserved_bytes=caching.reserved if caching else None, allocator=allocator)
+                        job=job.to_json(), reserved_bytes=caching.reserved if caching else None, allocator=allocator,
+                        reference_kernels=tuple(tracker.reference_kernels))
 
 
 # ------------------------------------------------------------------------------------------------
