@@ -309,6 +309,26 @@ def test_the_time_estimate_charges_reference_kernel_flops_at_their_rate(monkeypa
                                                + slow / module.ONEDNN_REFERENCE_FLOPS_PER_S)
 
 
+def test_a_pointwise_convolution_on_atens_slow_path_takes_no_columns():
+    """ATen's slow 3D convolution unfolds its input into columns unless the kernel is 1x1x1 with stride 1 and no
+    padding (then the input is the columns): such a convolution takes only the contiguous copy of a
+    channels-last input (measured: 128 -> 1 at 64x128x128, one thread, 536.6 MB beyond the output)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fullres.memory import dryrun as module
+
+    with FakeTensorMode():
+        x = torch.empty(1, 8, 16, 16, 16).to(memory_format=torch.channels_last_3d)  # N x C x D x H <= 20480
+        for kernel, padding in ((1, 0), (3, 1)):
+            weight = torch.empty(1, 8, kernel, kernel, kernel)
+            args = (x, weight, None, [1] * 3, [padding] * 3, [1] * 3, False, [0] * 3, 1)
+            out = torch.ops.aten.convolution.default(*args)
+            conv = module._cpu_convolution(torch.ops.aten.convolution.default, args)
+            assert conv.backend.startswith("Slow") and conv.pointwise is (kernel == 1)
+            columns = 0 if kernel == 1 else 8 * 27 * 16**3 * 4
+            assert module._slow_path_blocks(conv, out) == [columns, x.nbytes]
+
+
 def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypatch):
     """The runtime term: measured peak minus the dry run's tensors of the same network and strategy at 16^3,
     batch 1 (whatever the job's shape, batch and accumulation), cached; another network is measured anew."""

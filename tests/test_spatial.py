@@ -96,7 +96,7 @@ def run_processes(tmp_path, world: int, spatial: int, norm: str, samples: int, h
 
 @pytest.mark.parametrize("world,spatial,norm,samples,height,dropout", [
     (2, 2, "none", 1, 32, 0.0), (2, 2, "instance", 1, 32, 0.3), (4, 4, "instance", 1, 64, 0.0),
-    (4, 2, "instance", 2, 32, 0.0)], ids=["2-none", "2-instance-dropout", "4-instance", "2x2-instance"])
+    (4, 2, "instance", 2, 32, 0.3)], ids=["2-none", "2-instance-dropout", "4-instance", "2x2-instance-dropout"])
 def test_processes_sharing_a_volume_give_the_whole_volume_step(tmp_path, world, spatial, norm, samples, height,
                                                                dropout):
     """Each process's rows of the logits are the whole volume's; every process ends with the whole batch's
@@ -314,3 +314,28 @@ def test_the_spatial_inference_plan_is_one_process_share_and_refused_where_it_ca
     with pytest.raises(UserError, match=r"^--spatial 5: H=64 must be a multiple of 8 with at least 16 rows per process "
                                         r"\(80 in all\) \(64x32x32 volumes\)$"):
         predict_module.plan_inference(config, (64, 32, 32), cpu, budget=whole, spatial=5)
+
+
+def test_profile_measures_each_process_sharing_a_sample():
+    """`profile --spatial 2` runs two processes sharing each sample (one gloo group, as train --spatial) and gives
+    each rank's rows, its dry run (that process's shard) and its measured peak."""
+    import json
+
+    from fullres.cli import build_parser, job_from_args
+    from fullres.memory.dryrun import dryrun
+
+    flags = ["--shape", "32", "16", "16", "--filters", "2", "--batch", "1", "--norm", "instance", "--device", "cpu"]
+    done = fullres("profile", *flags, "--spatial", "2", "--steps", "1", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = json.loads(done.stdout)["ranks"]
+    assert [(r["rank"], r["rows"]) for r in ranks] == [(0, [0, 16]), (1, [16, 32])]
+    job = job_from_args(build_parser().parse_args(["profile", *flags]))
+    # each rank's dry run is that process's tensors, plus one runtime term measured for the job
+    tensors = [dryrun(job, spatial=2, spatial_index=k, runtime=0).peak_bytes for k in (0, 1)]
+    runtime = ranks[0]["estimated_bytes"] - tensors[0]
+    assert runtime > 0 and ranks[1]["estimated_bytes"] == tensors[1] + runtime
+    for rank in ranks:
+        assert rank["measured_bytes"] > 0 and len(rank["step_seconds"]) == 1
+    refused = fullres("profile", *flags, "--spatial", "3")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        "fullres profile: error: --spatial 3: H=32 must be a multiple of 8 with at least 16 rows per process (48 in all)")

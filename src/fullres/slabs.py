@@ -154,11 +154,12 @@ class _NormReLU(torch.autograd.Function):
 
 
 def level_rows(net, level: Level, sources: list, low: int, high: int, statistics, upto: int | None = None,
-               seed: int | None = None) -> torch.Tensor:
+               seed: int | None = None, samples: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Rows [low, high) of `level`'s output read from `sources` (the input; or the upsampled map and the
     skip). `statistics`: per normalised convolution, the whole-volume (mean, variance), or None to run the
     norm modules (a whole level). `upto` = k: stop at convolution k's output before its normalisation
-    (what a statistics pass needs). `seed`: hashed dropout (slabbed levels), else the dropout module."""
+    (what a statistics pass needs). `seed`: hashed dropout (slabbed levels), else the dropout module;
+    `samples`: (first, stride) of the batch's samples' indices in the global batch (their masks are theirs)."""
     depth = len(level.convs) if upto is None else upto
     height = sources[0].height
     first, last = max(low - depth, 0), min(high + depth, height)  # one halo row per convolution
@@ -180,7 +181,8 @@ def level_rows(net, level: Level, sources: list, low: int, high: int, statistics
             y = _NormReLU.apply(y, *norm_affine(getattr(net, "norm" + name[4:]), net.config.norm, y, *statistics[index]))
         if index == 0 and level.dropout is not None:
             module = getattr(net, level.dropout)
-            y = module(y) if seed is None else row_dropout(y, module.p if module.training else 0.0, seed, first, height)
+            y = (module(y) if seed is None else
+                 row_dropout(y, module.p if module.training else 0.0, seed, first, height, samples))
     y = y[:, :, low - first:high - first]
     return getattr(net, level.prediction)(y) if level.prediction else y
 
@@ -248,7 +250,8 @@ def norm_affine(module, kind: str, y: torch.Tensor, mean: torch.Tensor,
 
 
 def level_statistics(net, level: Level, sources: list, bounds: list[tuple[int, int]], slab_call,
-                     seed: int | None, combine_partials: Callable = combine) -> list | None:
+                     seed: int | None, combine_partials: Callable = combine,
+                     samples: tuple[int, int] = (0, 1)) -> list | None:
     """Per normalised convolution of `level`, the whole-volume (mean, variance), computed slab by slab
     (`slab_call` runs each slab, checkpointed in training); None without normalisation. Batch norm in
     eval mode uses its running statistics; in training it updates them once, as nn.BatchNorm3d does.
@@ -266,7 +269,8 @@ def level_statistics(net, level: Level, sources: list, bounds: list[tuple[int, i
         known = list(statistics)
 
         def partial(low, high, known=known, index=index, module=module):
-            return moments(module, kind, level_rows(net, level, sources, low, high, known, upto=index + 1, seed=seed))
+            return moments(module, kind, level_rows(net, level, sources, low, high, known, upto=index + 1, seed=seed,
+                                                    samples=samples))
 
         partials = [slab_call(partial, low, high) for low, high in bounds]
         mean, var, count = combine_partials(partials)
@@ -298,15 +302,18 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def row_dropout(y: torch.Tensor, p: float, seed: int, first_row: int, height: int) -> torch.Tensor:
-    """Dropout of rows [first_row, first_row + y.shape[2]) of a (N, C, height, W, D) map, the mask a hash
-    of each voxel's global index and `seed`: every slab that reads a voxel drops it alike."""
+def row_dropout(y: torch.Tensor, p: float, seed: int, first_row: int, height: int,
+                samples: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Dropout of rows [first_row, first_row + y.shape[2]) of a (N, C, height, W, D) map whose samples are
+    numbers first, first + stride, ... (`samples`) of the global batch, the mask a hash of each voxel's global
+    index and `seed`: every slab, and every process holding a part of the batch, drops a voxel alike."""
     if p == 0.0:
         return y
     n, c, h, w, d = y.shape
     index = lambda size, dim, offset=0: torch.arange(offset, offset + size, device=y.device).view(  # noqa: E731
         [size if i == dim else 1 for i in range(5)])
-    key = (((index(n, 0) * c + index(c, 1)) * height + index(h, 2, first_row)) * w + index(w, 3)) * d + index(d, 4)
+    sample = samples[0] + samples[1] * index(n, 0)
+    key = (((sample * c + index(c, 1)) * height + index(h, 2, first_row)) * w + index(w, 3)) * d + index(d, 4)
     hashed = _mix32(_mix32((key & _MASK32) ^ (seed & _MASK32)) ^ (key >> 32))
     keep = hashed >= int(p * 2**32)
     return y * keep.to(y.dtype) * (1.0 / (1.0 - p))

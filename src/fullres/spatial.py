@@ -45,6 +45,7 @@ class Space:
     ranks: tuple[int, ...]
     index: int
     height: int
+    samples: tuple[int, int] = (0, 1)  # (first, stride): its samples' numbers in the global batch (dropout masks)
     sent: dict = field(default_factory=lambda: {"bytes": 0}, compare=False)  # halo bytes this process has sent
 
     @property
@@ -98,20 +99,24 @@ def mesh(space_size: int, device: str = "cpu"):
 
 
 def space_of(device_mesh, height: int) -> Space:
-    """This process's :class:`Space` in `device_mesh` for a volume of `height` rows."""
+    """This process's :class:`Space` in `device_mesh` for a volume of `height` rows. Data group k of G holds
+    samples k, k + G, ... of each global batch (a distributed sampler's deal): its hashed dropout masks are theirs."""
     group = device_mesh.get_group("space")
     ranks = tuple(dist.get_process_group_ranks(group))
-    return Space(group, ranks, ranks.index(dist.get_rank()), height)
+    return Space(group, ranks, ranks.index(dist.get_rank()), height,
+                 samples=(device_mesh.get_local_rank("data"), device_mesh.size(0)))
 
 
 # ---- halo exchange ------------------------------------------------------------------------------
 
-def simulated(height: int, size: int) -> Space:
-    """A Space without a process group, for the dry run: the process with the most rows among those with two
-    neighbours (one, for 2 processes); its exchanges and reductions move nothing, its tensors are all there."""
+def simulated(height: int, size: int, index: int | None = None) -> Space:
+    """A Space without a process group, for the dry run: process `index` of `size`, by default the one with the
+    most rows among those with two neighbours (one, for 2 processes); its exchanges and reductions move
+    nothing, its tensors are all there."""
     bounds = shard_bounds(height, size)
-    inner = range(1, size - 1) if size > 2 else range(size)
-    index = max(inner, key=lambda k: bounds[k][1] - bounds[k][0])
+    if index is None:
+        inner = range(1, size - 1) if size > 2 else range(size)
+        index = max(inner, key=lambda k: bounds[k][1] - bounds[k][0])
     return Space(None, tuple(range(size)), index, height)
 
 
@@ -289,8 +294,8 @@ def forward_shards(net, x: torch.Tensor, space: Space) -> torch.Tensor:
     for r, level in enumerate(encoders):
         lo, hi = space.rows(r)
         seed = _dropout_seed(net, level)
-        statistics = level_statistics(net, level, [source], [(lo, hi)], _call, seed, combine_all)
-        out = level_rows(net, level, [source], lo, hi, statistics, seed=seed)
+        statistics = level_statistics(net, level, [source], [(lo, hi)], _call, seed, combine_all, space.samples)
+        out = level_rows(net, level, [source], lo, hi, statistics, seed=seed, samples=space.samples)
         skips.append(Shard(out, lo, hi, source.height, space))
         if r + 1 < len(encoders):
             source = Shard(F.max_pool3d(out, 2), lo // 2, hi // 2, source.height // 2, space)

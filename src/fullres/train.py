@@ -335,16 +335,22 @@ class EpochTotals:
         return self.loss / n, self.dice / n, self.accuracy / n
 
 
-def evaluate(model, loader, loss_fn, device, strategy: Strategy) -> tuple[float, float, float]:
+def evaluate(model, loader, loss_fn, device, strategy: Strategy, space=None) -> tuple[float, float, float]:
+    """Mean loss, Dice and voxel accuracy of `model` over `loader`. With `space` (spatial parallelism), every
+    process of the group calls this at once and computes its rows; the sums run over the group."""
     totals = EpochTotals()
+    sums = (lambda: voxel_sums(lambda total: sum_over_space(total, space))) if space else contextlib.nullcontext
     model.eval()
     with torch.no_grad():
         for images, targets in loader:
+            if space is not None:
+                images, targets = local_rows(images, space), local_rows(targets, space)
             images, targets = to_device(images, device, strategy), targets.to(device)
             with autocast(strategy, device.type):
                 logits = primary_output(model(images)).float()
-            totals.add(loss_fn(logits, targets).item(), float(dice_coefficient(logits, targets)),
-                       float(voxel_accuracy(logits, targets)), len(images))
+            with sums():
+                totals.add(loss_fn(logits, targets).item(), float(dice_coefficient(logits, targets)),
+                           float(voxel_accuracy(logits, targets)), len(images))
     model.train()
     return totals.means()
 
@@ -484,11 +490,11 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
         scheduler.step()
         train_loss, train_dice, train_accuracy = reduce_mean(list(totals.means()), process, device)
         epoch_seconds = time.perf_counter() - epoch_start
+        validated = (math.nan, math.nan, math.nan)
+        if len(val_set) and (process.main or space is not None):  # shared volumes: every space group validates
+            validated = evaluate(model, val_loader, loss_fn, device, job.strategy, space)
         if process.main:
-            model.space = None  # validation runs whole volumes here
-            val_loss, val_dice, val_accuracy = (evaluate(model, val_loader, loss_fn, device, job.strategy)
-                                                if len(val_set) else (math.nan, math.nan, math.nan))
-            model.space = space
+            val_loss, val_dice, val_accuracy = validated
             step_s = sorted(totals.step_seconds)[len(totals.step_seconds) // 2]
             row = {"epoch": epoch + 1, "train_loss": train_loss, "train_dice": train_dice,
                    "train_accuracy": train_accuracy, "val_loss": val_loss, "val_dice": val_dice,
@@ -517,9 +523,8 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
             dist.barrier()
     if writer:
         writer.close()
-    if process.main and len(val_set):
-        model.space = None
-        draw_validation_overlays(model, val_set, config, run_dir, device)
+    if len(val_set) and (process.main or space is not None):
+        draw_validation_overlays(model, val_set, config, run_dir, device, space=space, draw=process.main)
     return row
 
 
@@ -533,15 +538,25 @@ def _spatial_group(job: JobConfig, spatial: int, process: Process, device: torch
 
 
 def draw_validation_overlays(model, val_set, config: TrainConfig, run_dir: Path, device: torch.device,
-                             cases: int = 3) -> list[Path]:
-    """Figure 7 for the first few validation cases (preprocessed space), as run_dir/overlay_<case>.png."""
+                             cases: int = 3, space=None, draw: bool = True) -> list[Path]:
+    """Figure 7 for the first few validation cases (preprocessed space), as run_dir/overlay_<case>.png. With
+    `space`, every process of the group computes its rows (all call this at once) and the group's first
+    process, if `draw`, draws."""
+    from fullres.spatial import gather_rows
+
     model.eval()
     channel = 0  # the first input channel: FLAIR when the run uses MSD's order
     paths = []
     for index in range(min(cases, len(val_set))):
         image, target = val_set[index]
+        x = image[None] if space is None else local_rows(image[None], space)
         with torch.no_grad(), autocast(config.job.strategy, device.type):
-            logits = primary_output(model(image[None].to(device))).float()[0].cpu()
+            logits = primary_output(model(to_device(x, device, config.job.strategy))).float()
+        if space is not None and (logits := gather_rows(logits, space)) is None:
+            continue
+        logits = logits[0].cpu()
+        if not draw:
+            continue
         if config.data.target == "classes":
             truth, pred = target > 0, logits.argmax(0) > 0
         else:  # wt, or WT/TC/ET channels: the whole tumour is channel 0

@@ -361,6 +361,7 @@ class _Convolution:
     grad_output: torch.Tensor | None
     transposed: bool
     backend: str  # the kernel family ATen picks: "Slow3d", "Mkldnn", ...
+    pointwise: bool = False  # 1x1x1, stride 1, no padding: the slow path reads its input as the columns
 
 
 def _cpu_convolution(func, args) -> _Convolution:
@@ -371,13 +372,18 @@ def _cpu_convolution(func, args) -> _Convolution:
         grad_output, input, weight, _, stride, padding, dilation, transposed, output_padding, groups = args[:10]
         bias = torch.empty(weight.shape[1 if transposed else 0]) if args[3] is not None else None
     backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-    return _Convolution(grad_output is None, input, weight, grad_output, bool(transposed), backend)
+    pointwise = math.prod(weight.shape[2:]) == 1 and all(s == 1 for s in stride) and not any(padding)
+    return _Convolution(grad_output is None, input, weight, grad_output, bool(transposed), backend, pointwise)
 
 
 def _slow_path_blocks(conv: _Convolution, out) -> list[int]:
     """ATen's slow path: its column buffer and the contiguous copies of channels-last operands."""
     voxels = math.prod((out if conv.forward else conv.grad_output).shape[2:])
-    blocks = [_columns_bytes(conv.input, conv.weight, voxels, conv.transposed), _contiguous_copy_bytes(conv.input)]
+    # a pointwise convolution needs no columns (ATen's requires_columns): measured, 128 -> 1 at 64x128x128,
+    # channels-last, 1 thread: forward 536.6 MB beyond its output (the 536.9 MB contiguous copy of the input)
+    columns = 0 if conv.pointwise and not conv.transposed else _columns_bytes(conv.input, conv.weight, voxels,
+                                                                                conv.transposed)
+    blocks = [columns, _contiguous_copy_bytes(conv.input)]
     if not conv.forward:
         blocks.append(_contiguous_copy_bytes(conv.grad_output))
     return blocks
@@ -623,7 +629,8 @@ def runtime_bytes(job: JobConfig, device: str = "cpu") -> int:
 
 
 def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: str = "cpu",
-           steps: int = 2, runtime: int | None = None, allocator: str | None = None, spatial: int = 1) -> DryRunResult:
+           steps: int = 2, runtime: int | None = None, allocator: str | None = None, spatial: int = 1,
+           spatial_index: int | None = None) -> DryRunResult:
     """Peak memory of `steps` training steps of `job` (see the module docstring), nothing allocated.
 
     `runtime` is the CPU runtime term in bytes: None, the constant :func:`runtime_bytes`; the term of
@@ -633,7 +640,7 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
     the job. Under "pool" the peak is the pool's reserved bytes, replayed. A step's FLOPs on the same fake
     tensors: :func:`fullres.bench.timing.fake_step_flops`. `spatial` = S: the peak of one of S processes
     sharing each sample (``train --spatial``), the one with the most rows and two neighbours, its halo
-    buffers and copies included (:func:`fullres.spatial.simulated`).
+    buffers and copies included (:func:`fullres.spatial.simulated`); `spatial_index`: that of process k.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -656,7 +663,7 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
         if spatial > 1:
             from fullres.spatial import simulated
 
-            model.space = simulated(job.shape[0], spatial)
+            model.space = simulated(job.shape[0], spatial, spatial_index)
             lo, hi = model.space.rows(0)
             rows = hi - lo
         parameters = list(model.parameters())

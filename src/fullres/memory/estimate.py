@@ -32,13 +32,15 @@ def table1_training_bytes(job: JobConfig, device: str = "cpu") -> int:
     return table1(job.model, job.shape, job.batch, BYTES_PER_VALUE[job.strategy.precision]).training_bytes
 
 
-def dryrun_estimate(job: JobConfig, device: str = "cpu", loss: str = "dice", spatial: int = 1) -> DryRunResult:
+def dryrun_estimate(job: JobConfig, device: str = "cpu", loss: str = "dice", spatial: int = 1,
+                    spatial_index: int | None = None) -> DryRunResult:
     """The dry run of `job` on `device` with its runtime term: on CPU the one this network and strategy
     measured on this machine (cached after the first time; a subprocess of a few seconds before), on
-    CUDA none. `spatial` = S: one of S processes sharing each sample."""
+    CUDA none. `spatial` = S: one of S processes sharing each sample (`spatial_index`: which; default the
+    largest with two neighbours)."""
     try:
         term = runtime.measured_runtime_bytes(job) if torch.device(device).type == "cpu" else 0
-        return dryrun(job, loss=loss, device=device, runtime=term, spatial=spatial)
+        return dryrun(job, loss=loss, device=device, runtime=term, spatial=spatial, spatial_index=spatial_index)
     except ValueError as error:  # a network the dry run cannot follow: one line, not a traceback
         raise UserError(str(error)) from None
 
@@ -74,3 +76,22 @@ def profile(job: JobConfig, loss: str = "dice", device: str = "cpu", steps: int 
     measured = peak.measured_bytes
     return {"measured_bytes": measured, "estimated_bytes": estimated, "error": (estimated - measured) / measured,
             "device": device, "reserved_bytes": peak.reserved_bytes, "step_seconds": peak.step_seconds}
+
+
+def profile_spatial(job: JobConfig, spatial: int, loss: str = "dice", steps: int = 2) -> list[dict]:
+    """:func:`profile` of each of `spatial` CPU processes sharing every sample (``train --spatial S``): per
+    rank, its rows, the dry run of that process (its shard, halos included) and its measured peak, from
+    S fresh processes run together (:func:`fullres.memory.measure.measure_spatial_peaks`)."""
+    from fullres.memory.malloc import prepare_pool_for
+    from fullres.memory.measure import measure_spatial_peaks
+
+    prepare_pool_for(job.strategy, "cpu")
+    estimates = [dryrun_estimate(job, "cpu", loss, spatial=spatial, spatial_index=k).peak_bytes
+                 for k in range(spatial)]
+    ranks = []
+    for rank, (estimated, peak) in enumerate(zip(estimates, measure_spatial_peaks(job, spatial, steps, loss))):
+        measured = peak.measured_bytes
+        ranks.append({"rank": rank, "rows": peak.extra["rows"], "measured_bytes": measured,
+                      "estimated_bytes": estimated, "error": (estimated - measured) / measured,
+                      "step_seconds": peak.step_seconds, "threads": peak.threads})
+    return ranks

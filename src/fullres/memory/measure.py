@@ -13,6 +13,9 @@ creates its state there). It reports
 
 A fresh process is the only way to get a clean high-water mark: RSS never goes down in the
 allocator's books of a process that has already run something bigger.
+
+``measure_spatial_peaks(job, S)`` starts S such children at once as one gloo process group sharing each
+sample (``train --spatial S``): each holds its rows of every level and reports its own peak.
 """
 
 from __future__ import annotations
@@ -63,6 +66,48 @@ def measure_peak(job: JobConfig, steps: int = 2, loss: str = "dice", device: str
         raise RuntimeError(f"measurement child failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return MeasuredPeak(**result)
+
+
+def measure_spatial_peaks(job: JobConfig, spatial: int, steps: int = 2, loss: str = "dice",
+                          threads: int | None = None, timeout: float | None = None) -> list[MeasuredPeak]:
+    """Run `steps` real training steps of `job` shared by `spatial` fresh CPU processes (one gloo group on
+    this machine, as ``torchrun ... train --spatial S`` runs it) and return each process's peak, rank order;
+    each reports its rows in ``extra["rows"]``. `threads`: per process (default: the physical cores shared)."""
+    import socket
+
+    from fullres.device import physical_cores
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    threads = threads or max(1, physical_cores() // spatial)
+    with socket.socket() as probe:  # a free port for the group's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    request = json.dumps({"job": job.to_json(), "steps": steps, "loss": loss, "device": "cpu", "threads": threads,
+                          "spatial": spatial})
+    children = []
+    for rank in range(spatial):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "WORLD_SIZE": str(spatial), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(spatial)}
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the group lives on this machine
+        children.append(subprocess.Popen([sys.executable, "-m", "fullres.memory.measure", request],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    peaks, failed = [], []
+    try:
+        for rank, child in enumerate(children):
+            out, err = child.communicate(timeout=timeout)
+            if child.returncode != 0:
+                failed.append(f"rank {rank} (exit {child.returncode}): {err.strip()[-1000:]}")
+            else:
+                peaks.append(MeasuredPeak(**json.loads(out.strip().splitlines()[-1])))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    if failed:
+        raise RuntimeError("measurement children failed: " + "; ".join(failed))
+    return peaks
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,6 +164,8 @@ def make_batch(job: JobConfig, device, generator=None):
 def _child(request: dict) -> dict:
     import time
 
+    import contextlib
+
     import torch
 
     from fullres.memory.malloc import set_training_malloc_policy
@@ -134,15 +181,36 @@ def _child(request: dict) -> dict:
     baseline, _ = _rss_bytes()
     parts_before = _rss_parts()
     hwm_reset = _reset_hwm()  # import transients must not count
+    spatial, space, extra = int(request.get("spatial", 1)), None, {}
+    if spatial > 1:  # one of `spatial` processes sharing the sample: the group's transport is set up first
+        import torch.distributed as dist
+
+        from fullres.losses import voxel_sums
+        from fullres.spatial import local_rows, mesh, reduce_gradients, space_of, sum_over_space
+
+        dist.init_process_group("gloo")
+        space = space_of(mesh(spatial), job.shape[0])
+        extra["rows"] = list(space.rows(0))
     torch.manual_seed(0)
     training = build_training(job, device)
     model, optimizer, scaler = training.model, training.optimizer, training.scaler
     loss_fn = LOSSES[request["loss"]]
     images, targets = make_batch(job, device)
+    sums, update = contextlib.nullcontext, None
+    if space is not None:  # as train --spatial: this process's rows of the batch, sums and gradients over the group
+        model.space = space
+        images, targets = local_rows(images, space), local_rows(targets, space)
+
+        def sums():
+            return voxel_sums(lambda total: sum_over_space(total, space))
+
+        def update():
+            reduce_gradients(model.parameters())
     seconds = []
     for _ in range(int(request["steps"])):
         start = time.perf_counter()
-        train_step(model, optimizer, images, targets, loss_fn, job.strategy, scaler)
+        with sums():
+            train_step(model, optimizer, images, targets, loss_fn, job.strategy, scaler, before_update=update)
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
@@ -160,7 +228,7 @@ def _child(request: dict) -> dict:
     return {"measured_bytes": int(measured), "baseline_bytes": int(base), "reserved_bytes": reserved,
             "step_seconds": seconds, "threads": torch.get_num_threads(), "device": str(device),
             "extra": {"peak_rss_bytes": peak, "malloc_policy": malloc_policy, "hwm_reset": hwm_reset, "rss_before": parts_before,
-                      "rss_after": parts_after}}
+                      "rss_after": parts_after, **extra}}
 
 
 def main() -> None:
