@@ -25,11 +25,11 @@ import torch.distributed as dist
 
 from fullres.bench.speed import machine_info
 from fullres.config import JobConfig, ModelConfig, Strategy
-from fullres.losses import LOSSES, voxel_sums
+from fullres.losses import LOSSES
 from fullres.memory.dryrun import dryrun
 from fullres.memory.malloc import prepare_pool_for, set_training_malloc_policy
 from fullres.memory.runtime import measured_runtime_bytes
-from fullres.spatial import local_rows, mesh, reduce_gradients, space_of, sum_over_space
+from fullres.spatial import local_rows, mesh, reduce_gradients, space_of, sums_over
 from fullres.step import build_training, to_device, train_step
 
 
@@ -67,13 +67,12 @@ def main() -> None:
         training.model.space = space
         images, targets = local_rows(images, space), local_rows(targets, space)
     images = to_device(images, torch.device("cpu"), job.strategy)
-    sums = (lambda: voxel_sums(lambda total: sum_over_space(total, space))) if space else contextlib.nullcontext
     update = (lambda: reduce_gradients(training.model.parameters())) if space else None
     times, sent = [], []
     for step in range(args.warmup + args.steps):
         before = space.sent["bytes"] if space else 0
         started = time.perf_counter()
-        with sums():
+        with sums_over(space):
             train_step(training.model, training.optimizer, images, targets, LOSSES["dice"], job.strategy,
                        before_update=update)
         if step >= args.warmup:

@@ -583,26 +583,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---- predict, evaluate, show ----------------------------------------------------------------------
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
-    from fullres.device import collective_failures, configure_cpu, pick_device, start_process_group
+    from fullres.device import configure_cpu, pick_device, process_group
     from fullres.predict import predict_files
 
     choice = args.device if args.engine == "torch" else "cpu"
-    process = start_process_group(memory_device(choice), args.timeout)  # one process without torchrun
-    try:
-        with collective_failures(process):
-            device = pick_device(choice, process)
-            if process.world > 1 and device.type == "cpu":
-                configure_cpu(0, process)  # the cores shared between the local processes
-            written = predict_files(Path(args.run_dir), args.inputs, Path(args.out), device,
-                                    probabilities=args.probabilities, progress=not args.quiet, layout=args.layout,
-                                    overwrite=args.overwrite, engine=args.engine,
-                                    engine_file=Path(args.engine_file) if args.engine_file else None,
-                                    memory=args.memory, process=process, spatial=args.spatial)
-    finally:
-        if process.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    with process_group(memory_device(choice), args.timeout) as process:  # one process without torchrun
+        device = pick_device(choice, process)
+        if process.world > 1 and device.type == "cpu":
+            configure_cpu(0, process)  # the cores shared between the local processes
+        written = predict_files(Path(args.run_dir), args.inputs, Path(args.out), device,
+                                probabilities=args.probabilities, progress=not args.quiet, layout=args.layout,
+                                overwrite=args.overwrite, engine=args.engine,
+                                engine_file=Path(args.engine_file) if args.engine_file else None,
+                                memory=args.memory, process=process, spatial=args.spatial)
     if process.main:
         print(f"wrote {len(written)} mask(s) to {args.out}")
     return 0
@@ -812,13 +805,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the dataset's layout (default: detected from the folder)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from last.pt (other flags must agree with its config.json)")
+    add_launch_arguments(parser, "sample", "holding its rows (along H) of every level; processes / S samples at a "
+                                           "time (exact; a resumed run may change S)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser, unit: str, how: str) -> None:
+    """--spatial S and --timeout, for a command that runs under torchrun (train, predict)."""
     parser.add_argument("--spatial", type=positive_int, default=1, metavar="S",
-                        help="under torchrun: S processes share each sample, each holding its rows (along H) of "
-                             "every level; processes / S samples at a time (exact; a resumed run may change S)")
+                        help=f"under torchrun: S processes share each {unit}, each {how}")
     parser.add_argument("--timeout", type=positive_int, default=COLLECTIVE_TIMEOUT_S, metavar="SECONDS",
                         help="under torchrun: a process waiting this long for the others in a collective ends the "
                              f"job (default {COLLECTIVE_TIMEOUT_S})")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 # ---- the parser -----------------------------------------------------------------------------------
@@ -970,12 +968,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the exported model (default: the run's own, RUN/export/model.onnx or model.xml)")
     predict.add_argument("--memory", type=memory_size, default=None, metavar="SIZE",
                          help="memory the inference plan must fit (default: what is available now), e.g. 8GiB")
-    predict.add_argument("--spatial", type=positive_int, default=1, metavar="S",
-                         help="under torchrun: S processes share each volume, each computing its rows (along H) of "
-                              "every level (exact); processes / S volumes at a time")
-    predict.add_argument("--timeout", type=positive_int, default=COLLECTIVE_TIMEOUT_S, metavar="SECONDS",
-                         help="under torchrun: a process waiting this long for the others ends the job "
-                              f"(default {COLLECTIVE_TIMEOUT_S})")
+    add_launch_arguments(predict, "volume", "computing its rows (along H) of every level (exact); processes / S "
+                                            "volumes at a time")
     predict.set_defaults(run=cmd_predict)
 
     export = commands.add_parser("export", help="the trained network as ONNX or OpenVINO IR, verified against PyTorch")

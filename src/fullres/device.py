@@ -80,6 +80,19 @@ def collective_failures(process: Process, resume_hint: str = ""):
                         f"{resume_hint}", exit_code=1) from None
 
 
+@contextlib.contextmanager
+def process_group(device_type: str, timeout_s: float = COLLECTIVE_TIMEOUT_S, resume_hint: str = ""):
+    """This process in torchrun's group (:func:`start_process_group`; one process without torchrun), its
+    failed collectives turned into one line (:func:`collective_failures`), the group destroyed on the way out."""
+    process = start_process_group(device_type, timeout_s)
+    try:
+        with collective_failures(process, resume_hint):
+            yield process
+    finally:
+        if process.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

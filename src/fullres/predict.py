@@ -401,6 +401,13 @@ def load_input(case: PredictInput, config: TrainConfig, trained: DatasetIndex | 
     return image, box, source
 
 
+def case_source(case: PredictInput, trained: DatasetIndex | None) -> tuple[DatasetIndex | None, dict]:
+    """The dataset whose layout names and values `case`'s mask (its own folder's, else the training one's) and
+    that layout's WT / TC / ET label values (MSD's without either)."""
+    source_index = case.index or trained
+    return source_index, source_index.regions if source_index is not None else dict(MSD_REGIONS)
+
+
 def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device: torch.device,
                   probabilities: bool = False, progress: bool = True, log=print, layout: str | None = None,
                   overwrite: bool = False, engine: str = "torch", engine_file: Path | None = None,
@@ -422,11 +429,11 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     """
     from tqdm import tqdm
 
+    from fullres.memory.plan import refuse_process_count
+
     if spatial > 1 and engine != "torch":
         raise UserError(f"--spatial {spatial} runs the PyTorch network (--engine torch), not {engine}")
-    if process.world % spatial:
-        raise UserError(f"--spatial {spatial} must divide the number of processes ({process.world}; start them with "
-                        "torchrun --nproc-per-node)")
+    refuse_process_count(spatial, process.world)
     cases = expand_inputs(inputs, layout)  # check every input before the first (long) prediction
     check_output_folder(out, cases, inputs, probabilities, overwrite)
     predictor = load_predictor(run_or_checkpoint, device)
@@ -466,8 +473,7 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
 
     out.mkdir(parents=True, exist_ok=True)
     for case in tqdm(cases[data_rank::data_size], desc="predict", disable=not (progress and process.main)):
-        source_index = case.index or trained
-        regions = source_index.regions if source_index is not None else dict(MSD_REGIONS)
+        source_index, regions = case_source(case, trained)
         image, box, source = load_input(case, config, trained)
         shape = tuple(image.shape[1:])
         case_space = None if space is None else replace(space, height=shape[0])
@@ -488,12 +494,11 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
         dist.barrier()  # every mask is written before prediction.json lists them
     layouts, region_sets = set(), []
     for case in cases:
-        source_index = case.index or trained
+        source_index, regions = case_source(case, trained)
         layouts.add(source_index.layout if source_index is not None else "msd")
-        regions = source_index.regions if source_index is not None else dict(MSD_REGIONS)
         if regions not in region_sets:
             region_sets.append(regions)
-    written = [out / f"{case.case_id}.nii.gz" for case in cases]
+    written = output_paths(out, cases, probabilities=False)[:-1]  # the masks, every group's
     info = {"checkpoint": str(predictor.checkpoint), "target": config.data.target, "engine": engine,
             "cases": [p.name for p in written],
             "layout": layouts.pop() if len(layouts) == 1 else "mixed"}

@@ -27,12 +27,14 @@ computation.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fullres.losses import voxel_sums
 from fullres.slabs import Upsampled, _call, _dropout_seed, combine, level_rows, level_statistics
 
 
@@ -215,6 +217,14 @@ def sum_over_space(x: torch.Tensor, space: Space) -> torch.Tensor:
     """The sum over the space group of every process's `x` (each a partial voxel sum of one sample), for a
     quantity every process then computes alike (the Dice loss)."""
     return _SumOfIdenticalUses.apply(x, space.group)
+
+
+def sums_over(space: Space | None):
+    """A context within which every voxel sum a loss or metric takes (:func:`fullres.losses.voxel_sums`) is summed
+    over `space`'s group; without a space, a context that changes nothing."""
+    if space is None:
+        return contextlib.nullcontext()
+    return voxel_sums(lambda total: sum_over_space(total, space))
 
 
 class _Gather(torch.autograd.Function):

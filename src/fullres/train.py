@@ -38,16 +38,16 @@ from fullres.checkpoint import (BEST, CONFIG_FILE, LAST, load_checkpoint, prepar
                                remove_stale_temporaries, save_checkpoint)
 from fullres.config import JobConfig, Strategy, TrainConfig, job_defaults
 from fullres.data import DataConfig, MSDDataset, check_dataset, load_dataset_json, resolve_channels, split_cases, write_dataset
-from fullres.device import (COLLECTIVE_TIMEOUT_S, Process, available_memory, collective_failures, configure_cpu,
-                            fast_bf16, is_main_process, peak_memory, pick_device, start_process_group)
+from fullres.device import (COLLECTIVE_TIMEOUT_S, Process, available_memory, configure_cpu, fast_bf16,
+                            is_main_process, peak_memory, pick_device, process_group)
 from fullres.errors import UserError
 from fullres.figures import figure7_overlay, training_curves
 from fullres.files import atomic_write, write_json
-from fullres.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy, voxel_sums
+from fullres.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy
 from fullres.memory.malloc import policy_line, prepare_pool_for, set_training_malloc_policy
 from fullres.memory.plan import default_method, fastest_fitting, preflight, refuse_spatial, spatial_need
 from fullres.presets import DEMO_DATA
-from fullres.spatial import local_rows, reduce_gradients, sum_over_space
+from fullres.spatial import local_rows, reduce_gradients, sums_over
 from fullres.step import autocast, build_training, to_device, train_step
 from fullres.units import format_bytes
 
@@ -339,7 +339,6 @@ def evaluate(model, loader, loss_fn, device, strategy: Strategy, space=None) -> 
     """Mean loss, Dice and voxel accuracy of `model` over `loader`. With `space` (spatial parallelism), every
     process of the group calls this at once and computes its rows; the sums run over the group."""
     totals = EpochTotals()
-    sums = (lambda: voxel_sums(lambda total: sum_over_space(total, space))) if space else contextlib.nullcontext
     model.eval()
     with torch.no_grad():
         for images, targets in loader:
@@ -348,7 +347,7 @@ def evaluate(model, loader, loss_fn, device, strategy: Strategy, space=None) -> 
             images, targets = to_device(images, device, strategy), targets.to(device)
             with autocast(strategy, device.type):
                 logits = primary_output(model(images)).float()
-            with sums():
+            with sums_over(space):
                 totals.add(loss_fn(logits, targets).item(), float(dice_coefficient(logits, targets)),
                            float(voxel_accuracy(logits, targets)), len(images))
     model.train()
@@ -369,15 +368,10 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
     each S consecutive processes share every sample, each holding its rows of every level
     (:mod:`fullres.spatial`); the processes / S groups are data-parallel. A process that loses the others
     (one died, or waited `timeout_s` seconds in a collective) raises a UserError naming its rank."""
-    process = start_process_group("cuda" if config.device == "cuda" or
-                                  (config.device == "auto" and torch.cuda.is_available()) else "cpu", timeout_s)
-    try:
-        with collective_failures(process, f"; after a fix, continue from the last checkpoint with --out {run_dir} "
-                                          "--resume"):
-            return _train(config, run_dir, process, resume, progress, log, spatial)
-    finally:
-        if process.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    device_type = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+    hint = f"; after a fix, continue from the last checkpoint with --out {run_dir} --resume"
+    with process_group(device_type, timeout_s, hint) as process:
+        return _train(config, run_dir, process, resume, progress, log, spatial)
 
 
 def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, progress: bool, log,
@@ -445,7 +439,6 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
                         persistent_workers=config.workers > 0)
     val_loader = DataLoader(val_set, batch_size=1, num_workers=0)
     loss_fn = LOSSES[config.loss]
-    sums = (lambda: voxel_sums(lambda total: sum_over_space(total, space))) if space else contextlib.nullcontext
     before_update = (lambda: reduce_gradients(model.parameters(), data_size=data_size)) if space else None
 
     writer = None
@@ -474,11 +467,11 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
             micro = []  # (dice, accuracy) of each micro-batch, weighted equally: equal sizes
 
             def score(logits, micro_targets):
-                with sums():
+                with sums_over(space):
                     micro.append((float(dice_coefficient(logits, micro_targets)),
                                   float(voxel_accuracy(logits, micro_targets))))
 
-            with sums():
+            with sums_over(space):
                 loss = train_step(network, optimizer, images, targets, loss_fn, job.strategy, scaler,
                                   no_sync=getattr(network, "no_sync", None), on_output=score,
                                   before_update=before_update)

@@ -22,6 +22,7 @@ from fullres.device import available_memory
 from fullres.errors import UserError
 from fullres.files import cache_lookup, cache_store, user_cache_dir
 from fullres.losses import LOSSES, primary_output
+from fullres.memory.dryrun import ONEDNN_REFERENCE_FLOPS_PER_S, reference_weight_gradient_flops
 from fullres.memory.estimate import table1_training_bytes
 from fullres.memory.malloc import set_training_malloc_policy
 from fullres.step import autocast, build_training, to_device, train_step
@@ -221,8 +222,6 @@ class _ScalarsOfFakes(TorchDispatchMode):
         self.reference_flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from fullres.memory.dryrun import reference_weight_gradient_flops
-
         if func is torch.ops.aten._local_scalar_dense.default:
             return 1.0 if args[0].is_floating_point() else 1
         self.reference_flops += reference_weight_gradient_flops(func, args)
@@ -289,8 +288,6 @@ def strategy_step_seconds(job: JobConfig, cache_dir: str | os.PathLike | None = 
     where they do not arise).
     Returns ``{"step_s", "step_flops", "reference_flops", "calibrated_step_s", "calibrated_flops",
     "optimizer_s", "cached"}``."""
-    from fullres.memory.dryrun import ONEDNN_REFERENCE_FLOPS_PER_S
-
     measured = calibration(rate_job(job), cache_dir=cache_dir, device=device, max_flops=max_flops)
     flops = fake_step_flops(job)
     reference = reference_kernel_flops(job) if as_device(device).type == "cpu" else 0

@@ -223,11 +223,16 @@ def onednn_reference_weight_gradient(conv: "_Convolution", weight_gradient: bool
     ``ref:any``, 100 GEMM; 64 channels at 208x128x128 GEMM; 192 channels at 18x240x144 ``ref:any``, 128 at
     20x240x144 GEMM. Contiguous (NCDHW) convolutions shrink their column block instead, and 1x1x1 ones run
     another kernel (``jit_1x1``)."""
-    if (avx512() or conv.forward or not weight_gradient or conv.transposed or conv.backend.startswith("Slow")
-            or not _onednn_channels_last(conv) or conv.input.dtype != torch.float32
-            or math.prod(conv.weight.shape[2:]) == 1):
-        return False
-    return _gemm_scratchpad_bytes(conv) + _nbytes(conv.weight) > ONEDNN_SCRATCHPAD_LIMIT
+    return (_onednn_gemm_weight_gradient(conv, weight_gradient)
+            and _gemm_scratchpad_bytes(conv) + _nbytes(conv.weight) > ONEDNN_SCRATCHPAD_LIMIT)
+
+
+def _onednn_gemm_weight_gradient(conv: "_Convolution", weight_gradient: bool) -> bool:
+    """Whether oneDNN would compute this weight gradient by im2col + GEMM: channels-last fp32, a kernel
+    larger than 1x1x1, not transposed, on a CPU without AVX-512 (and not ATen's slow path)."""
+    return not (avx512() or conv.forward or not weight_gradient or conv.transposed or conv.backend.startswith("Slow")
+                or not _onednn_channels_last(conv) or conv.input.dtype != torch.float32
+                or math.prod(conv.weight.shape[2:]) == 1)
 
 
 def _gemm_scratchpad_bytes(conv: "_Convolution") -> int:
@@ -257,10 +262,8 @@ def gemm_weight_gradient_bytes(conv: "_Convolution", weight_gradient: bool = Tru
     exact to 0.2 MB from 16x64x64 to 20x240x144 maps, 4-256 input channels, 1 and 2 threads, with and
     without the input gradient (whose kernel, brgemm, takes nothing). 1x1x1 and transposed convolutions
     run other kernels here and take nothing; AVX-512 CPUs run brgemm for the weight gradient too."""
-    if (avx512() or conv.forward or not weight_gradient or conv.transposed or conv.backend.startswith("Slow")
-            or not _onednn_channels_last(conv) or conv.input.dtype != torch.float32
-            or math.prod(conv.weight.shape[2:]) == 1 or onednn_reference_weight_gradient(conv)):
-        return 0  # the reference kernel (past oneDNN's scratchpad limit) takes nothing
+    if not _onednn_gemm_weight_gradient(conv, weight_gradient) or onednn_reference_weight_gradient(conv):
+        return 0  # another kernel; or the reference one, past oneDNN's scratchpad limit, which takes nothing
     return _gemm_scratchpad_bytes(conv)
 
 

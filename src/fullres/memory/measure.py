@@ -164,12 +164,11 @@ def make_batch(job: JobConfig, device, generator=None):
 def _child(request: dict) -> dict:
     import time
 
-    import contextlib
-
     import torch
 
     from fullres.memory.malloc import set_training_malloc_policy
     from fullres.step import build_training, train_step  # imported before the baseline, like all the step needs
+    from fullres.spatial import sums_over
 
     if request.get("threads"):
         torch.set_num_threads(int(request["threads"]))
@@ -185,8 +184,7 @@ def _child(request: dict) -> dict:
     if spatial > 1:  # one of `spatial` processes sharing the sample: the group's transport is set up first
         import torch.distributed as dist
 
-        from fullres.losses import voxel_sums
-        from fullres.spatial import local_rows, mesh, reduce_gradients, space_of, sum_over_space
+        from fullres.spatial import local_rows, mesh, reduce_gradients, space_of
 
         dist.init_process_group("gloo")
         space = space_of(mesh(spatial), job.shape[0])
@@ -196,20 +194,17 @@ def _child(request: dict) -> dict:
     model, optimizer, scaler = training.model, training.optimizer, training.scaler
     loss_fn = LOSSES[request["loss"]]
     images, targets = make_batch(job, device)
-    sums, update = contextlib.nullcontext, None
+    update = None
     if space is not None:  # as train --spatial: this process's rows of the batch, sums and gradients over the group
         model.space = space
         images, targets = local_rows(images, space), local_rows(targets, space)
-
-        def sums():
-            return voxel_sums(lambda total: sum_over_space(total, space))
 
         def update():
             reduce_gradients(model.parameters())
     seconds = []
     for _ in range(int(request["steps"])):
         start = time.perf_counter()
-        with sums():
+        with sums_over(space):
             train_step(model, optimizer, images, targets, loss_fn, job.strategy, scaler, before_update=update)
         if cuda:
             torch.cuda.synchronize()

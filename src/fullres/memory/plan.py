@@ -177,6 +177,11 @@ def refuse_spatial(job: JobConfig, spatial: int, world: int) -> None:
         check_spatial(job, spatial)
     except ValueError as error:
         raise UserError(str(error)) from None
+    refuse_process_count(spatial, world)
+
+
+def refuse_process_count(spatial: int, world: int) -> None:
+    """A UserError naming --spatial where it does not divide the `world` processes torchrun started."""
     if world % spatial:
         raise UserError(f"--spatial {spatial} must divide the number of processes ({world}; start them with "
                         "torchrun --nproc-per-node)")
