@@ -11,7 +11,9 @@ TensorFlow is not a fullres dependency. Run this in a separate virtual environme
 The network is Table 1's: 3x3x3 'same' convolutions with ReLU (32/64 ... 256/512 filters), 2x2x2
 max-pooling, dropout 0.2 after conv3a and conv4a, 2x2x2 stride-2 transposed convolutions that keep the
 channel count, concatenation skips, a 1x1x1 sigmoid prediction: 19,735,329 weights (checked below).
-Loss: soft Dice; optimizer: Adam; channels-last (NDHWC, TensorFlow's layout). Prints one JSON line.
+Loss: soft Dice; optimizer: Adam; channels-last (NDHWC, TensorFlow's layout). `--precision bf16` runs it
+under Keras's `mixed_bfloat16` policy (bf16 compute, fp32 weights and loss, the prediction layer in fp32),
+the counterpart of fullres's bf16 autocast. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def unet(shape, channels: int, filters: int):
     x = conv(conv(layers.Concatenate()([x, c2]), 4 * f, "conv6a"), 4 * f, "conv6b")
     x = layers.Conv3DTranspose(4 * f, 2, strides=2, name="transConv6")(x)
     x = conv(conv(layers.Concatenate()([x, c1]), 4 * f, "conv7a"), 4 * f, "conv7b")
-    outputs = layers.Conv3D(1, 1, activation="sigmoid", name="PredictionMask")(x)
+    # float32 output under mixed precision, as Keras's mixed-precision guide asks of the last layer.
+    outputs = layers.Conv3D(1, 1, activation="sigmoid", name="PredictionMask", dtype="float32")(x)
     return keras.Model(inputs, outputs)
 
 
@@ -55,9 +58,14 @@ def main() -> None:
     parser.add_argument("--filters", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: Keras's mixed_bfloat16 policy (bf16 compute, fp32 weights)")
     args = parser.parse_args()
 
     import tensorflow as tf
+
+    if args.precision == "bf16":
+        tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
 
     model = unet(tuple(args.shape), 4, args.filters)
     optimizer = tf.keras.optimizers.Adam(1e-4)
@@ -83,6 +91,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
     print(json.dumps({"framework": f"tensorflow {tf.__version__}",
                       "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+                      "precision": args.precision,
                       "weights": int(sum(int(tf.size(v)) for v in model.trainable_variables)),
                       "shape": args.shape, "batch": args.batch, "threads": os.cpu_count(),
                       "step_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}))
