@@ -118,16 +118,18 @@ def ranking_job(norm: str = "none") -> JobConfig:
 
 def stand_in_bytes(job, method, device="cpu"):
     """A memory model standing in for the dry run (minutes on a busy 2-core machine): 1 MB fixed plus 1 MB
-    per sample of the micro-batch, 0.6 MB with checkpointing."""
-    return 10**6 + job.batch * (6 * 10**5 if job.strategy.checkpointing else 10**6)
+    per sample of the micro-batch, 0.1 MB less for each level checkpointed (0.6 MB with every level)."""
+    levels = (job.strategy.checkpoint_levels or 4) if job.strategy.checkpointing else 0
+    return 10**6 + job.batch * (10**6 - levels * 10**5)
 
 
 def test_generous_budget_runs_as_given_tight_budget_checkpoints(calibrated, monkeypatch):
     monkeypatch.setattr(plan, "estimate_training_bytes", stand_in_bytes)
     job = ranking_job()
     needs = {name: stand_in_bytes(candidate, "dryrun") for name, candidate in candidate_strategies(job, allow_bf16=False)}
-    assert list(needs)[:3] == ["as given", "checkpointing", "checkpointing + accumulate x2"]
-    assert all("slabs" in name for name in list(needs)[3:]) and len(needs) > 3
+    selective = [f"checkpointing of the {k} finest level{'s' if k > 1 else ''}" for k in (1, 2, 3)]
+    assert list(needs)[:6] == ["as given", *selective, "checkpointing", "checkpointing + accumulate x2"]
+    assert all("slabs" in name for name in list(needs)[6:]) and len(needs) > 6
     # with normalisation computed over the whole volume, slabs apply to instance norm too
     assert [name for name, _ in candidate_strategies(ranking_job("instance"), allow_bf16=False)] == list(needs)
     ranked, tried = rank_by_time(job, 10 * needs["as given"], "dryrun", allow_bf16=False)
@@ -137,8 +139,12 @@ def test_generous_budget_runs_as_given_tight_budget_checkpoints(calibrated, monk
     for r in ranked:  # the estimate is the calibrated rate times the strategy's own FLOPs
         assert r.step_s == pytest.approx(0.25 + timing.fake_step_flops(r.job) / 1e11)
     assert ranked[1].step_flops > ranked[0].step_flops  # checkpointing recomputes the forward
-    budget = (needs["as given"] + needs["checkpointing"]) // 2
-    assert needs["checkpointing"] <= budget < needs["as given"]
+    # a budget the two finest levels meet: no coarser level is recomputed for it
+    chosen, needed, line = fastest_fitting(job, needs[selective[1]], "dryrun", allow_bf16=False)
+    assert (chosen.strategy.checkpointing, chosen.strategy.checkpoint_levels, needed) == (True, 2, needs[selective[1]])
+    assert line.startswith(selective[1] + " (estimated") and f"runner-up: {selective[2]}" in line
+    budget = needs["checkpointing"]
+    assert budget < needs[selective[2]]
     chosen, needed, line = fastest_fitting(job, budget, "dryrun", allow_bf16=False)
     # checkpointing and checkpointing + accumulate x2 do the same FLOPs: the less approximate wins the tie
     assert chosen.strategy.checkpointing and chosen.batch == 2 and needed == needs["checkpointing"]

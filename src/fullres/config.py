@@ -58,6 +58,10 @@ class Strategy:
     :mod:`fullres.step`."""
 
     checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    checkpoint_levels: int = field(default=0, metadata={
+        "metavar": "K", "help": "with --checkpointing: checkpoint only the K finest resolutions (full resolution "
+                                "first, the largest maps); coarser levels keep their activations and recompute "
+                                "nothing (default 0: every level; networks with levels)"})
     accumulate: int = field(default=1, metadata={"metavar": "K", "help": "K micro-batches of --batch per optimizer step"})
     precision: str = field(default="fp32", metadata={
         "choices": PRECISIONS, "help": "autocast precision (bf16/fp16 approximate the fp32 numerics; fp16 needs CUDA)"})
@@ -82,6 +86,8 @@ class Strategy:
             raise ValueError(f"slabs must be >= 1, got {self.slabs}")
         if self.recompute_inputs < 0:
             raise ValueError(f"recompute_inputs must be >= 0, got {self.recompute_inputs}")
+        if self.checkpoint_levels < 0:
+            raise ValueError(f"checkpoint_levels must be >= 0, got {self.checkpoint_levels}")
         object.__setattr__(self, "coarse_slabs", _canonical_counts(self.coarse_slabs))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -105,7 +111,9 @@ class Strategy:
 
     def describe(self) -> str:
         parts = [self.precision]
-        if self.checkpointing:
+        if self.checkpointing and self.checkpoint_levels:
+            parts.append(f"checkpointing of the {self.checkpoint_levels} finest level{'s' if self.checkpoint_levels > 1 else ''}")
+        elif self.checkpointing:
             parts.append("checkpointing")
         if self.accumulate > 1:
             parts.append(f"accumulate x{self.accumulate}")
@@ -156,6 +164,14 @@ class JobConfig:
                 except ValueError as error:
                     flag = "--slabs" if level == 0 else f"--coarse-slabs (level 1/{2 ** level})"
                     raise ValueError(f"{flag}: {error}") from None
+        levels = self.strategy.checkpoint_levels
+        if levels:
+            if not model_spec(self.model.architecture).slabs:
+                raise ValueError(f"--checkpoint-levels: the {self.model.architecture} network is checkpointed block by "
+                                 "block, not by resolution level; use --checkpointing alone")
+            if levels >= SLAB_LEVELS:
+                raise ValueError(f"--checkpoint-levels: {self.model.architecture} has {SLAB_LEVELS} levels: give 1 to "
+                                 f"{SLAB_LEVELS - 1} (0, the default, checkpoints every level), got {levels}")
         recompute = self.strategy.recompute_inputs
         if recompute:
             if recompute > SLAB_LEVELS - 1 or not model_spec(self.model.architecture).slabs:

@@ -133,6 +133,7 @@ class UNet3D(nn.Module):
         config = config if config is not None else ModelConfig()
         self.config = config
         self.checkpointing = False  # a training strategy, not part of the weights: set by the trainer
+        self.checkpoint_levels = 0  # with checkpointing: only the levels finer than this (0: every level)
         self.slabs: int | tuple[int, ...] = 1  # slabs along H per resolution (a strategy too): see slab_counts
         self.recompute_inputs = 0  # levels below full resolution whose slabbed input is recomputed, not stored
         self.space = None  # spatial parallelism: this process's fullres.spatial.Space (its rows of every level)
@@ -228,23 +229,32 @@ class UNet3D(nn.Module):
         if self.space is not None:  # x is this process's rows of the volume
             from fullres.spatial import forward_shards
             return forward_shards(self, x, self.space)
-        run = self._checkpointed if self.checkpointing and torch.is_grad_enabled() else _call
+        run = self.runner()
         counts = self.slab_counts()
         if any(count > 1 for count in counts):
             return forward_levels(self, x, counts, self.ENCODERS, self.DECODERS, self.UPSAMPLERS, run,
                                   recompute_inputs=self.recompute_inputs)
-        skip1 = run(self.encoder1b, run(self.encoder1a, x))
-        skip2 = run(self.encoder2, skip1)
+        skip1 = run(0)(self.encoder1b, run(0)(self.encoder1a, x))
+        skip2 = run(1)(self.encoder2, skip1)
         x = self._middle(run, skip2)
-        x = run(self.decoder7a, x, skip1)
-        return run(self.decoder7b, x)
+        x = run(0)(self.decoder7a, x, skip1)
+        return run(0)(self.decoder7b, x)
 
     def _middle(self, run, skip2):
         """The half-resolution and coarser levels: skip2 in, decoder6's output out."""
-        skip3 = run(self.encoder3, skip2)
-        x = run(self.bottleneck, skip3)
-        x = run(self.decoder5, x, skip3)
-        return run(self.decoder6, x, skip2)
+        skip3 = run(2)(self.encoder3, skip2)
+        x = run(3)(self.bottleneck, skip3)
+        x = run(2)(self.decoder5, x, skip3)
+        return run(1)(self.decoder6, x, skip2)
+
+    def runner(self) -> Callable[[int], Callable]:
+        """level -> how that resolution's segments run (level 0: full resolution): checkpointed when
+        training with `checkpointing` and the level is among the `checkpoint_levels` finest (0: all), else
+        called plainly. The finest levels first: their maps are the largest (measured by the dry run on the
+        paper's image: docs/memory.md#memory-strategies)."""
+        checkpointed = self.checkpointing and torch.is_grad_enabled()
+        levels = self.checkpoint_levels or LEVELS
+        return lambda level: self._checkpointed if checkpointed and level < levels else _call
 
     @staticmethod
     def _checkpointed(segment, *inputs):
@@ -328,7 +338,8 @@ class ModelSpec:
     (N, classes, H, W, D); `shape` is the job's (H, W, D), for networks that fix their input size (MONAI's
     UNETR), or None. `divisor(config)`: every spatial size must be a multiple of it (`why` says why, in
     errors). `check(config)` refuses settings the network cannot take. `slabs`: the module honours the
-    `slabs` and `checkpointing` attributes the trainer sets (its own exact slab and segment schedule);
+    `slabs`, `checkpointing` and `checkpoint_levels` attributes the trainer sets (its own exact slab and
+    segment schedule, by resolution level);
     other networks are checkpointed block by block (:func:`fullres.step.prepare_model`). `preset`: the name
     of its defaults in :data:`fullres.presets.PRESETS`, if it has its own."""
 

@@ -337,12 +337,12 @@ def _piece(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def forward_levels(net, x: torch.Tensor, counts: Sequence[int], encoders: Sequence[Level],
-                   decoders: Sequence[Level], upsamplers: Sequence[str], run: Callable,
+                   decoders: Sequence[Level], upsamplers: Sequence[str], run: Callable[[int], Callable],
                    recompute_inputs: int = 0) -> torch.Tensor:
     """The U-Net's forward with encoder level r and decoder level r (same resolution) in counts[r] slabs
     along H. `encoders`: full resolution down to the bottleneck; `decoders[r]`: the decoder level at
-    resolution r (r < len(encoders) - 1), reading `upsamplers[r]` of the level below. A level in one slab
-    runs whole under `run` (checkpointed with --checkpointing), its output stored; a level in more slabs
+    resolution r (r < len(encoders) - 1), reading `upsamplers[r]` of the level below. A level r in one slab
+    runs whole under `run(r)` (checkpointed or not: the model's per-level runner), its output stored; a level in more slabs
     is recomputed in backward slab by slab, whatever `run` does. `recompute_inputs` = K: the pooled outputs
     of slabbed encoder levels 0..K-1 (the inputs of levels 1..K) are not stored but recomputed from their
     own inputs wherever a slab below reads them."""
@@ -353,8 +353,8 @@ def forward_levels(net, x: torch.Tensor, counts: Sequence[int], encoders: Sequen
         height, count = source.height, counts[r]
         bottleneck = r == len(encoders) - 1
         if count == 1:
-            out = run(lambda source=source, level=level, height=height:
-                      level_rows(net, level, [source], 0, height, None))
+            out = run(r)(lambda source=source, level=level, height=height:
+                         level_rows(net, level, [source], 0, height, None))
             skips.append(Stored.whole(out))
             source = Pooled(skips[-1])
             continue
@@ -377,7 +377,8 @@ def forward_levels(net, x: torch.Tensor, counts: Sequence[int], encoders: Sequen
         inputs = [Upsampled(below, getattr(net, upsamplers[r])), skip]
         height, count = skip.height, counts[r]
         if count == 1:
-            out = run(lambda inputs=inputs, level=level, height=height: level_rows(net, level, inputs, 0, height, None))
+            out = run(r)(lambda inputs=inputs, level=level, height=height:
+                         level_rows(net, level, inputs, 0, height, None))
             below = Stored.whole(out)
             continue
         bounds = slab_rows(height, count)

@@ -45,6 +45,7 @@ def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
     inner = getattr(model, "module", model)  # DistributedDataParallel wraps the network
     if hasattr(inner, "checkpointing") and hasattr(inner, "slabs"):
         inner.checkpointing = strategy.checkpointing
+        inner.checkpoint_levels = strategy.checkpoint_levels
         inner.slabs = strategy.slab_counts if len(strategy.slab_counts) > 1 else strategy.slabs
         inner.recompute_inputs = strategy.recompute_inputs
     elif strategy.checkpointing:

@@ -268,11 +268,18 @@ def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu") -> list
 
 
 def candidate_strategies(job: JobConfig, allow_bf16: bool = True, device: str = "cpu") -> list[tuple[str, JobConfig]]:
-    """Least approximate first: none; checkpointing; accumulation (same global batch in smaller
+    """Least approximate first: none; checkpointing of the 1, 2, ... finest levels (networks with levels),
+    then of every level; accumulation (same global batch in smaller
     micro-batches); full-resolution slabs at micro-batch 1 (exact, but each slab recomputed; networks with
     a slab schedule), then every level in slabs (:func:`slab_schedules`); on CUDA, each exact candidate with its saved activations offloaded to host memory;
     bf16 (approximates fp32 numerics) last, and only where `allow_bf16`."""
-    candidates = [("as given", job), ("checkpointing", job.with_(strategy=replace(job.strategy, checkpointing=True)))]
+    candidates = [("as given", job)]
+    if model_spec(job.model.architecture).slabs:  # networks with levels: the finest ones alone first
+        for levels in range(1, SLAB_LEVELS):
+            strategy = replace(job.strategy, checkpointing=True, checkpoint_levels=levels)
+            candidates.append((f"checkpointing of the {levels} finest level{'s' if levels > 1 else ''}",
+                               job.with_(strategy=strategy)))
+    candidates.append(("checkpointing", job.with_(strategy=replace(job.strategy, checkpointing=True))))
     total = job.batch * job.strategy.accumulate
     for micro in sorted({d for d in range(1, job.batch) if total % d == 0}, reverse=True):
         strategy = replace(job.strategy, checkpointing=True, accumulate=total // micro)
