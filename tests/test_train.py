@@ -134,7 +134,8 @@ def test_job_that_cannot_fit_is_refused_in_seconds(train_msd, tmp_path, cli):
 def test_strategy_auto_prefers_exact_strategies():
     job = JobConfig(model=ModelConfig(filters=8), shape=(32, 32, 32), batch=4)
     names = [name for name, _ in candidate_strategies(job)]
-    assert names[:3] == ["as given", "checkpointing", "checkpointing + accumulate x2"]
+    selective = [f"checkpointing of the {k} finest level{'s' if k > 1 else ''}" for k in (1, 2, 3)]
+    assert names[:6] == ["as given", *selective, "checkpointing", "checkpointing + accumulate x2"]
     assert names.index("bf16") > names.index("checkpointing + accumulate x4")
     # slabs (exact, more recomputation) after accumulation, before bf16; with normalisation too, since
     # slabs compute its statistics over the whole volume
