@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from fullres import device as fullres_device
 from fullres.config import JobConfig, Strategy
 from fullres.memory.estimate import ESTIMATORS, dryrun_estimate
 from fullres.memory.dryrun import CATEGORIES, dryrun
@@ -248,13 +249,13 @@ def test_the_gemm_weight_gradient_buffers_follow_the_kernel_oneDNN_runs(monkeypa
         return module.gemm_weight_gradient_bytes(module._cpu_convolution(aten.convolution_backward.default, args),
                                                  weight_gradient=mask[1])
 
-    monkeypatch.setattr(module, "avx512", lambda: False)
+    monkeypatch.setattr(fullres_device, "avx512", lambda: False)
     w3 = torch.empty(8, 32, 3, 3, 3).to(memory_format=cl)
     assert charged(w3) == x.nbytes + 32 * 27 * 30 * 20 * 4
     assert charged(w3, mask=(True, False, True)) == 0
     assert charged(torch.empty(8, 32, 1, 1, 1).to(memory_format=cl)) == 0
     assert charged(w3.bfloat16(), grad=grad.bfloat16(), x=x.bfloat16()) == 0
-    monkeypatch.setattr(module, "avx512", lambda: True)
+    monkeypatch.setattr(fullres_device, "avx512", lambda: True)
     assert charged(w3) == 0
 
 
@@ -272,7 +273,7 @@ def test_weight_gradients_past_onednns_scratchpad_limit_run_its_reference_kernel
 
     from fullres.memory import dryrun as module
 
-    monkeypatch.setattr(module, "avx512", lambda: False)
+    monkeypatch.setattr(fullres_device, "avx512", lambda: False)
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     with FakeTensorMode():
         x = torch.empty(1, cin, *shape).to(memory_format=layout)
@@ -293,7 +294,7 @@ def test_the_time_estimate_charges_reference_kernel_flops_at_their_rate(monkeypa
     import fullres.bench.timing as timing
     from fullres.memory import dryrun as module
 
-    monkeypatch.setattr(module, "avx512", lambda: False)
+    monkeypatch.setattr(fullres_device, "avx512", lambda: False)
     monkeypatch.setattr(timing, "_FAKE_COUNTS", {})
     job = JobConfig(model=ModelConfig(filters=32), shape=(128, 128, 128), batch=1, strategy=Strategy(channels_last=True))
     slow = timing.reference_kernel_flops(job)

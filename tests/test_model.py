@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fullres.model import ModelConfig, UNet3D, count_trainable
+from fullres.model import ConvTranspose3d, ModelConfig, UNet3D, _UpsamplingWeightGradient, count_trainable
 
 TABLE1_LAYERS = ["conv1a", "conv1b", "pool1", "conv2a", "conv2b", "pool2", "conv3a", "dropout_1", "conv3b", "pool3",
                  "conv4a", "dropout_2", "conv4b", "transConv4", "concatenate_1", "conv5a", "conv5b", "transConv5",
@@ -90,3 +91,37 @@ def test_few_channels_left_alone_where_torch_cannot_say_which_kernel(monkeypatch
     x = torch.randn(1, 4, 64, 48, 8)
     assert _few_channels_on_onednn(layer, x) is None
     assert layer(x).shape == (1, 8, 64, 48, 8)
+
+
+def test_upsampling_weight_gradient_as_the_strided_adjoint():
+    """The transposed convolution's gradients through the strided convolution it is the adjoint of equal
+    PyTorch's own (float64: the same sums), whichever kernel this CPU would pick for the layer."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 5, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 5, 8, 10, 6, dtype=torch.float64)
+    ours = torch.autograd.grad(_UpsamplingWeightGradient.apply(x, weight, bias, (2, 2, 2)), (x, weight, bias), grad)
+    torchs = torch.autograd.grad(F.conv_transpose3d(x, weight, bias, stride=2), (x, weight, bias), grad)
+    for a, b in zip(ours, torchs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    layer = ConvTranspose3d(6, 5, 2, stride=2).double()
+    reference = torch.nn.ConvTranspose3d(6, 5, 2, stride=2).double()
+    reference.load_state_dict(layer.state_dict())
+    for module in (layer, reference):
+        (module(x.detach()) * grad).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_upsampling_under_autocast_keeps_the_parameters_dtype():
+    x = torch.randn(1, 8, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    weight = torch.randn(8, 8, 2, 2, 2, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _UpsamplingWeightGradient.apply(x, weight, bias, (2, 2, 2))
+        expected = F.conv_transpose3d(x, weight, bias, stride=2)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+    out.float().sum().backward()
+    assert (x.grad.dtype, weight.grad.dtype, bias.grad.dtype) == (torch.float32,) * 3
+    torch.testing.assert_close(bias.grad, torch.full_like(bias, 8 ** 3))

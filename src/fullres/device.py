@@ -19,6 +19,11 @@ import torch.distributed as dist
 from fullres.errors import UserError
 
 
+def avx512() -> bool:
+    """Whether oneDNN gets AVX-512 kernels here (its brgemm convolutions; AVX2 CPUs run others)."""
+    return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+
+
 def physical_cores() -> int:
     """Physical cores available to this process (hyper-threads counted once), from sysfs topology."""
     cpus = os.sched_getaffinity(0)

@@ -248,7 +248,7 @@ AUTOTUNE_MIN_STEPS = 100  # below this, timing 2 x 2 trial steps would cost more
 def reference_kernel_warning(job: JobConfig, device: torch.device) -> str | None:
     """A line when oneDNN would compute some of `job`'s weight gradients with its reference kernel on this CPU
     (channels-last fp32 past its 1 GiB scratchpad, without AVX-512; ~1000x slower), else None."""
-    from fullres.memory.dryrun import avx512
+    from fullres.device import avx512
 
     if device.type != "cpu" or not job.strategy.channels_last or job.strategy.precision != "fp32" or avx512():
         return None

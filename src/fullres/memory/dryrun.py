@@ -70,6 +70,7 @@ from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fullres import device as fullres_device  # its avx512(): one switch for the model and this estimate
 from fullres.config import JobConfig
 from fullres.losses import LOSSES
 from fullres.memory.cuda_allocator import CachingAllocatorModel, round_size
@@ -200,11 +201,6 @@ def _columns_bytes(input, weight, output_voxels: int, transposed: bool) -> int:
 ONEDNN_BACKWARD_SCRATCH_BYTES = 45 * 10**6
 
 
-def avx512() -> bool:
-    """Whether oneDNN gets AVX-512 kernels here (its brgemm convolutions; AVX2 CPUs run others)."""
-    return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
-
-
 # oneDNN offers a primitive only if its scratchpad is at most this (``scratchpad_limit``, 1 GiB); past it the
 # convolution's weight gradient falls back to the reference kernel (``ref:any``).
 ONEDNN_SCRATCHPAD_LIMIT = 2**30
@@ -230,7 +226,7 @@ def onednn_reference_weight_gradient(conv: "_Convolution", weight_gradient: bool
 def _onednn_gemm_weight_gradient(conv: "_Convolution", weight_gradient: bool) -> bool:
     """Whether oneDNN would compute this weight gradient by im2col + GEMM: channels-last fp32, a kernel
     larger than 1x1x1, not transposed, on a CPU without AVX-512 (and not ATen's slow path)."""
-    return not (avx512() or conv.forward or not weight_gradient or conv.transposed or conv.backend.startswith("Slow")
+    return not (fullres_device.avx512() or conv.forward or not weight_gradient or conv.transposed or conv.backend.startswith("Slow")
                 or not _onednn_channels_last(conv) or conv.input.dtype != torch.float32
                 or math.prod(conv.weight.shape[2:]) == 1)
 
@@ -350,7 +346,7 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     # in a training step's second backward, every convolution's extra is within the copies +- 20 MB.
     # Without AVX-512 the first call takes ~5 MB more (within the runtime term) and GEMM's buffers instead.
     gemm = gemm_weight_gradient_bytes(conv, weight_gradient=bool(args[10][1]))
-    scratch = ONEDNN_BACKWARD_SCRATCH_BYTES if first_call and avx512() else 0
+    scratch = ONEDNN_BACKWARD_SCRATCH_BYTES if first_call and fullres_device.avx512() else 0
     return scratch + layout + sum(_bf16_copy_blocks(conv)) + gemm
 
 

@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fullres.model import Concatenate, Conv3d, ModelConfig, build_on_meta, check_divisible
+from fullres.model import Concatenate, Conv3d, ConvTranspose3d, ModelConfig, build_on_meta, check_divisible
 
 # Keras names, as Table 1 prints them.
 _LAYER_TYPES = {
     nn.Conv3d: "Conv3D",
     Conv3d: "Conv3D",  # fullres's nn.Conv3d (oneDNN for few input channels), the same layer
     nn.ConvTranspose3d: "Conv3DTranspose",
+    ConvTranspose3d: "Conv3DTranspose",  # fullres's, the same layer
     nn.MaxPool3d: "MaxPooling3D",
     nn.Dropout: "Dropout",
     Concatenate: "Concatenate",
