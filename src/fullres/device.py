@@ -7,6 +7,7 @@ which device "auto" means, how many threads a CPU job gets, and how much memory 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 from dataclasses import dataclass
@@ -22,6 +23,16 @@ from fullres.errors import UserError
 def avx512() -> bool:
     """Whether oneDNN gets AVX-512 kernels here (its brgemm convolutions; AVX2 CPUs run others)."""
     return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+
+
+@functools.cache
+def amx_bf16() -> bool:
+    """Whether this CPU has AMX for bf16 (Linux's `amx_bf16` flag), which oneDNN uses for bf16 convolutions."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in cpuinfo)
+    except OSError:
+        return False
 
 
 def physical_cores() -> int:
