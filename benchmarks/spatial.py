@@ -13,7 +13,6 @@ term).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource

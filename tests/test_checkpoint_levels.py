@@ -3,7 +3,6 @@
 import copy
 
 import pytest
-import torch
 
 from fullres.bench import flops
 from fullres.cli import main

@@ -109,12 +109,19 @@ class Strategy:
         """Whether any level runs in slabs."""
         return any(count > 1 for count in self.slab_counts)
 
+    @property
+    def checkpointing_label(self) -> str:
+        """What is checkpointed, as plans and logs name it: "checkpointing", "checkpointing of the K finest
+        level(s)", or "" without checkpointing."""
+        if not self.checkpointing:
+            return ""
+        levels = self.checkpoint_levels
+        return f"checkpointing of the {levels} finest level{'s' if levels > 1 else ''}" if levels else "checkpointing"
+
     def describe(self) -> str:
         parts = [self.precision]
-        if self.checkpointing and self.checkpoint_levels:
-            parts.append(f"checkpointing of the {self.checkpoint_levels} finest level{'s' if self.checkpoint_levels > 1 else ''}")
-        elif self.checkpointing:
-            parts.append("checkpointing")
+        if self.checkpointing:
+            parts.append(self.checkpointing_label)
         if self.accumulate > 1:
             parts.append(f"accumulate x{self.accumulate}")
         if self.channels_last:

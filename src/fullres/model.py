@@ -297,7 +297,7 @@ def _strided_adjoint_applies(layer: nn.ConvTranspose3d, x: torch.Tensor) -> bool
     if not fullres_device.avx512():
         return False
     return (tuple(layer.kernel_size) == tuple(layer.stride) and not any(layer.padding) and not any(layer.output_padding)
-            and all(d == 1 for d in layer.dilation) and layer.groups == 1 and layer.padding_mode == "zeros")
+            and all(d == 1 for d in layer.dilation) and layer.groups == 1)
 
 
 class _UpsamplingWeightGradient(torch.autograd.Function):

@@ -17,7 +17,6 @@ so any split of that batch over micro-batches and processes gives the same updat
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json

@@ -194,13 +194,10 @@ def _child(request: dict) -> dict:
     model, optimizer, scaler = training.model, training.optimizer, training.scaler
     loss_fn = LOSSES[request["loss"]]
     images, targets = make_batch(job, device)
-    update = None
     if space is not None:  # as train --spatial: this process's rows of the batch, sums and gradients over the group
         model.space = space
         images, targets = local_rows(images, space), local_rows(targets, space)
-
-        def update():
-            reduce_gradients(model.parameters())
+    update = (lambda: reduce_gradients(model.parameters())) if space is not None else None
     seconds = []
     for _ in range(int(request["steps"])):
         start = time.perf_counter()

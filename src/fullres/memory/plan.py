@@ -277,8 +277,7 @@ def candidate_strategies(job: JobConfig, allow_bf16: bool = True, device: str = 
     if model_spec(job.model.architecture).slabs:  # networks with levels: the finest ones alone first
         for levels in range(1, SLAB_LEVELS):
             strategy = replace(job.strategy, checkpointing=True, checkpoint_levels=levels)
-            candidates.append((f"checkpointing of the {levels} finest level{'s' if levels > 1 else ''}",
-                               job.with_(strategy=strategy)))
+            candidates.append((strategy.checkpointing_label, job.with_(strategy=strategy)))
     candidates.append(("checkpointing", job.with_(strategy=replace(job.strategy, checkpointing=True))))
     total = job.batch * job.strategy.accumulate
     for micro in sorted({d for d in range(1, job.batch) if total % d == 0}, reverse=True):
