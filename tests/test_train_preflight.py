@@ -76,23 +76,3 @@ def test_a_faster_layout_that_does_not_fit_is_not_taken(dataset, tmp_path):
     result, _ = train_with_budget(dataset, tmp_path / "run", 150)
     assert result["judged"] == [[False, "default"], [True, "pool" if pool_here() else "default"]]
     assert (result["code"], result["channels_last"], result["installed"]) == (0, False, False)
-
-
-def test_bf16_on_amx_with_wide_planes_is_warned_about(monkeypatch):
-    import torch
-
-    from fullres import device as fullres_device
-    from fullres.config import JobConfig, Strategy
-    from fullres.train import amx_bf16_warning
-
-    cpu = torch.device("cpu")
-    wide = JobConfig(shape=(16, 256, 256), batch=1, strategy=Strategy(precision="bf16"))
-    monkeypatch.setattr(fullres_device, "amx_bf16", lambda: True)
-    assert amx_bf16_warning(wide, cpu) == (
-        "warning: bf16 on AMX with 256 x 256 planes: oneDNN's AMX weight-gradient kernel has crashed or hung on "
-        "planes of 256 x 256 and wider (docs/performance.md); ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (AMX off, "
-        "slower) or fp32 avoids it")
-    assert amx_bf16_warning(wide.with_(shape=(240, 240, 144)), cpu) is None  # the paper's planes ran
-    assert amx_bf16_warning(wide.with_(strategy=Strategy()), cpu) is None  # fp32 runs another kernel
-    monkeypatch.setattr(fullres_device, "amx_bf16", lambda: False)
-    assert amx_bf16_warning(wide, cpu) is None

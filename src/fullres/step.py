@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fullres.config import JobConfig, Strategy
+from fullres.kernels import cpu_workarounds
 from fullres.losses import LossFunction, deep_supervision_loss, primary_output
 from fullres.model import build_model
 from fullres.presets import PAPER
@@ -154,7 +155,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     micro_targets = split_micro_batches(targets, strategy.accumulate)
     for index, (x, y) in enumerate(zip(micro_images, micro_targets)):
         last = index == strategy.accumulate - 1
-        with (nullcontext() if last or no_sync is None else no_sync()), offloaded(strategy):
+        with (nullcontext() if last or no_sync is None else no_sync()), offloaded(strategy), \
+                cpu_workarounds(strategy.precision, device_type):
             with autocast(strategy, device_type):
                 output = model(x)
             loss = deep_supervision_loss(loss_fn, output, y) / strategy.accumulate

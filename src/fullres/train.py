@@ -224,8 +224,6 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
             log(choice)
     if main_process and (warning := reference_kernel_warning(job, device)):
         log(warning)
-    if main_process and (warning := amx_bf16_warning(job, device)):
-        log(warning)
     try:
         config = TrainConfig(
             job=job, data=DataConfig(channels=channels, target=options["target"], shape=tuple(options["shape"])),
@@ -261,24 +259,6 @@ def reference_kernel_warning(job: JobConfig, device: torch.device) -> str | None
     return (f"warning: oneDNN runs {slow / 1e12:.2f} of this step's {fake_step_flops(job) / 1e12:.2f} TFLOP (weight "
             "gradients whose GEMM scratchpad would pass its 1 GiB limit) on its reference kernel here, ~1000x slower; "
             "--slabs, the contiguous layout or --strategy auto avoid it")
-
-
-# The narrowest W x D plane on which oneDNN v3.12's AMX bf16 weight-gradient kernel was seen to crash or hang
-# (docs/performance.md); the paper's 240 x 144 and every 128 x 128 plane with 4 or more rows ran.
-AMX_BF16_FAILING_PLANE = 256 * 256
-
-
-def amx_bf16_warning(job: JobConfig, device: torch.device) -> str | None:
-    """A line when `job` trains in bf16 on a CPU with AMX on W x D planes as wide as those on which oneDNN's AMX
-    bf16 weight-gradient kernel segfaulted or never returned, else None."""
-    from fullres.device import amx_bf16
-
-    plane = job.shape[1] * job.shape[2]
-    if device.type != "cpu" or job.strategy.precision != "bf16" or plane < AMX_BF16_FAILING_PLANE or not amx_bf16():
-        return None
-    return (f"warning: bf16 on AMX with {job.shape[1]} x {job.shape[2]} planes: oneDNN's AMX weight-gradient kernel "
-            "has crashed or hung on planes of 256 x 256 and wider (docs/performance.md); "
-            "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (AMX off, slower) or fp32 avoids it")
 
 
 def choose_memory_format(job: JobConfig, device: torch.device, total_steps: int) -> tuple[JobConfig, str]:

@@ -1,0 +1,100 @@
+"""Routes around CPU kernels that fail: the same sums, computed by kernels that work.
+
+oneDNN v3.12 (torch 2.13) on AMX CPUs computes a bf16 3D convolution's weight gradient with a kernel
+(`brgconv_bwd_w:avx10_1_512_amx`) that corrupts the heap, segfaults or never returns on wide planes
+(every 3x3x3 and 1x1x1 shape tried at 512 x 512; some at 256 x 256 and 128 x 128; docs/performance.md).
+Its forward and input gradient, and its 2D weight gradient on the same planes, work. A 3D weight
+gradient is a stack of 2D ones, one per kernel row along H: `dW[:, :, kh]` sums, over the output rows r,
+the 2D weight gradient of output row r against input row `stride * r + kh - padding`, and those rows
+are a batch of 2D images (in channels-last memory, views). :class:`PlanarWeightGradients` computes
+bf16 3D weight gradients that way on AMX CPUs; :func:`planar_weight_gradient` is the decomposition.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fullres import device as fullres_device
+
+_CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
+
+
+def planar_weight_gradient(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
+    """The weight gradient of `conv3d(input, weight, stride=stride, padding=padding)` (groups 1, dilation 1)
+    for the output gradient `grad`, as 2D weight gradients: one per kernel row along H, each over the
+    batch of the output rows that row of the kernel touches. The same sums as the 3D weight gradient in
+    another order; over the samples of a batch they are summed in fp32 at least. Returns `grad.dtype`."""
+    s_h, p_h = stride[0], padding[0]
+    rows_in, rows_out = input.shape[2], grad.shape[2]
+    rows = []
+    for kh in range(weight.shape[2]):
+        first = max(0, -((kh - p_h) // s_h))  # the first output row whose input row s_h r + kh - p_h is >= 0
+        last = min(rows_out, (rows_in - 1 - kh + p_h) // s_h + 1)  # one past the last within the input
+        start = s_h * first + kh - p_h
+        parts = [_CONVOLUTION_BACKWARD(grad[sample, :, first:last].transpose(0, 1),
+                                       input[sample, :, start:start + s_h * (last - first - 1) + 1:s_h].transpose(0, 1),
+                                       weight[:, :, kh], None, list(stride[1:]), list(padding[1:]), [1, 1], False,
+                                       [0, 0], 1, [False, True, False])[1]
+                 for sample in range(grad.shape[0])] if last > first else []
+        if not parts:  # the kernel row never meets the input (padding wider than the kernel's reach)
+            rows.append(torch.zeros_like(weight[:, :, kh], dtype=grad.dtype))
+        elif len(parts) == 1:
+            rows.append(parts[0])
+        else:
+            rows.append(torch.stack(parts).sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(grad.dtype))
+    return torch.stack(rows, dim=2)
+
+
+def _fails_on_amx(args) -> bool:
+    grad, input, weight, _, stride, padding, dilation, transposed, _, groups, output_mask = args
+    return (output_mask[1] and weight.dim() == 5 and not transposed and groups == 1 and all(d == 1 for d in dilation)
+            and grad.device.type == "cpu" and grad.dtype == torch.bfloat16
+            and wide_planes(grad.shape[3:], grad.shape[2], input.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
+# Where the AMX kernel failed (docs/performance.md): planes of 256 x 256 and wider; at 128 x 128, slabs of 2
+# rows, and contiguous maps. Elsewhere (every 64^3, 128^3 and 240 x 240 x 144 job measured) it works and is up
+# to 10 % faster than the planes.
+WIDE_PLANE, NARROW_FAILING_PLANE, NARROW_FAILING_ROWS = 256 * 256, 128 * 128, 2
+
+
+def wide_planes(plane, rows: int, channels_last: bool = True) -> bool:
+    """Whether an AMX bf16 3D weight gradient on maps of `rows` x `plane` is computed plane by plane."""
+    area = plane[0] * plane[1]
+    return area >= WIDE_PLANE or (area >= NARROW_FAILING_PLANE and (rows <= NARROW_FAILING_ROWS or not channels_last))
+
+
+class PlanarWeightGradients(TorchDispatchMode):
+    """Within it, every CPU bf16 3D convolution's weight gradient (groups 1, dilation 1, not transposed) is
+    :func:`planar_weight_gradient`; its input gradient is PyTorch's own and its bias gradient is summed in
+    fp32. Everything else runs as it would."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not _CONVOLUTION_BACKWARD or kwargs or not _fails_on_amx(args):
+            return func(*args, **kwargs)
+        grad, input, weight, _, stride, padding, dilation, transposed, output_padding, groups, mask = args
+        grad_input = None
+        if mask[0]:
+            grad_input = func(grad, input, weight, None, stride, padding, dilation, transposed, output_padding,
+                              groups, [True, False, False])[0]
+        grad_weight = planar_weight_gradient(grad, input, weight, stride, padding)
+        grad_bias = grad.sum((0, 2, 3, 4), dtype=torch.float32).to(grad.dtype) if mask[2] else None
+        return grad_input, grad_weight.contiguous(memory_format=_format_of(weight)), grad_bias
+
+
+def _format_of(weight: torch.Tensor) -> torch.memory_format:
+    if weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def cpu_workarounds(precision: str, device_type: str):
+    """The context a training step's forward and backward run in: :class:`PlanarWeightGradients` for bf16 on
+    an AMX CPU, else nothing."""
+    if device_type == "cpu" and precision == "bf16" and fullres_device.amx_bf16():
+        return PlanarWeightGradients()
+    return nullcontext()

@@ -1,0 +1,116 @@
+"""The plane-by-plane weight gradient that routes bf16 training around oneDNN's failing AMX kernel."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fullres import device as fullres_device
+from fullres import kernels
+from fullres.kernels import PlanarWeightGradients, cpu_workarounds, planar_weight_gradient, wide_planes
+
+BACKWARD = torch.ops.aten.convolution_backward
+
+
+def reference_weight_gradient(grad, x, weight, stride, padding):
+    return BACKWARD(grad, x, weight, None, [stride] * 3, [padding] * 3, [1] * 3, False, [0] * 3, 1,
+                    [False, True, False])[1]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,batch,shape", [
+    (3, 1, 1, 1, (7, 6, 5)),   # the U-Net's 3x3x3 convolutions
+    (3, 1, 0, 2, (7, 6, 5)),   # a slab's: its halo rows instead of padding; a batch of two
+    (2, 2, 0, 1, (8, 6, 4)),   # the strided convolution the upsampling's weight gradient is
+    (3, 2, 1, 2, (9, 7, 5)),   # odd rows with stride 2
+    (1, 1, 0, 1, (5, 4, 3)),   # the prediction layer's 1x1x1
+    (3, 1, 3, 1, (3, 4, 4)),   # padding past the kernel's reach: some kernel rows meet no input
+])
+def test_planar_weight_gradient_equals_the_3d_one(kernel, stride, padding, batch, shape):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, *shape, dtype=torch.float64)
+    weight = torch.randn(5, 3, kernel, kernel, kernel, dtype=torch.float64)
+    grad = torch.randn_like(F.conv3d(x, weight, stride=stride, padding=padding))
+    expected = reference_weight_gradient(grad, x, weight, stride, padding)
+    got = planar_weight_gradient(grad, x, weight, [stride] * 3, [padding] * 3)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_planar_weight_gradient_takes_channels_last_maps():
+    torch.manual_seed(1)
+    x = torch.randn(1, 4, 6, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    weight = torch.randn(2, 4, 3, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    grad = torch.randn(1, 2, 6, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(planar_weight_gradient(grad, x, weight, [1] * 3, [1] * 3),
+                               reference_weight_gradient(grad, x, weight, 1, 1), rtol=1e-12, atol=1e-12)
+
+
+def test_wide_planes_are_those_the_amx_kernel_failed_on():
+    assert wide_planes((256, 256), 64) and wide_planes((512, 512), 2) and wide_planes((128, 128), 2)
+    assert not wide_planes((128, 128), 4)  # the 128^3 job's planes ran
+    assert not wide_planes((240, 144), 144)  # so did the paper's image
+    assert not wide_planes((64, 64), 1)
+    assert wide_planes((128, 128), 4, channels_last=False)  # a contiguous one hung
+
+
+def test_the_mode_computes_bf16_weight_gradients_plane_by_plane(monkeypatch):
+    calls = []
+
+    def counted(*args):
+        calls.append(tuple(args[0].shape))
+        return planar_weight_gradient(*args)
+
+    monkeypatch.setattr(kernels, "planar_weight_gradient", counted)
+    monkeypatch.setattr(kernels, "wide_planes", lambda plane, rows, channels_last: True)
+    torch.manual_seed(2)
+    conv = torch.nn.Conv3d(4, 6, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8, 8, requires_grad=True)
+    gradients = []
+    for mode in (PlanarWeightGradients(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
+        conv.zero_grad()
+        x.grad = None
+        with mode:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = conv(x)
+            (out.float() ** 2).sum().backward()
+        gradients.append((x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()))
+    assert calls == [(1, 6, 8, 8, 8)]  # once, under the mode only
+    (x_planar, w_planar, b_planar), (x_own, w_own, b_own) = gradients
+    assert torch.equal(x_planar, x_own)  # the input gradient is PyTorch's own
+    # bf16 sums in another order: within bf16's rounding of the largest entry
+    torch.testing.assert_close(w_planar, w_own, rtol=0, atol=2 ** -7 * w_own.abs().max().item())
+    torch.testing.assert_close(b_planar, b_own, rtol=0, atol=2 ** -7 * b_own.abs().max().item())
+
+
+def test_fp32_and_narrow_planes_run_pytorchs_own_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "planar_weight_gradient", lambda *args: pytest.fail("decomposed"))
+    conv = torch.nn.Conv3d(2, 2, 3, padding=1)
+    with PlanarWeightGradients():
+        conv(torch.randn(1, 2, 4, 4, 4)).sum().backward()  # fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(torch.randn(1, 2, 4, 4, 4))
+        out.float().sum().backward()  # bf16 on 4 x 4 planes
+    assert conv.weight.grad is not None
+
+
+def test_cpu_workarounds_apply_to_bf16_on_amx_cpus_only(monkeypatch):
+    monkeypatch.setattr(fullres_device, "amx_bf16", lambda: True)
+    assert isinstance(cpu_workarounds("bf16", "cpu"), PlanarWeightGradients)
+    assert not isinstance(cpu_workarounds("fp32", "cpu"), PlanarWeightGradients)
+    assert not isinstance(cpu_workarounds("bf16", "cuda"), PlanarWeightGradients)
+    monkeypatch.setattr(fullres_device, "amx_bf16", lambda: False)
+    assert not isinstance(cpu_workarounds("bf16", "cpu"), PlanarWeightGradients)
+
+
+def test_a_bf16_training_step_runs_under_it(monkeypatch):
+    from fullres.config import JobConfig, ModelConfig, Strategy
+    from fullres.losses import LOSSES
+    from fullres.step import build_training, train_step
+
+    calls = []
+    monkeypatch.setattr(fullres_device, "amx_bf16", lambda: True)
+    monkeypatch.setattr(kernels, "wide_planes", lambda plane, rows, channels_last: calls.append(plane) or False)
+    job = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=1, strategy=Strategy(precision="bf16"))
+    training = build_training(job, "cpu")
+    images, targets = torch.randn(1, 4, 16, 16, 16), torch.randint(0, 2, (1, 1, 16, 16, 16)).float()
+    train_step(training.model, training.optimizer, images, targets, LOSSES["dice"], job.strategy)
+    assert len(calls) >= 15  # each convolution's weight gradient was considered
