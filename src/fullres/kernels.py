@@ -70,7 +70,12 @@ def wide_planes(plane, rows: int, channels_last: bool = True) -> bool:
 class PlanarWeightGradients(TorchDispatchMode):
     """Within it, every CPU bf16 3D convolution's weight gradient (groups 1, dilation 1, not transposed) is
     :func:`planar_weight_gradient`; its input gradient is PyTorch's own and its bias gradient is summed in
-    fp32. Everything else runs as it would."""
+    fp32. Everything else runs as it would. torch.compile's graphs keep their own kernels: the mode stays out
+    of them (under a mode that does not, compile falls back to eager)."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
