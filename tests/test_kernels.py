@@ -12,8 +12,12 @@ BACKWARD = torch.ops.aten.convolution_backward
 
 
 def reference_weight_gradient(grad, x, weight, stride, padding):
-    return BACKWARD(grad, x, weight, None, [stride] * 3, [padding] * 3, [1] * 3, False, [0] * 3, 1,
-                    [False, True, False])[1]
+    stride, padding = _triple(stride), _triple(padding)
+    return BACKWARD(grad, x, weight, None, stride, padding, [1] * 3, False, [0] * 3, 1, [False, True, False])[1]
+
+
+def _triple(value):
+    return list(value) if isinstance(value, (tuple, list)) else [value] * 3
 
 
 @pytest.mark.parametrize("kernel,stride,padding,batch,shape", [
@@ -23,14 +27,17 @@ def reference_weight_gradient(grad, x, weight, stride, padding):
     (3, 2, 1, 2, (9, 7, 5)),   # odd rows with stride 2
     (1, 1, 0, 1, (5, 4, 3)),   # the prediction layer's 1x1x1
     (3, 1, 3, 1, (3, 4, 4)),   # padding past the kernel's reach: some kernel rows meet no input
+    ((3, 1, 2), (2, 1, 3), (1, 0, 1), 1, (9, 6, 7)),  # every size different along H and along the plane
+    ((5, 3, 3), (3, 2, 1), (0, 1, 2), 2, (2 + 5, 6, 5)),  # stride along H past the kernel rows... and back
+    ((3, 3, 3), (1, 2, 2), (2, 0, 1), 1, (2, 6, 5)),  # a 3-row kernel on 2 rows, padded
 ])
 def test_planar_weight_gradient_equals_the_3d_one(kernel, stride, padding, batch, shape):
     torch.manual_seed(0)
     x = torch.randn(batch, 3, *shape, dtype=torch.float64)
-    weight = torch.randn(5, 3, kernel, kernel, kernel, dtype=torch.float64)
+    weight = torch.randn(5, 3, *_triple(kernel), dtype=torch.float64)
     grad = torch.randn_like(F.conv3d(x, weight, stride=stride, padding=padding))
     expected = reference_weight_gradient(grad, x, weight, stride, padding)
-    got = planar_weight_gradient(grad, x, weight, [stride] * 3, [padding] * 3)
+    got = planar_weight_gradient(grad, x, weight, _triple(stride), _triple(padding))
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
@@ -50,6 +57,35 @@ def test_wide_planes_are_those_the_amx_kernel_failed_on():
     assert not wide_planes((240, 144), 144)  # so did the paper's image
     assert not wide_planes((64, 64), 1)
     assert wide_planes((128, 128), 4, channels_last=False)  # a contiguous one hung
+
+
+def test_the_upsamplings_weight_gradient_is_judged_by_its_fine_plane(monkeypatch):
+    seen = []
+    monkeypatch.setattr(kernels, "wide_planes", lambda plane, rows, channels_last: seen.append((plane, rows)) or False)
+    fine, coarse = torch.randn(1, 2, 8, 16, 12, dtype=torch.bfloat16), torch.randn(1, 2, 4, 8, 6, dtype=torch.bfloat16)
+    weight = torch.randn(2, 2, 2, 2, 2, dtype=torch.bfloat16)
+    with PlanarWeightGradients():  # the strided convolution whose weight gradient the 2x2x2 upsampling takes
+        BACKWARD(coarse, fine, weight, None, [2] * 3, [0] * 3, [1] * 3, False, [0] * 3, 1, [False, True, False])
+    assert seen == [((16, 12), 4)]
+
+
+@pytest.mark.parametrize("mask", [[True, True, True], [False, True, False], [True, True, False]])
+def test_the_mode_returns_what_aten_returns(monkeypatch, mask):
+    monkeypatch.setattr(kernels, "wide_planes", lambda plane, rows, channels_last: True)
+    torch.manual_seed(3)
+    layout = torch.channels_last_3d
+    x = torch.randn(2, 4, 6, 8, 8).to(torch.bfloat16).contiguous(memory_format=layout)
+    weight = torch.randn(3, 4, 3, 3, 3).to(torch.bfloat16).contiguous(memory_format=layout)
+    grad = torch.randn(2, 3, 6, 8, 8).to(torch.bfloat16).contiguous(memory_format=layout)
+    args = (grad, x, weight, [3], [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, mask)
+    expected = BACKWARD(*args)
+    with PlanarWeightGradients():
+        got = BACKWARD(*args)
+    for mine, theirs in zip(got, expected):
+        assert (mine is None) == (theirs is None)
+        if theirs is not None:
+            assert (mine.shape, mine.dtype, mine.stride()) == (theirs.shape, theirs.dtype, theirs.stride())
+            torch.testing.assert_close(mine.float(), theirs.float(), rtol=0, atol=2 ** -6 * theirs.float().abs().max().item())
 
 
 def test_the_mode_computes_bf16_weight_gradients_plane_by_plane(monkeypatch):
@@ -101,16 +137,35 @@ def test_cpu_workarounds_apply_to_bf16_on_amx_cpus_only(monkeypatch):
     assert not isinstance(cpu_workarounds("bf16", "cpu"), PlanarWeightGradients)
 
 
-def test_a_bf16_training_step_runs_under_it(monkeypatch):
+def test_a_bf16_training_step_takes_them_plane_by_plane(monkeypatch):
     from fullres.config import JobConfig, ModelConfig, Strategy
     from fullres.losses import LOSSES
     from fullres.step import build_training, train_step
 
     calls = []
-    monkeypatch.setattr(fullres_device, "amx_bf16", lambda: True)
-    monkeypatch.setattr(kernels, "wide_planes", lambda plane, rows, channels_last: calls.append(plane) or False)
-    job = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=1, strategy=Strategy(precision="bf16"))
-    training = build_training(job, "cpu")
+
+    def counted(*args):
+        calls.append(tuple(args[0].shape))
+        return planar_weight_gradient(*args)
+
+    job = JobConfig(model=ModelConfig(filters=2, dropout=0.0), shape=(16, 16, 16), batch=1,
+                    strategy=Strategy(precision="bf16", channels_last=True))
     images, targets = torch.randn(1, 4, 16, 16, 16), torch.randint(0, 2, (1, 1, 16, 16, 16)).float()
-    train_step(training.model, training.optimizer, images, targets, LOSSES["dice"], job.strategy)
-    assert len(calls) >= 15  # each convolution's weight gradient was considered
+    gradients = []
+    for amx in (True, False):
+        monkeypatch.setattr(fullres_device, "amx_bf16", lambda: amx)
+        monkeypatch.setattr(kernels, "planar_weight_gradient", counted)
+        monkeypatch.setattr(kernels, "wide_planes", lambda plane, rows, channels_last: True)
+        torch.manual_seed(4)
+        training = build_training(job, "cpu")
+        training.optimizer.step = lambda: None  # keep the gradients as computed
+        train_step(training.model, training.optimizer, images, targets, LOSSES["dice"], job.strategy)
+        gradients.append({name: p.grad.clone() for name, p in training.model.named_parameters()})
+        if amx:
+            assert len(calls) >= 15  # every convolution's weight gradient: 14 3x3x3 (3 split in two), 1x1x1, ...
+            calls.clear()
+    assert not calls  # without AMX, PyTorch's own kernels
+    planar, own = gradients
+    for name, gradient in own.items():
+        torch.testing.assert_close(planar[name], gradient, rtol=0, atol=2 ** -6 * gradient.abs().max().item() + 1e-12,
+                                   msg=name)

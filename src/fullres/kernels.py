@@ -52,7 +52,9 @@ def _fails_on_amx(args) -> bool:
     grad, input, weight, _, stride, padding, dilation, transposed, _, groups, output_mask = args
     return (output_mask[1] and weight.dim() == 5 and not transposed and groups == 1 and all(d == 1 for d in dilation)
             and grad.device.type == "cpu" and grad.dtype == torch.bfloat16
-            and wide_planes(grad.shape[3:], grad.shape[2], input.is_contiguous(memory_format=torch.channels_last_3d)))
+            # the larger plane: the upsampling's weight gradient is a strided convolution's from the fine map
+            and wide_planes(max(input.shape[3:], grad.shape[3:], key=lambda plane: plane[0] * plane[1]), grad.shape[2],
+                            _channels_last(input) or _channels_last(weight)))
 
 
 # Where the AMX kernel failed (docs/performance.md): planes of 256 x 256 and wider; at 128 x 128, slabs of 2
@@ -62,7 +64,8 @@ WIDE_PLANE, NARROW_FAILING_PLANE, NARROW_FAILING_ROWS = 256 * 256, 128 * 128, 2
 
 
 def wide_planes(plane, rows: int, channels_last: bool = True) -> bool:
-    """Whether an AMX bf16 3D weight gradient on maps of `rows` x `plane` is computed plane by plane."""
+    """Whether an AMX bf16 3D weight gradient is computed plane by plane: `plane`, the larger W x D plane of its
+    input and output gradient; `rows`, the output gradient's along H; planes compared by area."""
     area = plane[0] * plane[1]
     return area >= WIDE_PLANE or (area >= NARROW_FAILING_PLANE and (rows <= NARROW_FAILING_ROWS or not channels_last))
 
@@ -88,13 +91,13 @@ class PlanarWeightGradients(TorchDispatchMode):
                               groups, [True, False, False])[0]
         grad_weight = planar_weight_gradient(grad, input, weight, stride, padding)
         grad_bias = grad.sum((0, 2, 3, 4), dtype=torch.float32).to(grad.dtype) if mask[2] else None
-        return grad_input, grad_weight.contiguous(memory_format=_format_of(weight)), grad_bias
+        # in the layout ATen's oneDNN convolution returns: channels-last when its input or its weight is
+        layout = torch.channels_last_3d if _channels_last(input) or _channels_last(weight) else torch.contiguous_format
+        return grad_input, grad_weight.contiguous(memory_format=layout), grad_bias
 
 
-def _format_of(weight: torch.Tensor) -> torch.memory_format:
-    if weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
+def _channels_last(tensor: torch.Tensor) -> bool:
+    return tensor.is_contiguous(memory_format=torch.channels_last_3d) and not tensor.is_contiguous()
 
 
 def cpu_workarounds(precision: str, device_type: str):
