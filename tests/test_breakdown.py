@@ -75,6 +75,18 @@ def test_parts_add_up_and_conv_flops_are_the_counters(checkpointing):
     assert both and all(0 < layer["alone_data_share"] < 1 for layer in both)
 
 
+def test_parts_are_found_under_the_cpu_workarounds_mode(monkeypatch):
+    # bf16 steps on AMX CPUs run under fullres.kernels' dispatch mode, which nests every operator one level deeper
+    import fullres.step
+    from fullres.kernels import PlanarWeightGradients
+
+    monkeypatch.setattr(fullres.step, "cpu_workarounds", lambda precision, device_type: PlanarWeightGradients())
+    tiny = job()
+    rows = parts(breakdown.run_breakdown(tiny, peak_size=128))
+    assert rows[breakdown.CONV_FORWARD]["flops"] == count_forward_flops(tiny)
+    assert rows[breakdown.CONV_WEIGHTS]["flops"] == count_forward_flops(tiny)
+
+
 def test_cli_breakdown_json(cli):
     code, out, err = cli("bench", "--breakdown", "--shape", 16, 16, 16, "--filters", 2, "--threads", 1,
                          "--peak-size", 64, "--json")

@@ -275,7 +275,13 @@ def _ran(convolution) -> bool:
     backward needs exists again, which can be inside a convolution, before its kernel runs."""
     if convolution.name != "aten::convolution":
         return True
-    return any(child.name == "aten::_convolution" for child in convolution.cpu_children)
+    stack = list(convolution.cpu_children)  # under a dispatch mode (fullres.kernels) the kernel sits deeper
+    while stack:
+        node = stack.pop()
+        if node.name == "aten::_convolution":
+            return True
+        stack.extend(node.cpu_children)
+    return False
 
 
 def _dice_in_range(output, target):
