@@ -73,8 +73,8 @@ def wide_planes(plane, rows: int, channels_last: bool = True) -> bool:
 class PlanarWeightGradients(TorchDispatchMode):
     """Within it, every CPU bf16 3D convolution's weight gradient (groups 1, dilation 1, not transposed) is
     :func:`planar_weight_gradient`; its input gradient is PyTorch's own and its bias gradient is summed in
-    fp32. Everything else runs as it would. torch.compile's graphs keep their own kernels: the mode stays out
-    of them (under a mode that does not, compile falls back to eager)."""
+    fp32. Everything else runs as it would. torch.compile compiles under it (it is declared to ignore compile
+    internals; under a mode that is not, compile falls back to eager)."""
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
