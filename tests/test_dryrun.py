@@ -288,6 +288,33 @@ def test_weight_gradients_past_onednns_scratchpad_limit_run_its_reference_kernel
         assert module.gemm_weight_gradient_bytes(conv) == 0
 
 
+@pytest.mark.parametrize("cin,cout,kernel,stride,rows,transposed,reference", [
+    (128, 128, 2, 2, 120, False, False), (128, 128, 2, 2, 124, False, True),  # the upsampling's, as a strided conv
+    (128, 128, 3, 1, 240, False, True), (64, 64, 2, 2, 240, False, False),
+    (128, 128, 2, 2, 240, True, True)])  # PyTorch's deconvolution: the fine map is its output gradient
+def test_with_avx512_weight_gradients_of_2_gib_maps_run_the_reference_kernel(monkeypatch, cin, cout, kernel, stride,
+                                                                             rows, transposed, reference):
+    """With AVX-512, a channels-last fp32 weight gradient whose input or output gradient holds 2^31 bytes or more
+    runs oneDNN's ``ref:any`` (each row as its verbose log named the kernel on machine C, fine maps of rows x 240 x
+    144)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fullres.memory import dryrun as module
+
+    monkeypatch.setattr(fullres_device, "avx512", lambda: True)
+    cl = torch.channels_last_3d
+    with FakeTensorMode():
+        fine = torch.empty(1, cin, rows, 240, 144).to(memory_format=cl)
+        coarse = torch.empty(1, cout, rows // stride, 240 // stride, 144 // stride).to(memory_format=cl)
+        weight = torch.empty(cout, cin, kernel, kernel, kernel).to(memory_format=cl)
+        padding = [1] * 3 if kernel == 3 else [0] * 3
+        x, grad = (coarse, fine) if transposed else (fine, coarse)
+        args = (grad, x, weight, None, [stride] * 3, padding, [1] * 3, transposed, [0] * 3, 1, [False, True, False])
+        conv = module._cpu_convolution(torch.ops.aten.convolution_backward.default, args)
+        assert module.onednn_reference_weight_gradient(conv) is reference
+        assert module.onednn_reference_weight_gradient(conv, weight_gradient=False) is False
+
+
 def test_the_time_estimate_charges_reference_kernel_flops_at_their_rate(monkeypatch):
     """128^3 channels-last fp32, the paper's network: two weight gradients at full resolution pass the limit whole,
     not in 2 slabs nor contiguous; the estimated step pays for them at the reference kernel's rate."""

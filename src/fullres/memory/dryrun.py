@@ -204,6 +204,7 @@ ONEDNN_BACKWARD_SCRATCH_BYTES = 45 * 10**6
 # oneDNN offers a primitive only if its scratchpad is at most this (``scratchpad_limit``, 1 GiB); past it the
 # convolution's weight gradient falls back to the reference kernel (``ref:any``).
 ONEDNN_SCRATCHPAD_LIMIT = 2**30
+ONEDNN_JIT_OPERAND_LIMIT = 2**31  # AVX-512: the largest operand its jit/brgemm weight gradients take, exclusive
 # What ``ref:any`` computes a weight gradient at, measured on machine A (AVX2, 2 threads, torch 2.13): 128 -> 1
 # channels, 3^3, 102x128x128, 11.5 GFLOP in 118.7 s (its input gradient and forward apart). GEMM ran the
 # same convolution at 100 rows in 5.7 s with its input gradient: the reference kernel is ~100-1000x slower.
@@ -218,9 +219,19 @@ def onednn_reference_weight_gradient(conv: "_Convolution", weight_gradient: bool
     input channels at 128x128 planes take GEMM up to 100 rows and ``ref:any`` from 102; 116 channels at 128^3
     ``ref:any``, 100 GEMM; 64 channels at 208x128x128 GEMM; 192 channels at 18x240x144 ``ref:any``, 128 at
     20x240x144 GEMM. Contiguous (NCDHW) convolutions shrink their column block instead, and 1x1x1 ones run
-    another kernel (``jit_1x1``)."""
-    return (_onednn_gemm_weight_gradient(conv, weight_gradient)
-            and _gemm_scratchpad_bytes(conv) + _nbytes(conv.weight) > ONEDNN_SCRATCHPAD_LIMIT)
+    another kernel (``jit_1x1``).
+
+    With AVX-512, where it runs jit or brgemm kernels instead, a channels-last fp32 weight gradient (kernel
+    larger than 1x1x1, transposed or not) whose input or output gradient holds :data:`ONEDNN_JIT_OPERAND_LIMIT`
+    bytes or more runs ``ref:any`` too. Measured on machine C: the 2x2x2 stride-2 weight gradient on 128 maps of
+    120x240x144 (0.989 x 2^31 bytes) ``jit:avx512_core``, of 124x240x144 ``ref:any``; the 3x3x3 128 -> 128 one at
+    240x240x144 and PyTorch's deconvolution there ``ref:any``."""
+    if _onednn_gemm_weight_gradient(conv, weight_gradient):
+        return _gemm_scratchpad_bytes(conv) + _nbytes(conv.weight) > ONEDNN_SCRATCHPAD_LIMIT
+    return (fullres_device.avx512() and weight_gradient and not conv.forward and not conv.backend.startswith("Slow")
+            and _onednn_channels_last(conv) and conv.input.dtype == torch.float32
+            and math.prod(conv.weight.shape[2:]) > 1
+            and max(_nbytes(conv.input), _nbytes(conv.grad_output)) >= ONEDNN_JIT_OPERAND_LIMIT)
 
 
 def _onednn_gemm_weight_gradient(conv: "_Convolution", weight_gradient: bool) -> bool:
