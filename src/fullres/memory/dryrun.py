@@ -228,18 +228,22 @@ def onednn_reference_weight_gradient(conv: "_Convolution", weight_gradient: bool
     240x240x144 and PyTorch's deconvolution there ``ref:any``."""
     if _onednn_gemm_weight_gradient(conv, weight_gradient):
         return _gemm_scratchpad_bytes(conv) + _nbytes(conv.weight) > ONEDNN_SCRATCHPAD_LIMIT
-    return (fullres_device.avx512() and weight_gradient and not conv.forward and not conv.backend.startswith("Slow")
-            and _onednn_channels_last(conv) and conv.input.dtype == torch.float32
-            and math.prod(conv.weight.shape[2:]) > 1
+    return (fullres_device.avx512() and _onednn_fp32_channels_last_weight_gradient(conv, weight_gradient)
             and max(_nbytes(conv.input), _nbytes(conv.grad_output)) >= ONEDNN_JIT_OPERAND_LIMIT)
 
 
 def _onednn_gemm_weight_gradient(conv: "_Convolution", weight_gradient: bool) -> bool:
     """Whether oneDNN would compute this weight gradient by im2col + GEMM: channels-last fp32, a kernel
     larger than 1x1x1, not transposed, on a CPU without AVX-512 (and not ATen's slow path)."""
-    return not (fullres_device.avx512() or conv.forward or not weight_gradient or conv.transposed or conv.backend.startswith("Slow")
-                or not _onednn_channels_last(conv) or conv.input.dtype != torch.float32
-                or math.prod(conv.weight.shape[2:]) == 1)
+    return (not fullres_device.avx512() and not conv.transposed
+            and _onednn_fp32_channels_last_weight_gradient(conv, weight_gradient))
+
+
+def _onednn_fp32_channels_last_weight_gradient(conv: "_Convolution", weight_gradient: bool) -> bool:
+    """A weight gradient oneDNN computes in fp32 channels-last (not ATen's slow path), kernel larger than 1x1x1:
+    the kind both reference-kernel rules are about."""
+    return (weight_gradient and not conv.forward and not conv.backend.startswith("Slow") and _onednn_channels_last(conv)
+            and conv.input.dtype == torch.float32 and math.prod(conv.weight.shape[2:]) > 1)
 
 
 def _gemm_scratchpad_bytes(conv: "_Convolution") -> int:
