@@ -8,7 +8,7 @@ import torch
 from fullres.config import JobConfig, Strategy
 from fullres.losses import soft_dice_loss
 from fullres.model import ModelConfig, UNet3D
-from fullres.slabs import row_dropout, slab_rows
+from fullres.slabs import row_dropout, slab_rows, take_rows
 from fullres.step import prepare_model, train_step
 
 SHAPE = (40, 8, 8)  # H = 40: levels of 40, 20, 10 and 5 rows (the coarsest odd)
@@ -248,3 +248,15 @@ def test_plan_offers_every_level_schedules_with_their_counted_flops(monkeypatch)
     assert recomputed.flops == count_step_flops(with_slabs(job, (8, 4, 2, 1), 1)) > option.flops
     plain = count_step_flops(job)
     assert option.overhead == pytest.approx(option.flops / plain - 1) and option.overhead > 0
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last_3d, torch.contiguous_format])
+def test_rows_taken_have_the_slice_gradient_in_the_layout_it_arrives_in(memory_format):
+    x = torch.randn(2, 3, 10, 4, 5, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    weight = torch.randn(2, 3, 6, 4, 5, dtype=torch.float64).contiguous(memory_format=memory_format)
+    mine, = torch.autograd.grad((take_rows(x, 3, 9) * weight).sum(), x)
+    theirs, = torch.autograd.grad((x[:, :, 3:9] * weight).sum(), x)
+    assert torch.equal(mine, theirs)
+    assert mine.is_contiguous(memory_format=memory_format)
+    assert theirs.is_contiguous()  # PyTorch's own: NCDHW, whatever the incoming layout
+    assert take_rows(x, 0, 10) is x

@@ -53,6 +53,35 @@ def slab_rows(height: int, slabs: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def take_rows(x: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """x[:, :, low:high] (a view), whose gradient is laid out like the incoming one: PyTorch's own slice
+    backward fills a contiguous (NCDHW) zero tensor and copies a channels-last gradient into it, so every
+    element is transposed (10x the time of a same-layout copy, measured) and the next convolution reorders
+    it back."""
+    if low == 0 and high == x.shape[2]:
+        return x
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x[:, :, low:high]
+    return _TakeRows.apply(x, low, high)
+
+
+class _TakeRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, low, high):
+        ctx.shape, ctx.low, ctx.high = x.shape, low, high
+        return x[:, :, low:high]
+
+    @staticmethod
+    def backward(ctx, grad):
+        channels_last = grad.is_contiguous(memory_format=torch.channels_last_3d) and not grad.is_contiguous()
+        out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device,
+                          memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+        out[:, :, :ctx.low].zero_()
+        out[:, :, ctx.high:].zero_()
+        out[:, :, ctx.low:ctx.high].copy_(grad)
+        return out, None, None
+
+
 # ---- sources: a map's rows on demand ------------------------------------------------------------
 
 class Rows:
@@ -67,7 +96,7 @@ class Rows:
         return cls([tensor], [0, tensor.shape[2]])
 
     def rows(self, low: int, high: int) -> torch.Tensor:
-        parts = [piece[:, :, max(low, start) - start:min(high, stop) - start]
+        parts = [take_rows(piece, max(low, start) - start, min(high, stop) - start)
                  for piece, start, stop in zip(self.pieces, self.bounds, self.bounds[1:]) if start < high and stop > low]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
@@ -97,7 +126,7 @@ class Upsampled:
 
     def rows(self, low: int, high: int) -> torch.Tensor:
         first, last = low // 2, -(-high // 2)
-        return self.layer(self.source.rows(first, last))[:, :, low - 2 * first:high - 2 * first]
+        return take_rows(self.layer(self.source.rows(first, last)), low - 2 * first, high - 2 * first)
 
 
 class Recomputed:
@@ -171,10 +200,10 @@ def level_rows(net, level: Level, sources: list, low: int, high: int, statistics
     for index, name in enumerate(level.convs):
         if index:  # each convolution needs one halo row fewer than the one before: the rest is not computed
             keep_first, keep_last = max(low - depth + index, 0), min(high + depth - index, height)
-            y = getattr(net, name)(y[:, :, keep_first - first:keep_last - first])
+            y = getattr(net, name)(take_rows(y, keep_first - first, keep_last - first))
             first = keep_first
         if upto is not None and index + 1 == upto:
-            return y[:, :, low - first:high - first]
+            return take_rows(y, low - first, high - first)
         if statistics is None or net.config.norm == "none":
             y = F.relu(_normalise(net, name, y), inplace=True)
         else:
@@ -183,7 +212,7 @@ def level_rows(net, level: Level, sources: list, low: int, high: int, statistics
             module = getattr(net, level.dropout)
             y = (module(y) if seed is None else
                  row_dropout(y, module.p if module.training else 0.0, seed, first, height, samples))
-    y = y[:, :, low - first:high - first]
+    y = take_rows(y, low - first, high - first)
     return getattr(net, level.prediction)(y) if level.prediction else y
 
 
