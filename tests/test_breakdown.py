@@ -87,6 +87,14 @@ def test_parts_are_found_under_the_cpu_workarounds_mode(monkeypatch):
     assert rows[breakdown.CONV_WEIGHTS]["flops"] == count_forward_flops(tiny)
 
 
+def test_slab_rows_count_as_slicing_forward_and_backward():
+    result = breakdown.run_breakdown(job(checkpointing=True, slabs=2, channels_last=True), peak_size=128)
+    rows = parts(result)
+    assert rows["slicing (decoder weight halves, slab rows)"]["time_s"] > 0
+    assert not [name for name in rows if "TakeRows" in name]
+    assert sum(row["time_s"] for row in result["parts"]) == pytest.approx(result["step_s"], rel=1e-6)
+
+
 def test_cli_breakdown_json(cli):
     code, out, err = cli("bench", "--breakdown", "--shape", 16, 16, 16, "--filters", 2, "--threads", 1,
                          "--peak-size", 64, "--json")

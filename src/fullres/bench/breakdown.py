@@ -76,7 +76,7 @@ CLAIMS = {
     **{name: "normalisation" for name in ("aten::instance_norm", "aten::group_norm", "aten::batch_norm",
                                           "aten::layer_norm", "aten::native_group_norm_backward",
                                           "aten::native_batch_norm_backward", "aten::native_layer_norm_backward")},
-    "aten::slice": "slicing (decoder weight halves, slab rows)",
+    **{name: "slicing (decoder weight halves, slab rows)" for name in ("aten::slice", "_TakeRows")},
     LOSS_RANGE: "loss (soft Dice, forward and backward)",
 }
 # Parts of generic operators: inside a backward node of a known part they are that part's work.
