@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -241,5 +242,21 @@ def test_real_calibration_of_a_tiny_job(tmp_path):
 
 def test_matmul_peak_is_measured():
     assert speed.matmul_peak_tflops("fp32", size=64, repeats=1) > 0
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_matmul_peak_on_cpu_is_the_faster_of_torch_mm_and_onednn(monkeypatch):
+    """A slow torch.mm (MKL's fp32 GEMM on AMD CPUs) does not pull the peak down: oneDNN's product counts."""
+    mm = torch.mm
+
+    def slow_mm(*args, **kwargs):
+        time.sleep(0.05)
+        return mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", slow_mm)
+    slow_rate = 2 * 64**3 / 0.05 / 1e12
+    assert speed.matmul_peak_tflops("fp32", size=64, repeats=1) > 5 * slow_rate
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # oneDNN off: torch.mm alone
+    assert speed.matmul_peak_tflops("fp32", size=64, repeats=1) < slow_rate
     with pytest.raises(ValueError):
         speed.matmul_peak_tflops("fp64", size=64)
