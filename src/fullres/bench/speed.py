@@ -239,6 +239,8 @@ def time_variant(job: JobConfig, variant: Variant, warmup: int = 1, repeats: int
                  "voxels_per_s": None, "step_flops": step_flops(job.with_(strategy=strategy)), "tflops": None,
                  "peak_tflops": peak_tflops, "fraction_of_peak": None}
     with variant_context(variant, device):
+        if peak_tflops is None:  # before the allocator policy, as bench --breakdown measures it
+            peak_tflops = matmul_peak_tflops(variant.precision, device=device)
         row["allocator"] = set_training_malloc_policy(strategy, device=device.type) or "default"  # as train runs it
         torch.manual_seed(seed)
         training = build_training(job.with_(strategy=strategy), device)
@@ -283,8 +285,6 @@ def time_variant(job: JobConfig, variant: Variant, warmup: int = 1, repeats: int
     row.update(step_s=median, step_s_min=min(seconds), step_s_max=max(seconds), step_s_all=seconds,
                images_per_s=samples / median, voxels_per_s=samples * math.prod(job.shape) / median,
                tflops=row["step_flops"] / median / 1e12)
-    if peak_tflops is None:
-        peak_tflops = matmul_peak_tflops(variant.precision, device=device)
     row.update(peak_tflops=peak_tflops, fraction_of_peak=row["tflops"] / peak_tflops if peak_tflops else None)
     return row
 
