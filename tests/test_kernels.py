@@ -128,13 +128,44 @@ def test_fp32_and_narrow_planes_run_pytorchs_own_kernel(monkeypatch):
     assert conv.weight.grad is not None
 
 
-def test_cpu_workarounds_apply_to_bf16_on_amx_cpus_only(monkeypatch):
+def test_cpu_workarounds_apply_to_bf16_on_cpus_with_native_bf16(monkeypatch):
     monkeypatch.setattr(fullres_device, "amx_bf16", lambda: True)
-    assert isinstance(cpu_workarounds("bf16", "cpu"), PlanarWeightGradients)
+    assert cpu_workarounds("bf16", "cpu").wide_planes
     assert not isinstance(cpu_workarounds("fp32", "cpu"), PlanarWeightGradients)
     assert not isinstance(cpu_workarounds("bf16", "cuda"), PlanarWeightGradients)
     monkeypatch.setattr(fullres_device, "amx_bf16", lambda: False)
+    monkeypatch.setattr(fullres_device, "avx512_bf16", lambda: True)
+    assert not cpu_workarounds("bf16", "cpu").wide_planes  # maps with fewer rows than the kernel only
+    monkeypatch.setattr(fullres_device, "avx512_bf16", lambda: False)
     assert not isinstance(cpu_workarounds("bf16", "cpu"), PlanarWeightGradients)
+
+
+@pytest.mark.parametrize("rows,kernel,padding,planar", [
+    (2, 3, 1, True),    # a 16^3 U-Net's bottleneck: 2 rows, 3x3x3 (garbage from oneDNN's AVX-512 bf16 kernel)
+    (4, 5, 2, True),
+    (3, 3, 1, False),   # as many rows as the kernel: oneDNN's own
+    (4, 3, 0, False),   # a slab's 2 rows with their halos
+])
+def test_maps_with_fewer_rows_than_the_kernel_are_taken_plane_by_plane(monkeypatch, rows, kernel, padding, planar):
+    calls = []
+
+    def counted(*args):
+        calls.append(tuple(args[0].shape))
+        return planar_weight_gradient(*args)
+
+    monkeypatch.setattr(kernels, "planar_weight_gradient", counted)
+    monkeypatch.setattr(kernels, "wide_planes", lambda *args: pytest.fail("the AMX rule asked without AMX"))
+    torch.manual_seed(5)
+    x, weight = torch.randn(1, 32, rows, 5, 5), torch.randn(32, 32, kernel, 3, 3)
+    pad = [padding, 1, 1]
+    grad = torch.randn_like(F.conv3d(x, weight, padding=pad))
+    expected = reference_weight_gradient(grad.double(), x.double(), weight.double(), 1, pad)
+    with PlanarWeightGradients(wide_planes=False):
+        got = BACKWARD(grad.bfloat16(), x.bfloat16(), weight.bfloat16(), None, [1] * 3, pad, [1] * 3, False,
+                       [0] * 3, 1, [False, True, False])[1]
+    assert bool(calls) == planar
+    if planar:  # within bf16's rounding of the float64 sums
+        assert ((got.double() - expected).norm() / expected.norm()).item() < 0.01
 
 
 def test_a_bf16_training_step_takes_them_plane_by_plane(monkeypatch):
@@ -148,10 +179,12 @@ def test_a_bf16_training_step_takes_them_plane_by_plane(monkeypatch):
         calls.append(tuple(args[0].shape))
         return planar_weight_gradient(*args)
 
-    job = JobConfig(model=ModelConfig(filters=2, dropout=0.0), shape=(16, 16, 16), batch=1,
+    # 24 rows: 3 at the bottleneck, as many as the kernel, so that oneDNN's own kernels are right everywhere
+    job = JobConfig(model=ModelConfig(filters=2, dropout=0.0), shape=(24, 16, 16), batch=1,
                     strategy=Strategy(precision="bf16", channels_last=True))
-    images, targets = torch.randn(1, 4, 16, 16, 16), torch.randint(0, 2, (1, 1, 16, 16, 16)).float()
+    images, targets = torch.randn(1, 4, 24, 16, 16), torch.randint(0, 2, (1, 1, 24, 16, 16)).float()
     gradients = []
+    monkeypatch.setattr(fullres_device, "avx512_bf16", lambda: False)
     for amx in (True, False):
         monkeypatch.setattr(fullres_device, "amx_bf16", lambda: amx)
         monkeypatch.setattr(kernels, "planar_weight_gradient", counted)

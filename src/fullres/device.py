@@ -26,13 +26,23 @@ def avx512() -> bool:
 
 
 @functools.cache
-def amx_bf16() -> bool:
-    """Whether this CPU has AMX for bf16 (Linux's `amx_bf16` flag), which oneDNN uses for bf16 convolutions."""
+def _cpu_flag(flag: str) -> bool:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in cpuinfo)
+            return any(line.startswith("flags") and flag in line.split() for line in cpuinfo)
     except OSError:
         return False
+
+
+def amx_bf16() -> bool:
+    """Whether this CPU has AMX for bf16 (Linux's `amx_bf16` flag), which oneDNN uses for bf16 convolutions."""
+    return _cpu_flag("amx_bf16")
+
+
+def avx512_bf16() -> bool:
+    """Whether this CPU has AVX-512 bf16 instructions (Linux's `avx512_bf16` flag): oneDNN's native bf16
+    kernels without AMX (`jit_bf16:avx512_core_bf16`)."""
+    return _cpu_flag("avx512_bf16")
 
 
 def physical_cores() -> int:

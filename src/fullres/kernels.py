@@ -8,6 +8,13 @@ gradient is a stack of 2D ones, one per kernel row along H: `dW[:, :, kh]` sums,
 the 2D weight gradient of output row r against input row `stride * r + kh - padding`, and those rows
 are a batch of 2D images (in channels-last memory, views). :class:`PlanarWeightGradients` computes
 bf16 3D weight gradients that way on AMX CPUs; :func:`planar_weight_gradient` is the decomposition.
+
+Without AMX, oneDNN's AVX-512 bf16 weight gradient (`jit_bf16:avx512_core_bf16`, seen on an AMD Zen 5)
+returns garbage (relative errors up to 1e36) or corrupts the heap when the input has fewer rows along H
+than the kernel (a 3x3x3 convolution of a map 2 rows tall, such as the bottleneck of a 16^3 U-Net) and
+more than 16 input or output channels; every such case found had fewer rows than the kernel, and none
+with as many. :class:`PlanarWeightGradients` takes those plane by plane too, on CPUs with AVX-512 bf16 or
+AMX: their 2D weight gradients are right.
 """
 
 from __future__ import annotations
@@ -48,13 +55,16 @@ def planar_weight_gradient(grad: torch.Tensor, input: torch.Tensor, weight: torc
     return torch.stack(rows, dim=2)
 
 
-def _fails_on_amx(args) -> bool:
+def _fails(args, amx: bool) -> bool:
     grad, input, weight, _, stride, padding, dilation, transposed, _, groups, output_mask = args
-    return (output_mask[1] and weight.dim() == 5 and not transposed and groups == 1 and all(d == 1 for d in dilation)
-            and grad.device.type == "cpu" and grad.dtype == torch.bfloat16
-            # the larger plane: the upsampling's weight gradient is a strided convolution's from the fine map
-            and wide_planes(max(input.shape[3:], grad.shape[3:], key=lambda plane: plane[0] * plane[1]), grad.shape[2],
-                            _channels_last(input) or _channels_last(weight)))
+    if not (output_mask[1] and weight.dim() == 5 and not transposed and groups == 1 and all(d == 1 for d in dilation)
+            and grad.device.type == "cpu" and grad.dtype == torch.bfloat16):
+        return False
+    if input.shape[2] < weight.shape[2]:
+        return True
+    # the larger plane: the upsampling's weight gradient is a strided convolution's from the fine map
+    return amx and wide_planes(max(input.shape[3:], grad.shape[3:], key=lambda plane: plane[0] * plane[1]),
+                               grad.shape[2], _channels_last(input) or _channels_last(weight))
 
 
 # Where the AMX kernel failed (docs/performance.md): planes of 256 x 256 and wider; at 128 x 128, slabs of 2
@@ -71,10 +81,15 @@ def wide_planes(plane, rows: int, channels_last: bool = True) -> bool:
 
 
 class PlanarWeightGradients(TorchDispatchMode):
-    """Within it, every CPU bf16 3D convolution's weight gradient (groups 1, dilation 1, not transposed) is
-    :func:`planar_weight_gradient`; its input gradient is PyTorch's own and its bias gradient is summed in
-    fp32. Everything else runs as it would. torch.compile compiles under it (it is declared to ignore compile
-    internals; under a mode that is not, compile falls back to eager)."""
+    """Within it, a CPU bf16 3D convolution's weight gradient (groups 1, dilation 1, not transposed) is
+    :func:`planar_weight_gradient` when its input has fewer rows than its kernel, or, with `wide_planes`
+    (AMX CPUs), when :func:`wide_planes` says so; its input gradient is PyTorch's own and its bias gradient
+    is summed in fp32. Everything else runs as it would. torch.compile compiles under it (it is declared to
+    ignore compile internals; under a mode that is not, compile falls back to eager)."""
+
+    def __init__(self, wide_planes: bool = True):
+        super().__init__()
+        self.wide_planes = wide_planes
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -82,7 +97,7 @@ class PlanarWeightGradients(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not _CONVOLUTION_BACKWARD or kwargs or not _fails_on_amx(args):
+        if func is not _CONVOLUTION_BACKWARD or kwargs or not _fails(args, self.wide_planes):
             return func(*args, **kwargs)
         grad, input, weight, _, stride, padding, dilation, transposed, output_padding, groups, mask = args
         grad_input = None
@@ -101,8 +116,13 @@ def _channels_last(tensor: torch.Tensor) -> bool:
 
 
 def cpu_workarounds(precision: str, device_type: str):
-    """The context a training step's forward and backward run in: :class:`PlanarWeightGradients` for bf16 on
-    an AMX CPU, else nothing."""
-    if device_type == "cpu" and precision == "bf16" and fullres_device.amx_bf16():
+    """The context a training step's forward and backward run in: for bf16, :class:`PlanarWeightGradients`
+    on an AMX CPU, and for maps with fewer rows than the kernel only on an AVX-512 bf16 CPU without AMX
+    (where the mode's dispatch costs ~2 % of the 64^3 step, measured); else nothing."""
+    if device_type != "cpu" or precision != "bf16":
+        return nullcontext()
+    if fullres_device.amx_bf16():
         return PlanarWeightGradients()
+    if fullres_device.avx512_bf16():
+        return PlanarWeightGradients(wide_planes=False)
     return nullcontext()
