@@ -78,6 +78,19 @@ def test_checkpointing_counts_the_recomputed_forward():
     assert plain < checkpointed < 2 * plain
 
 
+def test_flops_are_the_steps_own_where_a_cpu_workaround_routes_them(monkeypatch):
+    """On a CPU whose bf16 weight gradients of short maps go plane by plane (16^3: a 2-row bottleneck), the
+    count is still the 3D convolutions', real and on fake tensors."""
+    from fullres import device as fullres_device
+
+    monkeypatch.setattr(fullres_device, "amx_bf16", lambda: False)
+    monkeypatch.setattr(fullres_device, "avx512_bf16", lambda: True)
+    bf16 = tiny_job(batch=1, strategy=Strategy(precision="bf16"))
+    fp32 = flops.count_step_flops(tiny_job(batch=1))
+    assert flops.count_step_flops(bf16) == fp32
+    assert timing.fake_step_flops(bf16) == fp32
+
+
 def test_precision_and_layout_change_no_count():
     """Why the unit count may run in fp32, contiguous, for a bf16 / channels-last job."""
     fp32 = flops.count_step_flops(tiny_job(batch=1))

@@ -19,7 +19,8 @@ AMX: their 2D weight gradients are right.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -115,11 +116,26 @@ def _channels_last(tensor: torch.Tensor) -> bool:
     return tensor.is_contiguous(memory_format=torch.channels_last_3d) and not tensor.is_contiguous()
 
 
+_ROUTING = [True]
+
+
+@contextmanager
+def as_asked() -> Iterator[None]:
+    """Within it, :func:`cpu_workarounds` routes nothing: every operation runs as the step asks for it. For
+    counting FLOPs, which are the step's operations' (the planes of a routed weight gradient skip the rows
+    that meet only padding, and would count fewer); not for computing values on a CPU the routing is for."""
+    _ROUTING.append(False)
+    try:
+        yield
+    finally:
+        _ROUTING.pop()
+
+
 def cpu_workarounds(precision: str, device_type: str):
     """The context a training step's forward and backward run in: for bf16, :class:`PlanarWeightGradients`
     on an AMX CPU, and for maps with fewer rows than the kernel only on an AVX-512 bf16 CPU without AMX
     (where the mode's dispatch costs ~2 % of the 64^3 step, measured); else nothing."""
-    if device_type != "cpu" or precision != "bf16":
+    if device_type != "cpu" or precision != "bf16" or not _ROUTING[-1]:
         return nullcontext()
     if fullres_device.amx_bf16():
         return PlanarWeightGradients()

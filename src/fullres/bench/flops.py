@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from fullres.config import JobConfig
+from fullres.kernels import as_asked
 from fullres.losses import LOSSES
 from fullres.memory.measure import make_batch
 from fullres.model import build_model
@@ -50,11 +51,12 @@ def random_batch(job: JobConfig, device: torch.device, batch: int | None = None)
 
 
 def count_flops(run: Callable[[], object]) -> int:
-    """FLOPs that FlopCounterMode counts while `run()` executes (forward, and backward when it runs one)."""
+    """FLOPs that FlopCounterMode counts while `run()` executes (forward, and backward when it runs one),
+    with the operations as asked for (:func:`fullres.kernels.as_asked`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, as_asked():
         run()
     return int(counter.get_total_flops())
 

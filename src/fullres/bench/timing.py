@@ -21,6 +21,7 @@ from fullres.config import JobConfig
 from fullres.device import available_memory
 from fullres.errors import UserError
 from fullres.files import cache_lookup, cache_store, user_cache_dir
+from fullres.kernels import as_asked
 from fullres.losses import LOSSES, primary_output
 from fullres.memory.dryrun import ONEDNN_REFERENCE_FLOPS_PER_S, reference_weight_gradient_flops
 from fullres.memory.estimate import table1_training_bytes
@@ -257,7 +258,7 @@ def _fake_counts(job: JobConfig) -> tuple[int, int]:
 
         micro = job.with_(strategy=replace(job.strategy, accumulate=1))
         counter, scalars = FlopCounterMode(display=False), _ScalarsOfFakes()
-        with FakeTensorMode(allow_non_fake_inputs=False), counter, scalars:
+        with FakeTensorMode(allow_non_fake_inputs=False), counter, scalars, as_asked():
             model = build_model(micro.model, micro.shape)
             training = build_training(micro, "cpu", model=model)
             images, targets = random_batch(micro, torch.device("cpu"))
