@@ -228,7 +228,7 @@ sys.exit(main(sys.argv[1:]))
 
 class Started:
     """Runs a command, reading its stdout on a thread: `training` is set once the run printed its "job:" line
-    (set-up done, the epochs begin), `returncode` and `stderr` once it exited."""
+    (set-up done, the epochs begin); `wait()` returns its exit code and stderr."""
 
     def __init__(self, cli: list[str], env: dict, stderr_path: Path):
         import threading
