@@ -107,9 +107,30 @@ class PlanarWeightGradients(TorchDispatchMode):
                               groups, [True, False, False])[0]
         grad_weight = planar_weight_gradient(grad, input, weight, stride, padding)
         grad_bias = grad.sum((0, 2, 3, 4), dtype=torch.float32).to(grad.dtype) if mask[2] else None
-        # in the layout ATen's oneDNN convolution returns: channels-last when its input or its weight is
-        layout = torch.channels_last_3d if _channels_last(input) or _channels_last(weight) else torch.contiguous_format
+        layout = _aten_layout(input, weight, stride, padding, dilation, output_padding, groups)
         return grad_input, grad_weight.contiguous(memory_format=layout), grad_bias
+
+
+def select_conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups) -> str:
+    """The kernel family ATen picks for this convolution, by its own rules (shapes, strides, dtype, thread
+    count, CPU features; never the data): "Mkldnn", "Slow3d", ...; "" where this torch does not say (it is
+    a private function). Used by `_few_channels_on_onednn` and by the dry run's workspace model."""
+    select = getattr(torch._C, "_select_conv_backend", None)
+    if select is None:
+        return ""
+    return str(select(input, weight, bias, list(stride), list(padding), list(dilation), bool(transposed),
+                      list(output_padding), int(groups), None)).split(".")[-1]
+
+
+def _aten_layout(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, output_padding,
+                 groups) -> torch.memory_format:
+    """The layout ATen returns a convolution's weight gradient in: oneDNN's ("Mkldnn", and where this torch
+    does not say) is channels-last when the input or the weight is; the others' (bf16 without native bf16
+    runs "Slow3d") contiguous."""
+    backend = select_conv_backend(input, weight, None, stride, padding, dilation, False, output_padding, groups)
+    if backend not in ("", "Mkldnn"):
+        return torch.contiguous_format
+    return torch.channels_last_3d if _channels_last(input) or _channels_last(weight) else torch.contiguous_format
 
 
 def _channels_last(tensor: torch.Tensor) -> bool:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fullres import device as fullres_device
+from fullres.kernels import select_conv_backend  # noqa: F401 - part of this module's API
 from fullres import networks
 from fullres.losses import primary_output
 from fullres.presets import PAPER
@@ -332,17 +333,6 @@ class _UpsamplingWeightGradient(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 2, 3, 4), dtype=torch.promote_types(grad.dtype, torch.float32))
         return grad_x, grad_weight, grad_bias, None
-
-
-def select_conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups) -> str:
-    """The kernel family ATen picks for this convolution, by its own rules (shapes, strides, dtype, thread
-    count, CPU features; never the data): "Mkldnn", "Slow3d", ...; "" where this torch does not say (it is
-    a private function). Used by `_few_channels_on_onednn` and by the dry run's workspace model."""
-    select = getattr(torch._C, "_select_conv_backend", None)
-    if select is None:
-        return ""
-    return str(select(input, weight, bias, list(stride), list(padding), list(dilation), bool(transposed),
-                      list(output_padding), int(groups), None)).split(".")[-1]
 
 
 def _conv_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Conv3d) -> str:
