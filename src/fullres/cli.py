@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import traceback
+import warnings
 from dataclasses import fields
 import sys
 from pathlib import Path
@@ -18,6 +22,7 @@ from fullres.config import PRECISIONS, SCHEDULES, TARGET_CLASSES, JobConfig, Str
 from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
 from fullres.device import COLLECTIVE_TIMEOUT_S, memory_device
 from fullres.errors import UserError
+from fullres.files import refuse_special
 from fullres.lesions import CHALLENGES, DEFAULT_CHALLENGE
 from fullres.losses import LOSSES
 from fullres.model import NORMS, ModelConfig, check_shape
@@ -77,13 +82,20 @@ def channel_count(spec: str) -> int:
     return len(items)
 
 
+def seed_value(text: str) -> int:
+    value = _whole_number(text, 0)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"{value} must be below 2^32")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number greater than 0")
     return value
 
 
@@ -186,6 +198,7 @@ def refuse_existing(path: Path, option: str, overwrite: bool, ours=None) -> None
     command's own earlier output (`ours(path)` true) unless `overwrite`."""
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder: give a file path")
+    refuse_special(path, option)
     if (path.exists() or path.is_symlink()) and not overwrite and not (ours is not None and ours(path)):
         raise UserError(f"{option} {path} exists: choose another path, or --overwrite")
 
@@ -578,7 +591,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run(TrainRequest(out=Path(args.out), data=Path(args.data) if args.data is not None else None, options=options,
                      make_job=job_from_options, strategy=args.strategy, memory=args.memory, force=args.force,
                      autotune=not args.no_autotune, resume=args.resume, progress=not args.quiet, layout=args.layout,
-                     spatial=args.spatial, timeout=args.timeout))
+                     spatial=args.spatial, timeout=args.timeout, trust_code=args.trust_code))
     return 0
 
 
@@ -597,7 +610,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                 probabilities=args.probabilities, progress=not args.quiet, layout=args.layout,
                                 overwrite=args.overwrite, engine=args.engine,
                                 engine_file=Path(args.engine_file) if args.engine_file else None,
-                                memory=args.memory, process=process, spatial=args.spatial)
+                                memory=args.memory, process=process, spatial=args.spatial,
+                                trust_code=args.trust_code)
     if process.main:
         print(f"wrote {len(written)} mask(s) to {args.out}")
     return 0
@@ -607,7 +621,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fullres.export import export_run
 
     result = export_run(Path(args.run_dir), args.format, Path(args.out) if args.out else None,
-                        tuple(args.shape) if args.shape else None, args.dynamic, args.overwrite)
+                        tuple(args.shape) if args.shape else None, args.dynamic, args.overwrite, args.trust_code)
     if args.json:
         print_json(result)
         return 0
@@ -669,7 +683,7 @@ def evaluation_regions(pred_dir: Path, labels_dir: Path, layout: str | None) -> 
         info = json.loads((pred_dir / "prediction.json").read_text())
         if isinstance(info.get("regions"), dict) and info["regions"]:
             return str(info.get("layout", "prediction.json")), {k: tuple(v) for k, v in info["regions"].items()}
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
         pass
     found = detect_label_regions(labels_dir)
     return found if found is not None else ("msd", dict(MSD_REGIONS))
@@ -680,7 +694,7 @@ def predictions_are_binary(pred_dir: Path) -> bool:
     info = pred_dir / "prediction.json"
     try:
         return json.loads(info.read_text()).get("target") == "wt"
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -688,13 +702,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     from fullres.figures import figure7_overlay
     from fullres.data.nifti import open_nifti, read_array
 
-    if Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a folder: give a PNG path")
-    if Path(args.out).exists() and not args.overwrite:
-        raise UserError(f"--out {args.out} exists: choose another path, or --overwrite")
+    out = Path(args.out)
+    for given in (args.image, args.pred, args.label):  # never over an input, whatever --overwrite says
+        if given is not None and out.exists() and Path(given).exists() and out.resolve() == Path(given).resolve():
+            raise UserError(f"--out {args.out} is one of the inputs: give another path")
+    refuse_existing(out, "--out", args.overwrite)
 
     image_nii = open_nifti(Path(args.image))
     image = read_array(image_nii, Path(args.image))
+    if image.ndim not in (3, 4):
+        raise UserError(f"{args.image}: a {image.ndim}D image (shape {image.shape}); show draws a 3D image or a "
+                        "channel of a 4D one")
     if image.ndim == 4:
         if not 0 <= args.channel < image.shape[3]:
             raise UserError(f"--channel {args.channel}: {args.image} has {image.shape[3]} channels")
@@ -790,7 +808,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate")
     parser.add_argument("--loss", choices=tuple(LOSSES), default=None, help="soft Dice (default), or Dice + BCE")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate schedule (default: cosine)")
-    parser.add_argument("--seed", type=int, default=None, help="weights, split, order and dropout follow from it")
+    parser.add_argument("--seed", type=seed_value, default=None, help="weights, split, order and dropout follow from it")
     parser.add_argument("--val-fraction", type=fraction, default=None, help="share of cases held out for validation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="auto (default): CUDA when present")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
@@ -807,9 +825,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the dataset's layout (default: detected from the folder)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from last.pt (other flags must agree with its config.json)")
+    add_trust_argument(parser)
     add_launch_arguments(parser, "sample", "holding its rows (along H) of every level; processes / S samples at a "
                                            "time (exact; a resumed run may change S)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """--trust-code: the user's own word that the run's network code may run (see fullres.trust)."""
+    parser.add_argument("--trust-code", action="store_true",
+                        help="build a network that is code the run names (its factory file, or a module to import) "
+                             "even if it was not trained on this account; read that code first")
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser, unit: str, how: str) -> None:
@@ -972,6 +998,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="memory the inference plan must fit (default: what is available now), e.g. 8GiB")
     add_launch_arguments(predict, "volume", "computing its rows (along H) of every level (exact); processes / S "
                                             "volumes at a time")
+    add_trust_argument(predict)
     predict.set_defaults(run=cmd_predict)
 
     export = commands.add_parser("export", help="the trained network as ONNX or OpenVINO IR, verified against PyTorch")
@@ -985,6 +1012,7 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--dynamic", action="store_true", help="any spatial size the network takes")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     export.add_argument("--json", action="store_true", help="machine-readable output")
+    add_trust_argument(export)
     export.set_defaults(run=cmd_export)
 
     evaluate = commands.add_parser("evaluate", help="Dice, NSD and HD95 per case and region (WT, TC, ET)")
@@ -1023,26 +1051,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A refusal or fault is one line on stderr and a non-zero exit code: library warnings
+    raised on the way are held back while the command runs and shown after it only when it succeeds; an
+    unexpected exception is one line too (FULLRES_TRACEBACK=1 shows its traceback)."""
     from fullres.memory.malloc import set_training_malloc_policy
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("default")
+        code, message = _run(args, set_training_malloc_policy)
+    if message is not None:
+        print(f"fullres {args.command}: {' '.join(message.split())}", file=sys.stderr)
+    else:
+        for warning in held:  # as Python would have printed them
+            sys.stderr.write(warnings.formatwarning(warning.message, warning.category, warning.filename,
+                                                    warning.lineno, warning.line))
+    return code
+
+
+def _run(args: argparse.Namespace, set_training_malloc_policy) -> tuple[int, str | None]:
+    """(exit code, the one line to print on failure or None)."""
     try:
         set_training_malloc_policy()  # FULLRES_MALLOC=fixed|cached|default for every job (see memory/malloc.py)
-        return args.run(args)
+        return args.run(args), None
     except UserError as error:
-        print(f"fullres {args.command}: error: {error}", file=sys.stderr)
-        return error.exit_code
+        return error.exit_code, f"error: {error}"
     except KeyboardInterrupt:
-        print(f"fullres {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 130, "interrupted"
     except MemoryError:
-        print(f"fullres {args.command}: error: out of memory (see `fullres plan` for what fits)", file=sys.stderr)
-        return 1
+        return 1, "error: out of memory (see `fullres plan` for what fits)"
     except OSError as error:  # permissions, a read-only or full disk, a path that is a file or a folder
         where = f"{error.filename}: " if error.filename else ""
-        print(f"fullres {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
-        return 1
+        return 1, f"error: {where}{error.strerror or error}"
+    except RecursionError:
+        return 1, "error: an input is nested too deeply to read (JSON or a symlink chain)"
+    except Exception as error:  # noqa: BLE001 - a failure no check foresaw: one line, never a traceback
+        if os.environ.get("FULLRES_TRACEBACK"):
+            traceback.print_exc()
+        text = str(error).strip()
+        return 1, (f"error: {type(error).__name__}: {text.splitlines()[0][:300] if text else ''} (unexpected; "
+                   "FULLRES_TRACEBACK=1 shows where)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Defaults live in :mod:`fullres.presets`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from fullres.data.preprocess import DataConfig
@@ -18,9 +19,12 @@ from fullres.losses import LOSSES
 from fullres.model import LEVELS as SLAB_LEVELS
 from fullres.model import ModelConfig, check_divisible, model_spec, slab_rows
 from fullres.presets import DEMO, PAPER, PRESETS
+from fullres.schema import from_data
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+MAX_THREADS, MAX_WORKERS = 4096, 1024  # more than any machine has: a larger value is a damaged config
 TARGET_CLASSES = {"wt": 1, "regions": 3, "classes": 4}  # output channels per --target (MSD Task01: 4 labels)
 
 
@@ -207,12 +211,13 @@ class JobConfig:
                                                                   recompute_inputs=recompute))
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "model": self.model.to_json()}
 
     @classmethod
-    def from_json(cls, data: dict) -> "JobConfig":
-        return cls(model=ModelConfig(**data["model"]), shape=tuple(data["shape"]), batch=data["batch"],
-                   strategy=Strategy(**data["strategy"]))
+    def from_json(cls, data: dict, where: str = "job") -> "JobConfig":
+        """The job `data` describes, every field checked against its type first (:mod:`fullres.schema`):
+        UserError naming the field otherwise."""
+        return from_data(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -237,16 +242,25 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
         if self.loss not in LOSSES:
             raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.threads < 0 or self.workers < 0:
-            raise ValueError("--threads and --workers must be >= 0")
+        if not (0 <= self.threads <= MAX_THREADS and 0 <= self.workers <= MAX_WORKERS):
+            raise ValueError(f"--threads must be in 0..{MAX_THREADS} and --workers in 0..{MAX_WORKERS}, got "
+                             f"{self.threads} and {self.workers}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.strategy_choice not in ("manual", "auto"):
+            raise ValueError(f"strategy_choice must be manual or auto, got {self.strategy_choice!r}")
+        if not self.data_dir:
+            raise ValueError("data_dir must name the dataset folder")
         if tuple(self.data.shape) != tuple(self.job.shape):
             raise ValueError(f"data shape {self.data.shape} differs from the model's input shape {self.job.shape}")
 
@@ -256,8 +270,10 @@ class TrainConfig:
         return values
 
     @classmethod
-    def from_json(cls, data: dict) -> "TrainConfig":
-        return cls(**{**data, "job": JobConfig.from_json(data["job"]), "data": DataConfig.from_json(data["data"])})
+    def from_json(cls, data: dict, where: str = "config") -> "TrainConfig":
+        """The run `data` describes (a config.json, a checkpoint's "config"), every field checked against its
+        type first (:mod:`fullres.schema`): UserError naming the field otherwise. Nothing is imported or built."""
+        return from_data(cls, data, where)
 
 
 def job_defaults(architecture: str = "unet3d", demo: bool = False) -> dict:

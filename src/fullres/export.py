@@ -37,7 +37,7 @@ from torch import nn
 from fullres.checkpoint import load_weights, resolve_checkpoint
 from fullres.config import TrainConfig
 from fullres.errors import UserError
-from fullres.files import current_umask
+from fullres.files import current_umask, refuse_special
 
 FORMATS = ("onnx", "openvino")
 ENGINES = ("torch", *FORMATS)
@@ -91,19 +91,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_run_network(run_or_checkpoint: Path) -> RunNetwork:
+def load_run_network(run_or_checkpoint: Path, trust_code: bool = False) -> RunNetwork:
     """The run's network with its checkpoint's weights. UserError when the run or its checkpoint is missing,
-    unreadable, or holds weights of another network than its config describes."""
-    from fullres.checkpoint import load_checkpoint
-    from fullres.model import build_model
+    unreadable, names code this user has not trusted (`trust_code`: their --trust-code; :mod:`fullres.trust`),
+    or holds weights of another network than its config describes."""
+    from fullres.checkpoint import check_weights_fit, load_checkpoint, open_run_config
+    from fullres.model import build_model, build_on_meta
 
     checkpoint = resolve_checkpoint(run_or_checkpoint)
     state = load_checkpoint(checkpoint)
+    config = open_run_config(state, checkpoint, trust_code)
     try:
-        config = TrainConfig.from_json(state["config"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise UserError(f"{checkpoint}: the checkpoint holds no readable run configuration ({error})") from None
-    try:
+        check_weights_fit(build_on_meta(config.job.model, config.job.shape), state, checkpoint)
         with torch.device("cpu"):
             model = build_model(config.job.model, config.job.shape)
     except ValueError as error:
@@ -137,7 +136,7 @@ def _require(module: str):
 
 
 def export_run(run_or_checkpoint: Path, fmt: str, out: Path | None = None, shape: tuple[int, int, int] | None = None,
-               dynamic: bool = False, overwrite: bool = False) -> dict:
+               dynamic: bool = False, overwrite: bool = False, trust_code: bool = False) -> dict:
     """Export the run's network (see the module docstring) to `out` (default :func:`default_path`) for inputs
     of spatial `shape` (default the run's), or of any valid shape with `dynamic`; verify it; write it
     atomically. Refuses, in one line and writing nothing: an unknown format, a missing run or checkpoint,
@@ -153,12 +152,14 @@ def export_run(run_or_checkpoint: Path, fmt: str, out: Path | None = None, shape
     _require("onnxruntime")
     if fmt == "openvino":
         _require("openvino")
-    network = load_run_network(run_or_checkpoint)
+    network = load_run_network(run_or_checkpoint, trust_code)
     out = Path(out) if out is not None else default_path(run_or_checkpoint, fmt)
     if fmt == "openvino" and out.suffix != ".xml":
         raise UserError(f"--out {out}: an OpenVINO IR is a .xml file (its weights go beside it in a .bin)")
     if fmt == "onnx" and out.suffix != ".onnx":
         raise UserError(f"--out {out}: an ONNX file ends in .onnx")
+    for path in output_files(out, fmt):
+        refuse_special(path, "--out")
     existing = [path for path in output_files(out, fmt) if path.exists()]
     if existing and not overwrite:
         raise UserError(f"--out {existing[0]} exists: pass --overwrite to replace it")

@@ -8,17 +8,42 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
+
+from fullres.errors import UserError
+
+
+def special_file(path: Path) -> str | None:
+    """What `path` is when it exists and is neither a regular file nor a folder ("a device", "a FIFO",
+    "a socket"), following a symlink; else None. A write must never replace such a file with a regular one."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
+def refuse_special(path: Path, option: str) -> None:
+    """UserError naming `option` when the output `path` is a device, FIFO or socket (see :func:`special_file`)."""
+    if (kind := special_file(Path(path))) is not None:
+        raise UserError(f"{option} {path} is {kind}, not a regular file: fullres writes regular files only")
 
 
 @contextlib.contextmanager
 def atomic_write(path: Path) -> Iterator[BinaryIO]:
     """Yield a binary file in `path`'s folder; on success flush, fsync and rename it over `path`.
 
-    The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
+    The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600. A `path` that is
+    a device, FIFO or socket is refused (UserError) before anything is written.
     """
+    refuse_special(path, "output")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -92,7 +117,7 @@ def _read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 

@@ -17,7 +17,7 @@ With the defaults the network has exactly 19,735,329 trainable weights (Table 1'
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -46,7 +46,9 @@ class ModelConfig:
     :data:`MODELS` or of a family (``monai:CLASS``, ``nnunet:...``, a user's ``FILE.py:FUNCTION``);
     `args` is its keyword arguments as canonical JSON (``--model-args``); `source_sha256` the content hash
     of a user's factory file, checked whenever the network is built again. `filters`, `dropout` and
-    `norm` shape fullres's own networks (unet3d, intel-unet); other networks take `args`."""
+    `norm` shape fullres's own networks (unet3d, intel-unet); other networks take `args`. `factory_dir`:
+    the folder a ``FILE.py`` factory is loaded from instead of its own path, set only by the process that
+    opens a run (:func:`fullres.checkpoint.trusted_model`), never saved or read from a file."""
 
     in_channels: int = 4
     filters: int = PAPER.filters
@@ -56,6 +58,7 @@ class ModelConfig:
     architecture: str = "unet3d"
     args: str = ""
     source_sha256: str = ""
+    factory_dir: str = field(default="", compare=False, repr=False, metadata={"internal": True})
 
     def __post_init__(self) -> None:
         spec = model_spec(self.architecture)  # raises ValueError naming an unknown network
@@ -82,6 +85,9 @@ class ModelConfig:
         if self.norm == "group" and self.filters % 8:
             raise ValueError(f"group norm uses 8 groups: filters must be a multiple of 8, got {self.filters}")
 
+    def to_json(self) -> dict:
+        """The saved fields (not `factory_dir`, which only the process that opened the run may set)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "factory_dir"}
 
     @property
     def kwargs(self) -> dict:
@@ -437,7 +443,8 @@ def model_spec(name: str) -> ModelSpec:
                          why=f"{member}'s strides")
     elif networks.is_factory_name(name):
         spec = ModelSpec(name, lambda config, shape: networks.build_factory(name, config.in_channels, config.classes,
-                                                                             config.kwargs, config.source_sha256),
+                                                                             config.kwargs, config.source_sha256,
+                                                                             config.factory_dir),
                          f"the factory {name}")
     else:
         raise ValueError(f"unknown network {name!r}: choose one of {', '.join(sorted(MODELS))}, or "

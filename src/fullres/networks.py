@@ -181,43 +181,69 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def load_factory(name: str, expected_sha256: str = ""):
+def load_factory(name: str, expected_sha256: str = "", factory_dir: str = ""):
     """The factory function `name` names. A file must exist, be writable by its owner only (and its folder
-    too), and, where `expected_sha256` is given, still hold the content it had when the job was configured."""
+    too), and, where `expected_sha256` is given, still hold the content it had when the job was configured.
+    `factory_dir`: load the file of that name from this folder instead (a run's own copy; its SHA-256 must
+    be given and match)."""
     module_name, _, function = name.rpartition(":")
     path = factory_file(name)
+    if path is not None and factory_dir:
+        path = Path(factory_dir).absolute() / path.name
+        if not expected_sha256:
+            raise ValueError(f"{path}: the run records no SHA-256 for its network's source: fullres loads no code "
+                             "it cannot check")
     if path is not None:
-        if not path.is_file():
-            raise ValueError(f"{path}: no such file")
+        if not path.is_file() or (factory_dir and path.is_symlink()):  # a run's copy never points elsewhere
+            raise ValueError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
         for checked in (path, path.parent):
             if checked.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
                 raise ValueError(f"{checked} is writable by others: fullres loads no code from there")
-        if expected_sha256 and file_digest(path) != expected_sha256:
+        source = path.read_bytes()
+        if expected_sha256 and hashlib.sha256(source).hexdigest() != expected_sha256:
             raise ValueError(f"{path} changed since this run was configured (its SHA-256 differs): restore it, "
                              "or start a new run")
-        spec = importlib.util.spec_from_file_location(f"fullres_user_model_{file_digest(path)[:12]}", path)
+        module_key = f"fullres_user_model_{hashlib.sha256(source).hexdigest()[:12]}"
+        spec = importlib.util.spec_from_loader(module_key, loader=None, origin=str(path))
         module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as error:  # noqa: BLE001 - the user's code: any failure is reported in one line
-            raise ValueError(f"{path} failed to load: {type(error).__name__}: {error}") from None
+        module.__file__ = str(path)
+        try:  # the bytes that were checked are the bytes that run (no second read of the file)
+            exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - the user's own, checked code
+        except BaseException as error:  # noqa: BLE001 - the user's code: any failure, SystemExit too, in one line
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            raise ValueError(f"{path} failed to load: {type(error).__name__}: {_first_line(error)}") from None
     else:
         try:
             module = importlib.import_module(module_name)
         except ImportError as error:
             raise ValueError(f"cannot import {module_name}: {error}") from None
+        except BaseException as error:  # noqa: BLE001 - the user's module raised while importing
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            raise ValueError(f"importing {module_name} raised {type(error).__name__}: {_first_line(error)}") from None
     factory = getattr(module, function, None)
     if not callable(factory):
         raise ValueError(f"{module_name} has no function {function!r}")
     return factory
 
 
-def build_factory(name: str, in_channels: int, classes: int, args: dict, expected_sha256: str = "") -> nn.Module:
-    factory = load_factory(name, expected_sha256)
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def build_factory(name: str, in_channels: int, classes: int, args: dict, expected_sha256: str = "",
+                  factory_dir: str = "") -> nn.Module:
+    """`name`'s factory called with the job's channels and `args` (see :func:`load_factory`); anything it
+    raises, SystemExit included, is a ValueError naming it."""
+    factory = load_factory(name, expected_sha256, factory_dir)
     try:
         model = factory(in_channels, classes, **args)
-    except Exception as error:  # noqa: BLE001 - the user's code: any failure is reported in one line
-        raise ValueError(f"{name} raised {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}") from None
+    except BaseException as error:  # noqa: BLE001 - the user's code: any failure is reported in one line
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        raise ValueError(f"{name} raised {type(error).__name__}: {_first_line(error)}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
     return model

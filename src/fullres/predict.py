@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from torch import nn
 
-from fullres.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
+from fullres.checkpoint import check_weights_fit, load_checkpoint, load_weights, open_run_config, resolve_checkpoint
 from fullres.config import JobConfig, Strategy, TrainConfig
 from fullres.data import load_case_image, load_dataset, uncrop, write_nifti
 from fullres.data.layouts import MSD_REGIONS, apply_value_map, detect_layout, match_channels, value_map
@@ -26,9 +26,9 @@ from fullres.data.msd import DatasetIndex
 from fullres.data.nifti import NIFTI_SUFFIXES, case_id_from_path
 from fullres.device import Process, available_memory
 from fullres.errors import UserError
-from fullres.files import write_json
+from fullres.files import refuse_special, write_json
 from fullres.losses import primary_output
-from fullres.model import build_model, check_divisible, model_spec, spatial_divisor
+from fullres.model import build_model, build_on_meta, check_divisible, model_spec, spatial_divisor
 from fullres.step import autocast, prepare_model, to_device
 from fullres.units import format_bytes
 
@@ -42,14 +42,18 @@ class Predictor:
     checkpoint: Path
 
 
-def load_predictor(run_or_checkpoint: Path, device: torch.device) -> Predictor:
+def load_predictor(run_or_checkpoint: Path, device: torch.device, trust_code: bool = False) -> Predictor:
+    """The run's network with its weights, ready to predict on `device`. The checkpoint is loaded as data
+    (weights_only, every field checked) and its network built only as :func:`fullres.trust.trusted_model`
+    allows (`trust_code`: the user's own --trust-code); UserError in one line otherwise."""
     checkpoint = resolve_checkpoint(run_or_checkpoint)
     state = load_checkpoint(checkpoint)  # weights_only=True
+    config = open_run_config(state, checkpoint, trust_code)
     try:
-        config = TrainConfig.from_json(state["config"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise UserError(f"{checkpoint}: the checkpoint holds no readable run configuration ({error})") from None
-    model = build_model(config.job.model, config.job.shape)
+        check_weights_fit(build_on_meta(config.job.model, config.job.shape), state, checkpoint)
+        model = build_model(config.job.model, config.job.shape)
+    except ValueError as error:
+        raise UserError(f"{checkpoint}: {error}") from None
     load_weights(model, state, checkpoint)
     return Predictor(prepare_model(model.to(device).eval(), inference_strategy(config)), config, checkpoint)
 
@@ -99,6 +103,13 @@ def expand_inputs(inputs: list[str], layout: str | None = None) -> list[PredictI
             found_all.append(PredictInput(case_id_from_path(item), item))
         else:
             raise UserError(f"{item}: not a NIfTI file (.nii or .nii.gz) nor a folder")
+    seen: dict[str, PredictInput] = {}
+    for case in found_all:  # one mask per case name: a second would silently replace the first
+        first = seen.setdefault(case.case_id, case)
+        if first is not case:
+            where = lambda c: c.image[0] if isinstance(c.image, tuple) else c.image  # noqa: E731
+            raise UserError(f"two inputs are named {case.case_id}: {where(first)} and {where(case)}; their masks "
+                            "would be one file (predict them into separate --out folders)")
     return found_all
 
 
@@ -351,10 +362,11 @@ def output_paths(out: Path, cases: list[PredictInput], probabilities: bool) -> l
 
 
 def check_output_folder(out: Path, cases: list[PredictInput], inputs: list[str], probabilities: bool,
-                        overwrite: bool) -> None:
+                        overwrite: bool, run_dir: Path | None = None) -> None:
     """Refuse, before any work, an `out` that would lose a file: a file in its place, a folder holding any
-    input (never, even with `overwrite`), or masks already there that an earlier `predict` did not write
-    (its prediction.json lists its own) unless `overwrite`."""
+    input or the run (`run_dir`: the run folder, or the checkpoint file given) (never, even with
+    `overwrite`), an output path that is a device, FIFO or socket, or masks already there that an earlier
+    `predict` did not write (its prediction.json lists its own) unless `overwrite`."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the masks")
     if not out.is_dir():
@@ -367,6 +379,11 @@ def check_output_folder(out: Path, cases: list[PredictInput], inputs: list[str],
     for item in map(Path, inputs):
         if item.is_dir() and item.resolve() == here:
             raise UserError(f"--out {out} is the input folder {item}: write the masks to another folder")
+    holder = None if run_dir is None else run_dir.resolve() if run_dir.is_dir() else run_dir.resolve().parent
+    if holder == here:
+        raise UserError(f"--out {out} holds the run's checkpoint {run_dir}: write the masks to another folder")
+    for path in output_paths(out, cases, probabilities):
+        refuse_special(path, f"--out {out}:")
     if overwrite:
         return
     own: set[str] = set()
@@ -374,7 +391,7 @@ def check_output_folder(out: Path, cases: list[PredictInput], inputs: list[str],
         info = json.loads((out / "prediction.json").read_text())
         listed = [str(name) for name in info.get("cases", [])]
         own = {"prediction.json", *listed, *(name.replace(".nii.gz", "_prob.nii.gz") for name in listed)}
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
         pass
     for path in output_paths(out, cases, probabilities):
         if (path.exists() or path.is_symlink()) and path.name not in own:
@@ -411,7 +428,8 @@ def case_source(case: PredictInput, trained: DatasetIndex | None) -> tuple[Datas
 def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device: torch.device,
                   probabilities: bool = False, progress: bool = True, log=print, layout: str | None = None,
                   overwrite: bool = False, engine: str = "torch", engine_file: Path | None = None,
-                  memory: int | None = None, process: Process = Process(), spatial: int = 1) -> list[Path]:
+                  memory: int | None = None, process: Process = Process(), spatial: int = 1,
+                  trust_code: bool = False) -> list[Path]:
     """Predict every input, writing OUT/<case>.nii.gz (and OUT/<case>_prob.nii.gz). Returns the mask paths.
 
     Nothing is written until every input has been read and checked (readable, the run's channels, finite,
@@ -421,7 +439,8 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     0/1/2/4); loose files in the training dataset's layout. Channels are matched by modality name.
     `engine` "torch" runs the network in PyTorch, planned by :func:`plan_inference` to fit `memory` bytes
     (None: what is available); "onnx" / "openvino" run `engine_file` (default: the run's own export, where
-    `fullres export` writes it) on the CPU, whole volumes.
+    `fullres export` writes it) on the CPU, whole volumes. `trust_code`: the user's --trust-code, to build
+    a network that is code the run names (:mod:`fullres.trust`).
     Under torchrun (`process` in a started process group), every process calls this alike: the processes form
     data groups of `spatial` (S) processes, each group predicts its share of the cases, and each case's
     volume is shared by its group's S processes (:func:`fullres.spatial.forward_shards`, exact); the group's
@@ -435,8 +454,8 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
         raise UserError(f"--spatial {spatial} runs the PyTorch network (--engine torch), not {engine}")
     refuse_process_count(spatial, process.world)
     cases = expand_inputs(inputs, layout)  # check every input before the first (long) prediction
-    check_output_folder(out, cases, inputs, probabilities, overwrite)
-    predictor = load_predictor(run_or_checkpoint, device)
+    check_output_folder(out, cases, inputs, probabilities, overwrite, Path(run_or_checkpoint))
+    predictor = load_predictor(run_or_checkpoint, device, trust_code)
     config = predictor.config
     trained = training_dataset(config)
     # every input readable and usable before the first mask is written

@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fullres.bench.speed import Variant, time_variant
-from fullres.checkpoint import (BEST, CONFIG_FILE, LAST, load_checkpoint, prepare_run_dir, read_run_config,
+from fullres.checkpoint import (BEST, CONFIG_FILE, LAST, load_checkpoint, prepare_run_dir, read_run_config, run_lock,
                                remove_stale_temporaries, save_checkpoint)
 from fullres.config import JobConfig, Strategy, TrainConfig, job_defaults
 from fullres.data import DataConfig, MSDDataset, check_dataset, load_dataset_json, resolve_channels, split_cases, write_dataset
@@ -48,6 +49,7 @@ from fullres.memory.plan import default_method, fastest_fitting, preflight, refu
 from fullres.presets import DEMO_DATA
 from fullres.spatial import local_rows, reduce_gradients, sums_over
 from fullres.step import autocast, build_training, to_device, train_step
+from fullres.trust import copy_factory_source, remember
 from fullres.units import format_bytes
 
 CSV_COLUMNS = ["epoch", "train_loss", "train_dice", "train_accuracy", "val_loss", "val_dice", "val_accuracy",
@@ -75,22 +77,34 @@ class TrainRequest:
     layout: str | None = None  # the dataset's layout (None: detected from the folder)
     spatial: int = 1  # processes sharing each sample (--spatial): a launch option, not part of the run's config
     timeout: float = COLLECTIVE_TIMEOUT_S  # seconds a collective waits for the other processes (--timeout)
+    trust_code: bool = False  # --resume: build a network that is code the run names (fullres.trust)
 
 
 def run(request: TrainRequest, log=print) -> dict:
-    """`fullres train` (see the module docstring). Returns the last epoch's metrics row."""
+    """`fullres train` (see the module docstring). Returns the last epoch's metrics row. Every check on the job
+    and the data runs before the run folder is made (the demo's, which holds its synthetic data, is removed
+    again on a refusal); the main process holds the run's lock (:func:`fullres.checkpoint.run_lock`) while it
+    writes the run and trains."""
     run_dir = request.out
     main_process = is_main_process()
     if request.resume:
         prepare_run_dir(run_dir, resume=True)
-        config = _resumed_config(request, read_run_config(run_dir), main_process)
-        if main_process and (stale := remove_stale_temporaries(run_dir)):
-            log(f"removed {len(stale)} unfinished checkpoint write(s) of the interrupted run: "
-                + ", ".join(path.name for path in stale))
+        with run_lock(run_dir, new=False, log=log) if main_process else nullcontext():
+            config = _resumed_config(request, read_run_config(run_dir, request.trust_code), main_process)
+            if main_process and (stale := remove_stale_temporaries(run_dir)):
+                log(f"removed {len(stale)} unfinished checkpoint write(s) of the interrupted run: "
+                    + ", ".join(path.name for path in stale))
+            last = train(config, run_dir, resume=True, progress=request.progress, log=log, spatial=request.spatial,
+                         timeout_s=request.timeout)
     else:
         config = _new_run(request, main_process, log)
-    last = train(config, run_dir, resume=request.resume, progress=request.progress, log=log, spatial=request.spatial,
-                 timeout_s=request.timeout)
+        with run_lock(run_dir, new=True, log=log) if main_process else nullcontext():
+            if main_process:
+                copy_factory_source(config.job.model, run_dir)
+                remember(config.job.model)  # the user trains with this code: their runs of it open without a flag
+                write_json(run_dir / CONFIG_FILE, config.to_json())
+            last = train(config, run_dir, resume=False, progress=request.progress, log=log, spatial=request.spatial,
+                         timeout_s=request.timeout)
     if main_process:
         training_curves(run_dir / "metrics.csv", run_dir / "curves.png")
         log(f"done: validation Dice {last.get('val_dice', float('nan')):.3f} after {last.get('epoch', 0)} epochs; "
@@ -154,15 +168,16 @@ def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
 
 
 def _new_run(request: TrainRequest, main_process: bool, log) -> TrainConfig:
-    """The configuration of a new run, written to RUN_DIR/config.json (by the main process). A job refused
-    before that leaves no trace: a RUN_DIR this command created is removed again."""
+    """The configuration of a new run, every check passed; nothing is written (the run is written under its
+    lock, by :func:`run`) but the demo's synthetic dataset, inside a RUN_DIR this command makes and removes
+    again when the job is refused."""
     run_dir = request.out
-    created = main_process and not run_dir.exists()
     if main_process:
         prepare_run_dir(run_dir, resume=False)
+    created = main_process and request.data is None and not run_dir.exists()
     try:
         return _configure_new_run(request, main_process, log)
-    except UserError:
+    except BaseException:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -183,9 +198,16 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
     channels = resolve_channels(options["channels"], index.modalities)
     classes = len(index.labels) if options["target"] == "classes" else None
     job = request.make_job(options, len(channels), classes)
-    refuse_spatial(job, request.spatial, int(os.environ.get("WORLD_SIZE", "1")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    refuse_spatial(job, request.spatial, world)
     if request.spatial > 1 and request.strategy == "auto":
         raise UserError(f"--spatial {request.spatial}: give the strategy (--strategy auto does not plan per process yet)")
+    train_cases = len(split_cases(index.training, options["val_fraction"], options["seed"])[0])
+    global_batch = job.effective_batch * (world // request.spatial)
+    if train_cases < global_batch:
+        raise UserError(f"{train_cases} training cases are fewer than one global batch of {global_batch} "
+                        f"(--batch {job.batch} x --accumulate {job.strategy.accumulate} x "
+                        f"{world // request.spatial} data-parallel process(es)): a smaller --batch, or more cases")
     device = pick_device(options["device"], Process())
     prepare_pool_for(job.strategy, device.type, either_layout=request.autotune)  # before the dry runs: they model it
     if not request.force:
@@ -208,7 +230,6 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
                 f"of {format_bytes(budget)} available"
                 + (f"; --strategy auto chose: {chosen}" if request.strategy == "auto" else ""))
     if request.autotune and request.spatial == 1:  # its trial steps run the whole volume in one process
-        train_cases = len(split_cases(index.training, options["val_fraction"], options["seed"])[0])
         total_steps = options["epochs"] * (train_cases // (job.effective_batch * int(os.environ.get("WORLD_SIZE", "1"))))
         chosen, choice = choose_memory_format(job, device, total_steps)
         if chosen != job and not request.force:
@@ -234,8 +255,6 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
             layout=index.layout)
     except ValueError as error:
         raise UserError(str(error)) from None
-    if main_process:
-        write_json(run_dir / CONFIG_FILE, config.to_json())
     return config
 
 
@@ -306,8 +325,11 @@ def demo_dataset(run_dir: Path, progress: bool) -> Path:
 def refuse_bad_data(data_dir: Path, layout: str | None = None) -> None:
     report = check_dataset(data_dir, layout=layout)
     if not report.ok:
-        raise UserError("the dataset has problems; fix them first (fullres check):\n"
-                        + "\n".join(report.lines()) + "\n" + report.summary(), exit_code=1)
+        first = report.problems[0].line() if report.problems else report.lines()[0]
+        more = len(report.problems) - 1
+        raise UserError(f"the dataset has problems; fix them first: {first}"
+                        + (f" (and {more} more: `fullres check {data_dir}` lists them)" if more > 0 else ""),
+                        exit_code=1)
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -474,6 +496,10 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
                                   no_sync=getattr(network, "no_sync", None), on_output=score,
                                   before_update=before_update)
             totals.step_seconds.append(time.perf_counter() - step_start)
+            if not math.isfinite(loss):  # the weights are spoilt from here on; the last checkpoint is not
+                kept = f"{run_dir / LAST} is as it was after epoch {epoch}" if epoch else "no checkpoint was written"
+                raise UserError(f"epoch {epoch + 1}, step {totals.batches + 1}: the loss is {loss} (not finite): "
+                                f"training stopped; {kept} (a lower --lr, or check the data)", exit_code=1)
             totals.add(loss, sum(d for d, _ in micro) / len(micro), sum(a for _, a in micro) / len(micro),
                        len(images))
             bar.set_postfix(loss=f"{loss:.3f}", dice=f"{totals.dice / totals.batches:.3f}",

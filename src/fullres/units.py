@@ -24,6 +24,8 @@ def parse_size(text: str) -> int:
     number, unit = float(match.group(1)), match.group(2).upper()
     if unit not in UNITS:
         raise ValueError(f"unknown unit {match.group(2)!r} in {text!r}: use one of {accepted}")
+    if not number * UNITS[unit] < 2**63:  # inf too: past any machine, and past what an int64 holds
+        raise ValueError(f"{text!r} is too large: a memory size must be below 8 EiB")
     size = round(number * UNITS[unit])
     if size <= 0:
         raise ValueError(f"{text!r} is zero: a memory size must be positive")

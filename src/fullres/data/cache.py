@@ -79,7 +79,7 @@ def read_entry(paths: dict[str, Path], with_label: bool) -> tuple[np.ndarray, np
         box = CropBox.from_json(json.loads(paths["box.json"].read_text()))
         image = np.load(paths["image.npy"], mmap_mode="r")
         label = np.load(paths["label.npy"], mmap_mode="r") if with_label else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None  # half-deleted or foreign files: rebuild the entry
     return image, label, box
 

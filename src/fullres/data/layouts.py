@@ -195,7 +195,7 @@ class Scan:
 def _json_object(root: Path) -> dict | None:
     try:
         raw = json.loads((root / DATASET_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
     return raw if isinstance(raw, dict) else None
 

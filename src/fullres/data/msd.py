@@ -89,6 +89,8 @@ def read_dataset_json(root: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: unreadable ({error})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a dataset description") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a JSON object at the top level, got {type(raw).__name__}")
     return raw

@@ -48,7 +48,17 @@ def open_nifti(path: Path) -> nib.Nifti1Image:
         raise UserError(f"{path}: unreadable ({type(error).__name__}: {error})") from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise UserError(f"{path}: not a NIfTI file (nibabel reads it as {type(image).__name__})")
+    check_affine(image.affine, path)
     return image
+
+
+def check_affine(affine: np.ndarray, path: Path) -> None:
+    """UserError unless `affine` (voxel to world) is finite and invertible: a mask written with it, or
+    distances measured through it, would be meaningless."""
+    if affine is None or not np.all(np.isfinite(affine)):
+        raise UserError(f"{path}: its affine (voxel-to-world matrix) is not finite")
+    if abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])) < 1e-12:
+        raise UserError(f"{path}: its affine (voxel-to-world matrix) is singular (a voxel size of 0?)")
 
 
 def read_array(image: nib.Nifti1Image, path: Path) -> np.ndarray:
@@ -56,10 +66,16 @@ def read_array(image: nib.Nifti1Image, path: Path) -> np.ndarray:
 
     Reading every byte is what detects a truncated or corrupt file, so this is also the check's test.
     """
+    dtype = image.get_data_dtype()
+    if dtype.kind not in "biuf":  # complex, RGB or other records: casting would drop part of every voxel
+        raise UserError(f"{path}: holds {dtype} voxels; fullres reads real-valued numbers only")
     try:
-        return np.asanyarray(image.dataobj)
+        data = np.asanyarray(image.dataobj)
     except Exception as error:  # EOFError, zlib.error, OSError, ValueError... all mean a damaged file
         raise UserError(f"{path}: truncated or corrupt data ({type(error).__name__}: {error})") from None
+    if data.dtype.kind not in "biuf":
+        raise UserError(f"{path}: holds {data.dtype} voxels; fullres reads real-valued numbers only")
+    return data
 
 
 def read_image_channels_first(path) -> tuple[np.ndarray, nib.Nifti1Image]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,6 @@ KINDS = ("brats", "random")
 DTYPES = ("int16", "float32")
 MARKER = ".fullres-synth.json"  # identifies a folder this module wrote (and may replace)
 SUBFOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
-CASE_FILE = re.compile(r"BRATS_\d+\.nii\.gz")
 MIN_SIZE = 8
 
 # Tissue classes of the phantom's tissue map.
@@ -274,7 +272,7 @@ def _listed_files_only(folder: Path) -> bool:
     """A non-MSD synth output: every file is one the marker lists (or the cache, dataset.json, the marker)."""
     try:
         listed = set(json.loads((folder / MARKER).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return False
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
@@ -286,22 +284,12 @@ def _listed_files_only(folder: Path) -> bool:
 
 
 def is_previous_synth_output(folder: Path) -> bool:
-    """True when `folder` holds only what `write_dataset` writes (plus the data cache): safe to replace."""
+    """True when `folder` holds only what `write_dataset` wrote there (the files its marker lists, plus
+    dataset.json, the marker and the data cache): safe to replace. A file anyone else put there, even one
+    named like a case, makes it not."""
     if not (folder / MARKER).is_file():
         return False
-    try:
-        layout = json.loads((folder / MARKER).read_text()).get("layout", "msd")
-    except (OSError, ValueError, AttributeError):
-        return False
-    if layout != "msd":
-        return _listed_files_only(folder)
-    allowed = {"dataset.json", MARKER, ".fullres_cache", *SUBFOLDERS}
-    if any(entry.name not in allowed for entry in folder.iterdir()):
-        return False
-    for sub in SUBFOLDERS:
-        if (folder / sub).is_dir() and any(not CASE_FILE.fullmatch(f.name) for f in (folder / sub).iterdir()):
-            return False
-    return True
+    return _listed_files_only(folder)
 
 
 def _refuse_unless_replaceable(out: Path) -> None:
@@ -365,6 +353,7 @@ def write_dataset(out: Path, train_cases: int, test_cases: int = 0, shape: tuple
         for sub in SUBFOLDERS:
             (temp / sub).mkdir(exist_ok=True)
         (temp / "dataset.json").write_text(json.dumps(_dataset_json(train_ids, test_ids, kind, seed, shape), indent=2) + "\n")
+        settings["files"] = sorted(path.relative_to(temp).as_posix() for path in temp.rglob("*.nii.gz"))
         (temp / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
     return out
 

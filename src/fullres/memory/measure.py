@@ -24,7 +24,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from fullres.config import JobConfig
 from fullres.losses import LOSSES
@@ -56,7 +56,7 @@ def measure_peak(job: JobConfig, steps: int = 2, loss: str = "dice", device: str
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     request = {"job": job.to_json(), "steps": steps, "loss": loss, "device": device, "threads": threads,
-               "build_pool": build_pool}
+               "build_pool": build_pool, "factory_dir": job.model.factory_dir}
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -84,7 +84,7 @@ def measure_spatial_peaks(job: JobConfig, spatial: int, steps: int = 2, loss: st
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     request = json.dumps({"job": job.to_json(), "steps": steps, "loss": loss, "device": "cpu", "threads": threads,
-                          "spatial": spatial})
+                          "spatial": spatial, "factory_dir": job.model.factory_dir})
     children = []
     for rank in range(spatial):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -173,6 +173,8 @@ def _child(request: dict) -> dict:
     if request.get("threads"):
         torch.set_num_threads(int(request["threads"]))
     job = JobConfig.from_json(request["job"])
+    if request.get("factory_dir"):  # the parent opened a run: its network loads from the run's own copy
+        job = replace(job, model=replace(job.model, factory_dir=request["factory_dir"]))
     device = torch.device(request["device"])
     malloc_policy = set_training_malloc_policy(job.strategy, device=device.type,  # as `fullres train` runs it
                                                build=request.get("build_pool", True))
