@@ -12,17 +12,20 @@ SMALL_SHAPE = (32, 32, 24)
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
-    """Calibrations (step times, runtime terms) go to a fresh folder: tests neither read a developer's
-    cache nor leave entries in it. Subprocesses inherit the variable."""
+    """Calibrations (step times, runtime terms) and the record of trusted factories go to fresh folders:
+    tests neither read a developer's cache or configuration nor leave entries in them. Subprocesses inherit
+    the variables."""
     import os
 
-    previous = os.environ.get("XDG_CACHE_HOME")
+    previous = {name: os.environ.get(name) for name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config"))
     yield
-    if previous is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -161,7 +161,7 @@ def test_bad_data_is_refused_with_check_messages(train_msd, tmp_path, cli):
 
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "0"], "argument --epochs: 0 must be at least 1"),
-    (["--lr", "-1"], "argument --lr: -1.0 must be greater than 0"),
+    (["--lr", "-1"], "argument --lr: -1.0 must be a finite number greater than 0"),
     (["--val-fraction", "1"], "argument --val-fraction: 1.0 must be in [0, 1)"),
     (["--shape", "30", "32", "24"], "30 is not divisible by 8"),
     (["--channels", "PD"], "--channels"),
