@@ -217,7 +217,7 @@ def read_run_config(run_dir: Path, trust_code: bool = False) -> TrainConfig:
     except (OSError, ValueError, RecursionError) as error:
         reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)[:200]
         raise UserError(f"{path}: not a readable fullres run configuration ({reason})") from None
-    config = TrainConfig.from_json(data, where=str(path))
+    config = TrainConfig.from_json(data, where=f"{path}: config")
     return replace(config, job=replace(config.job, model=trusted_model(config.job.model, run_dir, trust_code, path)))
 
 
