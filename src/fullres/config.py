@@ -20,6 +20,7 @@ from fullres.model import LEVELS as SLAB_LEVELS
 from fullres.model import ModelConfig, check_divisible, model_spec, slab_rows
 from fullres.presets import DEMO, PAPER, PRESETS
 from fullres.schema import from_data
+from fullres.tracking import TRACKERS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
@@ -238,6 +239,7 @@ class TrainConfig:
     schedule: str = PAPER.schedule
     strategy_choice: str = "manual"  # how job.strategy was chosen: manual, or auto (by the preflight)
     layout: str | None = None  # the dataset's layout (fullres.data.LAYOUTS), as detected or forced
+    tracker: str = "tensorboard"  # where metrics go besides the run folder (fullres.tracking)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -257,6 +259,8 @@ class TrainConfig:
                              f"{self.threads} and {self.workers}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.tracker not in TRACKERS:
+            raise ValueError(f"--tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
         if self.strategy_choice not in ("manual", "auto"):
             raise ValueError(f"strategy_choice must be manual or auto, got {self.strategy_choice!r}")
         if not self.data_dir:

@@ -49,6 +49,7 @@ from fullres.memory.plan import default_method, fastest_fitting, preflight, refu
 from fullres.presets import DEMO_DATA
 from fullres.spatial import local_rows, reduce_gradients, sums_over
 from fullres.step import autocast, build_training, to_device, train_step
+from fullres.tracking import open_tracker
 from fullres.trust import copy_factory_source, remember
 from fullres.units import format_bytes
 
@@ -106,9 +107,9 @@ def run(request: TrainRequest, log=print) -> dict:
             last = train(config, run_dir, resume=False, progress=request.progress, log=log, spatial=request.spatial,
                          timeout_s=request.timeout)
     if main_process:
-        training_curves(run_dir / "metrics.csv", run_dir / "curves.png")
+        tracked = {"tensorboard": ", tb/", "mlflow": ", MLflow run"}.get(config.tracker, "")
         log(f"done: validation Dice {last.get('val_dice', float('nan')):.3f} after {last.get('epoch', 0)} epochs; "
-            f"run in {run_dir}/ (config.json, metrics.csv, last.pt, best.pt, curves.png, tb/)")
+            f"run in {run_dir}/ (config.json, metrics.csv, last.pt, best.pt, curves.png{tracked})")
     return last
 
 
@@ -119,7 +120,7 @@ def _run_values(config: TrainConfig) -> dict:
             "shape": tuple(job.shape), "target": config.data.target, "filters": job.model.filters, "batch": job.batch,
             "dropout": job.model.dropout, "norm": job.model.norm, "lr": config.lr, "loss": config.loss,
             "schedule": config.schedule, "seed": config.seed, "val_fraction": config.val_fraction,
-            "device": config.device, "threads": config.threads, "workers": config.workers,
+            "device": config.device, "threads": config.threads, "workers": config.workers, "tracker": config.tracker,
             **{spec.name: getattr(job.strategy, spec.name) for spec in fields(Strategy)}}
 
 
@@ -252,7 +253,7 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
             seed=options["seed"], val_fraction=options["val_fraction"], device=options["device"],
             threads=options["threads"], workers=options["workers"], schedule=options["schedule"],
             strategy_choice="auto" if request.strategy == "auto" and not request.force else "manual",
-            layout=index.layout)
+            layout=index.layout, tracker=options.get("tracker") or "tensorboard")
     except ValueError as error:
         raise UserError(str(error)) from None
     return config
@@ -461,11 +462,7 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
     loss_fn = LOSSES[config.loss]
     before_update = (lambda: reduce_gradients(model.parameters(), data_size=data_size)) if space else None
 
-    writer = None
-    if process.main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1)
+    tracker = open_tracker(config.tracker, run_dir, config.to_json(), start_epoch) if process.main else None
     row: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, config.epochs):
         # The epoch's randomness (dropout; the sampler's order) is a function of (seed, epoch) alone,
@@ -529,19 +526,19 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
             if improved:
                 save_checkpoint(run_dir / BEST, state)
             write_metrics_csv(run_dir / "metrics.csv", history)
-            for key in CSV_COLUMNS[1:]:
-                writer.add_scalar(key, row[key], epoch + 1)
-            writer.flush()
+            tracker.log_epoch(row, epoch + 1)
             log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {train_loss:.4f}/{val_loss:.4f}  "
                 f"dice {train_dice:.3f}/{val_dice:.3f}  accuracy {train_accuracy:.4f}/{val_accuracy:.4f}  "
                 f"(train/val)  step {step_s:.2f}s  {row['images_per_s']:.2f} img/s  "
                 f"peak {format_bytes(row['peak_memory_bytes'])}{'  *best' if improved else ''}")
         if process.world > 1:
             dist.barrier()
-    if writer:
-        writer.close()
     if len(val_set) and (process.main or space is not None):
         draw_validation_overlays(model, val_set, config, run_dir, device, space=space, draw=process.main)
+    if tracker is not None:
+        training_curves(run_dir / "metrics.csv", run_dir / "curves.png")
+        tracker.finish([run_dir / CONFIG_FILE, run_dir / "metrics.csv", run_dir / "curves.png",
+                        *sorted(run_dir.glob("overlay_*.png"))])
     return row
 
 
