@@ -112,11 +112,13 @@ class Training:
 
 
 def build_training(job: JobConfig, device: str | torch.device, lr: float = PAPER.lr,
-                   model: nn.Module | None = None) -> Training:
+                   model: nn.Module | None = None,
+                   optimizer: Callable[..., torch.optim.Optimizer] | None = None) -> Training:
     """`job`'s network (built by :func:`fullres.model.build_model` on the CPU and moved to `device`, so
     its initial weights follow the CPU generator's seed whatever the device), prepared for the job's
-    strategy, with Adam at `lr` and the precision's gradient scaler. A `model` built elsewhere (the dry
-    run builds one on fake tensors) is prepared and used instead."""
+    strategy, with Adam at `lr` (or `optimizer(parameters)`, a user's own) and the precision's gradient
+    scaler. A `model` built elsewhere (the dry run builds one on fake tensors) is prepared and used
+    instead."""
     device = torch.device(device)
     if job.strategy.offload and device.type != "cuda":
         raise ValueError("--offload moves saved activations to host memory: it needs a CUDA device")
@@ -124,8 +126,10 @@ def build_training(job: JobConfig, device: str | torch.device, lr: float = PAPER
         model = build_model(job.model, job.shape).to(device)
     prepare_model(model, job.strategy)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    return Training(model, optimizer, make_grad_scaler(job.strategy, device.type))
+    made = torch.optim.Adam(model.parameters(), lr=lr) if optimizer is None else optimizer(model.parameters())
+    if not isinstance(made, torch.optim.Optimizer):
+        raise ValueError(f"optimizer: the callable returned {type(made).__name__}, not a torch.optim.Optimizer")
+    return Training(model, made, make_grad_scaler(job.strategy, device.type))
 
 
 def split_micro_batches(tensor: torch.Tensor, accumulate: int) -> tuple[torch.Tensor, ...]:

@@ -62,6 +62,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
@@ -642,10 +643,16 @@ def runtime_bytes(job: JobConfig, device: str = "cpu") -> int:
     return CPU_RUNTIME_BYTES + (CPU_AUTOCAST_RUNTIME_BYTES if job.strategy.precision != "fp32" else 0)
 
 
-def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: str = "cpu",
+def dryrun(job: JobConfig, loss: str | Callable = "dice", optimizer: str | Callable = "adam", device: str = "cpu",
            steps: int = 2, runtime: int | None = None, allocator: str | None = None, spatial: int = 1,
            spatial_index: int | None = None) -> DryRunResult:
     """Peak memory of `steps` training steps of `job` (see the module docstring), nothing allocated.
+
+    `loss`: a name of :data:`fullres.losses.LOSSES`, or any callable ``(logits, targets) -> scalar`` (run on
+    the fake tensors like the rest of the step; targets as `train` makes them: float (N, 1, H, W, D) for one
+    class, int64 for more). `optimizer`: "adam", or any callable ``parameters -> torch.optim.Optimizer``
+    (e.g. ``functools.partial(torch.optim.SGD, lr=0.01, momentum=0.99)``): its state is what it allocates
+    in its own ``step`` on the fake tensors.
 
     `runtime` is the CPU runtime term in bytes: None, the constant :func:`runtime_bytes`; the term of
     this network measured on this machine is :func:`fullres.memory.runtime.measured_runtime_bytes`
@@ -659,10 +666,10 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
 
-    if optimizer != "adam":
-        raise ValueError(f"only the adam optimizer is modelled, got {optimizer!r}")
+    if not (optimizer == "adam" or callable(optimizer)):
+        raise ValueError(f"optimizer: 'adam' or a callable from parameters to an optimizer, got {optimizer!r}")
     started = time.perf_counter()
-    loss_fn = LOSSES[loss]
+    loss_fn = loss if callable(loss) else LOSSES[loss]
     allocator = allocator or policy_for(job.strategy, device)
     pooled = torch.device(device).type == "cpu" and allocator == "pool"
     caching = CachingAllocatorModel() if torch.device(device).type == "cuda" or pooled else None
@@ -672,7 +679,7 @@ def dryrun(job: JobConfig, loss: str = "dice", optimizer: str = "adam", device: 
         # The model: built on the fake device, its parameters tracked as the first storages.
         with torch.device(device):
             model = build_model(job.model, job.shape)
-        training = build_training(job, device, model=model)
+        training = build_training(job, device, model=model, optimizer=None if optimizer == "adam" else optimizer)
         rows = job.shape[0]
         if spatial > 1:
             from fullres.spatial import simulated
