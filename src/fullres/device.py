@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import resource
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +18,11 @@ import torch
 import torch.distributed as dist
 
 from fullres.errors import UserError
+
+try:
+    import resource
+except ImportError:  # not POSIX (Windows): see peak_memory
+    resource = None
 
 
 def avx512() -> bool:
@@ -46,7 +51,10 @@ def avx512_bf16() -> bool:
 
 
 def physical_cores() -> int:
-    """Physical cores available to this process (hyper-threads counted once), from sysfs topology."""
+    """Physical cores available to this process (hyper-threads counted once), from sysfs topology; where
+    there is neither an affinity mask nor sysfs (macOS, Windows), the logical CPUs."""
+    if not hasattr(os, "sched_getaffinity"):
+        return max(1, os.cpu_count() or 1)
     cpus = os.sched_getaffinity(0)
     cores = set()
     for cpu in cpus:
@@ -153,17 +161,32 @@ def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            available = int(line.split()[1]) * 1024
-            return available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // local
+    except OSError:  # no /proc (macOS, Windows)
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // local
+    except (AttributeError, ValueError, OSError):  # no sysconf, or not this name (macOS, Windows)
+        raise UserError("cannot read this machine's available memory here: give the budget with --memory") from None
 
 
 def peak_memory(device: torch.device) -> int:
+    """The peak of this process: CUDA's allocated bytes, or on CPU its peak resident set (without `resource`,
+    /proc's VmHWM; 0 where neither reports it, as on Windows)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if resource is None:
+        try:
+            with open("/proc/self/status") as status:
+                return next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), 0)
+        except OSError:
+            return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 def fast_bf16(device: torch.device) -> bool:

@@ -15,12 +15,13 @@ can write them (else :class:`~fullres.errors.UserError`, one line), and its SHA-
 build time, matches (else it was damaged, say truncated by a crash, and is rebuilt). It is written aside,
 fsynced, then renamed into place, under a lock so that concurrent processes build it once. Where it
 cannot be built (no C++ compiler, not Linux), :func:`load` says why and training keeps glibc's allocator.
+Where it cannot exist at all (not Linux, or no POSIX `fcntl`, as on Windows), :func:`unsupported` says why,
+this module still imports, and nothing here is built or looked for.
 """
 
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import hashlib
 import os
@@ -33,6 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fullres.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): the pool cannot be built or locked here, see unsupported()
+    fcntl = None
 
 SOURCE = Path(__file__).with_name("cpu_pool.cpp")
 LIBRARY = "libfullres_cpu_pool.so"
@@ -50,6 +56,16 @@ class PoolStats:
     segments: int
     passthrough: int  # allocations a forked child (data-loader worker) served with plain malloc
     released: int  # segments unmapped to retry a mapping the kernel refused
+
+
+def unsupported() -> str | None:
+    """Why the pool cannot exist on this platform at all (one line), or None on Linux with POSIX's fcntl. Then
+    it is never built nor looked for, the dry run does not model it, and jobs keep the C library's allocator."""
+    if fcntl is None:
+        return "the CPU pool needs POSIX (fcntl), which this Python lacks"
+    if not sys.platform.startswith("linux"):
+        return f"the CPU pool is built for Linux only, not {sys.platform}"
+    return None
 
 
 def cache_dir() -> Path:
@@ -127,6 +143,8 @@ def _private(path: Path) -> bool:
 def cached() -> Path | None:
     """The library built here before, when it can be trusted as it is (its folders private to this user, its
     hash the one recorded), else None. Creates, changes and builds nothing: `estimate` and `plan` ask this."""
+    if unsupported() is not None:
+        return None
     folder = cache_dir() / _build_key()
     target = folder / LIBRARY
     return target if _private(folder.parent) and _private(folder) and verified(target) else None
@@ -163,8 +181,9 @@ def build(compiler: str | None = None) -> Path:
     is not private to this user."""
     import torch
 
-    if not sys.platform.startswith("linux"):
-        raise RuntimeError(f"the CPU pool is built for Linux only, not {sys.platform}")
+    reason = unsupported()
+    if reason is not None:
+        raise RuntimeError(reason)
     folder = cache_dir() / _build_key()
     opened = private_dir(folder.parent)
     if private_dir(folder) or opened:  # others could have written here: nothing in it is trusted

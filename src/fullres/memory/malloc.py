@@ -53,6 +53,10 @@ policy's (+9 % at 48x64x32 x 2, +20 % at 96x96x64), held as free heap the dry ru
 it is opt-in, for jobs with memory to spare: FULLRES_MALLOC=cached.
 
 FULLRES_MALLOC=pool, =fixed, =cached or =default applies that policy to every job.
+
+Where the pool cannot exist (no POSIX fcntl/resource, as on Windows; not Linux), a job that would run under
+it keeps the C library's default allocator, the dry run does not model the pool, and `estimate` and `plan`
+say so in a warning (:func:`pool_unavailable`); `train` says so in its allocator line.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import warnings
 
 import torch
 
@@ -104,6 +109,13 @@ def prepare_pool_for(strategy, device: str = "cpu", either_layout: bool = False)
         prepare_pool()
 
 
+@functools.cache
+def _say_pool_off(reason: str) -> None:
+    """Warn, once per process, that the pool cannot exist here (a `plan` asks about many jobs)."""
+    warnings.warn(f"{reason}: fullres's CPU pool and the dry run's model of it are off here, so jobs that "
+                  "would use it are estimated and run under the C library's default allocator", stacklevel=3)
+
+
 def pool_unavailable(build: bool = False) -> str | None:
     """Why the CPU pool cannot be used here (one line), or None when it can. Builds it only when `build`;
     otherwise (`estimate`, `plan`: they never train) the answer of this process's :func:`prepare_pool` if
@@ -112,6 +124,10 @@ def pool_unavailable(build: bool = False) -> str | None:
 
     if build or _load_pool.cache_info().currsize:
         return prepare_pool()
+    reason = cpu_pool.unsupported()
+    if reason is not None:  # `estimate`, `plan`: nothing else would tell them (train prints policy_line)
+        _say_pool_off(reason)
+        return reason
     if cpu_pool.cached() is None:
         return "the CPU pool is not built yet (the first training command here builds it)"
     return None
