@@ -1,12 +1,36 @@
 #!/usr/bin/env bash
-# Install fullres into the current Python (3.11+). `bash scripts/setup.sh test` adds the test extras (pytest, and
-# the deploy extra the export tests need: onnx, onnxruntime, onnxscript, openvino; ~100 MB of wheels, no torch).
-# torch: one already installed is kept (a CUDA build stays a CUDA build); otherwise the CPU build
-# torch==2.13.0 is installed, so that no multi-GB CUDA build is pulled onto a CPU machine.
+# Install fullres into the current Python (3.11+); a virtual environment is recommended (docs/install.md).
+# `bash scripts/setup.sh test` adds the test extras (pytest, and the deploy extra the export tests need:
+# onnx, onnxruntime, onnxscript, openvino; ~100 MB of wheels, no torch).
+# torch: one already installed is kept (a CUDA build stays a CUDA build, a CPU build a CPU build). Otherwise
+# torch==2.13.0 is installed as pip resolves it from the configured index, and one line says which build
+# that is before anything is downloaded. From PyPI on Linux x86-64 it is the CUDA build: torch (527 MB), 18
+# NVIDIA/CUDA wheels and triton (2.2 GB). For the CPU-only build (192 MB), install it first (then it is kept):
+#   python3 -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c 'import sys; assert sys.version_info >= (3, 11), "fullres needs Python 3.11 or newer"'
-if ! python3 -c 'import torch' 2>/dev/null; then
+if python3 -c 'import torch' 2>/dev/null; then
+    python3 -c 'import torch; print(f"torch {torch.__version__} kept: " + (f"a CUDA {torch.version.cuda} build"
+                if torch.version.cuda else "a ROCm build" if torch.version.hip else "a build without CUDA"))'
+else
+    report=$(mktemp)
+    trap 'rm -f "$report"' EXIT
+    python3 -m pip install --quiet --dry-run --report "$report" torch==2.13.0
+    python3 - "$report" <<'EOF'
+import json, sys
+install = json.load(open(sys.argv[1]))["install"]
+torch = next(item for item in install if item["metadata"]["name"].lower() == "torch")
+version, url = torch["metadata"]["version"], torch["download_info"]["url"]
+cuda = [item["metadata"]["name"] for item in install if item["metadata"]["name"].lower().startswith(("nvidia-", "cuda-"))]
+if cuda or "+cu" in version:
+    what = (f"the CUDA build, with {len(cuda)} NVIDIA/CUDA wheels (from PyPI on Linux x86-64: ~2.7 GB in all); "
+            "for the CPU-only build (~190 MB) stop now (Ctrl-C) and see docs/install.md")
+else:
+    what = "the CPU-only build" if "+cpu" in version else "no NVIDIA wheels with it"
+source = url.rsplit("/", 1)[0] if url.startswith("file:") else url.split("/")[2]
+print(f"installing torch {version} from {source}: {what}", flush=True)
+EOF
     python3 -m pip install --quiet torch==2.13.0
 fi
 python3 -m pip install --quiet --editable ".${1:+[$1]}"
