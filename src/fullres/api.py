@@ -269,11 +269,11 @@ def _skeleton(model, in_channels: int, classes, model_args: dict) -> nn.Module:
 def _materialised(skeleton: nn.Module) -> nn.Module:
     """A copy of the skeleton whose parameters and buffers are new empty tensors on the current device
     (fake ones inside the dry run, where only factory functions may make tensors); tied tensors stay tied."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.utils._python_dispatch import _disable_current_modes
 
     device = torch.empty(0).device
-    with unset_fake_temporarily():
-        clone = copy.deepcopy(skeleton)  # meta tensors: nothing is copied
+    with _disable_current_modes():  # outside the fake mode and the dry run's tracker: meta tensors, not counted
+        clone = copy.deepcopy(skeleton)
     made: dict[int, torch.Tensor] = {}
 
     def empty(tensor: torch.Tensor) -> torch.Tensor:

@@ -854,8 +854,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser, unit: str, how: str) -
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fullres", description=__doc__.splitlines()[0])
-    from fullres import __version__
-    parser.add_argument("--version", action="version", version=f"fullres {__version__}")
+    from fullres.versions import VersionAction
+    parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     estimate = commands.add_parser("estimate", help="memory a training job needs (whitepaper Table 1)")

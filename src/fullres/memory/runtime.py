@@ -83,6 +83,10 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
     network, strategy, torch, CPU, thread count and allocator setting were measured before; otherwise
     measured now (two 16^3 training steps in a subprocess, a few seconds; the median of three under glibc's
     heap) and cached."""
+    try:
+        import resource  # noqa: F401 - the measuring child reads its peak with it where /proc is missing
+    except ImportError:  # not POSIX: nothing to measure with; the modelled constant
+        return runtime_bytes(job)
     path = (Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()) / CACHE_FILE
     key = _cache_key(job)
     small = runtime_job(job)
