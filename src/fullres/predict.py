@@ -27,6 +27,7 @@ from fullres.data.nifti import NIFTI_SUFFIXES, case_id_from_path
 from fullres.device import Process, available_memory
 from fullres.errors import UserError
 from fullres.files import refuse_special, write_json
+from fullres.versions import versions
 from fullres.losses import primary_output
 from fullres.model import build_model, build_on_meta, check_divisible, model_spec, spatial_divisor
 from fullres.step import autocast, prepare_model, to_device
@@ -519,6 +520,7 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
             region_sets.append(regions)
     written = output_paths(out, cases, probabilities=False)[:-1]  # the masks, every group's
     info = {"checkpoint": str(predictor.checkpoint), "target": config.data.target, "engine": engine,
+            "versions": versions(),
             "cases": [p.name for p in written],
             "layout": layouts.pop() if len(layouts) == 1 else "mixed"}
     if len(region_sets) == 1:  # the label values of the masks' (and their truths') WT / TC / ET, for `evaluate`

@@ -51,6 +51,7 @@ from fullres.spatial import local_rows, reduce_gradients, sums_over
 from fullres.step import autocast, build_training, to_device, train_step
 from fullres.tracking import open_tracker
 from fullres.trust import copy_factory_source, remember
+from fullres.versions import versions
 from fullres.units import format_bytes
 
 CSV_COLUMNS = ["epoch", "train_loss", "train_dice", "train_accuracy", "val_loss", "val_dice", "val_accuracy",
@@ -111,6 +112,25 @@ def run(request: TrainRequest, log=print) -> dict:
         log(f"done: validation Dice {last.get('val_dice', float('nan')):.3f} after {last.get('epoch', 0)} epochs; "
             f"run in {run_dir}/ (config.json, metrics.csv, last.pt, best.pt, curves.png{tracked})")
     return last
+
+
+VERSIONS_FILE = "versions.json"
+
+
+def record_versions(run_dir: Path, resumed: bool) -> None:
+    """RUN/versions.json: the fullres, torch, CUDA, oneDNN and Python that trained the run
+    (:func:`fullres.versions.versions`), and those of each resume after it."""
+    current = versions()
+    recorded = {"trained_with": current, "resumed_with": []}
+    if resumed:
+        try:
+            previous = json.loads((run_dir / VERSIONS_FILE).read_text())
+            if isinstance(previous, dict) and isinstance(previous.get("resumed_with"), list):
+                recorded = {"trained_with": previous.get("trained_with"), "resumed_with": previous["resumed_with"]}
+        except (OSError, ValueError, RecursionError):
+            recorded = {"trained_with": None, "resumed_with": []}  # a run from before versions were recorded
+        recorded["resumed_with"].append(current)
+    write_json(run_dir / VERSIONS_FILE, recorded)
 
 
 def _run_values(config: TrainConfig) -> dict:
@@ -437,6 +457,8 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
             raise UserError(f"{run_dir / LAST}: does not fit the run's configuration in config.json ({detail})") from None
         if process.main:
             log(f"resuming after epoch {start_epoch} of {config.epochs} from {run_dir / 'last.pt'}")
+    if process.main:  # once the run's state is accepted: a refused resume changes nothing
+        record_versions(run_dir, resumed=start_epoch > 0)
     network = model
     if space is not None:
         model.space = space  # its forward computes this process's rows; gradients summed in before_update
