@@ -187,7 +187,8 @@ def test_a_budget_below_the_smallest_patch_is_refused_in_one_line(source, peaks)
 
 def test_a_shrunken_plan_grows_back_and_the_batch_fills_the_budget(source, peaks, tmp_path):
     """nnU-Net shrank the patch (a copy planned at 12x12x12) and the dataset has 2000 cases, so its 5 % rule
-    allows batch 16: the patch grows back to the median image first, then the batch up to the budget."""
+    allows batch 78 at 24x20x20: the patch grows back to the median image first, then the batch up to the
+    budget."""
     def small_patch(plans):
         plans["configurations"]["3d_fullres"]["patch_size"] = [12, 12, 12]
 
@@ -198,10 +199,9 @@ def test_a_shrunken_plan_grows_back_and_the_batch_fills_the_budget(source, peaks
     budget = peaks["plan"] + 3 * (peaks["plan"] - peaks["smallest"])
     result = fit_plans(copy, budget)
     assert result.original_patch == (12, 12, 12) and result.patch == read_network(source).patch
-    assert 2 < result.batch <= 16 and result.needed_bytes <= budget
-    if result.batch < 16:
-        larger = [t for t in result.trials if t.patch == result.patch and t.batch == result.batch + 1]
-        assert larger and not larger[0].fits
+    assert 2 < result.batch < 78 and result.needed_bytes <= budget
+    larger = [t for t in result.trials if t.patch == result.patch and t.batch == result.batch + 1]
+    assert larger and not larger[0].fits and f"batch {result.batch}: {result.batch + 1} does not fit" in result.summary
     config = _plans_manager(result.plans_path).get_configuration("3d_fullres")
     assert (tuple(config.patch_size), config.batch_size) == (result.patch, result.batch)
 
@@ -278,6 +278,11 @@ def test_refusals_of_the_files_and_options(source, tmp_path):
         fit_plans(source, GB, plans_name="nnUNetPlans")
     with pytest.raises(UserError, match="--plans-name"):
         fit_plans(source, GB, plans_name="../escape")
+    import torch
+
+    if not torch.backends.cuda.is_built():
+        with pytest.raises(UserError, match="built without CUDA"):
+            fit_plans(source, GB, device="cuda")
     broken = tmp_path / "nnUNetPlans.json"
     broken.write_text("{not json")
     with pytest.raises(UserError, match="not an nnU-Net plans file"):

@@ -690,7 +690,7 @@ def fit_plans(plans_path: str | os.PathLike, memory_bytes: int, configuration: s
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.backends.cuda.is_built():
         raise UserError(f"--device cuda: this torch ({torch.__version__}) is built without CUDA, and the dry run of a "
-                        "CUDA step needs a CUDA build (no GPU, no memory)")
+                        "CUDA step needs a CUDA build of torch")
     plans = read_plans(source)
     network = read_network(source, configuration, plans)
     name = plans_name or f"{source.stem}_fullres_{size_label(memory_bytes)}"
