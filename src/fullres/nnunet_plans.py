@@ -575,8 +575,8 @@ def _search(network: PlansNetwork, run: Callable[[tuple, int], Trial], budget: i
             patch[axis] -= divisor[axis]
             current = run(tuple(patch), MIN_BATCH)
         reasons.append(f"{_shape(network.patch)} x {MIN_BATCH} needs {format_bytes(first.needed_bytes)}: shrank "
-                       f"the axis largest against the median image ({_shape(round(m) for m in median)}) one stride product at "
-                       f"a time, as nnU-Net's planner does, until {_shape(patch)} x {MIN_BATCH} fitted")
+                       f"the axis largest against the median image ({_shape(round(m) for m in median)}) one stride "
+                       f"product at a time, as nnU-Net's planner does, until {_shape(patch)} x {MIN_BATCH} fitted")
     else:
         grown = False
         blocked: set[int] = set()
@@ -746,7 +746,8 @@ def _modelled(network: PlansNetwork, family: bool, device: str) -> tuple[str, ..
     else:
         notes.append("runtime term: " + ("measured for this network on this machine" if family else
                                          "fullres's constant (this network is not rebuilt in a fresh process)")
-                     + "; glibc's default heap, whose leftovers vary a few percent from run to run")
+                     + "; glibc's default heap, whose leftovers vary from run to run (up to ~10 % of a job of a "
+                       "few hundred MB)")
     return tuple(notes)
 
 
