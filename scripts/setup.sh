@@ -37,4 +37,16 @@ python3 -m pip install --quiet --editable ".${1:+[$1]}"
 # nnU-Net v2's networks: its package without its declared extras (timm would pull torchvision, a second
 # multi-GB torch build); fullres uses only its plain and residual U-Nets, which need neither.
 python3 -m pip install --quiet --no-deps dynamic-network-architectures==0.4.4
+if [ "${1:-}" = "test" ]; then
+    # nnU-Net v2 itself, for the tests of `fullres nnunet plan` against its planner, plans and trainer: its
+    # package without its declared timm/torchvision (they pin a torch of their own), its other requirements
+    # constrained to the torch installed above.
+    constraint=$(mktemp)
+    python3 -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' >"$constraint"
+    python3 -m pip install --quiet -c "$constraint" "acvl-utils>=0.2.6,<0.3" "batchgenerators>=0.25.1" \
+        "batchgeneratorsv2>=0.3.2" scikit-learn "scikit-image>=0.19.3" "SimpleITK>=2.2.1" pandas graphviz tifffile \
+        requests seaborn imagecodecs yacs "blosc2>=3.3.2"
+    python3 -m pip install --quiet --no-deps nnunetv2==2.8.1
+    rm -f "$constraint"
+fi
 python3 -c 'import fullres, torch; print(f"fullres {fullres.__version__} installed (torch {torch.__version__})")'

@@ -1050,6 +1050,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--challenge", choices=tuple(CHALLENGES), default=DEFAULT_CHALLENGE,
                       help=f"with --lesions: the lesion-wise parameters (default {DEFAULT_CHALLENGE})")
     show.set_defaults(run=cmd_show)
+
+    from fullres import nnunet_cli
+    nnunet_cli.add_arguments(commands.add_parser(
+        "nnunet", help="nnU-Net v2: write plans whose patch and batch size fit a memory budget (nnunet plan)"))
     return parser
 
 
