@@ -72,12 +72,13 @@ def test_the_wheels_metadata_declares_the_license_extras_and_torch_range(wheel):
     assert not any(c.startswith("License ::") for c in classifiers)  # not allowed beside License-Expression
     urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL"))
     assert {"Homepage", "Documentation", "Issues"} <= set(urls)
-    assert {"nnunet", "deploy", "test"} <= set(meta.get_all("Provides-Extra"))
+    assert {"nnunet", "nnunet-networks", "deploy", "mlflow", "test"} <= set(meta.get_all("Provides-Extra"))
     requires = meta.get_all("Requires-Dist")
     assert "torch<3,>=2.4" in requires
-    # the nnunet extra must not pull a second torch build: 0.4.x declares timm (and so torchvision)
-    nnunet = [r for r in requires if 'extra == "nnunet"' in r]
-    assert nnunet == ['dynamic-network-architectures==0.3.1; extra == "nnunet"']
+    # the networks alone must not pull a second torch build: 0.4.x declares timm (and so torchvision)
+    networks = [r for r in requires if 'extra == "nnunet-networks"' in r]
+    assert networks == ['dynamic-network-architectures==0.3.1; extra == "nnunet-networks"']
+    assert [r for r in requires if 'extra == "nnunet"' in r] == ['nnunetv2<3,>=2.8.1; extra == "nnunet"']
 
 
 def test_the_license_file_is_the_apache_2_0_text():

@@ -131,7 +131,7 @@ def build_nnunet(name: str, in_channels: int, classes: int, args: dict) -> nn.Mo
     try:
         from dynamic_network_architectures.architectures import unet
     except ImportError:
-        raise ValueError("nnunet networks need dynamic-network-architectures: pip install 'fullres[nnunet]'") from None
+        raise ValueError("nnunet networks need dynamic-network-architectures: pip install 'fullres[nnunet-networks]'") from None
     kwargs = {**NNUNET_DEFAULTS[name], "conv_op": nn.Conv3d, "norm_op": nn.InstanceNorm3d,
               "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "nonlin": nn.LeakyReLU,
               "nonlin_kwargs": {"inplace": True}, "deep_supervision": False, **args}
