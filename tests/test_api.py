@@ -33,7 +33,24 @@ def test_an_instance_is_estimated_as_the_same_network_by_name():
     assert without_runtime(mine) == without_runtime(named) > 0
     assert {k: v for k, v in mine.breakdown.items() if k != "runtime"} == \
            {k: v for k, v in named.breakdown.items() if k != "runtime"}
-    assert mine.modelled and not named.modelled  # an instance's CPU runtime term is the constant
+    assert mine.modelled == named.modelled == ()  # both runtime terms measured: in this process, and in a fresh one
+
+
+def test_an_instances_runtime_term_is_measured_in_process_and_cached(monkeypatch):
+    from fullres import api
+    from fullres.memory import measure
+
+    net = small_net()
+    first = fullres.estimate(net, SHAPE)
+    # what this process needs beyond the tensors (0 in a process that has already run such steps)
+    assert first.breakdown["runtime"] >= 0 and first.modelled == ()
+    monkeypatch.setattr(measure, "_reset_hwm", lambda: (_ for _ in ()).throw(AssertionError("measured again")))
+    assert fullres.estimate(small_net(), SHAPE).breakdown["runtime"] == first.breakdown["runtime"]  # cached
+    wider = nn.Sequential(nn.Conv3d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 2, 1))
+    monkeypatch.setattr(measure, "_reset_hwm", lambda: False)  # a process whose peak cannot be read
+    assert fullres.estimate(wider, SHAPE).modelled == (
+        "runtime (this process's peak could not be read: a modelled constant)",)
+    assert api.CALIBRATION_VERSION >= 1
 
 
 def test_the_instance_is_left_as_it_was():
@@ -66,7 +83,7 @@ def test_the_users_loss_runs_on_the_fake_step():
 
     result = fullres.estimate(small_net(), SHAPE, batch=2, loss=loss)
     assert result.peak_bytes > 0
-    assert seen and seen[0] == ("FakeTensor", (2, 2, 16, 16, 16), torch.int64)
+    assert seen and seen[-1] == ("FakeTensor", (2, 2, 16, 16, 16), torch.int64)  # the step at batch 2, faked
 
 
 def test_a_factory_and_a_monai_instance():

@@ -44,7 +44,7 @@ class Estimate:
     """What one training step needs. `peak_bytes`: the step's peak on the device; `peak_at`: the operation
     at the peak; `breakdown`: bytes by kind at the peak (parameters, gradients, optimizer_state, inputs,
     activations, workspace, runtime, ...); `modelled`: the parts that are a model rather than a measurement
-    of this machine (e.g. the CPU runtime term of a network fullres cannot rebuild in a fresh process)."""
+    of this machine (the CUDA allocator; a CPU runtime term this process could not measure)."""
 
     peak_bytes: int
     peak_at: str
@@ -73,7 +73,8 @@ def estimate(model: nn.Module | Callable[..., nn.Module] | str, input_shape: tup
              classes: int | None = None, loss: LossLike = "dice", optimizer: OptimizerLike = "adam",
              strategy: Strategy | dict | None = None, device: str = "cpu", model_args: dict | None = None) -> Estimate:
     """The peak memory of one training step (forward, loss, backward, optimizer step) at `batch` inputs of
-    `input_shape` = (channels, H, W, D).
+    `input_shape` = (channels, H, W, D). On CPU the runtime term (memory no tensor owns) of an instance or a
+    factory is measured in this process and cached (:func:`calibrated_runtime`); of a name, in a fresh one.
 
     `model`: an ``nn.Module`` instance (its parameters are copied as shapes only, on the meta device; the
     instance is not changed), a factory ``f(in_channels, out_channels, **model_args) -> nn.Module``, or a
@@ -183,17 +184,72 @@ def _estimate(job: JobConfig, registered: bool, loss, optimizer, device: str) ->
 
     loss = _loss(loss)
     cpu = torch.device(device).type == "cpu"
-    # A network fullres can rebuild by name gets the runtime term measured on this machine (a fresh process);
-    # a user's instance or factory cannot be rebuilt there, so its term is the modelled constant.
-    runtime = measured_runtime_bytes(job) if cpu and not registered else None
+    modelled: tuple[str, ...] = ()
+    runtime = 0
+    if cpu and not registered:  # a network fullres rebuilds by name: measured once in a fresh process, cached
+        runtime = measured_runtime_bytes(job)
+    elif cpu:  # the user's own object: measured in this process (it cannot be rebuilt in another), cached
+        runtime = calibrated_runtime(job, loss, optimizer)
+        if runtime is None:  # the dry run's modelled constant
+            modelled = ("runtime (this process's peak could not be read: a modelled constant)",)
+    else:
+        modelled = ("the CUDA caching allocator (fullres's model of it)",)
     try:
-        result = dryrun(job, loss=loss, optimizer=optimizer, device=device, runtime=runtime)
+        # this process's allocator: glibc's, unless a fullres command set its own policy
+        result = dryrun(job, loss=loss, optimizer=optimizer, device=device, runtime=runtime,
+                        allocator="default" if cpu else None)
     except ValueError as error:
         raise UserError(str(error)) from None
-    modelled = ("runtime (the CPU term of a network not rebuilt by name: a constant)",) if cpu and registered else ()
-    if not cpu:
-        modelled = ("the CUDA caching allocator (fullres's model of it)",)
     return Estimate(result.peak_bytes, result.peak_at, dict(result.breakdown), job, modelled)
+
+
+CALIBRATION_VERSION = 1
+
+
+def calibrated_runtime(job: JobConfig, loss, optimizer) -> int | None:
+    """The CPU runtime term of a network registered in this process (an instance, a factory): two real
+    training steps of it at the calibration size (:func:`fullres.memory.runtime.runtime_job`) in this process,
+    their peak RSS above the RSS before them minus the dry run's tensors for the same steps; cached per
+    machine by the network's class and parameter shapes, strategy, torch, CPU and threads. None where this
+    process's peak cannot be read (no /proc/self/clear_refs)."""
+    import hashlib
+    import json
+    import socket
+
+    from fullres.files import cache_lookup, cache_store, user_cache_dir
+    from fullres.memory.dryrun import dryrun
+    from fullres.memory.measure import _reset_hwm, _rss_bytes, make_batch
+    from fullres.memory.runtime import runtime_job
+    from fullres.model import build_on_meta
+    from fullres.step import build_training, train_step
+
+    small = runtime_job(job)
+    skeleton = build_on_meta(small.model, small.shape)
+    shapes = json.dumps([[name, list(t.shape), str(t.dtype)] for name, t in skeleton.state_dict().items()])
+    key = {"version": CALIBRATION_VERSION, "network": type(skeleton).__module__ + "." + type(skeleton).__qualname__,
+           "shapes": hashlib.sha256(shapes.encode()).hexdigest(), "job": {**small.to_json(), "model": None},
+           "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "threads": torch.get_num_threads(), "hostname": socket.gethostname()}
+    path = user_cache_dir() / "runtime-in-process.json"
+    tensors = dryrun(small, loss=loss, optimizer=optimizer, runtime=0, allocator="default").peak_bytes
+    cached = cache_lookup(path, key)
+    if cached is not None:
+        return max(0, int(cached["measured_bytes"]) - tensors)
+    baseline, _ = _rss_bytes()
+    if not _reset_hwm():
+        return None
+    training = build_training(small, "cpu", optimizer=None if optimizer == "adam" else optimizer)
+    for parameter in training.model.parameters():  # the copy's storage is uninitialised: make it finite
+        torch.nn.init.normal_(parameter.data, std=0.01)
+    images, targets = make_batch(small, "cpu")
+    for _ in range(2):
+        train_step(training.model, training.optimizer, images, targets, loss if callable(loss) else LOSSES[loss],
+                   small.strategy, training.scaler)
+    _, peak = _rss_bytes()
+    del training, images, targets
+    measured = max(0, peak - baseline)
+    cache_store(path, key, {"measured_bytes": measured})
+    return max(0, measured - tensors)
 
 
 class _as_job:
