@@ -271,7 +271,7 @@ def test_the_gemm_weight_gradient_buffers_follow_the_kernel_oneDNN_runs(monkeypa
 def test_weight_gradients_past_onednns_scratchpad_limit_run_its_reference_kernel(monkeypatch, cin, cout, shape,
                                                                                 channels_last, reference):
     """Without AVX-512, a channels-last fp32 weight gradient whose GEMM scratchpad (input, one plane's columns,
-    weights) passes 1 GiB runs oneDNN's ``ref:any`` (each row as its verbose log named the kernel on machine A);
+    weights) passes 1 GiB runs oneDNN's ``ref:any`` (each row as its verbose log named the kernel on an AVX2-only CPU);
     it then takes no GEMM buffers, and its FLOPs are the ones the time estimate charges at the reference rate."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -299,8 +299,8 @@ def test_weight_gradients_past_onednns_scratchpad_limit_run_its_reference_kernel
 def test_with_avx512_weight_gradients_of_2_gib_maps_run_the_reference_kernel(monkeypatch, cin, cout, kernel, stride,
                                                                              rows, transposed, reference):
     """With AVX-512, a channels-last fp32 weight gradient whose input or output gradient holds 2^31 bytes or more
-    runs oneDNN's ``ref:any`` (each row as its verbose log named the kernel on machine C, fine maps of rows x 240 x
-    144)."""
+    runs oneDNN's ``ref:any`` (each row as its verbose log named the kernel on an AVX-512 + AMX-BF16 CPU, fine
+    maps of rows x 240 x 144)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fullres.memory import dryrun as module

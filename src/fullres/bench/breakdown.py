@@ -310,7 +310,7 @@ def run_breakdown(job: JobConfig, device: str | torch.device = "cpu", split_repe
         raise UserError(f"bench --breakdown runs fp32 or bf16 on CPU, not {strategy.precision}")
     with variant_context(variant, device):
         # before the step's allocator: under "fixed" every large block is mapped afresh, and the oneDNN
-        # product's output would be faulted in on every call (0.33 against 0.40 TFLOP/s, machine D)
+        # product's output would be faulted in on every call (0.33 against 0.40 TFLOP/s, AVX-512 bf16 AMD Zen 5)
         peak = matmul_peak_tflops(variant.precision, size=peak_size, device=device)
         allocator = set_training_malloc_policy(strategy, device=device.type) or "default"
         torch.manual_seed(seed)

@@ -99,7 +99,7 @@ CPU_AUTOCAST_RUNTIME_BYTES = 14 * 2**20 + 200 * 2**10
 
 CUDA_CONTIGUOUS_NOTE = ("on CUDA only channels-last jobs are modelled exactly (measured within 0.1 %); without "
                         "--channels-last, cuDNN's workspaces made real peaks 12-22 % higher on an H100")
-# Measured on machine B, bf16 jobs 32^3 to 96x96x64, five fresh processes each (docs/memory.md).
+# Measured on an AVX-512 bf16 CPU (AMD Zen 4), bf16 jobs 32^3 to 96x96x64, five fresh processes each (docs/memory.md).
 GLIBC_HEAP_NOTE = ("this job runs under glibc's default heap, whose leftovers make its peak vary from run to run "
                    "(bf16 jobs: up to 6 % between runs, the dry run -4.5..+5.2 % of their medians); "
                    "FULLRES_MALLOC=fixed makes the peak follow the estimate (within 1 %) for 0-7 % slower steps "
@@ -198,7 +198,7 @@ def _columns_bytes(input, weight, output_voxels: int, transposed: bool) -> int:
 # oneDNN's convolution backward allocates a scratchpad of its own (weight-gradient reduction buffers
 # and the like) that does not grow with the volume: measured on single convolutions and transposed
 # convolutions with the allocator policy (peak RSS minus the tensors, 64^3 and 96^3, 32-192 channels,
-# fp32 and bf16, 2 threads, torch 2.13 on machine B of docs/memory.md): 39-53 MB; 45 MB used.
+# fp32 and bf16, 2 threads, torch 2.13 on an AVX-512 bf16 CPU, AMD Zen 4; docs/results/memory.md): 39-53 MB; 45 MB used.
 ONEDNN_BACKWARD_SCRATCH_BYTES = 45 * 10**6
 
 
@@ -206,9 +206,10 @@ ONEDNN_BACKWARD_SCRATCH_BYTES = 45 * 10**6
 # convolution's weight gradient falls back to the reference kernel (``ref:any``).
 ONEDNN_SCRATCHPAD_LIMIT = 2**30
 ONEDNN_JIT_OPERAND_LIMIT = 2**31  # AVX-512: the largest operand its jit/brgemm weight gradients take, exclusive
-# What ``ref:any`` computes a weight gradient at, measured on machine A (AVX2, 2 threads, torch 2.13): 128 -> 1
-# channels, 3^3, 102x128x128, 11.5 GFLOP in 118.7 s (its input gradient and forward apart). GEMM ran the
-# same convolution at 100 rows in 5.7 s with its input gradient: the reference kernel is ~100-1000x slower.
+# What ``ref:any`` computes a weight gradient at, measured on an AVX2-only CPU (AMD EPYC, 2 threads, torch
+# 2.13): 128 -> 1 channels, 3^3, 102x128x128, 11.5 GFLOP in 118.7 s (its input gradient and forward apart).
+# GEMM ran the same convolution at 100 rows in 5.7 s with its input gradient: the reference kernel is ~100-1000x
+# slower.
 ONEDNN_REFERENCE_FLOPS_PER_S = 0.1e9
 
 
@@ -216,7 +217,7 @@ def onednn_reference_weight_gradient(conv: "_Convolution", weight_gradient: bool
     """Whether oneDNN computes this channels-last fp32 convolution's weight gradient with its reference kernel:
     on a CPU without AVX-512, where it would run im2col + GEMM, whose scratchpad (the input, transposed, one
     output plane's columns and the weight gradient, :func:`gemm_weight_gradient_bytes`) exceeds
-    :data:`ONEDNN_SCRATCHPAD_LIMIT`. Measured on machine A (oneDNN's verbose log names the kernel): 128
+    :data:`ONEDNN_SCRATCHPAD_LIMIT`. Measured on an AVX2-only CPU (oneDNN's verbose log names the kernel): 128
     input channels at 128x128 planes take GEMM up to 100 rows and ``ref:any`` from 102; 116 channels at 128^3
     ``ref:any``, 100 GEMM; 64 channels at 208x128x128 GEMM; 192 channels at 18x240x144 ``ref:any``, 128 at
     20x240x144 GEMM. Contiguous (NCDHW) convolutions shrink their column block instead, and 1x1x1 ones run
@@ -224,9 +225,9 @@ def onednn_reference_weight_gradient(conv: "_Convolution", weight_gradient: bool
 
     With AVX-512, where it runs jit or brgemm kernels instead, a channels-last fp32 weight gradient (kernel
     larger than 1x1x1, transposed or not) whose input or output gradient holds :data:`ONEDNN_JIT_OPERAND_LIMIT`
-    bytes or more runs ``ref:any`` too. Measured on machine C: the 2x2x2 stride-2 weight gradient on 128 maps of
-    120x240x144 (0.989 x 2^31 bytes) ``jit:avx512_core``, of 124x240x144 ``ref:any``; the 3x3x3 128 -> 128 one at
-    240x240x144 and PyTorch's deconvolution there ``ref:any``."""
+    bytes or more runs ``ref:any`` too. Measured on an AVX-512 + AMX-BF16 CPU (Intel Xeon): the 2x2x2 stride-2
+    weight gradient on 128 maps of 120x240x144 (0.989 x 2^31 bytes) ``jit:avx512_core``, of 124x240x144
+    ``ref:any``; the 3x3x3 128 -> 128 one at 240x240x144 and PyTorch's deconvolution there ``ref:any``."""
     if _onednn_gemm_weight_gradient(conv, weight_gradient):
         return _gemm_scratchpad_bytes(conv) + _nbytes(conv.weight) > ONEDNN_SCRATCHPAD_LIMIT
     return (fullres_device.avx512() and _onednn_fp32_channels_last_weight_gradient(conv, weight_gradient)
@@ -270,7 +271,7 @@ def gemm_weight_gradient_bytes(conv: "_Convolution", weight_gradient: bool = Tru
     where it runs im2col + GEMM (``x64:gemm:jit``): a copy of the input and the column buffer of one
     output plane along the first spatial dim, C_in x kernel volume x (the output's last two sizes).
 
-    Measured per operator on machine A (AVX2, 2 threads, torch 2.13; peak RSS reset before the call):
+    Measured per operator on an AVX2-only CPU (AMD EPYC, 2 threads, torch 2.13; peak RSS reset before the call):
     exact to 0.2 MB from 16x64x64 to 20x240x144 maps, 4-256 input channels, 1 and 2 threads, with and
     without the input gradient (whose kernel, brgemm, takes nothing). 1x1x1 and transposed convolutions
     run other kernels here and take nothing; AVX-512 CPUs run brgemm for the weight gradient too."""
@@ -326,7 +327,7 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     without native bf16, and fp32 ones at batch 1 whose N x C x D x H is at most 20480, e.g. the first
     convolution's 4 channels below full resolution) unfolds its input into a column buffer of
     C_in x k^3 rows per output voxel, for the whole batch, and works on contiguous copies of
-    channels-last tensors. Measured (peak RSS above the tensors, 2 threads, machine B): forward and
+    channels-last tensors. Measured (peak RSS above the tensors, 2 threads, AVX-512 bf16 AMD Zen 4): forward and
     backward each hold one column buffer at a time (4 -> 32 channels at 64^3, channels-last: forward
     117.1 MB, backward 117.4 MB, for 113.2 MB of columns and a 4.2 MB input copy; 32 channels at
     16x32x32: 56.4 MB and 56.6 MB of columns), not the column gradient beside the columns.
@@ -607,7 +608,7 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
     """`op_workspace` split for the CPU pool: (the blocks the operator takes from PyTorch's allocator, so
     from the pool; the bytes it allocates elsewhere).
 
-    Read from the pool's trace of real steps (``fullres.memory.cpu_pool.trace``; 2 threads, machine B):
+    Read from the pool's trace of real steps (``fullres.memory.cpu_pool.trace``; 2 threads, AVX-512 bf16 AMD Zen 4):
     ATen's slow path takes its column buffer and contiguous copies as tensors; a oneDNN convolution takes
     a copy of its weight in forward (two for a weight that is a slice), three weight-sized buffers in
     backward (the weight in the primitive's layout, its gradient before the copy out), a transposed one in

@@ -4,9 +4,9 @@
 from :mod:`fullres.memory.cpu_pool`, a caching allocator with the rules of PyTorch's CUDA one. Freed blocks
 are reused, so after the first step no page is faulted in again, and the memory it holds (its segments,
 mapped populated, never returned) is what the dry run's replay of the same rules predicts. Measured
-(docs/performance.md, machine B): the 64^3 x 1 fp32 channels-last step 2-6 % faster than under glibc's
-default in one process with steps alternated, and 1.01x TensorFlow's; the demo job's configuration 11 %
-faster; peaks -8..+12 % of glibc's default; the dry run within -4.0..+2.3 % of them from 32^3 to 128^3,
+(docs/results/performance.md, AVX-512 bf16 AMD Zen 4): the 64^3 x 1 fp32 channels-last step 2-6 % faster
+than under glibc's default in one process with steps alternated, and 1.01x TensorFlow's; the demo job's
+configuration 11 % faster; peaks -8..+12 % of glibc's default; the dry run within -4.0..+2.3 % of them from 32^3 to 128^3,
 where glibc's default heap missed 4 of 10 jobs by 6-10 %.
 Contiguous (NCDHW) fp32 jobs keep glibc's default: oneDNN reorders whole feature maps for them, and the
 pool would keep those blocks (the paper's 240x240x144 batch-1 fp32 step: 39.6 GB replayed under the pool,

@@ -7,14 +7,14 @@ the pool, the tensors' segments are the dry run's; glibc still serves what PyTor
 does not grow with the volume, so it is measured once per network and strategy on the smallest volume,
 16^3 at batch 1: ``measured peak - the dry run's tensors``, in a fresh process (``measure_peak``).
 
-Measured on machine B (docs/memory.md), 32 filters, channels-last: the constant measured with
-filters 1 (86.6 MiB) left checkpointed fp32 jobs of 48x32x32 to 96x96x64 3.4-6.9 % low; their network's
-own term is 125 MiB and brings them to +0.4..+1.2 %.
+Measured on an AVX-512 bf16 CPU (AMD Zen 4; docs/results/memory.md), 32 filters, channels-last: the
+constant measured with filters 1 (86.6 MiB) left checkpointed fp32 jobs of 48x32x32 to 96x96x64 3.4-6.9 %
+low; their network's own term is 125 MiB and brings them to +0.4..+1.2 %.
 
 Under glibc's default heap (bf16 and contiguous fp32 jobs without checkpointing or slabs) the same 16^3
 step keeps a different amount each run: 540-562 MB over nine fresh processes for the 32-filter bf16 network
-on machine B. There the term is the median of three measurements, so that one unlucky process does not bias
-every later estimate; under the pool and the fixed thresholds a job's peak repeats to within 0.5 MB, and
+on the AVX-512 bf16 CPU. There the term is the median of three measurements, so that one unlucky process
+does not bias every later estimate; under the pool and the fixed thresholds a job's peak repeats to within 0.5 MB, and
 the term is measured once.
 
 So that one job gives the same bytes in every process, the measurement is made once per machine and
