@@ -91,6 +91,20 @@ def test_block_checkpointing_gives_the_plain_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_checkpointing_reaches_the_blocks_inside_module_lists():
+    """SegResNet keeps its stages in ModuleLists, whose own forward is never called: their items are the
+    blocks, and checkpointing them cuts the dry run's peak (it cut nothing when the lists were wrapped)."""
+    from fullres.config import Strategy
+    from fullres.memory.dryrun import dryrun
+
+    config = ModelConfig(architecture="monai:SegResNet", args='{"init_filters": 8}', in_channels=4, classes=3)
+    blocks = checkpoint_blocks(build_model(config, (32, 32, 32)))
+    assert "down_layers.0" in blocks and "up_samples.2" in blocks and "down_layers" not in blocks
+    peaks = [dryrun(JobConfig(model=config, shape=(48, 48, 48), batch=2, strategy=Strategy(checkpointing=on)),
+                    runtime=0).peak_bytes for on in (False, True)]
+    assert peaks[1] < 0.75 * peaks[0], peaks
+
+
 def test_offload_needs_cuda():
     job = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=1, strategy=Strategy(offload=True))
     with pytest.raises(ValueError, match="needs a CUDA device"):

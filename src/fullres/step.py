@@ -58,14 +58,22 @@ def checkpoint_blocks(model: nn.Module) -> list[str]:
     """Wrap the forward of each of `model`'s blocks in non-reentrant activation checkpointing (exact: it
     restores the RNG state, so dropout repeats on recompute): each keeps only its inputs for backward and
     recomputes the rest. The blocks are the top-level children with parameters; where there is only one,
-    its children, and so on down. Returns the blocks' names; idempotent."""
-    prefix, blocks = "", [(name, child) for name, child in model.named_children()]
+    its children, and so on down. A ModuleList or ModuleDict is never a block (its own forward is never
+    called: the network calls its items), its items are. Returns the blocks' names; idempotent."""
+    def unpacked(named):  # containers stand for their items
+        for name, child in named:
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                yield from unpacked((f"{name}.{item}", grandchild) for item, grandchild in child.named_children())
+            else:
+                yield name, child
+
+    prefix, blocks = "", list(unpacked(model.named_children()))
     while True:
         with_parameters = [(name, child) for name, child in blocks if any(True for _ in child.parameters())]
         if len(with_parameters) != 1 or not any(True for _ in with_parameters[0][1].children()):
             break
         prefix += with_parameters[0][0] + "."
-        blocks = list(with_parameters[0][1].named_children())
+        blocks = list(unpacked(with_parameters[0][1].named_children()))
     for _, block in with_parameters:
         if not getattr(block, "_fullres_checkpointed", False):
             block.forward = functools.partial(_checkpointed, block.forward)
