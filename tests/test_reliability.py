@@ -771,6 +771,15 @@ def _silent_rows() -> list[Row]:
         R("train, a factory that warns, then raises: one line",
           lambda s, b: ["train", b.data, "--out", s / "run", *TINY, "--model", factory(s, WARNS)], 2,
           "refused by the factory", absent=("run",)),
+        R("predict, inputs a and a_prob", lambda s, b: ["predict", b.run, b.image,
+                                                        copy(b.image, s / "in" / "BRATS_004_prob.nii.gz"),
+                                                        "--out", s / "pred", "--probabilities"], 2,
+          "BRATS_004_prob", absent=("pred",)),
+        R("resume: config.json is a FIFO",
+          lambda s, b: ["train", "--out", fifo_config(b, s), "--resume", "--quiet"], 2, "not a regular file"),
+        R("train, the demo refused in an empty --out: left empty",
+          lambda s, b: ["train", "--out", (s / "empty").mkdir() or s / "empty", "--memory", "1MB", "--quiet"], 3,
+          "does not fit", check=lambda s: [] if not any((s / "empty").iterdir()) else ["--out is not empty"]),
         R("plan --memory overflows", lambda s, b: ["plan", "--memory", "1e400GB"], 2, "1e400GB"),
         R("check, a symlink loop", lambda s, b: ["check", loop(s / "d")], 2, "d"),
         R("synth into a previous synth with a user's case in it",
@@ -804,6 +813,13 @@ def still_special(kind: str, name: str):
               "socket": path.is_socket()}[kind]
         return [] if ok else [f"{path} is no longer a {kind}"]
     return check
+
+
+def fifo_config(base: Base, sandbox: Path) -> Path:
+    run = copy(base.run, sandbox / "run")
+    (run / "config.json").unlink()
+    os.mkfifo(run / "config.json")
+    return run
 
 
 def complex_prediction(base: Base, sandbox: Path) -> Path:

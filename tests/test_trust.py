@@ -55,7 +55,7 @@ def test_train_copies_the_factory_into_the_run_and_remembers_its_hash(factory_ru
     digest = config["job"]["model"]["source_sha256"]
     assert digest and "factory_dir" not in config["job"]["model"]
     store = json.loads((home / "fullres" / "trusted-factories.json").read_text())
-    assert store == {f"sha256:{digest}": "nets.py:make"}
+    assert store == {f"sha256:{digest}:make": "nets.py:make"}  # the file and the function in it
 
 
 def test_the_users_own_run_predicts_from_any_folder_with_the_runs_copy(factory_run, tmp_path):
@@ -110,6 +110,20 @@ def test_trusted_model_rules(tmp_path):
     opened = trusted_model(factory, tmp_path, True, where)
     assert opened.factory_dir == str((tmp_path / "network").absolute()) and opened == factory
     assert "factory_dir" not in opened.to_json()
+
+
+def test_a_module_factory_is_trusted_only_where_its_package_was_found(monkeypatch, tmp_path):
+    from fullres import trust
+    from fullres.model import ModelConfig
+
+    model = ModelConfig(architecture="mynets.blocks:make")
+    monkeypatch.setattr(trust, "_module_origin", lambda name: "/home/me/mynets/__init__.py")
+    trust.remember(model)
+    assert trust.trusted_model(model, tmp_path, False, tmp_path / "config.json") is model
+    # a same-named package in the folder the command runs from would shadow it: not trusted there
+    monkeypatch.setattr(trust, "_module_origin", lambda name: str(tmp_path / "mynets" / "__init__.py"))
+    with pytest.raises(UserError, match="--trust-code"):
+        trust.trusted_model(model, tmp_path, False, tmp_path / "config.json")
 
 
 def test_config_round_trips_through_the_schema():

@@ -186,8 +186,8 @@ def _estimate(job: JobConfig, registered: bool, loss, optimizer, device: str) ->
     cpu = torch.device(device).type == "cpu"
     modelled: tuple[str, ...] = ()
     runtime = 0
-    if cpu and not registered:  # a network fullres rebuilds by name: measured once in a fresh process, cached
-        runtime = measured_runtime_bytes(job)
+    if cpu and not registered and not _in_process_only(job.model.architecture):
+        runtime = measured_runtime_bytes(job)  # a network fullres rebuilds by name: measured in a fresh process
     elif cpu:  # the user's own object: measured in this process (it cannot be rebuilt in another), cached
         runtime = calibrated_runtime(job, loss, optimizer)
         if runtime is None:  # the dry run's modelled constant
@@ -203,7 +203,12 @@ def _estimate(job: JobConfig, registered: bool, loss, optimizer, device: str) ->
     return Estimate(result.peak_bytes, result.peak_at, dict(result.breakdown), job, modelled)
 
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2  # 2: the term itself is cached (it does not depend on the loss or the optimizer)
+
+
+def _in_process_only(name: str) -> bool:
+    """A name registered in this process (a user's register_model): a fresh process would not know it."""
+    return name in MODELS and name not in ("unet3d", "intel-unet")
 
 
 def calibrated_runtime(job: JobConfig, loss, optimizer) -> int | None:
@@ -224,17 +229,23 @@ def calibrated_runtime(job: JobConfig, loss, optimizer) -> int | None:
     from fullres.step import build_training, train_step
 
     small = runtime_job(job)
-    skeleton = build_on_meta(small.model, small.shape)
+    try:
+        skeleton = build_on_meta(small.model, small.shape)
+    except ValueError:
+        return None
     shapes = json.dumps([[name, list(t.shape), str(t.dtype)] for name, t in skeleton.state_dict().items()])
     key = {"version": CALIBRATION_VERSION, "network": type(skeleton).__module__ + "." + type(skeleton).__qualname__,
            "shapes": hashlib.sha256(shapes.encode()).hexdigest(), "job": {**small.to_json(), "model": None},
            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "threads": torch.get_num_threads(), "hostname": socket.gethostname()}
     path = user_cache_dir() / "runtime-in-process.json"
-    tensors = dryrun(small, loss=loss, optimizer=optimizer, runtime=0, allocator="default").peak_bytes
     cached = cache_lookup(path, key)
     if cached is not None:
-        return max(0, int(cached["measured_bytes"]) - tensors)
+        return int(cached["runtime_bytes"])
+    try:
+        tensors = dryrun(small, loss=loss, optimizer=optimizer, runtime=0, allocator="default").peak_bytes
+    except ValueError:  # the network does not take the calibration size: the modelled constant
+        return None
     baseline, _ = _rss_bytes()
     if not _reset_hwm():
         return None
@@ -242,14 +253,17 @@ def calibrated_runtime(job: JobConfig, loss, optimizer) -> int | None:
     for parameter in training.model.parameters():  # the copy's storage is uninitialised: make it finite
         torch.nn.init.normal_(parameter.data, std=0.01)
     images, targets = make_batch(small, "cpu")
-    for _ in range(2):
-        train_step(training.model, training.optimizer, images, targets, loss if callable(loss) else LOSSES[loss],
-                   small.strategy, training.scaler)
+    try:
+        for _ in range(2):
+            train_step(training.model, training.optimizer, images, targets,
+                       loss if callable(loss) else LOSSES[loss], small.strategy, training.scaler)
+    except Exception:  # noqa: BLE001 - the network refusing the calibration size: the modelled constant
+        return None
     _, peak = _rss_bytes()
     del training, images, targets
-    measured = max(0, peak - baseline)
-    cache_store(path, key, {"measured_bytes": measured})
-    return max(0, measured - tensors)
+    term = max(0, peak - baseline - tensors)
+    cache_store(path, key, {"runtime_bytes": term, "measured_bytes": peak - baseline})
+    return term
 
 
 class _as_job:

@@ -42,6 +42,8 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 def load_checkpoint(path: Path) -> dict:
     """weights_only=True: a checkpoint that needs arbitrary code to load is refused, not run. Its fields are
     checked (:func:`check_state`): UserError naming the file and the field otherwise."""
+    if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():  # a FIFO would block the read
+        raise UserError(f"{path}: not a regular file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -122,7 +124,7 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file, not a folder")
     if (pid := lock_holder(run_dir)) is not None:
-        raise UserError(f"--out {run_dir} is in use: process {pid} is training in it")
+        raise UserError(f"--out {run_dir} is in use: {f'process {pid}' if pid else 'another process'} is training in it")
     if (run_dir / LAST).exists() or (run_dir / CONFIG_FILE).exists():
         raise UserError(f"--out {run_dir} already holds a run: use --resume to continue it, or another --out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
@@ -138,15 +140,18 @@ def lock_holder(run_dir: Path) -> int | None:
         import fcntl
     except ImportError:  # no flock here: runs are not locked
         return None
+    path = run_dir / LOCK_FILE
+    if not path.is_file():  # absent, or not a regular file (a FIFO would block the open)
+        return None
     try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None
     except OSError:
-        return _pid_in(run_dir / LOCK_FILE) or -1
+        return _pid_in(run_dir / LOCK_FILE) or 0  # held, by a process that wrote no PID yet
     finally:
         os.close(fd)  # closing releases a shared lock this took
 
@@ -182,7 +187,9 @@ def run_lock(run_dir: Path, new: bool, log=print) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise UserError(f"--out {run_dir} is in use: process {_pid_in(path) or '(unknown)'} is training in it") from None
+            holder = _pid_in(path)
+            raise UserError(f"--out {run_dir} is in use: {f'process {holder}' if holder else 'another process'} is "
+                            "training in it") from None
         previous = _pid_in(path)
         if new and (run_dir / CONFIG_FILE).exists():
             raise UserError(f"--out {run_dir} already holds a run: use --resume to continue it, or another --out")
@@ -212,6 +219,8 @@ def read_run_config(run_dir: Path, trust_code: bool = False) -> TrainConfig:
     """RUN/config.json, checked field by field, with its network as it may be built here
     (:func:`fullres.trust.trusted_model`). UserError naming the file otherwise."""
     path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as error:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import traceback
@@ -1065,16 +1066,24 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the fake-tensor mode logs every operator a dry run cannot follow, traceback included; the refusal says it
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
     with warnings.catch_warnings(record=True) as held:
-        warnings.simplefilter("default")
+        if not sys.warnoptions:  # the user's own -W / PYTHONWARNINGS stand
+            warnings.simplefilter("default")
         code, message = _run(args, set_training_malloc_policy)
     if message is not None:
         print(f"fullres {args.command}: {' '.join(message.split())}", file=sys.stderr)
     else:
-        for warning in held:  # as Python would have printed them
+        for warning in held[:HELD_WARNINGS]:  # as Python would have printed them
             sys.stderr.write(warnings.formatwarning(warning.message, warning.category, warning.filename,
                                                     warning.lineno, warning.line))
+        if len(held) > HELD_WARNINGS:
+            sys.stderr.write(f"... and {len(held) - HELD_WARNINGS} more warnings\n")
     return code
+
+
+HELD_WARNINGS = 50  # a long training run's repeated warnings are shown up to this many
 
 
 def _run(args: argparse.Namespace, set_training_malloc_policy) -> tuple[int, str | None]:

@@ -458,7 +458,7 @@ def build_model(config: ModelConfig, shape: tuple[int, int, int] | None = None) 
     the current default device, in training mode. ValueError naming the network when it cannot be built."""
     try:
         return model_spec(config.architecture).build(config, tuple(shape) if shape is not None else None)
-    except (TypeError, ValueError, RuntimeError) as error:
+    except Exception as error:  # noqa: BLE001 - a library's constructor refusing its arguments, in any type
         raise ValueError(f"network {config.architecture}: {_first_line(error)}") from None
 
 

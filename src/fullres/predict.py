@@ -105,6 +105,11 @@ def expand_inputs(inputs: list[str], layout: str | None = None) -> list[PredictI
         else:
             raise UserError(f"{item}: not a NIfTI file (.nii or .nii.gz) nor a folder")
     seen: dict[str, PredictInput] = {}
+    names = {case.case_id for case in found_all}
+    for case in found_all:  # with --probabilities, case "a_prob"'s mask would be case "a"'s probabilities
+        if case.case_id.endswith("_prob") and case.case_id[:-5] in names:
+            raise UserError(f"two inputs are named {case.case_id[:-5]} and {case.case_id}: the second's mask would be "
+                            f"the first's {case.case_id}.nii.gz probabilities file (rename one)")
     for case in found_all:  # one mask per case name: a second would silently replace the first
         first = seen.setdefault(case.case_id, case)
         if first is not case:

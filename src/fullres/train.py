@@ -195,12 +195,15 @@ def _new_run(request: TrainRequest, main_process: bool, log) -> TrainConfig:
     run_dir = request.out
     if main_process:
         prepare_run_dir(run_dir, resume=False)
-    created = main_process and request.data is None and not run_dir.exists()
+    demo = main_process and request.data is None
+    folder_made, data_made = demo and not run_dir.exists(), demo and not (run_dir / "synthetic_data").exists()
     try:
         return _configure_new_run(request, main_process, log)
     except BaseException:
-        if created:
+        if folder_made:
             shutil.rmtree(run_dir, ignore_errors=True)
+        elif data_made:  # an empty --out given by the user stays, empty again
+            shutil.rmtree(run_dir / "synthetic_data", ignore_errors=True)
         raise
 
 

@@ -11,7 +11,8 @@ A run (config.json, a checkpoint's "config") names its network. :func:`trusted_m
   account (`train` remembers the SHA-256 in :func:`store_path`, a file of the user's, never of a run), or they
   say ``--trust-code`` on their own command line. It is loaded from the run's copy alone, never from the
   path the run recorded or from the current folder;
-* it is a ``package.module:FUNCTION`` factory that this user trained with, or with ``--trust-code``.
+* it is a ``package.module:FUNCTION`` factory that this user trained with, its package found where it was
+  then (not, say, in the current folder), or with ``--trust-code``.
 
 Anything else is refused in one line before anything is imported. The checkpoint itself is loaded with
 ``weights_only=True`` (no pickled code), and its fields are checked by :mod:`fullres.schema`.
@@ -20,6 +21,7 @@ Anything else is refused in one line before anything is imported. The checkpoint
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import replace
@@ -49,10 +51,24 @@ def _store() -> dict:
 
 
 def _key(model: ModelConfig) -> str:
-    """A file factory by its content (its name may differ between machines), a module factory by its name."""
+    """A file factory by its content and function (its file name may differ between machines: a trusted
+    file does not make its other functions trusted), a module factory by its name."""
     if networks.factory_file(model.architecture) is not None:
-        return f"sha256:{model.source_sha256}"
+        return f"sha256:{model.source_sha256}:{model.architecture.rpartition(':')[2]}"
     return f"module:{model.architecture}"
+
+
+def _module_origin(name: str) -> str | None:
+    """Where the top-level package of a module factory `name` would be imported from now (found, not
+    imported: nothing runs), or None when it is not found."""
+    top = name.rpartition(":")[0].split(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    return str(spec.origin or (list(spec.submodule_search_locations or [None])[0]))
 
 
 def remember(model: ModelConfig) -> None:
@@ -61,7 +77,9 @@ def remember(model: ModelConfig) -> None:
     if not is_factory(model) or (networks.factory_file(model.architecture) is not None and not model.source_sha256):
         return
     entries = _store()
-    entries[_key(model)] = model.architecture
+    path = networks.factory_file(model.architecture)
+    # a module factory is trusted where its package was found when the user trained with it, not elsewhere
+    entries[_key(model)] = model.architecture if path is not None else {"origin": _module_origin(model.architecture)}
     try:
         write_bytes_atomically(store_path(), (json.dumps(entries, indent=1, sort_keys=True) + "\n").encode())
     except OSError:
@@ -91,8 +109,10 @@ def trusted_model(model: ModelConfig, run_dir: Path, trust_code: bool, where: Pa
     if not is_factory(model):
         return model  # a registered name or an allow-listed library's class
     path = networks.factory_file(model.architecture)
-    trusted = trust_code or _store().get(_key(model)) is not None
+    recorded = _store().get(_key(model))
     if path is None:  # package.module:FUNCTION: code the run names by import path
+        origin = recorded.get("origin") if isinstance(recorded, dict) else None
+        trusted = trust_code or (origin is not None and origin == _module_origin(model.architecture))
         if not trusted:
             raise UserError(f"{where}: the run's network is the factory {model.architecture}, code that fullres does "
                             "not import for a run: give --trust-code if you trust it")
@@ -101,7 +121,7 @@ def trusted_model(model: ModelConfig, run_dir: Path, trust_code: bool, where: Pa
     if not model.source_sha256 or not copy.is_file():
         raise UserError(f"{where}: the run's network {model.architecture} has no recorded copy in the run "
                         f"({FACTORY_FOLDER}/{path.name} with its SHA-256): fullres loads no other code for a run")
-    if not trusted:
+    if not (trust_code or recorded is not None):
         raise UserError(f"{where}: the run's network is code ({FACTORY_FOLDER}/{path.name}, SHA-256 "
                         f"{model.source_sha256[:12]}...) that was not trained on this account: read it, then give "
                         "--trust-code to run it")

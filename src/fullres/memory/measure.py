@@ -60,7 +60,8 @@ def measure_peak(job: JobConfig, steps: int = 2, loss: str = "dice", device: str
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    done = subprocess.run([sys.executable, "-m", "fullres.memory.measure"], input=json.dumps(request),
+    # -P: the current folder is not put on the child's sys.path (a file there must never be imported)
+    done = subprocess.run([sys.executable, "-P", "-m", "fullres.memory.measure"], input=json.dumps(request),
                           capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"measurement child failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -91,7 +92,7 @@ def measure_spatial_peaks(job: JobConfig, spatial: int, steps: int = 2, loss: st
                "RANK": str(rank), "WORLD_SIZE": str(spatial), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(spatial)}
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the group lives on this machine
-        children.append(subprocess.Popen([sys.executable, "-m", "fullres.memory.measure", request],
+        children.append(subprocess.Popen([sys.executable, "-P", "-m", "fullres.memory.measure", request],
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     peaks, failed = [], []
     try:

@@ -92,7 +92,10 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
     small = runtime_job(job)
     # The measurement is what is cached; the tensors are the dry run's as the code stands now, so a
     # change to the tensor model never leaves a stale difference behind.
-    tensors = _tensor_bytes(small, torch.get_num_threads(), key["policy"])
+    try:
+        tensors = _tensor_bytes(small, torch.get_num_threads(), key["policy"])
+    except Exception:  # noqa: BLE001 - a network that does not take the calibration size: the modelled constant
+        return runtime_bytes(job)
     cached = None if refresh else cache_lookup(path, key)
     if cached is not None:
         return max(0, int(cached["measured_bytes"]) - tensors)
@@ -102,9 +105,12 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
         cached = None if refresh else cache_lookup(path, key)  # measured by another process meanwhile
         if cached is not None:
             return max(0, int(cached["measured_bytes"]) - tensors)
-        runs = [measure.measure_peak(small, steps=2, threads=torch.get_num_threads(),
-                                        build_pool=False).measured_bytes
-                for _ in range(NOISY_RUNS if key["policy"] in NOISY_POLICIES else 1)]
+        try:
+            runs = [measure.measure_peak(small, steps=2, threads=torch.get_num_threads(),
+                                            build_pool=False).measured_bytes
+                    for _ in range(NOISY_RUNS if key["policy"] in NOISY_POLICIES else 1)]
+        except RuntimeError:  # the child could not run the calibration job: the modelled constant, uncached
+            return runtime_bytes(job)
         measured = int(statistics.median(runs))
         cache_store(path, key, {"measured_bytes": measured, "runs": runs})
     return max(0, measured - tensors)
