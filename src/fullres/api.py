@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fullres.config import JobConfig, Strategy
-from fullres.errors import UserError
+from fullres.errors import UserError, first_line
 from fullres.losses import LOSSES, primary_output
 from fullres.model import MODELS, ModelConfig, ModelSpec, model_spec, register_model
 from fullres.units import parse_size
@@ -368,6 +368,6 @@ def _output_channels(skeleton: nn.Module, in_channels: int, shape) -> int:
             output = skeleton(torch.empty(2, in_channels, *shape, device="meta"))
     except Exception as error:  # noqa: BLE001 - any failure is the network refusing this input
         raise UserError(f"the network does not take (2, {in_channels}, {', '.join(map(str, shape))}): "
-                        f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
+                        f"{first_line(error) or type(error).__name__}") from None
     output = primary_output(output) if isinstance(output, (list, tuple)) else output
     return int(output.shape[1])

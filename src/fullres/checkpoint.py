@@ -18,8 +18,8 @@ from typing import Iterator
 import torch
 
 from fullres.config import TrainConfig
-from fullres.errors import UserError
-from fullres.files import atomic_write, unfinished_writes
+from fullres.errors import UserError, first_line
+from fullres.files import atomic_write, special_file, unfinished_writes
 from fullres.trust import trusted_model
 
 CONFIG_FILE = "config.json"
@@ -42,7 +42,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 def load_checkpoint(path: Path) -> dict:
     """weights_only=True: a checkpoint that needs arbitrary code to load is refused, not run. Its fields are
     checked (:func:`check_state`): UserError naming the file and the field otherwise."""
-    if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():  # a FIFO would block the read
+    if special_file(Path(path)) is not None:  # a FIFO would block the read
         raise UserError(f"{path}: not a regular file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -53,8 +53,8 @@ def load_checkpoint(path: Path) -> dict:
     except RecursionError:
         raise UserError(f"{path}: not a loadable fullres checkpoint (nested too deeply)") from None
     except Exception as error:  # pickle errors, a non-checkpoint file, a forbidden global
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path}: not a loadable fullres checkpoint ({first_line[:300]})") from None
+        reason = first_line(error) or type(error).__name__
+        raise UserError(f"{path}: not a loadable fullres checkpoint ({reason[:300]})") from None
     check_state(state, path)
     return state
 
@@ -95,9 +95,13 @@ def open_run_config(state: dict, checkpoint: Path, trust_code: bool) -> TrainCon
     """The run configuration a checkpoint holds, checked field by field, with its network as it may be built
     here (:func:`fullres.trust.trusted_model`: code the run names is refused unless this user trusts it).
     Nothing is imported or built."""
-    config = TrainConfig.from_json(state["config"], where=f"{checkpoint}: config")
-    model = trusted_model(config.job.model, checkpoint.parent, trust_code, checkpoint)
-    return replace(config, job=replace(config.job, model=model))
+    return _opened(TrainConfig.from_json(state["config"], where=f"{checkpoint}: config"), checkpoint.parent,
+                   trust_code, checkpoint)
+
+
+def _opened(config: TrainConfig, run_dir: Path, trust_code: bool, where: Path) -> TrainConfig:
+    """`config`, read from the run in `run_dir`, with its network as :func:`fullres.trust.trusted_model` allows."""
+    return replace(config, job=replace(config.job, model=trusted_model(config.job.model, run_dir, trust_code, where)))
 
 
 def check_weights_fit(network_on_meta: torch.nn.Module, state: dict, checkpoint: Path) -> None:
@@ -124,7 +128,7 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file, not a folder")
     if (pid := lock_holder(run_dir)) is not None:
-        raise UserError(f"--out {run_dir} is in use: {f'process {pid}' if pid else 'another process'} is training in it")
+        raise _in_use(run_dir, pid)
     if (run_dir / LAST).exists() or (run_dir / CONFIG_FILE).exists():
         raise UserError(f"--out {run_dir} already holds a run: use --resume to continue it, or another --out")
     if run_dir.is_dir() and any(run_dir.iterdir()):
@@ -154,6 +158,10 @@ def lock_holder(run_dir: Path) -> int | None:
         return _pid_in(run_dir / LOCK_FILE) or 0  # held, by a process that wrote no PID yet
     finally:
         os.close(fd)  # closing releases a shared lock this took
+
+
+def _in_use(run_dir: Path, pid: int | None) -> UserError:
+    return UserError(f"--out {run_dir} is in use: {f'process {pid}' if pid else 'another process'} is training in it")
 
 
 def _pid_in(path: Path) -> int | None:
@@ -187,9 +195,7 @@ def run_lock(run_dir: Path, new: bool, log=print) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = _pid_in(path)
-            raise UserError(f"--out {run_dir} is in use: {f'process {holder}' if holder else 'another process'} is "
-                            "training in it") from None
+            raise _in_use(run_dir, _pid_in(path)) from None
         previous = _pid_in(path)
         if new and (run_dir / CONFIG_FILE).exists():
             raise UserError(f"--out {run_dir} already holds a run: use --resume to continue it, or another --out")
@@ -226,8 +232,7 @@ def read_run_config(run_dir: Path, trust_code: bool = False) -> TrainConfig:
     except (OSError, ValueError, RecursionError) as error:
         reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)[:200]
         raise UserError(f"{path}: not a readable fullres run configuration ({reason})") from None
-    config = TrainConfig.from_json(data, where=f"{path}: config")
-    return replace(config, job=replace(config.job, model=trusted_model(config.job.model, run_dir, trust_code, path)))
+    return _opened(TrainConfig.from_json(data, where=f"{path}: config"), run_dir, trust_code, path)
 
 
 def load_weights(model: torch.nn.Module, state: dict, checkpoint: Path) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from fullres.config import PRECISIONS, SCHEDULES, TARGET_CLASSES, JobConfig, Strategy, job_defaults
 from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
 from fullres.device import COLLECTIVE_TIMEOUT_S, memory_device
-from fullres.errors import UserError
+from fullres.errors import UserError, first_line
 from fullres.files import refuse_special
 from fullres.lesions import CHALLENGES, DEFAULT_CHALLENGE
 from fullres.losses import LOSSES
@@ -1105,8 +1105,7 @@ def _run(args: argparse.Namespace, set_training_malloc_policy) -> tuple[int, str
     except Exception as error:  # noqa: BLE001 - a failure no check foresaw: one line, never a traceback
         if os.environ.get("FULLRES_TRACEBACK"):
             traceback.print_exc()
-        text = str(error).strip()
-        return 1, (f"error: {type(error).__name__}: {text.splitlines()[0][:300] if text else ''} (unexpected; "
+        return 1, (f"error: {type(error).__name__}: {first_line(error)[:300]} (unexpected; "
                    "FULLRES_TRACEBACK=1 shows where)")
 
 

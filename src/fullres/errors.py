@@ -10,3 +10,9 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message ("" for none): what a one-line refusal quotes of it."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""

@@ -61,7 +61,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from fullres.data.nifti import case_id_from_path, check_affine, is_nifti
+from fullres.data.nifti import case_id_from_path, is_nifti, open_nifti, read_array
 from fullres.errors import UserError
 from fullres.files import write_bytes_atomically
 from fullres.lesions import LesionRule, lesion_wise
@@ -361,26 +361,13 @@ def _nifti_files(folder: Path, what: str) -> dict[str, Path]:
     return files
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
-
 def _load_labels(path: Path):
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types for broken files
-        raise UserError(f"cannot read NIfTI file {path}: {_first_line(exc)}") from None
-    check_affine(img.affine, path)
+    img = open_nifti(path)  # a damaged file, a NaN or singular affine: refused there
+    data = read_array(img, path)  # complex or other non-real voxels: refused there
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise UserError(f"{path} is not a 3D label map (shape {data.shape})")
-    if data.dtype.kind not in "biuf":
-        raise UserError(f"{path} holds {data.dtype} voxels; expected a label map of whole numbers")
     if not np.issubdtype(data.dtype, np.integer):
         rounded = np.rint(data)
         if not np.array_equal(rounded, data):  # NaN too: it never equals itself

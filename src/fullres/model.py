@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from fullres import device as fullres_device
 from fullres.kernels import select_conv_backend  # noqa: F401 - part of this module's API
 from fullres import networks
+from fullres.errors import first_line
 from fullres.losses import primary_output
 from fullres.presets import PAPER
 from fullres.slabs import Level, forward_levels, slab_rows  # noqa: F401 - slab_rows is part of this module's API
@@ -515,8 +516,7 @@ def check_shape(config: ModelConfig, shape: tuple[int, int, int], batch: int = 1
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return first_line(error) or type(error).__name__
 
 
 def _intel_check(config: ModelConfig) -> None:

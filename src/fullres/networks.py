@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fullres.errors import first_line
+
 
 # ---- intel-unet -----------------------------------------------------------------------------------
 
@@ -200,10 +202,11 @@ def load_factory(name: str, expected_sha256: str = "", factory_dir: str = ""):
             if checked.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
                 raise ValueError(f"{checked} is writable by others: fullres loads no code from there")
         source = path.read_bytes()
-        if expected_sha256 and hashlib.sha256(source).hexdigest() != expected_sha256:
+        digest = hashlib.sha256(source).hexdigest()
+        if expected_sha256 and digest != expected_sha256:
             raise ValueError(f"{path} changed since this run was configured (its SHA-256 differs): restore it, "
                              "or start a new run")
-        module_key = f"fullres_user_model_{hashlib.sha256(source).hexdigest()[:12]}"
+        module_key = f"fullres_user_model_{digest[:12]}"
         spec = importlib.util.spec_from_loader(module_key, loader=None, origin=str(path))
         module = importlib.util.module_from_spec(spec)
         module.__file__ = str(path)
@@ -212,7 +215,7 @@ def load_factory(name: str, expected_sha256: str = "", factory_dir: str = ""):
         except BaseException as error:  # noqa: BLE001 - the user's code: any failure, SystemExit too, in one line
             if isinstance(error, KeyboardInterrupt):
                 raise
-            raise ValueError(f"{path} failed to load: {type(error).__name__}: {_first_line(error)}") from None
+            raise ValueError(f"{path} failed to load: {type(error).__name__}: {first_line(error)[:300]}") from None
     else:
         try:
             module = importlib.import_module(module_name)
@@ -221,16 +224,12 @@ def load_factory(name: str, expected_sha256: str = "", factory_dir: str = ""):
         except BaseException as error:  # noqa: BLE001 - the user's module raised while importing
             if isinstance(error, KeyboardInterrupt):
                 raise
-            raise ValueError(f"importing {module_name} raised {type(error).__name__}: {_first_line(error)}") from None
+            raise ValueError(f"importing {module_name} raised {type(error).__name__}: {first_line(error)[:300]}") \
+                from None
     factory = getattr(module, function, None)
     if not callable(factory):
         raise ValueError(f"{module_name} has no function {function!r}")
     return factory
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else ""
 
 
 def build_factory(name: str, in_channels: int, classes: int, args: dict, expected_sha256: str = "",
@@ -243,7 +242,7 @@ def build_factory(name: str, in_channels: int, classes: int, args: dict, expecte
     except BaseException as error:  # noqa: BLE001 - the user's code: any failure is reported in one line
         if isinstance(error, KeyboardInterrupt):
             raise
-        raise ValueError(f"{name} raised {type(error).__name__}: {_first_line(error)}") from None
+        raise ValueError(f"{name} raised {type(error).__name__}: {first_line(error)[:300]}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -388,7 +388,8 @@ def check_output_folder(out: Path, cases: list[PredictInput], inputs: list[str],
     holder = None if run_dir is None else run_dir.resolve() if run_dir.is_dir() else run_dir.resolve().parent
     if holder == here:
         raise UserError(f"--out {out} holds the run's checkpoint {run_dir}: write the masks to another folder")
-    for path in output_paths(out, cases, probabilities):
+    paths = output_paths(out, cases, probabilities)
+    for path in paths:
         refuse_special(path, f"--out {out}:")
     if overwrite:
         return
@@ -399,7 +400,7 @@ def check_output_folder(out: Path, cases: list[PredictInput], inputs: list[str],
         own = {"prediction.json", *listed, *(name.replace(".nii.gz", "_prob.nii.gz") for name in listed)}
     except (OSError, ValueError, AttributeError, TypeError, RecursionError):
         pass
-    for path in output_paths(out, cases, probabilities):
+    for path in paths:
         if (path.exists() or path.is_symlink()) and path.name not in own:
             raise UserError(f"--out {out}: {path.name} exists and was not written by fullres predict; "
                             "choose another folder, or --overwrite")
