@@ -1,5 +1,5 @@
 """Adam's update on the paper's network (19,735,329 weights, gradients set): torch's default CPU
-implementation (the one fullres.step.build_training uses) against `fused=True`, alternated in one
+implementation (the one fullres.job.step.build_training uses) against `fused=True`, alternated in one
 process, and how far apart their weights are after the same updates.
 
     python benchmarks/adam_step.py [--filters 32] [--pairs 7] [--threads 2]
@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from fullres.model import ModelConfig, build_model
+from fullres.nets.registry import ModelConfig
+from fullres.nets.registry import build_model
 
 
 def main() -> None:

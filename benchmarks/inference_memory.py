@@ -1,6 +1,6 @@
 """The inference dry run against a measured forward: one forward (+ sigmoid) of the paper's network under
 torch.no_grad(), as `fullres predict` runs it, in this fresh process; its peak RSS above the RSS after the
-imports against `fullres.memory.dryrun.dryrun_inference` (docs/deploy.md).
+imports against `fullres.cost.dryrun.dryrun_inference` (docs/deploy.md).
 
     python benchmarks/inference_memory.py H W D [--filters F] [--slabs S] [--channels-last] [--threads T]
 
@@ -14,10 +14,11 @@ import json
 
 import torch
 
-from fullres.config import JobConfig, Strategy
-from fullres.memory.dryrun import dryrun_inference
-from fullres.model import ModelConfig, build_model
-from fullres.step import prepare_model, to_device
+from fullres.job.config import JobConfig, Strategy
+from fullres.cost.dryrun import dryrun_inference
+from fullres.nets.registry import ModelConfig
+from fullres.nets.registry import build_model
+from fullres.job.step import prepare_model, to_device
 
 
 def status(field: str) -> int:

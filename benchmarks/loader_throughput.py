@@ -23,8 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fullres.bench.speed import cpu_model
-from fullres.data import DataConfig, MSDDataset, load_dataset_json, make_loader, write_dataset
+from fullres.cost.steptime import cpu_model
+from fullres.data.preprocess import DataConfig
+from fullres.data.msd import MSDDataset, make_loader
+from fullres.data import load_dataset_json
+from fullres.data.synth import write_dataset
 
 SOURCE_SHAPE = (240, 240, 155)
 SAMPLE_SHAPE = (240, 240, 144)

@@ -28,11 +28,11 @@ QUICK_SHAPES = ["32", "48", "64", "32x48x64"]
 
 
 def recompute(sources: list[str], out: Path) -> None:
-    from fullres.config import JobConfig, Strategy
-    from fullres.figures import figure3_memory_vs_size, figure5_estimate_vs_measured
-    from fullres.memory.estimate import table1_training_bytes
-    from fullres.memory.estimate import dryrun_estimate
-    from fullres.memory.sweep import SweepRow, write_sweep_csv
+    from fullres.job.config import JobConfig, Strategy
+    from fullres.evaluate.figures import figure3_memory_vs_size, figure5_estimate_vs_measured
+    from fullres.cost.estimate import table1_training_bytes
+    from fullres.cost.estimate import dryrun_estimate
+    from fullres.cost.sweep import SweepRow, write_sweep_csv
 
     rows = []
     for source in sources:

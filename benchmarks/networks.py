@@ -14,8 +14,8 @@ checkpointing) that fits 24 GiB and 80 GB, and the usual patch at batch 2 on CUD
 runtime term; it needs a CUDA build of torch, not a GPU) beside nnU-Net's own estimate where the network is
 nnU-Net's. Writes OUT/table.csv.
 
-Everything goes through fullres's public API (`fullres.memory.estimate`, `fullres.memory.measure`,
-`fullres.memory.plan`).
+Everything goes through fullres's public API (`fullres.cost.estimate`, `fullres.cost.measure`,
+`fullres.cost.plan`).
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from pathlib import Path
 
 import torch
 
-from fullres.config import JobConfig, Strategy
+from fullres.job.config import JobConfig, Strategy
 from fullres.errors import UserError
-from fullres.memory.estimate import dryrun_estimate
-from fullres.memory.measure import measure_peak
-from fullres.memory.plan import plan
-from fullres.model import ModelConfig, build_on_meta, nearest_valid_sizes, spatial_divisor
-from fullres.networks import nnunet_vram_estimate
+from fullres.cost.estimate import dryrun_estimate
+from fullres.cost.measure import measure_peak
+from fullres.cost.plan import plan
+from fullres.nets.registry import ModelConfig, nearest_valid_sizes
+from fullres.nets.registry import build_on_meta, spatial_divisor
+from fullres.nets.families import nnunet_vram_estimate
 
 # name -> (model args, two shapes for the accuracy goal, usual patch); in_channels 4, 3 region outputs
 NETWORKS = {

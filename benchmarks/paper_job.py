@@ -17,12 +17,12 @@ import json
 import shlex
 import sys
 
-from fullres.bench.speed import machine_info
-from fullres.config import JobConfig, Strategy
-from fullres.memory.estimate import table1_training_bytes
-from fullres.memory.dryrun import dryrun
-from fullres.memory.estimate import dryrun_estimate
-from fullres.memory.runtime import measured_runtime_bytes
+from fullres.cost.steptime import machine_info
+from fullres.job.config import JobConfig, Strategy
+from fullres.cost.estimate import table1_training_bytes
+from fullres.cost.dryrun import dryrun
+from fullres.cost.estimate import dryrun_estimate
+from fullres.cost.runtime import measured_runtime_bytes
 
 GIB = 2**30
 STRATEGIES = [  # (name, strategy at micro-batch 1)
@@ -52,7 +52,7 @@ def strategy_table(precisions=("fp32", "bf16")) -> list[dict]:
 
 
 def measure_step(precision: str, slabs: int, coarse_slabs: str = "") -> dict:
-    from fullres.memory.measure import measure_peak
+    from fullres.cost.measure import measure_peak
 
     job = JobConfig(batch=1, strategy=Strategy(checkpointing=True, channels_last=True, slabs=slabs,
                                                coarse_slabs=coarse_slabs, precision=precision))

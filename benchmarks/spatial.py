@@ -4,9 +4,9 @@
     python benchmarks/spatial.py --shape 128 128 128 --threads 2 --slabs 2              # 1 process x 2 threads
 
 Each process runs `--warmup` + `--steps` training steps of the paper's network (fp32, channels-last unless
-`--contiguous`, batch 1, Adam, soft Dice; one process may run `--slabs N` at full resolution) through fullres.step.train_step, as `fullres train --spatial S` does, and prints one JSON line:
+`--contiguous`, batch 1, Adam, soft Dice; one process may run `--slabs N` at full resolution) through fullres.job.step.train_step, as `fullres train --spatial S` does, and prints one JSON line:
 its median step time, the halo bytes it sent per step, its peak RSS above its RSS after the imports, and the
-dry run of what one process holds (`fullres.memory.dryrun.dryrun(..., spatial=S)`, with this machine's runtime
+dry run of what one process holds (`fullres.cost.dryrun.dryrun(..., spatial=S)`, with this machine's runtime
 term).
 """
 
@@ -22,14 +22,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from fullres.bench.speed import machine_info
-from fullres.config import JobConfig, ModelConfig, Strategy
-from fullres.losses import LOSSES
-from fullres.memory.dryrun import dryrun
-from fullres.memory.malloc import prepare_pool_for, set_training_malloc_policy
-from fullres.memory.runtime import measured_runtime_bytes
-from fullres.spatial import local_rows, mesh, reduce_gradients, space_of, sums_over
-from fullres.step import build_training, to_device, train_step
+from fullres.cost.steptime import machine_info
+from fullres.job.config import JobConfig, Strategy
+from fullres.nets.registry import ModelConfig
+from fullres.engine.losses import LOSSES
+from fullres.cost.dryrun import dryrun
+from fullres.kernels.malloc import prepare_pool_for, set_training_malloc_policy
+from fullres.cost.runtime import measured_runtime_bytes
+from fullres.engine.spatial import local_rows, mesh, reduce_gradients, space_of, sums_over
+from fullres.job.step import build_training, to_device, train_step
 
 
 def rss() -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """Training-step speed, the paper's Figure 6: stock PyTorch (oneDNN off) vs oneDNN fp32, channels-last,
-bf16 and torch.compile, each a fresh model from the same seed running fullres.step.train_step with Adam.
+bf16 and torch.compile, each a fresh model from the same seed running fullres.job.step.train_step with Adam.
 
-Writes OUT/speed.json (fullres.bench.run_bench's result) and OUT/figure6.png, and prints the exact command,
+Writes OUT/speed.json (fullres.bench.speed.run_bench's result) and OUT/figure6.png, and prints the exact command,
 the date, the machine, the torch version and a table. Run it on an otherwise idle machine: other work
 skews the timings (the JSON records the load average before and after).
 
@@ -21,14 +21,15 @@ import shlex
 import sys
 from pathlib import Path
 
-from fullres.bench.speed import default_variants, machine_info, run_bench, select_variants
-from fullres.config import JobConfig, Strategy
+from fullres.cost.steptime import default_variants, machine_info, select_variants
+from fullres.bench.speed import run_bench
+from fullres.job.config import JobConfig, Strategy
 from fullres.errors import UserError
-from fullres.figures import figure6_chart
+from fullres.evaluate.figures import figure6_chart
 from fullres.files import write_bytes_atomically
-from fullres.memory.malloc import policy_for
-from fullres.model import ModelConfig
-from fullres.device import Process, configure_cpu
+from fullres.kernels.malloc import policy_for
+from fullres.nets.registry import ModelConfig
+from fullres.kernels.device import Process, configure_cpu
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fullres.bench.speed import machine_info
+from fullres.cost.steptime import machine_info
 from fullres.files import write_bytes_atomically
 
 HERE = Path(__file__).resolve().parent

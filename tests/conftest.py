@@ -31,7 +31,7 @@ def private_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_msd(tmp_path_factory) -> Path:
     """4 training + 1 test BraTS-like phantoms of 32x32x24 (written once, about 0.1 s)."""
-    from fullres.data import write_dataset
+    from fullres.data.synth import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("msd") / "Task01_small", train_cases=4, test_cases=1,
                          shape=SMALL_SHAPE, seed=7, progress=False)

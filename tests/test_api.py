@@ -11,7 +11,8 @@ from torch import nn
 
 import fullres
 from fullres.errors import UserError
-from fullres.model import ModelConfig, UNet3D
+from fullres.nets.registry import ModelConfig
+from fullres.nets.unet3d import UNet3D
 
 SHAPE = (4, 16, 16, 16)
 
@@ -38,7 +39,7 @@ def test_an_instance_is_estimated_as_the_same_network_by_name():
 
 def test_an_instances_runtime_term_is_measured_in_process_and_cached(monkeypatch):
     from fullres import api
-    from fullres.memory import measure
+    from fullres.cost import measure
 
     net = small_net()
     first = fullres.estimate(net, SHAPE)
@@ -59,7 +60,7 @@ def test_the_instance_is_left_as_it_was():
     fullres.estimate(net, SHAPE)
     assert all(torch.equal(before[name], tensor) and tensor.device.type == "cpu"
                for name, tensor in net.state_dict().items())
-    assert not any(name.startswith("python:") for name in fullres.model.MODELS)  # its private name is gone
+    assert not any(name.startswith("python:") for name in fullres.nets.registry.MODELS)  # its private name is gone
 
 
 def test_the_optimizer_state_is_what_the_optimizer_allocates():

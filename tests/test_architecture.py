@@ -69,7 +69,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycles():
     found = modules()
     graph = {name: imports_of(path, name, set(found)) for name, path in found.items()}
-    assert graph["fullres.train"] >= {"fullres.checkpoint", "fullres.device", "fullres.step"}  # the walk sees imports
+    assert graph["fullres.run.train"] >= {"fullres.run.checkpoint", "fullres.kernels.device", "fullres.job.step"}  # the walk sees imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -94,12 +94,12 @@ def calls_to(names: set[str]) -> dict[str, list[str]]:
 
 
 def test_registries_are_the_only_construction_sites():
-    # Networks are built by the registry alone; optimizers and gradient scalers by build_training alone.
-    assert set(calls_to({"UNet3D", "IntelUNet", "build_monai", "build_nnunet", "build_factory"})) == {"fullres.model"}
-    assert set(calls_to({"Adam", "GradScaler"})) == {"fullres.step"}
-    assert set(calls_to({"build_model"})) <= {"fullres.model", "fullres.step", "fullres.memory.dryrun",
-                                              "fullres.predict", "fullres.export", "fullres.bench.flops",
-                                              "fullres.bench.timing", "fullres.bench.inference"}
+    # Networks are built by the registry alone (fullres.nets registers its own); optimizers and gradient scalers by build_training alone.
+    assert set(calls_to({"UNet3D", "IntelUNet", "build_monai", "build_nnunet", "build_factory"})) == {"fullres.nets", "fullres.nets.registry"}  # built-in registrations, families
+    assert set(calls_to({"Adam", "GradScaler"})) == {"fullres.job.step"}
+    assert set(calls_to({"build_model"})) <= {"fullres.nets.registry", "fullres.job.step", "fullres.cost.dryrun",
+                                              "fullres.run.predict", "fullres.run.export", "fullres.cost.flops",
+                                              "fullres.cost.timing", "fullres.bench.inference"}
 
 
 @pytest.mark.skipif(not GOLDEN.exists(), reason="no recorded estimates")
@@ -107,7 +107,8 @@ def test_estimate_json_unchanged_on_six_jobs(monkeypatch):
     """`fullres estimate --json`, both methods, equals the answers recorded before the package was
     layered (the runtime term fixed at 100 MB, 2 threads: the tensors' model is what is compared)."""
     from fullres.cli import main
-    from fullres.memory import malloc, runtime
+    from fullres.kernels import malloc
+    from fullres.cost import runtime
 
     golden = json.loads(GOLDEN.read_text())
     if golden["cpu_capability"] != torch.backends.cpu.get_cpu_capability():
@@ -138,13 +139,14 @@ def tiny_network(config, shape):
 def test_a_registered_network_is_built_estimated_and_trained_everywhere(monkeypatch):
     """docs/extending.md's worked example: one register_model call, and Table 1, the dry run and a
     training step all run the new network; strategies it has no schedule for are refused."""
-    from fullres.config import JobConfig, Strategy
-    from fullres.memory.dryrun import dryrun
-    from fullres.memory.plan import candidate_strategies
-    from fullres.memory.table1 import table1
-    from fullres.model import MODELS, ModelConfig, ModelSpec, register_model
-    from fullres.step import build_training, train_step
-    from fullres.losses import LOSSES
+    from fullres.job.config import JobConfig, Strategy
+    from fullres.cost.dryrun import dryrun
+    from fullres.cost.plan import candidate_strategies
+    from fullres.cost.table1 import table1
+    from fullres.nets.registry import MODELS, register_model
+    from fullres.nets.registry import ModelConfig, ModelSpec
+    from fullres.job.step import build_training, train_step
+    from fullres.engine.losses import LOSSES
 
     monkeypatch.delitem(MODELS, "tiny", raising=False)  # the registry is as it was after the test
     register_model(ModelSpec("tiny", tiny_network, "two convolutions"))
@@ -173,7 +175,7 @@ def test_strategy_fields_are_the_job_flags():
     from dataclasses import fields
 
     from fullres.cli import build_parser
-    from fullres.config import Strategy
+    from fullres.job.config import Strategy
 
     parser = build_parser()
     for command in ("estimate", "plan", "profile", "bench", "sweep", "train"):
@@ -186,7 +188,7 @@ def test_strategy_fields_are_the_job_flags():
 def test_a_metric_added_to_the_registry_reaches_the_case_table_and_the_csv(monkeypatch, tmp_path):
     import numpy as np
 
-    from fullres import metrics
+    from fullres.evaluate import metrics
 
     monkeypatch.setitem(metrics.METRICS, "volume", lambda pred, truth, spacing, tolerance: float(pred.sum()))
     monkeypatch.setattr(metrics, "METRIC_NAMES", tuple(metrics.METRICS))
@@ -200,7 +202,7 @@ def test_a_metric_added_to_the_registry_reaches_the_case_table_and_the_csv(monke
 
 def test_the_loss_registry_is_the_train_commands_choices():
     from fullres.cli import build_parser
-    from fullres.losses import LOSSES
+    from fullres.engine.losses import LOSSES
 
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     loss = next(action for action in train._actions if action.dest == "loss")

@@ -14,13 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from fullres import figures
-from fullres.bench import flops, speed, timing
-from fullres.bench.speed import Variant
-from fullres.config import JobConfig, Strategy
+from fullres.evaluate import figures
+from fullres.cost import flops, timing
+from fullres.bench import speed
+from fullres.cost.steptime import Variant
+from fullres.job.config import JobConfig, Strategy
 from fullres.data.msd import split_cases
 from fullres.errors import UserError
-from fullres.model import ModelConfig
+from fullres.nets.registry import ModelConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -81,7 +82,7 @@ def test_checkpointing_counts_the_recomputed_forward():
 def test_flops_are_the_steps_own_where_a_cpu_workaround_routes_them(monkeypatch):
     """On a CPU whose bf16 weight gradients of short maps go plane by plane (16^3: a 2-row bottleneck), the
     count is still the 3D convolutions', real and on fake tensors."""
-    from fullres import device as fullres_device
+    from fullres.kernels import device as fullres_device
 
     monkeypatch.setattr(fullres_device, "amx_bf16", lambda: False)
     monkeypatch.setattr(fullres_device, "avx512_bf16", lambda: True)

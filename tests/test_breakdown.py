@@ -14,13 +14,14 @@ import json
 import pytest
 import torch
 
-from fullres.bench import breakdown, timing
-from fullres.bench.flops import count_forward_flops, count_step_flops
-from fullres.config import JobConfig, Strategy
+from fullres.bench import breakdown
+from fullres.cost import timing
+from fullres.cost.flops import count_forward_flops, count_step_flops
+from fullres.job.config import JobConfig, Strategy
 from fullres.errors import UserError
-from fullres.memory import plan
-from fullres.memory.plan import candidate_strategies, fastest_fitting, rank_by_time
-from fullres.model import ModelConfig
+from fullres.cost import plan
+from fullres.cost.plan import candidate_strategies, fastest_fitting, rank_by_time
+from fullres.nets.registry import ModelConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,10 +78,10 @@ def test_parts_add_up_and_conv_flops_are_the_counters(checkpointing):
 
 def test_parts_are_found_under_the_cpu_workarounds_mode(monkeypatch):
     # bf16 steps on AMX CPUs run under fullres.kernels' dispatch mode, which nests every operator one level deeper
-    import fullres.step
-    from fullres.kernels import PlanarWeightGradients
+    import fullres.job.step
+    from fullres.kernels.onednn import PlanarWeightGradients
 
-    monkeypatch.setattr(fullres.step, "cpu_workarounds", lambda precision, device_type: PlanarWeightGradients())
+    monkeypatch.setattr(fullres.job.step, "cpu_workarounds", lambda precision, device_type: PlanarWeightGradients())
     tiny = job()
     rows = parts(breakdown.run_breakdown(tiny, peak_size=128))
     assert rows[breakdown.CONV_FORWARD]["flops"] == count_forward_flops(tiny)

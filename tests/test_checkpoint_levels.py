@@ -4,12 +4,12 @@ import copy
 
 import pytest
 
-from fullres.bench import flops
+from fullres.cost import flops
 from fullres.cli import main
-from fullres.config import JobConfig, Strategy
-from fullres.memory.dryrun import dryrun
-from fullres.memory.plan import candidate_strategies
-from fullres.model import ModelConfig
+from fullres.job.config import JobConfig, Strategy
+from fullres.cost.dryrun import dryrun
+from fullres.cost.plan import candidate_strategies
+from fullres.nets.registry import ModelConfig
 
 from test_step import assert_same_gradients, batch, gradients, tiny_model
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fullres.memory import cpu_pool
+from fullres.kernels import cpu_pool
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool is built for Linux")
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None,
@@ -27,13 +27,13 @@ def run_python(code: str, *args: str, **env) -> str:
 
 REPLAY = """
 import torch
-from fullres.config import JobConfig, ModelConfig, Strategy
-from fullres.memory import cpu_pool
-from fullres.memory.cuda_allocator import CachingAllocatorModel
-from fullres.losses import LOSSES
-from fullres.memory.measure import make_batch
-from fullres.model import UNet3D
-from fullres.step import make_grad_scaler, prepare_model, train_step
+from fullres.job.config import JobConfig, ModelConfig, Strategy
+from fullres.kernels import cpu_pool
+from fullres.kernels.cuda_allocator import CachingAllocatorModel
+from fullres.engine.losses import LOSSES
+from fullres.cost.measure import make_batch
+from fullres.nets.unet3d import UNet3D
+from fullres.job.step import make_grad_scaler, prepare_model, train_step
 torch.set_num_threads(1)
 cpu_pool.install()
 cpu_pool.trace(True)
@@ -71,7 +71,7 @@ def test_the_pool_follows_the_caching_allocator_model_block_for_block():
 
 REUSE = """
 import resource, torch
-from fullres.memory import cpu_pool
+from fullres.kernels import cpu_pool
 cpu_pool.install()
 def step():
     blocks = [torch.ones(16 * 2**20) for _ in range(4)]  # 4 x 64 MiB: glibc would mmap each afresh
@@ -96,7 +96,7 @@ def test_freed_blocks_are_reused_without_page_faults():
 FORK = """
 import torch
 from torch.utils.data import DataLoader, Dataset
-from fullres.memory import cpu_pool
+from fullres.kernels import cpu_pool
 cpu_pool.install()
 class Volumes(Dataset):
     def __len__(self):
@@ -118,14 +118,14 @@ def test_data_loader_workers_fork_from_a_process_using_the_pool():
 
 @needs_compiler
 def test_uninstall_gives_pytorch_its_allocator_back_and_blocks_still_return_to_the_pool():
-    code = ("import torch; from fullres.memory import cpu_pool; cpu_pool.install(); x = torch.ones(2**20); "
+    code = ("import torch; from fullres.kernels import cpu_pool; cpu_pool.install(); x = torch.ones(2**20); "
             "cpu_pool.uninstall(); y = torch.ones(2**20); a = cpu_pool.stats().allocated; del x; "
             "print(cpu_pool.installed(), a, cpu_pool.stats().allocated)")
     assert run_python(code) == f"False {4 * 2**20} 0"
 
 
 def test_without_a_compiler_the_pool_says_why_and_training_keeps_glibc(tmp_path):
-    code = ("from fullres.memory import cpu_pool, malloc; from fullres.config import Strategy\n"
+    code = ("from fullres.kernels import cpu_pool, malloc; from fullres.job.config import Strategy\n"
             "try:\n    cpu_pool.build()\nexcept RuntimeError as error:\n    print(error)\n"
             "job = Strategy(channels_last=True)\n"
             "print(malloc.policy_for(job)); print(malloc.set_training_malloc_policy(job)); "
@@ -141,7 +141,7 @@ def test_a_failed_build_names_the_compiler_error(tmp_path):
     compiler = tmp_path / "broken-g++"
     compiler.write_text("#!/bin/sh\necho 'cpu_pool.cpp:1: error: this compiler is broken' >&2\nexit 1\n")
     compiler.chmod(0o755)
-    code = ("from fullres.memory import cpu_pool\n"
+    code = ("from fullres.kernels import cpu_pool\n"
             "try:\n    cpu_pool.build()\nexcept RuntimeError as error:\n    print(error)")
     out = run_python(code, CXX=str(compiler), XDG_CACHE_HOME=str(tmp_path))
     assert out == "building the CPU pool failed: cpu_pool.cpp:1: error: this compiler is broken"
@@ -160,7 +160,7 @@ def test_the_library_is_built_once_per_source_and_torch(tmp_path, monkeypatch):
 def test_the_policy_gives_the_pool_to_fp32_cpu_jobs_without_memory_strategies():
     """fp32 channels-last: the pool; checkpointing or slabs: glibc's fixed thresholds; bf16 (for its
     speed), fp32 contiguous, CUDA, no job yet: glibc's default."""
-    code = ("from fullres.config import Strategy; from fullres.memory.malloc import policy_for as p; "
+    code = ("from fullres.job.config import Strategy; from fullres.kernels.malloc import policy_for as p; "
             "cl = Strategy(channels_last=True); "
             "print(p(cl), p(Strategy()), p(Strategy(precision='bf16', channels_last=True)), "
             "p(Strategy(checkpointing=True, channels_last=True)), p(Strategy(slabs=2)), p(cl, 'cuda'), p(None))")
@@ -171,13 +171,13 @@ def test_the_policy_gives_the_pool_to_fp32_cpu_jobs_without_memory_strategies():
 
 # ---- the cached library: trusted only when intact and private ---------------------------------------
 
-LOAD = ("import torch; from fullres.memory import cpu_pool; cpu_pool.install(); x = torch.ones(2**20); "
+LOAD = ("import torch; from fullres.kernels import cpu_pool; cpu_pool.install(); x = torch.ones(2**20); "
         "print(cpu_pool.installed(), float(x.sum()), cpu_pool.load()._name)")
 
 
 def built_library(cache):
     """A library built into the cache folder `cache` (a test's own): its path."""
-    out = run_python("from fullres.memory import cpu_pool; print(cpu_pool.build())", XDG_CACHE_HOME=str(cache))
+    out = run_python("from fullres.kernels import cpu_pool; print(cpu_pool.build())", XDG_CACHE_HOME=str(cache))
     return Path(out)
 
 
@@ -221,22 +221,22 @@ def test_a_cache_folder_others_could_write_is_made_private_and_its_library_rebui
 def test_a_cache_folder_of_another_user_is_refused_in_one_line(tmp_path):
     library = built_library(tmp_path)
     os.chown(library.parent, 65534, 65534)
-    code = ("from fullres.errors import UserError; from fullres.memory import malloc; from fullres.config import Strategy\n"
+    code = ("from fullres.errors import UserError; from fullres.kernels import malloc; from fullres.job.config import Strategy\n"
             "try:\n    malloc.set_training_malloc_policy(Strategy(channels_last=True))\n"
             "except UserError as error:\n    print('UserError', error)")
     out = run_python(code, XDG_CACHE_HOME=str(tmp_path), FULLRES_MALLOC="")
     assert out == (f"UserError {library.parent}: the CPU pool's cache folder belongs to another user (uid 65534), "
                    "so its library is not loaded; remove the folder or set XDG_CACHE_HOME")
-    code = "from fullres.memory import cpu_pool; print(cpu_pool.cached())"
+    code = "from fullres.kernels import cpu_pool; print(cpu_pool.cached())"
     assert run_python(code, XDG_CACHE_HOME=str(tmp_path)) == "None"  # and estimate models glibc, untouched
 
 
 NO_BUILD = """
 import os, sys
-from fullres.config import JobConfig, ModelConfig, Strategy
-from fullres.memory import measure
-from fullres.memory.dryrun import dryrun
-from fullres.memory.malloc import prepare_pool_for
+from fullres.job.config import JobConfig, ModelConfig, Strategy
+from fullres.cost import measure
+from fullres.cost.dryrun import dryrun
+from fullres.kernels.malloc import prepare_pool_for
 marker = sys.argv[1]
 job = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=1, strategy=Strategy(channels_last=True))
 print(dryrun(job, runtime=0).allocator, os.path.exists(marker))  # what `estimate` and `plan` run
@@ -263,7 +263,7 @@ def test_estimate_and_plan_do_not_build_the_pool_and_training_commands_do(tmp_pa
 
 RELEASE = """
 import resource, torch
-from fullres.memory import cpu_pool
+from fullres.kernels import cpu_pool
 cpu_pool.install()
 MiB = 2**20
 x = torch.empty(64 * MiB // 4)

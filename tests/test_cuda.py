@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 
-from fullres.config import JobConfig, Strategy
-from fullres.model import ModelConfig
+from fullres.job.config import JobConfig, Strategy
+from fullres.nets.registry import ModelConfig
 
 from test_step import assert_same_gradients, batch, gradients, tiny_model
 
@@ -68,8 +68,8 @@ def test_cuda_bf16_step_stays_close_to_fp32():
 def test_cuda_dryrun_within_5_percent_of_max_memory_allocated(job):
     """Channels-last jobs (measured on an H100 within 0.1 %). Contiguous ones on CUDA are not modelled (cuDNN's
     workspaces for NCDHW tensors: measured 12-22 % above the dry run), and the CLI says so."""
-    from fullres.memory.dryrun import dryrun
-    from fullres.memory.measure import measure_peak
+    from fullres.cost.dryrun import dryrun
+    from fullres.cost.measure import measure_peak
 
     estimated = dryrun(job, device="cuda").peak_bytes
     measured = measure_peak(job, steps=2, device="cuda").measured_bytes
@@ -78,7 +78,7 @@ def test_cuda_dryrun_within_5_percent_of_max_memory_allocated(job):
 
 @needs_cuda
 def test_cuda_train_predict_evaluate(small_msd, tmp_path, cli):
-    from fullres.checkpoint import load_checkpoint
+    from fullres.run.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
     code, out, err = cli("train", small_msd, "--out", run, "--epochs", "2", "--device", "cuda", "--precision",

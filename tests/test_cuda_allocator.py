@@ -4,8 +4,8 @@ bias-gradient reduction buffer, against hand-worked sequences and measurements f
 import pytest
 import torch
 
-from fullres.memory.cuda_allocator import CachingAllocatorModel, round_size, segment_size
-from fullres.memory.dryrun import cuda_bias_gradient_buffer_bytes
+from fullres.kernels.cuda_allocator import CachingAllocatorModel, round_size, segment_size
+from fullres.cost.dryrun import cuda_bias_gradient_buffer_bytes
 
 MIB = 2**20
 

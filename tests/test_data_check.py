@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fullres.data import check_dataset
+from fullres.data.check import check_dataset
 from fullres.data.nifti import write_nifti
 
 IMAGE = "imagesTr/BRATS_002.nii.gz"

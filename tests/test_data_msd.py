@@ -12,21 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from fullres.data import (
-    CropBox,
-    DataConfig,
-    MSDDataset,
-    brats_regions,
-    crop_or_pad,
-    default_cache_dir,
-    load_case_image,
-    load_dataset_json,
-    make_loader,
-    resolve_channels,
-    split_cases,
-    uncrop,
-    write_nifti,
-)
+from fullres.data.preprocess import CropBox, DataConfig, crop_or_pad, uncrop
+from fullres.data.msd import MSDDataset, brats_regions, make_loader, resolve_channels, split_cases
+from fullres.data.cache import default_cache_dir, load_case_image
+from fullres.data import load_dataset_json
+from fullres.data.nifti import write_nifti
 from fullres.data.preprocess import bounding_box, brain_mask, centred_crop_box, zscore_brain
 from fullres.errors import UserError
 

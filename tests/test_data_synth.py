@@ -8,7 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fullres.data import brats_phantom, check_dataset, load_dataset_json, write_dataset
+from fullres.data.synth import brats_phantom, write_dataset
+from fullres.data.check import check_dataset
+from fullres.data import load_dataset_json
 from fullres.data.synth import CSF, EDEMA, ENHANCING, GREY, NECROSIS, WHITE, smooth_field
 from fullres.errors import UserError
 

@@ -11,11 +11,13 @@ import time
 import pytest
 import torch
 
-from fullres import device as fullres_device
-from fullres.config import JobConfig, Strategy
-from fullres.memory.estimate import ESTIMATORS, dryrun_estimate
-from fullres.memory.dryrun import CATEGORIES, dryrun
-from fullres.model import ModelConfig, UNet3D, count_trainable
+from fullres.kernels import device as fullres_device
+from fullres.job.config import JobConfig, Strategy
+from fullres.cost.estimate import ESTIMATORS, dryrun_estimate
+from fullres.cost.dryrun import CATEGORIES, dryrun
+from fullres.nets.registry import ModelConfig
+from fullres.nets.unet3d import UNet3D
+from fullres.nets.registry import count_trainable
 
 SMALL = JobConfig(model=ModelConfig(filters=8), shape=(32, 32, 32), batch=1)
 # The CPU pool's replay follows the buffers oneDNN's kernels take inside each convolution, read from
@@ -53,7 +55,7 @@ def test_breakdown_is_consistent(paper_b1):
     payload = result.to_json()
     assert payload["method"] == "dryrun" and payload["peak_bytes"] == result.peak_bytes
     # the estimator plan and train use: the same tensors, with this network's measured runtime term
-    from fullres.memory.runtime import measured_runtime_bytes
+    from fullres.cost.runtime import measured_runtime_bytes
 
     runtime = measured_runtime_bytes(JobConfig(batch=1))
     assert ESTIMATORS["dryrun"](JobConfig(batch=1)) == result.peak_bytes - result.breakdown["runtime"] + runtime
@@ -90,7 +92,7 @@ def test_accumulation_costs_only_the_larger_input_batch():
 @pytest.mark.parametrize("shape", [(32, 32, 32), (48, 32, 32)])
 def test_tiny_real_measurement_is_bounded_by_the_dry_run(shape):
     """Every tensor the dry run sees is really allocated: the measurement is at least the tensor peak."""
-    from fullres.memory.measure import measure_peak
+    from fullres.cost.measure import measure_peak
 
     job = SMALL.with_(shape=shape)
     estimate = dryrun(job)
@@ -112,8 +114,8 @@ def test_dry_run_is_within_five_percent_of_a_real_step(shape, strategy):
     docs/memory.md (a measured gap, a benchmark rather than a test)."""
     import torch
 
-    from fullres.memory.malloc import prepare_pool_for
-    from fullres.memory.measure import measure_peak
+    from fullres.kernels.malloc import prepare_pool_for
+    from fullres.cost.measure import measure_peak
 
     job = JobConfig(shape=shape, batch=1, strategy=strategy)
     # As `train` does before its dry run: else, with the pool not yet built in this session's private cache,
@@ -138,7 +140,7 @@ def test_kernel_probe_of_the_paper_batch_allocates_nothing():
 
     import torch
 
-    from fullres.memory.dryrun import conv_backend
+    from fullres.cost.dryrun import conv_backend
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     x = torch.empty(16, 192, 240, 240, 144, device="meta").contiguous(memory_format=torch.channels_last_3d)
@@ -154,8 +156,8 @@ def test_only_cpu_kernels_get_workspaces():
     (the preflight of a CUDA job runs the dry run on "cuda")."""
     import torch
 
-    from fullres.memory.estimate import estimate_training_bytes
-    from fullres.memory.dryrun import op_workspace
+    from fullres.cost.estimate import estimate_training_bytes
+    from fullres.cost.dryrun import op_workspace
 
     aten = torch.ops.aten
     x = torch.empty(1, 4, 16, 16, 16, device="meta")
@@ -173,8 +175,7 @@ def test_a_contiguous_input_to_a_channels_last_weight_costs_one_copy_of_the_inpu
     """ATen runs a oneDNN convolution channels-last when its input or its weight is (conv1a of a channels-last
     network fed a contiguous batch): the dry run charges a channels-last copy of the input, a tensor (in the
     CPU pool when there is one), not the blocked reorders of a contiguous convolution."""
-    from fullres.memory.dryrun import (_cpu_convolution, conv_backend, gemm_weight_gradient_bytes, op_workspace,
-                                       pool_op_workspace)
+    from fullres.cost.dryrun import (_cpu_convolution, conv_backend, gemm_weight_gradient_bytes, op_workspace, pool_op_workspace)
 
     aten = torch.ops.aten
     cl = torch.channels_last_3d
@@ -196,8 +197,8 @@ def test_a_contiguous_input_to_a_channels_last_weight_costs_one_copy_of_the_inpu
 
 _PROBE = """
 import json, sys, torch
-from fullres.config import Strategy
-from fullres.memory.malloc import set_training_malloc_policy
+from fullres.job.config import Strategy
+from fullres.kernels.malloc import set_training_malloc_policy
 set_training_malloc_policy(Strategy(checkpointing=True, channels_last=True))  # large blocks: mmap, unmapped when freed
 torch.set_num_threads(2)
 aten, cl = torch.ops.aten, torch.channels_last_3d
@@ -214,7 +215,7 @@ for _ in range(2):  # the second call: the primitive exists
     outs = aten.convolution_backward(grad, x, weight, [cout], *conv, [True, True, True])
     extra = status("VmHWM") - before - sum(o.numel() * o.element_size() for o in outs)
     del outs
-from fullres.memory.dryrun import op_workspace  # the model, asked in the same process and thread count
+from fullres.cost.dryrun import op_workspace  # the model, asked in the same process and thread count
 charged = op_workspace(aten.convolution_backward.default, (grad, x, weight, [cout], *conv, [True, True, True]), {},
                        None, first_call=False)
 print(extra, charged)
@@ -241,7 +242,7 @@ def test_the_gemm_weight_gradient_buffers_follow_the_kernel_oneDNN_runs(monkeypa
     """Only a 3x3x3 fp32 channels-last weight gradient on a CPU without AVX-512 runs im2col + GEMM: the input
     copied once, and C_in x 27 x (the last two sizes) columns; no weight gradient, a 1x1x1 or a transposed convolution,
     bf16 or AVX-512 take none."""
-    from fullres.memory import dryrun as module
+    from fullres.cost import dryrun as module
 
     aten = torch.ops.aten
     cl = torch.channels_last_3d
@@ -275,7 +276,7 @@ def test_weight_gradients_past_onednns_scratchpad_limit_run_its_reference_kernel
     it then takes no GEMM buffers, and its FLOPs are the ones the time estimate charges at the reference rate."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fullres.memory import dryrun as module
+    from fullres.cost import dryrun as module
 
     monkeypatch.setattr(fullres_device, "avx512", lambda: False)
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -303,7 +304,7 @@ def test_with_avx512_weight_gradients_of_2_gib_maps_run_the_reference_kernel(mon
     maps of rows x 240 x 144)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fullres.memory import dryrun as module
+    from fullres.cost import dryrun as module
 
     monkeypatch.setattr(fullres_device, "avx512", lambda: True)
     cl = torch.channels_last_3d
@@ -322,8 +323,8 @@ def test_with_avx512_weight_gradients_of_2_gib_maps_run_the_reference_kernel(mon
 def test_the_time_estimate_charges_reference_kernel_flops_at_their_rate(monkeypatch):
     """128^3 channels-last fp32, the paper's network: two weight gradients at full resolution pass the limit whole,
     not in 2 slabs nor contiguous; the estimated step pays for them at the reference kernel's rate."""
-    import fullres.bench.timing as timing
-    from fullres.memory import dryrun as module
+    import fullres.cost.timing as timing
+    from fullres.cost import dryrun as module
 
     monkeypatch.setattr(fullres_device, "avx512", lambda: False)
     monkeypatch.setattr(timing, "_FAKE_COUNTS", {})
@@ -347,7 +348,7 @@ def test_a_pointwise_convolution_on_atens_slow_path_takes_no_columns():
     channels-last input (measured: 128 -> 1 at 64x128x128, one thread, 536.6 MB beyond the output)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fullres.memory import dryrun as module
+    from fullres.cost import dryrun as module
 
     with FakeTensorMode():
         x = torch.empty(1, 8, 16, 16, 16).to(memory_format=torch.channels_last_3d)  # N x C x D x H <= 20480
@@ -364,8 +365,8 @@ def test_a_pointwise_convolution_on_atens_slow_path_takes_no_columns():
 def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypatch):
     """The runtime term: measured peak minus the dry run's tensors of the same network and strategy at 16^3,
     batch 1 (whatever the job's shape, batch and accumulation), cached; another network is measured anew."""
-    from fullres.memory import measure, runtime
-    from fullres.memory.dryrun import dryrun
+    from fullres.cost import measure, runtime
+    from fullres.cost.dryrun import dryrun
 
     calls = []
 
@@ -402,9 +403,9 @@ def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypa
 def test_runtime_term_under_glibcs_heap_is_the_median_of_three_processes(tmp_path, monkeypatch):
     """glibc's default heap keeps a different amount in each process, so a job under it (fp32 contiguous)
     gets the median of three calibration runs; the cache stores them and reads back the median."""
-    from fullres.memory import measure, runtime
-    from fullres.memory.dryrun import dryrun
-    from fullres.memory.malloc import policy_for
+    from fullres.cost import measure, runtime
+    from fullres.cost.dryrun import dryrun
+    from fullres.kernels.malloc import policy_for
 
     peaks = iter([500, 470, 530])
 
@@ -425,7 +426,7 @@ def test_runtime_term_under_glibcs_heap_is_the_median_of_three_processes(tmp_pat
 
 
 def test_dryrun_runtime_argument():
-    from fullres.memory.dryrun import dryrun, runtime_bytes
+    from fullres.cost.dryrun import dryrun, runtime_bytes
 
     job = JobConfig(model=ModelConfig(in_channels=1, filters=1), shape=(16, 16, 16), batch=1)
     constant = dryrun(job)
@@ -455,7 +456,7 @@ def test_gradients_meeting_at_a_branch_are_summed_in_place_as_autograd_does():
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fullres.memory.dryrun import _Tracker
+    from fullres.cost.dryrun import _Tracker
 
     def run(in_place: bool) -> tuple[int, int]:
         tracker = _Tracker()

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from fullres import predict as predict_module
-from fullres.checkpoint import BEST, save_checkpoint
-from fullres.config import JobConfig, Strategy, TrainConfig
-from fullres.data import DataConfig
-from fullres.model import ModelConfig, UNet3D
+from fullres.run import predict as predict_module
+from fullres.run.checkpoint import BEST, save_checkpoint
+from fullres.job.config import JobConfig, Strategy, TrainConfig
+from fullres.data.preprocess import DataConfig
+from fullres.nets.registry import ModelConfig
+from fullres.nets.unet3d import UNet3D
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -50,7 +51,7 @@ def run(tmp_path_factory, small_msd):
 @pytest.fixture(scope="module")
 def exported(run):
     """The run's own ONNX and OpenVINO exports, at the default paths."""
-    from fullres.export import export_run
+    from fullres.run.export import export_run
 
     return {fmt: export_run(run, fmt) for fmt in ("onnx", "openvino")}
 
@@ -71,7 +72,7 @@ def test_exports_are_written_inside_the_run_and_verified(run, exported):
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_exported_output_equals_pytorch_on_a_random_input(run, exported, fmt):
-    from fullres.export import load_run_network, open_engine
+    from fullres.run.export import load_run_network, open_engine
 
     network = load_run_network(run)
     x = torch.randn(1, 4, *SHAPE, generator=torch.Generator().manual_seed(3))
@@ -85,7 +86,7 @@ def test_exported_output_equals_pytorch_on_a_random_input(run, exported, fmt):
 
 
 def test_dynamic_softmax_export_runs_other_shapes(tmp_path, small_msd, cli):
-    from fullres.export import load_run_network, open_engine
+    from fullres.run.export import load_run_network, open_engine
 
     run = write_run(tmp_path / "run", small_msd, target="classes", seed=1)
     code, out, err = cli("export", run, "--format", "onnx", "--dynamic", "--out", tmp_path / "dyn.onnx")
@@ -162,7 +163,7 @@ def test_a_checkpoint_of_another_network_is_refused(tmp_path, small_msd, cli):
 
 
 def test_engine_files_of_another_run_or_shape_are_refused(run, exported, tmp_path, small_msd, cli):
-    from fullres.export import export_run
+    from fullres.run.export import export_run
 
     other = write_run(tmp_path / "other", small_msd, seed=4)
     code, _, err = cli("predict", other, small_msd, "--out", tmp_path / "p", "--engine", "onnx",

@@ -1,4 +1,4 @@
-"""fullres.figures: Figure 7 overlay and training curves render the right pixels, atomically."""
+"""fullres.evaluate.figures: Figure 7 overlay and training curves render the right pixels, atomically."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from matplotlib.image import imread
 
 from fullres.errors import UserError
-from fullres.figures import figure7_overlay, training_curves
+from fullres.evaluate.figures import figure7_overlay, training_curves
 
 SHAPE = (32, 32, 16)
 SPACING = (1.0, 1.0, 2.0)
@@ -128,7 +128,7 @@ def test_training_curves_bad_files_name_the_file(tmp_path):
 
 
 def test_figure7_outlines_missed_and_false_positive_lesions(tmp_path):
-    from fullres.lesions import lesion_masks
+    from fullres.evaluate.lesions import lesion_masks
 
     image, truth, _ = case()
     far = sphere((4, 4, 4), 3)  # a second truth lesion, far from the first: no prediction reaches it

@@ -22,7 +22,7 @@ FORKS = 1000
 STRESS = """
 import os, signal, sys, threading, time
 import torch
-from fullres.memory import cpu_pool
+from fullres.kernels import cpu_pool
 
 torch.set_num_threads(1)
 sys.setswitchinterval(1e-4)  # the forking thread gets the GIL back quickly after each wait

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fullres import device as fullres_device
-from fullres import kernels
-from fullres.kernels import PlanarWeightGradients, cpu_workarounds, planar_weight_gradient, wide_planes
+from fullres.kernels import device as fullres_device
+from fullres.kernels import onednn as kernels
+from fullres.kernels.onednn import PlanarWeightGradients, cpu_workarounds, planar_weight_gradient, wide_planes
 
 BACKWARD = torch.ops.aten.convolution_backward
 
@@ -169,9 +169,10 @@ def test_maps_with_fewer_rows_than_the_kernel_are_taken_plane_by_plane(monkeypat
 
 
 def test_a_bf16_training_step_takes_them_plane_by_plane(monkeypatch):
-    from fullres.config import JobConfig, ModelConfig, Strategy
-    from fullres.losses import LOSSES
-    from fullres.step import build_training, train_step
+    from fullres.job.config import JobConfig, Strategy
+    from fullres.nets.registry import ModelConfig
+    from fullres.engine.losses import LOSSES
+    from fullres.job.step import build_training, train_step
 
     calls = []
 

@@ -9,11 +9,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fullres.data import MSDDataset, DataConfig, check_dataset, detect_layout, load_dataset, resolve_channels
+from fullres.data.msd import MSDDataset, resolve_channels
+from fullres.data.preprocess import DataConfig
+from fullres.data.check import check_dataset
+from fullres.data.layouts import detect_layout, load_dataset
 from fullres.data.layouts import label_roles, value_map
 from fullres.data.nifti import write_nifti
 from fullres.data.synth import write_dataset
-from fullres.metrics import region_masks
+from fullres.evaluate.metrics import region_masks
 
 SHAPE = (16, 16, 16)
 LAYOUT_NAMES = ("msd", "nnunet", "brats2021", "brats2023")
@@ -330,7 +333,7 @@ def test_evaluate_knows_brats2021_labels_without_prediction_json(datasets, tmp_p
 
 
 def test_output_labels_in_each_layouts_values(datasets):
-    from fullres.predict import output_labels
+    from fullres.run.predict import output_labels
 
     msd, brats = load_dataset(datasets["msd"]), load_dataset(datasets["brats2021"])
     nested = np.array([0, 1, 2, 3], dtype=np.uint8)  # labels_from_probabilities: edema, core, enhancing

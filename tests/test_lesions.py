@@ -1,4 +1,4 @@
-"""fullres.lesions: BraTS 2023 lesion-wise Dice / HD95 on hand-made cases, against an independent
+"""fullres.evaluate.lesions: BraTS 2023 lesion-wise Dice / HD95 on hand-made cases, against an independent
 implementation, and through `fullres evaluate --lesion-wise`."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from fullres.lesions import CHALLENGES, MISSED_HD95_MM, LesionRule, lesion_wise, robust_hd95
-from fullres.metrics import evaluate_case
+from fullres.evaluate.lesions import CHALLENGES, MISSED_HD95_MM, LesionRule, lesion_wise, robust_hd95
+from fullres.evaluate.metrics import evaluate_case
 
 SHAPE = (32, 32, 24)
 ISO = (1.0, 1.0, 1.0)

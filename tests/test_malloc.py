@@ -12,7 +12,7 @@ def run_python(code: str, **env) -> str:
 
 
 def test_training_malloc_policy_follows_the_strategy_and_the_environment():
-    code = ("import sys; from fullres.config import Strategy; from fullres.memory.malloc import set_training_malloc_policy as s; "
+    code = ("import sys; from fullres.job.config import Strategy; from fullres.kernels.malloc import set_training_malloc_policy as s; "
             "print(s(None), s(Strategy(channels_last=True)), s(Strategy(checkpointing=True)), s(Strategy(slabs=2)))")
     assert run_python(code, FULLRES_MALLOC="fixed") == "fixed fixed fixed fixed"  # glibc: thresholds fixed
     pool = "pool" if shutil.which(os.environ.get("CXX") or "g++") else "None"  # fp32 channels-last: the CPU pool
@@ -23,7 +23,7 @@ def test_training_malloc_policy_follows_the_strategy_and_the_environment():
 
 FRAGMENTATION = """
 import sys, torch
-from fullres.memory.malloc import set_training_malloc_policy
+from fullres.kernels.malloc import set_training_malloc_policy
 if sys.argv[1] == "policy":
     set_training_malloc_policy(force=True)
 def rss():
@@ -49,7 +49,7 @@ def test_freed_blocks_leave_the_process_only_under_the_policy():
 
 REUSE = """
 import resource, sys, torch
-from fullres.memory.malloc import set_training_malloc_policy
+from fullres.kernels.malloc import set_training_malloc_policy
 print(set_training_malloc_policy(), end=" ")
 def step():
     blocks = [torch.ones(16 * 2**20) for _ in range(4)]  # 4 x 64 MiB, above glibc's largest mmap threshold

@@ -1,4 +1,4 @@
-"""fullres.metrics: agreement with an independent implementation, empty-mask convention, files, losses."""
+"""fullres.evaluate.metrics: agreement with an independent implementation, empty-mask convention, files, losses."""
 
 from __future__ import annotations
 
@@ -13,20 +13,8 @@ import torch
 from scipy import ndimage
 
 from fullres.errors import UserError
-from fullres.losses import dice_bce_loss, dice_coefficient, soft_dice_loss, voxel_accuracy
-from fullres.metrics import (
-    DEFAULT_REGIONS,
-    dice,
-    evaluate_case,
-    evaluate_folders,
-    hd95,
-    image_diagonal_mm,
-    normalized_surface_distance,
-    region_masks,
-    summarize,
-    write_metrics_csv,
-    write_metrics_json,
-)
+from fullres.engine.losses import dice_bce_loss, dice_coefficient, soft_dice_loss, voxel_accuracy
+from fullres.evaluate.metrics import (DEFAULT_REGIONS, dice, evaluate_case, evaluate_folders, hd95, image_diagonal_mm, normalized_surface_distance, region_masks, summarize, write_metrics_csv, write_metrics_json)
 
 SPACING = (1.0, 1.5, 2.5)
 SHAPE = (24, 24, 16)

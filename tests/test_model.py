@@ -2,7 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fullres.model import ConvTranspose3d, ModelConfig, UNet3D, _UpsamplingWeightGradient, count_trainable
+from fullres.kernels.layers import ConvTranspose3d, _UpsamplingWeightGradient
+from fullres.nets.registry import ModelConfig
+from fullres.nets.unet3d import UNet3D
+from fullres.nets.registry import count_trainable
 
 TABLE1_LAYERS = ["conv1a", "conv1b", "pool1", "conv2a", "conv2b", "pool2", "conv3a", "dropout_1", "conv3b", "pool3",
                  "conv4a", "dropout_2", "conv4b", "transConv4", "concatenate_1", "conv5a", "conv5b", "transConv5",
@@ -56,7 +59,7 @@ def test_bad_model_config(kwargs, message):
 def test_few_input_channels_run_on_onednn_with_the_same_result():
     """conv1a at batch 1 where ATen's rule (N x C x D x H <= 20480) picks its slow path: zero channels
     move it to oneDNN, with the same output and weight gradient (up to summation order)."""
-    from fullres.model import Conv3d, _conv_backend, _few_channels_on_onednn
+    from fullres.kernels.layers import Conv3d, _conv_backend, _few_channels_on_onednn
 
     torch.manual_seed(0)
     layer = Conv3d(4, 8, kernel_size=3, padding=1)
@@ -84,7 +87,7 @@ def test_few_input_channels_run_on_onednn_with_the_same_result():
 
 
 def test_few_channels_left_alone_where_torch_cannot_say_which_kernel(monkeypatch):
-    from fullres.model import Conv3d, _few_channels_on_onednn
+    from fullres.kernels.layers import Conv3d, _few_channels_on_onednn
 
     monkeypatch.delattr(torch._C, "_select_conv_backend")
     layer = Conv3d(4, 8, kernel_size=3, padding=1)

@@ -9,12 +9,13 @@ import os
 import pytest
 import torch
 
-from fullres.config import JobConfig, Strategy
-from fullres.memory.dryrun import dryrun
-from fullres.memory.table1 import table1
-from fullres.model import ModelConfig, build_model, check_shape, count_trainable, spatial_divisor
-from fullres.step import build_training, checkpoint_blocks, train_step
-from fullres.losses import LOSSES
+from fullres.job.config import JobConfig, Strategy
+from fullres.cost.dryrun import dryrun
+from fullres.cost.table1 import table1
+from fullres.nets.registry import ModelConfig
+from fullres.nets.registry import build_model, check_shape, count_trainable, spatial_divisor
+from fullres.job.step import build_training, checkpoint_blocks, train_step
+from fullres.engine.losses import LOSSES
 
 FACTORY = '''
 from torch import nn
@@ -94,8 +95,8 @@ def test_block_checkpointing_gives_the_plain_gradients():
 def test_checkpointing_reaches_the_blocks_inside_module_lists():
     """SegResNet keeps its stages in ModuleLists, whose own forward is never called: their items are the
     blocks, and checkpointing them cuts the dry run's peak (it cut nothing when the lists were wrapped)."""
-    from fullres.config import Strategy
-    from fullres.memory.dryrun import dryrun
+    from fullres.job.config import Strategy
+    from fullres.cost.dryrun import dryrun
 
     config = ModelConfig(architecture="monai:SegResNet", args='{"init_filters": 8}', in_channels=4, classes=3)
     blocks = checkpoint_blocks(build_model(config, (32, 32, 32)))
@@ -116,7 +117,7 @@ def test_a_users_factory_file_is_built_and_a_changed_one_refused(tmp_path):
     path.write_text(FACTORY)
     os.chmod(path, 0o644)
     os.chmod(tmp_path, 0o755)
-    from fullres.networks import file_digest
+    from fullres.nets.families import file_digest
 
     config = ModelConfig(architecture=f"{path}:tiny", args='{"width": 3}', in_channels=2, classes=1,
                          source_sha256=file_digest(path))
@@ -169,7 +170,7 @@ def test_intel_unet_preset_fills_the_repositorys_defaults(cli):
 
 
 def test_train_and_predict_with_a_monai_network(cli, tmp_path):
-    from fullres.data import write_dataset
+    from fullres.data.synth import write_dataset
 
     data = write_dataset(tmp_path / "msd", train_cases=4, test_cases=1, shape=(24, 24, 16), seed=1, progress=False)
     run = tmp_path / "run"
@@ -189,8 +190,8 @@ def test_train_and_predict_with_a_monai_network(cli, tmp_path):
 
 def test_dry_run_follows_a_monai_network_within_five_percent():
     """The accuracy goal's cheapest case, as `estimate` computes it: SegResNet at 32^3, checkpointed."""
-    from fullres.memory.estimate import dryrun_estimate
-    from fullres.memory.measure import measure_peak
+    from fullres.cost.estimate import dryrun_estimate
+    from fullres.cost.measure import measure_peak
 
     job = JobConfig(model=ModelConfig(architecture="monai:SegResNet", in_channels=4, classes=1), shape=(32, 32, 32),
                     batch=1, strategy=Strategy(checkpointing=True, channels_last=True))
@@ -204,7 +205,7 @@ SMALL_NNUNET_DS = json.dumps({"n_stages": 4, "features_per_stage": [4, 8, 8, 8],
 
 
 def test_deep_supervision_heads_are_trained_with_nnunets_weights_and_predicted_from_alone():
-    from fullres.losses import deep_supervision_loss, deep_supervision_weights, primary_output, supervised_outputs
+    from fullres.engine.losses import (deep_supervision_loss, deep_supervision_weights, primary_output, supervised_outputs)
 
     assert deep_supervision_weights(1) == [1.0]
     assert deep_supervision_weights(3) == pytest.approx([1 / 1.5, 0.5 / 1.5, 0.0])
@@ -236,8 +237,8 @@ def test_deep_supervision_heads_are_trained_with_nnunets_weights_and_predicted_f
 
 
 def test_nnunets_own_vram_estimate_is_its_planners_feature_map_rule():
-    from fullres.model import build_on_meta
-    from fullres.networks import nnunet_vram_estimate
+    from fullres.nets.registry import build_on_meta
+    from fullres.nets.families import nnunet_vram_estimate
 
     config = ModelConfig(architecture="nnunet:PlainConvUNet", in_channels=4, classes=3)
     model = build_on_meta(config, (128, 128, 128))

@@ -1,4 +1,4 @@
-"""`fullres nnunet plan` (fullres.nnunet_plans) against nnU-Net v2 itself: a synthetic dataset taken through
+"""`fullres nnunet plan` (fullres.nnunet.plans) against nnU-Net v2 itself: a synthetic dataset taken through
 nnU-Net's own fingerprinting, planning and preprocessing on CPU; the written plans loaded by nnU-Net's
 PlansManager, its network built by nnU-Net's get_network_from_plans and its trainer initialised from them.
 
@@ -22,7 +22,7 @@ pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed: pip install n
                                        "(docs/nnunet.md#install)")
 
 from fullres.errors import UserError  # noqa: E402
-from fullres.nnunet_plans import fit_plans, read_network  # noqa: E402
+from fullres.nnunet.plans import fit_plans, read_network  # noqa: E402
 
 DATASET = "Dataset901_Synth"
 GB = 10**9
@@ -152,7 +152,7 @@ def test_a_plan_that_fits_is_kept_and_nnunet_builds_and_trains_from_it(source, n
     assert trainer["deep_supervision"] and trainer["optimizer"] == "SGD"
     assert (trainer["momentum"], trainer["nesterov"]) == (0.99, True)
     assert trainer["data"].endswith("nnUNetPlans_3d_fullres")  # the data nnU-Net preprocessed, reused
-    from fullres.nnunet_plans import build_network
+    from fullres.nnunet.plans import build_network
     assert trainer["parameters"] == sum(p.numel() for p in build_network(read_network(result.plans_path)).parameters())
 
 
@@ -221,7 +221,7 @@ def test_other_operations_and_anisotropic_strides_build_as_nnunet_builds_them(so
     result = fit_plans(copy, GB)
     assert result.patch[0] % 2 == 0 and result.patch[1] % 4 == 0 and result.patch[2] % 4 == 0
     assert any("constant" in note for note in result.modelled)  # the CPU runtime term of a network built here
-    from fullres.nnunet_plans import build_network
+    from fullres.nnunet.plans import build_network
 
     theirs, ours = _nnunet_network(result.plans_path), build_network(read_network(result.plans_path))
     assert {k: v.shape for k, v in theirs.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
@@ -312,9 +312,9 @@ def test_the_loss_modelled_has_the_peak_of_nnunets_own(source):
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-    from fullres.config import JobConfig
-    from fullres.memory.dryrun import dryrun
-    from fullres.nnunet_plans import SGD, model_config
+    from fullres.job.config import JobConfig
+    from fullres.cost.dryrun import dryrun
+    from fullres.nnunet.plans import SGD, model_config
 
     network = read_network(source)
     nnunet_loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},

@@ -54,7 +54,7 @@ def test_the_wheel_ships_the_type_marker_the_license_and_the_pools_source(wheel)
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert "fullres/py.typed" in names
-    assert "fullres/memory/cpu_pool.cpp" in names  # compiled on the user's machine by the first training
+    assert "fullres/kernels/cpu_pool.cpp" in names  # compiled on the user's machine by the first training
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     # every module of the source tree, the subpackages included
     modules = {p.relative_to(ROOT / "src").as_posix() for p in (ROOT / "src" / "fullres").rglob("*.py")}
@@ -90,7 +90,7 @@ def test_the_license_file_is_the_apache_2_0_text():
 
 def test_version_names_fullres_torch_cuda_and_onednn():
     from fullres import __version__
-    from fullres.versions import describe, versions
+    from fullres.run.versions import describe, versions
 
     done = subprocess.run([sys.executable, "-m", "fullres", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -124,10 +124,10 @@ for _name in ("resource", "fcntl"):
 DRIVER = """
 import contextlib, io, json, sys
 
-import fullres, fullres.cli, fullres.device
-from fullres.memory import cpu_pool
+import fullres, fullres.cli, fullres.kernels.device
+from fullres.kernels import cpu_pool
 
-results = {"resource": fullres.device.resource is None, "fcntl": cpu_pool.fcntl is None}
+results = {"resource": fullres.kernels.device.resource is None, "fcntl": cpu_pool.fcntl is None}
 job = ["--shape", "16", "16", "16", "--filters", "2", "--batch", "1"]
 for name, argv in {"version": ["--version"], "estimate": ["estimate", *job],
                    "dryrun": ["estimate", "--method", "dryrun", "--channels-last", *job],
@@ -170,7 +170,7 @@ def test_import_estimate_and_plan_work_without_resource_and_fcntl(tmp_path):
 
 
 def test_the_pool_says_why_it_cannot_exist_without_fcntl(monkeypatch):
-    from fullres.memory import cpu_pool, malloc
+    from fullres.kernels import cpu_pool, malloc
 
     monkeypatch.setattr(cpu_pool, "fcntl", None)
     assert cpu_pool.unsupported() == "the CPU pool needs POSIX (fcntl), which this Python lacks"

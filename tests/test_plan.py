@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from fullres.config import JobConfig
-from fullres.memory.plan import largest_fitting, plan, scaled_shape
+from fullres.job.config import JobConfig
+from fullres.cost.plan import largest_fitting, plan, scaled_shape
 from fullres.units import format_bytes, parse_size
 
 PAPER_TABLE2 = Path(__file__).parent / "data" / "table2.csv"
@@ -64,8 +64,8 @@ def test_format_bytes():
 
 def test_plan_searches_shapes_too_small_for_the_jobs_slabs():
     """Smaller shapes hold fewer slabs: the search caps them instead of failing."""
-    from fullres.config import Strategy
-    from fullres.model import ModelConfig
+    from fullres.job.config import Strategy
+    from fullres.nets.registry import ModelConfig
 
     job = JobConfig(ModelConfig(filters=2), (64, 64, 64), 1, Strategy(checkpointing=True, slabs=16))
     assert job.at_shape((16, 16, 16)).strategy.slabs == 8

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fullres import predict as predict_module
+from fullres.run import predict as predict_module
 from fullres.cli import main
 
 TINY = ["--shape", "32", "32", "24", "--filters", "2", "--batch", "2", "--workers", "0", "--threads", "1",
@@ -20,7 +20,7 @@ TINY = ["--shape", "32", "32", "24", "--filters", "2", "--batch", "2", "--worker
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 1-epoch run on a 33x30x26 dataset: shapes that need crop and pad to 32x32x24."""
-    from fullres.data import write_dataset
+    from fullres.data.synth import write_dataset
 
     root = tmp_path_factory.mktemp("predict")
     data = write_dataset(root / "msd", train_cases=3, test_cases=2, shape=(33, 30, 26), seed=5, progress=False)
@@ -105,11 +105,12 @@ def test_missing_run_is_refused(small_msd, tmp_path, cli):
 def test_prediction_runs_in_the_runs_layout_and_precision(strategy):
     """Predict runs as validation did: the run's memory format and autocast precision (slabs and
     checkpointing are training-only), whole volume and sliding windows alike."""
-    from fullres.config import JobConfig, Strategy
-    from fullres.data import DataConfig
-    from fullres.model import ModelConfig, UNet3D
-    from fullres.step import autocast
-    from fullres.config import TrainConfig
+    from fullres.job.config import JobConfig, Strategy
+    from fullres.data.preprocess import DataConfig
+    from fullres.nets.registry import ModelConfig
+    from fullres.nets.unet3d import UNet3D
+    from fullres.job.step import autocast
+    from fullres.job.config import TrainConfig
 
     shape = (16, 16, 16)
     job = JobConfig(model=ModelConfig(in_channels=2, filters=2), shape=shape, batch=1, strategy=Strategy(**strategy))

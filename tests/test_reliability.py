@@ -282,8 +282,8 @@ def _rows() -> list[Row]:
 
 def mismatched_checkpoint_last(source: Path, target: Path) -> Path:
     """last.pt with weights of a 4-filter network in a 2-filter run."""
-    from fullres.config import TrainConfig
-    from fullres.model import build_model
+    from fullres.job.config import TrainConfig
+    from fullres.nets.registry import build_model
 
     state = torch.load(source, map_location="cpu", weights_only=True)
     config = TrainConfig.from_json(state["config"])
@@ -841,7 +841,7 @@ def broken_dataset(base: Base, sandbox: Path) -> Path:
 
 
 def synth_with_user_file(sandbox: Path) -> Path:
-    from fullres.data import write_dataset
+    from fullres.data.synth import write_dataset
 
     out = write_dataset(sandbox / "o", train_cases=1, test_cases=0, shape=(16, 16, 16), progress=False)
     copy(out / "imagesTr" / "BRATS_001.nii.gz", out / "imagesTr" / "BRATS_077.nii.gz")
@@ -944,7 +944,7 @@ def run_forked(jobs: list[dict]) -> list[int | None]:
 def build_base(root: Path) -> Base:
     """A 5-case 18x17x16 dataset, a 1-epoch 16^3 run on it (2 filters) and its predictions of the test cases."""
     from fullres.cli import main
-    from fullres.data import write_dataset
+    from fullres.data.synth import write_dataset
 
     data = write_dataset(root / "data", train_cases=3, test_cases=2, shape=(18, 17, 16), seed=3, progress=False)
     assert main(["train", str(data), "--out", str(root / "run"), *TINY, "--force", "--no-autotune"]) == 0
@@ -1088,9 +1088,9 @@ def test_the_dry_run_gives_the_same_bytes_in_two_processes(tmp_path):
     entry, = json.loads((tmp_path / "cache" / "fullres" / "runtime.json").read_text()).values()
     assert first["breakdown"]["runtime"] > 0 and entry["measured_bytes"] > 0
 
-    from fullres.config import JobConfig, Strategy
-    from fullres.memory.dryrun import runtime_bytes
-    from fullres.model import ModelConfig
+    from fullres.job.config import JobConfig, Strategy
+    from fullres.cost.dryrun import runtime_bytes
+    from fullres.nets.registry import ModelConfig
 
     unwritable = {**os.environ, "XDG_CACHE_HOME": str(text(tmp_path / "a-file"))}  # no folder can be made there
     peaks = []

@@ -1,15 +1,16 @@
-"""Slabs at every level (fullres.slabs): the whole-volume forward and gradients, normalisation included."""
+"""Slabs at every level (fullres.engine.slabs): the whole-volume forward and gradients, normalisation included."""
 
 import copy
 
 import pytest
 import torch
 
-from fullres.config import JobConfig, Strategy
-from fullres.losses import soft_dice_loss
-from fullres.model import ModelConfig, UNet3D
-from fullres.slabs import row_dropout, slab_rows, take_rows
-from fullres.step import prepare_model, train_step
+from fullres.job.config import JobConfig, Strategy
+from fullres.engine.losses import soft_dice_loss
+from fullres.nets.registry import ModelConfig
+from fullres.nets.unet3d import UNet3D
+from fullres.engine.slabs import row_dropout, slab_rows, take_rows
+from fullres.job.step import prepare_model, train_step
 
 SHAPE = (40, 8, 8)  # H = 40: levels of 40, 20, 10 and 5 rows (the coarsest odd)
 
@@ -81,7 +82,7 @@ def test_recomputed_level_inputs_give_the_whole_volume_gradients(norm, slabs, re
 def test_recomputed_inputs_are_not_stored_and_are_validated():
     """The dry run: recomputing the half-resolution level's input takes its stored maps (and their gradient)
     off the peak; a recomputed input between whole levels is refused, and at_shape keeps only what still applies."""
-    from fullres.memory.dryrun import dryrun
+    from fullres.cost.dryrun import dryrun
 
     stored = JobConfig(shape=(64, 32, 32), batch=1, model=ModelConfig(filters=2),
                        strategy=Strategy(checkpointing=True, slabs=8, coarse_slabs="4,2"))
@@ -117,7 +118,7 @@ def test_recompute_inputs_flag(capsys):
 
 
 def test_normalise_and_relu_keeps_only_its_output_and_has_the_exact_gradient():
-    from fullres.slabs import _NormReLU
+    from fullres.engine.slabs import _NormReLU
 
     torch.manual_seed(0)
     y = torch.randn(2, 3, 4, 3, 2, dtype=torch.float64, requires_grad=True)
@@ -224,9 +225,9 @@ def test_coarse_slabs_flag(capsys):
 
 
 def test_plan_offers_every_level_schedules_with_their_counted_flops(monkeypatch):
-    import fullres.memory.runtime as runtime
-    from fullres.bench.flops import count_step_flops
-    from fullres.memory.plan import candidate_strategies, slab_options, slab_schedules, with_slabs
+    import fullres.cost.runtime as runtime
+    from fullres.cost.flops import count_step_flops
+    from fullres.cost.plan import candidate_strategies, slab_options, slab_schedules, with_slabs
 
     # Without normalisation: instance norm's statistics passes make the slabbed dry run ~7x slower (their
     # gradients are tested above); the runtime term, measured by a real step, is not what is under test.

@@ -1,4 +1,4 @@
-"""Spatial parallelism (fullres.spatial): processes sharing one volume along H give the whole volume's logits,
+"""Spatial parallelism (fullres.engine.spatial): processes sharing one volume along H give the whole volume's logits,
 gradients and optimizer step, alone and combined with data parallelism (gloo, float64)."""
 
 from __future__ import annotations
@@ -11,18 +11,20 @@ import sys
 import pytest
 import torch
 
-from fullres.losses import soft_dice_loss
-from fullres.model import ModelConfig, UNet3D
-from fullres.spatial import shard_bounds
+from fullres.engine.losses import soft_dice_loss
+from fullres.nets.registry import ModelConfig
+from fullres.nets.unet3d import UNet3D
+from fullres.engine.spatial import shard_bounds
 
 WORKER = r"""
 import sys
 from datetime import timedelta
 import torch
 import torch.distributed as dist
-from fullres.losses import soft_dice_loss, voxel_sums
-from fullres.model import ModelConfig, UNet3D
-from fullres.spatial import forward_shards, mesh, reduce_gradients, space_of, sum_over_space
+from fullres.engine.losses import soft_dice_loss, voxel_sums
+from fullres.nets.registry import ModelConfig
+from fullres.nets.unet3d import UNet3D
+from fullres.engine.spatial import forward_shards, mesh, reduce_gradients, space_of, sum_over_space
 
 rank, world, spatial, init, out, norm, height, dropout = sys.argv[1:9]
 rank, world, spatial, height, dropout = int(rank), int(world), int(spatial), int(height), float(dropout)
@@ -37,8 +39,8 @@ images, targets = torch.load(f"{out}/data.pt")
 lo, hi = space.rows(0)
 x, t = images[data_index:data_index + 1, :, lo:hi], targets[data_index:data_index + 1, :, lo:hi]
 if norm == "none":  # channels-last maps and weights (the halos travel as contiguous buffers)
-    from fullres.config import Strategy
-    from fullres.step import prepare_model
+    from fullres.job.config import Strategy
+    from fullres.job.step import prepare_model
     prepare_model(model, Strategy(channels_last=True))
     x = x.contiguous(memory_format=torch.channels_last_3d)
 logits = forward_shards(model, x, space)
@@ -128,7 +130,7 @@ def test_shards_halve_exactly_to_the_coarsest_level():
 
 @pytest.fixture(scope="module")
 def msd(tmp_path_factory):
-    from fullres.data import write_dataset
+    from fullres.data.synth import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("spatial") / "msd", train_cases=4, test_cases=1, shape=(32, 32, 24),
                          seed=3, progress=False)
@@ -153,7 +155,7 @@ def fullres(*args, processes: int = 1) -> subprocess.CompletedProcess:
 def test_train_with_spatial_equals_one_process_and_resumes_under_another_count(msd, tmp_path):
     """`torchrun --nproc-per-node 2 ... train --spatial 2` ends its epoch with one process's weights; the run then
     resumes in one process (another S) and ends as the one-process run resumed alike."""
-    from fullres.checkpoint import load_checkpoint
+    from fullres.run.checkpoint import load_checkpoint
 
     one, two = tmp_path / "one", tmp_path / "two"
     assert (done := fullres("train", msd, "--out", one, "--epochs", "1", *FLAGS)).returncode == 0, done.stderr
@@ -188,10 +190,10 @@ def test_spatial_jobs_that_cannot_split_are_refused_before_a_run_folder(msd, tmp
 def test_plan_says_how_many_processes_a_job_needs(monkeypatch):
     """plan's spatial options: 2, 4, ... processes, each one's dry run (its shard, halos included), up to the
     first that fits; the strategies --spatial does not combine with left out; none where H does not split."""
-    import fullres.memory.runtime as runtime
-    from fullres.config import JobConfig, Strategy
-    from fullres.memory.dryrun import dryrun
-    from fullres.memory.plan import spatial_need, spatial_options
+    import fullres.cost.runtime as runtime
+    from fullres.job.config import JobConfig, Strategy
+    from fullres.cost.dryrun import dryrun
+    from fullres.cost.plan import spatial_need, spatial_options
 
     monkeypatch.setattr(runtime, "measured_runtime_bytes", lambda job: 0)  # the tensors are what is compared
     job = JobConfig(model=ModelConfig(filters=2), shape=(64, 32, 32), batch=1, strategy=Strategy(checkpointing=True))
@@ -255,7 +257,7 @@ def test_a_process_that_hangs_ends_the_job_with_one_line_and_the_run_resumes(msd
                rf"{re.escape(str(run))} --resume")
     assert len(lines) == 1 and re.fullmatch(pattern, lines[0]), stderr[-3000:]
     assert "fullres/" not in "".join(line for line in stderr.splitlines() if line.lstrip().startswith("File "))
-    from fullres.checkpoint import load_checkpoint
+    from fullres.run.checkpoint import load_checkpoint
 
     done_before = load_checkpoint(run / "last.pt")["epoch"]
     assert 1 <= done_before < 3
@@ -295,9 +297,9 @@ def test_predict_with_spatial_equals_predict_without(msd, tmp_path):
 
 
 def test_the_spatial_inference_plan_is_one_process_share_and_refused_where_it_cannot_fit():
-    import fullres.predict as predict_module
-    from fullres.config import JobConfig, Strategy, TrainConfig
-    from fullres.data import DataConfig
+    import fullres.run.predict as predict_module
+    from fullres.job.config import JobConfig, Strategy, TrainConfig
+    from fullres.data.preprocess import DataConfig
     from fullres.errors import UserError
 
     job = JobConfig(model=ModelConfig(in_channels=2, filters=4, norm="instance"), shape=(64, 32, 32), batch=1,
@@ -325,7 +327,7 @@ def test_profile_measures_each_process_sharing_a_sample():
     import json
 
     from fullres.cli import build_parser, job_from_args
-    from fullres.memory.dryrun import dryrun
+    from fullres.cost.dryrun import dryrun
 
     flags = ["--shape", "32", "16", "16", "--filters", "2", "--batch", "1", "--norm", "instance", "--device", "cpu"]
     done = fullres("profile", *flags, "--spatial", "2", "--steps", "1", "--json")

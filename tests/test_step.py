@@ -5,10 +5,11 @@ import copy
 import pytest
 import torch
 
-from fullres.config import Strategy
-from fullres.losses import soft_dice_loss
-from fullres.model import ModelConfig, UNet3D
-from fullres.step import make_grad_scaler, prepare_model, train_step
+from fullres.job.config import Strategy
+from fullres.engine.losses import soft_dice_loss
+from fullres.nets.registry import ModelConfig
+from fullres.nets.unet3d import UNet3D
+from fullres.job.step import make_grad_scaler, prepare_model, train_step
 
 
 def tiny_model(dropout=0.2, norm="none"):
@@ -115,7 +116,7 @@ def test_slabs_keep_inference_output():
 
 
 def test_slab_rows_are_even_and_cover_the_volume():
-    from fullres.model import slab_rows
+    from fullres.engine.slabs import slab_rows
 
     assert slab_rows(240, 16)[:2] == [(0, 14), (14, 30)] and slab_rows(240, 16)[-1][1] == 240
     for height, slabs in [(16, 8), (24, 5), (240, 7)]:
@@ -127,7 +128,7 @@ def test_slab_rows_are_even_and_cover_the_volume():
 
 
 def test_slabs_are_refused_with_too_few_rows():
-    from fullres.config import JobConfig
+    from fullres.job.config import JobConfig
 
     with pytest.raises(ValueError, match=r"slabs must be between 1 and 8 \(H=16 rows"):
         JobConfig(shape=(16, 32, 32), strategy=Strategy(slabs=9))

@@ -1,7 +1,7 @@
 import csv
 
 from fullres.cli import main
-from fullres.figures import figure5_estimate_vs_measured
+from fullres.evaluate.figures import figure5_estimate_vs_measured
 
 
 def test_sweep_estimates_every_job_and_draws_figure3(tmp_path, capsys):
@@ -38,7 +38,7 @@ def test_bad_sweep_shape_is_one_line(capsys):
 def test_repeated_measurements_keep_the_median_and_the_range(tmp_path, monkeypatch, capsys):
     """--repeats N measures every job N times (fresh processes: glibc's heap differs run to run) and compares
     the median; the CSV keeps the lowest and highest, the printed row the range."""
-    from fullres.memory import measure
+    from fullres.cost import measure
 
     peaks = iter([520, 500, 560] * 2)  # two jobs, three runs each
 

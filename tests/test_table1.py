@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from fullres.memory.table1 import table1
-from fullres.model import ModelConfig
+from fullres.cost.table1 import table1
+from fullres.nets.registry import ModelConfig
 
 PAPER_TABLE1 = Path(__file__).parent / "data" / "table1.csv"
 INTEGER_COLUMNS = ["batch", "height", "width", "depth", "feature_maps", "trainable_weights", "feature_map_size", "params"]

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fullres.config import JobConfig, Strategy
-from fullres.memory.table1 import table1
-from fullres.model import ModelConfig
-from fullres.checkpoint import load_checkpoint
-from fullres.config import TrainConfig
-from fullres.memory.plan import candidate_strategies, preflight
-from fullres.train import CSV_COLUMNS
+from fullres.job.config import JobConfig, Strategy
+from fullres.cost.table1 import table1
+from fullres.nets.registry import ModelConfig
+from fullres.run.checkpoint import load_checkpoint
+from fullres.job.config import TrainConfig
+from fullres.cost.plan import candidate_strategies, preflight
+from fullres.run.train import CSV_COLUMNS
 
 # On the CPU even on a GPU machine: these tests compare weights bit for bit, which cuDNN's nondeterministic
 # backward does not promise (tests/test_cuda.py covers training on CUDA).
@@ -31,7 +31,7 @@ TINY = ["--shape", "32", "32", "24", "--filters", "2", "--batch", "2", "--worker
 
 @pytest.fixture(scope="module")
 def train_msd(tmp_path_factory) -> Path:
-    from fullres.data import write_dataset
+    from fullres.data.synth import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("train") / "msd", train_cases=6, test_cases=1,
                          shape=(32, 32, 24), seed=3, progress=False)
@@ -94,7 +94,7 @@ def test_resume_refuses_flags_that_disagree_with_the_run(train_msd, tmp_path, cl
 
 
 def test_cosine_schedule_extended_follows_the_longer_cosine():
-    from fullres.train import lr_schedule
+    from fullres.run.train import lr_schedule
 
     config = TrainConfig.from_json({"job": JobConfig(shape=(16, 16, 16)).to_json(), "data": {"shape": [16, 16, 16]},
                                     "data_dir": ".", "epochs": 2})
@@ -203,7 +203,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(train_msd, tmp_path)
 # (a kill from outside at a random moment rarely does: a tiny checkpoint takes microseconds to write).
 KILL_DURING_WRITE = """
 import contextlib, os, signal, sys
-import fullres.checkpoint as checkpoint
+import fullres.run.checkpoint as checkpoint
 original, writes, at = checkpoint.atomic_write, [0], int(os.environ["KILL_AT_WRITE"])
 
 @contextlib.contextmanager
@@ -315,8 +315,8 @@ def test_sigkill_at_random_moments_and_during_writes_then_resume_gives_the_unint
 
 @pytest.mark.parametrize("contiguous_s, channels_last_s", [(2.0, 1.5), (1.5, 2.0)])
 def test_memory_format_is_chosen_by_measurement_and_only_for_long_runs(monkeypatch, contiguous_s, channels_last_s):
-    import fullres.train
-    from fullres.train import choose_memory_format
+    import fullres.run.train
+    from fullres.run.train import choose_memory_format
 
     job = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=1)
     cpu = torch.device("cpu")
@@ -330,7 +330,7 @@ def test_memory_format_is_chosen_by_measurement_and_only_for_long_runs(monkeypat
         timed.append(variant.channels_last)
         return {"step_s": channels_last_s if variant.channels_last else contiguous_s}
 
-    monkeypatch.setattr(fullres.train, "time_variant", fake_time_variant)
+    monkeypatch.setattr(fullres.run.train, "time_variant", fake_time_variant)
     chosen, line = choose_memory_format(job, cpu, total_steps=1000)
     assert sorted(timed) == [False, True]
     assert chosen.strategy.channels_last == (channels_last_s < contiguous_s)
@@ -339,7 +339,7 @@ def test_memory_format_is_chosen_by_measurement_and_only_for_long_runs(monkeypat
 
 
 def test_memory_format_trial_really_times_both_formats():
-    from fullres.train import choose_memory_format
+    from fullres.run.train import choose_memory_format
 
     job = JobConfig(model=ModelConfig(filters=2), shape=(16, 16, 16), batch=1)
     chosen, line = choose_memory_format(job, torch.device("cpu"), total_steps=1000)

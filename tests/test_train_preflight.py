@@ -18,11 +18,11 @@ MiB = 2**20
 RUN = """
 import json, sys
 from dataclasses import replace
-import fullres.memory.plan as plan
-import fullres.train as train
+import fullres.cost.plan as plan
+import fullres.run.train as train
 from fullres.cli import main
-from fullres.memory import cpu_pool
-from fullres.memory.malloc import policy_for
+from fullres.kernels import cpu_pool
+from fullres.kernels.malloc import policy_for
 
 data, out, budget = sys.argv[1:4]
 judged = []

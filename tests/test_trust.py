@@ -1,4 +1,4 @@
-"""A run is data: what opening a run may run (fullres.trust), the one schema its fields are read with
+"""A run is data: what opening a run may run (fullres.run.trust), the one schema its fields are read with
 (fullres.schema), the run lock, a non-finite loss, and one line for every failure. The refusals themselves,
 as a user meets them, are rows of tests/test_reliability.py; these are the paths that work."""
 
@@ -28,7 +28,7 @@ def make(in_channels, out_channels, width=3):
 def factory_run(tmp_path_factory):
     """A 1-epoch run of a factory network from a user's nets.py, trained under its own config home."""
     from fullres.cli import main
-    from fullres.data import write_dataset
+    from fullres.data.synth import write_dataset
 
     root = tmp_path_factory.mktemp("trust")
     data = write_dataset(root / "data", train_cases=3, test_cases=1, shape=(16, 16, 16), seed=1, progress=False)
@@ -92,8 +92,8 @@ def test_a_changed_copy_is_refused_even_with_trust_code(factory_run, tmp_path):
 
 
 def test_trusted_model_rules(tmp_path):
-    from fullres.model import ModelConfig
-    from fullres.trust import trusted_model
+    from fullres.nets.registry import ModelConfig
+    from fullres.run.trust import trusted_model
 
     where = tmp_path / "config.json"
     for name in ("unet3d", "monai:SegResNet"):  # registered names and allow-listed libraries pass as they are
@@ -113,8 +113,8 @@ def test_trusted_model_rules(tmp_path):
 
 
 def test_a_module_factory_is_trusted_only_where_its_package_was_found(monkeypatch, tmp_path):
-    from fullres import trust
-    from fullres.model import ModelConfig
+    from fullres.run import trust
+    from fullres.nets.registry import ModelConfig
 
     model = ModelConfig(architecture="mynets.blocks:make")
     monkeypatch.setattr(trust, "_module_origin", lambda name: "/home/me/mynets/__init__.py")
@@ -127,9 +127,9 @@ def test_a_module_factory_is_trusted_only_where_its_package_was_found(monkeypatc
 
 
 def test_config_round_trips_through_the_schema():
-    from fullres.config import JobConfig, Strategy, TrainConfig
-    from fullres.data import DataConfig
-    from fullres.model import ModelConfig
+    from fullres.job.config import JobConfig, Strategy, TrainConfig
+    from fullres.data.preprocess import DataConfig
+    from fullres.nets.registry import ModelConfig
 
     job = JobConfig(model=ModelConfig(filters=4, args='{"a": 1}'), shape=(16, 16, 8), batch=2,
                     strategy=Strategy(checkpointing=True, slabs=2, coarse_slabs="2"))
@@ -147,8 +147,8 @@ def test_config_round_trips_through_the_schema():
     ("epochs", 2**70, "does not fit in 64 bits"),
 ])
 def test_the_schema_names_the_field_and_what_is_wrong(path, value, says):
-    from fullres.config import JobConfig, TrainConfig
-    from fullres.data import DataConfig
+    from fullres.job.config import JobConfig, TrainConfig
+    from fullres.data.preprocess import DataConfig
 
     data = TrainConfig(job=JobConfig(shape=(16, 16, 16), batch=1), data=DataConfig(shape=(16, 16, 16)),
                        data_dir="/d").to_json()
@@ -164,7 +164,7 @@ def test_the_schema_names_the_field_and_what_is_wrong(path, value, says):
 
 
 def test_a_second_holder_of_the_run_lock_is_refused_and_a_dead_ones_is_taken_over(tmp_path):
-    from fullres.checkpoint import lock_holder, run_lock
+    from fullres.run.checkpoint import lock_holder, run_lock
 
     run, said = tmp_path / "run", []
     with run_lock(run, new=True, log=said.append):
@@ -180,8 +180,8 @@ def test_a_second_holder_of_the_run_lock_is_refused_and_a_dead_ones_is_taken_ove
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(small_msd, tmp_path, cli, monkeypatch):
-    from fullres import losses
-    from fullres.checkpoint import load_checkpoint
+    from fullres.engine import losses
+    from fullres.run.checkpoint import load_checkpoint
 
     dice = losses.LOSSES["dice"]
     calls = []

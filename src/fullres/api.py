@@ -29,10 +29,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fullres.config import JobConfig, Strategy
+from fullres.job.config import JobConfig, Strategy
 from fullres.errors import UserError, first_line
-from fullres.losses import LOSSES, primary_output
-from fullres.model import MODELS, ModelConfig, ModelSpec, model_spec, register_model
+from fullres.engine.losses import LOSSES, primary_output
+from fullres.nets.registry import MODELS, model_spec, register_model
+from fullres.nets.registry import ModelConfig, ModelSpec
 from fullres.units import parse_size
 
 LossLike = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -82,11 +83,11 @@ def estimate(model: nn.Module | Callable[..., nn.Module] | str, input_shape: tup
     `model_args`: the factory's keyword arguments, or for a name its ``--model-args`` (``filters``, ``dropout``
     and ``norm`` set fullres's own networks).
     `classes`: output channels (default: read from the model's output on the meta device; 1 for a name).
-    `loss`: a name of :data:`fullres.losses.LOSSES` or any callable ``(logits, targets) -> scalar``, run on
+    `loss`: a name of :data:`fullres.engine.losses.LOSSES` or any callable ``(logits, targets) -> scalar``, run on
     the fake tensors (targets: float (N, 1, H, W, D) for one class, int64 (N, 1, H, W, D) for more).
     `optimizer`: "adam", a ``torch.optim.Optimizer`` class (default arguments but ``lr=1e-3``), or a callable
     ``parameters -> optimizer``; its state is whatever its ``step`` allocates. `strategy`: a
-    :class:`fullres.config.Strategy` (or its fields as a dict): checkpointing, accumulation, precision,
+    :class:`fullres.job.config.Strategy` (or its fields as a dict): checkpointing, accumulation, precision,
     channels-last. `device`: "cpu" or "cuda" (CUDA is modelled with fullres's caching-allocator model).
     UserError in one line when the network cannot be followed or the arguments are wrong."""
     in_channels, shape = _split_shape(input_shape)
@@ -107,8 +108,8 @@ def plan(model: nn.Module | Callable[..., nn.Module] | str, input_shape: tuple[i
     strategy = _strategy(strategy)
     optimizer = _optimizer(optimizer)
     with _as_job(model, in_channels, shape, 1, classes, strategy, model_args) as (job, registered):
-        from fullres.memory.plan import largest_fitting
-        from fullres.model import spatial_divisor
+        from fullres.cost.plan import largest_fitting
+        from fullres.nets.registry import spatial_divisor
 
         def at(batch: int, at_shape=shape) -> Estimate:
             return _estimate(replace(job, batch=batch, shape=at_shape), registered, loss, optimizer, device)
@@ -132,9 +133,9 @@ def plan(model: nn.Module | Callable[..., nn.Module] | str, input_shape: tuple[i
 
 def checkpointed(model: nn.Module, strategy: Strategy | dict | None = None) -> nn.Module:
     """`model` (changed in place and returned) with the strategy's training-time wrappers fullres applies
-    (:func:`fullres.step.prepare_model`): by default activation checkpointing of its blocks, each block's
+    (:func:`fullres.job.step.prepare_model`): by default activation checkpointing of its blocks, each block's
     activations recomputed in backward instead of kept. Gradients are unchanged."""
-    from fullres.step import prepare_model
+    from fullres.job.step import prepare_model
 
     chosen = _strategy(strategy) if strategy is not None else Strategy(checkpointing=True)
     return prepare_model(model, chosen)
@@ -179,8 +180,8 @@ def _loss(loss):
 
 
 def _estimate(job: JobConfig, registered: bool, loss, optimizer, device: str) -> Estimate:
-    from fullres.memory.dryrun import dryrun
-    from fullres.memory.runtime import measured_runtime_bytes
+    from fullres.cost.dryrun import dryrun
+    from fullres.cost.runtime import measured_runtime_bytes
 
     loss = _loss(loss)
     cpu = torch.device(device).type == "cpu"
@@ -213,7 +214,7 @@ def _in_process_only(name: str) -> bool:
 
 def calibrated_runtime(job: JobConfig, loss, optimizer) -> int | None:
     """The CPU runtime term of a network registered in this process (an instance, a factory): two real
-    training steps of it at the calibration size (:func:`fullres.memory.runtime.runtime_job`) in this process,
+    training steps of it at the calibration size (:func:`fullres.cost.runtime.runtime_job`) in this process,
     their peak RSS above the RSS before them minus the dry run's tensors for the same steps; cached per
     machine by the network's class and parameter shapes, strategy, torch, CPU and threads. None where this
     process's peak cannot be read (no /proc/self/clear_refs)."""
@@ -222,11 +223,11 @@ def calibrated_runtime(job: JobConfig, loss, optimizer) -> int | None:
     import socket
 
     from fullres.files import cache_lookup, cache_store, user_cache_dir
-    from fullres.memory.dryrun import dryrun
-    from fullres.memory.measure import _reset_hwm, _rss_bytes, make_batch
-    from fullres.memory.runtime import runtime_job
-    from fullres.model import build_on_meta
-    from fullres.step import build_training, train_step
+    from fullres.cost.dryrun import dryrun
+    from fullres.cost.measure import _reset_hwm, _rss_bytes, make_batch
+    from fullres.cost.runtime import runtime_job
+    from fullres.nets.registry import build_on_meta
+    from fullres.job.step import build_training, train_step
 
     small = runtime_job(job)
     try:
@@ -301,7 +302,7 @@ class _as_job:
     def __exit__(self, *exc) -> None:
         if self.name is not None:
             MODELS.pop(self.name, None)
-            from fullres.memory import runtime
+            from fullres.cost import runtime
 
             runtime._tensor_bytes.cache_clear()  # keyed by the job: a later instance may reuse the name
 

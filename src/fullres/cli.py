@@ -19,15 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fullres.config import PRECISIONS, SCHEDULES, TARGET_CLASSES, JobConfig, Strategy, job_defaults
+from fullres.job.config import PRECISIONS, SCHEDULES, TARGET_CLASSES, JobConfig, Strategy, job_defaults
 from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
-from fullres.device import COLLECTIVE_TIMEOUT_S, memory_device
+from fullres.kernels.device import COLLECTIVE_TIMEOUT_S, memory_device
 from fullres.errors import UserError, first_line
 from fullres.files import refuse_special
-from fullres.lesions import CHALLENGES, DEFAULT_CHALLENGE
-from fullres.losses import LOSSES
-from fullres.model import NORMS, ModelConfig, check_shape
-from fullres.networks import factory_file, file_digest
+from fullres.evaluate.lesions import CHALLENGES, DEFAULT_CHALLENGE
+from fullres.engine.losses import LOSSES
+from fullres.nets.registry import NORMS, ModelConfig
+from fullres.nets.registry import check_shape
+from fullres.nets.families import factory_file, file_digest
 from fullres.presets import PAPER
 from fullres.units import format_bytes, parse_size
 
@@ -120,7 +121,7 @@ def channels_spec(text: str) -> str:
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """One command line describes one job everywhere. Unset flags stay None and are filled from the
-    network's preset (:func:`fullres.config.job_defaults`): the paper's, or intel-unet's own; `train`
+    network's preset (:func:`fullres.job.config.job_defaults`): the paper's, or intel-unet's own; `train`
     without data fills them from the demo's."""
     group = parser.add_argument_group("job")
     group.add_argument("--model", metavar="NAME",
@@ -220,8 +221,8 @@ def starts_with(header: str):
 # ---- estimate -----------------------------------------------------------------------------------
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from fullres.memory.estimate import BYTES_PER_VALUE
-    from fullres.memory.table1 import table1
+    from fullres.cost.estimate import BYTES_PER_VALUE
+    from fullres.cost.table1 import table1
 
     job = job_from_args(args)
     if args.time:
@@ -249,8 +250,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu") -> int:
-    from fullres.memory.dryrun import CUDA_CONTIGUOUS_NOTE, GLIBC_HEAP_NOTE
-    from fullres.memory.estimate import dryrun_estimate
+    from fullres.cost.dryrun import CUDA_CONTIGUOUS_NOTE, GLIBC_HEAP_NOTE
+    from fullres.cost.estimate import dryrun_estimate
 
     result = dryrun_estimate(job, device)
     note = None
@@ -282,9 +283,9 @@ def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu") -> int:
 
 def print_time_estimate(job: JobConfig, args: argparse.Namespace) -> int:
     """The paper's promise: plug in the dataset size and epochs, get memory and time (measured here)."""
-    from fullres.bench.timing import estimate_time
-    from fullres.device import Process, configure_cpu
-    from fullres.memory.estimate import estimate_training_bytes
+    from fullres.cost.timing import estimate_time
+    from fullres.kernels.device import Process, configure_cpu
+    from fullres.cost.estimate import estimate_training_bytes
 
     if args.cases is None:
         raise UserError("--time needs --cases N (labelled cases in the dataset)")
@@ -309,9 +310,10 @@ def print_time_estimate(job: JobConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fullres.bench.speed import run_bench, select_variants
-    from fullres.device import Process, configure_cpu, pick_device
-    from fullres.figures import figure6_chart
+    from fullres.bench.speed import run_bench
+    from fullres.cost.steptime import select_variants
+    from fullres.kernels.device import Process, configure_cpu, pick_device
+    from fullres.evaluate.figures import figure6_chart
 
     if args.breakdown:
         from fullres.bench.breakdown import DEFAULT_BATCH, DEFAULT_SHAPE, format_breakdown, run_breakdown
@@ -351,7 +353,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def print_inference_bench(job: JobConfig, args: argparse.Namespace) -> int:
     from fullres.bench.inference import run_inference_bench
-    from fullres.device import Process, configure_cpu
+    from fullres.kernels.device import Process, configure_cpu
 
     configure_cpu(args.threads, Process())
     result = run_inference_bench(job, tuple(args.engines) if args.engines else None, warmup=args.warmup,
@@ -374,8 +376,8 @@ def print_inference_bench(job: JobConfig, args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import csv
 
-    from fullres.figures import figure3_memory_vs_size, figure5_estimate_vs_measured
-    from fullres.memory.sweep import CSV_COLUMNS, run_sweep, sweep_jobs, write_sweep_csv
+    from fullres.evaluate.figures import figure3_memory_vs_size, figure5_estimate_vs_measured
+    from fullres.cost.sweep import CSV_COLUMNS, run_sweep, sweep_jobs, write_sweep_csv
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -430,7 +432,7 @@ def shape_spec(text: str) -> tuple[int, int, int]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from fullres.memory.estimate import profile
+    from fullres.cost.estimate import profile
 
     job = job_from_args(args)
     device = memory_device(args.device)
@@ -451,8 +453,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _profile_spatial(args: argparse.Namespace, job: JobConfig, device: str) -> int:
-    from fullres.memory.estimate import profile_spatial
-    from fullres.memory.plan import check_spatial
+    from fullres.cost.estimate import profile_spatial
+    from fullres.cost.plan import check_spatial
 
     if device != "cpu":
         raise UserError(f"--spatial {args.spatial}: profile starts its processes on this CPU (--device cpu); on "
@@ -479,14 +481,14 @@ def _profile_spatial(args: argparse.Namespace, job: JobConfig, device: str) -> i
 # ---- plan ---------------------------------------------------------------------------------------
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from fullres.memory.plan import plan, slab_options, spatial_options
+    from fullres.cost.plan import plan, slab_options, spatial_options
 
     job = job_from_args(args)
     result = plan(job, args.memory, args.method, memory_device(args.device))
     ranking = None
     if args.optimize == "time":
-        from fullres.device import Process, configure_cpu
-        from fullres.memory.plan import format_ranking, ranking_report
+        from fullres.kernels.device import Process, configure_cpu
+        from fullres.cost.plan import format_ranking, ranking_report
         configure_cpu(0, Process())  # calibrated with the threads train uses, so train reads the same cache
         ranking = ranking_report(job, args.memory, args.method, memory_device(args.device))
     options, spatial = [], []
@@ -583,7 +585,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # ---- train --------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fullres.train import TrainRequest, run
+    from fullres.run.train import TrainRequest, run
 
     if args.data is not None and not args.resume and not Path(args.data).is_dir():  # before --out is made
         raise UserError(f"DATA {args.data}: {'not a folder' if Path(args.data).exists() else 'no such folder'}")
@@ -599,8 +601,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---- predict, evaluate, show ----------------------------------------------------------------------
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fullres.device import configure_cpu, pick_device, process_group
-    from fullres.predict import predict_files
+    from fullres.kernels.device import configure_cpu, pick_device, process_group
+    from fullres.run.predict import predict_files
 
     choice = args.device if args.engine == "torch" else "cpu"
     with process_group(memory_device(choice), args.timeout) as process:  # one process without torchrun
@@ -619,7 +621,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fullres.export import export_run
+    from fullres.run.export import export_run
 
     result = export_run(Path(args.run_dir), args.format, Path(args.out) if args.out else None,
                         tuple(args.shape) if args.shape else None, args.dynamic, args.overwrite, args.trust_code)
@@ -634,7 +636,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fullres.metrics import METRIC_NAMES, evaluate_folders, result_columns, write_metrics_csv
+    from fullres.evaluate.metrics import METRIC_NAMES, evaluate_folders, result_columns, write_metrics_csv
 
     if args.challenge is not None and not args.lesion_wise:
         raise UserError("--challenge sets the lesion-wise parameters: it needs --lesion-wise")
@@ -700,7 +702,7 @@ def predictions_are_binary(pred_dir: Path) -> bool:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from fullres.figures import figure7_overlay
+    from fullres.evaluate.figures import figure7_overlay
     from fullres.data.nifti import open_nifti, read_array
 
     out = Path(args.out)
@@ -729,7 +731,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         masks.append(array > 0)
     outlines = {}
     if args.lesions:  # the whole tumour's missed and false-positive lesions, as evaluate --lesion-wise finds them
-        from fullres.lesions import lesion_masks
+        from fullres.evaluate.lesions import lesion_masks
 
         if args.pred is None or args.label is None:
             raise UserError("--lesions compares --pred with --label: give both")
@@ -750,7 +752,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on the embedded synthetic default, as the commands a user would type."""
     import shutil
 
-    from fullres.device import Process, available_memory, pick_device
+    from fullres.kernels.device import Process, available_memory, pick_device
 
     out = Path(args.out).absolute()
     if out.exists() and any(out.iterdir()):
@@ -836,7 +838,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_trust_argument(parser: argparse.ArgumentParser) -> None:
-    """--trust-code: the user's own word that the run's network code may run (see fullres.trust)."""
+    """--trust-code: the user's own word that the run's network code may run (see fullres.run.trust)."""
     parser.add_argument("--trust-code", action="store_true",
                         help="build a network that is code the run names (its factory file, or a module to import) "
                              "even if it was not trained on this account; read that code first")
@@ -855,7 +857,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser, unit: str, how: str) -
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fullres", description=__doc__.splitlines()[0])
-    from fullres.versions import VersionAction
+    from fullres.run.versions import VersionAction
     parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
@@ -1062,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. A refusal or fault is one line on stderr and a non-zero exit code: library warnings
     raised on the way are held back while the command runs and shown after it only when it succeeds; an
     unexpected exception is one line too (FULLRES_TRACEBACK=1 shows its traceback)."""
-    from fullres.memory.malloc import set_training_malloc_policy
+    from fullres.kernels.malloc import set_training_malloc_policy
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,5 +1,5 @@
 """`fullres nnunet plan DATASET --memory SIZE`: nnU-Net v2 plans whose patch and batch size fit a memory
-budget (:mod:`fullres.nnunet_plans`).
+budget (:mod:`fullres.nnunet.plans`).
 
 :func:`add_arguments` fills the ``nnunet`` command's parser (its ``plan`` action sets ``run``), and
 :func:`run` runs it: exit 0 with the written plans, or a :class:`fullres.errors.UserError` (one line, exit 2)
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``nnunet plan``: fit, write, print what changed and why (or JSON with --json). Returns 0."""
-    from fullres.nnunet_plans import fit_plans, locate_plans, train_command
+    from fullres.nnunet.plans import fit_plans, locate_plans, train_command
 
     source = locate_plans(args.dataset, args.plans)
 

@@ -1,2 +1,3 @@
-"""Measuring fullres itself: FLOPs (`flops`), training-step speed and Figure 6's table (`speed`), and
-the training wall-time estimate (`timing`)."""
+"""Measuring fullres itself, a leaf that nothing else imports: training-step speed and Figure 6's table
+(`speed`), where a step's time goes (`breakdown`), and inference speed of the exported engines
+(`inference`)."""

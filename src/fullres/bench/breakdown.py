@@ -4,7 +4,7 @@ step, profiled with ``torch.profiler`` and split into parts whose times add up t
 * Convolutions: forward (and, under checkpointing or slabs, the forward recomputed in backward),
   backward-data and backward-weights (bias included), each with its FLOPs (torch's FLOP counter
   formulas applied to the exact calls of the step) and its achieved TFLOP/s against the matmul peak of
-  the step's precision measured in the same run (:func:`fullres.bench.speed.matmul_peak_tflops`).
+  the step's precision measured in the same run (:func:`fullres.cost.steptime.matmul_peak_tflops`).
 * Everything else (ReLU, pooling, dropout, concatenation, additions, padding, copies and casts,
   normalisation, the loss, the optimizer, the autograd engine's own work, Python between operators) as
   time and share of the step.
@@ -34,13 +34,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from fullres.bench.flops import as_device, random_batch, synchronize
-from fullres.bench.speed import Variant, machine_info, matmul_peak_tflops, variant_context
-from fullres.config import JobConfig
+from fullres.cost.flops import as_device, random_batch, synchronize
+from fullres.cost.steptime import Variant, machine_info, matmul_peak_tflops, variant_context
+from fullres.job.config import JobConfig
 from fullres.errors import UserError
-from fullres.losses import LOSSES
-from fullres.memory.malloc import set_training_malloc_policy
-from fullres.step import build_training, to_device, train_step
+from fullres.engine.losses import LOSSES
+from fullres.kernels.malloc import set_training_malloc_policy
+from fullres.job.step import build_training, to_device, train_step
 
 aten = torch.ops.aten
 
@@ -275,7 +275,7 @@ def _ran(convolution) -> bool:
     backward needs exists again, which can be inside a convolution, before its kernel runs."""
     if convolution.name != "aten::convolution":
         return True
-    stack = list(convolution.cpu_children)  # under a dispatch mode (fullres.kernels) the kernel sits deeper
+    stack = list(convolution.cpu_children)  # under a dispatch mode (fullres.kernels.onednn) the kernel sits deeper
     while stack:
         node = stack.pop()
         if node.name == "aten::_convolution":

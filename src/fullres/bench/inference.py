@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fullres.config import JobConfig
+from fullres.job.config import JobConfig
 from fullres.errors import UserError
 
 INFERENCE_ENGINES = ("torch-fp32", "torch-bf16", "onnxruntime", "openvino")
@@ -30,11 +30,11 @@ INFERENCE_ENGINES = ("torch-fp32", "torch-bf16", "onnxruntime", "openvino")
 def run_inference_bench(job: JobConfig, engines: tuple[str, ...] | None = None, warmup: int = 1, repeats: int = 3,
                         activation: str = "sigmoid") -> dict:
     """Median seconds of one forward at batch 1 of `job`'s network (random weights) through each engine."""
-    from fullres.bench.speed import cpu_model
-    from fullres.device import fast_bf16
-    from fullres.export import TOLERANCE, WithActivation, _convert_openvino, _export_onnx, _open_onnx, _open_openvino
-    from fullres.model import build_model
-    from fullres.step import autocast, prepare_model, to_device
+    from fullres.cost.steptime import cpu_model
+    from fullres.kernels.device import fast_bf16
+    from fullres.run.export import (TOLERANCE, WithActivation, _convert_openvino, _export_onnx, _open_onnx, _open_openvino)
+    from fullres.nets.registry import build_model
+    from fullres.job.step import autocast, prepare_model, to_device
 
     if engines is None:
         engines = tuple(e for e in INFERENCE_ENGINES if e != "torch-bf16" or fast_bf16(torch.device("cpu")))

@@ -10,16 +10,7 @@ and its cache, synthetic datasets, conversion between layouts, dataset checks.
 
 from fullres.data.cache import CACHE_DIR_NAME, default_cache_dir, load_case_image
 from fullres.data.check import CheckReport, Finding, check_dataset
-from fullres.data.msd import (
-    DatasetIndex,
-    MSDDataset,
-    TestCase,
-    TrainingCase,
-    brats_regions,
-    make_loader,
-    resolve_channels,
-    split_cases,
-)
+from fullres.data.msd import (DatasetIndex, MSDDataset, TestCase, TrainingCase, brats_regions, make_loader, resolve_channels, split_cases)
 from fullres.data.layouts import LAYOUTS, detect_layout, load_dataset
 from fullres.data.nifti import write_nifti
 from fullres.data.preprocess import TARGETS, CropBox, DataConfig, crop_or_pad, uncrop, zscore_brain

@@ -16,21 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from fullres import __version__
-from fullres.data.layouts import (
-    BRATS,
-    BRATS_SEG,
-    BRATS_TEST_FOLDER,
-    CANONICAL_MODALITIES,
-    LAYOUTS,
-    MSD_LABELS,
-    MSD_REGIONS,
-    NNUNET_LABELS,
-    TEST_LABELS,
-    apply_value_map,
-    kept_test_labels,
-    load_dataset,
-    value_map,
-)
+from fullres.data.layouts import (BRATS, BRATS_SEG, BRATS_TEST_FOLDER, CANONICAL_MODALITIES, LAYOUTS, MSD_LABELS, MSD_REGIONS, NNUNET_LABELS, TEST_LABELS, apply_value_map, kept_test_labels, load_dataset, value_map)
 from fullres.data.msd import DatasetIndex, canonical_modality, image_files
 from fullres.data.nifti import open_nifti, read_array, read_label, write_nifti
 from fullres.errors import UserError

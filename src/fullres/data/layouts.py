@@ -28,17 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fullres.data.msd import (
-    DATASET_JSON,
-    DatasetIndex,
-    TestCase,
-    TrainingCase,
-    _numbered_names,
-    brats_regions,
-    canonical_modality,
-    load_dataset_json,
-    read_dataset_json,
-)
+from fullres.data.msd import (DATASET_JSON, DatasetIndex, TestCase, TrainingCase, _numbered_names, brats_regions, canonical_modality, load_dataset_json, read_dataset_json)
 from fullres.errors import UserError
 
 LAYOUTS = ("msd", "nnunet", "brats2021", "brats2023")

@@ -1,0 +1,874 @@
+"""Dry run: the peak memory of training steps, computed by running them on fake tensors.
+
+``dryrun(job)`` builds the model under ``FakeTensorMode`` (no storage is ever allocated), makes fake
+inputs and targets, and runs :func:`fullres.job.step.train_step` itself (the function train, profile
+and bench run) for two steps under a ``TorchDispatchMode`` that follows every tensor storage from the
+op that creates it until Python frees it. ``.item()`` on a fake tensor (the loss, Adam's step
+count) answers 1.0; nothing in the step branches on it.
+
+Definition of peak
+------------------
+The peak is the largest memory in use at any point while the job's model, optimizer and inputs
+exist and ``steps`` training steps run, measured from the moment right after ``torch`` and
+``fullres`` are imported and before the model exists. On CPU this is what
+:func:`fullres.cost.measure.measure_peak` measures: the process's peak resident set size
+(``VmHWM``) minus its RSS right after the imports. Hence the model's parameters count, and so do
+the inputs (the effective batch of images and targets), the gradients, Adam's two moment buffers,
+the tensors autograd saves for backward, the temporaries of forward, backward and the optimizer
+update, and the memory the operators allocate inside themselves (oneDNN reorders and scratch
+buffers), which no tensor shows. Adam's state exists from the end of the first step, so the
+*second* step is the peak one (its backward runs with the moment buffers alive); the dry run
+therefore runs two steps, like ``measure_peak`` does by default.
+
+On CUDA the peak is ``torch.cuda.max_memory_allocated()``, which counts the caching allocator's blocks:
+every storage is replayed through :class:`fullres.kernels.cuda_allocator.CachingAllocatorModel` (so
+``reserved_bytes`` estimates ``max_memory_reserved()`` too), and the one operator workspace that matters
+there, the bias-gradient sum's buffer, is modelled in :func:`cuda_bias_gradient_buffer_bytes`. Measured
+on an H100 for channels-last jobs from 64^3 to 240x240x144, fp32 and bf16, with and without
+checkpointing: within 0.1 %. Jobs in the contiguous layout measured 12-22 % higher (cuDNN's workspaces
+for NCDHW tensors, not modelled); :data:`CUDA_CONTIGUOUS_NOTE` says so wherever such an estimate is shown.
+
+On CPU under fullres's pool (the allocator policy of fp32 channels-last jobs without a memory strategy,
+:mod:`fullres.kernels.malloc`) the same model replays the pool, which follows the same rules: the peak is
+the largest of its reserved bytes (segments mapped populated and kept) plus what an operator allocates
+outside it (oneDNN's scratchpad), :func:`pool_op_workspace` saying which is which. The replay is exact
+for the allocations it is given (tested on a real trace), and the reserved bytes it computes equal a
+real step's at 16^3 and 32^3 (0.9 % under at 64^3, 8 % under at 32^3 x 2, where oneDNN takes one more
+buffer than modelled); estimates of fp32 jobs from 32^3 to 128^3 measured within -4.0..+2.3 %
+(docs/memory.md). A segment the replay gets wrong costs a whole feature map, so these buffers matter.
+
+Terms
+-----
+``breakdown`` splits the bytes live at the peak:
+
+* ``parameters``, ``gradients``, ``optimizer_state`` (Adam ``exp_avg``, ``exp_avg_sq``, ``step``),
+  ``inputs`` (images and targets, the whole effective batch: ``train_step`` receives it at once),
+* ``activations``: tensors created in a forward pass and still alive (saved for backward, logits),
+* ``transient``: tensors created in backward (activation gradients, recomputed segments under
+  checkpointing) or by the optimizer update, alive at the peak,
+* ``workspace``: memory an operator uses inside itself, modelled per operator in
+  :func:`op_workspace` from first principles and checked against measurements (see there),
+* ``allocator_cache``: on CPU under the pool (:mod:`fullres.kernels.cpu_pool`), what its segments hold
+  beyond the blocks in use at the tensors' peak: the pool's segments are mapped populated and kept, so
+  the peak is its reserved bytes, replayed through the same rules as CUDA's allocator,
+* ``runtime``: the fixed cost of the CPU runtime's first step (lazy imports, code pages); see
+  :data:`CPU_RUNTIME_BYTES`. 0 on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                           UnsupportedOperatorException)
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fullres.kernels import device as fullres_device  # its avx512(): one switch for the model and this estimate
+from fullres.job.config import JobConfig
+from fullres.engine.losses import LOSSES
+from fullres.kernels.cuda_allocator import CachingAllocatorModel, round_size
+from fullres.kernels.malloc import policy_for
+from fullres.nets.registry import build_model
+from fullres.kernels.onednn import select_conv_backend
+from fullres.job.step import build_training, train_step
+
+aten = torch.ops.aten
+
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "inputs", "activations", "transient", "workspace",
+              "allocator_cache", "runtime")
+
+# Memory a CPU training process gains on its first step that no tensor owns, measured (not fitted) as
+# measured - dry run for the smallest job (filters 1, 8^3, batch 1: 0.9 MiB of tensors; torch 2.13 CPU,
+# Linux x86-64, 2 threads): 86.6 MiB, of which ~67 MiB is anonymous memory of the 828 Python modules
+# (torch._dynamo, sympy, ...) that constructing torch.optim.Adam imports, and ~19 MiB file-backed
+# pages of libtorch_cpu / oneDNN code touched for the first time by the forward, backward and update.
+# It does not grow with the job; on CUDA (max_memory_allocated) it is 0.
+CPU_RUNTIME_BYTES = 86 * 2**20 + 570 * 2**10
+# What a bf16 (autocast) step adds to that, measured the same way (filters 1, 8^3, batch 1, measured -
+# dry run, bf16 minus fp32, torch 2.13 CPU on an AVX-512-BF16 machine, twice each, contiguous and
+# channels-last alike): 14.2 MiB, the code of oneDNN's bf16 kernels and of autocast, touched once.
+CPU_AUTOCAST_RUNTIME_BYTES = 14 * 2**20 + 200 * 2**10
+
+
+CUDA_CONTIGUOUS_NOTE = ("on CUDA only channels-last jobs are modelled exactly (measured within 0.1 %); without "
+                        "--channels-last, cuDNN's workspaces made real peaks 12-22 % higher on an H100")
+# Measured on an AVX-512 bf16 CPU (AMD Zen 4), bf16 jobs 32^3 to 96x96x64, five fresh processes each (docs/memory.md).
+GLIBC_HEAP_NOTE = ("this job runs under glibc's default heap, whose leftovers make its peak vary from run to run "
+                   "(bf16 jobs: up to 6 % between runs, the dry run -4.5..+5.2 % of their medians); "
+                   "FULLRES_MALLOC=fixed makes the peak follow the estimate (within 1 %) for 0-7 % slower steps "
+                   "(+30 % at 32^3 x 1, more on smaller jobs)")
+
+
+@dataclass
+class DryRunResult:
+    peak_bytes: int
+    breakdown: dict[str, int]
+    peak_at: str
+    saved_bytes: int = 0  # the most forward-pass tensors alive at once (what autograd saves for backward)
+    seconds: float = 0.0
+    job: dict = field(default_factory=dict)
+    reserved_bytes: int | None = None  # the caching allocator's segments: CUDA (max_memory_reserved), CPU pool
+    allocator: str = "default"  # the CPU allocator policy estimated (fullres.kernels.malloc); CUDA: "default"
+    # where oneDNN would compute a weight gradient with its reference kernel on this CPU (~1000x slower)
+    reference_kernels: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        result = {"method": "dryrun", "peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown),
+                  "peak_at": self.peak_at, "allocator": self.allocator}
+        if self.reference_kernels:
+            result["reference_kernels"] = list(self.reference_kernels)
+        if self.reserved_bytes is not None:
+            result["reserved_bytes"] = self.reserved_bytes
+        return result
+
+
+# ------------------------------------------------------------------------------------------------
+# operator workspaces
+# ------------------------------------------------------------------------------------------------
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+_BACKENDS: dict[tuple, str] = {}
+
+
+def _untouched(tensor) -> torch.Tensor:
+    """A real CPU tensor with `tensor`'s sizes, strides and dtype whose memory is reserved but never
+    touched: an anonymous MAP_NORESERVE mapping, so even a multi-terabyte probe costs no memory and is
+    not refused by the kernel's overcommit check (a plain torch.empty of 50 GB is)."""
+    import mmap
+
+    if tensor.numel() == 0:
+        return torch.empty(tuple(tensor.shape), dtype=tensor.dtype)
+    elements = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    nbytes = elements * tensor.element_size()
+    # MAP_NORESERVE: in the mmap module from Python 3.12; 0x4000 is Linux's value (elsewhere: 0, a plain
+    # mapping, still untouched).
+    noreserve = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0) | noreserve
+    mapping = mmap.mmap(-1, nbytes, flags=flags)
+    flat = torch.frombuffer(mapping, dtype=torch.uint8).view(tensor.dtype)
+    return flat.as_strided(tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups) -> str:
+    """The name of the kernel family ATen picks for this convolution on this machine (eager's own rules).
+
+    The rules read shapes, strides, dtypes, the thread count and the CPU's features, never the data,
+    so they are asked with real tensors of the same layout whose memory is never touched."""
+    key = (tuple(input.shape), tuple(input.stride()), input.dtype, tuple(weight.shape), tuple(weight.stride()),
+           weight.dtype, bias is not None, tuple(stride), tuple(padding), tuple(dilation), bool(transposed),
+           tuple(output_padding), int(groups), torch.get_num_threads())
+    if key not in _BACKENDS:
+        def probe(x, w):
+            b = torch.empty(tuple(bias.shape), dtype=bias.dtype) if isinstance(bias, torch.Tensor) else None
+            return select_conv_backend(x, w, b, stride, padding, dilation, transposed, output_padding, groups)
+
+        with torch.utils._python_dispatch._disable_current_modes():
+            try:
+                backend = probe(_untouched(input), _untouched(weight))
+            except (OSError, ValueError, RuntimeError, AttributeError, TypeError):
+                # No such mapping here (strict overcommit, an address-space limit, no mmap flags): ask about
+                # one sample instead, whose rules are the same but for the largest tensors.
+                try:
+                    one = torch.empty((1, *input.shape[1:]), dtype=input.dtype)
+                    backend = probe(one, torch.empty(tuple(weight.shape), dtype=weight.dtype))
+                except RuntimeError:
+                    backend = ""
+        _BACKENDS[key] = backend or "Slow3d"  # not known: assume the path with the larger workspace
+    return _BACKENDS[key]
+
+
+def _columns_bytes(input, weight, output_voxels: int, transposed: bool) -> int:
+    """The vol2col buffer of ATen's slow 3D convolution: (batch, C_in * kD * kH * kW, output voxels)."""
+    kernel = math.prod(weight.shape[2:])
+    if transposed:  # col2vol of the transposed conv: (batch, C_out * k^3, input voxels)
+        return input.shape[0] * weight.shape[1] * kernel * math.prod(input.shape[2:]) * input.element_size()
+    return input.shape[0] * weight.shape[1] * kernel * output_voxels * input.element_size()
+
+
+# oneDNN's convolution backward allocates a scratchpad of its own (weight-gradient reduction buffers
+# and the like) that does not grow with the volume: measured on single convolutions and transposed
+# convolutions with the allocator policy (peak RSS minus the tensors, 64^3 and 96^3, 32-192 channels,
+# fp32 and bf16, 2 threads, torch 2.13 on an AVX-512 bf16 CPU, AMD Zen 4; docs/results/memory.md): 39-53 MB; 45 MB used.
+ONEDNN_BACKWARD_SCRATCH_BYTES = 45 * 10**6
+
+
+# oneDNN offers a primitive only if its scratchpad is at most this (``scratchpad_limit``, 1 GiB); past it the
+# convolution's weight gradient falls back to the reference kernel (``ref:any``).
+ONEDNN_SCRATCHPAD_LIMIT = 2**30
+ONEDNN_JIT_OPERAND_LIMIT = 2**31  # AVX-512: the largest operand its jit/brgemm weight gradients take, exclusive
+# What ``ref:any`` computes a weight gradient at, measured on an AVX2-only CPU (AMD EPYC, 2 threads, torch
+# 2.13): 128 -> 1 channels, 3^3, 102x128x128, 11.5 GFLOP in 118.7 s (its input gradient and forward apart).
+# GEMM ran the same convolution at 100 rows in 5.7 s with its input gradient: the reference kernel is ~100-1000x
+# slower.
+ONEDNN_REFERENCE_FLOPS_PER_S = 0.1e9
+
+
+def onednn_reference_weight_gradient(conv: "_Convolution", weight_gradient: bool = True) -> bool:
+    """Whether oneDNN computes this channels-last fp32 convolution's weight gradient with its reference kernel:
+    on a CPU without AVX-512, where it would run im2col + GEMM, whose scratchpad (the input, transposed, one
+    output plane's columns and the weight gradient, :func:`gemm_weight_gradient_bytes`) exceeds
+    :data:`ONEDNN_SCRATCHPAD_LIMIT`. Measured on an AVX2-only CPU (oneDNN's verbose log names the kernel): 128
+    input channels at 128x128 planes take GEMM up to 100 rows and ``ref:any`` from 102; 116 channels at 128^3
+    ``ref:any``, 100 GEMM; 64 channels at 208x128x128 GEMM; 192 channels at 18x240x144 ``ref:any``, 128 at
+    20x240x144 GEMM. Contiguous (NCDHW) convolutions shrink their column block instead, and 1x1x1 ones run
+    another kernel (``jit_1x1``).
+
+    With AVX-512, where it runs jit or brgemm kernels instead, a channels-last fp32 weight gradient (kernel
+    larger than 1x1x1, transposed or not) whose input or output gradient holds :data:`ONEDNN_JIT_OPERAND_LIMIT`
+    bytes or more runs ``ref:any`` too. Measured on an AVX-512 + AMX-BF16 CPU (Intel Xeon): the 2x2x2 stride-2
+    weight gradient on 128 maps of 120x240x144 (0.989 x 2^31 bytes) ``jit:avx512_core``, of 124x240x144
+    ``ref:any``; the 3x3x3 128 -> 128 one at 240x240x144 and PyTorch's deconvolution there ``ref:any``."""
+    if _onednn_gemm_weight_gradient(conv, weight_gradient):
+        return _gemm_scratchpad_bytes(conv) + _nbytes(conv.weight) > ONEDNN_SCRATCHPAD_LIMIT
+    return (fullres_device.avx512() and _onednn_fp32_channels_last_weight_gradient(conv, weight_gradient)
+            and max(_nbytes(conv.input), _nbytes(conv.grad_output)) >= ONEDNN_JIT_OPERAND_LIMIT)
+
+
+def _onednn_gemm_weight_gradient(conv: "_Convolution", weight_gradient: bool) -> bool:
+    """Whether oneDNN would compute this weight gradient by im2col + GEMM: channels-last fp32, a kernel
+    larger than 1x1x1, not transposed, on a CPU without AVX-512 (and not ATen's slow path)."""
+    return (not fullres_device.avx512() and not conv.transposed
+            and _onednn_fp32_channels_last_weight_gradient(conv, weight_gradient))
+
+
+def _onednn_fp32_channels_last_weight_gradient(conv: "_Convolution", weight_gradient: bool) -> bool:
+    """A weight gradient oneDNN computes in fp32 channels-last (not ATen's slow path), kernel larger than 1x1x1:
+    the kind both reference-kernel rules are about."""
+    return (weight_gradient and not conv.forward and not conv.backend.startswith("Slow") and _onednn_channels_last(conv)
+            and conv.input.dtype == torch.float32 and math.prod(conv.weight.shape[2:]) > 1)
+
+
+def _gemm_scratchpad_bytes(conv: "_Convolution") -> int:
+    plane = math.prod(conv.grad_output.shape[3:])
+    columns = conv.input.shape[1] * math.prod(conv.weight.shape[2:]) * plane * conv.input.element_size()
+    return _nbytes(conv.input) + columns
+
+
+def reference_weight_gradient_flops(func, args) -> int:
+    """FLOPs of `func` (an aten operator call) that oneDNN runs on its reference kernel on this CPU
+    (:func:`onednn_reference_weight_gradient`): a convolution backward's weight gradient, 2 x N x C_out x
+    C_in x kernel volume x output voxels; 0 for everything else."""
+    if func is not aten.convolution_backward.default or args[0].device.type != "cpu":
+        return 0
+    conv = _cpu_convolution(func, args)
+    if not onednn_reference_weight_gradient(conv, weight_gradient=bool(args[10][1])):
+        return 0
+    return 2 * conv.grad_output.numel() * conv.input.shape[1] * math.prod(conv.weight.shape[2:])
+
+
+def gemm_weight_gradient_bytes(conv: "_Convolution", weight_gradient: bool = True) -> int:
+    """What oneDNN's weight gradient of a channels-last fp32 convolution takes on a CPU without AVX-512,
+    where it runs im2col + GEMM (``x64:gemm:jit``): a copy of the input and the column buffer of one
+    output plane along the first spatial dim, C_in x kernel volume x (the output's last two sizes).
+
+    Measured per operator on an AVX2-only CPU (AMD EPYC, 2 threads, torch 2.13; peak RSS reset before the call):
+    exact to 0.2 MB from 16x64x64 to 20x240x144 maps, 4-256 input channels, 1 and 2 threads, with and
+    without the input gradient (whose kernel, brgemm, takes nothing). 1x1x1 and transposed convolutions
+    run other kernels here and take nothing; AVX-512 CPUs run brgemm for the weight gradient too."""
+    if not _onednn_gemm_weight_gradient(conv, weight_gradient) or onednn_reference_weight_gradient(conv):
+        return 0  # another kernel; or the reference one, past oneDNN's scratchpad limit, which takes nothing
+    return _gemm_scratchpad_bytes(conv)
+
+
+def _contiguous_copy_bytes(tensor) -> int:
+    """What ATen's slow path copies to make `tensor` contiguous (0 when it already is)."""
+    return 0 if tensor.is_contiguous() else _nbytes(tensor)
+
+
+def _channels_last(tensor) -> bool:
+    return tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def cuda_bias_gradient_buffer_bytes(grad_output, multiprocessors: int) -> int:
+    """The float buffer CUDA's sum kernel allocates when convolution_backward reduces a channels-last output
+    gradient (N, C, D, H, W) to the bias gradient (C): ATen's Reduce.cuh splits each output's reduction over
+    `ctas_per_output` blocks when it is long and keeps their partial sums in global memory,
+    4 bytes x C x ctas_per_output x block width x output vector size (global_memory_size).
+
+    Its launch configuration, followed here: 128 threads per block (512 / output vector 4), the block's x
+    over the outputs (up to a warp), y over the reduction; ctas_per_output = values per thread / 16, at most
+    16 blocks per multiprocessor. Measured on an H100 (132 multiprocessors) for C = 8 to 128 and 16^3 to
+    128^3, fp32 and bf16 alike: exact (up to 132 MiB at 64^3 x 128 channels). Contiguous gradients reduce
+    along rows and need a few KB; fewer than 4 channels are not vectorised and need ~1 KB: both 0 here.
+    """
+    channels = grad_output.shape[1]
+    if not _channels_last(grad_output) or channels < 4:
+        return 0
+    vector = 4
+    block_width = min(32, 1 << (channels // vector).bit_length() - 1)
+    block_height = 128 // block_width
+    grid_x = -(-channels // (block_width * vector))
+    values_per_thread = -(-grad_output.numel() // channels // block_height)
+    if values_per_thread < 16 * block_height and values_per_thread < 256:
+        return 0  # one block per output column: no global buffer
+    ctas_per_output = min(-(-values_per_thread // 16), -(-16 * multiprocessors // grid_x))
+    semaphores = round_size(4 * grid_x)  # one int per block column, as the allocator rounds it
+    return 4 * channels * ctas_per_output * block_width * vector + semaphores
+
+
+def _multiprocessors(device) -> int:
+    return torch.cuda.get_device_properties(device.index or 0).multi_processor_count
+
+
+def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
+    """Bytes `func` allocates inside itself (freed before it returns), beyond its inputs and outputs.
+
+    Only the convolutions allocate much. ATen's slow path (``Slow3d``: bf16 convolutions on a CPU
+    without native bf16, and fp32 ones at batch 1 whose N x C x D x H is at most 20480, e.g. the first
+    convolution's 4 channels below full resolution) unfolds its input into a column buffer of
+    C_in x k^3 rows per output voxel, for the whole batch, and works on contiguous copies of
+    channels-last tensors. Measured (peak RSS above the tensors, 2 threads, AVX-512 bf16 AMD Zen 4): forward and
+    backward each hold one column buffer at a time (4 -> 32 channels at 64^3, channels-last: forward
+    117.1 MB, backward 117.4 MB, for 113.2 MB of columns and a 4.2 MB input copy; 32 channels at
+    16x32x32: 56.4 MB and 56.6 MB of columns), not the column gradient beside the columns.
+
+    oneDNN convolutions work in their own layouts, measured per operator (see
+    ONEDNN_BACKWARD_SCRATCH_BYTES for how): with channels-last tensors forward needs nothing and
+    backward its scratchpad (AVX-512; without it, the weight gradient's GEMM buffers,
+    :func:`gemm_weight_gradient_bytes`), plus, in bf16, a copy of its input and output gradient for the samples
+    its threads work on at once; with contiguous (NCDHW) tensors each primitive also reorders into
+    blocked layouts: forward a copy of the larger of input and output (twice the output for a
+    transposed convolution), backward a copy of input and output gradient.
+    """
+    if func not in (aten.convolution.default, aten.convolution_backward.default):
+        return 0
+    if args[0].device.type == "cuda":  # cuDNN needs no workspace here worth counting (measured); the bias sum does
+        if func is aten.convolution_backward.default and args[10][2]:
+            return cuda_bias_gradient_buffer_bytes(args[0], _multiprocessors(args[0].device))
+        return 0
+    if args[0].device.type != "cpu":
+        return 0
+    conv = _cpu_convolution(func, args)
+    if conv.backend.startswith("Slow"):
+        return sum(_slow_path_blocks(conv, out))
+    if _onednn_channels_last(conv):
+        layout = sum(_layout_copy_blocks(conv))  # channels-last copies of operands in another layout
+    elif conv.forward:
+        layout = 2 * _nbytes(out) if conv.transposed else max(_nbytes(conv.input), _nbytes(out))
+    else:
+        layout = _nbytes(conv.input) + _nbytes(conv.grad_output)  # blocked reorders
+    if conv.forward:
+        return layout
+    # The scratchpad comes with the primitive's creation, the first call at these shapes: measured
+    # in a training step's second backward, every convolution's extra is within the copies +- 20 MB.
+    # Without AVX-512 the first call takes ~5 MB more (within the runtime term) and GEMM's buffers instead.
+    gemm = gemm_weight_gradient_bytes(conv, weight_gradient=bool(args[10][1]))
+    scratch = ONEDNN_BACKWARD_SCRATCH_BYTES if first_call and fullres_device.avx512() else 0
+    return scratch + layout + sum(_bf16_copy_blocks(conv)) + gemm
+
+
+@dataclass(frozen=True)
+class _Convolution:
+    """A CPU convolution call as the workspace models read it (``grad_output`` None in forward)."""
+
+    forward: bool
+    input: torch.Tensor
+    weight: torch.Tensor
+    grad_output: torch.Tensor | None
+    transposed: bool
+    backend: str  # the kernel family ATen picks: "Slow3d", "Mkldnn", ...
+    pointwise: bool = False  # 1x1x1, stride 1, no padding: the slow path reads its input as the columns
+
+
+def _cpu_convolution(func, args) -> _Convolution:
+    if func is aten.convolution.default:
+        input, weight, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+        grad_output = None
+    else:  # convolution_backward
+        grad_output, input, weight, _, stride, padding, dilation, transposed, output_padding, groups = args[:10]
+        bias = torch.empty(weight.shape[1 if transposed else 0]) if args[3] is not None else None
+    backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    pointwise = math.prod(weight.shape[2:]) == 1 and all(s == 1 for s in stride) and not any(padding)
+    return _Convolution(grad_output is None, input, weight, grad_output, bool(transposed), backend, pointwise)
+
+
+def _slow_path_blocks(conv: _Convolution, out) -> list[int]:
+    """ATen's slow path: its column buffer and the contiguous copies of channels-last operands."""
+    voxels = math.prod((out if conv.forward else conv.grad_output).shape[2:])
+    # a pointwise convolution needs no columns (ATen's requires_columns): measured, 128 -> 1 at 64x128x128,
+    # channels-last, 1 thread: forward 536.6 MB beyond its output (the 536.9 MB contiguous copy of the input)
+    columns = 0 if conv.pointwise and not conv.transposed else _columns_bytes(conv.input, conv.weight, voxels,
+                                                                                conv.transposed)
+    blocks = [columns, _contiguous_copy_bytes(conv.input)]
+    if not conv.forward:
+        blocks.append(_contiguous_copy_bytes(conv.grad_output))
+    return blocks
+
+
+def _onednn_channels_last(conv: _Convolution) -> bool:
+    """ATen runs a oneDNN convolution channels-last when its input *or* its weight is channels-last
+    (``mkldnn_conv_use_channels_last``): conv1a of a channels-last network fed a contiguous batch."""
+    return _channels_last(conv.input) or _channels_last(conv.weight)
+
+
+def _layout_copy_blocks(conv: _Convolution) -> list[int]:
+    """The channels-last copies ATen makes (as tensors) of the operands a channels-last oneDNN convolution
+    gets in another layout. Measured in the pool's trace, conv1a at 64^3 fed a contiguous batch (8
+    channels after widening): one 8 MiB copy of its input in forward and in backward, nothing outside."""
+    if not _onednn_channels_last(conv):
+        return []
+    operands = [conv.input] if conv.forward else [conv.input, conv.grad_output]
+    return [_nbytes(t) for t in operands if not _channels_last(t)]
+
+
+def _bf16_copy_blocks(conv: _Convolution) -> list[int]:
+    """oneDNN's bf16 backward copies input and output gradient of the samples its threads work on at once
+    (measured: batch 4 on 2 threads copies half); none in fp32."""
+    if conv.forward or conv.input.dtype != torch.bfloat16:
+        return []
+    batch = conv.input.shape[0]
+    share = min(batch, torch.get_num_threads())
+    return [_nbytes(conv.input) * share // batch, _nbytes(conv.grad_output) * share // batch]
+
+
+# ------------------------------------------------------------------------------------------------
+# the tracker
+# ------------------------------------------------------------------------------------------------
+
+class _Tracker(TorchDispatchMode):
+    """Follows every storage created under it: size, the phase that made it, alive or not."""
+
+    def __init__(self, allocator: CachingAllocatorModel | None = None, workspace_in_allocator: bool = False) -> None:
+        super().__init__()
+        # With a caching allocator (CUDA's, or the CPU pool), bytes are counted as its blocks (what
+        # max_memory_allocated counts); the CPU pool also serves the operators' workspaces.
+        self.allocator = allocator
+        self.workspace_in_allocator = workspace_in_allocator
+        self.live: dict[int, int] = {}  # serial -> bytes
+        self.kind: dict[int, str] = {}  # serial -> creation phase category
+        self.serial_of: dict[int, int] = {}  # id(storage) -> serial, only while alive
+        self.finalizers: dict[int, weakref.finalize] = {}  # serial -> what frees it
+        self.addresses: dict[int, int] = {}  # serial -> its block in the caching allocator's model
+        self.next_serial = 0
+        self.current = 0
+        self.peak = 0
+        self.peak_live: dict[int, int] = {}
+        self.peak_workspace = 0
+        self.peak_at = ""
+        self.phase = "setup"
+        self.seen_backward: set[tuple] = set()  # convolution backward shapes already run (primitives made)
+        self.reference_kernels: list[str] = []  # where a weight gradient runs oneDNN's reference kernel
+        self.module_stack: list[str] = []
+        self.activations = 0
+        self.max_activations = 0
+
+    # storages ----------------------------------------------------------------------------------
+    def track(self, tensor: torch.Tensor, kind: str | None = None) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self.serial_of:
+            return
+        serial = self.next_serial
+        self.next_serial += 1
+        size, address = storage.nbytes(), None
+        if self.allocator is not None:
+            address, size = self.allocator.malloc(size)
+            self.addresses[serial] = address
+        self.serial_of[key] = serial
+        self.live[serial] = size
+        self.kind[serial] = kind or self._phase_kind()
+        self.current += size
+        if self.kind[serial] == "activations":
+            self.activations += size
+            self.max_activations = max(self.max_activations, self.activations)
+        self.finalizers[serial] = weakref.finalize(storage, self._free, key, serial, address)
+
+    def adopt(self, tensor: torch.Tensor, source: torch.Tensor) -> None:
+        """`tensor` lives in `source`'s memory (in-place gradient accumulation): one storage, counted once,
+        freed when the later of the two is."""
+        serial = self.serial(source)
+        self.finalizers.pop(serial).detach()
+        del self.serial_of[id(source.untyped_storage())]  # its id may be reused once it is gone
+        address = self.addresses.get(serial)
+        storage = tensor.untyped_storage()
+        self.serial_of[id(storage)] = serial
+        self.finalizers[serial] = weakref.finalize(storage, self._free, id(storage), serial, address)
+
+    def _free(self, key: int, serial: int, address: int | None = None) -> None:
+        if address is not None:
+            self.allocator.free(address)
+        self.serial_of.pop(key, None)
+        self.finalizers.pop(serial, None)
+        self.addresses.pop(serial, None)
+        size = self.live.pop(serial, 0)
+        self.current -= size
+        if self.kind.get(serial) == "activations":
+            self.activations -= size
+
+    def serial(self, tensor: torch.Tensor) -> int | None:
+        return self.serial_of.get(id(tensor.untyped_storage()))
+
+    def _phase_kind(self) -> str:
+        if self.phase == "forward":
+            return "activations"
+        if self.phase in ("backward", "optimizer"):
+            return "transient"
+        return "setup"
+
+    def _where(self, func) -> str:
+        node = torch._C._current_autograd_node()
+        phase = "backward" if node is not None else self.phase
+        module = self.module_stack[-1] if self.module_stack else ""
+        if node is not None:  # the node's module, or (ReLU, pooling: not modules) the module it follows
+            named = node.metadata.get("fullres_module", "")
+            for next_node, _ in () if named else node.next_functions:
+                if next_node is not None and next_node.metadata.get("fullres_module"):
+                    named = "after " + next_node.metadata["fullres_module"]
+                    break
+            module = named or module
+        where = f"{phase}: {module}" if module else phase
+        if node is not None:
+            where += f" ({node.name()})"
+        elif phase != "optimizer":
+            where += f" ({func.__name__ if hasattr(func, '__name__') else func})"
+        return where
+
+    def _accumulates_in_place(self, func, args, kwargs, out) -> bool:
+        """Autograd sums the gradients that reach one tensor from two consumers (a skip connection and the
+        pooling below it) in place, into the first one's buffer when it holds its only reference
+        (``InputBuffer::accumulate``), but not for tensor subclasses such as the dry run's fake tensors, which
+        get a new sum. So a backward ``add`` of two equal dense gradients, the first made in backward, is
+        counted in the first one's memory."""
+        if func is not aten.add.Tensor or self.phase != "backward" or kwargs or len(args) != 2:
+            return False
+        first, second = args
+        if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
+            return False
+        serial = self.serial(first)
+        return (serial is not None and self.kind.get(serial) == "transient" and first.shape == second.shape == out.shape
+                and first.dtype == out.dtype and first.stride() == out.stride() and is_non_overlapping_and_dense(first))
+
+    def check_peak(self, func, workspace: int = 0) -> None:
+        total = self.current + workspace
+        if total > self.peak:
+            self.peak = total
+            self.peak_live = dict(self.live)
+            self.peak_workspace = workspace
+            self.peak_at = self._where(func)
+
+    def check_pool_peak(self, func, in_pool: int, outside: int) -> None:
+        """Under the CPU pool the process holds the pool's segments (populated, kept) plus what the
+        operator allocates outside it."""
+        total = self.allocator.reserved + outside
+        if total > self.peak:
+            self.peak = total
+            self.peak_live = dict(self.live)
+            self.peak_workspace = in_pool + outside
+            self.peak_at = self._where(func)
+
+    # dispatch ----------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default:  # .item() on a fake tensor: no data, answer 1
+            return 1.0 if args[0].is_floating_point() else 1
+        out = func(*args, **kwargs)
+        if torch._C._current_autograd_node() is not None and self.phase == "forward":
+            self.phase = "backward"
+        if self._accumulates_in_place(func, args, kwargs, out):
+            self.adopt(out, args[0])
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self.track(tensor)
+        first_call = True
+        if func is aten.convolution_backward.default:
+            if reference_weight_gradient_flops(func, args):
+                where = self._where(func)
+                if where not in self.reference_kernels:
+                    self.reference_kernels.append(where)
+            key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args[:3])
+            first_call = key not in self.seen_backward
+            self.seen_backward.add(key)
+        if self.workspace_in_allocator:  # the CPU pool: what the operator takes from it, and what not
+            in_pool, outside = pool_op_workspace(func, args, kwargs, out, first_call)
+            addresses = [self.allocator.malloc(size)[0] for size in in_pool]
+            self.check_pool_peak(func, sum(in_pool), outside)
+            for address in addresses:
+                self.allocator.free(address)
+        else:
+            self.check_peak(func, op_workspace(func, args, kwargs, out, first_call))
+        return out
+
+
+# What oneDNN's transposed convolution (2x2x2, stride 2) takes beyond its per-thread buffers in forward,
+# measured in the pool's trace at 4^3 to 32^3 inputs, 128-512 channels, batch 1 and 2, fp32, 2 threads.
+TRANSPOSED_FORWARD_EXTRA_BYTES = 28848
+
+
+def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple[list[int], int]:
+    """`op_workspace` split for the CPU pool: (the blocks the operator takes from PyTorch's allocator, so
+    from the pool; the bytes it allocates elsewhere).
+
+    Read from the pool's trace of real steps (``fullres.kernels.cpu_pool.trace``; 2 threads, AVX-512 bf16 AMD Zen 4):
+    ATen's slow path takes its column buffer and contiguous copies as tensors; a oneDNN convolution takes
+    a copy of its weight in forward (two for a weight that is a slice), three weight-sized buffers in
+    backward (the weight in the primitive's layout, its gradient before the copy out), a transposed one in
+    forward a buffer of 1/8 of a sample's output per thread, and in bf16 backward the per-thread copies of
+    input and output gradient (`_bf16_copy_blocks`). oneDNN's scratchpad and NCDHW reorders come from its
+    own allocations, outside the pool."""
+    if func not in (aten.convolution.default, aten.convolution_backward.default) or args[0].device.type != "cpu":
+        return [], 0
+    conv = _cpu_convolution(func, args)
+    if conv.backend.startswith("Slow"):
+        return [size for size in _slow_path_blocks(conv, out) if size], 0
+    weight = _nbytes(conv.weight)
+    blocks = [weight] * (1 if conv.forward else 3)
+    if conv.forward and not (conv.weight.is_contiguous() or _channels_last(conv.weight)):
+        blocks.append(weight)  # a slice of a weight (the concatenation-free decoder's), copied
+    if conv.forward and conv.transposed:
+        # per thread, 1/8 of a sample's output (one of the 8 kernel offsets), and a bit
+        per_sample = _nbytes(out) // out.shape[0]
+        blocks.append(per_sample * torch.get_num_threads() // 8 + TRANSPOSED_FORWARD_EXTRA_BYTES)
+    copies = _bf16_copy_blocks(conv) + _layout_copy_blocks(conv)  # tensors: in the pool, not outside it
+    outside = op_workspace(func, args, kwargs, out, first_call) - sum(copies)
+    return blocks + copies, max(0, outside)
+
+
+# ------------------------------------------------------------------------------------------------
+# the dry run
+# ------------------------------------------------------------------------------------------------
+
+def runtime_bytes(job: JobConfig, device: str = "cpu") -> int:
+    """The fixed runtime cost of a training process's first steps (see CPU_RUNTIME_BYTES); 0 on CUDA."""
+    if torch.device(device).type != "cpu":
+        return 0
+    return CPU_RUNTIME_BYTES + (CPU_AUTOCAST_RUNTIME_BYTES if job.strategy.precision != "fp32" else 0)
+
+
+def dryrun(job: JobConfig, loss: str | Callable = "dice", optimizer: str | Callable = "adam", device: str = "cpu",
+           steps: int = 2, runtime: int | None = None, allocator: str | None = None, spatial: int = 1,
+           spatial_index: int | None = None) -> DryRunResult:
+    """Peak memory of `steps` training steps of `job` (see the module docstring), nothing allocated.
+
+    `loss`: a name of :data:`fullres.engine.losses.LOSSES`, or any callable ``(logits, targets) -> scalar`` (run on
+    the fake tensors like the rest of the step; targets as `train` makes them: float (N, 1, H, W, D) for one
+    class, int64 for more). `optimizer`: "adam", or any callable ``parameters -> torch.optim.Optimizer``
+    (e.g. ``functools.partial(torch.optim.SGD, lr=0.01, momentum=0.99)``): its state is what it allocates
+    in its own ``step`` on the fake tensors.
+
+    `runtime` is the CPU runtime term in bytes: None, the constant :func:`runtime_bytes`; the term of
+    this network measured on this machine is :func:`fullres.cost.runtime.measured_runtime_bytes`
+    (:func:`fullres.cost.estimate.dryrun_estimate` passes it). On CUDA it is 0 whatever is asked.
+    `allocator` is the CPU allocator policy (:mod:`fullres.kernels.malloc`); None, the one `train` gives
+    the job. Under "pool" the peak is the pool's reserved bytes, replayed. A step's FLOPs on the same fake
+    tensors: :func:`fullres.cost.timing.fake_step_flops`. `spatial` = S: the peak of one of S processes
+    sharing each sample (``train --spatial``), the one with the most rows and two neighbours, its halo
+    buffers and copies included (:func:`fullres.engine.spatial.simulated`); `spatial_index`: that of process k.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+
+    if not (optimizer == "adam" or callable(optimizer)):
+        raise ValueError(f"optimizer: 'adam' or a callable from parameters to an optimizer, got {optimizer!r}")
+    started = time.perf_counter()
+    loss_fn = loss if callable(loss) else LOSSES[loss]
+    allocator = allocator or policy_for(job.strategy, device)
+    pooled = torch.device(device).type == "cpu" and allocator == "pool"
+    caching = CachingAllocatorModel() if torch.device(device).type == "cuda" or pooled else None
+    tracker = _Tracker(caching, workspace_in_allocator=pooled)
+    hooks = []
+    with FakeTensorMode(allow_non_fake_inputs=False), tracker:
+        # The model: built on the fake device, its parameters tracked as the first storages.
+        with torch.device(device):
+            model = build_model(job.model, job.shape)
+        training = build_training(job, device, model=model, optimizer=None if optimizer == "adam" else optimizer)
+        rows = job.shape[0]
+        if spatial > 1:
+            from fullres.engine.spatial import simulated
+
+            model.space = simulated(job.shape[0], spatial, spatial_index)
+            lo, hi = model.space.rows(0)
+            rows = hi - lo
+        parameters = list(model.parameters())
+        for p in parameters:
+            tracker.track(p, "parameters")
+        for name, module in model.named_modules():
+            label = name or type(module).__name__
+
+            def pre(mod, inputs, label=label):
+                tracker.module_stack.append(label)
+                if torch._C._current_autograd_node() is None and tracker.phase != "optimizer":
+                    tracker.phase = "forward"
+
+            def post(mod, inputs, output, label=label):
+                node = getattr(output, "grad_fn", None)
+                if node is not None and "fullres_module" not in node.metadata:
+                    node.metadata["fullres_module"] = label  # names the backward node after its module
+                if tracker.module_stack and tracker.module_stack[-1] == label:
+                    tracker.module_stack.pop()
+
+            hooks.append(module.register_forward_pre_hook(pre))
+            hooks.append(module.register_forward_hook(post))
+        opt = training.optimizer
+
+        def opt_pre(*_):
+            tracker.phase = "optimizer"
+            tracker.module_stack.clear()
+
+        hooks.append(opt.register_step_pre_hook(opt_pre))
+        hooks.append(opt.register_step_post_hook(lambda *_: setattr(tracker, "phase", "setup")))
+        scaler = training.scaler
+
+        # Inputs, as measure_peak makes them: the whole effective batch.
+        held = (rows, *job.shape[1:])  # this process's rows of every sample
+        images = torch.empty(job.effective_batch, job.model.in_channels, *held, device=device)
+        if job.model.classes == 1:
+            targets = torch.empty(job.effective_batch, 1, *held, device=device)
+        else:
+            targets = torch.empty(job.effective_batch, 1, *held, dtype=torch.long, device=device)
+        tracker.track(images, "inputs")
+        tracker.track(targets, "inputs")
+        input_serials = {tracker.serial(images), tracker.serial(targets)}
+
+        # Micro-batches after the second repeat its memory exactly (the same tensors, every .grad already
+        # allocated), so at most two run: views of the whole batch, which stays alive, as in train_step.
+        # A 16-micro-batch job then costs two micro-batches' dry run, not sixteen.
+        micro_batches = min(job.strategy.accumulate, 2)
+        run_strategy = replace(job.strategy, accumulate=micro_batches)
+        run_images, run_targets = images[:micro_batches * job.batch], targets[:micro_batches * job.batch]
+        gradient_serials = set()
+        for _ in range(steps):
+            tracker.phase = "forward"
+            try:
+                train_step(model, opt, run_images, run_targets, loss_fn, run_strategy, scaler)
+            except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException) as error:
+                op = getattr(error, "func", None) or (error.args[0] if error.args else "an operator")
+                raise ValueError(f"network {job.model.architecture}: the dry run cannot follow {op} (its output "
+                                 "depends on the data, or it has no shape rule); use --method table1") from None
+            tracker.phase = "setup"
+            gradient_serials |= {tracker.serial(p.grad) for p in parameters if p.grad is not None}
+        state_serials = {tracker.serial(t) for state in opt.state.values() for t in state.values()
+                         if isinstance(t, torch.Tensor)}
+        parameter_serials = {tracker.serial(p) for p in parameters}
+    for hook in hooks:
+        hook.remove()
+
+    breakdown = dict.fromkeys(CATEGORIES, 0)
+    for serial, size in tracker.peak_live.items():
+        if serial in parameter_serials:
+            category = "parameters"
+        elif serial in input_serials:
+            category = "inputs"
+        elif serial in state_serials:
+            category = "optimizer_state"
+        elif serial in gradient_serials:
+            category = "gradients"
+        else:
+            category = tracker.kind[serial]
+            if category == "setup":
+                category = "transient"
+        breakdown[category] += size
+    breakdown["workspace"] = tracker.peak_workspace
+    if pooled:  # the pool's free blocks at the peak: its segments stay resident from the moment they are mapped
+        breakdown["allocator_cache"] = max(0, tracker.peak - sum(breakdown.values()))
+    if torch.device(device).type != "cpu":
+        breakdown["runtime"] = 0
+    else:
+        breakdown["runtime"] = runtime_bytes(job, device) if runtime is None else int(runtime)
+    peak = tracker.peak + breakdown["runtime"]
+    return DryRunResult(peak_bytes=int(peak), breakdown=breakdown, peak_at=tracker.peak_at,
+                        saved_bytes=tracker.max_activations, seconds=time.perf_counter() - started,
+                        job=job.to_json(), reserved_bytes=caching.reserved if caching else None, allocator=allocator,
+                        reference_kernels=tuple(tracker.reference_kernels))
+
+
+# ------------------------------------------------------------------------------------------------
+# inference
+# ------------------------------------------------------------------------------------------------
+
+# What a CPU inference process holds beyond its tensors at the forward's peak (code pages, oneDNN's
+# primitives, glibc's heap), measured as peak RSS minus the dry run's tensors in a fresh process (torch
+# 2.13 CPU, 2 threads): 12 MiB for filters 1 at 16^3, 68-107 MiB for the paper's 32-filter network at 64^3
+# (contiguous, channels-last, 4 slabs). The larger is used: planning should not promise what does not fit.
+CPU_INFERENCE_RUNTIME_BYTES = 104 * 2**20
+
+
+def dryrun_inference(job: JobConfig, activation: str = "sigmoid", device: str = "cpu",
+                     runtime: int | None = None, spatial: int = 1) -> DryRunResult:
+    """Peak memory of one inference forward of `job` (batch `job.batch` at `job.shape`, its precision,
+    memory format and slabs), nothing allocated: the parameters, the input (and its device or layout copy),
+    every activation while alive (no gradients: nothing is saved for backward), the operators' workspaces,
+    and the output `activation` ("sigmoid" or "softmax" over channels, in fp32), as `fullres predict` runs
+    it. CPU: glibc's heap (no pool), plus `runtime` bytes (None: :data:`CPU_INFERENCE_RUNTIME_BYTES`);
+    CUDA: the caching allocator's blocks. `spatial` = S: one of S processes sharing the volume
+    (``predict --spatial``), its rows of the input and of every level with their halos (as :func:`dryrun`)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fullres.job.step import autocast, prepare_model, to_device
+
+    started = time.perf_counter()
+    on_cuda = torch.device(device).type == "cuda"
+    caching = CachingAllocatorModel() if on_cuda else None
+    tracker = _Tracker(caching)
+    strategy = replace(job.strategy, checkpointing=False, accumulate=1)
+    hooks = []
+    with FakeTensorMode(allow_non_fake_inputs=False), tracker:
+        with torch.device(device):
+            model = build_model(job.model, job.shape)
+        prepare_model(model.eval(), strategy)
+        rows = job.shape[0]
+        if spatial > 1:
+            from fullres.engine.spatial import simulated
+
+            model.space = simulated(job.shape[0], spatial)
+            lo, hi = model.space.rows(0)
+            rows = hi - lo
+        for p in model.parameters():
+            tracker.track(p, "parameters")
+        def enter(module, inputs):
+            tracker.module_stack.append(names[module])
+
+        def leave(module, inputs, output):  # returns None: a forward hook's value would replace the output
+            if tracker.module_stack:
+                tracker.module_stack.pop()
+
+        names = {module: name or type(module).__name__ for name, module in model.named_modules()}
+        for module in names:
+            hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        image = torch.empty(job.batch, job.model.in_channels, *job.shape)  # every process reads the whole case
+        tracker.track(image, "inputs")
+        input_serials = {tracker.serial(image)}
+        tracker.phase = "forward"
+        try:
+            with torch.no_grad():
+                whole = image  # held while its rows are computed
+                if spatial > 1:  # this process's rows, copied
+                    image = torch.empty(job.batch, job.model.in_channels, rows, *job.shape[1:])
+                    input_serials.add(tracker.serial(image))
+                x = to_device(image, torch.device(device), strategy)
+                input_serials.add(tracker.serial(x))
+                with autocast(strategy, torch.device(device).type):
+                    logits = model(x)
+                del x
+                logits = logits.float()
+                output = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, 1)
+                del logits, output, whole
+        except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException) as error:
+            op = getattr(error, "func", None) or (error.args[0] if error.args else "an operator")
+            raise ValueError(f"network {job.model.architecture}: the dry run cannot follow {op}") from None
+        parameter_serials = {tracker.serial(p) for p in model.parameters()}
+    for hook in hooks:
+        hook.remove()
+    breakdown = dict.fromkeys(CATEGORIES, 0)
+    for serial, size in tracker.peak_live.items():
+        if serial in parameter_serials:
+            breakdown["parameters"] += size
+        elif serial in input_serials:
+            breakdown["inputs"] += size
+        else:
+            breakdown["activations"] += size
+    breakdown["workspace"] = tracker.peak_workspace
+    breakdown["runtime"] = 0 if on_cuda else (CPU_INFERENCE_RUNTIME_BYTES if runtime is None else int(runtime))
+    return DryRunResult(peak_bytes=int(tracker.peak + breakdown["runtime"]), breakdown=breakdown,
+                        peak_at=tracker.peak_at, saved_bytes=0, seconds=time.perf_counter() - started,
+                        job=job.to_json(), reserved_bytes=caching.reserved if caching else None)

@@ -1,0 +1,141 @@
+"""The dry run's runtime term on CPU, measured per network on this machine and cached.
+
+A training process holds memory that no tensor owns: the modules that building Adam imports, code pages
+touched by the first step, oneDNN's primitive cache (one JIT-compiled kernel per convolution shape, so it
+grows with the network's channel counts), and what the C allocator keeps under the job's policy (under
+the pool, the tensors' segments are the dry run's; glibc still serves what PyTorch does not allocate). It
+does not grow with the volume, so it is measured once per network and strategy on the smallest volume,
+16^3 at batch 1: ``measured peak - the dry run's tensors``, in a fresh process (``measure_peak``).
+
+Measured on an AVX-512 bf16 CPU (AMD Zen 4; docs/results/memory.md), 32 filters, channels-last: the
+constant measured with filters 1 (86.6 MiB) left checkpointed fp32 jobs of 48x32x32 to 96x96x64 3.4-6.9 %
+low; their network's own term is 125 MiB and brings them to +0.4..+1.2 %.
+
+Under glibc's default heap (bf16 and contiguous fp32 jobs without checkpointing or slabs) the same 16^3
+step keeps a different amount each run: 540-562 MB over nine fresh processes for the 32-filter bf16 network
+on the AVX-512 bf16 CPU. There the term is the median of three measurements, so that one unlucky process
+does not bias every later estimate; under the pool and the fixed thresholds a job's peak repeats to within 0.5 MB, and
+the term is measured once.
+
+So that one job gives the same bytes in every process, the measurement is made once per machine and
+cached: processes that need the same term at once wait on a lock beside the cache and read the first
+one's measurement, and where the cache folder cannot be written (a read-only home) the term is not
+measured at all but the constant :data:`fullres.cost.dryrun.CPU_RUNTIME_BYTES` (and its bf16 part).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import socket
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fullres.job.config import JobConfig
+from fullres.files import cache_lookup, cache_store, user_cache_dir
+from fullres.nets.registry import spatial_divisor
+from fullres.cost.dryrun import dryrun, runtime_bytes
+from fullres.kernels.malloc import ENV, policy_for
+from fullres.cost import measure
+
+CALIBRATION_SHAPE = (16, 16, 16)
+CACHE_FILE = "runtime.json"
+CACHE_VERSION = 4  # 2: the allocator policy is part of the key (the CPU pool); 3: medians under glibc's heap;
+# 4: the dry run charges AVX2's GEMM weight-gradient buffers (the term is measured minus the dry run)
+NOISY_POLICIES = ("default", "cached")  # glibc's heap: its peak varies from process to process
+NOISY_RUNS = 3
+
+
+def calibration_shape(job: JobConfig) -> tuple[int, int, int]:
+    """16^3 for the paper's network; for others the smallest cube whose coarsest level keeps 2 voxels a
+    side (normalisation in training needs more than one value per channel): 2 x the network's divisor."""
+    side = max(CALIBRATION_SHAPE[0], 2 * spatial_divisor(job.model))
+    return (side, side, side)
+
+
+def runtime_job(job: JobConfig) -> JobConfig:
+    """The job whose measured excess over its tensors is `job`'s runtime term: same network and strategy,
+    at :func:`calibration_shape` and batch 1, no accumulation (slabs capped at what its rows hold)."""
+    small = job.at_shape(calibration_shape(job))
+    return replace(small, batch=1, strategy=replace(small.strategy, accumulate=1))
+
+
+def _cache_key(job: JobConfig) -> dict:
+    return {"version": CACHE_VERSION, "job": runtime_job(job).to_json(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "hostname": socket.gethostname(), "malloc": os.environ.get(ENV, ""), "policy": policy_for(job.strategy)}
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_bytes(small: JobConfig, threads: int, policy: str) -> int:
+    """The dry run's tensors for the 16^3 calibration job, once per process: `plan` asks for the same
+    network's term at every batch and shape it tries (~0.3 s each). `threads` is part of the key because the
+    kernels ATen picks, and so the workspaces, depend on it; `policy`, the allocator's (the pool's segments)."""
+    return dryrun(small, runtime=0, allocator=policy).peak_bytes
+
+
+def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> int:
+    """`job`'s runtime term in bytes (see the module docstring), from ``cache_dir/runtime.json`` when this
+    network, strategy, torch, CPU, thread count and allocator setting were measured before; otherwise
+    measured now (two 16^3 training steps in a subprocess, a few seconds; the median of three under glibc's
+    heap) and cached."""
+    try:
+        import resource  # noqa: F401 - the measuring child reads its peak with it where /proc is missing
+    except ImportError:  # not POSIX: nothing to measure with; the modelled constant
+        return runtime_bytes(job)
+    path = (Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()) / CACHE_FILE
+    key = _cache_key(job)
+    small = runtime_job(job)
+    # The measurement is what is cached; the tensors are the dry run's as the code stands now, so a
+    # change to the tensor model never leaves a stale difference behind.
+    try:
+        tensors = _tensor_bytes(small, torch.get_num_threads(), key["policy"])
+    except Exception:  # noqa: BLE001 - a network that does not take the calibration size: the modelled constant
+        return runtime_bytes(job)
+    cached = None if refresh else cache_lookup(path, key)
+    if cached is not None:
+        return max(0, int(cached["measured_bytes"]) - tensors)
+    with _measuring(path) as writable:
+        if not writable:  # a measurement no later process could read: every process would get its own
+            return runtime_bytes(job)
+        cached = None if refresh else cache_lookup(path, key)  # measured by another process meanwhile
+        if cached is not None:
+            return max(0, int(cached["measured_bytes"]) - tensors)
+        try:
+            runs = [measure.measure_peak(small, steps=2, threads=torch.get_num_threads(),
+                                            build_pool=False).measured_bytes
+                    for _ in range(NOISY_RUNS if key["policy"] in NOISY_POLICIES else 1)]
+        except RuntimeError:  # the child could not run the calibration job: the modelled constant, uncached
+            return runtime_bytes(job)
+        measured = int(statistics.median(runs))
+        cache_store(path, key, {"measured_bytes": measured, "runs": runs})
+    return max(0, measured - tensors)
+
+
+@contextlib.contextmanager
+def _measuring(path: Path):
+    """Hold an exclusive lock on `path`.lock while a term is measured and stored (other processes wait,
+    then find it cached). Yields False, holding nothing, when the cache folder cannot be written."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: measured without a lock
+        yield True
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent / (path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield False
+        return
+    try:
+        if not os.access(path.parent, os.W_OK):
+            yield False
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -1,0 +1,187 @@
+"""One training step under a memory strategy: the single definition that train, profile, bench and the
+dry-run estimator all run, so that what is measured or estimated is what trains; and
+:func:`build_training`, the one place a job's model, optimizer and gradient scaler are set up.
+
+A step takes `accumulate` micro-batches, each forward + backward under autocast when asked, and
+then one optimizer update. Losses are per-sample means, so K micro-batches of b samples, each
+scaled by 1/K, give the gradient of one batch of K x b (exact with no batch-norm).
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fullres.job.config import JobConfig, Strategy
+from fullres.kernels.onednn import cpu_workarounds
+from fullres.engine.losses import LossFunction, deep_supervision_loss, primary_output
+from fullres.nets.registry import build_model
+from fullres.presets import PAPER
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(strategy: Strategy, device_type: str):
+    """The autocast context for a strategy (a no-op for fp32)."""
+    if strategy.precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[strategy.precision])
+
+
+def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
+    """Apply the strategy's model-side settings (memory format, checkpointing, slabs) in place. A network
+    with its own schedule (the paper's UNet3D: `checkpointing` and `slabs` attributes) gets them set; any
+    other network is checkpointed block by block (:func:`checkpoint_blocks`)."""
+    if strategy.channels_last:
+        # Each 5-D weight in place, as Module.to(memory_format=...) does, but without the tensor swap that
+        # fails on the dry run's fake parameters.
+        for parameter in model.parameters():
+            if parameter.dim() == 5:
+                parameter.data = parameter.data.contiguous(memory_format=torch.channels_last_3d)
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the network
+    if hasattr(inner, "checkpointing") and hasattr(inner, "slabs"):
+        inner.checkpointing = strategy.checkpointing
+        inner.checkpoint_levels = strategy.checkpoint_levels
+        inner.slabs = strategy.slab_counts if len(strategy.slab_counts) > 1 else strategy.slabs
+        inner.recompute_inputs = strategy.recompute_inputs
+    elif strategy.checkpointing:
+        checkpoint_blocks(inner)
+    return model
+
+
+def checkpoint_blocks(model: nn.Module) -> list[str]:
+    """Wrap the forward of each of `model`'s blocks in non-reentrant activation checkpointing (exact: it
+    restores the RNG state, so dropout repeats on recompute): each keeps only its inputs for backward and
+    recomputes the rest. The blocks are the top-level children with parameters; where there is only one,
+    its children, and so on down. A ModuleList or ModuleDict is never a block (its own forward is never
+    called: the network calls its items), its items are. Returns the blocks' names; idempotent."""
+    def unpacked(named):  # containers stand for their items
+        for name, child in named:
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                yield from unpacked((f"{name}.{item}", grandchild) for item, grandchild in child.named_children())
+            else:
+                yield name, child
+
+    prefix, blocks = "", list(unpacked(model.named_children()))
+    while True:
+        with_parameters = [(name, child) for name, child in blocks if any(True for _ in child.parameters())]
+        if len(with_parameters) != 1 or not any(True for _ in with_parameters[0][1].children()):
+            break
+        prefix += with_parameters[0][0] + "."
+        blocks = list(unpacked(with_parameters[0][1].named_children()))
+    for _, block in with_parameters:
+        if not getattr(block, "_fullres_checkpointed", False):
+            block.forward = functools.partial(_checkpointed, block.forward)
+            block._fullres_checkpointed = True
+    return [prefix + name for name, _ in with_parameters]
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def offloaded(strategy: Strategy):
+    """Saved activations kept in (pinned) host memory until backward needs them, with --offload."""
+    if not strategy.offload:
+        return nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=True)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, strategy: Strategy) -> torch.Tensor:
+    tensor = tensor.to(device, non_blocking=True)
+    if strategy.channels_last and tensor.dim() == 5:
+        tensor = tensor.contiguous(memory_format=torch.channels_last_3d)
+    return tensor
+
+
+def make_grad_scaler(strategy: Strategy, device_type: str) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling against underflow; bf16 has fp32's range and does not."""
+    if strategy.precision != "fp16":
+        return None
+    if device_type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device (gradient scaling); use bf16 on CPU")
+    return torch.amp.GradScaler("cuda")
+
+
+@dataclass
+class Training:
+    """What a training step needs besides data: the prepared model, its optimizer, its gradient scaler."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+
+
+def build_training(job: JobConfig, device: str | torch.device, lr: float = PAPER.lr,
+                   model: nn.Module | None = None,
+                   optimizer: Callable[..., torch.optim.Optimizer] | None = None) -> Training:
+    """`job`'s network (built by :func:`fullres.nets.registry.build_model` on the CPU and moved to `device`, so
+    its initial weights follow the CPU generator's seed whatever the device), prepared for the job's
+    strategy, with Adam at `lr` (or `optimizer(parameters)`, a user's own) and the precision's gradient
+    scaler. A `model` built elsewhere (the dry run builds one on fake tensors) is prepared and used
+    instead."""
+    device = torch.device(device)
+    if job.strategy.offload and device.type != "cuda":
+        raise ValueError("--offload moves saved activations to host memory: it needs a CUDA device")
+    if model is None:
+        model = build_model(job.model, job.shape).to(device)
+    prepare_model(model, job.strategy)
+    model.train()
+    made = torch.optim.Adam(model.parameters(), lr=lr) if optimizer is None else optimizer(model.parameters())
+    if not isinstance(made, torch.optim.Optimizer):
+        raise ValueError(f"optimizer: the callable returned {type(made).__name__}, not a torch.optim.Optimizer")
+    return Training(model, made, make_grad_scaler(job.strategy, device.type))
+
+
+def split_micro_batches(tensor: torch.Tensor, accumulate: int) -> tuple[torch.Tensor, ...]:
+    if tensor.shape[0] % accumulate:
+        raise ValueError(f"batch of {tensor.shape[0]} does not split into {accumulate} equal micro-batches")
+    return tensor.chunk(accumulate)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
+               loss_fn: LossFunction, strategy: Strategy, scaler: torch.amp.GradScaler | None = None,
+               no_sync: Callable[[], object] | None = None,
+               on_output: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+               before_update: Callable[[], None] | None = None) -> float:
+    """One optimizer step over `images` (accumulate x micro-batch samples). Returns the mean loss.
+
+    A network with deep-supervision heads is trained on all of them, weighted as nnU-Net does
+    (:func:`fullres.engine.losses.deep_supervision_loss`). `on_output(logits, targets)` sees each micro-batch's
+    detached full-resolution logits (for metrics) as they are made, so no logits are kept across
+    micro-batches. `no_sync` (DistributedDataParallel.no_sync) skips the
+    gradient all-reduce on all but the last micro-batch. `before_update()` runs once the gradients are
+    complete, before the optimizer's update (spatial parallelism sums them over the processes).
+    """
+    device_type = images.device.type
+    optimizer.zero_grad(set_to_none=True)
+    total_loss = 0.0
+    micro_images = split_micro_batches(images, strategy.accumulate)
+    micro_targets = split_micro_batches(targets, strategy.accumulate)
+    for index, (x, y) in enumerate(zip(micro_images, micro_targets)):
+        last = index == strategy.accumulate - 1
+        with (nullcontext() if last or no_sync is None else no_sync()), offloaded(strategy), \
+                cpu_workarounds(strategy.precision, device_type):
+            with autocast(strategy, device_type):
+                output = model(x)
+            loss = deep_supervision_loss(loss_fn, output, y) / strategy.accumulate
+            (scaler.scale(loss) if scaler else loss).backward()
+        total_loss += loss.item()
+        if on_output is not None:
+            on_output(primary_output(output).detach(), y)
+        del output, loss  # free this micro-batch's logits before the next forward
+    if before_update is not None:
+        before_update()
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return total_loss

@@ -1,0 +1,205 @@
+"""The allocator policy a training job runs under: fullres's CPU pool, or glibc with fixed thresholds.
+
+**pool** (fp32 channels-last jobs without checkpointing or slabs, on CPU): PyTorch's CPU tensors come
+from :mod:`fullres.kernels.cpu_pool`, a caching allocator with the rules of PyTorch's CUDA one. Freed blocks
+are reused, so after the first step no page is faulted in again, and the memory it holds (its segments,
+mapped populated, never returned) is what the dry run's replay of the same rules predicts. Measured
+(docs/results/performance.md, AVX-512 bf16 AMD Zen 4): the 64^3 x 1 fp32 channels-last step 2-6 % faster
+than under glibc's default in one process with steps alternated, and 1.01x TensorFlow's; the demo job's
+configuration 11 % faster; peaks -8..+12 % of glibc's default; the dry run within -4.0..+2.3 % of them from 32^3 to 128^3,
+where glibc's default heap missed 4 of 10 jobs by 6-10 %.
+Contiguous (NCDHW) fp32 jobs keep glibc's default: oneDNN reorders whole feature maps for them, and the
+pool would keep those blocks (the paper's 240x240x144 batch-1 fp32 step: 39.6 GB replayed under the pool,
+34.0 GB of live tensors). Where the pool cannot be built (no C++ compiler), fp32 jobs run under glibc's
+default too.
+
+bf16 jobs keep glibc's default too. The pool would populate and keep their oneDNN kernels' odd-sized
+scratch buffers, twice the copies they touch (+27..+39 % at 64^3 and 96x96x64). Under glibc's default heap
+their peaks wander with the heap's leftovers, by size (the dry run -4.5..+5.2 % of the median of five runs,
+32^3 to 96x96x64) and from run to run (up to 6 % between runs of one job). The fixed thresholds would make
+them repeat to 0.5 MB, 2.5-19 % lower, with the dry run within -0.9..+0.1 %, but cost 0-7 % per step (+30 %
+at 32^3 x 1), which took the 64^3 bf16 step to 0.85-0.89 of the bf16 matmul peak (0.88-0.97 under glibc's
+default; the speed goal is 0.90). So speed wins the default; FULLRES_MALLOC=fixed makes a bf16 job's
+peak exact. What the heap holds beyond the tensors runs from 24 MB (64^3) to 110 MB (32^3 x 1): the runtime
+terms that would put every job within 5 % form a band of at most ~10 MB on some runs and none on others,
+narrower than the 16^3 calibration's own spread (13 MB), so no term measured once per network can be relied
+on. Thresholds fixed at 1 or 4 MiB, malloc_trim at each phase and huge pages narrow it at a cost in speed
+at 32^3 x 1 (15-40 %); the pool with each convolution's backward kept outside it made peaks repeat and the
+64^3 step fastest but held 11-38 % more (docs/memory.md).
+
+**fixed** (jobs with checkpointing or slabs): glibc with large blocks always straight from and back to
+the kernel, so the peak is the live tensors the dry run counts.
+
+glibc serves blocks above a *dynamic* mmap threshold with mmap (returned to the OS on free) and smaller
+ones from its heaps (kept after free). Each time a large mmapped block is freed the threshold rises to
+its size (up to 32 MiB), so after the first training step the many 128 KiB-32 MiB activation
+gradients, column buffers and oneDNN scratch blocks come from the heaps, where freed memory stays
+resident and fragments: the process's peak RSS then exceeds the bytes ever alive at once.
+
+Fixing the thresholds (`mallopt`, the same as the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
+environment variables) keeps every block above 128 KiB on mmap, so RSS follows the live tensors. The
+dry-run estimator counts live bytes, so this is also what makes its estimate match the measurement.
+
+It is applied to jobs that declare memory their constraint, those with checkpointing or slabs: there
+it pays for itself (64^3, 32 filters, channels-last: measured peak -11 % with checkpointing, -15 % with
+slabs, and the dry run's error falls from -14/-19 % to -3/-5 %), while on small, allocation-heavy jobs every mmapped
+block's fresh page faults cost more than they save (the demo job's step: +45 %; docs/performance.md).
+
+The opposite policy, "cached", trades memory for speed: no block is ever mmapped (M_MMAP_MAX 0) and the
+heap is never trimmed, so from the third step on no page is faulted in again (glibc's default still
+mmaps every block above 32 MiB, and faults it in afresh: ~440,000 faults per 64^3 step). Measured at
+64^3 x 1, 32 filters, fp32 channels-last: the step 8 % faster (12.86 s to 11.83 s), but the peak RSS 29 % above the fixed
+policy's (+9 % at 48x64x32 x 2, +20 % at 96x96x64), held as free heap the dry run does not predict. So
+it is opt-in, for jobs with memory to spare: FULLRES_MALLOC=cached.
+
+FULLRES_MALLOC=pool, =fixed, =cached or =default applies that policy to every job.
+
+Where the pool cannot exist (no POSIX fcntl/resource, as on Windows; not Linux), a job that would run under
+it keeps the C library's default allocator, the dry run does not model the pool, and `estimate` and `plan`
+say so in a warning (:func:`pool_unavailable`); `train` says so in its allocator line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import warnings
+
+import torch
+
+from fullres.errors import UserError
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+THRESHOLD_BYTES = 128 * 1024  # glibc's initial default, made fixed
+ENV = "FULLRES_MALLOC"  # one of POLICIES for every job; unset: chosen by the strategy
+POLICIES = ("pool", "fixed", "cached", "default")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_pool() -> str | None:
+    from fullres.kernels import cpu_pool
+
+    try:
+        cpu_pool.load()
+    except (RuntimeError, OSError) as error:
+        return str(error)
+    return None
+
+
+def prepare_pool() -> str | None:
+    """Build (if needed) and load the CPU pool; why it cannot be used here (one line), or None. Commands that
+    train call this (through :func:`set_training_malloc_policy`, or before the dry run of the job they are
+    about to run, so that it estimates the allocator the job gets); once per process, a failed build is
+    not retried. Raises UserError when the pool's cache folder is not private to this user."""
+    return _load_pool()
+
+
+def prepare_pool_for(strategy, device: str = "cpu", either_layout: bool = False) -> None:
+    """:func:`prepare_pool` where a job with this strategy would run under the pool (`either_layout`: in
+    either memory layout, for a job whose layout a trial may still switch); nothing otherwise. For
+    commands that train, before their dry runs."""
+    from dataclasses import replace
+
+    layouts = (False, True) if either_layout else (strategy.channels_last,)
+    if any(wanted_policy(replace(strategy, channels_last=layout), device) == "pool" for layout in layouts):
+        prepare_pool()
+
+
+@functools.cache
+def _say_pool_off(reason: str) -> None:
+    """Warn, once per process, that the pool cannot exist here (a `plan` asks about many jobs)."""
+    warnings.warn(f"{reason}: fullres's CPU pool and the dry run's model of it are off here, so jobs that "
+                  "would use it are estimated and run under the C library's default allocator", stacklevel=3)
+
+
+def pool_unavailable(build: bool = False) -> str | None:
+    """Why the CPU pool cannot be used here (one line), or None when it can. Builds it only when `build`;
+    otherwise (`estimate`, `plan`: they never train) the answer of this process's :func:`prepare_pool` if
+    it ran, else whether a trustworthy library is already built (:func:`fullres.kernels.cpu_pool.cached`)."""
+    from fullres.kernels import cpu_pool
+
+    if build or _load_pool.cache_info().currsize:
+        return prepare_pool()
+    reason = cpu_pool.unsupported()
+    if reason is not None:  # `estimate`, `plan`: nothing else would tell them (train prints policy_line)
+        _say_pool_off(reason)
+        return reason
+    if cpu_pool.cached() is None:
+        return "the CPU pool is not built yet (the first training command here builds it)"
+    return None
+
+
+def wanted_policy(strategy=None, device: str = "cpu") -> str:
+    """The policy the rules give a job with this `fullres.job.config.Strategy` on `device` (None: no job yet,
+    as the CLI starts), whether or not the pool can be built here. On CUDA the tensors do not live in the
+    C allocator: "default"."""
+    setting = os.environ.get(ENV, "")
+    if setting and setting not in POLICIES:
+        raise UserError(f"{ENV}={setting!r} is not an allocator policy: use one of {', '.join(POLICIES)}, or unset it")
+    if strategy is None or torch.device(device).type != "cpu":
+        return setting if setting and setting != "pool" else "default"
+    if setting:
+        return setting
+    if strategy.checkpointing or strategy.slabbed:
+        return "fixed"
+    return "pool" if strategy.precision == "fp32" and strategy.channels_last else "default"
+
+
+def policy_for(strategy=None, device: str = "cpu", build: bool = False) -> str:
+    """The allocator policy the job runs under: `wanted_policy`, but glibc's default where the pool is
+    wanted and cannot be used (`build`: see :func:`pool_unavailable`)."""
+    wanted = wanted_policy(strategy, device)
+    return "default" if wanted == "pool" and pool_unavailable(build) is not None else wanted
+
+
+def policy_line(strategy, device: str = "cpu") -> str | None:
+    """What `train` says about the allocator of this job (None: glibc's default, as wanted)."""
+    policy = policy_for(strategy, device)
+    if policy == "default" and wanted_policy(strategy, device) == "pool":
+        return f"allocator: glibc's default, not fullres's CPU pool ({pool_unavailable()})"
+    return {"pool": "allocator: fullres's CPU pool (freed blocks reused, no page faults after the first step; "
+                    "its segments are in the estimate)",
+            "fixed": "allocator: glibc mmap/trim thresholds fixed at 128 KiB (peaks follow the live tensors)",
+            "cached": "allocator: freed memory kept for reuse (FULLRES_MALLOC=cached: faster, peak above the "
+                      "estimate)"}.get(policy)
+
+
+def _mallopt():
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def set_training_malloc_policy(strategy=None, force: bool = False, device: str = "cpu",
+                               build: bool = True) -> str | None:
+    """Put `policy_for(strategy, device, build)` in force ("fixed" when `force`). Returns the policy's name,
+    or None when nothing changed (the default policy, or no glibc). `build` False: the pool only if it is
+    built already (the runtime calibrations of `estimate` and `plan`)."""
+    from fullres.kernels import cpu_pool
+
+    policy = "fixed" if force else policy_for(strategy, device, build)
+    if policy == "pool":
+        cpu_pool.install()
+        return policy
+    if cpu_pool.installed():  # a later job of the same process under another policy
+        cpu_pool.uninstall()
+    if policy == "default":
+        return None
+    mallopt = _mallopt()
+    if mallopt is None:
+        return None
+    if policy == "fixed":
+        done = mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, THRESHOLD_BYTES)
+    else:
+        done = mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, -1)
+    return policy if done else None

@@ -1,0 +1,539 @@
+"""Predict masks with a trained run: the run's own preprocessing, layout and precision (as its validation ran),
+an inference plan that fits the memory (:func:`plan_inference`: whole volume, whole volume in slabs, or
+sliding windows, chosen by the dry run's inference peak; or, under torchrun with `--spatial S`, each volume
+shared by S processes), through PyTorch or the run's exported ONNX / OpenVINO model (`--engine`), and
+NIfTI masks written back in each input's original geometry (crop/pad undone, same affine and header).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from torch import nn
+
+from fullres.run.checkpoint import (check_weights_fit, load_checkpoint, load_weights, open_run_config, resolve_checkpoint)
+from fullres.job.config import JobConfig, Strategy, TrainConfig
+from fullres.data.cache import load_case_image
+from fullres.data.layouts import load_dataset
+from fullres.data.preprocess import uncrop
+from fullres.data.nifti import write_nifti
+from fullres.data.layouts import MSD_REGIONS, apply_value_map, detect_layout, match_channels, value_map
+from fullres.data.msd import DatasetIndex
+from fullres.data.nifti import NIFTI_SUFFIXES, case_id_from_path
+from fullres.kernels.device import Process, available_memory
+from fullres.errors import UserError
+from fullres.files import refuse_special, write_json
+from fullres.run.versions import versions
+from fullres.engine.losses import primary_output
+from fullres.nets.registry import build_model, build_on_meta, check_divisible, model_spec, spatial_divisor
+from fullres.job.step import autocast, prepare_model, to_device
+from fullres.units import format_bytes
+
+SLIDING_WINDOW_OVERLAP = 0.5  # of the window, on each axis (MONAI's sliding_window_inference, Gaussian weights)
+
+
+@dataclass(frozen=True)
+class Predictor:
+    model: nn.Module
+    config: TrainConfig
+    checkpoint: Path
+
+
+def load_predictor(run_or_checkpoint: Path, device: torch.device, trust_code: bool = False) -> Predictor:
+    """The run's network with its weights, ready to predict on `device`. The checkpoint is loaded as data
+    (weights_only, every field checked) and its network built only as :func:`fullres.run.trust.trusted_model`
+    allows (`trust_code`: the user's own --trust-code); UserError in one line otherwise."""
+    checkpoint = resolve_checkpoint(run_or_checkpoint)
+    state = load_checkpoint(checkpoint)  # weights_only=True
+    config = open_run_config(state, checkpoint, trust_code)
+    try:
+        check_weights_fit(build_on_meta(config.job.model, config.job.shape), state, checkpoint)
+        model = build_model(config.job.model, config.job.shape)
+    except ValueError as error:
+        raise UserError(f"{checkpoint}: {error}") from None
+    load_weights(model, state, checkpoint)
+    return Predictor(prepare_model(model.to(device).eval(), inference_strategy(config)), config, checkpoint)
+
+
+def inference_strategy(config: TrainConfig):
+    """The run's layout and precision, as its validation passes ran; checkpointing and accumulation only
+    act on training, and slabs start off at every level (:func:`plan_inference` turns them on when a whole
+    volume does not fit)."""
+    return replace(config.job.strategy.without_slabs(), checkpointing=False, accumulate=1)
+
+
+@dataclass(frozen=True)
+class PredictInput:
+    """One case to predict: its id (the mask's file name), its image (one file, or one 3D file per
+    channel), and the dataset folder it came from (its layout, modality names and label values), if any."""
+
+    case_id: str
+    image: Path | tuple[Path, ...]
+    index: DatasetIndex | None = None
+
+
+def expand_inputs(inputs: list[str], layout: str | None = None) -> list[PredictInput]:
+    """NIfTI files as given; a folder: a dataset's test cases in any layout (MSD: dataset.json's test list;
+    nnU-Net: imagesTs/; BraTS: case folders without a seg file, or in test/), or else every NIfTI file in
+    it (a folder without a dataset contributes its imagesTs/ when it has one). `layout` forces the folders'."""
+    found_all: list[PredictInput] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            detected = layout or detect_layout(item)
+            if layout is not None or (item / "dataset.json").exists() or detected != "msd":
+                index = load_dataset(item, layout)
+                found = [PredictInput(case.case_id, case.image, index) for case in index.test]
+                if not found:
+                    raise UserError(f"{item}: no test cases to predict in this {index.layout} dataset folder"
+                                    + (" (case folders without a seg file, or in test/)"
+                                       if index.layout.startswith("brats") else ""))
+            else:
+                folder = item / "imagesTs" if (item / "imagesTs").is_dir() else item
+                found = [PredictInput(case_id_from_path(p), p) for p in sorted(folder.iterdir())
+                         if p.name.endswith(NIFTI_SUFFIXES)]
+            if not found:
+                raise UserError(f"{item}: no NIfTI images to predict in this folder")
+            found_all.extend(found)
+        elif item.name.endswith(NIFTI_SUFFIXES):
+            if not item.exists():
+                raise UserError(f"{item}: no such file")
+            found_all.append(PredictInput(case_id_from_path(item), item))
+        else:
+            raise UserError(f"{item}: not a NIfTI file (.nii or .nii.gz) nor a folder")
+    seen: dict[str, PredictInput] = {}
+    names = {case.case_id for case in found_all}
+    for case in found_all:  # with --probabilities, case "a_prob"'s mask would be case "a"'s probabilities
+        if case.case_id.endswith("_prob") and case.case_id[:-5] in names:
+            raise UserError(f"two inputs are named {case.case_id[:-5]} and {case.case_id}: the second's mask would be "
+                            f"the first's {case.case_id}.nii.gz probabilities file (rename one)")
+    for case in found_all:  # one mask per case name: a second would silently replace the first
+        first = seen.setdefault(case.case_id, case)
+        if first is not case:
+            where = lambda c: c.image[0] if isinstance(c.image, tuple) else c.image  # noqa: E731
+            raise UserError(f"two inputs are named {case.case_id}: {where(first)} and {where(case)}; their masks "
+                            "would be one file (predict them into separate --out folders)")
+    return found_all
+
+
+def training_dataset(config: TrainConfig) -> DatasetIndex | None:
+    """The dataset the run trained on (its layout, modalities and label values), read from config.json's
+    data_dir; None when that folder is gone or unreadable (MSD Task01 conventions are assumed then)."""
+    try:
+        return load_dataset(Path(config.data_dir), getattr(config, "layout", None))
+    except (UserError, OSError):
+        return None
+
+
+def output_labels(labels: np.ndarray, target: str, trained: DatasetIndex | None,
+                  regions: dict[str, tuple[int, ...]], same_dataset: bool) -> np.ndarray:
+    """`labels_from_probabilities`' map in the output layout's values (`regions`: its WT/TC/ET).
+
+    wt: {0, 1} as is. regions: 1/2/3 (edema/core/enhancing) become the layout's values for those roles.
+    classes: class k is the training dataset's k-th label value, mapped by role into the output layout
+    unless it is the training dataset's own layout.
+    """
+    if target == "wt":
+        return labels
+    if target == "regions":
+        mapping = value_map(MSD_REGIONS, regions, range(4))
+    else:
+        values = sorted(trained.labels) if trained is not None else [0, 1, 2, 3]
+        train_regions = trained.regions if trained is not None else MSD_REGIONS
+        to_output = ({v: v for v in values} if same_dataset
+                     else value_map(train_regions, regions, values))
+        mapping = {k: to_output[v] for k, v in enumerate(values)}
+    if all(k == v for k, v in mapping.items()):
+        return labels
+    return apply_value_map(labels, mapping, "prediction")
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """How one volume is predicted: "whole" (one pass), "slabs" (one pass in slabs along H, exact: `slabs` is
+    the full-resolution count, or one count per level, full resolution first), "spatial" (one pass shared by
+    `spatial` processes, each computing its rows of every level, exact), or "sliding" (windows of `window`,
+    overlapping by :data:`SLIDING_WINDOW_OVERLAP`, Gaussian-blended); `need` is the dry run's inference peak
+    of that choice in bytes (one process's), `budget` the memory it had to fit, `reason` why it was chosen."""
+
+    mode: str
+    need: int
+    budget: int
+    reason: str
+    slabs: int | tuple[int, ...] = 1
+    window: tuple[int, int, int] | None = None
+    spatial: int = 1
+
+    @property
+    def slab_counts(self) -> tuple[int, ...]:
+        return strategy_with_slabs(Strategy(), self.slabs).slab_counts
+
+    def describe(self) -> str:
+        if self.mode == "whole":
+            how = "whole volumes in one pass"
+        elif self.mode == "slabs":
+            counts = self.slab_counts
+            how = ("whole volumes in one pass of " + (f"{counts[0]} slabs" if len(counts) == 1 else
+                   f"slabs {','.join(map(str, counts))} per level") + " (exact)")
+        elif self.mode == "spatial":
+            how = f"whole volumes shared by {self.spatial} processes, each its rows of every level (exact)"
+        else:
+            how = (f"sliding windows of {'x'.join(map(str, self.window))} "
+                   f"({SLIDING_WINDOW_OVERLAP:.0%} overlap, Gaussian-weighted)")
+        return f"{how}: {self.reason}"
+
+
+def strategy_with_slabs(strategy: Strategy, slabs: int | tuple[int, ...]) -> Strategy:
+    """`strategy` with `slabs`: a full-resolution count, or one count per level, full resolution first."""
+    counts = (slabs,) if isinstance(slabs, int) else tuple(slabs)
+    return replace(strategy, slabs=counts[0], coarse_slabs=counts[1:])
+
+
+def inference_need(config: TrainConfig, shape: tuple[int, int, int], device: torch.device,
+                   slabs: int | tuple[int, ...] = 1, spatial: int = 1) -> int:
+    """The dry run's peak of one inference forward of the run's network at `shape` (its precision and memory
+    format, `slabs` slabs at full resolution or per level, the output activation), in bytes; with `spatial`
+    = S, one of S processes sharing the volume."""
+    from fullres.run.export import activation_of
+    from fullres.cost.dryrun import dryrun_inference
+
+    job = JobConfig(model=config.job.model, shape=tuple(shape), batch=1,
+                    strategy=strategy_with_slabs(inference_strategy(config), slabs))
+    try:
+        return dryrun_inference(job, activation_of(config), device.type, spatial=spatial).peak_bytes
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def _smaller_window(window: tuple[int, ...], divisor: int, smallest: int) -> tuple[int, ...] | None:
+    """`window` with its largest axis halved (down to a multiple of the divisor, not below `smallest`);
+    None when no axis can shrink."""
+    order = sorted(range(3), key=lambda axis: -window[axis])
+    for axis in order:
+        size = max(smallest, window[axis] // 2 // divisor * divisor)
+        if size < window[axis]:
+            return tuple(size if i == axis else s for i, s in enumerate(window))
+    return None
+
+
+def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: torch.device,
+                   budget: int | None = None, spatial: int = 1) -> InferencePlan:
+    """Pick, in this order, the first way to predict a volume of `shape` whose dry-run inference peak fits
+    `budget` bytes (None: the memory available on `device` now): the whole volume in one pass; the whole
+    volume in 2, 4, 8, ... full-resolution slabs while more still lower the peak, then with every level in
+    slabs (:func:`fullres.cost.plan.slab_schedules`; networks with a slab schedule, normalised or not: the
+    same result up to summation order); sliding windows, the largest found by halving
+    the largest axis (multiples of the network's divisor, down to twice it), plus MONAI's full-volume
+    blending buffers. When nothing fits, the smallest window is used, and the reason says so.
+    `spatial` = S > 1: the volume shared by S processes (the "spatial" plan), refused with exit code 3 where
+    one process's share does not fit (the budget is then each local process's)."""
+    budget_source = "--memory" if budget is not None else "available"
+    budget = available_memory(device) if budget is None else int(budget)
+    shape = tuple(int(s) for s in shape)
+    model = config.job.model
+    have = f"{format_bytes(budget)} {budget_source}"
+    if spatial > 1:
+        from fullres.cost.plan import check_spatial
+
+        try:
+            check_spatial(JobConfig(model=model, shape=shape, batch=1, strategy=inference_strategy(config)), spatial)
+        except ValueError as error:
+            raise UserError(f"{error} ({'x'.join(map(str, shape))} volumes)") from None
+        need = inference_need(config, shape, device, spatial=spatial)
+        if need > budget:
+            raise UserError(f"--spatial {spatial}: one of {spatial} processes sharing a {'x'.join(map(str, shape))} "
+                            f"volume needs ~{format_bytes(need)}, more than {have} (dry run); start more processes, "
+                            "or predict without --spatial (slabs or sliding windows)", exit_code=3)
+        return InferencePlan("spatial", need, budget, f"each needs ~{format_bytes(need)} of {have} (dry run)",
+                             spatial=spatial)
+    whole = inference_need(config, shape, device)
+    if whole <= budget:
+        return InferencePlan("whole", whole, budget, f"needs ~{format_bytes(whole)} of {have} (dry run)")
+    why_not = f"a whole volume needs ~{format_bytes(whole)}, more than {have}"
+    if model_spec(model.architecture).slabs:
+        from fullres.cost.plan import slab_schedules
+
+        best, slabs = whole, 2
+        while slabs <= shape[0] // 2:
+            need = inference_need(config, shape, device, slabs)
+            if need <= budget:
+                return InferencePlan("slabs", need, budget, f"{why_not}; {slabs} slabs need ~{format_bytes(need)} "
+                                     "(dry run)", slabs=slabs)
+            if need >= best * 0.99:  # more slabs no longer lower the peak (the coarser levels hold it)
+                break
+            best, slabs = need, slabs * 2
+        for counts in slab_schedules(JobConfig(model=model, shape=shape, batch=1)):
+            if all(count == 1 for count in counts[1:]):  # full resolution only: tried above
+                continue
+            need = inference_need(config, shape, device, counts)
+            if need <= budget:
+                return InferencePlan("slabs", need, budget, f"{why_not}; slabs {','.join(map(str, counts))} per level "
+                                     f"need ~{format_bytes(need)} (dry run)", slabs=counts)
+            best = min(best, need)
+        why_not += f", and slabs ~{format_bytes(best)} at least"
+    divisor = spatial_divisor(model)
+    window, need = shape, whole
+    blending = (model.classes + 1) * 4 * int(np.prod(shape))  # MONAI's output and count maps, fp32
+    while True:
+        smaller = _smaller_window(window, divisor, min(2 * divisor, *shape))
+        if smaller is None:
+            return InferencePlan("sliding", need, budget, f"{why_not}; no window fits (the smallest, "
+                                 f"{'x'.join(map(str, window))}, needs ~{format_bytes(need)}): trying it anyway",
+                                 window=window)
+        window = smaller
+        need = inference_need(config, window, device) + blending + 4 * int(np.prod(window))
+        if need <= budget:
+            return InferencePlan("sliding", need, budget, f"{why_not}; windows need ~{format_bytes(need)} "
+                                 "(dry run, with the blending buffers)", window=window)
+
+
+def predict_volume(predictor: Predictor, image: np.ndarray, device: torch.device, whole: bool = True,
+                   plan: InferencePlan | None = None, engine=None, space=None) -> np.ndarray | None:
+    """Probabilities [K, H, W, D] for one preprocessed image [C, H, W, D], as `plan` says (without one:
+    `whole` volume in one pass, or sliding windows of the training shape): one pass, one pass in slabs, or
+    MONAI's sliding_window_inference (Gaussian-blended). `engine` (:class:`fullres.run.export.Engine`) runs an
+    exported model instead of the PyTorch one; its windows blend probabilities, PyTorch's logits.
+    A "spatial" plan: every process of `space` (:class:`fullres.engine.spatial.Space`) calls this at once with the
+    same image and computes its rows; the group's first process returns the whole volume, the others None."""
+    strategy = inference_strategy(predictor.config)
+    if plan is None:
+        plan = InferencePlan("whole" if whole else "sliding", 0, 0, "", window=None if whole else predictor.config.job.shape)
+    model = getattr(predictor.model, "module", predictor.model)
+
+    def forward(volume: torch.Tensor) -> torch.Tensor:
+        if engine is not None:
+            return torch.from_numpy(engine(volume.cpu().numpy()))
+        with autocast(strategy, device.type):
+            return primary_output(predictor.model(to_device(volume, device, strategy))).float()
+
+    x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device if engine is None else "cpu")
+    with torch.no_grad():
+        if plan.mode == "spatial":
+            from fullres.engine.spatial import local_rows
+
+            model.space = space
+            try:
+                output = forward(local_rows(x, space))
+            finally:
+                model.space = None
+        elif plan.mode in ("whole", "slabs"):
+            slabbed = plan.mode == "slabs" and any(count > 1 for count in plan.slab_counts)
+            if slabbed:
+                model.slabs = plan.slab_counts
+            try:
+                output = forward(x)
+            finally:
+                if slabbed:
+                    model.slabs = 1
+        else:
+            from monai.inferers import sliding_window_inference
+
+            output = sliding_window_inference(x, roi_size=plan.window, sw_batch_size=1, predictor=forward,
+                                              overlap=SLIDING_WINDOW_OVERLAP, mode="gaussian")
+    output = output[0].float()
+    if engine is not None:  # an exported model ends in the run's activation already
+        return output.cpu().numpy()
+    probabilities = torch.sigmoid(output) if predictor.config.data.target != "classes" else torch.softmax(output, 0)
+    if plan.mode == "spatial":
+        from fullres.engine.spatial import gather_rows
+
+        probabilities = gather_rows(probabilities[None], space)
+        return None if probabilities is None else probabilities[0].cpu().numpy()
+    return probabilities.cpu().numpy()
+
+
+def labels_from_probabilities(probabilities: np.ndarray, target: str, threshold: float = 0.5) -> np.ndarray:
+    """The label map to save. wt: {0, 1} whole tumour. regions (WT, TC, ET channels): BraTS's nesting
+    ET -> 3, TC without ET -> 2, WT without TC -> 1. classes: the most probable label."""
+    if target == "wt":
+        return (probabilities[0] > threshold).astype(np.uint8)
+    if target == "regions":
+        wt, tc, et = (probabilities > threshold)
+        labels = np.zeros(wt.shape, np.uint8)
+        labels[wt] = 1
+        labels[wt & tc] = 2
+        labels[wt & tc & et] = 3
+        return labels
+    return probabilities.argmax(0).astype(np.uint8)
+
+
+def output_paths(out: Path, cases: list[PredictInput], probabilities: bool) -> list[Path]:
+    """Every file `predict_files` writes in `out`: each case's mask (and probabilities), then prediction.json."""
+    names = [f"{case.case_id}.nii.gz" for case in cases]
+    names += [f"{case.case_id}_prob.nii.gz" for case in cases] if probabilities else []
+    return [out / name for name in names] + [out / "prediction.json"]
+
+
+def check_output_folder(out: Path, cases: list[PredictInput], inputs: list[str], probabilities: bool,
+                        overwrite: bool, run_dir: Path | None = None) -> None:
+    """Refuse, before any work, an `out` that would lose a file: a file in its place, a folder holding any
+    input or the run (`run_dir`: the run folder, or the checkpoint file given) (never, even with
+    `overwrite`), an output path that is a device, FIFO or socket, or masks already there that an earlier
+    `predict` did not write (its prediction.json lists its own) unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for the masks")
+    if not out.is_dir():
+        return
+    here = out.resolve()
+    for case in cases:
+        for path in (case.image if isinstance(case.image, tuple) else (case.image,)):
+            if Path(path).resolve().parent == here:
+                raise UserError(f"--out {out} holds the input {path}: write the masks to another folder")
+    for item in map(Path, inputs):
+        if item.is_dir() and item.resolve() == here:
+            raise UserError(f"--out {out} is the input folder {item}: write the masks to another folder")
+    holder = None if run_dir is None else run_dir.resolve() if run_dir.is_dir() else run_dir.resolve().parent
+    if holder == here:
+        raise UserError(f"--out {out} holds the run's checkpoint {run_dir}: write the masks to another folder")
+    paths = output_paths(out, cases, probabilities)
+    for path in paths:
+        refuse_special(path, f"--out {out}:")
+    if overwrite:
+        return
+    own: set[str] = set()
+    try:  # what an earlier predict wrote here may be replaced
+        info = json.loads((out / "prediction.json").read_text())
+        listed = [str(name) for name in info.get("cases", [])]
+        own = {"prediction.json", *listed, *(name.replace(".nii.gz", "_prob.nii.gz") for name in listed)}
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+        pass
+    for path in paths:
+        if (path.exists() or path.is_symlink()) and path.name not in own:
+            raise UserError(f"--out {out}: {path.name} exists and was not written by fullres predict; "
+                            "choose another folder, or --overwrite")
+
+
+def load_input(case: PredictInput, config: TrainConfig, trained: DatasetIndex | None):
+    """One case read and preprocessed as the run expects: (image, crop box, source image). Raises UserError
+    naming the file when it is unreadable, has the wrong channels or non-finite voxels, or a shape the
+    network cannot take."""
+    data = config.data
+    if case.index is not None and trained is not None and case.index.modalities != trained.modalities:
+        data = replace(data, channels=match_channels(trained.modalities, data.channels, case.index.modalities))
+    image, box, source = load_case_image(case.image, data, case_id=case.case_id)
+    if not np.isfinite(image).all():  # a NaN would silently become an empty mask: count them in the file
+        for path in (case.image if isinstance(case.image, tuple) else (case.image,)):
+            raw = np.asanyarray(nib.load(path).dataobj)
+            bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+            if bad:
+                raise UserError(f"{path}: {bad} voxels are NaN or infinite; fix the image (fullres predicts no "
+                                "mask from them)")
+    check_divisible(config.job.model, image.shape[1:])
+    return image, box, source
+
+
+def case_source(case: PredictInput, trained: DatasetIndex | None) -> tuple[DatasetIndex | None, dict]:
+    """The dataset whose layout names and values `case`'s mask (its own folder's, else the training one's) and
+    that layout's WT / TC / ET label values (MSD's without either)."""
+    source_index = case.index or trained
+    return source_index, source_index.regions if source_index is not None else dict(MSD_REGIONS)
+
+
+def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device: torch.device,
+                  probabilities: bool = False, progress: bool = True, log=print, layout: str | None = None,
+                  overwrite: bool = False, engine: str = "torch", engine_file: Path | None = None,
+                  memory: int | None = None, process: Process = Process(), spatial: int = 1,
+                  trust_code: bool = False) -> list[Path]:
+    """Predict every input, writing OUT/<case>.nii.gz (and OUT/<case>_prob.nii.gz). Returns the mask paths.
+
+    Nothing is written until every input has been read and checked (readable, the run's channels, finite,
+    a shape the network takes), and each file is written atomically; `out` must not hold an input, and a
+    file there that an earlier predict did not write is replaced only with `overwrite`.
+    A dataset folder's cases are named and valued in its own layout (BraTS 2021: BraTS2021_XXXXX.nii.gz with
+    0/1/2/4); loose files in the training dataset's layout. Channels are matched by modality name.
+    `engine` "torch" runs the network in PyTorch, planned by :func:`plan_inference` to fit `memory` bytes
+    (None: what is available); "onnx" / "openvino" run `engine_file` (default: the run's own export, where
+    `fullres export` writes it) on the CPU, whole volumes. `trust_code`: the user's --trust-code, to build
+    a network that is code the run names (:mod:`fullres.run.trust`).
+    Under torchrun (`process` in a started process group), every process calls this alike: the processes form
+    data groups of `spatial` (S) processes, each group predicts its share of the cases, and each case's
+    volume is shared by its group's S processes (:func:`fullres.engine.spatial.forward_shards`, exact); the group's
+    first process writes its masks, rank 0 prediction.json.
+    """
+    from tqdm import tqdm
+
+    from fullres.cost.plan import refuse_process_count
+
+    if spatial > 1 and engine != "torch":
+        raise UserError(f"--spatial {spatial} runs the PyTorch network (--engine torch), not {engine}")
+    refuse_process_count(spatial, process.world)
+    cases = expand_inputs(inputs, layout)  # check every input before the first (long) prediction
+    check_output_folder(out, cases, inputs, probabilities, overwrite, Path(run_or_checkpoint))
+    predictor = load_predictor(run_or_checkpoint, device, trust_code)
+    config = predictor.config
+    trained = training_dataset(config)
+    # every input readable and usable before the first mask is written
+    shapes = [tuple(load_input(case, config, trained)[0].shape[1:]) for case in cases]
+    runner = None
+    if engine != "torch":
+        from fullres.run.export import default_engine_file, open_engine
+
+        engine_file = Path(engine_file) if engine_file is not None else default_engine_file(run_or_checkpoint, engine)
+        runner = open_engine(engine, engine_file, config, predictor.checkpoint)
+    elif engine_file is not None:
+        raise UserError("--engine-file needs --engine onnx or openvino")
+    plans: dict[tuple, InferencePlan] = {}
+    for shape in shapes:  # every shape planned (and a plan that cannot fit refused) before the first mask
+        if shape in plans:
+            continue
+        if runner is not None:
+            plans[shape] = InferencePlan("whole", 0, 0, f"{engine} engine ({engine_file}), on the CPU")
+        else:
+            plans[shape] = plan_inference(config, shape, device, memory, spatial)
+        if process.main and len(plans) == 1:
+            log(f"predicting {len(cases)} case(s) with {predictor.checkpoint} as {plans[shape].describe()}")
+        elif process.main:
+            log(f"{'x'.join(map(str, shape))} volumes: {plans[shape].describe()}")
+    space, data_rank, data_size = None, process.rank, process.world
+    if process.world > 1:
+        from fullres.engine.spatial import mesh, space_of
+
+        dist.barrier()  # every process has checked the inputs and the folder before any writes into it
+        if spatial > 1:
+            device_mesh = mesh(spatial, device.type)
+            space = space_of(device_mesh, 0)
+            data_rank, data_size = device_mesh.get_local_rank("data"), device_mesh.size(0)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for case in tqdm(cases[data_rank::data_size], desc="predict", disable=not (progress and process.main)):
+        source_index, regions = case_source(case, trained)
+        image, box, source = load_input(case, config, trained)
+        shape = tuple(image.shape[1:])
+        case_space = None if space is None else replace(space, height=shape[0])
+        probs = predict_volume(predictor, image, device, plan=plans[shape], engine=runner, space=case_space)
+        if probs is None:  # another process of the group writes this case
+            continue
+        same = trained is not None and source_index is not None and source_index.root == trained.root
+        labels = output_labels(labels_from_probabilities(probs, config.data.target), config.data.target, trained,
+                               regions, same or source_index is None)
+        labels = uncrop(labels, box)
+        mask_path = out / f"{case.case_id}.nii.gz"
+        write_nifti(mask_path, labels, source.affine, source.header)
+        if probabilities:
+            restored = np.stack([uncrop(p, box) for p in probs], axis=-1).astype(np.float32)
+            write_nifti(out / f"{case.case_id}_prob.nii.gz", restored if restored.shape[-1] > 1 else restored[..., 0],
+                        source.affine, source.header)
+    if process.world > 1:
+        dist.barrier()  # every mask is written before prediction.json lists them
+    layouts, region_sets = set(), []
+    for case in cases:
+        source_index, regions = case_source(case, trained)
+        layouts.add(source_index.layout if source_index is not None else "msd")
+        if regions not in region_sets:
+            region_sets.append(regions)
+    written = output_paths(out, cases, probabilities=False)[:-1]  # the masks, every group's
+    info = {"checkpoint": str(predictor.checkpoint), "target": config.data.target, "engine": engine,
+            "versions": versions(),
+            "cases": [p.name for p in written],
+            "layout": layouts.pop() if len(layouts) == 1 else "mixed"}
+    if len(region_sets) == 1:  # the label values of the masks' (and their truths') WT / TC / ET, for `evaluate`
+        info["regions"] = {name: list(values) for name, values in region_sets[0].items()}
+    if process.main:
+        write_json(out / "prediction.json", info)
+    return written
