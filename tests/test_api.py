@@ -45,10 +45,10 @@ def test_an_instances_runtime_term_is_measured_in_process_and_cached(monkeypatch
     first = fullres.estimate(net, SHAPE)
     # what this process needs beyond the tensors (0 in a process that has already run such steps)
     assert first.breakdown["runtime"] >= 0 and first.modelled == ()
-    monkeypatch.setattr(measure, "_reset_hwm", lambda: (_ for _ in ()).throw(AssertionError("measured again")))
+    monkeypatch.setattr(measure, "reset_hwm", lambda: (_ for _ in ()).throw(AssertionError("measured again")))
     assert fullres.estimate(small_net(), SHAPE).breakdown["runtime"] == first.breakdown["runtime"]  # cached
     wider = nn.Sequential(nn.Conv3d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 2, 1))
-    monkeypatch.setattr(measure, "_reset_hwm", lambda: False)  # a process whose peak cannot be read
+    monkeypatch.setattr(measure, "reset_hwm", lambda: False)  # a process whose peak cannot be read
     assert fullres.estimate(wider, SHAPE).modelled == (
         "runtime (this process's peak could not be read: a modelled constant)",)
     assert api.CALIBRATION_VERSION >= 1

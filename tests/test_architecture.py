@@ -1,5 +1,7 @@
-"""The package's layering: no import cycles (counting imports inside functions), one construction site
-per extension point, and `fullres estimate` byte-identical to the recorded answers on six jobs."""
+"""The package's layering: packages on floors that no import climbs, no import cycles (counting imports
+inside functions), no private name crossing a module, no fullres import inside a function outside the
+documented places, one construction site per extension point, and `fullres estimate` byte-identical to the
+recorded answers on six jobs."""
 
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ PACKAGE = Path(fullres.__file__).parent
 GOLDEN = Path(__file__).parent / "data" / "estimate_golden.json"
 
 
-def modules() -> dict[str, Path]:
+def modules(package: Path = PACKAGE) -> dict[str, Path]:
     found = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
         found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
@@ -79,6 +81,85 @@ def test_cycle_finder_finds_a_function_level_cycle(tmp_path):
     known = {"a", "b"}
     graph = {"a": imports_of(tmp_path / "a.py", "a", known), "b": imports_of(tmp_path / "b.py", "b", known)}
     assert find_cycle(graph) == ["a", "b", "a"]
+
+
+# The floors, lowest first: a package may import its own modules and those of any lower floor, never one on
+# its own floor or above. "base" is the package's root modules (errors, units, files, schema, presets).
+FLOORS = ("base", "data kernels engine", "nets", "job", "cost", "evaluate", "run", "bench nnunet api", "cli")
+FLOOR = {package: level for level, names in enumerate(FLOORS) for package in names.split()}
+# Where a fullres import inside a function is the design: the package's face loads its API on first use,
+# and each command imports the stages it runs inside its run(), so that parsing (and --help) stays light.
+LAZY = {"fullres": "the public API is loaded on first use", "fullres.cli": "commands import their stages in run()"}
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    if module == "fullres.__main__":
+        return "cli"
+    if module == "fullres.api":
+        return "api"
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in FLOOR) else "base"
+
+
+def function_level_imports(path: Path) -> list[str]:
+    """The fullres imports inside functions of `path` (as source text)."""
+    found = []
+    for function in ast.walk(ast.parse(path.read_text())):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fullres") or \
+                        isinstance(node, ast.Import) and any(alias.name.startswith("fullres") for alias in node.names):
+                    found.append(ast.unparse(node))
+    return found
+
+
+def layering_violations(package: Path = PACKAGE) -> list[str]:
+    """Every import that climbs a floor or crosses to another package on the same floor, every private name
+    imported from another module, and every fullres import inside a function outside :data:`LAZY`."""
+    found = modules(package)
+    root = package.name
+    problems = []
+    for name, path in sorted(found.items()):
+        lazy = name in LAZY or any(name.startswith(place + ".") for place in LAZY if place != root)
+        here = package_of(name)
+        for imported in sorted(imports_of(path, name, set(found))):
+            there = package_of(imported)
+            if there != here and FLOOR[there] >= FLOOR[here] and not (lazy and name == root):
+                problems.append(f"{name} imports {imported}: {there} is not below {here}")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(root):
+                private = [alias.name for alias in node.names if alias.name.startswith("_")
+                           and not alias.name.startswith("__")]
+                if private:
+                    problems.append(f"{name} imports private {', '.join(private)} from {node.module}")
+        if not lazy:
+            problems += [f"{name} imports inside a function: {line}" for line in function_level_imports(path)]
+    return problems
+
+
+def test_no_import_runs_back_up_a_floor():
+    assert {package_of(name) for name in modules()} == set(FLOOR)  # every package has a floor, every floor a package
+    assert layering_violations() == []
+
+
+def test_the_floor_check_fails_on_planted_violations(tmp_path):
+    package = tmp_path / "fullres"
+    for folder in ("engine", "run", "cost", "cli"):
+        (package / folder).mkdir(parents=True)
+        (package / folder / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "errors.py").write_text("")
+    (package / "run" / "train.py").write_text("def _helper():\n    pass\n")
+    (package / "engine" / "slabs.py").write_text("from fullres.run import train\n")  # climbs from engine to run
+    (package / "cost" / "plan.py").write_text("from fullres.run.train import _helper\n"  # climbs, and private
+                                               "def f():\n    from fullres.errors import x\n")  # inside a function
+    (package / "cli" / "main.py").write_text("def run():\n    from fullres.run import train\n")  # documented
+    assert layering_violations(package) == [
+        "fullres.cost.plan imports fullres.run.train: run is not below cost",
+        "fullres.cost.plan imports private _helper from fullres.run.train",
+        "fullres.cost.plan imports inside a function: from fullres.errors import x",
+        "fullres.engine.slabs imports fullres.run.train: run is not below engine",
+    ]
 
 
 def calls_to(names: set[str]) -> dict[str, list[str]]:
@@ -174,7 +255,7 @@ def test_strategy_fields_are_the_job_flags():
     """A Strategy field is a flag of every job command, with its metadata's help."""
     from dataclasses import fields
 
-    from fullres.cli import build_parser
+    from fullres.cli.main import build_parser
     from fullres.job.config import Strategy
 
     parser = build_parser()
@@ -201,7 +282,7 @@ def test_a_metric_added_to_the_registry_reaches_the_case_table_and_the_csv(monke
 
 
 def test_the_loss_registry_is_the_train_commands_choices():
-    from fullres.cli import build_parser
+    from fullres.cli.main import build_parser
     from fullres.engine.losses import LOSSES
 
     train = build_parser()._subparsers._group_actions[0].choices["train"]

@@ -17,6 +17,7 @@ from torch import nn
 from fullres.evaluate import figures
 from fullres.cost import flops, timing
 from fullres.bench import speed
+from fullres.cost import steptime
 from fullres.cost.steptime import Variant
 from fullres.job.config import JobConfig, Strategy
 from fullres.data.msd import split_cases
@@ -107,7 +108,7 @@ def refuse_compile(model, *args, **kwargs):
 
 @pytest.fixture(scope="module")
 def bench_result():
-    variants = [v for v in speed.default_variants("cpu") if v.name in ("stock_fp32", "plain_fp32", "bf16_cl")]
+    variants = [v for v in steptime.default_variants("cpu") if v.name in ("stock_fp32", "plain_fp32", "bf16_cl")]
     variants.append(Variant("compiled_fp32_cl", "fp32", channels_last=True, compiled=True))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "compile", refuse_compile)
@@ -153,19 +154,19 @@ def test_speedups_are_ratios_of_the_step_times(bench_result):
 
 
 def test_default_variants_and_selection():
-    names = [v.name for v in speed.default_variants("cpu")]
+    names = [v.name for v in steptime.default_variants("cpu")]
     assert names == ["stock_fp32", "plain_fp32", "fp32_cl", "bf16", "bf16_cl", "compiled_fp32_cl", "compiled_bf16_cl"]
-    stock, plain = speed.default_variants("cpu")[:2]
+    stock, plain = steptime.default_variants("cpu")[:2]
     assert not stock.onednn and plain.onednn and stock.precision == plain.precision == "fp32"
-    assert "stock_fp32" not in [v.name for v in speed.default_variants("cuda")]
-    assert [v.name for v in speed.select_variants(["bf16", "plain_fp32"])] == ["bf16", "plain_fp32"]
+    assert "stock_fp32" not in [v.name for v in steptime.default_variants("cuda")]
+    assert [v.name for v in steptime.select_variants(["bf16", "plain_fp32"])] == ["bf16", "plain_fp32"]
     with pytest.raises(UserError, match="unknown variant"):
-        speed.select_variants(["fp64"])
+        steptime.select_variants(["fp64"])
 
 
 def test_onednn_flag_is_restored():
     before = torch.backends.mkldnn.enabled
-    with speed.variant_context(Variant("x", onednn=not before, threads=1), torch.device("cpu")):
+    with steptime.variant_context(Variant("x", onednn=not before, threads=1), torch.device("cpu")):
         assert torch.backends.mkldnn.enabled is (not before)
         assert torch.get_num_threads() == 1
     assert torch.backends.mkldnn.enabled is before
@@ -255,7 +256,7 @@ def test_real_calibration_of_a_tiny_job(tmp_path):
 
 
 def test_matmul_peak_is_measured():
-    assert speed.matmul_peak_tflops("fp32", size=64, repeats=1) > 0
+    assert steptime.matmul_peak_tflops("fp32", size=64, repeats=1) > 0
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -269,8 +270,8 @@ def test_matmul_peak_on_cpu_is_the_faster_of_torch_mm_and_onednn(monkeypatch):
 
     monkeypatch.setattr(torch, "mm", slow_mm)
     slow_rate = 2 * 64**3 / 0.05 / 1e12
-    assert speed.matmul_peak_tflops("fp32", size=64, repeats=1) > 5 * slow_rate
+    assert steptime.matmul_peak_tflops("fp32", size=64, repeats=1) > 5 * slow_rate
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # oneDNN off: torch.mm alone
-    assert speed.matmul_peak_tflops("fp32", size=64, repeats=1) < slow_rate
+    assert steptime.matmul_peak_tflops("fp32", size=64, repeats=1) < slow_rate
     with pytest.raises(ValueError):
-        speed.matmul_peak_tflops("fp64", size=64)
+        steptime.matmul_peak_tflops("fp64", size=64)

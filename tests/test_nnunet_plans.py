@@ -330,7 +330,7 @@ def test_the_loss_modelled_has_the_peak_of_nnunets_own(source):
 def test_the_command_looks_up_the_dataset_and_prints_json(source, nnunet_env, monkeypatch, capsys):
     import argparse
 
-    from fullres import nnunet_cli
+    from fullres.cli import nnunet as nnunet_cli
 
     monkeypatch.setenv("nnUNet_preprocessed", nnunet_env["nnUNet_preprocessed"])
     parser = argparse.ArgumentParser(prog="fullres")

@@ -326,7 +326,8 @@ def test_profile_measures_each_process_sharing_a_sample():
     each rank's rows, its dry run (that process's shard) and its measured peak."""
     import json
 
-    from fullres.cli import build_parser, job_from_args
+    from fullres.cli.main import build_parser
+    from fullres.cli.options import job_from_args
     from fullres.cost.dryrun import dryrun
 
     flags = ["--shape", "32", "16", "16", "--filters", "2", "--batch", "1", "--norm", "instance", "--device", "cpu"]

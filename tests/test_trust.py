@@ -214,12 +214,12 @@ def test_warnings_are_shown_after_success_and_dropped_on_a_refusal(tmp_path, cli
 
 
 def test_an_unexpected_failure_is_one_line(cli, monkeypatch):
-    from fullres import cli as commands
+    from fullres.cli import check
 
     def broken(args):
         raise RuntimeError("something no check foresaw\nsecond line")
 
-    monkeypatch.setattr(commands, "cmd_check", broken)
+    monkeypatch.setattr(check, "run", broken)
     code, _, err = cli("check", ".")
     assert code == 1 and err == ("fullres check: error: RuntimeError: something no check foresaw (unexpected; "
                                  "FULLRES_TRACEBACK=1 shows where)\n")

@@ -29,11 +29,25 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fullres.job.config import JobConfig, Strategy
-from fullres.errors import UserError, first_line
+from fullres.cost import runtime
+from fullres.cost.dryrun import dryrun
+from fullres.cost.measure import make_batch, reset_hwm, rss_bytes
+from fullres.cost.plan import largest_fitting
+from fullres.cost.runtime import measured_runtime_bytes, runtime_job
 from fullres.engine.losses import LOSSES, primary_output
-from fullres.nets.registry import MODELS, model_spec, register_model
-from fullres.nets.registry import ModelConfig, ModelSpec
+from fullres.errors import UserError, first_line
+from fullres.files import cache_lookup, cache_store, user_cache_dir
+from fullres.job.config import JobConfig, Strategy
+from fullres.job.step import build_training, prepare_model, train_step
+from fullres.nets.registry import (
+    MODELS,
+    ModelConfig,
+    ModelSpec,
+    build_on_meta,
+    model_spec,
+    register_model,
+    spatial_divisor,
+)
 from fullres.units import parse_size
 
 LossLike = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -108,9 +122,6 @@ def plan(model: nn.Module | Callable[..., nn.Module] | str, input_shape: tuple[i
     strategy = _strategy(strategy)
     optimizer = _optimizer(optimizer)
     with _as_job(model, in_channels, shape, 1, classes, strategy, model_args) as (job, registered):
-        from fullres.cost.plan import largest_fitting
-        from fullres.nets.registry import spatial_divisor
-
         def at(batch: int, at_shape=shape) -> Estimate:
             return _estimate(replace(job, batch=batch, shape=at_shape), registered, loss, optimizer, device)
 
@@ -135,8 +146,6 @@ def checkpointed(model: nn.Module, strategy: Strategy | dict | None = None) -> n
     """`model` (changed in place and returned) with the strategy's training-time wrappers fullres applies
     (:func:`fullres.job.step.prepare_model`): by default activation checkpointing of its blocks, each block's
     activations recomputed in backward instead of kept. Gradients are unchanged."""
-    from fullres.job.step import prepare_model
-
     chosen = _strategy(strategy) if strategy is not None else Strategy(checkpointing=True)
     return prepare_model(model, chosen)
 
@@ -180,9 +189,6 @@ def _loss(loss):
 
 
 def _estimate(job: JobConfig, registered: bool, loss, optimizer, device: str) -> Estimate:
-    from fullres.cost.dryrun import dryrun
-    from fullres.cost.runtime import measured_runtime_bytes
-
     loss = _loss(loss)
     cpu = torch.device(device).type == "cpu"
     modelled: tuple[str, ...] = ()
@@ -222,12 +228,6 @@ def calibrated_runtime(job: JobConfig, loss, optimizer) -> int | None:
     import json
     import socket
 
-    from fullres.files import cache_lookup, cache_store, user_cache_dir
-    from fullres.cost.dryrun import dryrun
-    from fullres.cost.measure import _reset_hwm, _rss_bytes, make_batch
-    from fullres.cost.runtime import runtime_job
-    from fullres.nets.registry import build_on_meta
-    from fullres.job.step import build_training, train_step
 
     small = runtime_job(job)
     try:
@@ -247,8 +247,8 @@ def calibrated_runtime(job: JobConfig, loss, optimizer) -> int | None:
         tensors = dryrun(small, loss=loss, optimizer=optimizer, runtime=0, allocator="default").peak_bytes
     except ValueError:  # the network does not take the calibration size: the modelled constant
         return None
-    baseline, _ = _rss_bytes()
-    if not _reset_hwm():
+    baseline, _ = rss_bytes()
+    if not reset_hwm():
         return None
     training = build_training(small, "cpu", optimizer=None if optimizer == "adam" else optimizer)
     for parameter in training.model.parameters():  # the copy's storage is uninitialised: make it finite
@@ -260,7 +260,7 @@ def calibrated_runtime(job: JobConfig, loss, optimizer) -> int | None:
                        loss if callable(loss) else LOSSES[loss], small.strategy, training.scaler)
     except Exception:  # noqa: BLE001 - the network refusing the calibration size: the modelled constant
         return None
-    _, peak = _rss_bytes()
+    _, peak = rss_bytes()
     del training, images, targets
     term = max(0, peak - baseline - tensors)
     cache_store(path, key, {"runtime_bytes": term, "measured_bytes": peak - baseline})
@@ -302,7 +302,6 @@ class _as_job:
     def __exit__(self, *exc) -> None:
         if self.name is not None:
             MODELS.pop(self.name, None)
-            from fullres.cost import runtime
 
             runtime._tensor_bytes.cache_clear()  # keyed by the job: a later instance may reuse the name
 

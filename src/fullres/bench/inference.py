@@ -21,8 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fullres.job.config import JobConfig
+from fullres.cost.steptime import cpu_model
 from fullres.errors import UserError
+from fullres.job.config import JobConfig
+from fullres.job.step import autocast, prepare_model, to_device
+from fullres.kernels.device import fast_bf16
+from fullres.nets.registry import build_model
+from fullres.run.export import TOLERANCE, WithActivation, convert_openvino, export_onnx, open_onnx, open_openvino
 
 INFERENCE_ENGINES = ("torch-fp32", "torch-bf16", "onnxruntime", "openvino")
 
@@ -30,12 +35,6 @@ INFERENCE_ENGINES = ("torch-fp32", "torch-bf16", "onnxruntime", "openvino")
 def run_inference_bench(job: JobConfig, engines: tuple[str, ...] | None = None, warmup: int = 1, repeats: int = 3,
                         activation: str = "sigmoid") -> dict:
     """Median seconds of one forward at batch 1 of `job`'s network (random weights) through each engine."""
-    from fullres.cost.steptime import cpu_model
-    from fullres.kernels.device import fast_bf16
-    from fullres.run.export import (TOLERANCE, WithActivation, _convert_openvino, _export_onnx, _open_onnx, _open_openvino)
-    from fullres.nets.registry import build_model
-    from fullres.job.step import autocast, prepare_model, to_device
-
     if engines is None:
         engines = tuple(e for e in INFERENCE_ENGINES if e != "torch-bf16" or fast_bf16(torch.device("cpu")))
     unknown = [e for e in engines if e not in INFERENCE_ENGINES]
@@ -64,13 +63,13 @@ def run_inference_bench(job: JobConfig, engines: tuple[str, ...] | None = None, 
     with torch.no_grad():
         reference = module(x).numpy()
     if "onnxruntime" in engines or "openvino" in engines:
-        _export_onnx(module, job.shape, False, folder / "model.onnx", metadata)
+        export_onnx(module, job.shape, False, folder / "model.onnx", metadata)
     if "onnxruntime" in engines:
-        engine = _open_onnx(folder / "model.onnx")
+        engine = open_onnx(folder / "model.onnx")
         runners["onnxruntime"] = lambda engine=engine: engine(x.numpy())
     if "openvino" in engines:
-        _convert_openvino(folder / "model.onnx", folder / "model.xml", metadata)
-        engine = _open_openvino(folder / "model.xml")
+        convert_openvino(folder / "model.onnx", folder / "model.xml", metadata)
+        engine = open_openvino(folder / "model.xml")
         runners["openvino"] = lambda engine=engine: engine(x.numpy())
     order = [e for e in INFERENCE_ENGINES if e in engines]
     times: dict[str, list[float]] = {e: [] for e in order}

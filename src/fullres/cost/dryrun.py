@@ -65,20 +65,24 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
-from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
-                                           UnsupportedOperatorException)
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    UnsupportedOperatorException,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fullres.kernels import device as fullres_device  # its avx512(): one switch for the model and this estimate
-from fullres.job.config import JobConfig
 from fullres.engine.losses import LOSSES
+from fullres.engine.spatial import simulated
+from fullres.job.config import JobConfig
+from fullres.job.step import autocast, build_training, prepare_model, to_device, train_step
+from fullres.kernels import device as fullres_device  # its avx512(): one switch for the model and this estimate
 from fullres.kernels.cuda_allocator import CachingAllocatorModel, round_size
 from fullres.kernels.malloc import policy_for
-from fullres.nets.registry import build_model
 from fullres.kernels.onednn import select_conv_backend
-from fullres.job.step import build_training, train_step
+from fullres.nets.registry import build_model
 
 aten = torch.ops.aten
 
@@ -684,8 +688,6 @@ def dryrun(job: JobConfig, loss: str | Callable = "dice", optimizer: str | Calla
         training = build_training(job, device, model=model, optimizer=None if optimizer == "adam" else optimizer)
         rows = job.shape[0]
         if spatial > 1:
-            from fullres.engine.spatial import simulated
-
             model.space = simulated(job.shape[0], spatial, spatial_index)
             lo, hi = model.space.rows(0)
             rows = hi - lo
@@ -804,7 +806,6 @@ def dryrun_inference(job: JobConfig, activation: str = "sigmoid", device: str = 
     (``predict --spatial``), its rows of the input and of every level with their halos (as :func:`dryrun`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fullres.job.step import autocast, prepare_model, to_device
 
     started = time.perf_counter()
     on_cuda = torch.device(device).type == "cuda"
@@ -818,8 +819,6 @@ def dryrun_inference(job: JobConfig, activation: str = "sigmoid", device: str = 
         prepare_model(model.eval(), strategy)
         rows = job.shape[0]
         if spatial > 1:
-            from fullres.engine.spatial import simulated
-
             model.space = simulated(job.shape[0], spatial)
             lo, hi = model.space.rows(0)
             rows = hi - lo

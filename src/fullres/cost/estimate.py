@@ -14,12 +14,13 @@ from typing import Callable
 
 import torch
 
-from fullres.job.config import JobConfig
-from fullres.errors import UserError
 from fullres.cost import runtime
 from fullres.cost.dryrun import DryRunResult, dryrun
-from fullres.cost.measure import measure_peak
+from fullres.cost.measure import measure_peak, measure_spatial_peaks
 from fullres.cost.table1 import table1
+from fullres.errors import UserError
+from fullres.job.config import JobConfig
+from fullres.kernels.malloc import prepare_pool_for
 
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -68,8 +69,6 @@ def profile(job: JobConfig, loss: str = "dice", device: str = "cpu", steps: int 
     """Estimate (dry run) and measurement (real steps in a fresh process) of one job on `device`:
     ``{"measured_bytes", "estimated_bytes", "error"}`` with ``error = (estimated - measured) / measured``,
     the device, the caching allocator's reserved bytes (CUDA; None on CPU) and each step's seconds."""
-    from fullres.kernels.malloc import prepare_pool_for
-
     prepare_pool_for(job.strategy, device)  # the measured child runs under it: the dry run must know if it can
     estimated = dryrun_estimate(job, device, loss).peak_bytes
     peak = measure_peak(job, steps=steps, loss=loss, device=device)
@@ -82,9 +81,6 @@ def profile_spatial(job: JobConfig, spatial: int, loss: str = "dice", steps: int
     """:func:`profile` of each of `spatial` CPU processes sharing every sample (``train --spatial S``): per
     rank, its rows, the dry run of that process (its shard, halos included) and its measured peak, from
     S fresh processes run together (:func:`fullres.cost.measure.measure_spatial_peaks`)."""
-    from fullres.kernels.malloc import prepare_pool_for
-    from fullres.cost.measure import measure_spatial_peaks
-
     prepare_pool_for(job.strategy, "cpu")
     estimates = [dryrun_estimate(job, "cpu", loss, spatial=spatial, spatial_index=k).peak_bytes
                  for k in range(spatial)]

@@ -26,8 +26,13 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, replace
 
-from fullres.job.config import JobConfig
 from fullres.engine.losses import LOSSES
+from fullres.engine.spatial import local_rows, mesh, reduce_gradients, space_of, sums_over
+from fullres.job.config import JobConfig
+from fullres.job.step import build_training, train_step
+from fullres.kernels import cpu_pool
+from fullres.kernels.device import physical_cores
+from fullres.kernels.malloc import set_training_malloc_policy
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,6 @@ def measure_spatial_peaks(job: JobConfig, spatial: int, steps: int = 2, loss: st
     each reports its rows in ``extra["rows"]``. `threads`: per process (default: the physical cores shared)."""
     import socket
 
-    from fullres.kernels.device import physical_cores
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -115,7 +119,7 @@ def measure_spatial_peaks(job: JobConfig, spatial: int, steps: int = 2, loss: st
 # the child
 # ------------------------------------------------------------------------------------------------
 
-def _rss_bytes() -> tuple[int, int]:
+def rss_bytes() -> tuple[int, int]:
     """(current RSS, peak RSS) of this process in bytes."""
     try:
         with open("/proc/self/status") as status:
@@ -139,7 +143,7 @@ def _rss_parts() -> dict:
         return {}
 
 
-def _reset_hwm() -> bool:
+def reset_hwm() -> bool:
     """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs). True when it worked."""
     try:
         with open("/proc/self/clear_refs", "w") as refs:
@@ -167,9 +171,6 @@ def _child(request: dict) -> dict:
 
     import torch
 
-    from fullres.kernels.malloc import set_training_malloc_policy
-    from fullres.job.step import build_training, train_step  # imported before the baseline, like all the step needs
-    from fullres.engine.spatial import sums_over
 
     if request.get("threads"):
         torch.set_num_threads(int(request["threads"]))
@@ -180,14 +181,13 @@ def _child(request: dict) -> dict:
     malloc_policy = set_training_malloc_policy(job.strategy, device=device.type,  # as `fullres train` runs it
                                                build=request.get("build_pool", True))
     cuda = device.type == "cuda"
-    baseline, _ = _rss_bytes()
+    baseline, _ = rss_bytes()
     parts_before = _rss_parts()
-    hwm_reset = _reset_hwm()  # import transients must not count
+    hwm_reset = reset_hwm()  # import transients must not count
     spatial, space, extra = int(request.get("spatial", 1)), None, {}
     if spatial > 1:  # one of `spatial` processes sharing the sample: the group's transport is set up first
         import torch.distributed as dist
 
-        from fullres.engine.spatial import local_rows, mesh, reduce_gradients, space_of
 
         dist.init_process_group("gloo")
         space = space_of(mesh(spatial), job.shape[0])
@@ -209,7 +209,7 @@ def _child(request: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    _, peak = _rss_bytes()
+    _, peak = rss_bytes()
     parts_after = _rss_parts()
     if cuda:
         measured, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
@@ -217,8 +217,6 @@ def _child(request: dict) -> dict:
     else:
         measured, reserved, base = peak - baseline, None, baseline
         if malloc_policy == "pool":
-            from fullres.kernels import cpu_pool
-
             reserved = cpu_pool.stats().peak_reserved
     return {"measured_bytes": int(measured), "baseline_bytes": int(base), "reserved_bytes": reserved,
             "step_seconds": seconds, "threads": torch.get_num_threads(), "device": str(device),

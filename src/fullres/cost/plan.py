@@ -10,12 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from fullres.job.config import JobConfig
-from fullres.errors import UserError
-from fullres.cost.estimate import ESTIMATORS, estimate_training_bytes
-from fullres.nets.unet3d import LEVELS as SLAB_LEVELS
-from fullres.nets.registry import model_spec, spatial_divisor
+from fullres.cost.dryrun import dryrun
+from fullres.cost.estimate import ESTIMATORS, dryrun_estimate, estimate_training_bytes
+from fullres.cost.runtime import measured_runtime_bytes
+from fullres.cost.timing import fake_step_flops, strategy_step_seconds
 from fullres.engine.spatial import shard_bounds
+from fullres.errors import UserError
+from fullres.job.config import JobConfig
+from fullres.kernels.device import fast_bf16
+from fullres.nets.registry import model_spec, spatial_divisor
+from fullres.nets.unet3d import LEVELS as SLAB_LEVELS
 from fullres.units import format_bytes
 
 MAX_SEARCH = 1 << 20  # no batch or side length beyond a million is searched
@@ -191,8 +195,6 @@ def spatial_need(job: JobConfig, spatial: int, method: str, device: str = "cpu")
     """Bytes one of `spatial` processes sharing each sample needs: the dry run of its shard, halos included
     (:func:`fullres.cost.dryrun.dryrun`'s `spatial`); Table 1's method, of the largest shard's rows."""
     if method == "dryrun":
-        from fullres.cost.estimate import dryrun_estimate
-
         return dryrun_estimate(job, device, spatial=spatial).peak_bytes
     rows = max(hi - lo for lo, hi in shard_bounds(job.shape[0], spatial))
     return estimate_training_bytes(job.with_(shape=(rows, *job.shape[1:])), method, device)
@@ -249,10 +251,6 @@ def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu") -> list
     """The dry run of each of :func:`slab_schedules` (with the runtime term the dry-run method uses), and
     its FLOPs against those of `job` without slabs or checkpointing, both counted by torch's counter on
     fake tensors (:func:`fullres.cost.timing.fake_step_flops`)."""
-    from fullres.cost.timing import fake_step_flops
-    from fullres.cost.dryrun import dryrun
-    from fullres.cost.runtime import measured_runtime_bytes
-
     plain = job.with_(strategy=replace(job.strategy.without_slabs(), checkpointing=False))
     baseline = fake_step_flops(plain)
     options = []
@@ -367,8 +365,6 @@ def rank_by_time(job: JobConfig, budget: int, method: str, allow_bf16: bool = Tr
     :func:`fullres.cost.timing.strategy_step_seconds`, calibrated once per precision on this machine);
     ties keep the least approximate first. Also returns "name: bytes" of those that do not fit."""
     if step_seconds is None:
-        from fullres.cost.timing import strategy_step_seconds
-
         def step_seconds(candidate: JobConfig) -> dict:
             return strategy_step_seconds(candidate, device=device)
 
@@ -407,7 +403,6 @@ def ranking_report(job: JobConfig, budget: int, method: str, device: str = "cpu"
     (:func:`fullres.kernels.device.fast_bf16`), JSON-ready."""
     import torch
 
-    from fullres.kernels.device import fast_bf16
 
     allow_bf16 = fast_bf16(torch.device(device))
     ranked, tried = rank_by_time(job, budget, method, allow_bf16, device, step_seconds)

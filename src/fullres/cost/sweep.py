@@ -17,10 +17,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from fullres.job.config import JobConfig
-from fullres.files import write_bytes_atomically
-from fullres.cost.estimate import dryrun_estimate, table1_training_bytes
 from fullres.cost import measure as measurement
+from fullres.cost.estimate import dryrun_estimate, table1_training_bytes
+from fullres.files import write_bytes_atomically
+from fullres.job.config import JobConfig
+from fullres.kernels.malloc import prepare_pool_for
 
 CSV_COLUMNS = ["shape", "batch", "precision", "checkpointing", "slabs", "channels_last", "voxels", "table1_bytes", "dryrun_bytes",
                "measured_bytes", "table1_error", "dryrun_error", "peak_at", "step_s", "repeats", "measured_min_bytes",
@@ -69,8 +70,6 @@ def run_sweep(jobs: list[JobConfig], measure: bool, max_measure_bytes: int,
               repeats: int = 1) -> tuple[list[SweepRow], list[str]]:
     """Rows for every job on `device` ("cpu" or "cuda"), each measured `repeats` times; jobs whose dry run
     exceeds `max_measure_bytes` are estimated, not measured (listed in the second return value)."""
-    from fullres.kernels.malloc import prepare_pool_for
-
     rows, unmeasured = [], []
     for job in jobs:
         if measure:

@@ -16,17 +16,18 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fullres.cost.flops import as_device, forward_flops, random_batch, step_flops, synchronize
-from fullres.job.config import JobConfig
-from fullres.kernels.device import available_memory
-from fullres.errors import UserError
-from fullres.files import cache_lookup, cache_store, user_cache_dir
-from fullres.kernels.onednn import as_asked
-from fullres.engine.losses import LOSSES, primary_output
 from fullres.cost.dryrun import ONEDNN_REFERENCE_FLOPS_PER_S, reference_weight_gradient_flops
 from fullres.cost.estimate import table1_training_bytes
-from fullres.kernels.malloc import set_training_malloc_policy
+from fullres.cost.flops import as_device, forward_flops, random_batch, step_flops, synchronize
+from fullres.engine.losses import LOSSES, primary_output
+from fullres.errors import UserError
+from fullres.files import cache_lookup, cache_store, user_cache_dir
+from fullres.job.config import JobConfig
 from fullres.job.step import autocast, build_training, to_device, train_step
+from fullres.kernels.device import available_memory
+from fullres.kernels.malloc import set_training_malloc_policy
+from fullres.kernels.onednn import as_asked
+from fullres.nets.registry import build_model
 
 DEFAULT_CALIBRATION_FLOPS = 2e11  # at most this many FLOPs per calibration step (seconds on a laptop CPU)
 CACHE_FILE = "calibration.json"
@@ -254,7 +255,6 @@ def _fake_counts(job: JobConfig) -> tuple[int, int]:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.utils.flop_counter import FlopCounterMode
 
-        from fullres.nets.registry import build_model
 
         micro = job.with_(strategy=replace(job.strategy, accumulate=1))
         counter, scalars = FlopCounterMode(display=False), _ScalarsOfFakes()

@@ -31,10 +31,6 @@ def layout_regions(layout: str) -> dict[str, tuple[int, ...]]:
     return dict(BRATS[layout].regions) if layout in BRATS else dict(MSD_REGIONS)
 
 
-def layout_label_names(layout: str) -> dict[int, str]:
-    return dict(BRATS[layout].labels) if layout in BRATS else dict(MSD_LABELS)
-
-
 def case_id_for(layout: str, number: int) -> str:
     """The case id fullres writes for case `number` (1, 2, ...) in `layout`."""
     return BRATS[layout].id_format.format(number) if layout in BRATS else f"BRATS_{number:03d}"

@@ -28,7 +28,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fullres.data.msd import (DATASET_JSON, DatasetIndex, TestCase, TrainingCase, _numbered_names, brats_regions, canonical_modality, load_dataset_json, read_dataset_json)
+from fullres.data.msd import (
+    DATASET_JSON,
+    DatasetIndex,
+    TestCase,
+    TrainingCase,
+    brats_regions,
+    canonical_modality,
+    load_dataset_json,
+    numbered_names,
+    read_dataset_json,
+)
 from fullres.errors import UserError
 
 LAYOUTS = ("msd", "nnunet", "brats2021", "brats2023")
@@ -244,11 +254,6 @@ def load_dataset(root: Path, layout: str | None = None) -> DatasetIndex:
     return scan.index
 
 
-def regions_of(index: DatasetIndex) -> dict[str, tuple[int, ...]]:
-    """WT / TC / ET in the index's label values."""
-    return dict(index.regions)
-
-
 def kept_test_labels(index: DatasetIndex) -> Path | None:
     """`labelsTs/` beside the dataset (test labels kept aside by synth and convert), when present."""
     folder = index.root / TEST_LABELS
@@ -350,7 +355,7 @@ def _scan_nnunet(root: Path) -> Scan:
             problems.append(Problem(json_path, f"missing key '{key}' (an nnU-Net v2 dataset.json)"))
     channel_names: dict[int, str] = {}
     if "channel_names" in raw:
-        names, found = _numbered_names(raw["channel_names"], "channel_names")
+        names, found = numbered_names(raw["channel_names"], "channel_names")
         problems += [Problem(json_path, p) for p in found]
         if names and sorted(names) != list(range(len(names))):
             problems.append(Problem(json_path, f"'channel_names' keys must be 0..{len(names) - 1}, got {sorted(names)}"))

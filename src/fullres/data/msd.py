@@ -96,7 +96,7 @@ def read_dataset_json(root: Path) -> dict[str, Any]:
     return raw
 
 
-def _numbered_names(value: Any, key: str) -> tuple[dict[int, str] | None, list[str]]:
+def numbered_names(value: Any, key: str) -> tuple[dict[int, str] | None, list[str]]:
     """{"0": "FLAIR", ...} -> {0: "FLAIR", ...}, or the problems that prevent it."""
     if not isinstance(value, dict) or not value:
         return None, [f"'{key}' must be a non-empty object like {{\"0\": \"name\"}}"]
@@ -116,12 +116,12 @@ def dataset_json_problems(raw: Mapping[str, Any]) -> list[str]:
         if key not in raw:
             problems.append(f"missing key '{key}'")
     if "modality" in raw:
-        modalities, found = _numbered_names(raw["modality"], "modality")
+        modalities, found = numbered_names(raw["modality"], "modality")
         problems += found
         if modalities and sorted(modalities) != list(range(len(modalities))):
             problems.append(f"'modality' keys must be 0..{len(modalities) - 1}, got {sorted(modalities)}")
     if "labels" in raw:
-        problems += _numbered_names(raw["labels"], "labels")[1]
+        problems += numbered_names(raw["labels"], "labels")[1]
     if "training" in raw:
         if not isinstance(raw["training"], list):
             problems.append("'training' must be a list of {\"image\": ..., \"label\": ...} objects")
@@ -174,8 +174,8 @@ def load_dataset_json(root: Path) -> DatasetIndex:
     if problems:
         more = f" (and {len(problems) - 1} more problems; run `fullres check {root}`)" if len(problems) > 1 else ""
         raise UserError(f"{root / DATASET_JSON}: {problems[0]}{more}")
-    modalities = _numbered_names(raw["modality"], "modality")[0]
-    labels = _numbered_names(raw["labels"], "labels")[0]
+    modalities = numbered_names(raw["modality"], "modality")[0]
+    labels = numbered_names(raw["labels"], "labels")[0]
     training = tuple(
         TrainingCase(case_id_from_path(entry["image"]),
                      resolve_entry(root, entry["image"], f"training[{i}].image"),

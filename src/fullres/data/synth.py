@@ -21,9 +21,11 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from fullres import __version__
-from fullres.files import staged_folder
+from fullres.data.convert import LayoutWriter, case_id_for, layout_regions, target_modalities
+from fullres.data.layouts import LAYOUTS, MSD_REGIONS, apply_value_map, value_map
 from fullres.data.nifti import write_nifti
 from fullres.errors import UserError
+from fullres.files import staged_folder
 
 MODALITIES = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
 LABELS = {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
@@ -379,9 +381,6 @@ def _move_into_place(temp: Path, out: Path) -> None:
 def _write_other_layout(out: Path, train_cases: int, test_cases: int, shape, seed: int, kind: str, dtype: str,
                         progress: bool, layout: str) -> Path:
     """`write_dataset` for the nnunet and BraTS layouts: the same cases, labels mapped to the layout's values."""
-    from fullres.data.convert import LayoutWriter, case_id_for, layout_regions, target_modalities
-    from fullres.data.layouts import LAYOUTS, MSD_REGIONS, apply_value_map, value_map
-
     if layout not in LAYOUTS:
         raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     with staged_folder(out, _move_into_place) as temp:

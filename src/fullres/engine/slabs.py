@@ -255,12 +255,6 @@ def combine(partials: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> 
     return mean, m2 / total, total
 
 
-def apply_norm(module, kind: str, y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """`module`'s normalisation of `y` with the given statistics and its affine weights."""
-    scale, shift = norm_affine(module, kind, y, mean, var)
-    return torch.addcmul(shift, y, scale)
-
-
 def norm_affine(module, kind: str, y: torch.Tensor, mean: torch.Tensor,
                 var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift), shaped to broadcast over `y`: `module`'s normalisation with these statistics is

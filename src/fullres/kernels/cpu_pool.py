@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fullres.errors import UserError
+from fullres.files import user_cache_dir
 
 try:
     import fcntl
@@ -69,8 +70,6 @@ def unsupported() -> str | None:
 
 
 def cache_dir() -> Path:
-    from fullres.files import user_cache_dir
-
     return user_cache_dir() / "cpu_pool"
 
 

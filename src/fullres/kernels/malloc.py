@@ -70,6 +70,7 @@ import warnings
 import torch
 
 from fullres.errors import UserError
+from fullres.kernels import cpu_pool
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -81,8 +82,6 @@ POLICIES = ("pool", "fixed", "cached", "default")
 
 @functools.lru_cache(maxsize=1)
 def _load_pool() -> str | None:
-    from fullres.kernels import cpu_pool
-
     try:
         cpu_pool.load()
     except (RuntimeError, OSError) as error:
@@ -120,8 +119,6 @@ def pool_unavailable(build: bool = False) -> str | None:
     """Why the CPU pool cannot be used here (one line), or None when it can. Builds it only when `build`;
     otherwise (`estimate`, `plan`: they never train) the answer of this process's :func:`prepare_pool` if
     it ran, else whether a trustworthy library is already built (:func:`fullres.kernels.cpu_pool.cached`)."""
-    from fullres.kernels import cpu_pool
-
     if build or _load_pool.cache_info().currsize:
         return prepare_pool()
     reason = cpu_pool.unsupported()
@@ -185,8 +182,6 @@ def set_training_malloc_policy(strategy=None, force: bool = False, device: str =
     """Put `policy_for(strategy, device, build)` in force ("fixed" when `force`). Returns the policy's name,
     or None when nothing changed (the default policy, or no glibc). `build` False: the pool only if it is
     built already (the runtime calibrations of `estimate` and `plan`)."""
-    from fullres.kernels import cpu_pool
-
     policy = "fixed" if force else policy_for(strategy, device, build)
     if policy == "pool":
         cpu_pool.install()

@@ -17,7 +17,7 @@ from torch import nn
 
 from fullres.engine.losses import primary_output
 from fullres.errors import first_line
-from fullres.nets import families as networks
+from fullres.nets import families
 from fullres.presets import PAPER
 
 NORMS = ("none", "instance", "group", "batch")
@@ -148,20 +148,20 @@ def model_spec(name: str) -> ModelSpec:
         return _FAMILY_SPECS[name]
     family, _, member = name.partition(":")
     if family == "monai" and member:
-        networks.monai_class(member)
-        spec = ModelSpec(name, lambda config, shape: networks.build_monai(member, config.in_channels, config.classes,
+        families.monai_class(member)
+        spec = ModelSpec(name, lambda config, shape: families.build_monai(member, config.in_channels, config.classes,
                                                                            shape, config.kwargs),
-                         f"MONAI's {member}", divisor=lambda config: networks.monai_divisor(member, config.kwargs),
+                         f"MONAI's {member}", divisor=lambda config: families.monai_divisor(member, config.kwargs),
                          why=f"{member}'s downsampling")
     elif family == "nnunet" and member:
-        if member not in networks.NNUNET_DEFAULTS:
+        if member not in families.NNUNET_DEFAULTS:
             raise ValueError(f"unknown network {name!r}: choose nnunet:PlainConvUNet or nnunet:ResidualEncoderUNet")
-        spec = ModelSpec(name, lambda config, shape: networks.build_nnunet(member, config.in_channels, config.classes,
+        spec = ModelSpec(name, lambda config, shape: families.build_nnunet(member, config.in_channels, config.classes,
                                                                             config.kwargs),
-                         f"nnU-Net v2's {member}", divisor=lambda config: networks.nnunet_divisor(member, config.kwargs),
+                         f"nnU-Net v2's {member}", divisor=lambda config: families.nnunet_divisor(member, config.kwargs),
                          why=f"{member}'s strides")
-    elif networks.is_factory_name(name):
-        spec = ModelSpec(name, lambda config, shape: networks.build_factory(name, config.in_channels, config.classes,
+    elif families.is_factory_name(name):
+        spec = ModelSpec(name, lambda config, shape: families.build_factory(name, config.in_channels, config.classes,
                                                                              config.kwargs, config.source_sha256,
                                                                              config.factory_dir),
                          f"the factory {name}")

@@ -62,7 +62,13 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 from torch import nn
 
+from fullres.cost.dryrun import dryrun
+from fullres.cost.runtime import measured_runtime_bytes
 from fullres.errors import UserError
+from fullres.files import write_bytes_atomically
+from fullres.job.config import JobConfig, Strategy
+from fullres.nets.families import NNUNET_DEFAULTS
+from fullres.nets.registry import MODELS, ModelConfig, ModelSpec, register_model
 from fullres.units import UNITS, format_bytes
 
 if TYPE_CHECKING:
@@ -347,7 +353,6 @@ def _network_kwargs(class_name: str, arch_kwargs: dict, requires_import: list, w
     be a parameter of the class, every operation allow-listed and listed in ``_kw_requires_import``."""
     import inspect
 
-    from fullres.nets.families import NNUNET_DEFAULTS
 
     try:
         from dynamic_network_architectures.architectures import unet
@@ -421,9 +426,6 @@ def model_config(network: PlansNetwork) -> Iterator[tuple["ModelConfig", bool]]:
     """(the :class:`fullres.nets.registry.ModelConfig` of `network`, whether it is the ``nnunet:`` family). Outside
     the family the network is registered under a private name for the duration (divisor 1: the per-axis
     stride products are checked here)."""
-    from fullres.nets.registry import MODELS, register_model
-    from fullres.nets.registry import ModelConfig, ModelSpec
-
     if network.family:
         yield ModelConfig(architecture=f"nnunet:{network.class_name}", args=json.dumps(network.json_kwargs),
                           in_channels=network.in_channels, classes=network.classes), True
@@ -467,8 +469,6 @@ class _DryRuns:
             return self.trials[key]
         if len(self.trials) >= MAX_DRY_RUNS:
             raise _Exhausted()
-        from fullres.job.config import JobConfig, Strategy
-        from fullres.cost.dryrun import dryrun
 
         cuda = torch.device(self.device).type == "cuda"
         job = JobConfig(model=config, shape=tuple(patch), batch=batch,
@@ -494,8 +494,6 @@ class _DryRuns:
         if cuda:
             return 0
         if job.model.architecture.startswith("nnunet:"):
-            from fullres.cost.runtime import measured_runtime_bytes
-
             return measured_runtime_bytes(job)
         return None  # a network no fresh process can rebuild: fullres's constant term
 
@@ -659,8 +657,6 @@ def _check_plans_name(name: str, source: Path) -> None:
 def write_plans(plans: dict, configuration: str, patch, batch: int, path: Path, name: str) -> dict:
     """A copy of `plans` with `configuration`'s patch_size and batch_size set and ``plans_name`` = `name`,
     written atomically to `path` as nnU-Net writes plans (indented 4, keys in order). Returns the copy."""
-    from fullres.files import write_bytes_atomically
-
     written = json.loads(json.dumps(plans))
     written["plans_name"] = name
     written["configurations"][configuration]["patch_size"] = list(patch)

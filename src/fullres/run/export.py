@@ -34,10 +34,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from fullres.run.checkpoint import load_weights, resolve_checkpoint
-from fullres.job.config import TrainConfig
 from fullres.errors import UserError
 from fullres.files import current_umask, refuse_special
+from fullres.job.config import TrainConfig
+from fullres.nets.registry import build_model, build_on_meta, check_shape, spatial_divisor
+from fullres.run.checkpoint import (
+    check_weights_fit,
+    load_checkpoint,
+    load_weights,
+    open_run_config,
+    resolve_checkpoint,
+)
 
 FORMATS = ("onnx", "openvino")
 ENGINES = ("torch", *FORMATS)
@@ -95,9 +102,6 @@ def load_run_network(run_or_checkpoint: Path, trust_code: bool = False) -> RunNe
     """The run's network with its checkpoint's weights. UserError when the run or its checkpoint is missing,
     unreadable, names code this user has not trusted (`trust_code`: their --trust-code; :mod:`fullres.run.trust`),
     or holds weights of another network than its config describes."""
-    from fullres.run.checkpoint import check_weights_fit, load_checkpoint, open_run_config
-    from fullres.nets.registry import build_model, build_on_meta
-
     checkpoint = resolve_checkpoint(run_or_checkpoint)
     state = load_checkpoint(checkpoint)
     config = open_run_config(state, checkpoint, trust_code)
@@ -165,7 +169,6 @@ def export_run(run_or_checkpoint: Path, fmt: str, out: Path | None = None, shape
         raise UserError(f"--out {existing[0]} exists: pass --overwrite to replace it")
     if any(path.is_dir() for path in existing):
         raise UserError(f"--out {existing[0]} is a folder")
-    from fullres.nets.registry import check_shape, spatial_divisor
 
     config = network.config
     export_shape = tuple(shape) if shape is not None else network.shape
@@ -186,12 +189,12 @@ def export_run(run_or_checkpoint: Path, fmt: str, out: Path | None = None, shape
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         onnx_path = staging / (out.stem + ".onnx")
-        _export_onnx(network.with_activation(), export_shape, dynamic, onnx_path, metadata)
+        export_onnx(network.with_activation(), export_shape, dynamic, onnx_path, metadata)
         if fmt == "onnx":
             written = onnx_path
         else:
             written = staging / out.name
-            _convert_openvino(onnx_path, written, metadata)
+            convert_openvino(onnx_path, written, metadata)
             onnx_path.unlink()
         torch.manual_seed(0)
         x = torch.randn(1, config.job.model.in_channels, *verify_shape)
@@ -227,7 +230,7 @@ def _first_line(error: BaseException) -> str:
     return lines[0][:300] if lines else type(error).__name__
 
 
-def _export_onnx(module: nn.Module, shape: tuple[int, int, int], dynamic: bool, path: Path, metadata: dict) -> None:
+def export_onnx(module: nn.Module, shape: tuple[int, int, int], dynamic: bool, path: Path, metadata: dict) -> None:
     import onnx
 
     x = torch.zeros(1, int(metadata["in_channels"]), *shape)
@@ -257,7 +260,7 @@ def _export_onnx(module: nn.Module, shape: tuple[int, int, int], dynamic: bool, 
     onnx.save(model, str(path))
 
 
-def _convert_openvino(onnx_path: Path, xml_path: Path, metadata: dict) -> None:
+def convert_openvino(onnx_path: Path, xml_path: Path, metadata: dict) -> None:
     import openvino as ov
 
     try:
@@ -307,14 +310,14 @@ def open_engine(kind: str, path: Path, config: TrainConfig, checkpoint: Path | N
     if not path.is_file():
         raise UserError(f"{path}: no such {kind} model file (write it with `fullres export RUN --format {kind}`)")
     if kind == "onnx":
-        engine = _open_onnx(path)
+        engine = open_onnx(path)
     else:
-        engine = _open_openvino(path)
+        engine = open_openvino(path)
     check_engine(engine, config, checkpoint, run_shape)
     return engine
 
 
-def _open_onnx(path: Path) -> Engine:
+def open_onnx(path: Path) -> Engine:
     _require("onnxruntime")
     import onnxruntime as ort
 
@@ -335,7 +338,7 @@ def _open_onnx(path: Path) -> Engine:
     return Engine("onnx", path, lambda x: session.run(None, {name: x})[0], tuple(inputs[0].shape), out_channels, metadata)
 
 
-def _open_openvino(path: Path) -> Engine:
+def open_openvino(path: Path) -> Engine:
     _require("openvino")
     import openvino as ov
 

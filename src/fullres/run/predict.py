@@ -15,25 +15,32 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from torch import nn
 
-from fullres.run.checkpoint import (check_weights_fit, load_checkpoint, load_weights, open_run_config, resolve_checkpoint)
-from fullres.job.config import JobConfig, Strategy, TrainConfig
+from fullres.cost.dryrun import dryrun_inference
+from fullres.cost.plan import check_spatial, refuse_process_count, slab_schedules
 from fullres.data.cache import load_case_image
-from fullres.data.layouts import load_dataset
-from fullres.data.preprocess import uncrop
-from fullres.data.nifti import write_nifti
-from fullres.data.layouts import MSD_REGIONS, apply_value_map, detect_layout, match_channels, value_map
+from fullres.data.layouts import MSD_REGIONS, apply_value_map, detect_layout, load_dataset, match_channels, value_map
 from fullres.data.msd import DatasetIndex
-from fullres.data.nifti import NIFTI_SUFFIXES, case_id_from_path
-from fullres.kernels.device import Process, available_memory
+from fullres.data.nifti import NIFTI_SUFFIXES, case_id_from_path, write_nifti
+from fullres.data.preprocess import uncrop
+from fullres.engine.losses import primary_output
+from fullres.engine.spatial import gather_rows, local_rows, mesh, space_of
 from fullres.errors import UserError
 from fullres.files import refuse_special, write_json
-from fullres.run.versions import versions
-from fullres.engine.losses import primary_output
-from fullres.nets.registry import build_model, build_on_meta, check_divisible, model_spec, spatial_divisor
+from fullres.job.config import JobConfig, Strategy, TrainConfig
 from fullres.job.step import autocast, prepare_model, to_device
+from fullres.kernels.device import Process, available_memory
+from fullres.nets.registry import build_model, build_on_meta, check_divisible, model_spec, spatial_divisor
+from fullres.run.checkpoint import (
+    check_weights_fit,
+    load_checkpoint,
+    load_weights,
+    open_run_config,
+    resolve_checkpoint,
+)
+from fullres.run.export import activation_of, default_engine_file, open_engine
+from fullres.run.versions import versions
 from fullres.units import format_bytes
 
 SLIDING_WINDOW_OVERLAP = 0.5  # of the window, on each axis (MONAI's sliding_window_inference, Gaussian weights)
@@ -200,9 +207,6 @@ def inference_need(config: TrainConfig, shape: tuple[int, int, int], device: tor
     """The dry run's peak of one inference forward of the run's network at `shape` (its precision and memory
     format, `slabs` slabs at full resolution or per level, the output activation), in bytes; with `spatial`
     = S, one of S processes sharing the volume."""
-    from fullres.run.export import activation_of
-    from fullres.cost.dryrun import dryrun_inference
-
     job = JobConfig(model=config.job.model, shape=tuple(shape), batch=1,
                     strategy=strategy_with_slabs(inference_strategy(config), slabs))
     try:
@@ -239,8 +243,6 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
     model = config.job.model
     have = f"{format_bytes(budget)} {budget_source}"
     if spatial > 1:
-        from fullres.cost.plan import check_spatial
-
         try:
             check_spatial(JobConfig(model=model, shape=shape, batch=1, strategy=inference_strategy(config)), spatial)
         except ValueError as error:
@@ -257,8 +259,6 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
         return InferencePlan("whole", whole, budget, f"needs ~{format_bytes(whole)} of {have} (dry run)")
     why_not = f"a whole volume needs ~{format_bytes(whole)}, more than {have}"
     if model_spec(model.architecture).slabs:
-        from fullres.cost.plan import slab_schedules
-
         best, slabs = whole, 2
         while slabs <= shape[0] // 2:
             need = inference_need(config, shape, device, slabs)
@@ -315,8 +315,6 @@ def predict_volume(predictor: Predictor, image: np.ndarray, device: torch.device
     x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device if engine is None else "cpu")
     with torch.no_grad():
         if plan.mode == "spatial":
-            from fullres.engine.spatial import local_rows
-
             model.space = space
             try:
                 output = forward(local_rows(x, space))
@@ -341,8 +339,6 @@ def predict_volume(predictor: Predictor, image: np.ndarray, device: torch.device
         return output.cpu().numpy()
     probabilities = torch.sigmoid(output) if predictor.config.data.target != "classes" else torch.softmax(output, 0)
     if plan.mode == "spatial":
-        from fullres.engine.spatial import gather_rows
-
         probabilities = gather_rows(probabilities[None], space)
         return None if probabilities is None else probabilities[0].cpu().numpy()
     return probabilities.cpu().numpy()
@@ -458,7 +454,6 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     """
     from tqdm import tqdm
 
-    from fullres.cost.plan import refuse_process_count
 
     if spatial > 1 and engine != "torch":
         raise UserError(f"--spatial {spatial} runs the PyTorch network (--engine torch), not {engine}")
@@ -472,8 +467,6 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     shapes = [tuple(load_input(case, config, trained)[0].shape[1:]) for case in cases]
     runner = None
     if engine != "torch":
-        from fullres.run.export import default_engine_file, open_engine
-
         engine_file = Path(engine_file) if engine_file is not None else default_engine_file(run_or_checkpoint, engine)
         runner = open_engine(engine, engine_file, config, predictor.checkpoint)
     elif engine_file is not None:
@@ -492,8 +485,6 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
             log(f"{'x'.join(map(str, shape))} volumes: {plans[shape].describe()}")
     space, data_rank, data_size = None, process.rank, process.world
     if process.world > 1:
-        from fullres.engine.spatial import mesh, space_of
-
         dist.barrier()  # every process has checked the inputs and the folder before any writes into it
         if spatial > 1:
             device_mesh = mesh(spatial, device.type)

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from fullres.errors import UserError
+from fullres.files import write_bytes_atomically
 
 
 class NoTracker:
@@ -76,8 +77,6 @@ class MLflowTracker(NoTracker):
         mlflow.set_experiment("fullres")
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)
         if run_id is None:
-            from fullres.files import write_bytes_atomically
-
             write_bytes_atomically(id_file, (self.run.info.run_id + "\n").encode())
             mlflow.log_params({key: str(value)[:500] for key, value in _flat(config_json).items()})
 

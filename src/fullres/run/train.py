@@ -33,24 +33,45 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from fullres.cost.plan import default_method, fastest_fitting, preflight, refuse_spatial, spatial_need
 from fullres.cost.steptime import Variant, time_variant
-from fullres.run.checkpoint import (BEST, CONFIG_FILE, LAST, load_checkpoint, prepare_run_dir, read_run_config, run_lock, remove_stale_temporaries, save_checkpoint)
-from fullres.job.config import JobConfig, Strategy, TrainConfig, job_defaults
-from fullres.data.preprocess import DataConfig
-from fullres.data.msd import MSDDataset, resolve_channels, split_cases
-from fullres.data.check import check_dataset
+from fullres.cost.timing import fake_step_flops, reference_kernel_flops
 from fullres.data import load_dataset_json
+from fullres.data.check import check_dataset
+from fullres.data.msd import MSDDataset, resolve_channels, split_cases
+from fullres.data.preprocess import DataConfig
 from fullres.data.synth import write_dataset
-from fullres.kernels.device import (COLLECTIVE_TIMEOUT_S, Process, available_memory, configure_cpu, fast_bf16, is_main_process, peak_memory, pick_device, process_group)
+from fullres.engine.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy
+from fullres.engine.spatial import gather_rows, local_rows, mesh, reduce_gradients, space_of, sums_over
 from fullres.errors import UserError
 from fullres.evaluate.figures import figure7_overlay, training_curves
 from fullres.files import atomic_write, write_json
-from fullres.engine.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy
-from fullres.kernels.malloc import policy_line, prepare_pool_for, set_training_malloc_policy
-from fullres.cost.plan import default_method, fastest_fitting, preflight, refuse_spatial, spatial_need
-from fullres.presets import DEMO_DATA
-from fullres.engine.spatial import local_rows, reduce_gradients, sums_over
+from fullres.job.config import JobConfig, Strategy, TrainConfig, job_defaults
 from fullres.job.step import autocast, build_training, to_device, train_step
+from fullres.kernels.device import (
+    COLLECTIVE_TIMEOUT_S,
+    Process,
+    available_memory,
+    configure_cpu,
+    fast_bf16,
+    is_main_process,
+    peak_memory,
+    pick_device,
+    process_group,
+)
+from fullres.kernels.malloc import policy_line, prepare_pool_for, set_training_malloc_policy
+from fullres.presets import DEMO_DATA
+from fullres.run.checkpoint import (
+    BEST,
+    CONFIG_FILE,
+    LAST,
+    load_checkpoint,
+    prepare_run_dir,
+    read_run_config,
+    remove_stale_temporaries,
+    run_lock,
+    save_checkpoint,
+)
 from fullres.run.tracking import open_tracker
 from fullres.run.trust import copy_factory_source, remember
 from fullres.run.versions import versions
@@ -295,7 +316,6 @@ def reference_kernel_warning(job: JobConfig, device: torch.device) -> str | None
     slower), else None."""
     if device.type != "cpu" or not job.strategy.channels_last or job.strategy.precision != "fp32":
         return None
-    from fullres.cost.timing import fake_step_flops, reference_kernel_flops
 
     slow = reference_kernel_flops(job)
     if not slow:
@@ -571,8 +591,6 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
 
 def _spatial_group(job: JobConfig, spatial: int, process: Process, device: torch.device):
     """(this process's Space, its data-parallel rank, the data-parallel size) on a data x space mesh."""
-    from fullres.engine.spatial import mesh, space_of
-
     refuse_spatial(job, spatial, process.world)
     device_mesh = mesh(spatial, device.type)
     return space_of(device_mesh, job.shape[0]), device_mesh.get_local_rank("data"), device_mesh.size(0)
@@ -583,8 +601,6 @@ def draw_validation_overlays(model, val_set, config: TrainConfig, run_dir: Path,
     """Figure 7 for the first few validation cases (preprocessed space), as run_dir/overlay_<case>.png. With
     `space`, every process of the group computes its rows (all call this at once) and the group's first
     process, if `draw`, draws."""
-    from fullres.engine.spatial import gather_rows
-
     model.eval()
     channel = 0  # the first input channel: FLAIR when the run uses MSD's order
     paths = []

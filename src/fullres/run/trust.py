@@ -27,11 +27,10 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from fullres.nets import families as networks
 from fullres.errors import UserError
 from fullres.files import write_bytes_atomically
-from fullres.nets.registry import MODELS
-from fullres.nets.registry import ModelConfig
+from fullres.nets import families
+from fullres.nets.registry import MODELS, ModelConfig
 
 FACTORY_FOLDER = "network"  # RUN/network/FILE.py: the run's copy of its factory's source
 STORE_FILE = "trusted-factories.json"
@@ -54,7 +53,7 @@ def _store() -> dict:
 def _key(model: ModelConfig) -> str:
     """A file factory by its content and function (its file name may differ between machines: a trusted
     file does not make its other functions trusted), a module factory by its name."""
-    if networks.factory_file(model.architecture) is not None:
+    if families.factory_file(model.architecture) is not None:
         return f"sha256:{model.source_sha256}:{model.architecture.rpartition(':')[2]}"
     return f"module:{model.architecture}"
 
@@ -75,10 +74,10 @@ def _module_origin(name: str) -> str | None:
 def remember(model: ModelConfig) -> None:
     """Record that this user trains with `model`'s factory (no-op for other networks). A home that cannot be
     written leaves it unrecorded: opening the run then needs --trust-code."""
-    if not is_factory(model) or (networks.factory_file(model.architecture) is not None and not model.source_sha256):
+    if not is_factory(model) or (families.factory_file(model.architecture) is not None and not model.source_sha256):
         return
     entries = _store()
-    path = networks.factory_file(model.architecture)
+    path = families.factory_file(model.architecture)
     # a module factory is trusted where its package was found when the user trained with it, not elsewhere
     entries[_key(model)] = model.architecture if path is not None else {"origin": _module_origin(model.architecture)}
     try:
@@ -88,13 +87,13 @@ def remember(model: ModelConfig) -> None:
 
 
 def is_factory(model: ModelConfig) -> bool:
-    return model.architecture not in MODELS and networks.is_factory_name(model.architecture)
+    return model.architecture not in MODELS and families.is_factory_name(model.architecture)
 
 
 def copy_factory_source(model: ModelConfig, run_dir: Path) -> None:
     """At train time: the factory file's source into RUN/network/ (atomic; the bytes whose SHA-256 the run
     records). Nothing for other networks."""
-    path = networks.factory_file(model.architecture) if is_factory(model) else None
+    path = families.factory_file(model.architecture) if is_factory(model) else None
     if path is None:
         return
     source = path.read_bytes()
@@ -109,7 +108,7 @@ def trusted_model(model: ModelConfig, run_dir: Path, trust_code: bool, where: Pa
     has not trusted (see the module docstring); nothing is imported."""
     if not is_factory(model):
         return model  # a registered name or an allow-listed library's class
-    path = networks.factory_file(model.architecture)
+    path = families.factory_file(model.architecture)
     recorded = _store().get(_key(model))
     if path is None:  # package.module:FUNCTION: code the run names by import path
         origin = recorded.get("origin") if isinstance(recorded, dict) else None

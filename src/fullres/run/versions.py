@@ -13,6 +13,7 @@ import re
 import torch
 
 from fullres import __version__
+from fullres.kernels.cpu_pool import unsupported
 
 # torch.__config__.show() names the oneDNN it was built with under oneDNN's former name: "Intel(R) MKL-DNN
 # v3.12.0 (Git Hash ...)" in torch 2.13.0; its present name is accepted too, should a build use it.
@@ -38,8 +39,6 @@ def versions() -> dict:
 def describe() -> str:
     """One line, as `fullres --version` prints it: "fullres 0.1.0, torch 2.13.0+cpu (CUDA none, oneDNN 3.12.0),
     Python 3.11.7, Linux-...", and where the CPU pool cannot exist here (no fcntl/resource), that it is off."""
-    from fullres.kernels.cpu_pool import unsupported
-
     v = versions()
     line = (f"fullres {v['fullres']}, torch {v['torch']} (CUDA {v['cuda'] or 'none'}, oneDNN {v['onednn'] or 'none'}), "
             f"Python {v['python']}, {v['platform']}")

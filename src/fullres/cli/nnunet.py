@@ -75,3 +75,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {', '.join(result.inherited_by)} inherit{'s' if len(result.inherited_by) == 1 else ''} the new sizes")
     print(f"train with: {train_command(result)}")
     return 0
+
+
+def add_parser(commands) -> None:
+    add_arguments(commands.add_parser(
+        "nnunet", help="nnU-Net v2: write plans whose patch and batch size fit a memory budget (nnunet plan)"))

@@ -1,0 +1,108 @@
+"""`fullres evaluate`: Dice, NSD, HD95 (and BraTS 2023 lesion-wise scores) per case and region."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fullres.cli.options import positive_float
+from fullres.cli.report import print_json, refuse_existing, starts_with
+from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
+from fullres.errors import UserError
+from fullres.evaluate.lesions import CHALLENGES, DEFAULT_CHALLENGE
+
+
+def add_parser(commands) -> None:
+    evaluate = commands.add_parser("evaluate", help="Dice, NSD and HD95 per case and region (WT, TC, ET)")
+    evaluate.add_argument("pred", help="folder of predicted masks")
+    evaluate.add_argument("labels", help="folder of ground-truth label maps (same file names)")
+    evaluate.add_argument("--tolerance", type=positive_float, default=1.0, help="NSD tolerance in mm (default 1)")
+    evaluate.add_argument("--wt-only", action="store_true", help="predictions are {0,1} whole-tumour masks")
+    evaluate.add_argument("--csv", default=None,
+                          help="CSV path (default: PRED/metrics.csv; an earlier evaluate's CSV is replaced)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace a --csv that evaluate did not write")
+    evaluate.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
+                          help="the labels' layout, for the values of WT/TC/ET (default: from PRED/prediction.json "
+                               "or the labels' folder; else MSD's)")
+    evaluate.add_argument("--lesion-wise", action="store_true",
+                          help="also BraTS 2023's lesion-wise Dice and HD95, and lesion counts, per region")
+    evaluate.add_argument("--challenge", choices=tuple(CHALLENGES), default=None,
+                          help=f"the lesion-wise parameters (default {DEFAULT_CHALLENGE})")
+    evaluate.add_argument("--json", action="store_true", help="machine-readable output")
+    evaluate.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fullres.evaluate.metrics import (
+        METRIC_NAMES,
+        evaluate_folders,
+        result_columns,
+        write_metrics_csv,
+    )
+
+    if args.challenge is not None and not args.lesion_wise:
+        raise UserError("--challenge sets the lesion-wise parameters: it needs --lesion-wise")
+    rule = (args.challenge or DEFAULT_CHALLENGE) if args.lesion_wise else None
+    csv_path = Path(args.csv) if args.csv else Path(args.pred) / "metrics.csv"
+    refuse_existing(csv_path, "--csv", args.overwrite, starts_with(",".join(["case", "region", *METRIC_NAMES])))
+    layout, label_regions = evaluation_regions(Path(args.pred), Path(args.labels), args.layout)
+    result = evaluate_folders(args.pred, args.labels, tolerance_mm=args.tolerance, regions=label_regions,
+                              pred_is_binary_wt=args.wt_only or predictions_are_binary(Path(args.pred)),
+                              lesion_rule=rule)
+    write_metrics_csv(result, csv_path)
+    if args.json:
+        print_json(result)
+        return 0
+    columns = result_columns(result)
+    headers = {"dice": "Dice", "nsd": "NSD", "hd95": "HD95 (mm)", "lesion_dice": "L-Dice", "lesion_hd95": "L-HD95",
+               "truth_lesions": "lesions", "matched_lesions": "matched", "missed_lesions": "missed",
+               "fp_lesions": "FP"}
+
+    def cells(values: dict) -> str:  # distances and mean counts with 2 decimals, scores with 3, counts whole
+        return "".join(f"{values[m]:>11d}" if isinstance(values[m], int)
+                       else f"{values[m]:>11.2f}" if m.endswith(("hd95", "lesions")) else f"{values[m]:>11.3f}"
+                       for m in columns)
+
+    width = max([16, *(len(case) + 2 for case in result["cases"])])  # BraTS 2023 names are 19 characters
+    print(f"{'case':<{width}}{'region':<8}" + "".join(f"{headers.get(m, m):>11}" for m in columns))
+    for case, regions in result["cases"].items():
+        for region, values in regions.items():
+            print(f"{case:<{width}}{region:<8}{cells(values)}")
+    for region, metrics in result["summary"].items():
+        print(f"{'mean ± std':<{width}}{region:<8}{cells({m: metrics[m]['mean'] for m in columns})}"
+              + "   (std " + ", ".join(f"{metrics[m]['std']:.3f}" for m in columns) + ")")
+    print(f"NSD tolerance {args.tolerance} mm; labels as {layout} ("
+          + ", ".join(f"{name} = {{{', '.join(map(str, values))}}}" for name, values in label_regions.items())
+          + ")" + (f"; lesion-wise as {rule} (docs/evaluation.md)" if rule else "") + f"; CSV: {csv_path}")
+    return 0
+
+
+def evaluation_regions(pred_dir: Path, labels_dir: Path, layout: str | None) -> tuple[str, dict]:
+    """The label values of WT / TC / ET for scoring: --layout, else the prediction.json `predict` wrote,
+    else the dataset holding LABELS (DATA/labelsTs) or BraTS case names in it, else MSD Task01's."""
+    from fullres.data.layouts import (
+        MSD_REGIONS,
+        detect_label_regions,
+        regions_for_layout,
+    )
+
+    if layout is not None:
+        return layout, regions_for_layout(layout, labels_dir)
+    try:
+        info = json.loads((pred_dir / "prediction.json").read_text())
+        if isinstance(info.get("regions"), dict) and info["regions"]:
+            return str(info.get("layout", "prediction.json")), {k: tuple(v) for k, v in info["regions"].items()}
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+        pass
+    found = detect_label_regions(labels_dir)
+    return found if found is not None else ("msd", dict(MSD_REGIONS))
+
+
+def predictions_are_binary(pred_dir: Path) -> bool:
+    """A folder written by `fullres predict` for a whole-tumour run holds {0, 1} masks: evaluate WT only."""
+    info = pred_dir / "prediction.json"
+    try:
+        return json.loads(info.read_text()).get("target") == "wt"
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False

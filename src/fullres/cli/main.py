@@ -1,0 +1,108 @@
+"""The `fullres` command: parses, calls the stage that does the work, prints (human text or --json).
+
+estimate -> plan -> synth/check (data) -> train -> predict -> evaluate -> show.
+Every bad input ends as one line on stderr (`fullres <command>: error: ...`) and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+import warnings
+
+from fullres.cli import (
+    bench,
+    check,
+    convert,
+    demo,
+    estimate,
+    evaluate,
+    export,
+    nnunet,
+    plan,
+    predict,
+    profile,
+    show,
+    sweep,
+    synth,
+    train,
+)
+from fullres.cli.options import Parser
+from fullres.errors import UserError, first_line
+from fullres.run.versions import VersionAction
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="fullres", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=VersionAction)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    estimate.add_parser(commands)
+    plan.add_parser(commands)
+    profile.add_parser(commands)
+    bench.add_parser(commands)
+    sweep.add_parser(commands)
+    synth.add_parser(commands)
+    check.add_parser(commands)
+    convert.add_parser(commands)
+    train.add_parser(commands)
+    demo.add_parser(commands, build_parser)
+    predict.add_parser(commands)
+    export.add_parser(commands)
+    evaluate.add_parser(commands)
+    show.add_parser(commands)
+    nnunet.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. A refusal or fault is one line on stderr and a non-zero exit code: library warnings
+    raised on the way are held back while the command runs and shown after it only when it succeeds; an
+    unexpected exception is one line too (FULLRES_TRACEBACK=1 shows its traceback)."""
+    from fullres.kernels.malloc import set_training_malloc_policy
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # the fake-tensor mode logs every operator a dry run cannot follow, traceback included; the refusal says it
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
+    with warnings.catch_warnings(record=True) as held:
+        if not sys.warnoptions:  # the user's own -W / PYTHONWARNINGS stand
+            warnings.simplefilter("default")
+        code, message = _run(args, set_training_malloc_policy)
+    if message is not None:
+        print(f"fullres {args.command}: {' '.join(message.split())}", file=sys.stderr)
+    else:
+        for warning in held[:HELD_WARNINGS]:  # as Python would have printed them
+            sys.stderr.write(warnings.formatwarning(warning.message, warning.category, warning.filename,
+                                                    warning.lineno, warning.line))
+        if len(held) > HELD_WARNINGS:
+            sys.stderr.write(f"... and {len(held) - HELD_WARNINGS} more warnings\n")
+    return code
+
+
+HELD_WARNINGS = 50  # a long training run's repeated warnings are shown up to this many
+
+
+def _run(args: argparse.Namespace, set_training_malloc_policy) -> tuple[int, str | None]:
+    """(exit code, the one line to print on failure or None)."""
+    try:
+        set_training_malloc_policy()  # FULLRES_MALLOC=fixed|cached|default for every job (see memory/malloc.py)
+        return args.run(args), None
+    except UserError as error:
+        return error.exit_code, f"error: {error}"
+    except KeyboardInterrupt:
+        return 130, "interrupted"
+    except MemoryError:
+        return 1, "error: out of memory (see `fullres plan` for what fits)"
+    except OSError as error:  # permissions, a read-only or full disk, a path that is a file or a folder
+        where = f"{error.filename}: " if error.filename else ""
+        return 1, f"error: {where}{error.strerror or error}"
+    except RecursionError:
+        return 1, "error: an input is nested too deeply to read (JSON or a symlink chain)"
+    except Exception as error:  # noqa: BLE001 - a failure no check foresaw: one line, never a traceback
+        if os.environ.get("FULLRES_TRACEBACK"):
+            traceback.print_exc()
+        return 1, (f"error: {type(error).__name__}: {first_line(error)[:300]} (unexpected; "
+                   "FULLRES_TRACEBACK=1 shows where)")

@@ -1,0 +1,66 @@
+"""`fullres plan`: does a job fit a memory budget; the largest batch and shape that do; slab and
+spatial options, and with --optimize time the exact strategies ranked by step time."""
+
+from __future__ import annotations
+
+import argparse
+
+from fullres.cli.options import (
+    add_job_arguments,
+    add_memory_device_argument,
+    job_from_args,
+    memory_size,
+)
+from fullres.cli.report import print_json, slab_lines, spatial_lines
+from fullres.kernels.device import memory_device
+from fullres.units import format_bytes
+
+
+def add_parser(commands) -> None:
+    plan = commands.add_parser("plan", help="does a job fit a machine's memory; largest batch and shape that do")
+    add_job_arguments(plan)
+    plan.add_argument("--memory", type=memory_size, required=True, help="memory budget, e.g. 192GB, 384GiB, 1.5TB")
+    plan.add_argument("--method", choices=("table1", "dryrun"), default="dryrun",
+                      help="dryrun (default): the real peak of a training step, on fake tensors (seconds per "
+                           "estimate); table1: the paper's hand method (Table 2's verdicts)")
+    plan.add_argument("--optimize", choices=("memory", "time"), default="memory",
+                      help="time: also rank the exact strategies that fit by estimated step time (calibrated here)")
+    add_memory_device_argument(plan)
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fullres.cost.plan import plan, slab_options, spatial_options
+
+    job = job_from_args(args)
+    result = plan(job, args.memory, args.method, memory_device(args.device))
+    ranking = None
+    if args.optimize == "time":
+        from fullres.cost.plan import format_ranking, ranking_report
+        from fullres.kernels.device import Process, configure_cpu
+        configure_cpu(0, Process())  # calibrated with the threads train uses, so train reads the same cache
+        ranking = ranking_report(job, args.memory, args.method, memory_device(args.device))
+    options, spatial = [], []
+    if args.method == "dryrun" and not result.fits and not job.strategy.coarse_slabs:
+        options = slab_options(job, args.memory, memory_device(args.device))
+    if args.method == "dryrun" and not result.fits:
+        spatial = spatial_options(job, args.memory, args.method, memory_device(args.device))
+    if args.json:
+        print_json({**result.to_json(), **({"ranking": ranking} if ranking is not None else {}),
+                    **({"slab_options": [option.to_json() for option in options]} if options else {}),
+                    **({"spatial_options": [option.to_json() for option in spatial]} if spatial else {})})
+        return 0
+    verdict = "FITS" if result.fits else "DOES NOT FIT"
+    print(f"Job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
+          f"{job.model.filters} base filters, {job.strategy.describe()} (method: {result.method})")
+    print(f"Needs {format_bytes(result.required_bytes)} of {format_bytes(result.budget_bytes)}: {verdict}, "
+          f"margin {format_bytes(result.margin_bytes)}")
+    print(f"Largest batch at {' x '.join(map(str, job.shape))}: {result.max_batch or 'none (batch 1 does not fit)'}")
+    shape = ' x '.join(map(str, result.max_shape)) if result.max_shape else "none (not even 16 voxels a side fits)"
+    print(f"Largest shape at batch {job.batch}: {shape}")
+    for line in slab_lines(options) + spatial_lines(spatial):
+        print(line)
+    if ranking is not None:
+        print("\n".join(format_ranking(ranking)))
+    return 0

@@ -1,0 +1,39 @@
+"""`fullres synth`: a synthetic brain-tumour dataset in any of the four layouts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fullres.cli.options import positive_int
+from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
+
+
+def add_parser(commands) -> None:
+    synth = commands.add_parser("synth", help="write a synthetic brain-tumour dataset (MSD layout, or another)")
+    synth.add_argument("out", help="output folder (created; must be empty or a previous synth output)")
+    synth.add_argument("--cases", type=positive_int, required=True, help="training cases")
+    synth.add_argument("--test-cases", type=positive_int, default=None, help="test cases (default: cases/4, at least 1)")
+    synth.add_argument("--shape", nargs=3, type=positive_int, default=[240, 240, 155], metavar=("H", "W", "D"),
+                       help="volume size (default 240 240 155, like BraTS)")
+    synth.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    synth.add_argument("--kind", choices=("brats", "random"), default="brats",
+                       help="brats: BraTS-like phantoms; random: the paper's random-valued inputs (Table 2)")
+    synth.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="image voxel type")
+    synth.add_argument("--layout", choices=LAYOUT_NAMES, default="msd",
+                       help="msd (default), nnunet, brats2021 or brats2023: files, names and label values")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fullres.data.synth import write_dataset
+
+    test_cases = args.test_cases if args.test_cases is not None else max(1, args.cases // 4)
+    out = write_dataset(Path(args.out), train_cases=args.cases, test_cases=test_cases, shape=tuple(args.shape),
+                        seed=args.seed, kind=args.kind, dtype=args.dtype, progress=not args.quiet,
+                        layout=args.layout)
+    print(f"wrote {args.cases} training and {test_cases} test cases ({args.kind}, "
+          f"{' x '.join(map(str, args.shape))} x 4"
+          + (f", {args.layout} layout" if args.layout != "msd" else "") + f") to {out}")
+    return 0
