@@ -1,4 +1,4 @@
-"""fullres's CPU pool (memory/cpu_pool.cpp): built, installed as PyTorch's CPU allocator, replayed exactly.
+"""fullres's CPU pool (kernels/cpu_pool.cpp): built, installed as PyTorch's CPU allocator, replayed exactly.
 
 Each test that installs the pool does so in a subprocess: the allocator is the process's."""
 

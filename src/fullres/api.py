@@ -29,11 +29,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fullres.cost import runtime
+from fullres.cost import runtime as runtime_term
 from fullres.cost.dryrun import dryrun
-from fullres.cost.measure import make_batch, reset_hwm, rss_bytes
+from fullres.cost import measure
 from fullres.cost.plan import largest_fitting
-from fullres.cost.runtime import measured_runtime_bytes, runtime_job
 from fullres.engine.losses import LOSSES, primary_output
 from fullres.errors import UserError, first_line
 from fullres.files import cache_lookup, cache_store, user_cache_dir
@@ -194,7 +193,7 @@ def _estimate(job: JobConfig, registered: bool, loss, optimizer, device: str) ->
     modelled: tuple[str, ...] = ()
     runtime = 0
     if cpu and not registered and not _in_process_only(job.model.architecture):
-        runtime = measured_runtime_bytes(job)  # a network fullres rebuilds by name: measured in a fresh process
+        runtime = runtime_term.measured_runtime_bytes(job)  # a network fullres rebuilds by name: measured in a fresh process
     elif cpu:  # the user's own object: measured in this process (it cannot be rebuilt in another), cached
         runtime = calibrated_runtime(job, loss, optimizer)
         if runtime is None:  # the dry run's modelled constant
@@ -229,7 +228,7 @@ def calibrated_runtime(job: JobConfig, loss, optimizer) -> int | None:
     import socket
 
 
-    small = runtime_job(job)
+    small = runtime_term.runtime_job(job)
     try:
         skeleton = build_on_meta(small.model, small.shape)
     except ValueError:
@@ -247,20 +246,20 @@ def calibrated_runtime(job: JobConfig, loss, optimizer) -> int | None:
         tensors = dryrun(small, loss=loss, optimizer=optimizer, runtime=0, allocator="default").peak_bytes
     except ValueError:  # the network does not take the calibration size: the modelled constant
         return None
-    baseline, _ = rss_bytes()
-    if not reset_hwm():
+    baseline, _ = measure.rss_bytes()
+    if not measure.reset_hwm():
         return None
     training = build_training(small, "cpu", optimizer=None if optimizer == "adam" else optimizer)
     for parameter in training.model.parameters():  # the copy's storage is uninitialised: make it finite
         torch.nn.init.normal_(parameter.data, std=0.01)
-    images, targets = make_batch(small, "cpu")
+    images, targets = measure.make_batch(small, "cpu")
     try:
         for _ in range(2):
             train_step(training.model, training.optimizer, images, targets,
                        loss if callable(loss) else LOSSES[loss], small.strategy, training.scaler)
     except Exception:  # noqa: BLE001 - the network refusing the calibration size: the modelled constant
         return None
-    _, peak = rss_bytes()
+    _, peak = measure.rss_bytes()
     del training, images, targets
     term = max(0, peak - baseline - tensors)
     cache_store(path, key, {"runtime_bytes": term, "measured_bytes": peak - baseline})
@@ -302,8 +301,7 @@ class _as_job:
     def __exit__(self, *exc) -> None:
         if self.name is not None:
             MODELS.pop(self.name, None)
-
-            runtime._tensor_bytes.cache_clear()  # keyed by the job: a later instance may reuse the name
+            runtime_term.tensor_bytes.cache_clear()  # keyed by the job: a later instance may reuse the name
 
 
 def _json(args: dict) -> str:

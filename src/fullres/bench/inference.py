@@ -50,7 +50,7 @@ def run_inference_bench(job: JobConfig, engines: tuple[str, ...] | None = None, 
     def torch_runner(precision: str):
         from dataclasses import replace
 
-        run_strategy = replace(strategy, precision=precision, checkpointing=False, accumulate=1)
+        run_strategy = replace(strategy, precision=precision, checkpointing=False, checkpoint_levels=0, accumulate=1)
         prepare_model(network, run_strategy)
 
         def run():

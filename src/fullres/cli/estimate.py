@@ -81,9 +81,7 @@ def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu") -> int:
     if as_json:
         print_json({**result.to_json(), **({"note": note} if note else {})})
         return 0
-    print(f"Dry run: one training step of batch {job.batch} x {job.model.in_channels} x "
-          f"{' x '.join(map(str, job.shape))}, {job.model.filters} base filters, {job.strategy.describe()}, Adam, "
-          f"on {device}")
+    print(f"Dry run: one training step of {job.describe()}, Adam, on {device}")
     print(f"Peak: {format_bytes(result.peak_bytes)} at {result.peak_at}"
           + (f" (allocator: {result.allocator})" if device == "cpu" else ""))
     for term, size in result.breakdown.items():
@@ -118,8 +116,7 @@ def print_time_estimate(job: JobConfig, args: argparse.Namespace) -> int:
     hours = result["total_s"] / 3600
     source = (f"extrapolated by FLOPs from {' x '.join(map(str, result['extrapolated_from']))}"
               if result.get("extrapolated_from") else "measured on this job")
-    print(f"Job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
-          f"{job.model.filters} base filters, {job.strategy.describe()}")
+    print(f"Job: {job.describe()}")
     print(f"Memory ({args.method}): {format_bytes(result['memory_bytes'])}")
     print(f"Step: {result['step_s']:.2f} s ({source}{', cached' if result.get('cached') else ''}); "
           f"validation forward: {result['forward_s']:.2f} s")

@@ -88,7 +88,7 @@ HELD_WARNINGS = 50  # a long training run's repeated warnings are shown up to th
 def _run(args: argparse.Namespace, set_training_malloc_policy) -> tuple[int, str | None]:
     """(exit code, the one line to print on failure or None)."""
     try:
-        set_training_malloc_policy()  # FULLRES_MALLOC=fixed|cached|default for every job (see memory/malloc.py)
+        set_training_malloc_policy()  # FULLRES_MALLOC=fixed|cached|default for every job (see kernels/malloc.py)
         return args.run(args), None
     except UserError as error:
         return error.exit_code, f"error: {error}"

@@ -160,8 +160,6 @@ def job_from_options(options: dict, in_channels: int | None = None, classes: int
                             norm=options["norm"], architecture=architecture, args=options["model_args"] or "",
                             source_sha256=digest)
         strategy = Strategy(**{spec.name: options[spec.name] for spec in fields(Strategy)})
-        if strategy.checkpoint_levels and not strategy.checkpointing:
-            raise ValueError("--checkpoint-levels chooses the levels --checkpointing recomputes: give --checkpointing too")
         job = JobConfig(model=model, shape=tuple(options["shape"]), batch=options["batch"], strategy=strategy)
         check_shape(job.model, job.shape)
         return job

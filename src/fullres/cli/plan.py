@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
                     **({"spatial_options": [option.to_json() for option in spatial]} if spatial else {})})
         return 0
     verdict = "FITS" if result.fits else "DOES NOT FIT"
-    print(f"Job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
-          f"{job.model.filters} base filters, {job.strategy.describe()} (method: {result.method})")
+    print(f"Job: {job.describe()} (method: {result.method})")
     print(f"Needs {format_bytes(result.required_bytes)} of {format_bytes(result.budget_bytes)}: {verdict}, "
           f"margin {format_bytes(result.margin_bytes)}")
     print(f"Largest batch at {' x '.join(map(str, job.shape))}: {result.max_batch or 'none (batch 1 does not fit)'}")

@@ -39,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    print(f"Job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
-          f"{job.model.filters} base filters, {job.strategy.describe()}; {args.steps} real training steps")
+    print(f"Job: {job.describe()}; {args.steps} real training steps")
     print(f"estimated (dry run): {format_bytes(result['estimated_bytes'])}")
     print(f"measured ({'max_memory_allocated' if device == 'cuda' else 'peak RSS above post-import RSS'}): "
           f"{format_bytes(result['measured_bytes'])}"
@@ -64,8 +63,7 @@ def _profile_spatial(args: argparse.Namespace, job: JobConfig, device: str) -> i
     if args.json:
         print_json({"spatial": args.spatial, "ranks": ranks})
         return 0
-    print(f"Job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
-          f"{job.model.filters} base filters, {job.strategy.describe()}; {args.steps} real training steps, each "
+    print(f"Job: {job.describe()}; {args.steps} real training steps, each "
           f"sample shared by {args.spatial} processes (gloo, {ranks[0]['threads']} thread(s) each)")
     print(f"{'rank':>4}  {'rows':>11}  {'dry run':>22}  {'measured (peak RSS above imports)':>34}  error")
     for rank in ranks:

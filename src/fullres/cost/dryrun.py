@@ -811,7 +811,7 @@ def dryrun_inference(job: JobConfig, activation: str = "sigmoid", device: str = 
     on_cuda = torch.device(device).type == "cuda"
     caching = CachingAllocatorModel() if on_cuda else None
     tracker = _Tracker(caching)
-    strategy = replace(job.strategy, checkpointing=False, accumulate=1)
+    strategy = replace(job.strategy, checkpointing=False, checkpoint_levels=0, accumulate=1)
     hooks = []
     with FakeTensorMode(allow_non_fake_inputs=False), tracker:
         with torch.device(device):

@@ -54,7 +54,7 @@ def measure_peak(job: JobConfig, steps: int = 2, loss: str = "dice", device: str
     """Run `steps` real training steps of `job` in a fresh subprocess and return its peak memory.
 
     `threads` sets OMP_NUM_THREADS / torch threads in the child (default: the machine's default).
-    `build_pool` False: the child uses the CPU pool only if it is built already (see memory/malloc.py).
+    `build_pool` False: the child uses the CPU pool only if it is built already (see kernels/malloc.py).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")

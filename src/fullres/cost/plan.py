@@ -12,7 +12,7 @@ from typing import Callable
 
 from fullres.cost.dryrun import dryrun
 from fullres.cost.estimate import ESTIMATORS, dryrun_estimate, estimate_training_bytes
-from fullres.cost.runtime import measured_runtime_bytes
+from fullres.cost import runtime
 from fullres.cost.timing import fake_step_flops, strategy_step_seconds
 from fullres.engine.spatial import shard_bounds
 from fullres.errors import UserError
@@ -216,7 +216,7 @@ def spatial_options(job: JobConfig, budget_bytes: int, method: str, device: str 
     """2, 4, 8, ... processes sharing each sample, as far as H splits (16 rows a process at least), up to the
     first count whose shard fits `budget_bytes`: each one's per-process estimate (the job without the memory
     strategies --spatial does not combine with). [] for a network without a level schedule."""
-    plain = job.with_(strategy=replace(job.strategy.without_slabs(), checkpointing=False, offload=False))
+    plain = job.with_(strategy=replace(job.strategy.without_slabs(), checkpointing=False, checkpoint_levels=0, offload=False))
     options, processes = [], 2
     while True:
         try:
@@ -251,13 +251,13 @@ def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu") -> list
     """The dry run of each of :func:`slab_schedules` (with the runtime term the dry-run method uses), and
     its FLOPs against those of `job` without slabs or checkpointing, both counted by torch's counter on
     fake tensors (:func:`fullres.cost.timing.fake_step_flops`)."""
-    plain = job.with_(strategy=replace(job.strategy.without_slabs(), checkpointing=False))
+    plain = job.with_(strategy=replace(job.strategy.without_slabs(), checkpointing=False, checkpoint_levels=0))
     baseline = fake_step_flops(plain)
     options = []
     deepest = recomputed_schedule(job)
     for counts, recompute in [(counts, 0) for counts in slab_schedules(job)] + ([(deepest, 1)] if deepest else []):
         candidate = with_slabs(job, counts, recompute)
-        term = measured_runtime_bytes(candidate) if device == "cpu" else 0
+        term = runtime.measured_runtime_bytes(candidate) if device == "cpu" else 0
         result = dryrun(candidate, device=device, runtime=term)
         flops = fake_step_flops(candidate)
         options.append(SlabOption(counts, result.peak_bytes, result.peak_bytes <= budget_bytes, flops,

@@ -71,7 +71,7 @@ def _cache_key(job: JobConfig) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _tensor_bytes(small: JobConfig, threads: int, policy: str) -> int:
+def tensor_bytes(small: JobConfig, threads: int, policy: str) -> int:
     """The dry run's tensors for the 16^3 calibration job, once per process: `plan` asks for the same
     network's term at every batch and shape it tries (~0.3 s each). `threads` is part of the key because the
     kernels ATen picks, and so the workspaces, depend on it; `policy`, the allocator's (the pool's segments)."""
@@ -93,7 +93,7 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
     # The measurement is what is cached; the tensors are the dry run's as the code stands now, so a
     # change to the tensor model never leaves a stale difference behind.
     try:
-        tensors = _tensor_bytes(small, torch.get_num_threads(), key["policy"])
+        tensors = tensor_bytes(small, torch.get_num_threads(), key["policy"])
     except Exception:  # noqa: BLE001 - a network that does not take the calibration size: the modelled constant
         return runtime_bytes(job)
     cached = None if refresh else cache_lookup(path, key)

@@ -271,7 +271,7 @@ def _fake_counts(job: JobConfig) -> tuple[int, int]:
 def rate_job(job: JobConfig) -> JobConfig:
     """The job whose calibration gives the FLOP rate of `job`'s precision: `job` with no memory strategy
     (no checkpointing, slabs, accumulation or offload), in its precision and memory format."""
-    strategy = replace(job.strategy.without_slabs(), checkpointing=False, accumulate=1, offload=False)
+    strategy = replace(job.strategy.without_slabs(), checkpointing=False, checkpoint_levels=0, accumulate=1, offload=False)
     return job.with_(batch=job.effective_batch, strategy=strategy)
 
 

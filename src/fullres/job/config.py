@@ -97,6 +97,8 @@ class Strategy:
             raise ValueError(f"recompute_inputs must be >= 0, got {self.recompute_inputs}")
         if self.checkpoint_levels < 0:
             raise ValueError(f"checkpoint_levels must be >= 0, got {self.checkpoint_levels}")
+        if self.checkpoint_levels and not self.checkpointing:
+            raise ValueError("--checkpoint-levels chooses the levels --checkpointing recomputes: give --checkpointing too")
         object.__setattr__(self, "coarse_slabs", _canonical_counts(self.coarse_slabs))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -155,6 +157,11 @@ class JobConfig:
     shape: tuple[int, int, int] = PAPER.shape
     batch: int = PAPER.batch
     strategy: Strategy = field(default_factory=Strategy)
+
+    def describe(self) -> str:
+        """The job in one line, as every command prints it: batch x channels x shape, filters, strategy."""
+        return (f"batch {self.batch} x {self.model.in_channels} x {' x '.join(map(str, self.shape))}, "
+                f"{self.model.filters} base filters, {self.strategy.describe()}")
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3:

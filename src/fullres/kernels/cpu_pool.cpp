@@ -4,7 +4,7 @@
 // step (~400,000 faults, ~1 s of system time per 64^3 step); its heap keeps smaller blocks but in a way
 // no estimate can follow (posix_memalign's holes). This pool keeps freed blocks for reuse, like the
 // CUDA allocator does on a GPU, by rules simple enough that fullres's dry run replays them exactly
-// (fullres/memory/cuda_allocator.py, CachingAllocatorModel): requests rounded up to 512 bytes; best fit
+// (fullres/kernels/cuda_allocator.py, CachingAllocatorModel): requests rounded up to 512 bytes; best fit
 // by (size, address) in a small (<= 1 MiB) or large pool; a new segment of 2 MiB for small requests,
 // 20 MiB for 1-10 MiB ones, the request rounded up to 2 MiB above that; a block split when the rest is
 // worth keeping (>= 512 bytes small, > 1 MiB large); a freed block merged with its free neighbours.
@@ -17,7 +17,7 @@
 // gets the pool's maps in a consistent state (not half-way through another thread's update) and its
 // lock free; the child then serves its own allocations with plain malloc (data-loader workers).
 //
-// Built by fullres.memory.cpu_pool with g++ against c10 only and driven through ctypes.
+// Built by fullres.kernels.cpu_pool with g++ against c10 only and driven through ctypes.
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>

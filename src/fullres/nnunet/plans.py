@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from fullres.cost.dryrun import dryrun
-from fullres.cost.runtime import measured_runtime_bytes
+from fullres.cost import runtime as runtime_term
 from fullres.errors import UserError
 from fullres.files import write_bytes_atomically
 from fullres.job.config import JobConfig, Strategy
@@ -494,7 +494,7 @@ class _DryRuns:
         if cuda:
             return 0
         if job.model.architecture.startswith("nnunet:"):
-            return measured_runtime_bytes(job)
+            return runtime_term.measured_runtime_bytes(job)
         return None  # a network no fresh process can rebuild: fullres's constant term
 
 

@@ -73,7 +73,7 @@ def inference_strategy(config: TrainConfig):
     """The run's layout and precision, as its validation passes ran; checkpointing and accumulation only
     act on training, and slabs start off at every level (:func:`plan_inference` turns them on when a whole
     volume does not fit)."""
-    return replace(config.job.strategy.without_slabs(), checkpointing=False, accumulate=1)
+    return replace(config.job.strategy.without_slabs(), checkpointing=False, checkpoint_levels=0, accumulate=1)
 
 
 @dataclass(frozen=True)

@@ -457,9 +457,7 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
         processes = f"{process.world} process(es)"
         if space is not None:
             processes += f": {data_size} x {spatial} sharing each sample"
-        log(f"job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
-            f"{job.model.filters} base filters, {job.strategy.describe()} "
-            f"(global batch {job.effective_batch * data_size}, {processes}, {device})")
+        log(f"job: {job.describe()} (global batch {job.effective_batch * data_size}, {processes}, {device})")
 
     set_training_malloc_policy(job.strategy, device=device.type)
     allocator_line = policy_line(job.strategy, device.type)
