@@ -38,10 +38,8 @@ def paper_b1():
     return result, time.perf_counter() - started
 
 
-def test_paper_config_answers_fast_and_exceeds_the_training_state():
-    started = time.perf_counter()
-    result = dryrun(JobConfig())  # 240x240x144x4, batch 16, fp32: nothing real is allocated
-    assert time.perf_counter() - started < 30
+def test_paper_config_exceeds_the_training_state():
+    result = dryrun(JobConfig())  # 240x240x144x4, batch 16, fp32: nothing real is allocated (latency: a benchmark)
     assert result.peak_bytes > _state_bytes(JobConfig())
     assert result.peak_at
 

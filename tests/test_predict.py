@@ -40,6 +40,40 @@ def test_masks_overlay_the_original_images_exactly(trained, tmp_path, cli):
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
         probabilities = nib.load(tmp_path / "pred" / image_path.name.replace(".nii.gz", "_prob.nii.gz"))
         assert probabilities.shape == (33, 30, 26)
+        # every voxel predicted, also the row and depth outside the 32x32x24 training shape (a sigmoid is > 0)
+        assert (np.asarray(probabilities.dataobj) > 0).all()
+
+
+def test_a_volume_larger_than_the_training_shape_is_predicted_whole(trained, tmp_path, cli):
+    """A 40x36x20 input with a run trained at 32x32x24: padded to 40x40x24 (multiples of 8), predicted in one
+    pass, every voxel in the mask's geometry."""
+    from fullres.data.nifti import write_nifti
+
+    data, run = trained
+    image = np.asarray(nib.load(data / "imagesTs" / "BRATS_004.nii.gz").dataobj)
+    large = np.zeros((40, 36, 20, image.shape[3]), image.dtype)
+    large[:33, :30, :20] = image[:, :, :20]
+    large[33:, :30] = image[25:32, :30, :20]  # brain-like voxels in the rows beyond the training shape
+    write_nifti(tmp_path / "large.nii.gz", large, np.eye(4))
+    code, out, err = cli("predict", run, tmp_path / "large.nii.gz", "--out", tmp_path / "pred", "--probabilities",
+                         "--quiet")
+    assert code == 0, err
+    assert "whole volumes in one pass" in out
+    probabilities = np.asarray(nib.load(tmp_path / "pred" / "large_prob.nii.gz").dataobj)
+    assert probabilities.shape == (40, 36, 20) and (probabilities > 0).all()
+
+
+def test_a_fixed_size_network_is_predicted_in_windows_of_its_shape():
+    from types import SimpleNamespace
+
+    from fullres.job.config import JobConfig
+    from fullres.nets.registry import ModelConfig
+
+    unetr = ModelConfig(architecture="monai:UNETR", in_channels=1, classes=1, args='{"feature_size": 4, '
+                        '"hidden_size": 48, "mlp_dim": 96, "num_heads": 4}')
+    job = JobConfig(model=unetr, shape=(32, 32, 32), batch=1)
+    assert predict_module.fixed_input_shape(SimpleNamespace(job=job)) == (32, 32, 32)
+    assert predict_module.fixed_input_shape(SimpleNamespace(job=JobConfig(shape=(32, 32, 32), batch=1))) is None
 
 
 def test_sliding_windows_when_the_whole_volume_does_not_fit(trained, tmp_path, cli, monkeypatch):

@@ -122,10 +122,10 @@ def test_existing_run_is_never_overwritten_and_resume_needs_a_run(train_msd, tmp
     assert (mine / "metrics.csv").read_text() == "my numbers\n"
 
 
-def test_job_that_cannot_fit_is_refused_in_seconds(train_msd, tmp_path, cli):
-    start = time.perf_counter()
+def test_job_that_cannot_fit_is_refused_before_training(train_msd, tmp_path, cli):
+    # how long the refusal takes is a benchmark (benchmarks/latency.py), not a test
     code, _, err = cli("train", train_msd, "--out", tmp_path / "r", "--memory", "1MB", *TINY)
-    assert code == 3 and time.perf_counter() - start < 30
+    assert code == 3 and not (tmp_path / "r").exists()
     assert "the job does not fit" in err and "--strategy auto" in err and "--force" in err
     assert "smaller shape" in err and "tiling" in err and "Traceback" not in err
     assert not (tmp_path / "r" / "last.pt").exists()

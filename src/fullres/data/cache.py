@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -23,7 +24,7 @@ import numpy as np
 
 from fullres.files import atomic_write, write_bytes_atomically
 from fullres.data.nifti import case_id_from_path, open_nifti, read_image_channels_first, read_label
-from fullres.data.preprocess import CropBox, DataConfig, crop_or_pad, preprocess_image
+from fullres.data.preprocess import CropBox, DataConfig, covering_shape, crop_or_pad, preprocess_image
 from fullres.errors import UserError
 
 CACHE_FORMAT_VERSION = 1
@@ -136,15 +137,23 @@ def load_training_arrays(image_path, label_path: Path, config: DataConfig,
     return image, label, box
 
 
-def load_case_image(path, config: DataConfig, cache_dir: Path | None = None,
-                    case_id: str | None = None) -> tuple[np.ndarray, CropBox, nib.Nifti1Image]:
+def load_case_image(path, config: DataConfig, cache_dir: Path | None = None, case_id: str | None = None,
+                    divisor: int | None = None, least: tuple[int, int, int] = (1, 1, 1),
+                    ) -> tuple[np.ndarray, CropBox, nib.Nifti1Image]:
     """One image preprocessed for prediction: (C, H, W, D) float32, its CropBox, and the source image
     (the first channel's file for per-channel images) opened lazily (for `.affine` and `.header` when
     writing the prediction; its voxels are not kept). `path`: one file, or the per-channel 3D files.
+    With `divisor`: the whole image, zero-padded to multiples of `divisor` and to at least `least`
+    (:func:`covering_shape`), instead of the crop to `config.shape`; nothing is cropped.
 
     Put the network output back with `uncrop(prediction, box)`.
     """
     files = _files(path)
+    if divisor is not None:
+        raw, source = read_image_channels_first(path)
+        require_channels(raw, config, files[0])
+        image, box = preprocess_image(raw, replace(config, shape=covering_shape(raw.shape[1:], divisor, least)))
+        return image, box, source
     if cache_dir is not None:
         paths = entry_paths(Path(cache_dir), _case_id(path, case_id), cache_key(files, config))
         cached = read_entry(paths, with_label=False)

@@ -90,6 +90,13 @@ class CropBox:
                    tuple(tuple(p) for p in data["source"]), tuple(tuple(p) for p in data["destination"]))
 
 
+def covering_shape(shape: tuple[int, ...], divisor: int, least: tuple[int, ...] = (1, 1, 1)) -> tuple[int, ...]:
+    """The smallest shape that holds all of `shape` in multiples of `divisor`, and at least `least`: what a
+    network that takes multiples of `divisor` predicts every voxel of a volume of `shape` at."""
+    return tuple(max(-(-size // divisor) * divisor, -(-low // divisor) * divisor, divisor)
+                 for size, low in zip(shape, least))
+
+
 def brain_mask(image: np.ndarray) -> np.ndarray:
     """Voxels non-zero in any channel of a (C, H, W, D) image: the brain (MSD backgrounds are exactly 0)."""
     return np.any(image != 0, axis=0)

@@ -2,7 +2,8 @@
 an inference plan that fits the memory (:func:`plan_inference`: whole volume, whole volume in slabs, or
 sliding windows, chosen by the dry run's inference peak; or, under torchrun with `--spatial S`, each volume
 shared by S processes), through PyTorch or the run's exported ONNX / OpenVINO model (`--engine`), and
-NIfTI masks written back in each input's original geometry (crop/pad undone, same affine and header).
+NIfTI masks of every voxel written back in each input's original geometry (padding undone, same affine and
+header).
 """
 
 from __future__ import annotations
@@ -226,8 +227,22 @@ def _smaller_window(window: tuple[int, ...], divisor: int, smallest: int) -> tup
     return None
 
 
+def fixed_input_shape(config: TrainConfig) -> tuple[int, int, int] | None:
+    """The training shape, when the run's network (built for it) takes no other (MONAI's UNETR: its position
+    embeddings); None when it takes any multiple of its divisor. Probed on the meta device."""
+    model, shape = config.job.model, tuple(config.job.shape)
+    larger = tuple(size + spatial_divisor(model) for size in shape)
+    try:
+        network = build_on_meta(model, shape)
+        network(torch.empty(1, model.in_channels, *larger, device="meta"))
+    except Exception:  # noqa: BLE001 - any refusal of another shape means the network is fixed-size
+        return shape
+    return None
+
+
 def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: torch.device,
-                   budget: int | None = None, spatial: int = 1) -> InferencePlan:
+                   budget: int | None = None, spatial: int = 1,
+                   fixed: tuple[int, int, int] | None = None) -> InferencePlan:
     """Pick, in this order, the first way to predict a volume of `shape` whose dry-run inference peak fits
     `budget` bytes (None: the memory available on `device` now): the whole volume in one pass; the whole
     volume in 2, 4, 8, ... full-resolution slabs while more still lower the peak, then with every level in
@@ -236,12 +251,21 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
     the largest axis (multiples of the network's divisor, down to twice it), plus MONAI's full-volume
     blending buffers. When nothing fits, the smallest window is used, and the reason says so.
     `spatial` = S > 1: the volume shared by S processes (the "spatial" plan), refused with exit code 3 where
-    one process's share does not fit (the budget is then each local process's)."""
+    one process's share does not fit (the budget is then each local process's). `fixed`: the only input
+    shape the network takes (:func:`fixed_input_shape`): a larger volume is predicted in windows of it."""
     budget_source = "--memory" if budget is not None else "available"
     budget = available_memory(device) if budget is None else int(budget)
     shape = tuple(int(s) for s in shape)
     model = config.job.model
     have = f"{format_bytes(budget)} {budget_source}"
+    if fixed is not None and shape != tuple(fixed):
+        if spatial > 1:
+            raise UserError(f"--spatial {spatial}: {model.architecture} takes only {'x'.join(map(str, fixed))} "
+                            "inputs, so a volume cannot be shared; predict without --spatial")
+        blending = (model.classes + 1) * 4 * int(np.prod(shape))  # MONAI's output and count maps, fp32
+        need = inference_need(config, fixed, device) + blending + 4 * int(np.prod(fixed))
+        return InferencePlan("sliding", need, budget, f"{model.architecture} takes only its training shape; "
+                             f"~{format_bytes(need)} of {have} (dry run)", window=tuple(fixed))
     if spatial > 1:
         try:
             check_spatial(JobConfig(model=model, shape=shape, batch=1, strategy=inference_strategy(config)), spatial)
@@ -405,14 +429,17 @@ def check_output_folder(out: Path, cases: list[PredictInput], inputs: list[str],
                             "choose another folder, or --overwrite")
 
 
-def load_input(case: PredictInput, config: TrainConfig, trained: DatasetIndex | None):
-    """One case read and preprocessed as the run expects: (image, crop box, source image). Raises UserError
-    naming the file when it is unreadable, has the wrong channels or non-finite voxels, or a shape the
-    network cannot take."""
+def load_input(case: PredictInput, config: TrainConfig, trained: DatasetIndex | None,
+               least: tuple[int, int, int] = (1, 1, 1)):
+    """One case read and preprocessed as the run expects: (image, box, source image). The image is the whole
+    input, zero-padded to multiples of the network's divisor and to at least `least` (every voxel is
+    predicted, whatever the training shape). Raises UserError naming the file when it is unreadable, has
+    the wrong channels or non-finite voxels."""
     data = config.data
     if case.index is not None and trained is not None and case.index.modalities != trained.modalities:
         data = replace(data, channels=match_channels(trained.modalities, data.channels, case.index.modalities))
-    image, box, source = load_case_image(case.image, data, case_id=case.case_id)
+    image, box, source = load_case_image(case.image, data, case_id=case.case_id,
+                                         divisor=spatial_divisor(config.job.model), least=least)
     if not np.isfinite(image).all():  # a NaN would silently become an empty mask: count them in the file
         for path in (case.image if isinstance(case.image, tuple) else (case.image,)):
             raw = np.asanyarray(nib.load(path).dataobj)
@@ -454,7 +481,6 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     """
     from tqdm import tqdm
 
-
     if spatial > 1 and engine != "torch":
         raise UserError(f"--spatial {spatial} runs the PyTorch network (--engine torch), not {engine}")
     refuse_process_count(spatial, process.world)
@@ -463,22 +489,29 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     predictor = load_predictor(run_or_checkpoint, device, trust_code)
     config = predictor.config
     trained = training_dataset(config)
-    # every input readable and usable before the first mask is written
-    shapes = [tuple(load_input(case, config, trained)[0].shape[1:]) for case in cases]
     runner = None
     if engine != "torch":
         engine_file = Path(engine_file) if engine_file is not None else default_engine_file(run_or_checkpoint, engine)
         runner = open_engine(engine, engine_file, config, predictor.checkpoint)
+        fixed = runner.spatial_shape
     elif engine_file is not None:
         raise UserError("--engine-file needs --engine onnx or openvino")
+    else:
+        fixed = fixed_input_shape(config)
+    least = fixed or (1, 1, 1)
+    # every input readable and usable before the first mask is written
+    shapes = [tuple(load_input(case, config, trained, least)[0].shape[1:]) for case in cases]
     plans: dict[tuple, InferencePlan] = {}
     for shape in shapes:  # every shape planned (and a plan that cannot fit refused) before the first mask
         if shape in plans:
             continue
-        if runner is not None:
+        if runner is not None and (fixed is None or shape == tuple(fixed)):
             plans[shape] = InferencePlan("whole", 0, 0, f"{engine} engine ({engine_file}), on the CPU")
+        elif runner is not None:
+            plans[shape] = InferencePlan("sliding", 0, 0, f"{engine} engine ({engine_file}) of fixed input "
+                                         f"{'x'.join(map(str, fixed))}, on the CPU", window=tuple(fixed))
         else:
-            plans[shape] = plan_inference(config, shape, device, memory, spatial)
+            plans[shape] = plan_inference(config, shape, device, memory, spatial, fixed)
         if process.main and len(plans) == 1:
             log(f"predicting {len(cases)} case(s) with {predictor.checkpoint} as {plans[shape].describe()}")
         elif process.main:
@@ -494,7 +527,7 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     out.mkdir(parents=True, exist_ok=True)
     for case in tqdm(cases[data_rank::data_size], desc="predict", disable=not (progress and process.main)):
         source_index, regions = case_source(case, trained)
-        image, box, source = load_input(case, config, trained)
+        image, box, source = load_input(case, config, trained, least)
         shape = tuple(image.shape[1:])
         case_space = None if space is None else replace(space, height=shape[0])
         probs = predict_volume(predictor, image, device, plan=plans[shape], engine=runner, space=case_space)
