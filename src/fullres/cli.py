@@ -22,7 +22,7 @@ import numpy as np
 from fullres.config import PRECISIONS, SCHEDULES, TARGET_CLASSES, JobConfig, Strategy, job_defaults
 from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
 from fullres.device import COLLECTIVE_TIMEOUT_S, memory_device
-from fullres.errors import UserError, first_line
+from fullres.errors import OneLineWarning, UserError, first_line
 from fullres.files import refuse_special
 from fullres.lesions import CHALLENGES, DEFAULT_CHALLENGE
 from fullres.losses import LOSSES
@@ -175,6 +175,8 @@ def job_from_options(options: dict, in_channels: int | None = None, classes: int
             raise ValueError("--checkpoint-levels chooses the levels --checkpointing recomputes: give --checkpointing too")
         job = JobConfig(model=model, shape=tuple(options["shape"]), batch=options["batch"], strategy=strategy)
         check_shape(job.model, job.shape)
+        from fullres.memory.plan import check_checkpointing
+        check_checkpointing(job)  # refuses, or warns, where block checkpointing saves (almost) nothing
         return job
     except (ValueError, argparse.ArgumentTypeError) as error:
         prefix = "" if options.get("model", "unet3d") == "unet3d" else f"--model {options.get('model')}: "
@@ -1075,7 +1077,10 @@ def main(argv: list[str] | None = None) -> int:
     if message is not None:
         print(f"fullres {args.command}: {' '.join(message.split())}", file=sys.stderr)
     else:
-        for warning in held[:HELD_WARNINGS]:  # as Python would have printed them
+        for warning in held[:HELD_WARNINGS]:  # as Python would have printed them, the user's job's in one line
+            if issubclass(warning.category, OneLineWarning):
+                print(f"fullres {args.command}: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+                continue
             sys.stderr.write(warnings.formatwarning(warning.message, warning.category, warning.filename,
                                                     warning.lineno, warning.line))
         if len(held) > HELD_WARNINGS:
