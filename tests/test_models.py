@@ -73,37 +73,102 @@ def test_a_shape_the_network_cannot_take_is_named():
         check_shape(ModelConfig(architecture="monai:SwinUNETR", args='{"feature_size": 12}'), (32, 32, 32))
 
 
-def test_block_checkpointing_gives_the_plain_gradients():
+SMALL_FAMILIES = {  # name -> (model args, shape, the blocks checkpointing finds)
+    "monai:SegResNet": ('{"init_filters": 8, "dropout_prob": 0.2}', (16, 16, 16),
+                        ["convInit", "down_layers.0.1", "down_layers.1", "down_layers.2", "down_layers.3", "up_samples.0",
+                         "up_layers.0", "up_samples.1", "up_layers.1", "up_samples.2", "up_layers.2", "conv_final"]),
+    "monai:BasicUNet": ('{"features": [4, 4, 8, 8, 16, 4]}', (32, 32, 32),
+                        ["conv_0.conv_0", "conv_0.conv_1", "down_1", "down_2", "down_3", "down_4", "upcat_4", "upcat_3",
+                         "upcat_2", "upcat_1.upsample", "upcat_1.convs.conv_0", "upcat_1.convs.conv_1", "final_conv"]),
+    "monai:UNet": ('{"channels": [4, 8, 16], "strides": [2, 2]}', (16, 16, 16),
+                   ["model.0", "model.1", "model.2.0", "model.2.1"]),
+    "monai:DynUNet": ('{"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "upsample_kernel_size": [2, 2], '
+                      '"filters": [4, 8, 16]}', (16, 16, 16),
+                      ["input_block", "skip_layers.next_layer", "upsamples.1.transp_conv", "upsamples.1.conv_block",
+                       "output_block"]),
+    "nnunet:PlainConvUNet": ('{"features_per_stage": [4, 8, 16], "n_stages": 3, "strides": [1, 2, 2]}', (16, 16, 16),
+                             ["encoder.stages.0.0.convs.0", "encoder.stages.0.0.convs.1", "encoder.stages.1",
+                              "encoder.stages.2", "decoder.transpconvs.0", "decoder.stages.0", "decoder.transpconvs.1",
+                              "decoder.stages.1.convs.0.all_modules", "decoder.stages.1.convs.1", "decoder.seg_layers.1"]),
+    "nnunet:ResidualEncoderUNet": ('{"features_per_stage": [4, 8, 16], "n_stages": 3, "strides": [1, 2, 2], '
+                                   '"n_blocks_per_stage": [1, 1, 1]}', (16, 16, 16),
+                                   ["encoder.stem", "encoder.stages.0", "encoder.stages.1", "encoder.stages.2", "decoder"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL_FAMILIES))
+def test_block_checkpointing_finds_the_blocks_that_run_and_gives_the_plain_gradients(name):
+    """The blocks are module calls of a real forward (stages; the full-resolution ones split; never a
+    ModuleList, an iterated Sequential or DynUNet's second name for its stages), and the checkpointed
+    network's float64 gradients equal the plain ones (dropout repeated exactly on recompute)."""
+    if name.startswith("nnunet"):
+        pytest.importorskip("dynamic_network_architectures")
+    args, shape, expected = SMALL_FAMILIES[name]
+    config = ModelConfig(architecture=name, args=args, in_channels=2, classes=3)
     torch.manual_seed(0)
-    config = ModelConfig(architecture="monai:SegResNet", args='{"init_filters": 8, "dropout_prob": 0.2}', in_channels=2,
-                         classes=1)
-    plain = build_model(config, (16, 16, 16))
-    checkpointed = build_model(config, (16, 16, 16))
+    plain = build_model(config, shape).double()
+    checkpointed = build_model(config, shape).double()
     checkpointed.load_state_dict(plain.state_dict())
-    blocks = checkpoint_blocks(checkpointed)
-    assert len(blocks) >= 3 and checkpoint_blocks(checkpointed) == blocks  # idempotent
-    x, y = torch.randn(2, 2, 16, 16, 16), (torch.rand(2, 1, 16, 16, 16) > 0.5).float()
+    x = torch.randn(2, 2, *shape, dtype=torch.float64)
+    y = (torch.rand(2, 3, *shape) > 0.5).double()
+    assert checkpoint_blocks(checkpointed, tuple(x.shape)) == expected
+    assert checkpoint_blocks(checkpointed) == expected  # idempotent
     grads = []
     for model in (plain, checkpointed):
         torch.manual_seed(1)  # the same dropout masks, recomputed exactly under checkpointing
         LOSSES["dice"](model(x), y).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
+        grads.append([p.grad for p in model.parameters()])  # None for a head the network does not use
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_checkpointing_reaches_the_blocks_inside_module_lists():
-    """SegResNet keeps its stages in ModuleLists, whose own forward is never called: their items are the
-    blocks, and checkpointing them cuts the dry run's peak (it cut nothing when the lists were wrapped)."""
-    from fullres.job.config import Strategy
-    from fullres.cost.dryrun import dryrun
+def test_blocks_are_found_at_the_first_forward_when_no_shape_is_given():
+    config = ModelConfig(architecture="monai:UNet", args=SMALL_FAMILIES["monai:UNet"][0], in_channels=2, classes=3)
+    model = build_model(config, (16, 16, 16))
+    assert checkpoint_blocks(model) == []
+    model(torch.randn(1, 2, 16, 16, 16)).sum().backward()
+    assert checkpoint_blocks(model) == SMALL_FAMILIES["monai:UNet"][2]
+    assert all(getattr(dict(model.named_modules())[name], "_fullres_checkpointed", False)
+               for name in SMALL_FAMILIES["monai:UNet"][2])
 
-    config = ModelConfig(architecture="monai:SegResNet", args='{"init_filters": 8}', in_channels=4, classes=3)
-    blocks = checkpoint_blocks(build_model(config, (32, 32, 32)))
-    assert "down_layers.0" in blocks and "up_samples.2" in blocks and "down_layers" not in blocks
-    peaks = [dryrun(JobConfig(model=config, shape=(48, 48, 48), batch=2, strategy=Strategy(checkpointing=on)),
-                    runtime=0).peak_bytes for on in (False, True)]
+
+@pytest.mark.parametrize("name", ["monai:SegResNet", "monai:UNet", "monai:DynUNet", "nnunet:ResidualEncoderUNet"])
+def test_checkpointing_cuts_the_dry_run_peak(name):
+    """SegResNet keeps its stages in ModuleLists, nnU-Net in an iterated Sequential, DynUNet reaches them
+    under a second name: checkpointing the blocks that run cuts the dry run's peak by a quarter."""
+    if name.startswith("nnunet"):
+        pytest.importorskip("dynamic_network_architectures")
+    args, shape, _ = SMALL_FAMILIES[name]
+    config = ModelConfig(architecture=name, args=args, in_channels=4, classes=3)
+    peaks = [dryrun(JobConfig(model=config, shape=shape, batch=32, strategy=Strategy(checkpointing=on)), runtime=0,
+                    allocator="fixed").peak_bytes for on in (False, True)]
     assert peaks[1] < 0.75 * peaks[0], peaks
+
+
+def test_checkpointing_that_saves_nothing_is_refused_in_one_line(cli, tmp_path):
+    path = tmp_path / "nets.py"
+    path.write_text(FACTORY)
+    os.chmod(path, 0o644)
+    os.chmod(tmp_path, 0o755)
+    code, _, err = cli("estimate", "--model", f"{path}:tiny", "--shape", "16", "16", "16", "--checkpointing",
+                       "--method", "dryrun")
+    assert code == 2 and f"--checkpointing: block checkpointing of {path}:tiny at 16x16x16 saves 0.0% of" in err, err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = cli("estimate", "--model", f"{path}:tiny", "--shape", "16", "16", "16", "--method", "dryrun")
+    assert code == 0, err
+
+
+def test_checkpointing_that_saves_little_is_accepted_with_a_one_line_warning(cli, monkeypatch):
+    from fullres.cost import plan
+
+    monkeypatch.setattr(plan, "checkpointing_saving", lambda job: 0.12)
+    code, _, err = cli("estimate", "--model", "monai:SegResNet", "--model-args", '{"init_filters": 8}', "--shape",
+                       "16", "16", "16", "--checkpointing")
+    assert code == 0 and err.strip() == ("fullres estimate: warning: --checkpointing: block checkpointing of "
+                                         "monai:SegResNet at 16x16x16 saves only 12.0% of the activations at the dry "
+                                         "run's peak (one block holds most of them)"), err
 
 
 def test_offload_needs_cuda():

@@ -1,4 +1,5 @@
-"""The one exception type that the CLI turns into a single clear line and a non-zero exit code."""
+"""The one exception type that the CLI turns into a single clear line and a non-zero exit code, and the one
+warning type it prints as a single line."""
 
 
 class UserError(Exception):
@@ -16,3 +17,7 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message ("" for none): what a one-line refusal quotes of it."""
     text = str(error).strip()
     return text.splitlines()[0] if text else ""
+
+
+class OneLineWarning(UserWarning):
+    """A warning about the user's job that the CLI prints as one line, `fullres COMMAND: warning: <message>`."""

@@ -31,7 +31,7 @@ from fullres.cli import (
     train,
 )
 from fullres.cli.options import Parser
-from fullres.errors import UserError, first_line
+from fullres.errors import OneLineWarning, UserError, first_line
 from fullres.run.versions import VersionAction
 
 
@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     if message is not None:
         print(f"fullres {args.command}: {' '.join(message.split())}", file=sys.stderr)
     else:
-        for warning in held[:HELD_WARNINGS]:  # as Python would have printed them
+        for warning in held[:HELD_WARNINGS]:  # as Python would have printed them, the user's job's in one line
+            if issubclass(warning.category, OneLineWarning):
+                print(f"fullres {args.command}: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+                continue
             sys.stderr.write(warnings.formatwarning(warning.message, warning.category, warning.filename,
                                                     warning.lineno, warning.line))
         if len(held) > HELD_WARNINGS:

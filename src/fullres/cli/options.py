@@ -7,6 +7,7 @@ import argparse
 import math
 from dataclasses import fields
 
+from fullres.cost.plan import check_checkpointing
 from fullres.errors import UserError
 from fullres.job.config import TARGET_CLASSES, JobConfig, Strategy, job_defaults
 from fullres.kernels.device import COLLECTIVE_TIMEOUT_S
@@ -162,6 +163,7 @@ def job_from_options(options: dict, in_channels: int | None = None, classes: int
         strategy = Strategy(**{spec.name: options[spec.name] for spec in fields(Strategy)})
         job = JobConfig(model=model, shape=tuple(options["shape"]), batch=options["batch"], strategy=strategy)
         check_shape(job.model, job.shape)
+        check_checkpointing(job)  # refuses, or warns, where block checkpointing saves (almost) nothing
         return job
     except (ValueError, argparse.ArgumentTypeError) as error:
         prefix = "" if options.get("model", "unet3d") == "unet3d" else f"--model {options.get('model')}: "

@@ -7,6 +7,8 @@ Extension point: a new memory strategy (a `Strategy` field the step honours) joi
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -15,7 +17,7 @@ from fullres.cost.estimate import ESTIMATORS, dryrun_estimate, estimate_training
 from fullres.cost import runtime
 from fullres.cost.timing import fake_step_flops, strategy_step_seconds
 from fullres.engine.spatial import shard_bounds
-from fullres.errors import UserError
+from fullres.errors import OneLineWarning, UserError
 from fullres.job.config import JobConfig
 from fullres.kernels.device import fast_bf16
 from fullres.nets.registry import model_spec, spatial_divisor
@@ -172,6 +174,51 @@ def check_spatial(job: JobConfig, spatial: int) -> None:
         raise ValueError(f"--spatial {spatial}: not with --slabs, --coarse-slabs, --checkpointing or --offload (each "
                          "process computes its rows of a level whole)")
     shard_bounds(job.shape[0], spatial)
+
+
+# Block checkpointing that saves less than REFUSE_BELOW of the dry-run peak is refused (recomputation for
+# nothing); less than WARN_BELOW is accepted with a warning.
+REFUSE_BELOW, WARN_BELOW = 0.05, 0.25
+
+
+FIXED_STATE = ("parameters", "gradients", "optimizer_state", "inputs")  # what no recomputation changes
+JUDGED_BATCH = 64  # fake tensors: the dry run costs the same at any batch
+
+
+@functools.lru_cache(maxsize=64)
+def checkpointing_saving(job: JobConfig) -> float:
+    """The fraction of the CPU dry-run peak beyond the fixed state (weights, their gradients, the optimizer's
+    state, the inputs; the runtime term apart) that block checkpointing saves for `job`'s network at its
+    shape and micro-batch JUDGED_BATCH: both dry runs under the same allocator, so only the recomputation
+    differs, and at a batch where the activations outweigh the weights' state, so that the peak falls in
+    backward, where checkpointing acts, not in the optimizer's update (a small job's peak)."""
+    one = job.with_(batch=JUDGED_BATCH, strategy=replace(job.strategy, accumulate=1))
+    beyond = []
+    for on in (False, True):
+        result = dryrun(one.with_(strategy=replace(one.strategy, checkpointing=on)), runtime=0, allocator="fixed")
+        beyond.append(result.peak_bytes - sum(result.breakdown[name] for name in FIXED_STATE))
+    return 1 - beyond[1] / beyond[0] if beyond[0] > 0 else 0.0
+
+
+def check_checkpointing(job: JobConfig) -> float | None:
+    """For a job with --checkpointing of a network without its own schedule (checkpointed block by block):
+    the fraction of the dry-run peak's activations and temporaries it saves (:func:`checkpointing_saving`). A UserError naming the
+    network where that is under REFUSE_BELOW; a one-line warning where it is under WARN_BELOW. None for
+    other jobs, or where the dry run cannot follow the network (the estimate says why)."""
+    if not job.strategy.checkpointing or model_spec(job.model.architecture).slabs:
+        return None
+    try:
+        saving = checkpointing_saving(job)
+    except ValueError:
+        return None
+    where = f"block checkpointing of {job.model.architecture} at {'x'.join(map(str, job.shape))}"
+    if saving < REFUSE_BELOW:
+        raise UserError(f"--checkpointing: {where} saves {saving:.1%} of the activations at the dry run's "
+                        "peak (its blocks keep about what they would recompute); train without it")
+    if saving < WARN_BELOW:
+        warnings.warn(OneLineWarning(f"--checkpointing: {where} saves only {saving:.1%} of the activations at the "
+                                     "dry run's peak (one block holds most of them)"), stacklevel=2)
+    return saving
 
 
 def refuse_spatial(job: JobConfig, spatial: int, world: int) -> None:

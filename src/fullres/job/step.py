@@ -54,13 +54,173 @@ def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
     return model
 
 
-def checkpoint_blocks(model: nn.Module) -> list[str]:
+def checkpoint_blocks(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> list[str]:
     """Wrap the forward of each of `model`'s blocks in non-reentrant activation checkpointing (exact: it
     restores the RNG state, so dropout repeats on recompute): each keeps only its inputs for backward and
-    recomputes the rest. The blocks are the top-level children with parameters; where there is only one,
-    its children, and so on down. A ModuleList or ModuleDict is never a block (its own forward is never
-    called: the network calls its items), its items are. Returns the blocks' names; idempotent."""
-    def unpacked(named):  # containers stand for their items
+    recomputes the rest. Returns the blocks' names (a module's first name in `named_modules`); idempotent.
+
+    The blocks are the module calls that actually run, found by one forward on the meta device of an input of
+    `input_shape` (N, C, H, W, D) (:func:`find_blocks`); without `input_shape`, by that of the first real
+    input, when the model is first called (until then the list is empty). Where the meta forward fails (a
+    network that reads tensors it holds outside its parameters and buffers), the blocks are the top-level
+    children with parameters, descending while there is only one, ModuleLists standing for their items."""
+    if getattr(model, "_fullres_blocks", None) is not None:
+        return list(model._fullres_blocks)
+    if input_shape is None:
+        if not hasattr(model, "_fullres_find_blocks"):
+            def at_first_call(module, args):
+                first = next((arg for arg in args if isinstance(arg, torch.Tensor)), None)
+                module._fullres_find_blocks.remove()
+                if first is not None:
+                    checkpoint_blocks(module, tuple(first.shape))
+            model._fullres_find_blocks = model.register_forward_pre_hook(at_first_call)
+        return []
+    names = find_blocks(model, input_shape)
+    modules = dict(model.named_modules())
+    for name in names:
+        block = modules[name]
+        if not getattr(block, "_fullres_checkpointed", False):
+            block.forward = functools.partial(_checkpointed, block.forward)
+            block._fullres_checkpointed = True
+    model._fullres_blocks = tuple(names)
+    return list(names)
+
+
+def find_blocks(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """The names of the modules :func:`checkpoint_blocks` checkpoints in `model` for inputs of `input_shape`.
+
+    One forward on the meta device (nothing allocated; outside any fake-tensor or dispatch mode in force)
+    records which module calls which, each call's tensor inputs, and the bytes autograd saves inside it.
+    Starting from the model's own calls, the call saving the most is split into the calls it makes, again
+    and again until it is a single module; of the sets of blocks on the way, the finest whose estimated peak
+    of what checkpointing keeps (the blocks' inputs, what is saved outside any block, the largest block's
+    recomputed activations) is within NEAR_TIE of the least is chosen. So a U-Net's blocks come out as its stages,
+    the largest of them (full resolution) split further, and a ModuleList, a Sequential iterated by its
+    owner, or a module reached under two names (DynUNet's skip layers) is never taken for a block that
+    runs. Modules without parameters are never blocks."""
+    try:
+        tree = _call_tree(model, input_shape)
+    except Exception:  # noqa: BLE001 - any network the meta forward cannot run: its structure decides
+        return _static_blocks(model)
+    names = {id(module): name for name, module in model.named_modules()}
+
+    def weighted(calls):
+        return [call for call in calls if call.weighted]
+
+    def cost(blocks):
+        inside = {key for call in blocks for key in call.saved_keys}
+        kept = sum(size for key, size in tree.saved.items() if key not in inside)
+        inputs = {key: size for call in blocks for key, size in call.inputs.items()}
+        recomputed = max((sum(tree.saved[key] for key in call.saved_keys if key not in call.inputs) for call in blocks),
+                         default=0)  # a block's inputs are kept already: recomputing it saves them again for free
+        return kept + sum(inputs.values()) + recomputed
+
+    blocks = weighted(tree.calls)
+    while len(blocks) == 1 and weighted(blocks[0].calls):  # a wrapper: its calls are the blocks
+        blocks = weighted(blocks[0].calls)
+    candidates = [blocks]
+    while blocks:  # split the largest block until it is one module
+        largest = max(blocks, key=lambda call: call.saved)
+        inner = weighted(largest.calls)
+        if not inner:
+            break
+        blocks = [call for block in blocks for call in (inner if block is largest else [block])]
+        candidates.append(blocks)
+    costs = [cost(candidate) for candidate in candidates]
+    # the estimate leaves out backward's gradients, which grow with the largest block: near-ties go finer
+    best = [candidate for candidate, value in zip(candidates, costs) if value <= NEAR_TIE * min(costs)][-1]
+    return list(dict.fromkeys(names[id(call.module)] for call in best))
+
+
+NEAR_TIE = 1.05  # sets of blocks whose estimated peak is within 5 % of the least count as equal
+
+
+class _Call:
+    """One module call of a meta forward: the calls it makes, its tensor inputs and the tensors saved in it."""
+
+    def __init__(self, module: nn.Module, inputs: dict[int, int]) -> None:
+        self.module, self.inputs, self.calls = module, inputs, []
+        self.weighted = any(True for _ in module.parameters())
+        self.saved_keys: set[int] = set()
+        self.saved = 0
+
+
+class _CallTree:
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+        self.saved: dict[int, int] = {}  # storage -> bytes, every tensor autograd saved
+        self.seen: list[torch.Tensor] = []  # every tensor keyed, alive so that no storage address is reused
+
+    def key(self, tensor: torch.Tensor) -> tuple[int, int]:
+        """(the tensor's storage, its bytes)."""
+        self.seen.append(tensor)
+        storage = tensor.untyped_storage()
+        return storage._cdata, storage.nbytes()
+
+
+
+
+def _call_tree(model: nn.Module, input_shape: tuple[int, ...]) -> _CallTree:
+    from torch.utils._python_dispatch import _disable_current_modes
+    from torch.utils._pytree import tree_flatten
+
+    tree, stack, hooks, weights = _CallTree(), [], [], set()
+
+    def tensors(values):
+        return [value for value in tree_flatten(values)[0] if isinstance(value, torch.Tensor)]
+
+    def enter(module, args, kwargs):
+        call = _Call(module, dict(tree.key(t) for t in tensors((args, kwargs))))
+        (stack[-1].calls if stack else tree.calls).append(call)
+        stack.append(call)
+
+    def leave(module, args, kwargs, output):
+        call = stack.pop()
+        for outer in stack:  # what a call saves, its callers save too
+            outer.saved_keys |= call.saved_keys
+            outer.saved = sum(tree.saved[key] for key in outer.saved_keys)
+
+    def pack(tensor):
+        key, size = tree.key(tensor)
+        if key not in tree.saved and key not in weights:  # weights stay whatever is recomputed
+            tree.saved[key] = size
+            if stack:
+                stack[-1].saved_keys.add(key)
+                stack[-1].saved = sum(tree.saved[k] for k in stack[-1].saved_keys)
+        return tensor
+
+    with _disable_current_modes():
+        swapped = []  # (a module's _parameters or _buffers, name, the tensor there): restored below
+        for module in model.modules():  # each module once, however many names it has
+            for table in (module._parameters, module._buffers):
+                for name, tensor in table.items():
+                    if tensor is not None:
+                        swapped.append((table, name, tensor))
+        dtype = next((tensor.dtype for _, _, tensor in swapped if tensor.is_floating_point()), torch.float32)
+        x = torch.empty(tuple(input_shape), dtype=dtype, device="meta")
+        for module in model.modules():
+            if module is not model:
+                hooks.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+                hooks.append(module.register_forward_hook(leave, with_kwargs=True))
+        try:
+            for table, name, tensor in swapped:
+                meta = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="meta")
+                table[name] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+                weights.add(tree.key(table[name])[0])
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                model(x)
+        finally:
+            for table, name, tensor in swapped:
+                table[name] = tensor
+            for hook in hooks:
+                hook.remove()
+    return tree
+
+
+def _static_blocks(model: nn.Module) -> list[str]:
+    """Top-level children with parameters, descending while there is only one; ModuleLists and
+    ModuleDicts stand for their items (their own forward is never called)."""
+    def unpacked(named):
         for name, child in named:
             if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
                 yield from unpacked((f"{name}.{item}", grandchild) for item, grandchild in child.named_children())
@@ -74,10 +234,6 @@ def checkpoint_blocks(model: nn.Module) -> list[str]:
             break
         prefix += with_parameters[0][0] + "."
         blocks = list(unpacked(with_parameters[0][1].named_children()))
-    for _, block in with_parameters:
-        if not getattr(block, "_fullres_checkpointed", False):
-            block.forward = functools.partial(_checkpointed, block.forward)
-            block._fullres_checkpointed = True
     return [prefix + name for name, _ in with_parameters]
 
 
