@@ -588,7 +588,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data is not None and not args.resume and not Path(args.data).is_dir():  # before --out is made
         raise UserError(f"DATA {args.data}: {'not a folder' if Path(args.data).exists() else 'no such folder'}")
     options = {name: getattr(args, name) for name in (*JOB_FLAGS, "epochs", "lr", "loss", "schedule", "seed",
-                                                       "val_fraction", "device", "threads", "workers", "tracker")}
+                                                       "val_fraction", "device", "threads", "workers", "tracker",
+                                                       "augment")}
     run(TrainRequest(out=Path(args.out), data=Path(args.data) if args.data is not None else None, options=options,
                      make_job=job_from_options, strategy=args.strategy, memory=args.memory, force=args.force,
                      autotune=not args.no_autotune, resume=args.resume, progress=not args.quiet, layout=args.layout,
@@ -817,6 +818,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracker", choices=("tensorboard", "mlflow", "none"), default=None,
                         help="where metrics, configuration and figures go besides the run folder: tensorboard "
                              "(default, RUN/tb), mlflow ($MLFLOW_TRACKING_URI or RUN/mlruns), none")
+    parser.add_argument("--augment", choices=("none", "light", "default"), default=None,
+                        help="augmentation of the training samples: none (the paper's job), light (flips, intensity), "
+                             "default (also affine, elastic, axial 90-degree rotations; the demo's)")
     parser.add_argument("--strategy", choices=("manual", "auto"), default="manual",
                         help="auto: the fastest exact strategy that fits, by estimated step time (checkpointing, "
                              "accumulation, slabs; bf16 where the hardware has it)")
