@@ -441,6 +441,8 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
         log(f"job: batch {job.batch} x {job.model.in_channels} x {' x '.join(map(str, job.shape))}, "
             f"{job.model.filters} base filters, {job.strategy.describe()} "
             f"(global batch {job.effective_batch * data_size}, {processes}, {device})")
+        if config.augment != "none":
+            log(f"augmentation: {config.augment} (MONAI, in the data workers; seeded by seed, epoch and case)")
 
     set_training_malloc_policy(job.strategy, device=device.type)
     allocator_line = policy_line(job.strategy, device.type)
