@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None and not args.resume and not Path(args.data).is_dir():  # before --out is made
         raise UserError(f"DATA {args.data}: {'not a folder' if Path(args.data).exists() else 'no such folder'}")
     options = {name: getattr(args, name) for name in (*JOB_FLAGS, "epochs", "lr", "loss", "schedule", "seed",
-                                                       "val_fraction", "device", "threads", "workers", "tracker")}
+                                                       "val_fraction", "device", "threads", "workers", "tracker",
+                                                       "augment")}
     train(TrainRequest(out=Path(args.out), data=Path(args.data) if args.data is not None else None, options=options,
                      make_job=job_from_options, strategy=args.strategy, memory=args.memory, force=args.force,
                      autotune=not args.no_autotune, resume=args.resume, progress=not args.quiet, layout=args.layout,
@@ -59,6 +60,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="auto (default): CUDA when present")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes (default 1)")
+    parser.add_argument("--augment", choices=("none", "light", "default"), default=None,
+                        help="augmentation of the training samples: none (the paper's job), light (flips, intensity), "
+                             "default (also affine, elastic, axial 90-degree rotations; the demo's)")
     parser.add_argument("--tracker", choices=("tensorboard", "mlflow", "none"), default=None,
                         help="where metrics, configuration and figures go besides the run folder: tensorboard "
                              "(default, RUN/tb), mlflow ($MLFLOW_TRACKING_URI or RUN/mlruns), none")

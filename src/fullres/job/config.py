@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from fullres.data.augment import AUGMENTATIONS
 from fullres.data.preprocess import DataConfig
 from fullres.engine.losses import LOSSES
 from fullres.nets.unet3d import LEVELS as SLAB_LEVELS
@@ -251,6 +252,9 @@ class TrainConfig:
     strategy_choice: str = "manual"  # how job.strategy was chosen: manual, or auto (by the preflight)
     layout: str | None = None  # the dataset's layout (fullres.data.LAYOUTS), as detected or forced
     tracker: str = "tensorboard"  # where metrics go besides the run folder (fullres.run.tracking)
+    # augmentation of the training samples (fullres.data.augment); "none" for a run saved before it existed,
+    # so such a run resumes as it trained (new runs take their preset's, fullres.presets)
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -272,6 +276,8 @@ class TrainConfig:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.tracker not in TRACKERS:
             raise ValueError(f"--tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if self.strategy_choice not in ("manual", "auto"):
             raise ValueError(f"strategy_choice must be manual or auto, got {self.strategy_choice!r}")
         if not self.data_dir:

@@ -43,6 +43,7 @@ from fullres.data.preprocess import DataConfig
 from fullres.data.synth import write_dataset
 from fullres.engine.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy
 from fullres.engine.spatial import gather_rows, local_rows, mesh, reduce_gradients, space_of, sums_over
+from fullres.data.augment import AugmentedDataset, EpochSampler
 from fullres.errors import UserError
 from fullres.evaluate.figures import figure7_overlay, training_curves
 from fullres.files import atomic_write, write_json
@@ -164,6 +165,7 @@ def _run_values(config: TrainConfig) -> dict:
             "dropout": job.model.dropout, "norm": job.model.norm, "lr": config.lr, "loss": config.loss,
             "schedule": config.schedule, "seed": config.seed, "val_fraction": config.val_fraction,
             "device": config.device, "threads": config.threads, "workers": config.workers, "tracker": config.tracker,
+            "augment": config.augment,
             **{spec.name: getattr(job.strategy, spec.name) for spec in fields(Strategy)}}
 
 
@@ -299,7 +301,8 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
             seed=options["seed"], val_fraction=options["val_fraction"], device=options["device"],
             threads=options["threads"], workers=options["workers"], schedule=options["schedule"],
             strategy_choice="auto" if request.strategy == "auto" and not request.force else "manual",
-            layout=index.layout, tracker=options.get("tracker") or "tensorboard")
+            layout=index.layout, tracker=options.get("tracker") or "tensorboard",
+            augment=options.get("augment") or defaults["augment"])
     except ValueError as error:
         raise UserError(str(error)) from None
     return config
@@ -458,6 +461,8 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
         if space is not None:
             processes += f": {data_size} x {spatial} sharing each sample"
         log(f"job: {job.describe()} (global batch {job.effective_batch * data_size}, {processes}, {device})")
+        if config.augment != "none":
+            log(f"augmentation: {config.augment} (MONAI, in the data workers; seeded by seed, epoch and case)")
 
     set_training_malloc_policy(job.strategy, device=device.type)
     allocator_line = policy_line(job.strategy, device.type)
@@ -500,6 +505,8 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
     # N processes with batch b see exactly the samples one process with batch N x b sees.
     sampler = DistributedSampler(train_set, num_replicas=data_size, rank=data_rank, shuffle=True,
                                  seed=config.seed, drop_last=True)
+    if config.augment != "none":  # each sample's augmentation: a function of (seed, epoch, case index) alone
+        train_set, sampler = AugmentedDataset(train_set, config.augment, config.seed), EpochSampler(sampler)
     loader = DataLoader(train_set, batch_size=job.effective_batch, sampler=sampler, drop_last=True,
                         num_workers=config.workers, pin_memory=device.type == "cuda",
                         persistent_workers=config.workers > 0)
@@ -510,7 +517,7 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
     tracker = open_tracker(config.tracker, run_dir, config.to_json(), start_epoch) if process.main else None
     row: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, config.epochs):
-        # The epoch's randomness (dropout; the sampler's order) is a function of (seed, epoch) alone,
+        # The epoch's randomness (dropout; the sampler's order; augmentation) is a function of (seed, epoch) alone,
         # so a run resumed after a crash repeats exactly what the uninterrupted run would have done.
         # The loader's iterator is made first: a new one draws its workers' seed from the global RNG
         # and a persistent one, reset, does not, so a resumed run would otherwise shift dropout's stream.
