@@ -87,6 +87,7 @@ def test_accumulation_costs_only_the_larger_input_batch():
     assert 0 <= accumulated.peak_bytes - one.peak_bytes <= extra_inputs + gradients + largest_gradient
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(32, 32, 32), (48, 32, 32)])
 def test_tiny_real_measurement_is_bounded_by_the_dry_run(shape):
     """Every tensor the dry run sees is really allocated: the measurement is at least the tensor peak."""
@@ -102,6 +103,7 @@ def test_tiny_real_measurement_is_bounded_by_the_dry_run(shape):
     assert measured <= 2.5 * estimate.peak_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, strategy", [((48, 32, 32), Strategy(checkpointing=True, channels_last=True)),
                                              pytest.param((32, 32, 32), Strategy(channels_last=True), marks=AVX512)])
 def test_dry_run_is_within_five_percent_of_a_real_step(shape, strategy):

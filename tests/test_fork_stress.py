@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool is built for Linux"),
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool is built for Linux"),
               pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None,
                                  reason="no C++ compiler: the pool is not built")]
 

@@ -253,6 +253,7 @@ def test_train_and_predict_with_a_monai_network(cli, tmp_path):
     assert code == 2 and "--model monai:UNet differs from the run's monai:SegResNet" in err
 
 
+@pytest.mark.slow
 def test_dry_run_follows_a_monai_network_within_five_percent():
     """The accuracy goal's cheapest case, as `estimate` computes it: SegResNet at 32^3, checkpointed."""
     from fullres.cost.estimate import dryrun_estimate

@@ -97,6 +97,7 @@ def run_processes(tmp_path, world: int, spatial: int, norm: str, samples: int, h
     return images, targets, [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,spatial,norm,samples,height,dropout", [
     (2, 2, "none", 1, 32, 0.0), (2, 2, "instance", 1, 32, 0.3), (4, 4, "instance", 1, 64, 0.0),
     (4, 2, "instance", 2, 32, 0.3)], ids=["2-none", "2-instance-dropout", "4-instance", "2x2-instance-dropout"])
@@ -152,6 +153,7 @@ def fullres(*args, processes: int = 1) -> subprocess.CompletedProcess:
         pytest.fail(f"fullres {args[0]} did not end in 300 s; its stderr:\n{(error.stderr or b'')[-3000:]!r}")
 
 
+@pytest.mark.slow
 def test_train_with_spatial_equals_one_process_and_resumes_under_another_count(msd, tmp_path):
     """`torchrun --nproc-per-node 2 ... train --spatial 2` ends its epoch with one process's weights; the run then
     resumes in one process (another S) and ends as the one-process run resumed alike."""
@@ -222,6 +224,7 @@ def _torchrun_worker(launcher: subprocess.Popen, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_process_that_hangs_ends_the_job_with_one_line_and_the_run_resumes(msd, tmp_path):
     """A rank stopped mid-run (SIGSTOP: it holds its connections but never answers) makes the other one fail its
     next exchange after --timeout seconds with one line naming its rank and the cause; the run then resumes from
@@ -266,6 +269,7 @@ def test_a_process_that_hangs_ends_the_job_with_one_line_and_the_run_resumes(msd
     assert load_checkpoint(run / "last.pt")["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_predict_with_spatial_equals_predict_without(msd, tmp_path):
     """`torchrun --nproc-per-node 2 ... predict --spatial 2` writes the masks and probabilities one process
     writes (each volume shared by the two processes, gathered on the first)."""
@@ -321,6 +325,7 @@ def test_the_spatial_inference_plan_is_one_process_share_and_refused_where_it_ca
         predict_module.plan_inference(config, (64, 32, 32), cpu, budget=whole, spatial=5)
 
 
+@pytest.mark.slow
 def test_profile_measures_each_process_sharing_a_sample():
     """`profile --spatial 2` runs two processes sharing each sample (one gloo group, as train --spatial) and gives
     each rank's rows, its dry run (that process's shard) and its measured peak."""

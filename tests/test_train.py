@@ -175,6 +175,7 @@ def subprocess_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(train_msd, tmp_path):
     flags = ["--shape", "32", "32", "24", "--filters", "2", "--workers", "0", "--threads", "1", "--quiet",
              "--epochs", "2", "--dropout", "0", "--lr", "1e-3", "--device", "cpu"]
@@ -250,6 +251,7 @@ class Started:
         return self.process.returncode, self.stderr_path.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", [["--schedule", "constant", "--workers", "0"], []],
                          ids=["constant-no-workers", "defaults"])
 def test_sigkill_at_random_moments_and_during_writes_then_resume_gives_the_uninterrupted_weights(
