@@ -42,14 +42,16 @@ from fullres.nets.families import nnunet_vram_estimate
 
 # name -> (model args, two shapes for the accuracy goal, usual patch); in_channels 4, 3 region outputs
 NETWORKS = {
-    "unet3d": ("", [(32, 32, 32), (64, 64, 64)], (128, 128, 128)),
-    "intel-unet": ("", [(32, 32, 32), (64, 64, 64)], (144, 144, 144)),
-    "monai:SegResNet": ("", [(32, 32, 32), (64, 64, 64)], (128, 128, 128)),
-    "monai:BasicUNet": ("", [(32, 32, 32), (64, 64, 64)], (128, 128, 128)),
-    "monai:UNETR": ("", [(32, 32, 32), (64, 64, 64)], (96, 96, 96)),
-    "monai:SwinUNETR": ('{"feature_size": 48}', [(64, 64, 64), (96, 96, 96)], (96, 96, 96)),
-    "nnunet:PlainConvUNet": ("", [(64, 64, 64), (96, 96, 96)], (128, 128, 128)),
-    "nnunet:ResidualEncoderUNet": ("", [(64, 64, 64), (96, 96, 96)], (128, 128, 128)),
+    "unet3d": ("", [(64, 64, 64), (96, 96, 64)], (128, 128, 128)),
+    "intel-unet": ("", [(64, 64, 64), (96, 96, 64)], (144, 144, 144)),
+    "monai:SegResNet": ("", [(64, 64, 64), (96, 96, 64)], (128, 128, 128)),
+    "monai:BasicUNet": ("", [(64, 64, 64), (96, 96, 64)], (128, 128, 128)),
+    "monai:DynUNet": ("", [(64, 64, 64), (96, 96, 64)], (128, 128, 128)),
+    "monai:UNet": ("", [(64, 64, 64), (96, 96, 64)], (128, 128, 128)),
+    "monai:UNETR": ("", [(64, 64, 64), (96, 96, 64)], (96, 96, 96)),
+    "monai:SwinUNETR": ('{"feature_size": 48}', [(64, 64, 64), (96, 96, 64)], (96, 96, 96)),
+    "nnunet:PlainConvUNet": ("", [(64, 64, 64), (96, 96, 64)], (128, 128, 128)),
+    "nnunet:ResidualEncoderUNet": ("", [(64, 64, 64), (96, 96, 64)], (128, 128, 128)),
 }
 BRATS = (240, 240, 144)
 
