@@ -128,6 +128,7 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+BUILT_IN: set[str] = set()  # the names fullres.nets registers on import (every fresh process knows them)
 _FAMILY_SPECS: dict[str, ModelSpec] = {}  # monai:/nnunet:/factory specs, made on first use
 
 
@@ -137,6 +138,13 @@ def register_model(spec: ModelSpec) -> ModelSpec:
         raise ValueError(f"a network named {spec.name!r} is already registered")
     MODELS[spec.name] = spec
     return spec
+
+
+def rebuilt_elsewhere(name: str) -> bool:
+    """Whether a fresh process that imports fullres builds the network `name` as this one does: fullres's
+    own networks and the families (``monai:``, ``nnunet:``, factories), not a name registered later in this
+    process (a user's :func:`register_model`, which that process never ran)."""
+    return name not in MODELS or name in BUILT_IN
 
 
 def model_spec(name: str) -> ModelSpec:
