@@ -46,3 +46,52 @@ def test_a_name_registered_here_is_calibrated_in_this_process(registered, monkey
     fitted = plan(job, result.peak_bytes * 4, "dryrun")
     assert fitted.fits and fitted.max_batch >= 2 and fitted.max_shape is not None
 
+
+POOLS_TWICE = '''import torch
+from torch import nn
+
+
+class TwoPools(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.inc = nn.Conv3d(i, 4, 3, padding=1)
+        self.down = nn.Sequential(nn.MaxPool3d(2), nn.Conv3d(4, 4, 3, padding=1), nn.MaxPool3d(2))
+        self.up = nn.Sequential(nn.ConvTranspose3d(4, 4, 2, stride=2), nn.ConvTranspose3d(4, 4, 2, stride=2))
+        self.out = nn.Conv3d(8, o, 1)
+
+    def forward(self, x):
+        skip = self.inc(x)
+        return self.out(torch.cat([skip, self.up(self.down(skip))], 1))
+
+
+def make(i, o, **kwargs):
+    return TwoPools(i, o)
+'''
+
+
+def test_a_factory_that_pools_twice_gets_divisor_4_and_plans_in_its_multiples(tmp_path, cli):
+    from fullres.nets.families import file_digest
+    from fullres.nets.registry import probed_divisor, spatial_divisor
+
+    source = tmp_path / "pools.py"
+    source.write_text(POOLS_TWICE)
+    name = f"{source}:make"
+    config = ModelConfig(architecture=name, in_channels=1, source_sha256=file_digest(source))
+    assert spatial_divisor(config) == 4 and probed_divisor(config) == 4
+    code, out, err = cli("plan", "--model", name, "--shape", "16", "16", "12", "--channels", "1", "--batch", "1",
+                         "--memory", "2GiB", "--json")
+    assert code == 0 and "Traceback" not in err, err
+    import json
+
+    largest = json.loads(out)["max_shape"]
+    assert largest and all(side % 4 == 0 for side in largest)
+    code, _, err = cli("estimate", "--model", name, "--shape", "16", "16", "10", "--channels", "1")
+    assert code == 2 and "nearest valid: 8 or 12" in err and len(err.splitlines()) == 1
+
+
+def test_a_factory_without_downsampling_keeps_divisor_1(tmp_path):
+    from fullres.nets.registry import spatial_divisor
+
+    source = tmp_path / "flat.py"
+    source.write_text("import torch\ndef make(i, o, **k):\n    return torch.nn.Conv3d(i, o, 3, padding=1)\n")
+    assert spatial_divisor(ModelConfig(architecture=f"{source}:make", in_channels=1)) == 1

@@ -8,6 +8,7 @@ The first is the paper's 3D U-Net (:mod:`fullres.nets.unet3d`).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Callable
@@ -172,7 +173,7 @@ def model_spec(name: str) -> ModelSpec:
         spec = ModelSpec(name, lambda config, shape: families.build_factory(name, config.in_channels, config.classes,
                                                                              config.kwargs, config.source_sha256,
                                                                              config.factory_dir),
-                         f"the factory {name}")
+                         f"the factory {name}", divisor=probed_divisor, why="its downsampling, probed")
     else:
         raise ValueError(f"unknown network {name!r}: choose one of {', '.join(sorted(MODELS))}, or "
                          f"{', '.join(FAMILIES)}")
@@ -199,6 +200,39 @@ def build_on_meta(config: ModelConfig, shape: tuple[int, int, int] | None = None
         if "meta" not in str(error):
             raise
     return build_model(config, shape).to("meta")
+
+
+PROBED_DIVISORS = (1, 2, 4, 8, 16, 32, 64)  # the divisors a probe can find
+
+
+def _takes(model: nn.Module, config: ModelConfig, side: int) -> bool:
+    """Whether `model` (on the meta device) maps a cube of `side` to logits of the same spatial size."""
+    try:
+        with torch.no_grad():
+            output = model(torch.empty(2, config.in_channels, side, side, side, device="meta"))
+    except Exception:  # noqa: BLE001 - any failure is the network refusing this size
+        return False
+    if isinstance(output, (list, tuple)) or (isinstance(output, torch.Tensor) and output.dim() == 6):
+        output = primary_output(output)
+    return isinstance(output, torch.Tensor) and tuple(output.shape[2:]) == (side,) * 3
+
+
+@functools.lru_cache(maxsize=64)
+def probed_divisor(config: ModelConfig) -> int:
+    """The spatial divisor of a network that does not declare one (a user's factory), found on the meta
+    device: the smallest d of :data:`PROBED_DIVISORS` whose cubes of 2d and 3d the network maps to logits of
+    their own size, provided a cube of 2d + d/2 fails (a network that takes that too has no power-of-two
+    divisor: 1). 1 where the network cannot be built or takes none of them (:func:`check_shape` then says
+    why). Cached per config: a dozen meta forwards at most."""
+    try:
+        model = build_on_meta(config)
+    except ValueError:
+        return 1
+    for divisor in PROBED_DIVISORS:
+        if _takes(model, config, 2 * divisor) and _takes(model, config, 3 * divisor):
+            # a divisor d > 1 shows as a failure between its multiples
+            return divisor if divisor == 1 or not _takes(model, config, 2 * divisor + divisor // 2) else 1
+    return 1
 
 
 def spatial_divisor(config: ModelConfig) -> int:
