@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fullres.cost import runtime as runtime_term
-from fullres.cost.dryrun import dryrun
+from fullres.cost.dryrun import CUDA_RUNTIME_BYTES, dryrun
 from fullres.cost.plan import largest_fitting
 from fullres.engine.losses import LOSSES, primary_output
 from fullres.errors import UserError, first_line
@@ -99,7 +99,8 @@ def estimate(model: nn.Module | Callable[..., nn.Module] | str, input_shape: tup
     `optimizer`: "adam", a ``torch.optim.Optimizer`` class (default arguments but ``lr=1e-3``), or a callable
     ``parameters -> optimizer``; its state is whatever its ``step`` allocates. `strategy`: a
     :class:`fullres.job.config.Strategy` (or its fields as a dict): checkpointing, accumulation, precision,
-    channels-last. `device`: "cpu" or "cuda" (CUDA is modelled with fullres's caching-allocator model).
+    channels-last. `device`: "cpu" or "cuda" (CUDA is modelled with fullres's caching-allocator model and a
+    constant for the CUDA context; no GPU is needed, `modelled` says what is modelled).
     UserError in one line when the network cannot be followed or the arguments are wrong."""
     in_channels, shape = _split_shape(input_shape)
     strategy = _strategy(strategy)
@@ -196,15 +197,15 @@ def _estimate(job: JobConfig, registered: bool, loss, optimizer, device: str) ->
         runtime = calibrated_runtime(job, loss, optimizer)
         if runtime is None:  # the dry run's modelled constant
             modelled = ("runtime (this process's peak could not be read: a modelled constant)",)
-    else:
-        modelled = ("the CUDA caching allocator (fullres's model of it)",)
+    else:  # the CUDA context: a modelled constant, as `fullres estimate` charges it
+        runtime = CUDA_RUNTIME_BYTES
     try:
         # this process's allocator: glibc's, unless a fullres command set its own policy
         result = dryrun(job, loss=loss, optimizer=optimizer, device=device, runtime=runtime,
                         allocator="default" if cpu else None)
     except ValueError as error:
         raise UserError(str(error)) from None
-    return Estimate(result.peak_bytes, result.peak_at, dict(result.breakdown), job, modelled)
+    return Estimate(result.peak_bytes, result.peak_at, dict(result.breakdown), job, modelled or result.modelled)
 
 
 def _in_process_only(name: str) -> bool:
