@@ -95,3 +95,16 @@ def test_a_factory_without_downsampling_keeps_divisor_1(tmp_path):
     source = tmp_path / "flat.py"
     source.write_text("import torch\ndef make(i, o, **k):\n    return torch.nn.Conv3d(i, o, 3, padding=1)\n")
     assert spatial_divisor(ModelConfig(architecture=f"{source}:make", in_channels=1)) == 1
+
+
+def test_a_job_read_from_a_file_runs_no_factory_code_before_it_is_trusted(tmp_path):
+    """JobConfig checks a factory's sizes against its declared divisor (1): probing would run its code."""
+    from fullres.nets.registry import spatial_divisor
+
+    marker = tmp_path / "ran"
+    source = tmp_path / "loud.py"
+    source.write_text(POOLS_TWICE + f"\nopen({str(marker)!r}, 'w').close()\n")
+    config = ModelConfig(architecture=f"{source}:make", in_channels=1)
+    JobConfig(model=config, shape=(16, 16, 10), batch=1)
+    assert not marker.exists()
+    assert spatial_divisor(config) == 4 and marker.exists()

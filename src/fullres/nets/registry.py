@@ -106,7 +106,8 @@ class ModelSpec:
     UNETR), or None. `divisor(config)`: every spatial size must be a multiple of it (`why` says why, in
     errors). `check(config)` refuses settings the network cannot take. `slabs`: the module honours the
     `slabs`, `checkpointing` and `checkpoint_levels` attributes the trainer sets (its own exact slab and
-    segment schedule, by resolution level);
+    segment schedule, by resolution level); `probe`: the network declares no divisor (a user's factory), so
+    :func:`spatial_divisor` finds it by building the network (:func:`probed_divisor`);
     other networks are checkpointed block by block (:func:`fullres.job.step.prepare_model`). `preset`: the name
     of its defaults in :data:`fullres.presets.PRESETS`, if it has its own."""
 
@@ -118,6 +119,7 @@ class ModelSpec:
     why: str = "the network's downsampling"
     check: Callable[[ModelConfig], None] | None = None
     preset: str | None = None
+    probe: bool = False  # no divisor of its own: :func:`spatial_divisor` probes the built network
 
 
 MODELS: dict[str, "ModelSpec"] = {}  # architecture name -> ModelSpec; filled by register_model below
@@ -173,7 +175,7 @@ def model_spec(name: str) -> ModelSpec:
         spec = ModelSpec(name, lambda config, shape: families.build_factory(name, config.in_channels, config.classes,
                                                                              config.kwargs, config.source_sha256,
                                                                              config.factory_dir),
-                         f"the factory {name}", divisor=probed_divisor, why="its downsampling, probed")
+                         f"the factory {name}", why="its downsampling, probed", probe=True)
     else:
         raise ValueError(f"unknown network {name!r}: choose one of {', '.join(sorted(MODELS))}, or "
                          f"{', '.join(FAMILIES)}")
@@ -235,23 +237,33 @@ def probed_divisor(config: ModelConfig) -> int:
     return 1
 
 
-def spatial_divisor(config: ModelConfig) -> int:
-    """Every spatial size of `config`'s network must be a multiple of this."""
+def declared_divisor(config: ModelConfig) -> int:
+    """The divisor `config`'s network declares (1 for one that declares none); nothing is built or run."""
     return int(model_spec(config.architecture).divisor(config))
 
 
-def check_divisible(config: ModelConfig, shape: tuple[int, ...]) -> None:
+def spatial_divisor(config: ModelConfig) -> int:
+    """Every spatial size of `config`'s network must be a multiple of this: its declared divisor, or for a
+    network that declares none (a factory) the probed one, which builds and runs it on the meta device: only
+    for a network the user chose on their command line or a run whose code they trust."""
+    spec = model_spec(config.architecture)
+    return probed_divisor(config) if spec.probe else declared_divisor(config)
+
+
+def check_divisible(config: ModelConfig, shape: tuple[int, ...], probe: bool = False) -> None:
     """Raise ValueError, naming the nearest valid sizes, when a spatial size of `shape` is not a positive
-    multiple of the network's divisor."""
+    multiple of the network's divisor: the declared one, or with `probe` :func:`spatial_divisor` (which
+    runs a factory's code: so a job read from a file is checked before its code is trusted)."""
     network = "" if config.architecture == "unet3d" else f"network {config.architecture}: "
-    check_sizes(shape, spatial_divisor(config), model_spec(config.architecture).why, network)
+    divisor = spatial_divisor(config) if probe else declared_divisor(config)
+    check_sizes(shape, divisor, model_spec(config.architecture).why, network)
 
 
 def check_shape(config: ModelConfig, shape: tuple[int, int, int], batch: int = 1) -> None:
     """Raise ValueError naming the network when it does not take `shape`: a size that is not a multiple of
-    its divisor, or a forward pass in training mode that fails on the meta device (nothing is allocated)
+    its divisor (probed for a factory: this builds the network anyway), or a forward pass in training mode that fails on the meta device (nothing is allocated)
     or returns another shape than logits (batch, classes, *shape)."""
-    check_divisible(config, shape)
+    check_divisible(config, shape, probe=True)
     if config.architecture == "unet3d":
         return  # the paper's network takes every multiple of 8
     model = build_on_meta(config, shape)
