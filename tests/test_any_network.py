@@ -108,3 +108,12 @@ def test_a_job_read_from_a_file_runs_no_factory_code_before_it_is_trusted(tmp_pa
     JobConfig(model=config, shape=(16, 16, 10), batch=1)
     assert not marker.exists()
     assert spatial_divisor(config) == 4 and marker.exists()
+
+
+def test_the_gpu_table_names_its_cards_and_refuses_others():
+    from fullres.kernels.gpus import GPUS, gpu_named
+
+    assert gpu_named("h100-80gb") is gpu_named("H10080GB") is GPUS["H100-80GB"]
+    assert GPUS["H100-80GB"].memory_bytes == 80 * 2**30 and GPUS["RTX4090"].memory_bytes == 24 * 2**30
+    with pytest.raises(ValueError, match="unknown GPU 'B300': choose one of V100-32GB, "):
+        gpu_named("B300")
