@@ -1,7 +1,8 @@
 """The CUDA path: gradients, bf16, the dry run against max_memory_allocated, and `train`/`predict` end to end.
 
 Skipped where torch sees no GPU (CI has none); on a GPU machine run `python3 -m pytest -q tests/test_cuda.py`.
-The CLI side that needs no GPU (a clear refusal of --device cuda) is tested everywhere.
+The CLI side that needs no GPU (estimate and plan of a CUDA job, modelled; a clear refusal of what must measure
+on the GPU) is tested everywhere.
 """
 
 from __future__ import annotations
@@ -94,9 +95,47 @@ def test_cuda_train_predict_evaluate(small_msd, tmp_path, cli):
 
 
 @pytest.mark.skipif(torch.backends.cuda.is_built(), reason="this torch is built with CUDA")
-@pytest.mark.parametrize("command", [["estimate", "--method", "dryrun"], ["plan", "--memory", "80GB"],
-                                     ["profile"], ["sweep", "--shapes", "16", "--out", "unused"]])
-def test_device_cuda_without_a_cuda_torch_is_one_line(cli, command):
+@pytest.mark.parametrize("command", [["profile"], ["sweep", "--shapes", "16", "--out", "unused"]])
+def test_measuring_on_cuda_without_a_cuda_torch_is_one_line(cli, command):
     code, out, err = cli(*command, "--shape", "16", "16", "16", "--filters", "2", "--batch", "1", "--device", "cuda")
     assert code == 2
     assert err.strip().count("\n") == 0 and "--device cuda: this torch" in err and "built without CUDA" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the dry run runs fake CUDA tensors")
+def test_a_cuda_job_is_estimated_and_planned_without_a_gpu(cli):
+    """Fake CPU tensors stand in for CUDA's under the CUDA allocator's model; the output says what is modelled."""
+    import json
+
+    job = ("--shape", "16", "16", "16", "--filters", "2", "--batch", "1", "--channels-last")
+    code, out, err = cli("estimate", "--method", "dryrun", "--device", "cuda", *job)
+    assert code == 0, err
+    assert "Modelled, not measured:" in out and "CUDA context, a modelled constant" in out
+    assert "cuDNN's are not modelled" in out and "caching allocator" in out
+    code, out, err = cli("estimate", "--method", "dryrun", "--device", "cuda", "--json", *job)
+    result = json.loads(out)
+    assert code == 0 and result["breakdown"]["runtime"] > 0 and result["reserved_bytes"] > 0
+    assert any("allocator" in part for part in result["modelled"])
+    code, out, err = cli("plan", "--device", "cuda", "--gpu", "H100-80GB", *job)
+    assert code == 0 and "on H100-80GB" in out and "of 85.9 GB (80.0 GiB): FITS" in out, err
+    code, out, err = cli("plan", "--gpu", "RTX4090", "--json", *job)
+    result = json.loads(out)
+    assert code == 0 and result["gpu"] == "RTX4090" and result["device"] == "cuda" and result["modelled"]
+    assert result["budget_mb"] == 24 * 2**30 / 1e6
+
+
+@pytest.mark.parametrize("command", [["plan"], ["estimate", "--method", "dryrun"]])
+def test_an_unknown_gpu_is_one_line_naming_the_option_and_the_choices(cli, command):
+    code, out, err = cli(*command, "--gpu", "H900", "--shape", "16", "16", "16")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "--gpu" in err and "unknown GPU 'H900'" in err and "H100-80GB" in err and "RTX4090" in err
+
+
+def test_budget_options_that_disagree_are_one_line(cli):
+    job = ("--shape", "16", "16", "16", "--filters", "2", "--batch", "1")
+    code, _, err = cli("plan", *job)
+    assert code == 2 and "--memory SIZE or --gpu NAME" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("plan", "--memory", "8GB", "--gpu", "H200", *job)
+    assert code == 2 and "give one" in err
+    code, _, err = cli("plan", "--gpu", "H200", "--device", "cpu", *job)
+    assert code == 2 and "not with --device cpu" in err

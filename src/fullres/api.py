@@ -30,20 +30,18 @@ import torch
 from torch import nn
 
 from fullres.cost import runtime as runtime_term
-from fullres.cost.dryrun import dryrun
-from fullres.cost import measure
+from fullres.cost.dryrun import CUDA_RUNTIME_BYTES, dryrun
 from fullres.cost.plan import largest_fitting
 from fullres.engine.losses import LOSSES, primary_output
 from fullres.errors import UserError, first_line
-from fullres.files import cache_lookup, cache_store, user_cache_dir
 from fullres.job.config import JobConfig, Strategy
-from fullres.job.step import build_training, prepare_model, train_step
+from fullres.job.step import prepare_model
 from fullres.nets.registry import (
     MODELS,
     ModelConfig,
     ModelSpec,
-    build_on_meta,
     model_spec,
+    rebuilt_elsewhere,
     register_model,
     spatial_divisor,
 )
@@ -101,7 +99,8 @@ def estimate(model: nn.Module | Callable[..., nn.Module] | str, input_shape: tup
     `optimizer`: "adam", a ``torch.optim.Optimizer`` class (default arguments but ``lr=1e-3``), or a callable
     ``parameters -> optimizer``; its state is whatever its ``step`` allocates. `strategy`: a
     :class:`fullres.job.config.Strategy` (or its fields as a dict): checkpointing, accumulation, precision,
-    channels-last. `device`: "cpu" or "cuda" (CUDA is modelled with fullres's caching-allocator model).
+    channels-last. `device`: "cpu" or "cuda" (CUDA is modelled with fullres's caching-allocator model and a
+    constant for the CUDA context; no GPU is needed, `modelled` says what is modelled).
     UserError in one line when the network cannot be followed or the arguments are wrong."""
     in_channels, shape = _split_shape(input_shape)
     strategy = _strategy(strategy)
@@ -198,72 +197,23 @@ def _estimate(job: JobConfig, registered: bool, loss, optimizer, device: str) ->
         runtime = calibrated_runtime(job, loss, optimizer)
         if runtime is None:  # the dry run's modelled constant
             modelled = ("runtime (this process's peak could not be read: a modelled constant)",)
-    else:
-        modelled = ("the CUDA caching allocator (fullres's model of it)",)
+    else:  # the CUDA context: a modelled constant, as `fullres estimate` charges it
+        runtime = CUDA_RUNTIME_BYTES
     try:
         # this process's allocator: glibc's, unless a fullres command set its own policy
         result = dryrun(job, loss=loss, optimizer=optimizer, device=device, runtime=runtime,
                         allocator="default" if cpu else None)
     except ValueError as error:
         raise UserError(str(error)) from None
-    return Estimate(result.peak_bytes, result.peak_at, dict(result.breakdown), job, modelled)
-
-
-CALIBRATION_VERSION = 2  # 2: the term itself is cached (it does not depend on the loss or the optimizer)
+    return Estimate(result.peak_bytes, result.peak_at, dict(result.breakdown), job, modelled or result.modelled)
 
 
 def _in_process_only(name: str) -> bool:
     """A name registered in this process (a user's register_model): a fresh process would not know it."""
-    return name in MODELS and name not in ("unet3d", "intel-unet")
+    return not rebuilt_elsewhere(name)
 
 
-def calibrated_runtime(job: JobConfig, loss, optimizer) -> int | None:
-    """The CPU runtime term of a network registered in this process (an instance, a factory): two real
-    training steps of it at the calibration size (:func:`fullres.cost.runtime.runtime_job`) in this process,
-    their peak RSS above the RSS before them minus the dry run's tensors for the same steps; cached per
-    machine by the network's class and parameter shapes, strategy, torch, CPU and threads. None where this
-    process's peak cannot be read (no /proc/self/clear_refs)."""
-    import hashlib
-    import json
-    import socket
-
-
-    small = runtime_term.runtime_job(job)
-    try:
-        skeleton = build_on_meta(small.model, small.shape)
-    except ValueError:
-        return None
-    shapes = json.dumps([[name, list(t.shape), str(t.dtype)] for name, t in skeleton.state_dict().items()])
-    key = {"version": CALIBRATION_VERSION, "network": type(skeleton).__module__ + "." + type(skeleton).__qualname__,
-           "shapes": hashlib.sha256(shapes.encode()).hexdigest(), "job": {**small.to_json(), "model": None},
-           "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "threads": torch.get_num_threads(), "hostname": socket.gethostname()}
-    path = user_cache_dir() / "runtime-in-process.json"
-    cached = cache_lookup(path, key)
-    if cached is not None:
-        return int(cached["runtime_bytes"])
-    try:
-        tensors = dryrun(small, loss=loss, optimizer=optimizer, runtime=0, allocator="default").peak_bytes
-    except ValueError:  # the network does not take the calibration size: the modelled constant
-        return None
-    baseline, _ = measure.rss_bytes()
-    if not measure.reset_hwm():
-        return None
-    training = build_training(small, "cpu", optimizer=None if optimizer == "adam" else optimizer)
-    for parameter in training.model.parameters():  # the copy's storage is uninitialised: make it finite
-        torch.nn.init.normal_(parameter.data, std=0.01)
-    images, targets = measure.make_batch(small, "cpu")
-    try:
-        for _ in range(2):
-            train_step(training.model, training.optimizer, images, targets,
-                       loss if callable(loss) else LOSSES[loss], small.strategy, training.scaler)
-    except Exception:  # noqa: BLE001 - the network refusing the calibration size: the modelled constant
-        return None
-    _, peak = measure.rss_bytes()
-    del training, images, targets
-    term = max(0, peak - baseline - tensors)
-    cache_store(path, key, {"runtime_bytes": term, "measured_bytes": peak - baseline})
-    return term
+calibrated_runtime = runtime_term.in_process_runtime_bytes
 
 
 class _as_job:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 
 from fullres.cli.options import (
+    add_budget_arguments,
     add_job_arguments,
     add_memory_device_argument,
+    budget_and_device,
     fraction,
     job_from_args,
     positive_int,
@@ -35,6 +37,7 @@ def add_parser(commands) -> None:
     estimate.add_argument("--threads", type=int, default=0, help="with --time: CPU threads (default: physical cores)")
     estimate.add_argument("--recalibrate", action="store_true", help="with --time: measure again, ignoring the cache")
     add_memory_device_argument(estimate)
+    add_budget_arguments(estimate)
     estimate.add_argument("--json", action="store_true", help="machine-readable output")
     estimate.set_defaults(run=run)
 
@@ -43,11 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from fullres.cost.estimate import BYTES_PER_VALUE
     from fullres.cost.table1 import table1
 
+    budget, device = budget_and_device(args)
     job = job_from_args(args)
     if args.time:
         return print_time_estimate(job, args)
     if args.method == "dryrun":
-        return print_dryrun(job, args.json, memory_device(args.device))
+        return print_dryrun(job, args.json, device, budget, args.gpu.name if args.gpu else None)
+    if budget is not None:
+        raise UserError("--memory and --gpu compare the dry run's estimate with the budget: add --method dryrun "
+                        "(or use `fullres plan`)")
     bytes_per_value = args.bytes_per_value or BYTES_PER_VALUE[job.strategy.precision]
     table = table1(job.model, job.shape, job.batch, bytes_per_value)
     if args.json:
@@ -68,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu") -> int:
+def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu", budget: int | None = None,
+                 gpu: str | None = None) -> int:
+    """The dry run's estimate of `job` on `device`; with a `budget` (bytes, of the GPU named `gpu`), whether
+    it fits."""
     from fullres.cost.dryrun import CUDA_CONTIGUOUS_NOTE, GLIBC_HEAP_NOTE
     from fullres.cost.estimate import dryrun_estimate
 
@@ -78,10 +88,12 @@ def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu") -> int:
         note = CUDA_CONTIGUOUS_NOTE
     elif device == "cpu" and result.allocator == "default":
         note = GLIBC_HEAP_NOTE
+    fit = {} if budget is None else {"budget_bytes": budget, "fits": result.peak_bytes <= budget,
+                                     **({"gpu": gpu} if gpu else {})}
     if as_json:
-        print_json({**result.to_json(), **({"note": note} if note else {})})
+        print_json({**result.to_json(), **({"note": note} if note else {}), **fit})
         return 0
-    print(f"Dry run: one training step of {job.describe()}, Adam, on {device}")
+    print(f"Dry run: one training step of {job.describe()}, Adam, on {gpu or device}")
     print(f"Peak: {format_bytes(result.peak_bytes)} at {result.peak_at}"
           + (f" (allocator: {result.allocator})" if device == "cpu" else ""))
     for term, size in result.breakdown.items():
@@ -93,6 +105,14 @@ def print_dryrun(job: JobConfig, as_json: bool, device: str = "cpu") -> int:
         print("warning: oneDNN runs these weight gradients on its reference kernel on this CPU (~1000x slower; past "
               "its 1 GiB scratchpad): " + "; ".join(result.reference_kernels) + ". --slabs or the contiguous layout "
               "avoid it (docs/performance.md)")
+    if budget is not None:
+        verdict = "FITS" if fit["fits"] else "DOES NOT FIT"
+        print(f"Budget {format_bytes(budget)}{f' ({gpu})' if gpu else ''}: {verdict}, margin "
+              f"{format_bytes(budget - result.peak_bytes)}")
+    if result.modelled:
+        print("Modelled, not measured:")
+        for part in result.modelled:
+            print(f"  {part}")
     if note:
         print(f"note: {note}")
     return 0

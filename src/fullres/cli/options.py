@@ -10,7 +10,8 @@ from dataclasses import fields
 from fullres.cost.plan import check_checkpointing
 from fullres.errors import UserError
 from fullres.job.config import TARGET_CLASSES, JobConfig, Strategy, job_defaults
-from fullres.kernels.device import COLLECTIVE_TIMEOUT_S
+from fullres.kernels.device import COLLECTIVE_TIMEOUT_S, estimate_device
+from fullres.kernels.gpus import GPUS, GPU, gpu_named
 from fullres.nets.families import factory_file, file_digest
 from fullres.nets.registry import NORMS, ModelConfig, check_shape
 from fullres.units import parse_size
@@ -177,6 +178,36 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
 def add_memory_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="the device whose memory is estimated (auto: CUDA when present)")
+
+
+def gpu_choice(text: str) -> GPU:
+    try:
+        return gpu_named(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """--memory SIZE and --gpu NAME: the budget a job is planned against (--gpu: that GPU's memory, on CUDA)."""
+    parser.add_argument("--memory", type=memory_size, default=None,
+                        help="memory budget, e.g. 192GB, 384GiB, 1.5TB" + (" (or --gpu)" if required else ""))
+    parser.add_argument("--gpu", type=gpu_choice, default=None, metavar="NAME",
+                        help=f"plan for this GPU: its memory is the budget, the job runs on CUDA (modelled where no "
+                             f"GPU is here); one of {', '.join(GPUS)}")
+
+
+def budget_and_device(args: argparse.Namespace, required: bool = False) -> tuple[int | None, str]:
+    """The budget in bytes (None: none given and none `required`) and the estimate's device type
+    (:func:`fullres.kernels.device.estimate_device`) that --memory, --gpu and --device say; UserError
+    naming the options where they disagree."""
+    if args.gpu is not None and args.memory is not None:
+        raise UserError("--memory and --gpu both set the budget: give one")
+    if args.gpu is not None and args.device == "cpu":
+        raise UserError(f"--gpu {args.gpu.name} plans a CUDA job: not with --device cpu")
+    if required and args.gpu is None and args.memory is None:
+        raise UserError("give the budget: --memory SIZE or --gpu NAME")
+    budget = args.gpu.memory_bytes if args.gpu is not None else args.memory
+    return budget, "cuda" if args.gpu is not None else estimate_device(args.device)
 
 
 def add_trust_argument(parser: argparse.ArgumentParser) -> None:

@@ -6,20 +6,21 @@ from __future__ import annotations
 import argparse
 
 from fullres.cli.options import (
+    add_budget_arguments,
     add_job_arguments,
     add_memory_device_argument,
+    budget_and_device,
     job_from_args,
-    memory_size,
 )
 from fullres.cli.report import print_json, slab_lines, spatial_lines
-from fullres.kernels.device import memory_device
+from fullres.errors import UserError
 from fullres.units import format_bytes
 
 
 def add_parser(commands) -> None:
     plan = commands.add_parser("plan", help="does a job fit a machine's memory; largest batch and shape that do")
     add_job_arguments(plan)
-    plan.add_argument("--memory", type=memory_size, required=True, help="memory budget, e.g. 192GB, 384GiB, 1.5TB")
+    add_budget_arguments(plan, required=True)
     plan.add_argument("--method", choices=("table1", "dryrun"), default="dryrun",
                       help="dryrun (default): the real peak of a training step, on fake tensors (seconds per "
                            "estimate); table1: the paper's hand method (Table 2's verdicts)")
@@ -31,28 +32,36 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fullres.cost.dryrun import cuda_modelled_parts, cuda_stand_in
     from fullres.cost.plan import plan, slab_options, spatial_options
 
+    budget, device = budget_and_device(args, required=True)
     job = job_from_args(args)
-    result = plan(job, args.memory, args.method, memory_device(args.device))
+    result = plan(job, budget, args.method, device)
     ranking = None
+    if args.optimize == "time" and cuda_stand_in(device):
+        raise UserError("--optimize time calibrates step times on the GPU itself: no GPU is visible here")
     if args.optimize == "time":
         from fullres.cost.plan import format_ranking, ranking_report
         from fullres.kernels.device import Process, configure_cpu
         configure_cpu(0, Process())  # calibrated with the threads train uses, so train reads the same cache
-        ranking = ranking_report(job, args.memory, args.method, memory_device(args.device))
+        ranking = ranking_report(job, budget, args.method, device)
     options, spatial = [], []
     if args.method == "dryrun" and not result.fits and not job.strategy.coarse_slabs:
-        options = slab_options(job, args.memory, memory_device(args.device))
+        options = slab_options(job, budget, device)
     if args.method == "dryrun" and not result.fits:
-        spatial = spatial_options(job, args.memory, args.method, memory_device(args.device))
+        spatial = spatial_options(job, budget, args.method, device)
+    modelled = cuda_modelled_parts(cuda_stand_in(device)) if device == "cuda" and args.method == "dryrun" else ()
     if args.json:
         print_json({**result.to_json(), **({"ranking": ranking} if ranking is not None else {}),
+                    **({"device": device, "modelled": list(modelled)} if modelled else {}),
+                    **({"gpu": args.gpu.name} if args.gpu is not None else {}),
                     **({"slab_options": [option.to_json() for option in options]} if options else {}),
                     **({"spatial_options": [option.to_json() for option in spatial]} if spatial else {})})
         return 0
     verdict = "FITS" if result.fits else "DOES NOT FIT"
-    print(f"Job: {job.describe()} (method: {result.method})")
+    print(f"Job: {job.describe()} (method: {result.method}" + (f", on {args.gpu.name}" if args.gpu else
+                                                                 ", on CUDA" if device == "cuda" else "") + ")")
     print(f"Needs {format_bytes(result.required_bytes)} of {format_bytes(result.budget_bytes)}: {verdict}, "
           f"margin {format_bytes(result.margin_bytes)}")
     print(f"Largest batch at {' x '.join(map(str, job.shape))}: {result.max_batch or 'none (batch 1 does not fit)'}")
@@ -62,4 +71,8 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if ranking is not None:
         print("\n".join(format_ranking(ranking)))
+    if modelled:
+        print("Modelled, not measured:")
+        for part in modelled:
+            print(f"  {part}")
     return 0

@@ -61,6 +61,7 @@ import math
 import sys
 import time
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -80,8 +81,9 @@ from fullres.job.config import JobConfig
 from fullres.job.step import autocast, build_training, prepare_model, to_device, train_step
 from fullres.kernels import device as fullres_device  # its avx512(): one switch for the model and this estimate
 from fullres.kernels.cuda_allocator import CachingAllocatorModel, round_size
+from fullres.kernels.gpus import MODELLED_MULTIPROCESSORS
 from fullres.kernels.malloc import policy_for
-from fullres.kernels.onednn import select_conv_backend
+from fullres.kernels.onednn import as_asked, select_conv_backend
 from fullres.nets.registry import build_model
 
 aten = torch.ops.aten
@@ -100,6 +102,34 @@ CPU_RUNTIME_BYTES = 86 * 2**20 + 570 * 2**10
 # dry run, bf16 minus fp32, torch 2.13 CPU on an AVX-512-BF16 machine, twice each, contiguous and
 # channels-last alike): 14.2 MiB, the code of oneDNN's bf16 kernels and of autocast, touched once.
 CPU_AUTOCAST_RUNTIME_BYTES = 14 * 2**20 + 200 * 2**10
+
+
+# What a CUDA training process holds on the GPU that no tensor owns and max_memory_allocated does not count:
+# the CUDA context, cuDNN's and cuBLAS's handles and the kernels loaded (CUDA 12 loads them lazily). Not
+# measured by fullres: a modelled constant of the size nvidia-smi commonly shows for such a process, charged
+# where a job is planned against a GPU's memory (the runtime term of estimate and plan on CUDA).
+CUDA_RUNTIME_BYTES = 512 * 2**20
+
+
+def cuda_modelled_parts(stand_in: bool) -> tuple[str, ...]:
+    """What a CUDA dry run models rather than measures, one line each (shown with every CUDA estimate);
+    `stand_in`: fake CPU tensors stood in for CUDA ones (a torch without CUDA, or no GPU visible)."""
+    parts = ["allocator: PyTorch's CUDA caching allocator, replayed by fullres's model of it (block rounding, "
+             "segments)",
+             f"runtime: the CUDA context, a modelled constant of {CUDA_RUNTIME_BYTES // 2**20} MiB (not measured)",
+             "workspaces: cuDNN's are not modelled (the bias-gradient sum's buffer is)"]
+    if stand_in:
+        parts.append(f"tensors: fake CPU tensors stand in for CUDA's (no GPU here), with CPU autocast's casts; "
+                     f"the bias-gradient buffer for {MODELLED_MULTIPROCESSORS} multiprocessors (the most of the "
+                     "listed GPUs)")
+    return tuple(parts)
+
+
+def cuda_stand_in(device: str) -> bool:
+    """Whether a dry run on `device` runs fake CPU tensors in place of CUDA ones: a CUDA job where this
+    torch sees no GPU (autograd needs CUDA's device guard, which a torch without CUDA lacks even for fake
+    tensors)."""
+    return torch.device(device).type == "cuda" and not torch.cuda.is_available()
 
 
 CUDA_CONTIGUOUS_NOTE = ("on CUDA only channels-last jobs are modelled exactly (measured within 0.1 %); without "
@@ -123,6 +153,7 @@ class DryRunResult:
     allocator: str = "default"  # the CPU allocator policy estimated (fullres.kernels.malloc); CUDA: "default"
     # where oneDNN would compute a weight gradient with its reference kernel on this CPU (~1000x slower)
     reference_kernels: tuple[str, ...] = ()
+    modelled: tuple[str, ...] = ()  # what is modelled rather than measured (CUDA: cuda_modelled_parts)
 
     def to_json(self) -> dict:
         result = {"method": "dryrun", "peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown),
@@ -131,6 +162,8 @@ class DryRunResult:
             result["reference_kernels"] = list(self.reference_kernels)
         if self.reserved_bytes is not None:
             result["reserved_bytes"] = self.reserved_bytes
+        if self.modelled:
+            result["modelled"] = list(self.modelled)
         return result
 
 
@@ -347,10 +380,8 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     """
     if func not in (aten.convolution.default, aten.convolution_backward.default):
         return 0
-    if args[0].device.type == "cuda":  # cuDNN needs no workspace here worth counting (measured); the bias sum does
-        if func is aten.convolution_backward.default and args[10][2]:
-            return cuda_bias_gradient_buffer_bytes(args[0], _multiprocessors(args[0].device))
-        return 0
+    if args[0].device.type == "cuda":
+        return cuda_op_workspace(func, args, _multiprocessors(args[0].device))
     if args[0].device.type != "cpu":
         return 0
     conv = _cpu_convolution(func, args)
@@ -370,6 +401,13 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     gemm = gemm_weight_gradient_bytes(conv, weight_gradient=bool(args[10][1]))
     scratch = ONEDNN_BACKWARD_SCRATCH_BYTES if first_call and fullres_device.avx512() else 0
     return scratch + layout + sum(_bf16_copy_blocks(conv)) + gemm
+
+
+def cuda_op_workspace(func, args, multiprocessors: int) -> int:
+    """`op_workspace` on CUDA: cuDNN needs no workspace here worth counting (measured); the bias sum does."""
+    if func is aten.convolution_backward.default and args[10][2]:
+        return cuda_bias_gradient_buffer_bytes(args[0], multiprocessors)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -443,8 +481,12 @@ def _bf16_copy_blocks(conv: _Convolution) -> list[int]:
 class _Tracker(TorchDispatchMode):
     """Follows every storage created under it: size, the phase that made it, alive or not."""
 
-    def __init__(self, allocator: CachingAllocatorModel | None = None, workspace_in_allocator: bool = False) -> None:
+    def __init__(self, allocator: CachingAllocatorModel | None = None, workspace_in_allocator: bool = False,
+                 cuda_multiprocessors: int | None = None) -> None:
         super().__init__()
+        # Set where fake CPU tensors stand in for CUDA ones: operators' workspaces are CUDA's, for this many
+        # multiprocessors, and no oneDNN kernel runs.
+        self.cuda_multiprocessors = cuda_multiprocessors
         # With a caching allocator (CUDA's, or the CPU pool), bytes are counted as its blocks (what
         # max_memory_allocated counts); the CPU pool also serves the operators' workspaces.
         self.allocator = allocator
@@ -586,7 +628,7 @@ class _Tracker(TorchDispatchMode):
                 self.track(tensor)
         first_call = True
         if func is aten.convolution_backward.default:
-            if reference_weight_gradient_flops(func, args):
+            if self.cuda_multiprocessors is None and reference_weight_gradient_flops(func, args):
                 where = self._where(func)
                 if where not in self.reference_kernels:
                     self.reference_kernels.append(where)
@@ -599,6 +641,8 @@ class _Tracker(TorchDispatchMode):
             self.check_pool_peak(func, sum(in_pool), outside)
             for address in addresses:
                 self.allocator.free(address)
+        elif self.cuda_multiprocessors is not None:
+            self.check_peak(func, cuda_op_workspace(func, args, self.cuda_multiprocessors))
         else:
             self.check_peak(func, op_workspace(func, args, kwargs, out, first_call))
         return out
@@ -662,8 +706,11 @@ def dryrun(job: JobConfig, loss: str | Callable = "dice", optimizer: str | Calla
 
     `runtime` is the CPU runtime term in bytes: None, the constant :func:`runtime_bytes`; the term of
     this network measured on this machine is :func:`fullres.cost.runtime.measured_runtime_bytes`
-    (:func:`fullres.cost.estimate.dryrun_estimate` passes it). On CUDA it is 0 whatever is asked.
-    `allocator` is the CPU allocator policy (:mod:`fullres.kernels.malloc`); None, the one `train` gives
+    (:func:`fullres.cost.estimate.dryrun_estimate` passes it). On CUDA, None is 0 (what
+    max_memory_allocated counts) and a number is charged as given (:data:`CUDA_RUNTIME_BYTES`, the context).
+    A CUDA job runs on fake CUDA tensors where this torch sees a GPU; elsewhere, a torch without CUDA
+    included, fake CPU tensors stand in for them (:func:`cuda_stand_in`) under the same allocator model, with
+    CUDA's operator workspaces and no CPU kernel's. `allocator` is the CPU allocator policy (:mod:`fullres.kernels.malloc`); None, the one `train` gives
     the job. Under "pool" the peak is the pool's reserved bytes, replayed. A step's FLOPs on the same fake
     tensors: :func:`fullres.cost.timing.fake_step_flops`. `spatial` = S: the peak of one of S processes
     sharing each sample (``train --spatial``), the one with the most rows and two neighbours, its halo
@@ -678,14 +725,26 @@ def dryrun(job: JobConfig, loss: str | Callable = "dice", optimizer: str | Calla
     loss_fn = loss if callable(loss) else LOSSES[loss]
     allocator = allocator or policy_for(job.strategy, device)
     pooled = torch.device(device).type == "cpu" and allocator == "pool"
-    caching = CachingAllocatorModel() if torch.device(device).type == "cuda" or pooled else None
-    tracker = _Tracker(caching, workspace_in_allocator=pooled)
+    cuda = torch.device(device).type == "cuda"
+    caching = CachingAllocatorModel() if cuda or pooled else None
+    stand_in = cuda_stand_in(device)
+    if stand_in and job.strategy.offload:
+        raise ValueError("--offload on CUDA is modelled only where torch sees a GPU (host copies of fake CPU "
+                         "tensors cannot be told from the device's)")
+    tracker = _Tracker(caching, workspace_in_allocator=pooled,
+                       cuda_multiprocessors=MODELLED_MULTIPROCESSORS if stand_in else None)
+    # the device the fake tensors are made on (CPU ones standing in for CUDA's: see cuda_stand_in)
+    tensor_device = "cpu" if stand_in else device
+    # fp16's gradient scaler needs CUDA; its state is a few bytes, so the stand-in builds the step without it
+    built = job.with_(strategy=replace(job.strategy, precision="bf16")) if stand_in and \
+        job.strategy.precision == "fp16" else job
     hooks = []
-    with FakeTensorMode(allow_non_fake_inputs=False), tracker:
+    with FakeTensorMode(allow_non_fake_inputs=False), tracker, (as_asked() if stand_in else nullcontext()):
         # The model: built on the fake device, its parameters tracked as the first storages.
-        with torch.device(device):
+        with torch.device(tensor_device):
             model = build_model(job.model, job.shape)
-        training = build_training(job, device, model=model, optimizer=None if optimizer == "adam" else optimizer)
+        training = build_training(built, tensor_device, model=model,
+                                  optimizer=None if optimizer == "adam" else optimizer)
         rows = job.shape[0]
         if spatial > 1:
             model.space = simulated(job.shape[0], spatial, spatial_index)
@@ -723,11 +782,11 @@ def dryrun(job: JobConfig, loss: str | Callable = "dice", optimizer: str | Calla
 
         # Inputs, as measure_peak makes them: the whole effective batch.
         held = (rows, *job.shape[1:])  # this process's rows of every sample
-        images = torch.empty(job.effective_batch, job.model.in_channels, *held, device=device)
+        images = torch.empty(job.effective_batch, job.model.in_channels, *held, device=tensor_device)
         if job.model.classes == 1:
-            targets = torch.empty(job.effective_batch, 1, *held, device=device)
+            targets = torch.empty(job.effective_batch, 1, *held, device=tensor_device)
         else:
-            targets = torch.empty(job.effective_batch, 1, *held, dtype=torch.long, device=device)
+            targets = torch.empty(job.effective_batch, 1, *held, dtype=torch.long, device=tensor_device)
         tracker.track(images, "inputs")
         tracker.track(targets, "inputs")
         input_serials = {tracker.serial(images), tracker.serial(targets)}
@@ -773,7 +832,9 @@ def dryrun(job: JobConfig, loss: str | Callable = "dice", optimizer: str | Calla
     breakdown["workspace"] = tracker.peak_workspace
     if pooled:  # the pool's free blocks at the peak: its segments stay resident from the moment they are mapped
         breakdown["allocator_cache"] = max(0, tracker.peak - sum(breakdown.values()))
-    if torch.device(device).type != "cpu":
+    if cuda:
+        breakdown["runtime"] = 0 if runtime is None else int(runtime)
+    elif torch.device(device).type != "cpu":
         breakdown["runtime"] = 0
     else:
         breakdown["runtime"] = runtime_bytes(job, device) if runtime is None else int(runtime)
@@ -781,7 +842,8 @@ def dryrun(job: JobConfig, loss: str | Callable = "dice", optimizer: str | Calla
     return DryRunResult(peak_bytes=int(peak), breakdown=breakdown, peak_at=tracker.peak_at,
                         saved_bytes=tracker.max_activations, seconds=time.perf_counter() - started,
                         job=job.to_json(), reserved_bytes=caching.reserved if caching else None, allocator=allocator,
-                        reference_kernels=tuple(tracker.reference_kernels))
+                        reference_kernels=tuple(tracker.reference_kernels),
+                        modelled=cuda_modelled_parts(stand_in) if cuda else ())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from fullres.cost import runtime
-from fullres.cost.dryrun import DryRunResult, dryrun
+from fullres.cost.dryrun import CUDA_RUNTIME_BYTES, DryRunResult, dryrun
 from fullres.cost.measure import measure_peak, measure_spatial_peaks
 from fullres.cost.table1 import table1
 from fullres.errors import UserError
@@ -34,21 +34,24 @@ def table1_training_bytes(job: JobConfig, device: str = "cpu") -> int:
 
 
 def dryrun_estimate(job: JobConfig, device: str = "cpu", loss: str = "dice", spatial: int = 1,
-                    spatial_index: int | None = None) -> DryRunResult:
+                    spatial_index: int | None = None, context: bool = True) -> DryRunResult:
     """The dry run of `job` on `device` with its runtime term: on CPU the one this network and strategy
     measured on this machine (cached after the first time; a subprocess of a few seconds before), on
-    CUDA none. `spatial` = S: one of S processes sharing each sample (`spatial_index`: which; default the
-    largest with two neighbours)."""
+    CUDA the context's modelled constant :data:`fullres.cost.dryrun.CUDA_RUNTIME_BYTES` (none with
+    `context` False: what max_memory_allocated counts). A CUDA job needs no GPU here (fake CPU tensors
+    stand in: :func:`fullres.cost.dryrun.cuda_stand_in`). `spatial` = S: one of S processes sharing each
+    sample (`spatial_index`: which; default the largest with two neighbours)."""
+    kind = torch.device(device).type
     try:
-        term = runtime.measured_runtime_bytes(job) if torch.device(device).type == "cpu" else 0
+        term = runtime.measured_runtime_bytes(job) if kind == "cpu" else \
+            CUDA_RUNTIME_BYTES if kind == "cuda" and context else 0
         return dryrun(job, loss=loss, device=device, runtime=term, spatial=spatial, spatial_index=spatial_index)
     except ValueError as error:  # a network the dry run cannot follow: one line, not a traceback
         raise UserError(str(error)) from None
 
 
 def dryrun_training_bytes(job: JobConfig, device: str = "cpu") -> int:
-    """The real peak of a training step on `device` (fake tensors, nothing allocated); "cuda" needs a CUDA
-    build of torch."""
+    """The real peak of a training step on `device` (fake tensors, nothing allocated; "cuda" needs no GPU)."""
     return dryrun_estimate(job, device).peak_bytes
 
 
@@ -70,7 +73,7 @@ def profile(job: JobConfig, loss: str = "dice", device: str = "cpu", steps: int 
     ``{"measured_bytes", "estimated_bytes", "error"}`` with ``error = (estimated - measured) / measured``,
     the device, the caching allocator's reserved bytes (CUDA; None on CPU) and each step's seconds."""
     prepare_pool_for(job.strategy, device)  # the measured child runs under it: the dry run must know if it can
-    estimated = dryrun_estimate(job, device, loss).peak_bytes
+    estimated = dryrun_estimate(job, device, loss, context=False).peak_bytes  # as max_memory_allocated counts
     peak = measure_peak(job, steps=steps, loss=loss, device=device)
     measured = peak.measured_bytes
     return {"measured_bytes": measured, "estimated_bytes": estimated, "error": (estimated - measured) / measured,

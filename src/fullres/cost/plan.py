@@ -14,7 +14,6 @@ from typing import Callable
 
 from fullres.cost.dryrun import dryrun
 from fullres.cost.estimate import ESTIMATORS, dryrun_estimate, estimate_training_bytes
-from fullres.cost import runtime
 from fullres.cost.timing import fake_step_flops, strategy_step_seconds
 from fullres.engine.spatial import shard_bounds
 from fullres.errors import OneLineWarning, UserError
@@ -304,8 +303,7 @@ def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu") -> list
     deepest = recomputed_schedule(job)
     for counts, recompute in [(counts, 0) for counts in slab_schedules(job)] + ([(deepest, 1)] if deepest else []):
         candidate = with_slabs(job, counts, recompute)
-        term = runtime.measured_runtime_bytes(candidate) if device == "cpu" else 0
-        result = dryrun(candidate, device=device, runtime=term)
+        result = dryrun_estimate(candidate, device)
         flops = fake_step_flops(candidate)
         options.append(SlabOption(counts, result.peak_bytes, result.peak_bytes <= budget_bytes, flops,
                                   flops / baseline - 1, recompute))

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import os
 import socket
 import statistics
@@ -35,9 +37,11 @@ from pathlib import Path
 
 import torch
 
+from fullres.engine.losses import LOSSES
 from fullres.job.config import JobConfig
+from fullres.job.step import build_training, train_step
 from fullres.files import cache_lookup, cache_store, user_cache_dir
-from fullres.nets.registry import spatial_divisor
+from fullres.nets.registry import build_on_meta, rebuilt_elsewhere, spatial_divisor
 from fullres.cost.dryrun import dryrun, runtime_bytes
 from fullres.kernels.malloc import ENV, policy_for
 from fullres.cost import measure
@@ -82,7 +86,11 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
     """`job`'s runtime term in bytes (see the module docstring), from ``cache_dir/runtime.json`` when this
     network, strategy, torch, CPU, thread count and allocator setting were measured before; otherwise
     measured now (two 16^3 training steps in a subprocess, a few seconds; the median of three under glibc's
-    heap) and cached."""
+    heap) and cached. A network registered in this process (:func:`register_model`), which a fresh process
+    cannot rebuild, is measured in this one instead (:func:`in_process_runtime_bytes`)."""
+    if not rebuilt_elsewhere(job.model.architecture):
+        term = in_process_runtime_bytes(job)
+        return runtime_bytes(job) if term is None else term
     try:
         import resource  # noqa: F401 - the measuring child reads its peak with it where /proc is missing
     except ImportError:  # not POSIX: nothing to measure with; the modelled constant
@@ -114,6 +122,56 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
         measured = int(statistics.median(runs))
         cache_store(path, key, {"measured_bytes": measured, "runs": runs})
     return max(0, measured - tensors)
+
+
+IN_PROCESS_CACHE_FILE = "runtime-in-process.json"
+CALIBRATION_VERSION = 2  # 2: the term itself is cached (it does not depend on the loss or the optimizer)
+
+
+def in_process_runtime_bytes(job: JobConfig, loss="dice", optimizer="adam") -> int | None:
+    """The CPU runtime term of a network registered in this process (an instance, a factory, a name given
+    to :func:`fullres.nets.registry.register_model`): two real training steps of it at the calibration size
+    (:func:`runtime_job`) in this process, their peak RSS above the RSS before them minus the dry run's
+    tensors for the same steps; cached per machine by the network's class and parameter shapes, strategy,
+    torch, CPU and threads. `loss` and `optimizer` as :func:`fullres.cost.dryrun.dryrun` takes them. None
+    where this process's peak cannot be read (no /proc/self/clear_refs) or the network does not take the
+    calibration size."""
+    small = runtime_job(job)
+    try:
+        skeleton = build_on_meta(small.model, small.shape)
+    except ValueError:
+        return None
+    shapes = json.dumps([[name, list(t.shape), str(t.dtype)] for name, t in skeleton.state_dict().items()])
+    key = {"version": CALIBRATION_VERSION, "network": type(skeleton).__module__ + "." + type(skeleton).__qualname__,
+           "shapes": hashlib.sha256(shapes.encode()).hexdigest(), "job": {**small.to_json(), "model": None},
+           "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "threads": torch.get_num_threads(), "hostname": socket.gethostname()}
+    path = user_cache_dir() / IN_PROCESS_CACHE_FILE
+    cached = cache_lookup(path, key)
+    if cached is not None:
+        return int(cached["runtime_bytes"])
+    try:
+        tensors = dryrun(small, loss=loss, optimizer=optimizer, runtime=0, allocator="default").peak_bytes
+    except ValueError:  # the network does not take the calibration size: the modelled constant
+        return None
+    baseline, _ = measure.rss_bytes()
+    if not measure.reset_hwm():
+        return None
+    training = build_training(small, "cpu", optimizer=None if optimizer == "adam" else optimizer)
+    for parameter in training.model.parameters():  # the copy's storage is uninitialised: make it finite
+        torch.nn.init.normal_(parameter.data, std=0.01)
+    images, targets = measure.make_batch(small, "cpu")
+    try:
+        for _ in range(2):
+            train_step(training.model, training.optimizer, images, targets,
+                       loss if callable(loss) else LOSSES[loss], small.strategy, training.scaler)
+    except Exception:  # noqa: BLE001 - the network refusing the calibration size: the modelled constant
+        return None
+    _, peak = measure.rss_bytes()
+    del training, images, targets
+    term = max(0, peak - baseline - tensors)
+    cache_store(path, key, {"runtime_bytes": term, "measured_bytes": peak - baseline})
+    return term
 
 
 @contextlib.contextmanager

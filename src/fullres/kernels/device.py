@@ -204,3 +204,12 @@ def memory_device(choice: str) -> str:
     if choice == "cuda" and not torch.backends.cuda.is_built():
         raise UserError(f"--device cuda: this torch ({torch.__version__}) is built without CUDA")
     return pick_device(choice, Process()).type
+
+
+def estimate_device(choice: str) -> str:
+    """The device type a dry-run estimate or plan is for: "auto" is CUDA when this torch sees a GPU; "cuda"
+    needs none (the dry run models a CUDA job on any machine: :func:`fullres.cost.dryrun.cuda_stand_in`).
+    Measurements need the device itself: :func:`memory_device`."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice

@@ -4,7 +4,7 @@ intel-unet, MONAI, nnU-Net, FILE.py:FUNCTION), and the registry (`registry`: Mod
 registered here, so that importing any module of this package registers them."""
 
 from fullres.nets import families
-from fullres.nets.registry import DOWNSAMPLING, ModelConfig, ModelSpec, register_model
+from fullres.nets.registry import BUILT_IN, DOWNSAMPLING, MODELS, ModelConfig, ModelSpec, register_model
 from fullres.nets.unet3d import UNET3D_WHY, UNet3D
 
 
@@ -21,3 +21,4 @@ register_model(ModelSpec("intel-unet", lambda config, shape: families.IntelUNet(
                          "the paper's code repository's 3D U-Net (IntelAI/unet: 5,650,801 parameters)",
                          divisor=lambda config: 16, why="intel-unet pools four times", check=_intel_check,
                          preset="intel-unet"))
+BUILT_IN.update(MODELS)

@@ -8,6 +8,7 @@ The first is the paper's 3D U-Net (:mod:`fullres.nets.unet3d`).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Callable
@@ -105,7 +106,8 @@ class ModelSpec:
     UNETR), or None. `divisor(config)`: every spatial size must be a multiple of it (`why` says why, in
     errors). `check(config)` refuses settings the network cannot take. `slabs`: the module honours the
     `slabs`, `checkpointing` and `checkpoint_levels` attributes the trainer sets (its own exact slab and
-    segment schedule, by resolution level);
+    segment schedule, by resolution level); `probe`: the network declares no divisor (a user's factory), so
+    :func:`spatial_divisor` finds it by building the network (:func:`probed_divisor`);
     other networks are checkpointed block by block (:func:`fullres.job.step.prepare_model`). `preset`: the name
     of its defaults in :data:`fullres.presets.PRESETS`, if it has its own."""
 
@@ -117,6 +119,7 @@ class ModelSpec:
     why: str = "the network's downsampling"
     check: Callable[[ModelConfig], None] | None = None
     preset: str | None = None
+    probe: bool = False  # no divisor of its own: :func:`spatial_divisor` probes the built network
 
 
 MODELS: dict[str, "ModelSpec"] = {}  # architecture name -> ModelSpec; filled by register_model below
@@ -128,6 +131,7 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+BUILT_IN: set[str] = set()  # the names fullres.nets registers on import (every fresh process knows them)
 _FAMILY_SPECS: dict[str, ModelSpec] = {}  # monai:/nnunet:/factory specs, made on first use
 
 
@@ -137,6 +141,13 @@ def register_model(spec: ModelSpec) -> ModelSpec:
         raise ValueError(f"a network named {spec.name!r} is already registered")
     MODELS[spec.name] = spec
     return spec
+
+
+def rebuilt_elsewhere(name: str) -> bool:
+    """Whether a fresh process that imports fullres builds the network `name` as this one does: fullres's
+    own networks and the families (``monai:``, ``nnunet:``, factories), not a name registered later in this
+    process (a user's :func:`register_model`, which that process never ran)."""
+    return name not in MODELS or name in BUILT_IN
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -164,7 +175,7 @@ def model_spec(name: str) -> ModelSpec:
         spec = ModelSpec(name, lambda config, shape: families.build_factory(name, config.in_channels, config.classes,
                                                                              config.kwargs, config.source_sha256,
                                                                              config.factory_dir),
-                         f"the factory {name}")
+                         f"the factory {name}", why="its downsampling, probed", probe=True)
     else:
         raise ValueError(f"unknown network {name!r}: choose one of {', '.join(sorted(MODELS))}, or "
                          f"{', '.join(FAMILIES)}")
@@ -193,23 +204,66 @@ def build_on_meta(config: ModelConfig, shape: tuple[int, int, int] | None = None
     return build_model(config, shape).to("meta")
 
 
-def spatial_divisor(config: ModelConfig) -> int:
-    """Every spatial size of `config`'s network must be a multiple of this."""
+PROBED_DIVISORS = (1, 2, 4, 8, 16, 32, 64)  # the divisors a probe can find
+
+
+def _takes(model: nn.Module, config: ModelConfig, side: int) -> bool:
+    """Whether `model` (on the meta device) maps a cube of `side` to logits of the same spatial size."""
+    try:
+        with torch.no_grad():
+            output = model(torch.empty(2, config.in_channels, side, side, side, device="meta"))
+    except Exception:  # noqa: BLE001 - any failure is the network refusing this size
+        return False
+    if isinstance(output, (list, tuple)) or (isinstance(output, torch.Tensor) and output.dim() == 6):
+        output = primary_output(output)
+    return isinstance(output, torch.Tensor) and tuple(output.shape[2:]) == (side,) * 3
+
+
+@functools.lru_cache(maxsize=64)
+def probed_divisor(config: ModelConfig) -> int:
+    """The spatial divisor of a network that does not declare one (a user's factory), found on the meta
+    device: the smallest d of :data:`PROBED_DIVISORS` whose cubes of 2d and 3d the network maps to logits of
+    their own size, provided a cube of 2d + d/2 fails (a network that takes that too has no power-of-two
+    divisor: 1). 1 where the network cannot be built or takes none of them (:func:`check_shape` then says
+    why). Cached per config: a dozen meta forwards at most."""
+    try:
+        model = build_on_meta(config)
+    except ValueError:
+        return 1
+    for divisor in PROBED_DIVISORS:
+        if _takes(model, config, 2 * divisor) and _takes(model, config, 3 * divisor):
+            # a divisor d > 1 shows as a failure between its multiples
+            return divisor if divisor == 1 or not _takes(model, config, 2 * divisor + divisor // 2) else 1
+    return 1
+
+
+def declared_divisor(config: ModelConfig) -> int:
+    """The divisor `config`'s network declares (1 for one that declares none); nothing is built or run."""
     return int(model_spec(config.architecture).divisor(config))
 
 
-def check_divisible(config: ModelConfig, shape: tuple[int, ...]) -> None:
+def spatial_divisor(config: ModelConfig) -> int:
+    """Every spatial size of `config`'s network must be a multiple of this: its declared divisor, or for a
+    network that declares none (a factory) the probed one, which builds and runs it on the meta device: only
+    for a network the user chose on their command line or a run whose code they trust."""
+    spec = model_spec(config.architecture)
+    return probed_divisor(config) if spec.probe else declared_divisor(config)
+
+
+def check_divisible(config: ModelConfig, shape: tuple[int, ...], probe: bool = False) -> None:
     """Raise ValueError, naming the nearest valid sizes, when a spatial size of `shape` is not a positive
-    multiple of the network's divisor."""
+    multiple of the network's divisor: the declared one, or with `probe` :func:`spatial_divisor` (which
+    runs a factory's code: so a job read from a file is checked before its code is trusted)."""
     network = "" if config.architecture == "unet3d" else f"network {config.architecture}: "
-    check_sizes(shape, spatial_divisor(config), model_spec(config.architecture).why, network)
+    divisor = spatial_divisor(config) if probe else declared_divisor(config)
+    check_sizes(shape, divisor, model_spec(config.architecture).why, network)
 
 
 def check_shape(config: ModelConfig, shape: tuple[int, int, int], batch: int = 1) -> None:
     """Raise ValueError naming the network when it does not take `shape`: a size that is not a multiple of
-    its divisor, or a forward pass in training mode that fails on the meta device (nothing is allocated)
+    its divisor (probed for a factory: this builds the network anyway), or a forward pass in training mode that fails on the meta device (nothing is allocated)
     or returns another shape than logits (batch, classes, *shape)."""
-    check_divisible(config, shape)
+    check_divisible(config, shape, probe=True)
     if config.architecture == "unet3d":
         return  # the paper's network takes every multiple of 8
     model = build_on_meta(config, shape)
