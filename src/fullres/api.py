@@ -86,7 +86,7 @@ def estimate(model: nn.Module | Callable[..., nn.Module] | str, input_shape: tup
              strategy: Strategy | dict | None = None, device: str = "cpu", model_args: dict | None = None) -> Estimate:
     """The peak memory of one training step (forward, loss, backward, optimizer step) at `batch` inputs of
     `input_shape` = (channels, H, W, D). On CPU the runtime term (memory no tensor owns) of an instance or a
-    factory is measured in this process and cached (:func:`calibrated_runtime`); of a name, in a fresh one.
+    factory is measured in this process and cached (:func:`fullres.cost.runtime.in_process_runtime_bytes`); of a name, in a fresh one.
 
     `model`: an ``nn.Module`` instance (its parameters are copied as shapes only, on the meta device; the
     instance is not changed), a factory ``f(in_channels, out_channels, **model_args) -> nn.Module``, or a
@@ -194,7 +194,7 @@ def _estimate(job: JobConfig, registered: bool, loss, optimizer, device: str) ->
     if cpu and not registered and not _in_process_only(job.model.architecture):
         runtime = runtime_term.measured_runtime_bytes(job)  # a network fullres rebuilds by name: measured in a fresh process
     elif cpu:  # the user's own object: measured in this process (it cannot be rebuilt in another), cached
-        runtime = calibrated_runtime(job, loss, optimizer)
+        runtime = runtime_term.in_process_runtime_bytes(job, loss, optimizer)
         if runtime is None:  # the dry run's modelled constant
             modelled = ("runtime (this process's peak could not be read: a modelled constant)",)
     else:  # the CUDA context: a modelled constant, as `fullres estimate` charges it
@@ -212,8 +212,6 @@ def _in_process_only(name: str) -> bool:
     """A name registered in this process (a user's register_model): a fresh process would not know it."""
     return not rebuilt_elsewhere(name)
 
-
-calibrated_runtime = runtime_term.in_process_runtime_bytes
 
 
 class _as_job:
