@@ -40,7 +40,7 @@ def test_plan_json(capsys):
     (["plan", "--memory", "12XB"], "argument --memory: unknown unit"),
     (["plan", "--memory=-5GB"], "argument --memory: '-5GB' is negative"),
     (["plan", "--memory", "0TB"], "argument --memory: '0TB' is zero"),
-    (["plan"], "the following arguments are required: --memory"),
+    (["plan"], "give the budget: --memory SIZE or --gpu NAME"),
     (["estimate", "--shape", "240", "240", "145"], "145 is not divisible by 8 (the U-Net pools three times); nearest valid: 144 or 152"),
     (["estimate", "--shape", "-8", "8", "8"], "argument --shape: -8 must be at least 1"),
     (["estimate", "--batch", "0"], "argument --batch: 0 must be at least 1"),

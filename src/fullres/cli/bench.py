@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fullres.cli.commands import HELP
 from fullres.cli.options import add_job_arguments, job_from_args, positive_int
 from fullres.cli.report import print_json, refuse_existing
 from fullres.job.config import JobConfig
 
 
 def add_parser(commands) -> None:
-    bench = commands.add_parser("bench", help="training-step speed: stock vs oneDNN, fp32 vs bf16, channels-last, compile")
+    bench = commands.add_parser("bench", help=HELP["bench"])
     add_job_arguments(bench)
     bench.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                        help="stock_fp32 plain_fp32 fp32_cl bf16 bf16_cl compiled_fp32_cl compiled_bf16_cl (default: all)")

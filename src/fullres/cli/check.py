@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fullres.cli.commands import HELP
 from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
 from fullres.errors import UserError
 
 
 def add_parser(commands) -> None:
-    check = commands.add_parser("check", help="validate every case of a dataset (MSD, nnU-Net, BraTS) before a long job")
+    check = commands.add_parser("check", help=HELP["check"])
     check.add_argument("data", help="dataset folder")
     check.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
                        help="the folder's layout (default: detected)")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fullres.cli.commands import HELP
 from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
 
 
 def add_parser(commands) -> None:
-    convert = commands.add_parser("convert", help="rewrite a dataset in another layout, label values mapped")
+    convert = commands.add_parser("convert", help=HELP["convert"])
     convert.add_argument("data", help="dataset folder (any layout)")
     convert.add_argument("out", help="new folder (must not exist, or be empty)")
     convert.add_argument("--layout", choices=LAYOUT_NAMES, required=True, help="the layout to write")

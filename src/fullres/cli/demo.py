@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fullres.cli.commands import HELP
 from fullres.errors import UserError
 
 
 def add_parser(commands, build_parser) -> None:
     """`build_parser`: the whole command line's parser, which the demo runs each step through."""
-    demo = commands.add_parser("demo", help="the whole pipeline on built-in synthetic data (a few minutes on 2 cores)")
+    demo = commands.add_parser("demo", help=HELP["demo"])
     demo.add_argument("--out", default="fullres-demo", help="results folder (default: ./fullres-demo)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--model", default=None, metavar="NAME", help="the network to train (default: unet3d; see train)")

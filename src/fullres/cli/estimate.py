@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from fullres.cli.commands import HELP
 from fullres.cli.options import (
     add_budget_arguments,
     add_job_arguments,
@@ -23,7 +24,7 @@ from fullres.units import format_bytes
 
 
 def add_parser(commands) -> None:
-    estimate = commands.add_parser("estimate", help="memory a training job needs (whitepaper Table 1)")
+    estimate = commands.add_parser("estimate", help=HELP["estimate"])
     add_job_arguments(estimate)
     estimate.add_argument("--bytes-per-value", type=positive_int, default=None,
                           help="bytes per stored value (default: 4 for fp32, 2 for bf16/fp16)")

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fullres.cli.commands import HELP
 from fullres.cli.options import positive_float
 from fullres.cli.report import print_json, refuse_existing, starts_with
 from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
@@ -14,7 +15,7 @@ from fullres.evaluate.lesions import CHALLENGES, DEFAULT_CHALLENGE
 
 
 def add_parser(commands) -> None:
-    evaluate = commands.add_parser("evaluate", help="Dice, NSD and HD95 per case and region (WT, TC, ET)")
+    evaluate = commands.add_parser("evaluate", help=HELP["evaluate"])
     evaluate.add_argument("pred", help="folder of predicted masks")
     evaluate.add_argument("labels", help="folder of ground-truth label maps (same file names)")
     evaluate.add_argument("--tolerance", type=positive_float, default=1.0, help="NSD tolerance in mm (default 1)")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fullres.cli.commands import HELP
 from fullres.cli.options import add_trust_argument, positive_int
 from fullres.cli.report import print_json
 
 
 def add_parser(commands) -> None:
-    export = commands.add_parser("export", help="the trained network as ONNX or OpenVINO IR, verified against PyTorch")
+    export = commands.add_parser("export", help=HELP["export"])
     export.add_argument("run_dir", metavar="RUN", help="run folder (uses best.pt) or a checkpoint file")
     export.add_argument("--format", required=True, help="onnx or openvino")
     export.add_argument("--out", default=None, metavar="FILE",

@@ -7,64 +7,53 @@ Every bad input ends as one line on stderr (`fullres <command>: error: ...`) and
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import traceback
 import warnings
 
-from fullres.cli import (
-    bench,
-    check,
-    convert,
-    demo,
-    estimate,
-    evaluate,
-    export,
-    nnunet,
-    plan,
-    predict,
-    profile,
-    show,
-    sweep,
-    synth,
-    train,
-)
-from fullres.cli.options import Parser
+from fullres.cli.commands import HELP, Parser, VersionAction
 from fullres.errors import OneLineWarning, UserError, first_line
-from fullres.run.versions import VersionAction
+
+ALL = "all"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
+    """The command line's parser: every command with its arguments (`command` "all"), or only `command`'s,
+    the others listed by name and help without importing their modules (so `fullres --help` and a bad
+    command name answer without importing torch)."""
     parser = Parser(prog="fullres", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    estimate.add_parser(commands)
-    plan.add_parser(commands)
-    profile.add_parser(commands)
-    bench.add_parser(commands)
-    sweep.add_parser(commands)
-    synth.add_parser(commands)
-    check.add_parser(commands)
-    convert.add_parser(commands)
-    train.add_parser(commands)
-    demo.add_parser(commands, build_parser)
-    predict.add_parser(commands)
-    export.add_parser(commands)
-    evaluate.add_parser(commands)
-    show.add_parser(commands)
-    nnunet.add_parser(commands)
+    for name, help in HELP.items():
+        if command not in (ALL, name):
+            commands.add_parser(name, help=help)
+            continue
+        # a fixed table of fullres's own modules: nothing read from input chooses what is imported
+        module = importlib.import_module(f"fullres.cli.{name}")
+        if name == "demo":
+            module.add_parser(commands, build_parser)
+        else:
+            module.add_parser(commands)
     return parser
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The command `argv` names: its first word that is not an option, where that is a command."""
+    first = next((word for word in argv if not word.startswith("-")), None)
+    return first if first in HELP else None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A refusal or fault is one line on stderr and a non-zero exit code: library warnings
     raised on the way are held back while the command runs and shown after it only when it succeeds; an
     unexpected exception is one line too (FULLRES_TRACEBACK=1 shows its traceback)."""
-    from fullres.kernels.malloc import set_training_malloc_policy
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(command_of(argv)).parse_args(argv)
+    from fullres.kernels.malloc import set_training_malloc_policy  # torch: after the command line is read
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     # the fake-tensor mode logs every operator a dry run cannot follow, traceback included; the refusal says it
     logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
     with warnings.catch_warnings(record=True) as held:

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from fullres.cli.commands import HELP
 from fullres.units import format_bytes, parse_size
 
 
@@ -78,5 +79,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands) -> None:
-    add_arguments(commands.add_parser(
-        "nnunet", help="nnU-Net v2: write plans whose patch and batch size fit a memory budget (nnunet plan)"))
+    add_arguments(commands.add_parser("nnunet", help=HELP["nnunet"]))

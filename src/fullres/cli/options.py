@@ -17,13 +17,6 @@ from fullres.nets.registry import NORMS, ModelConfig, check_shape
 from fullres.units import parse_size
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line (no usage dump) and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)

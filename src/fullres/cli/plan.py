@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from fullres.cli.commands import HELP
 from fullres.cli.options import (
     add_budget_arguments,
     add_job_arguments,
@@ -18,7 +19,7 @@ from fullres.units import format_bytes
 
 
 def add_parser(commands) -> None:
-    plan = commands.add_parser("plan", help="does a job fit a machine's memory; largest batch and shape that do")
+    plan = commands.add_parser("plan", help=HELP["plan"])
     add_job_arguments(plan)
     add_budget_arguments(plan, required=True)
     plan.add_argument("--method", choices=("table1", "dryrun"), default="dryrun",

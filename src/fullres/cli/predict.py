@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fullres.cli.commands import HELP
 from fullres.cli.options import add_launch_arguments, add_trust_argument, memory_size
 from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
 from fullres.kernels.device import memory_device
 
 
 def add_parser(commands) -> None:
-    predict = commands.add_parser("predict", help="write NIfTI masks for images with a trained run")
+    predict = commands.add_parser("predict", help=HELP["predict"])
     predict.add_argument("run_dir", metavar="RUN", help="run folder (uses best.pt) or a checkpoint file")
     predict.add_argument("inputs", nargs="+", help="NIfTI images, or a dataset folder (its test cases)")
     predict.add_argument("--out", required=True, help="folder for the masks (<case>.nii.gz)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from fullres.cli.commands import HELP
 from fullres.cli.options import (
     add_job_arguments,
     add_memory_device_argument,
@@ -18,7 +19,7 @@ from fullres.units import format_bytes
 
 
 def add_parser(commands) -> None:
-    profile = commands.add_parser("profile", help="measure a training step's real peak memory against the dry run")
+    profile = commands.add_parser("profile", help=HELP["profile"])
     add_job_arguments(profile)
     profile.add_argument("--steps", type=positive_int, default=2, help="training steps to run (the 2nd is the peak)")
     profile.add_argument("--spatial", type=positive_int, default=1, metavar="S",

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fullres.cli.commands import HELP
 from fullres.cli.report import refuse_existing
 from fullres.errors import UserError
 from fullres.evaluate.lesions import CHALLENGES, DEFAULT_CHALLENGE
 
 
 def add_parser(commands) -> None:
-    show = commands.add_parser("show", help="Figure 7: prediction (red) vs truth (blue) in three views")
+    show = commands.add_parser("show", help=HELP["show"])
     show.add_argument("image", help="the image (NIfTI, 3D or 4D)")
     show.add_argument("--pred", default=None, help="predicted mask (NIfTI)")
     show.add_argument("--label", default=None, help="ground-truth label map (NIfTI)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fullres.cli.commands import HELP
 from fullres.cli.options import (
     add_job_arguments,
     add_memory_device_argument,
@@ -21,7 +22,7 @@ from fullres.units import parse_size
 
 
 def add_parser(commands) -> None:
-    sweep = commands.add_parser("sweep", help="memory over many shapes: CSV, Figure 3 and Figure 5")
+    sweep = commands.add_parser("sweep", help=HELP["sweep"])
     add_job_arguments(sweep)
     sweep.add_argument("--shapes", nargs="+", type=shape_spec, required=True, metavar="HxWxD",
                        help="shapes to sweep, e.g. 32 48 64 96x96x64")

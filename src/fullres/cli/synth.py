@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fullres.cli.commands import HELP
 from fullres.cli.options import positive_int
 from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
 
 
 def add_parser(commands) -> None:
-    synth = commands.add_parser("synth", help="write a synthetic brain-tumour dataset (MSD layout, or another)")
+    synth = commands.add_parser("synth", help=HELP["synth"])
     synth.add_argument("out", help="output folder (created; must be empty or a previous synth output)")
     synth.add_argument("--cases", type=positive_int, required=True, help="training cases")
     synth.add_argument("--test-cases", type=positive_int, default=None, help="test cases (default: cases/4, at least 1)")

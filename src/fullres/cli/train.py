@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fullres.cli.commands import HELP
 from fullres.cli.options import (
     JOB_FLAGS,
     add_job_arguments,
@@ -24,7 +25,7 @@ from fullres.job.config import SCHEDULES
 
 
 def add_parser(commands) -> None:
-    train = commands.add_parser("train", help="train the 3D U-Net on whole volumes (no DATA: a synthetic demo)")
+    train = commands.add_parser("train", help=HELP["train"])
     add_train_arguments(train)
     train.set_defaults(run=run)
 

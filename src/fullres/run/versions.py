@@ -6,7 +6,6 @@ traced to the libraries that computed it (a CPU result depends on oneDNN's kerne
 
 from __future__ import annotations
 
-import argparse
 import platform
 import re
 
@@ -45,15 +44,3 @@ def describe() -> str:
     reason = unsupported()
     return line + (f"; CPU pool off: {reason}" if reason else "")
 
-
-class VersionAction(argparse.Action):
-    """`--version`: prints :func:`describe` on stdout, unwrapped (argparse's own "version" action wraps it to
-    the terminal's width), and exits 0. The line is computed only when asked for."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
-                 help="print the versions of fullres, torch, CUDA, oneDNN and Python, and exit"):
-        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(describe(), flush=True)
-        parser.exit()
