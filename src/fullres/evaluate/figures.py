@@ -29,7 +29,9 @@ from typing import Sequence
 import numpy as np
 
 from fullres.cost.steptime import STOCK
+from fullres.data.nifti import open_nifti, read_array
 from fullres.errors import UserError
+from fullres.evaluate.lesions import DEFAULT_CHALLENGE, lesion_masks
 from fullres.files import write_bytes_atomically
 
 __all__ = ["figure7_overlay", "training_curves", "PRED_COLOUR", "TRUTH_COLOUR", "OVERLAP_COLOUR"]
@@ -403,3 +405,36 @@ def figure6_chart(result: dict, path: str | os.PathLike, dpi: int = 100) -> Path
     ax.grid(True, axis="y", alpha=0.3)
     fig.subplots_adjust(left=0.1, right=0.98, bottom=0.22, top=0.86)
     return _save_atomic(fig, path, dpi)
+
+
+def overlay_files(image_path: Path, pred_path: Path | None, label_path: Path | None, out: Path, channel: int = 0,
+                  title: str | None = None, lesions: bool = False, challenge: str = DEFAULT_CHALLENGE) -> Path:
+    """Figure 7 of NIfTI files: `channel` of the image, the prediction and the truth (either may be None), and
+    with `lesions` the whole tumour's missed and false-positive lesions outlined; written to `out`. UserError
+    naming the file or option for an image that is not 3D/4D, a channel it lacks, or masks of another shape."""
+    image_nii = open_nifti(image_path)
+    image = read_array(image_nii, image_path)
+    if image.ndim not in (3, 4):
+        raise UserError(f"{image_path}: a {image.ndim}D image (shape {image.shape}); show draws a 3D image or a "
+                        "channel of a 4D one")
+    if image.ndim == 4:
+        if not 0 <= channel < image.shape[3]:
+            raise UserError(f"--channel {channel}: {image_path} has {image.shape[3]} channels")
+        image = image[..., channel]
+    masks = []
+    for path in (pred_path, label_path):
+        if path is None:
+            masks.append(np.zeros(image.shape, bool))
+            continue
+        array = read_array(open_nifti(path), path)
+        if array.shape != image.shape:
+            raise UserError(f"{path}: shape {array.shape} differs from the image's {image.shape}")
+        masks.append(array > 0)
+    outlines = {}
+    if lesions:  # the whole tumour's missed and false-positive lesions, as evaluate --lesion-wise finds them
+        if pred_path is None or label_path is None:
+            raise UserError("--lesions compares --pred with --label: give both")
+        spacing = tuple(float(z) for z in image_nii.header.get_zooms()[:3])
+        outlines = dict(zip(("missed", "false_positive"), lesion_masks(masks[0], masks[1], spacing, challenge)))
+    return figure7_overlay(image, masks[1], masks[0], out, affine=image_nii.affine,
+                           title=title or image_path.name, **outlines)
