@@ -284,3 +284,35 @@ def test_evaluate_against_msd_and_nnunet_dataset_folders(tmp_path, cli, layout):
     code, _, err = cli("evaluate", pred, data, "--overwrite")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "stranger.nii.gz: the dataset has no label for case stranger" in err
+
+
+# ---- ensembles -----------------------------------------------------------------------------------------------
+
+def test_an_ensemble_averages_the_runs_probabilities(trained, tmp_path, cli):
+    data, run = trained
+    other = tmp_path / "other"
+    assert main(["train", str(data), "--out", str(other), *TINY, "--seed", "1", "--tracker", "none"]) == 0
+    for name, runs in (("a", [run]), ("b", [other]), ("ab", [run, "--ensemble", other])):
+        code, out, err = cli("predict", runs[0], data, *runs[1:], "--out", tmp_path / name, "--probabilities",
+                             "--quiet")
+        assert code == 0, err
+    assert "ensemble of 2 runs" in out
+    for case in ("BRATS_004", "BRATS_005"):
+        a, b, ab = (np.asarray(nib.load(tmp_path / name / f"{case}_prob.nii.gz").dataobj) for name in ("a", "b", "ab"))
+        assert not np.allclose(a, b)  # two different networks
+        np.testing.assert_allclose(ab, (a + b) / 2, rtol=0, atol=1e-6)
+        mask = np.asarray(nib.load(tmp_path / "ab" / f"{case}.nii.gz").dataobj)
+        np.testing.assert_array_equal(mask, (ab > 0.5).astype(np.uint8))
+    assert len(json.loads((tmp_path / "ab" / "prediction.json").read_text())["ensemble"]) == 2
+
+
+def test_an_ensemble_of_disagreeing_runs_is_refused(trained, tmp_path, cli):
+    data, run = trained
+    regions = tmp_path / "regions"
+    assert main(["train", str(data), "--out", str(regions), *TINY, "--target", "regions", "--tracker", "none"]) == 0
+    code, _, err = cli("predict", run, data, "--ensemble", regions, "--out", tmp_path / "pred")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--ensemble {regions}: its target regions differs" in err and "wt" in err
+    assert not (tmp_path / "pred").exists()
+    code, _, err = cli("predict", run, data, "--ensemble", tmp_path / "nowhere", "--out", tmp_path / "pred")
+    assert code == 2 and "nowhere: no such run folder or checkpoint" in err and not (tmp_path / "pred").exists()
