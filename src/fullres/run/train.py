@@ -496,7 +496,10 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
             raise UserError(f"{run_dir / LAST}: does not fit the run's configuration in config.json ({detail})") from None
         if process.main:
             log(f"resuming after epoch {start_epoch} of {config.epochs} from {run_dir / 'last.pt'}")
-    if process.main:  # once the run's state is accepted: a refused resume changes nothing
+    index = load_dataset_json(Path(config.data_dir), config.layout)
+    splits = run_splits(config, index)
+    record_splits(run_dir, splits, config, write=process.main)  # every process refuses a changed split alike
+    if process.main:  # once the run's state and split are accepted: a refused resume changes nothing
         record_versions(run_dir, resumed=start_epoch > 0)
     network = model
     if space is not None:
@@ -505,10 +508,6 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
         network = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    index = load_dataset_json(Path(config.data_dir), config.layout)
-    splits = run_splits(config, index)
-    if process.main:
-        record_splits(run_dir, splits, config)
     by_id = {case.case_id: case for case in index.training}
     split = splits[config.fold]
     train_cases, val_cases = [by_id[c] for c in split["train"]], [by_id[c] for c in split["val"]]
@@ -604,7 +603,10 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
     if len(val_set) and (process.main or space is not None):
         draw_validation_overlays(model, val_set, config, run_dir, device, space=space, draw=process.main)
     if len(val_set) and process.main:
-        validate_run(config, run_dir, index, val_cases, device, log, progress)
+        try:
+            validate_run(config, run_dir, index, val_cases, device, log, progress)
+        except UserError as error:  # the trained run stands; `fullres predict` and `evaluate` can redo this
+            log(f"warning: validation summary not written: {error}")
     if process.world > 1:
         dist.barrier()  # the others wait while the main process predicts and scores the validation cases
     if tracker is not None:
@@ -627,9 +629,10 @@ def run_splits(config: TrainConfig, index) -> list[dict[str, list[str]]]:
     return [{"train": [case.case_id for case in train_cases], "val": [case.case_id for case in val_cases]}]
 
 
-def record_splits(run_dir: Path, splits: list[dict], config: TrainConfig) -> None:
-    """RUN/splits.json: written when missing (a new run, or one from before splits were recorded); when
-    present it must equal `splits`, else UserError (the dataset's cases changed since the run started)."""
+def record_splits(run_dir: Path, splits: list[dict], config: TrainConfig, write: bool = True) -> None:
+    """RUN/splits.json: written (if `write`) when missing (a new run, or one from before splits were
+    recorded); when present it must equal `splits`, else UserError (the dataset's cases changed since the
+    run started)."""
     path = run_dir / SPLITS_FILE
     if path.exists():
         try:
@@ -640,7 +643,8 @@ def record_splits(run_dir: Path, splits: list[dict], config: TrainConfig) -> Non
             raise UserError(f"{path}: the split of {config.data_dir} differs from the one this run trained with "
                             "(its training cases changed); restore the dataset, or start a new run")
         return
-    write_json(path, splits)
+    if write:
+        write_json(path, splits)
 
 
 def validate_run(config: TrainConfig, run_dir: Path, index, val_cases: list, device: torch.device, log=print,
