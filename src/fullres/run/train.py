@@ -140,8 +140,8 @@ def run(request: TrainRequest, log=print) -> dict:
     if main_process:
         tracked = {"tensorboard": ", tb/", "mlflow": ", MLflow run"}.get(config.tracker, "")
         log(f"done: validation Dice {last.get('val_dice', float('nan')):.3f} after {last.get('epoch', 0)} epochs; "
-            f"run in {run_dir}/ (config.json, splits.json, metrics.csv, last.pt, best.pt, validation/, "
-            f"curves.png{tracked})")
+            f"run in {run_dir}/ (config.json, splits.json, metrics.csv, last.pt, best.pt, "
+            f"{'validation/, ' if (run_dir / VALIDATION_DIR / 'summary.json').exists() else ''}curves.png{tracked})")
     return last
 
 
