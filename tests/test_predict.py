@@ -316,3 +316,17 @@ def test_an_ensemble_of_disagreeing_runs_is_refused(trained, tmp_path, cli):
     assert not (tmp_path / "pred").exists()
     code, _, err = cli("predict", run, data, "--ensemble", tmp_path / "nowhere", "--out", tmp_path / "pred")
     assert code == 2 and "nowhere: no such run folder or checkpoint" in err and not (tmp_path / "pred").exists()
+
+
+def test_a_brats_run_scores_its_validation_cases_lesion_wise(brats_trained):
+    """Training ends with the default split's validation cases predicted in the BraTS values and scored,
+    lesion-wise too."""
+    data, run = brats_trained
+    (split,) = json.loads((run / "splits.json").read_text())
+    summary = json.loads((run / "validation" / "summary.json").read_text())
+    assert summary["layout"] == "brats2021" and summary["lesion_wise"] == "BraTS-GLI"
+    assert set(summary["cases"]) == set(split["val"])
+    assert {"dice", "nsd", "hd95", "lesion_dice", "lesion_hd95"} <= set(summary["mean"]["WT"])
+    for case in split["val"]:
+        values = set(np.unique(np.asarray(nib.load(run / "validation" / f"{case}.nii.gz").dataobj)).tolist())
+        assert values <= {0, 1}  # a whole-tumour run's masks
