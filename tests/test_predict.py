@@ -234,7 +234,7 @@ def test_a_dataset_folder_predicts_its_test_cases_or_all(brats_trained, tmp_path
     assert code == 2 and "--cases" in err and not (tmp_path / "x").exists()
 
 
-def test_a_labelled_dataset_without_test_cases_points_at_cases_all(small_msd, brats_trained, tmp_path, cli):
+def test_a_labelled_dataset_without_test_cases_points_at_cases_all(brats_trained, tmp_path, cli):
     import shutil
 
     data, run = brats_trained
@@ -321,7 +321,7 @@ def test_an_ensemble_of_disagreeing_runs_is_refused(trained, tmp_path, cli):
 def test_a_brats_run_scores_its_validation_cases_lesion_wise(brats_trained):
     """Training ends with the default split's validation cases predicted in the BraTS values and scored,
     lesion-wise too."""
-    data, run = brats_trained
+    _, run = brats_trained
     (split,) = json.loads((run / "splits.json").read_text())
     summary = json.loads((run / "validation" / "summary.json").read_text())
     assert summary["layout"] == "brats2021" and summary["lesion_wise"] == "BraTS-GLI"
