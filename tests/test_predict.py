@@ -179,3 +179,154 @@ def test_an_image_with_nan_voxels_is_refused_not_predicted_empty(trained, tmp_pa
     code, _, err = cli("predict", run, bad, "--out", tmp_path / "pred", "--quiet")
     assert code == 2 and f"{bad}: 2 voxels are NaN or infinite" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "pred" / "BRATS_NAN.nii.gz").exists()
+
+
+# ---- data as users hold it: a BraTS case folder, a dataset's cases, labels read from a dataset -------------
+
+@pytest.fixture(scope="module")
+def brats_trained(tmp_path_factory):
+    """A 1-epoch run on a BraTS 2021 folder: 3 labelled case folders, 1 test case in test/ (its label kept
+    aside in labelsTs/)."""
+    from fullres.data.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("brats")
+    data = write_dataset(root / "brats", train_cases=3, test_cases=1, shape=(32, 32, 24), seed=4, progress=False,
+                         layout="brats2021")
+    assert main(["train", str(data), "--out", str(root / "run"), *TINY, "--tracker", "none"]) == 0
+    return data, root / "run"
+
+
+def test_a_brats_case_folder_is_one_case(brats_trained, tmp_path, cli):
+    data, run = brats_trained
+    case = data / "BraTS2021_00001"
+    code, out, err = cli("predict", run, case, "--out", tmp_path / "pred", "--quiet")
+    assert code == 0, err
+    assert "predicting 1 case(s)" in out
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["BraTS2021_00001.nii.gz", "prediction.json"]
+    mask = nib.load(tmp_path / "pred" / "BraTS2021_00001.nii.gz")
+    assert mask.shape == nib.load(case / "BraTS2021_00001_flair.nii.gz").shape
+    assert json.loads((tmp_path / "pred" / "prediction.json").read_text())["layout"] == "brats2021"
+
+
+def test_a_case_folder_missing_a_modality_is_refused(brats_trained, tmp_path, cli):
+    import shutil
+
+    data, run = brats_trained
+    case = tmp_path / "BraTS2021_00001"
+    shutil.copytree(data / "BraTS2021_00001", case)
+    (case / "BraTS2021_00001_t1ce.nii.gz").unlink()
+    code, _, err = cli("predict", run, case, "--out", tmp_path / "pred", "--quiet")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "BraTS2021_00001_t1ce.nii.gz: missing" in err and "t1ce" in err
+    assert not (tmp_path / "pred").exists()
+
+
+def test_a_dataset_folder_predicts_its_test_cases_or_all(brats_trained, tmp_path, cli):
+    data, run = brats_trained
+    code, _, err = cli("predict", run, data, "--out", tmp_path / "test", "--quiet")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "test").glob("*.nii.gz")) == ["BraTS2021_00004.nii.gz"]
+    code, _, err = cli("predict", run, data, "--cases", "all", "--out", tmp_path / "all", "--quiet")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "all").glob("*.nii.gz")) == [
+        f"BraTS2021_0000{i}.nii.gz" for i in range(1, 5)]
+    code, _, err = cli("predict", run, data, "--cases", "some", "--out", tmp_path / "x")
+    assert code == 2 and "--cases" in err and not (tmp_path / "x").exists()
+
+
+def test_a_labelled_dataset_without_test_cases_points_at_cases_all(brats_trained, tmp_path, cli):
+    import shutil
+
+    data, run = brats_trained
+    copy = tmp_path / "brats"
+    shutil.copytree(data, copy, ignore=shutil.ignore_patterns("test", "labelsTs", ".fullres_cache"))
+    code, _, err = cli("predict", run, copy, "--out", tmp_path / "pred")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{copy}: no test cases" in err and "--cases all" in err and not (tmp_path / "pred").exists()
+
+
+def test_evaluate_reads_the_labels_of_the_predicted_cases_from_a_dataset(brats_trained, tmp_path, cli):
+    data, run = brats_trained
+    assert cli("predict", run, data / "BraTS2021_00002", data, "--out", tmp_path / "pred", "--quiet")[0] == 0
+    code, out, err = cli("evaluate", tmp_path / "pred", data, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["cases"]) == {"BraTS2021_00002", "BraTS2021_00004"}  # a training case and a test case
+    # the same scores as against a flat folder of those labels
+    flat = tmp_path / "labels"
+    flat.mkdir()
+    (flat / "BraTS2021_00002.nii.gz").write_bytes((data / "BraTS2021_00002" / "BraTS2021_00002_seg.nii.gz").read_bytes())
+    (flat / "BraTS2021_00004.nii.gz").write_bytes((data / "labelsTs" / "BraTS2021_00004.nii.gz").read_bytes())
+    code, out, err = cli("evaluate", tmp_path / "pred", flat, "--json", "--overwrite")
+    assert code == 0, err
+    assert json.loads(out) == result
+
+
+@pytest.mark.parametrize("layout", ["msd", "nnunet"])
+def test_evaluate_against_msd_and_nnunet_dataset_folders(tmp_path, cli, layout):
+    """Labels copied as predictions score Dice 1, each read from the dataset by its case id."""
+    from fullres.data.layouts import dataset_labels, load_dataset
+    from fullres.data.synth import write_dataset
+
+    data = write_dataset(tmp_path / "data", train_cases=2, test_cases=1, shape=(16, 16, 16), seed=2, progress=False,
+                         layout=layout)
+    labels = dataset_labels(load_dataset(data))
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for case, path in list(labels.items())[:2]:
+        (pred / f"{case}.nii.gz").write_bytes(path.read_bytes())
+    code, out, err = cli("evaluate", pred, data, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["cases"]) == set(list(labels)[:2])
+    assert all(region["dice"] == 1.0 for case in result["cases"].values() for region in case.values())
+    (pred / "stranger.nii.gz").write_bytes(next(iter(labels.values())).read_bytes())
+    code, _, err = cli("evaluate", pred, data, "--overwrite")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "stranger.nii.gz: the dataset has no label for case stranger" in err
+
+
+# ---- ensembles -----------------------------------------------------------------------------------------------
+
+def test_an_ensemble_averages_the_runs_probabilities(trained, tmp_path, cli):
+    data, run = trained
+    other = tmp_path / "other"
+    assert main(["train", str(data), "--out", str(other), *TINY, "--seed", "1", "--tracker", "none"]) == 0
+    for name, runs in (("a", [run]), ("b", [other]), ("ab", [run, "--ensemble", other])):
+        code, out, err = cli("predict", runs[0], data, *runs[1:], "--out", tmp_path / name, "--probabilities",
+                             "--quiet")
+        assert code == 0, err
+    assert "ensemble of 2 runs" in out
+    for case in ("BRATS_004", "BRATS_005"):
+        a, b, ab = (np.asarray(nib.load(tmp_path / name / f"{case}_prob.nii.gz").dataobj) for name in ("a", "b", "ab"))
+        assert not np.allclose(a, b)  # two different networks
+        np.testing.assert_allclose(ab, (a + b) / 2, rtol=0, atol=1e-6)
+        mask = np.asarray(nib.load(tmp_path / "ab" / f"{case}.nii.gz").dataobj)
+        np.testing.assert_array_equal(mask, (ab > 0.5).astype(np.uint8))
+    assert len(json.loads((tmp_path / "ab" / "prediction.json").read_text())["ensemble"]) == 2
+
+
+def test_an_ensemble_of_disagreeing_runs_is_refused(trained, tmp_path, cli):
+    data, run = trained
+    regions = tmp_path / "regions"
+    assert main(["train", str(data), "--out", str(regions), *TINY, "--target", "regions", "--tracker", "none"]) == 0
+    code, _, err = cli("predict", run, data, "--ensemble", regions, "--out", tmp_path / "pred")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--ensemble {regions}: its target regions differs" in err and "wt" in err
+    assert not (tmp_path / "pred").exists()
+    code, _, err = cli("predict", run, data, "--ensemble", tmp_path / "nowhere", "--out", tmp_path / "pred")
+    assert code == 2 and "nowhere: no such run folder or checkpoint" in err and not (tmp_path / "pred").exists()
+
+
+def test_a_brats_run_scores_its_validation_cases_lesion_wise(brats_trained):
+    """Training ends with the default split's validation cases predicted in the BraTS values and scored,
+    lesion-wise too."""
+    _, run = brats_trained
+    (split,) = json.loads((run / "splits.json").read_text())
+    summary = json.loads((run / "validation" / "summary.json").read_text())
+    assert summary["layout"] == "brats2021" and summary["lesion_wise"] == "BraTS-GLI"
+    assert set(summary["cases"]) == set(split["val"])
+    assert {"dice", "nsd", "hd95", "lesion_dice", "lesion_hd95"} <= set(summary["mean"]["WT"])
+    for case in split["val"]:
+        values = set(np.unique(np.asarray(nib.load(run / "validation" / f"{case}.nii.gz").dataobj)).tolist())
+        assert values <= {0, 1}  # a whole-tumour run's masks

@@ -45,8 +45,12 @@ def test_train_writes_run_files(train_msd, tmp_path, cli):
     straight = tmp_path / "straight"
     code, out, err = cli("train", train_msd, "--out", straight, "--epochs", "2", *TINY)
     assert code == 0, err
-    for name in ("config.json", "metrics.csv", "last.pt", "best.pt", "curves.png"):
+    for name in ("config.json", "metrics.csv", "last.pt", "best.pt", "curves.png", "splits.json",
+                 "validation/summary.json"):
         assert (straight / name).exists(), name
+    (split,) = json.loads((straight / "splits.json").read_text())  # the default: one seeded split
+    summary = json.loads((straight / "validation" / "summary.json").read_text())
+    assert summary["folds"] == 0 and set(summary["cases"]) == set(split["val"])
     assert list((straight / "tb").iterdir())
     rows = (straight / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",") == CSV_COLUMNS and len(rows) == 3
@@ -347,3 +351,65 @@ def test_memory_format_trial_really_times_both_formats():
     chosen, line = choose_memory_format(job, torch.device("cpu"), total_steps=1000)
     assert "s/step contiguous" in line and "s/step channels-last" in line
     assert chosen.strategy.channels_last == line.startswith("memory format: channels-last")
+
+
+# ---- cross-validation folds and the validation summary ------------------------------------------------------
+
+def test_fold_trains_on_its_split_and_scores_its_validation_cases(train_msd, tmp_path, cli):
+    from fullres.data.layouts import load_dataset
+    from fullres.data.msd import fold_splits
+
+    run = tmp_path / "fold1"
+    code, out, err = cli("train", train_msd, "--out", run, "--epochs", "1", "--folds", "3", "--fold", "1",
+                         "--tracker", "none", *TINY)
+    assert code == 0, err
+    splits = json.loads((run / "splits.json").read_text())
+    ids = sorted(case.case_id for case in load_dataset(train_msd).training)
+    assert len(splits) == 3 and all(set(fold) == {"train", "val"} for fold in splits)
+    assert sorted(c for fold in splits for c in fold["val"]) == ids  # each case validated in exactly one fold
+    for fold in splits:
+        assert sorted(fold["train"] + fold["val"]) == ids and fold["val"] == sorted(fold["val"])
+    # stable: the same for the case ids in any order, and for another fold's run of the same dataset and seed
+    assert fold_splits(ids[::-1], 3, 0) == fold_splits(ids, 3, 0) == splits
+    assert fold_splits(ids, 3, 1) != splits
+    config = TrainConfig.from_json(json.loads((run / "config.json").read_text()))
+    assert (config.folds, config.fold) == (3, 1)
+    val = splits[1]["val"]
+    assert sorted(p.name for p in (run / "validation").glob("*.nii.gz")) == [f"{c}.nii.gz" for c in val]
+    summary = json.loads((run / "validation" / "summary.json").read_text())
+    assert {"folds", "fold", "checkpoint", "cases", "mean", "std"} <= set(summary)
+    assert (summary["folds"], summary["fold"], summary["checkpoint"]) == (3, 1, "best.pt")
+    assert set(summary["cases"]) == set(val)
+    assert set(summary["mean"]["WT"]) == {"dice", "nsd", "hd95"}
+    assert "validation: " in out
+    # resuming checks the recorded split
+    (run / "splits.json").write_text(json.dumps(splits[::-1]))
+    code, _, err = cli("train", "--out", run, "--resume", "--epochs", "2", "--quiet")
+    assert code == 2 and "splits.json: the split of" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("train", "--out", run, "--resume", "--fold", "2", "--quiet")
+    assert code == 2 and "--fold 2 differs from the run's 1" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--folds", "3", "--fold", "3"], "--fold 3 is out of range for --folds 3 (0..2)"),
+    (["--fold", "1"], "--fold 1 needs --folds K"),
+    (["--folds", "1"], "--folds must be at least 2, got 1"),
+    (["--folds", "7"], "--folds 7: the dataset has 6 training case(s)"),
+    (["--folds", "3", "--val-fraction", "0.3"], "--val-fraction and --folds both choose"),
+])
+def test_bad_folds_are_refused(train_msd, tmp_path, cli, flags, message):
+    code, _, err = cli("train", train_msd, "--out", tmp_path / "run", *flags, *TINY)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_configs_from_before_folds_load_as_the_single_split(train_msd, tmp_path, cli):
+    from fullres.data.preprocess import DataConfig
+
+    job = JobConfig(model=ModelConfig(in_channels=4, filters=2), shape=(32, 32, 24), batch=1)
+    saved = TrainConfig(job=job, data=DataConfig(shape=(32, 32, 24)), data_dir=str(train_msd)).to_json()
+    del saved["folds"], saved["fold"]
+    config = TrainConfig.from_json(saved)
+    assert (config.folds, config.fold) == (0, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        replace(config, folds=2, fold=2)

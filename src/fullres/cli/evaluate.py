@@ -17,7 +17,9 @@ from fullres.evaluate.lesions import CHALLENGES, DEFAULT_CHALLENGE
 def add_parser(commands) -> None:
     evaluate = commands.add_parser("evaluate", help=HELP["evaluate"])
     evaluate.add_argument("pred", help="folder of predicted masks")
-    evaluate.add_argument("labels", help="folder of ground-truth label maps (same file names)")
+    evaluate.add_argument("labels", metavar="LABELS",
+                          help="folder of ground-truth label maps (same file names), or a dataset folder (MSD, "
+                               "nnU-Net, BraTS): the labels of the predicted cases, read by case id")
     evaluate.add_argument("--tolerance", type=positive_float, default=1.0, help="NSD tolerance in mm (default 1)")
     evaluate.add_argument("--wt-only", action="store_true", help="predictions are {0,1} whole-tumour masks")
     evaluate.add_argument("--csv", default=None,
@@ -47,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
     rule = (args.challenge or DEFAULT_CHALLENGE) if args.lesion_wise else None
     csv_path = Path(args.csv) if args.csv else Path(args.pred) / "metrics.csv"
     refuse_existing(csv_path, "--csv", args.overwrite, starts_with(",".join(["case", "region", *METRIC_NAMES])))
-    layout, label_regions = evaluation_regions(Path(args.pred), Path(args.labels), args.layout)
-    result = evaluate_folders(args.pred, args.labels, tolerance_mm=args.tolerance, regions=label_regions,
+    labels, dataset = dataset_labels_of(Path(args.labels), args.layout)
+    layout, label_regions = evaluation_regions(Path(args.pred), Path(args.labels), args.layout, dataset)
+    result = evaluate_folders(args.pred, labels, tolerance_mm=args.tolerance, regions=label_regions,
                               pred_is_binary_wt=args.wt_only or predictions_are_binary(Path(args.pred)),
                               lesion_rule=rule)
     write_metrics_csv(result, csv_path)
@@ -79,9 +82,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluation_regions(pred_dir: Path, labels_dir: Path, layout: str | None) -> tuple[str, dict]:
+def dataset_labels_of(labels: Path, layout: str | None):
+    """(labels, dataset): for a dataset folder, {case id: label path} of its labelled cases and its index;
+    for any other folder, the folder itself and None."""
+    from fullres.data.layouts import dataset_labels, is_dataset_folder, load_dataset
+
+    if not is_dataset_folder(labels):
+        return labels, None
+    index = load_dataset(labels, layout)
+    found = dataset_labels(index)
+    if not found:
+        raise UserError(f"{labels}: this {index.layout} dataset folder has no label maps to score against")
+    return found, index
+
+
+def evaluation_regions(pred_dir: Path, labels_dir: Path, layout: str | None, dataset=None) -> tuple[str, dict]:
     """The label values of WT / TC / ET for scoring: --layout, else the prediction.json `predict` wrote,
-    else the dataset holding LABELS (DATA/labelsTs) or BraTS case names in it, else MSD Task01's."""
+    else `dataset`'s (the dataset folder given as LABELS), else the dataset holding LABELS (DATA/labelsTs)
+    or BraTS case names in it, else MSD Task01's."""
     from fullres.data.layouts import (
         MSD_REGIONS,
         detect_label_regions,
@@ -89,13 +107,15 @@ def evaluation_regions(pred_dir: Path, labels_dir: Path, layout: str | None) -> 
     )
 
     if layout is not None:
-        return layout, regions_for_layout(layout, labels_dir)
+        return layout, dataset.regions if dataset is not None else regions_for_layout(layout, labels_dir)
     try:
         info = json.loads((pred_dir / "prediction.json").read_text())
         if isinstance(info.get("regions"), dict) and info["regions"]:
             return str(info.get("layout", "prediction.json")), {k: tuple(v) for k, v in info["regions"].items()}
     except (OSError, ValueError, AttributeError, TypeError, RecursionError):
         pass
+    if dataset is not None:
+        return dataset.layout, dataset.regions
     found = detect_label_regions(labels_dir)
     return found if found is not None else ("msd", dict(MSD_REGIONS))
 

@@ -14,7 +14,15 @@ from fullres.kernels.device import memory_device
 def add_parser(commands) -> None:
     predict = commands.add_parser("predict", help=HELP["predict"])
     predict.add_argument("run_dir", metavar="RUN", help="run folder (uses best.pt) or a checkpoint file")
-    predict.add_argument("inputs", nargs="+", help="NIfTI images, or a dataset folder (its test cases)")
+    predict.add_argument("inputs", nargs="+",
+                         help="NIfTI images, a BraTS case folder (its modality files: one case), a dataset folder "
+                              "(its test cases; see --cases), or a folder of NIfTI images")
+    predict.add_argument("--cases", choices=("test", "all"), default="test",
+                         help="which cases of a dataset folder: test (default), or all: every case, the training "
+                              "cases included (their masks are no held-out result)")
+    predict.add_argument("--ensemble", nargs="+", action="extend", default=[], metavar="RUN",
+                         help="more runs (or checkpoints) whose probabilities are averaged with RUN's; they must "
+                              "agree on target, channels and preprocessing. Give it after the inputs")
     predict.add_argument("--out", required=True, help="folder for the masks (<case>.nii.gz)")
     predict.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz")
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -49,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
                                 overwrite=args.overwrite, engine=args.engine,
                                 engine_file=Path(args.engine_file) if args.engine_file else None,
                                 memory=args.memory, process=process, spatial=args.spatial,
-                                trust_code=args.trust_code)
+                                trust_code=args.trust_code, case_set=args.cases,
+                                ensemble=tuple(Path(extra) for extra in args.ensemble))
     if process.main:
         print(f"wrote {len(written)} mask(s) to {args.out}")
     return 0

@@ -14,6 +14,7 @@ from fullres.cli.options import (
     fraction,
     job_from_options,
     memory_size,
+    non_negative_int,
     positive_float,
     positive_int,
     seed_value,
@@ -36,9 +37,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.data is not None and not args.resume and not Path(args.data).is_dir():  # before --out is made
         raise UserError(f"DATA {args.data}: {'not a folder' if Path(args.data).exists() else 'no such folder'}")
+    if args.fold is not None and args.folds is None and not args.resume:
+        raise UserError(f"--fold {args.fold} needs --folds K (the number of cross-validation folds)")
+    if args.folds is not None and args.folds < 2:
+        raise UserError(f"--folds must be at least 2, got {args.folds}")
+    if args.folds is not None and not 0 <= (args.fold or 0) < args.folds:
+        raise UserError(f"--fold {args.fold} is out of range for --folds {args.folds} (0..{args.folds - 1})")
+    if args.folds is not None and args.val_fraction is not None:
+        raise UserError("--val-fraction and --folds both choose the validation cases: give one")
     options = {name: getattr(args, name) for name in (*JOB_FLAGS, "epochs", "lr", "loss", "schedule", "seed",
                                                        "val_fraction", "device", "threads", "workers", "tracker",
-                                                       "augment")}
+                                                       "augment", "folds", "fold")}
     train(TrainRequest(out=Path(args.out), data=Path(args.data) if args.data is not None else None, options=options,
                      make_job=job_from_options, strategy=args.strategy, memory=args.memory, force=args.force,
                      autotune=not args.no_autotune, resume=args.resume, progress=not args.quiet, layout=args.layout,
@@ -58,6 +67,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate schedule (default: cosine)")
     parser.add_argument("--seed", type=seed_value, default=None, help="weights, split, order and dropout follow from it")
     parser.add_argument("--val-fraction", type=fraction, default=None, help="share of cases held out for validation")
+    parser.add_argument("--folds", type=non_negative_int, default=None, metavar="K",
+                        help="K-fold cross-validation (K >= 2): the cases split into K folds by --seed, written to "
+                             "RUN/splits.json (default: one seeded split by --val-fraction)")
+    parser.add_argument("--fold", type=non_negative_int, default=None, metavar="I",
+                        help="with --folds K: the fold validated on, 0..K-1 (default 0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="auto (default): CUDA when present")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes (default 1)")

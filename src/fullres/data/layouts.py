@@ -462,6 +462,73 @@ def _scan_brats(root: Path, spec: BratsSpec) -> Scan:
     return Scan(index, problems)
 
 
+def brats_case_spec(folder: Path, layout: str | None = None) -> BratsSpec | None:
+    """The BraTS layout of `folder` when it is one case folder (named like BraTS2021_00001/ or
+    BraTS-GLI-00001-000/ and holding at least one of that case's files), else None. `layout` forces one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    specs = [BRATS[layout]] if layout in BRATS else [] if layout is not None else list(BRATS.values())
+    for spec in specs:
+        if spec.folder.fullmatch(folder.name) and any(
+                _brats_file(folder, spec, part).exists() for part in (*spec.modalities, BRATS_SEG)):
+            return spec
+    return None
+
+
+def load_case_folder(folder: Path, layout: str | None = None) -> DatasetIndex:
+    """One BraTS case folder as a one-case DatasetIndex rooted at the folder: a training case when its seg
+    file is there, else a test case; channels in the layout's modality order. UserError naming the
+    missing file, or the folder when it is no BraTS case folder."""
+    folder = Path(folder).resolve()
+    spec = brats_case_spec(folder, layout)
+    if spec is None:
+        raise UserError(f"{folder}: not a BraTS case folder (like BraTS2021_00001/ with its "
+                        "BraTS2021_00001_flair.nii.gz, _t1, _t1ce, _t2 files)")
+    images = []
+    for part in spec.modalities:
+        path = _brats_file(folder, spec, part)
+        if not path.is_file():
+            raise UserError(f"{path}: missing: case {folder.name} has no {part} image")
+        images.append(path)
+    label = _brats_file(folder, spec, BRATS_SEG)
+    case = folder.name
+    training = (TrainingCase(case, tuple(images), label),) if label.is_file() else ()
+    test = () if training else (TestCase(case, tuple(images)),)
+    return DatasetIndex(root=folder, modalities=spec.modalities, labels=dict(spec.labels), training=training,
+                        test=test, name=case, layout=spec.name, region_map=dict(spec.regions))
+
+
+def is_dataset_folder(folder: Path, layout: str | None = None) -> bool:
+    """Whether `folder` is a dataset folder (a dataset.json, or BraTS case folders) rather than a flat
+    folder of images or label maps; `layout` given: always."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    return layout is not None or (folder / DATASET_JSON).exists() or detect_layout(folder) != "msd"
+
+
+def dataset_labels(index: DatasetIndex) -> dict[str, Path]:
+    """{case id: label map} of every case of `index` that has one: the training cases' labels, the test
+    labels kept aside in labelsTs/ (CASE.nii.gz), and seg files beside BraTS test cases' images."""
+    found = {case.case_id: Path(case.label) for case in index.training}
+    kept = kept_test_labels(index)
+    spec = BRATS.get(index.layout)
+    for case in index.test:
+        if case.case_id in found:
+            continue
+        candidates = []
+        if kept is not None:
+            candidates += [kept / f"{case.case_id}.nii.gz", kept / f"{case.case_id}.nii"]
+        if spec is not None:
+            first = case.image[0] if isinstance(case.image, tuple) else Path(case.image)
+            candidates.append(_brats_file(Path(first).parent, spec, BRATS_SEG))
+        label = next((path for path in candidates if path.is_file()), None)
+        if label is not None:
+            found[case.case_id] = label
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 # which label values a folder of label maps uses (for `evaluate`)
 

@@ -389,6 +389,23 @@ def split_cases(cases: Sequence, val_fraction: float, seed: int) -> tuple[list, 
     return train, val
 
 
+def fold_splits(case_ids: Sequence[str], folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """`folds` (K >= 2) cross-validation splits, nnU-Net style: [{"train": [...], "val": [...]}, ...], fold i
+    validating on the i-th of K near-equal parts of the case ids (sorted, then shuffled by `seed`); every
+    case is validated in exactly one fold. Same ids (in any order) and seed -> same splits; each list sorted.
+    UserError when there are fewer cases than folds."""
+    ids = sorted(set(case_ids))
+    if folds < 2:
+        raise UserError(f"--folds must be at least 2, got {folds}")
+    if len(ids) < folds:
+        raise UserError(f"--folds {folds}: the dataset has {len(ids)} training case(s); each fold needs one to "
+                        "validate on (fewer folds, or more cases)")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    parts = [sorted(ids[i] for i in part) for part in np.array_split(order, folds)]
+    return [{"train": sorted(c for j, part in enumerate(parts) if j != i for c in part), "val": parts[i]}
+            for i in range(folds)]
+
+
 def make_loader(dataset: Dataset, batch: int, shuffle: bool, workers: int, seed: int, device_type: str) -> DataLoader:
     """A DataLoader with a seeded shuffle order, persistent workers, and pinned memory only for CUDA."""
     generator = torch.Generator()

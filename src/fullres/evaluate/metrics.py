@@ -382,7 +382,7 @@ def _load_labels(path: Path):
 
 def evaluate_folders(
     pred_dir: str | os.PathLike,
-    label_dir: str | os.PathLike,
+    label_dir: str | os.PathLike | Mapping[str, Path],
     tolerance_mm: float = 1.0,
     regions: Mapping[str, Iterable[int]] | None = None,
     pred_is_binary_wt: bool = False,
@@ -398,12 +398,24 @@ def evaluate_folders(
     (regions default to WT/TC/ET for labels 0-3; ``pred_is_binary_wt`` and ``lesion_rule``, which adds
     the lesion-wise keys, as in :func:`evaluate_case`).
 
+    ``label_dir`` may instead be ``{CASE: label path}`` (a dataset's labels, e.g.
+    :func:`fullres.data.layouts.dataset_labels`): then the predicted cases are scored, each of which must
+    have a label there; the dataset's other cases are left out.
+
     Raises ``UserError`` naming the folder or file for: a missing or empty folder, a case present in
     only one folder, a shape or affine mismatch, an unreadable or non-label file.
     """
-    pred_dir, label_dir = Path(pred_dir), Path(label_dir)
+    pred_dir = Path(pred_dir)
     preds = _nifti_files(pred_dir, "prediction")
-    labels = _nifti_files(label_dir, "label")
+    if isinstance(label_dir, Mapping):
+        absent = sorted(set(preds) - set(label_dir))
+        if absent:
+            raise UserError(f"prediction {preds[absent[0]]}: the dataset has no label for case {absent[0]}"
+                            + (f" (and {len(absent) - 1} more cases)" if len(absent) > 1 else ""))
+        labels = {case: Path(label_dir[case]) for case in preds}
+    else:
+        label_dir = Path(label_dir)
+        labels = _nifti_files(label_dir, "label")
     missing_label = sorted(set(preds) - set(labels))
     if missing_label:
         raise UserError(

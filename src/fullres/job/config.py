@@ -255,6 +255,10 @@ class TrainConfig:
     # augmentation of the training samples (fullres.data.augment); "none" for a run saved before it existed,
     # so such a run resumes as it trained (new runs take their preset's, fullres.presets)
     augment: str = "none"
+    # cross-validation: fold `fold` of `folds` (fullres.data.msd.fold_splits); folds 0 is the single seeded
+    # split by val_fraction (what a run saved before folds existed used)
+    folds: int = 0
+    fold: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -278,6 +282,12 @@ class TrainConfig:
             raise ValueError(f"--tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+        if self.folds == 1 or self.folds < 0:
+            raise ValueError(f"--folds must be at least 2, got {self.folds}")
+        if self.folds == 0 and self.fold != 0:
+            raise ValueError(f"--fold {self.fold} needs --folds K (K >= 2 cross-validation folds)")
+        if self.folds and not 0 <= self.fold < self.folds:
+            raise ValueError(f"--fold {self.fold} is out of range for --folds {self.folds} (0..{self.folds - 1})")
         if self.strategy_choice not in ("manual", "auto"):
             raise ValueError(f"strategy_choice must be manual or auto, got {self.strategy_choice!r}")
         if not self.data_dir:

@@ -9,6 +9,7 @@ header).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +22,16 @@ from torch import nn
 from fullres.cost.dryrun import dryrun_inference
 from fullres.cost.plan import check_spatial, refuse_process_count, slab_schedules
 from fullres.data.cache import load_case_image
-from fullres.data.layouts import MSD_REGIONS, apply_value_map, detect_layout, load_dataset, match_channels, value_map
+from fullres.data.layouts import (
+    MSD_REGIONS,
+    apply_value_map,
+    brats_case_spec,
+    is_dataset_folder,
+    load_case_folder,
+    load_dataset,
+    match_channels,
+    value_map,
+)
 from fullres.data.msd import DatasetIndex
 from fullres.data.nifti import NIFTI_SUFFIXES, case_id_from_path, write_nifti
 from fullres.data.preprocess import uncrop
@@ -87,34 +97,46 @@ class PredictInput:
     index: DatasetIndex | None = None
 
 
-def expand_inputs(inputs: list[str], layout: str | None = None) -> list[PredictInput]:
-    """NIfTI files as given; a folder: a dataset's test cases in any layout (MSD: dataset.json's test list;
-    nnU-Net: imagesTs/; BraTS: case folders without a seg file, or in test/), or else every NIfTI file in
-    it (a folder without a dataset contributes its imagesTs/ when it has one). `layout` forces the folders'."""
+CASE_CHOICES = ("test", "all")
+
+
+def expand_inputs(inputs: list[str], layout: str | None = None, cases: str = "test") -> list[PredictInput]:
+    """NIfTI files as given; a BraTS case folder (BraTS2021_00001/ with its modality files): that one case,
+    channels named by its files; a dataset folder in any layout: its test cases (MSD: dataset.json's test
+    list; nnU-Net: imagesTs/; BraTS: case folders without a seg file, or in test/), or with `cases` "all"
+    every case, training ones included; any other folder: every NIfTI file in it (its imagesTs/ when it has
+    one). `layout` forces the folders'. UserError in one line naming the input otherwise."""
+    if cases not in CASE_CHOICES:
+        raise UserError(f"--cases must be one of {', '.join(CASE_CHOICES)}, got {cases!r}")
     found_all: list[PredictInput] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            detected = layout or detect_layout(item)
-            if layout is not None or (item / "dataset.json").exists() or detected != "msd":
-                index = load_dataset(item, layout)
-                found = [PredictInput(case.case_id, case.image, index) for case in index.test]
-                if not found:
-                    raise UserError(f"{item}: no test cases to predict in this {index.layout} dataset folder"
-                                    + (" (case folders without a seg file, or in test/)"
-                                       if index.layout.startswith("brats") else ""))
-            else:
-                folder = item / "imagesTs" if (item / "imagesTs").is_dir() else item
-                found = [PredictInput(case_id_from_path(p), p) for p in sorted(folder.iterdir())
-                         if p.name.endswith(NIFTI_SUFFIXES)]
+        if item.is_dir() and brats_case_spec(item, layout) is not None:
+            index = load_case_folder(item, layout)
+            found = [PredictInput(case.case_id, case.image, index) for case in (*index.training, *index.test)]
+        elif is_dataset_folder(item, layout):
+            index = load_dataset(item, layout)
+            chosen = (*index.training, *index.test) if cases == "all" else index.test
+            found = [PredictInput(case.case_id, case.image, index) for case in chosen]
+            if not found:
+                raise UserError(f"{item}: no test cases to predict in this {index.layout} dataset folder"
+                                + (" (case folders without a seg file, or in test/)"
+                                   if index.layout.startswith("brats") else "")
+                                + ("; --cases all predicts its training cases too" if index.training else ""))
+        elif item.is_dir():
+            folder = item / "imagesTs" if (item / "imagesTs").is_dir() else item
+            found = [PredictInput(case_id_from_path(p), p) for p in sorted(folder.iterdir())
+                     if p.name.endswith(NIFTI_SUFFIXES)]
             if not found:
                 raise UserError(f"{item}: no NIfTI images to predict in this folder")
-            found_all.extend(found)
         elif item.name.endswith(NIFTI_SUFFIXES):
             if not item.exists():
                 raise UserError(f"{item}: no such file")
-            found_all.append(PredictInput(case_id_from_path(item), item))
+            found = [PredictInput(case_id_from_path(item), item)]
+        elif not item.exists():
+            raise UserError(f"{item}: no such file or folder")
         else:
             raise UserError(f"{item}: not a NIfTI file (.nii or .nii.gz) nor a folder")
+        found_all.extend(found)
     seen: dict[str, PredictInput] = {}
     names = {case.case_id for case in found_all}
     for case in found_all:  # with --probabilities, case "a_prob"'s mask would be case "a"'s probabilities
@@ -430,16 +452,17 @@ def check_output_folder(out: Path, cases: list[PredictInput], inputs: list[str],
 
 
 def load_input(case: PredictInput, config: TrainConfig, trained: DatasetIndex | None,
-               least: tuple[int, int, int] = (1, 1, 1)):
+               least: tuple[int, int, int] = (1, 1, 1), divisor: int | None = None):
     """One case read and preprocessed as the run expects: (image, box, source image). The image is the whole
     input, zero-padded to multiples of the network's divisor and to at least `least` (every voxel is
-    predicted, whatever the training shape). Raises UserError naming the file when it is unreadable, has
+    predicted, whatever the training shape; `divisor`: another multiple, e.g. one every network of an
+    ensemble takes). Raises UserError naming the file when it is unreadable, has
     the wrong channels or non-finite voxels."""
     data = config.data
     if case.index is not None and trained is not None and case.index.modalities != trained.modalities:
         data = replace(data, channels=match_channels(trained.modalities, data.channels, case.index.modalities))
     image, box, source = load_case_image(case.image, data, case_id=case.case_id,
-                                         divisor=spatial_divisor(config.job.model), least=least)
+                                         divisor=divisor or spatial_divisor(config.job.model), least=least)
     if not np.isfinite(image).all():  # a NaN would silently become an empty mask: count them in the file
         for path in (case.image if isinstance(case.image, tuple) else (case.image,)):
             raw = np.asanyarray(nib.load(path).dataobj)
@@ -458,12 +481,51 @@ def case_source(case: PredictInput, trained: DatasetIndex | None) -> tuple[Datas
     return source_index, source_index.regions if source_index is not None else dict(MSD_REGIONS)
 
 
+def ensemble_fields(predictor: Predictor) -> dict[str, object]:
+    """What the runs of an ensemble must agree on, by name: target, channels (by modality name where the
+    training dataset is readable), preprocessing, and for a classes target the label values."""
+    config, trained = predictor.config, training_dataset(predictor.config)
+    channels = [trained.modalities[c] if trained is not None and c < len(trained.modalities) else str(c)
+                for c in config.data.channels]
+    agreed = {"target": config.data.target, "channels": ",".join(channels),
+              "normalize": config.data.normalize}
+    if config.data.target == "classes":
+        agreed["labels"] = ",".join(map(str, sorted(trained.labels) if trained is not None else range(4)))
+    return agreed
+
+
+def check_ensemble(predictors: list[Predictor], names: list[Path]) -> None:
+    """Refuse, in one line naming the run and the field, runs that do not agree on what
+    :func:`ensemble_fields` lists: their probabilities would not mean the same thing."""
+    first = ensemble_fields(predictors[0])
+    for predictor, name in zip(predictors[1:], names[1:]):
+        other = ensemble_fields(predictor)
+        for field_name, value in first.items():
+            if other[field_name] != value:
+                raise UserError(f"--ensemble {name}: its {field_name} {other[field_name]} differs from {names[0]}'s "
+                                f"{value}; an ensemble averages runs with the same target, channels and "
+                                "preprocessing")
+
+
+def _lcm(values: list[int]) -> int:
+    out = 1
+    for value in values:
+        out = out * value // math.gcd(out, value)
+    return out
+
+
 def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device: torch.device,
                   probabilities: bool = False, progress: bool = True, log=print, layout: str | None = None,
                   overwrite: bool = False, engine: str = "torch", engine_file: Path | None = None,
                   memory: int | None = None, process: Process = Process(), spatial: int = 1,
-                  trust_code: bool = False) -> list[Path]:
+                  trust_code: bool = False, case_set: str = "test", ensemble: tuple[Path, ...] = (),
+                  selected: list[PredictInput] | None = None) -> list[Path]:
     """Predict every input, writing OUT/<case>.nii.gz (and OUT/<case>_prob.nii.gz). Returns the mask paths.
+
+    Inputs as :func:`expand_inputs` reads them (`case_set`: a dataset folder's "test" or "all" cases), or
+    `selected`, the cases themselves. `ensemble`: more runs (or checkpoints) whose probabilities are
+    averaged with the first's, each with its own inference plan; they must agree on target, channels and
+    preprocessing (:func:`check_ensemble`), and the masks follow the first run's training dataset.
 
     Nothing is written until every input has been read and checked (readable, the run's channels, finite,
     a shape the network takes), and each file is written atomically; `out` must not hold an input, and a
@@ -479,23 +541,45 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     volume is shared by its group's S processes (:func:`fullres.engine.spatial.forward_shards`, exact); the group's
     first process writes its masks, rank 0 prediction.json.
     """
-    from tqdm import tqdm
-
     if spatial > 1 and engine != "torch":
         raise UserError(f"--spatial {spatial} runs the PyTorch network (--engine torch), not {engine}")
+    if engine == "torch" and engine_file is not None:
+        raise UserError("--engine-file needs --engine onnx or openvino")
+    if ensemble and engine != "torch":
+        raise UserError(f"--ensemble averages PyTorch networks: use --engine torch, not {engine}")
     refuse_process_count(spatial, process.world)
-    cases = expand_inputs(inputs, layout)  # check every input before the first (long) prediction
-    check_output_folder(out, cases, inputs, probabilities, overwrite, Path(run_or_checkpoint))
-    predictor = load_predictor(run_or_checkpoint, device, trust_code)
+    # check every input before the first (long) prediction
+    cases = selected if selected is not None else expand_inputs(inputs, layout, case_set)
+    runs = [Path(run_or_checkpoint), *map(Path, ensemble)]
+    for run_path in runs:
+        check_output_folder(out, cases, inputs, probabilities, overwrite, run_path)
+    members = [load_predictor(run_path, device, trust_code) for run_path in runs]
+    check_ensemble(members, runs)
+    predictor = members[0]
     config = predictor.config
     trained = training_dataset(config)
     runner = None
+    if len(members) > 1:
+        fixes = [fixed_input_shape(member.config) for member in members]
+        found = [f for f in fixes if f is not None]
+        least = tuple(max(f[axis] for f in found) for axis in range(3)) if found else (1, 1, 1)
+        divisor = _lcm([spatial_divisor(member.config.job.model) for member in members])
+        shapes = [tuple(load_input(case, config, trained, least, divisor)[0].shape[1:]) for case in cases]
+        plans = {}
+        for shape in dict.fromkeys(shapes):
+            for k, member in enumerate(members):
+                check_divisible(member.config.job.model, shape)
+                plans[k, shape] = plan_inference(member.config, shape, device, memory, spatial, fixes[k])
+        if process.main:
+            log(f"predicting {len(cases)} case(s) with an ensemble of {len(members)} runs ("
+                + ", ".join(str(member.checkpoint) for member in members) + "), probabilities averaged; first run: "
+                + plans[0, shapes[0]].describe())
+        return _predict_cases(members, cases, out, device, trained, plans, least, divisor, probabilities, progress,
+                              process, spatial, engine, None)
     if engine != "torch":
         engine_file = Path(engine_file) if engine_file is not None else default_engine_file(run_or_checkpoint, engine)
         runner = open_engine(engine, engine_file, config, predictor.checkpoint)
         fixed = runner.spatial_shape
-    elif engine_file is not None:
-        raise UserError("--engine-file needs --engine onnx or openvino")
     else:
         fixed = fixed_input_shape(config)
     least = fixed or (1, 1, 1)
@@ -516,6 +600,19 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
             log(f"predicting {len(cases)} case(s) with {predictor.checkpoint} as {plans[shape].describe()}")
         elif process.main:
             log(f"{'x'.join(map(str, shape))} volumes: {plans[shape].describe()}")
+    return _predict_cases(members, cases, out, device, trained, {(0, shape): plan for shape, plan in plans.items()},
+                          least, None, probabilities, progress, process, spatial, engine, runner)
+
+
+def _predict_cases(members: list[Predictor], cases: list[PredictInput], out: Path, device: torch.device,
+                   trained: DatasetIndex | None, plans: dict, least: tuple[int, int, int], divisor: int | None,
+                   probabilities: bool, progress: bool, process: Process, spatial: int, engine: str,
+                   runner) -> list[Path]:
+    """The writing half of :func:`predict_files`: every case (this process's share) predicted by each
+    member (`plans[k, shape]`), their probabilities averaged, masks written, then prediction.json."""
+    from tqdm import tqdm
+
+    predictor, config = members[0], members[0].config
     space, data_rank, data_size = None, process.rank, process.world
     if process.world > 1:
         dist.barrier()  # every process has checked the inputs and the folder before any writes into it
@@ -527,12 +624,14 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     out.mkdir(parents=True, exist_ok=True)
     for case in tqdm(cases[data_rank::data_size], desc="predict", disable=not (progress and process.main)):
         source_index, regions = case_source(case, trained)
-        image, box, source = load_input(case, config, trained, least)
+        image, box, source = load_input(case, config, trained, least, divisor)
         shape = tuple(image.shape[1:])
         case_space = None if space is None else replace(space, height=shape[0])
-        probs = predict_volume(predictor, image, device, plan=plans[shape], engine=runner, space=case_space)
-        if probs is None:  # another process of the group writes this case
+        parts = [predict_volume(member, image, device, plan=plans[k, shape], engine=runner, space=case_space)
+                 for k, member in enumerate(members)]
+        if parts[0] is None:  # another process of the group writes this case
             continue
+        probs = parts[0] if len(parts) == 1 else (sum(parts) / len(parts)).astype(np.float32)
         same = trained is not None and source_index is not None and source_index.root == trained.root
         labels = output_labels(labels_from_probabilities(probs, config.data.target), config.data.target, trained,
                                regions, same or source_index is None)
@@ -553,6 +652,7 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
             region_sets.append(regions)
     written = output_paths(out, cases, probabilities=False)[:-1]  # the masks, every group's
     info = {"checkpoint": str(predictor.checkpoint), "target": config.data.target, "engine": engine,
+            **({"ensemble": [str(member.checkpoint) for member in members]} if len(members) > 1 else {}),
             "versions": versions(),
             "cases": [p.name for p in written],
             "layout": layouts.pop() if len(layouts) == 1 else "mixed"}

@@ -38,7 +38,8 @@ from fullres.cost.steptime import Variant, time_variant
 from fullres.cost.timing import fake_step_flops, reference_kernel_flops
 from fullres.data import load_dataset_json
 from fullres.data.check import check_dataset
-from fullres.data.msd import MSDDataset, resolve_channels, split_cases
+from fullres.data.layouts import BRATS
+from fullres.data.msd import MSDDataset, fold_splits, resolve_channels, split_cases
 from fullres.data.preprocess import DataConfig
 from fullres.data.synth import write_dataset
 from fullres.engine.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy
@@ -46,6 +47,9 @@ from fullres.engine.spatial import gather_rows, local_rows, mesh, reduce_gradien
 from fullres.data.augment import AugmentedDataset, EpochSampler
 from fullres.errors import UserError
 from fullres.evaluate.figures import figure7_overlay, training_curves
+from fullres.evaluate.lesions import DEFAULT_CHALLENGE
+from fullres.evaluate.metrics import evaluate_folders
+from fullres.evaluate.metrics import write_metrics_csv as write_validation_csv
 from fullres.files import atomic_write, write_json
 from fullres.job.config import JobConfig, Strategy, TrainConfig, job_defaults
 from fullres.job.step import autocast, build_training, to_device, train_step
@@ -70,9 +74,11 @@ from fullres.run.checkpoint import (
     prepare_run_dir,
     read_run_config,
     remove_stale_temporaries,
+    resolve_checkpoint,
     run_lock,
     save_checkpoint,
 )
+from fullres.run.predict import PredictInput, predict_files
 from fullres.run.tracking import open_tracker
 from fullres.run.trust import copy_factory_source, remember
 from fullres.run.versions import versions
@@ -134,7 +140,8 @@ def run(request: TrainRequest, log=print) -> dict:
     if main_process:
         tracked = {"tensorboard": ", tb/", "mlflow": ", MLflow run"}.get(config.tracker, "")
         log(f"done: validation Dice {last.get('val_dice', float('nan')):.3f} after {last.get('epoch', 0)} epochs; "
-            f"run in {run_dir}/ (config.json, metrics.csv, last.pt, best.pt, curves.png{tracked})")
+            f"run in {run_dir}/ (config.json, splits.json, metrics.csv, last.pt, best.pt, "
+            f"{'validation/, ' if (run_dir / VALIDATION_DIR / 'summary.json').exists() else ''}curves.png{tracked})")
     return last
 
 
@@ -165,7 +172,7 @@ def _run_values(config: TrainConfig) -> dict:
             "dropout": job.model.dropout, "norm": job.model.norm, "lr": config.lr, "loss": config.loss,
             "schedule": config.schedule, "seed": config.seed, "val_fraction": config.val_fraction,
             "device": config.device, "threads": config.threads, "workers": config.workers, "tracker": config.tracker,
-            "augment": config.augment,
+            "augment": config.augment, "folds": config.folds or None, "fold": config.fold if config.folds else None,
             **{spec.name: getattr(job.strategy, spec.name) for spec in fields(Strategy)}}
 
 
@@ -251,7 +258,11 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
     refuse_spatial(job, request.spatial, world)
     if request.spatial > 1 and request.strategy == "auto":
         raise UserError(f"--spatial {request.spatial}: give the strategy (--strategy auto does not plan per process yet)")
-    train_cases = len(split_cases(index.training, options["val_fraction"], options["seed"])[0])
+    folds, fold = options.get("folds") or 0, options.get("fold") or 0
+    if folds:
+        train_cases = len(fold_splits([case.case_id for case in index.training], folds, options["seed"])[fold]["train"])
+    else:
+        train_cases = len(split_cases(index.training, options["val_fraction"], options["seed"])[0])
     global_batch = job.effective_batch * (world // request.spatial)
     if train_cases < global_batch:
         raise UserError(f"{train_cases} training cases are fewer than one global batch of {global_batch} "
@@ -302,7 +313,7 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
             threads=options["threads"], workers=options["workers"], schedule=options["schedule"],
             strategy_choice="auto" if request.strategy == "auto" and not request.force else "manual",
             layout=index.layout, tracker=options.get("tracker") or "tensorboard",
-            augment=options.get("augment") or defaults["augment"])
+            augment=options.get("augment") or defaults["augment"], folds=folds, fold=fold)
     except ValueError as error:
         raise UserError(str(error)) from None
     return config
@@ -485,7 +496,10 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
             raise UserError(f"{run_dir / LAST}: does not fit the run's configuration in config.json ({detail})") from None
         if process.main:
             log(f"resuming after epoch {start_epoch} of {config.epochs} from {run_dir / 'last.pt'}")
-    if process.main:  # once the run's state is accepted: a refused resume changes nothing
+    index = load_dataset_json(Path(config.data_dir), config.layout)
+    splits = run_splits(config, index)
+    record_splits(run_dir, splits, config, write=process.main)  # every process refuses a changed split alike
+    if process.main:  # once the run's state and split are accepted: a refused resume changes nothing
         record_versions(run_dir, resumed=start_epoch > 0)
     network = model
     if space is not None:
@@ -494,8 +508,9 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
         network = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    index = load_dataset_json(Path(config.data_dir), config.layout)
-    train_cases, val_cases = split_cases(index.training, config.val_fraction, config.seed)
+    by_id = {case.case_id: case for case in index.training}
+    split = splits[config.fold]
+    train_cases, val_cases = [by_id[c] for c in split["train"]], [by_id[c] for c in split["val"]]
     train_set = MSDDataset.from_index(index, config.data, train_cases)
     val_set = MSDDataset.from_index(index, config.data, val_cases)
     global_batch = job.effective_batch * data_size
@@ -587,11 +602,78 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
             dist.barrier()
     if len(val_set) and (process.main or space is not None):
         draw_validation_overlays(model, val_set, config, run_dir, device, space=space, draw=process.main)
+    if len(val_set) and process.main:
+        try:
+            validate_run(config, run_dir, index, val_cases, device, log, progress)
+        except UserError as error:  # the trained run stands; `fullres predict` and `evaluate` can redo this
+            log(f"warning: validation summary not written: {error}")
+    if process.world > 1:
+        dist.barrier()  # the others wait while the main process predicts and scores the validation cases
     if tracker is not None:
         training_curves(run_dir / "metrics.csv", run_dir / "curves.png")
         tracker.finish([run_dir / CONFIG_FILE, run_dir / "metrics.csv", run_dir / "curves.png",
                         *sorted(run_dir.glob("overlay_*.png"))])
     return row
+
+
+SPLITS_FILE = "splits.json"
+VALIDATION_DIR = "validation"
+
+
+def run_splits(config: TrainConfig, index) -> list[dict[str, list[str]]]:
+    """The run's splits, nnU-Net style [{"train": [case ids], "val": [case ids]}, ...]: its K folds
+    (:func:`fullres.data.msd.fold_splits`), or with folds 0 the one seeded split by val_fraction."""
+    if config.folds:
+        return fold_splits([case.case_id for case in index.training], config.folds, config.seed)
+    train_cases, val_cases = split_cases(index.training, config.val_fraction, config.seed)
+    return [{"train": [case.case_id for case in train_cases], "val": [case.case_id for case in val_cases]}]
+
+
+def record_splits(run_dir: Path, splits: list[dict], config: TrainConfig, write: bool = True) -> None:
+    """RUN/splits.json: written (if `write`) when missing (a new run, or one from before splits were
+    recorded); when present it must equal `splits`, else UserError (the dataset's cases changed since the
+    run started)."""
+    path = run_dir / SPLITS_FILE
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError) as error:
+            raise UserError(f"{path}: unreadable ({error}); it records the run's split") from None
+        if recorded != splits:
+            raise UserError(f"{path}: the split of {config.data_dir} differs from the one this run trained with "
+                            "(its training cases changed); restore the dataset, or start a new run")
+        return
+    if write:
+        write_json(path, splits)
+
+
+def validate_run(config: TrainConfig, run_dir: Path, index, val_cases: list, device: torch.device, log=print,
+                 progress: bool = False) -> dict:
+    """The run's validation cases predicted with its best checkpoint (as `fullres predict` would, every voxel,
+    in the dataset's layout) into RUN/validation/, scored against their labels (Dice, NSD, HD95 per region;
+    lesion-wise too for BraTS folders) into RUN/validation/summary.json: the split, the checkpoint, each
+    case's scores and the mean and std over the cases. Returns that summary."""
+    out = run_dir / VALIDATION_DIR
+    selected = [PredictInput(case.case_id, case.image, index) for case in val_cases]
+    # trust_code: this process trained the network, so its code is the user's own
+    predict_files(run_dir, [], out, device, progress=progress, log=log, overwrite=True, trust_code=True,
+                  selected=selected)
+    lesion_rule = DEFAULT_CHALLENGE if index.layout in BRATS else None
+    result = evaluate_folders(out, {case.case_id: Path(case.label) for case in val_cases}, regions=index.regions,
+                              pred_is_binary_wt=config.data.target == "wt", lesion_rule=lesion_rule)
+    summary = {"folds": config.folds, "fold": config.fold, "checkpoint": str(resolve_checkpoint(run_dir).name),
+               "layout": index.layout, "regions": {name: list(values) for name, values in index.regions.items()},
+               "lesion_wise": lesion_rule, "cases": result["cases"],
+               "mean": {region: {metric: values["mean"] for metric, values in metrics.items()}
+                        for region, metrics in result["summary"].items()},
+               "std": {region: {metric: values["std"] for metric, values in metrics.items()}
+                       for region, metrics in result["summary"].items()}}
+    write_json(out / "summary.json", summary)
+    write_validation_csv(result, out / "metrics.csv")
+    log(f"validation: {len(val_cases)} case(s) predicted into {out}/, mean Dice "
+        + ", ".join(f"{region} {metrics['dice']:.3f}" for region, metrics in summary["mean"].items())
+        + " (summary.json)")
+    return summary
 
 
 def _spatial_group(job: JobConfig, spatial: int, process: Process, device: torch.device):
