@@ -149,21 +149,18 @@ def load_case_image(path, config: DataConfig, cache_dir: Path | None = None, cas
     Put the network output back with `uncrop(prediction, box)`.
     """
     files = _files(path)
-    if divisor is not None:
-        raw, source = read_image_channels_first(path)
-        require_channels(raw, config, files[0])
-        image, box = preprocess_image(raw, replace(config, shape=covering_shape(raw.shape[1:], divisor, least)))
-        return image, box, source
-    if cache_dir is not None:
+    paths = None
+    if cache_dir is not None and divisor is None:  # a whole image's shape is known only once it is read
         paths = entry_paths(Path(cache_dir), _case_id(path, case_id), cache_key(files, config))
         cached = read_entry(paths, with_label=False)
         if cached is not None:
             image, _, box = cached
             return np.array(image), box, open_nifti(files[0])
     raw, source = read_image_channels_first(path)
-    path = files[0]
-    require_channels(raw, config, path)
+    require_channels(raw, config, files[0])
+    if divisor is not None:
+        config = replace(config, shape=covering_shape(raw.shape[1:], divisor, least))
     image, box = preprocess_image(raw, config)
-    if cache_dir is not None:
+    if paths is not None:
         write_entry(paths, image, None, box)
     return image, box, source

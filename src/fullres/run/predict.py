@@ -238,6 +238,14 @@ def inference_need(config: TrainConfig, shape: tuple[int, int, int], device: tor
         raise UserError(str(error)) from None
 
 
+def windows_need(config: TrainConfig, shape: tuple[int, int, int], window: tuple[int, int, int],
+                 device: torch.device) -> int:
+    """Sliding windows of `window` over a volume of `shape`: one window's dry-run inference peak, plus MONAI's
+    blending buffers (output and count maps of the whole volume) and the window's input copy, fp32."""
+    blending = (config.job.model.classes + 1) * 4 * int(np.prod(shape))
+    return inference_need(config, window, device) + blending + 4 * int(np.prod(window))
+
+
 def _smaller_window(window: tuple[int, ...], divisor: int, smallest: int) -> tuple[int, ...] | None:
     """`window` with its largest axis halved (down to a multiple of the divisor, not below `smallest`);
     None when no axis can shrink."""
@@ -284,8 +292,7 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
         if spatial > 1:
             raise UserError(f"--spatial {spatial}: {model.architecture} takes only {'x'.join(map(str, fixed))} "
                             "inputs, so a volume cannot be shared; predict without --spatial")
-        blending = (model.classes + 1) * 4 * int(np.prod(shape))  # MONAI's output and count maps, fp32
-        need = inference_need(config, fixed, device) + blending + 4 * int(np.prod(fixed))
+        need = windows_need(config, shape, fixed, device)
         return InferencePlan("sliding", need, budget, f"{model.architecture} takes only its training shape; "
                              f"~{format_bytes(need)} of {have} (dry run)", window=tuple(fixed))
     if spatial > 1:
@@ -325,7 +332,6 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
         why_not += f", and slabs ~{format_bytes(best)} at least"
     divisor = spatial_divisor(model)
     window, need = shape, whole
-    blending = (model.classes + 1) * 4 * int(np.prod(shape))  # MONAI's output and count maps, fp32
     while True:
         smaller = _smaller_window(window, divisor, min(2 * divisor, *shape))
         if smaller is None:
@@ -333,7 +339,7 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
                                  f"{'x'.join(map(str, window))}, needs ~{format_bytes(need)}): trying it anyway",
                                  window=window)
         window = smaller
-        need = inference_need(config, window, device) + blending + 4 * int(np.prod(window))
+        need = windows_need(config, shape, window, device)
         if need <= budget:
             return InferencePlan("sliding", need, budget, f"{why_not}; windows need ~{format_bytes(need)} "
                                  "(dry run, with the blending buffers)", window=window)
