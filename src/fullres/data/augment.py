@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from fullres.data.preprocess import sample_crop_box
+
 AUGMENTATIONS = ("none", "light", "default")
 KEYS = ("image", "label")
 
@@ -97,13 +99,18 @@ def augment(image: Any, target: Any, preset: str, seed: int, transform=None) -> 
 
 
 class AugmentedDataset(Dataset):
-    """`dataset`'s samples augmented by `preset`, indexed by (epoch, index): the seed of each is
-    :func:`sample_seed` (`seed`, epoch, index), so a sample depends on nothing a worker holds. Feed it from
-    an :class:`EpochSampler`."""
+    """`dataset`'s samples cut to the training window and augmented by `preset`, indexed by (epoch, index):
+    the seed of each is :func:`sample_seed` (`seed`, epoch, index), so a sample depends on nothing a worker
+    holds. Feed it from an :class:`EpochSampler`.
 
-    def __init__(self, dataset: Dataset, preset: str, seed: int) -> None:
+    `window` (H, W, D): a sample larger than it along any axis is cut to it first by
+    :func:`fullres.data.preprocess.sample_crop_box` (a random window, a third of them centred on a
+    foreground voxel of the target), from a random stream of its own; None = samples are used whole."""
+
+    def __init__(self, dataset: Dataset, preset: str, seed: int, window: tuple[int, int, int] | None = None) -> None:
         build_augmentation(preset, (1, 1, 1))  # an unknown preset fails here, not in a worker
         self.dataset, self.preset, self.seed = dataset, preset, seed
+        self.window = None if window is None else tuple(int(w) for w in window)
         self._transforms: dict = {}  # per shape, built in the process that uses them
 
     def __len__(self) -> int:
@@ -112,10 +119,16 @@ class AugmentedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         image, target = self.dataset[index]
+        seed = sample_seed(self.seed, epoch, index)
         shape = tuple(image.shape[-3:])
+        if self.window is not None and shape != self.window:
+            foreground = (target > 0) if target.ndim == 3 else (target > 0).any(0)
+            box = sample_crop_box(shape, np.asarray(foreground), self.window, np.random.default_rng([seed, 1]))
+            image, target = image[(...,) + box].contiguous(), target[(...,) + box].contiguous()
+            shape = self.window
         if shape not in self._transforms:
             self._transforms[shape] = build_augmentation(self.preset, shape)
-        return augment(image, target, self.preset, sample_seed(self.seed, epoch, index), self._transforms[shape])
+        return augment(image, target, self.preset, seed, self._transforms[shape])
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_transforms": {}}  # workers build their own

@@ -5,7 +5,7 @@ An entry is three files in the cache folder, named `<case_id>.<key>.*`:
   .label.npy  uint8 (H, W, D), cropped the same way (training cases only)
   .box.json   the CropBox; written last, so its presence marks a complete entry
 The key hashes the source files' absolute paths, sizes and mtimes, the options that shape the stored
-arrays (channels, shape, normalize) and CACHE_FORMAT_VERSION: touching a source file or changing an
+arrays (channels, shape, normalize, spacing, CT statistics, crop) and CACHE_FORMAT_VERSION: touching a source file or changing an
 option makes a new entry. (The target is computed from the stored label at load time, so switching
 between wt / regions / classes reuses the same entry.) Old entries are left in place; delete the
 folder to reclaim the space.
@@ -23,8 +23,9 @@ import nibabel as nib
 import numpy as np
 
 from fullres.files import atomic_write, write_bytes_atomically
-from fullres.data.nifti import case_id_from_path, open_nifti, read_image_channels_first, read_label
-from fullres.data.preprocess import CropBox, DataConfig, covering_shape, crop_or_pad, preprocess_image
+from fullres.data.nifti import case_id_from_path, open_nifti, read_image_channels_first, read_label, voxel_spacing
+from fullres.data.preprocess import (CropBox, DataConfig, covering_shape, crop_or_pad, needs_resampling,
+                                     preprocess_image, resample, resampled_shape)
 from fullres.errors import UserError
 
 CACHE_FORMAT_VERSION = 1
@@ -57,6 +58,10 @@ def source_fingerprint(path: Path) -> list:
 def cache_key(sources: list[Path], config: DataConfig) -> str:
     """Hex digest of the sources' fingerprints, the array-shaping options and the cache format version."""
     options = {"channels": list(config.channels), "shape": list(config.shape), "normalize": config.normalize}
+    json_form = config.to_json()
+    for name, default in (("spacing", None), ("ct", []), ("crop", "center")):  # only where set: older keys hold
+        if json_form[name] != default:
+            options[name] = json_form[name]
     payload = {"version": CACHE_FORMAT_VERSION, "options": options,
                "sources": [source_fingerprint(Path(p)) for p in sources]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -108,16 +113,28 @@ def _case_id(image, case_id: str | None) -> str:
     return case_id_from_path(_files(image)[0])
 
 
+def resampled_grid(shape: tuple[int, ...], spacing: tuple[float, ...], config: DataConfig) -> tuple[int, ...]:
+    """The voxel grid an image of `shape` at `spacing` has once resampled to `config.spacing`."""
+    return resampled_shape(shape, spacing, config.spacing) if needs_resampling(spacing, config.spacing) else tuple(shape)
+
+
 def preprocess_training_case(image_path, label_path: Path, config: DataConfig) -> tuple[np.ndarray, np.ndarray, CropBox]:
-    """Read and preprocess one case from its NIfTI files: image (C, H, W, D) float32, label (H, W, D) uint8.
-    `image_path`: one 4D file, or the per-channel 3D files."""
-    image, _ = read_image_channels_first(image_path)
+    """Read and preprocess one case from its NIfTI files: image (C, H, W, D) float32, label (H, W, D) uint8,
+    both resampled to `config.spacing` (the label by nearest voxel). `image_path`: one 4D file, or the
+    per-channel 3D files. With `config.crop` "foreground" the whole (resampled) image is kept, padded to at
+    least `config.shape`, for the training sampler to cut a random window from; else the centred window."""
+    image, source = read_image_channels_first(image_path)
     image_path = _files(image_path)[0]
     require_channels(image, config, image_path)
     label = read_label(label_path)
     if label.shape != image.shape[1:]:
         raise UserError(f"{label_path}: label shape {label.shape} != image spatial shape {image.shape[1:]} ({image_path})")
-    processed, box = preprocess_image(image, config)
+    spacing = voxel_spacing(source)
+    grid = resampled_grid(image.shape[1:], spacing, config)
+    label = resample(label, grid, labels=True)
+    if config.crop == "foreground":
+        config = replace(config, shape=covering_shape(grid, 1, config.shape))
+    processed, box = preprocess_image(image, config, spacing)
     return processed, crop_or_pad(label, box), box
 
 
@@ -145,8 +162,10 @@ def load_case_image(path, config: DataConfig, cache_dir: Path | None = None, cas
     writing the prediction; its voxels are not kept). `path`: one file, or the per-channel 3D files.
     With `divisor`: the whole image, zero-padded to multiples of `divisor` and to at least `least`
     (:func:`covering_shape`), instead of the crop to `config.shape`; nothing is cropped.
+    The image is resampled to `config.spacing` first (where its own spacing differs).
 
-    Put the network output back with `uncrop(prediction, box)`.
+    Put the network output back with `uncrop(prediction, box)` (on the resampled grid, `box.original_shape`),
+    then `resample(..., source.shape[:3])` to the input's own grid.
     """
     files = _files(path)
     paths = None
@@ -158,9 +177,10 @@ def load_case_image(path, config: DataConfig, cache_dir: Path | None = None, cas
             return np.array(image), box, open_nifti(files[0])
     raw, source = read_image_channels_first(path)
     require_channels(raw, config, files[0])
+    spacing = voxel_spacing(source)
     if divisor is not None:
-        config = replace(config, shape=covering_shape(raw.shape[1:], divisor, least))
-    image, box = preprocess_image(raw, config)
+        config = replace(config, shape=covering_shape(resampled_grid(raw.shape[1:], spacing, config), divisor, least))
+    image, box = preprocess_image(raw, config, spacing)
     if paths is not None:
         write_entry(paths, image, None, box)
     return image, box, source

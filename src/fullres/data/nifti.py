@@ -114,6 +114,11 @@ def _read_channel_files(paths: list[Path]) -> tuple[np.ndarray, nib.Nifti1Image]
     return np.stack(channels), first
 
 
+def voxel_spacing(image: nib.Nifti1Image) -> tuple[float, float, float]:
+    """The voxel size of `image` along its first three axes (H, W, D), in the header's units (mm)."""
+    return tuple(float(z) for z in image.header.get_zooms()[:3])
+
+
 def read_label(path: Path) -> np.ndarray:
     """A 3D label volume as uint8 (values 0-255; anything else is a UserError)."""
     data = read_array(open_nifti(path), path)
