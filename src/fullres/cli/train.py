@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--val-fraction and --folds both choose the validation cases: give one")
     options = {name: getattr(args, name) for name in (*JOB_FLAGS, "epochs", "lr", "loss", "schedule", "seed",
                                                        "val_fraction", "device", "threads", "workers", "tracker",
-                                                       "augment", "folds", "fold")}
+                                                       "augment", "folds", "fold", "spacing", "crop")}
     train(TrainRequest(out=Path(args.out), data=Path(args.data) if args.data is not None else None, options=options,
                      make_job=job_from_options, strategy=args.strategy, memory=args.memory, force=args.force,
                      autotune=not args.no_autotune, resume=args.resume, progress=not args.quiet, layout=args.layout,
@@ -78,6 +78,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment", choices=("none", "light", "default"), default=None,
                         help="augmentation of the training samples: none (the paper's job), light (flips, intensity), "
                              "default (also affine, elastic, axial 90-degree rotations; the demo's)")
+    parser.add_argument("--spacing", nargs="+", default=None, metavar="auto|none|X Y Z",
+                        help="voxel spacing (mm) every image is resampled to for training, and each prediction back "
+                             "from: auto (default: the training images' median spacing, as nnU-Net), none (the paper's: "
+                             "as stored), or three sizes; --shape counts voxels at this spacing")
+    parser.add_argument("--crop", choices=("foreground", "center"), default=None,
+                        help="training images larger than --shape: foreground (default: a random window per sample, a "
+                             "third centred on a foreground voxel) or center (the paper's: one window on the brain)")
     parser.add_argument("--tracker", choices=("tensorboard", "mlflow", "none"), default=None,
                         help="where metrics, configuration and figures go besides the run folder: tensorboard "
                              "(default, RUN/tb), mlflow ($MLFLOW_TRACKING_URI or RUN/mlruns), none")

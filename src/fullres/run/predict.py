@@ -34,7 +34,7 @@ from fullres.data.layouts import (
 )
 from fullres.data.msd import DatasetIndex
 from fullres.data.nifti import NIFTI_SUFFIXES, case_id_from_path, write_nifti
-from fullres.data.preprocess import uncrop
+from fullres.data.preprocess import resample, uncrop
 from fullres.engine.losses import primary_output
 from fullres.engine.spatial import gather_rows, local_rows, mesh, space_of
 from fullres.errors import UserError
@@ -494,7 +494,9 @@ def ensemble_fields(predictor: Predictor) -> dict[str, object]:
     channels = [trained.modalities[c] if trained is not None and c < len(trained.modalities) else str(c)
                 for c in config.data.channels]
     agreed = {"target": config.data.target, "channels": ",".join(channels),
-              "normalize": config.data.normalize}
+              "normalize": config.data.normalize,
+              "spacing": "none" if config.data.spacing is None else " x ".join(f"{s:g}" for s in config.data.spacing),
+              "CT statistics": json.dumps(config.data.to_json()["ct"])}
     if config.data.target == "classes":
         agreed["labels"] = ",".join(map(str, sorted(trained.labels) if trained is not None else range(4)))
     return agreed
@@ -638,14 +640,15 @@ def _predict_cases(members: list[Predictor], cases: list[PredictInput], out: Pat
         if parts[0] is None:  # another process of the group writes this case
             continue
         probs = parts[0] if len(parts) == 1 else (sum(parts) / len(parts)).astype(np.float32)
+        # back on the input's own grid: out of the padding, then from the training spacing (trilinear)
+        probs = resample(uncrop(probs, box), tuple(source.shape[:3]))
         same = trained is not None and source_index is not None and source_index.root == trained.root
         labels = output_labels(labels_from_probabilities(probs, config.data.target), config.data.target, trained,
                                regions, same or source_index is None)
-        labels = uncrop(labels, box)
         mask_path = out / f"{case.case_id}.nii.gz"
         write_nifti(mask_path, labels, source.affine, source.header)
         if probabilities:
-            restored = np.stack([uncrop(p, box) for p in probs], axis=-1).astype(np.float32)
+            restored = np.moveaxis(probs, 0, -1).astype(np.float32)
             write_nifti(out / f"{case.case_id}_prob.nii.gz", restored if restored.shape[-1] > 1 else restored[..., 0],
                         source.affine, source.header)
     if process.world > 1:

@@ -40,6 +40,7 @@ from fullres.data import load_dataset_json
 from fullres.data.check import check_dataset
 from fullres.data.layouts import BRATS
 from fullres.data.msd import MSDDataset, fold_splits, resolve_channels, split_cases
+from fullres.data.fingerprint import ct_statistics, resolve_spacing
 from fullres.data.preprocess import DataConfig
 from fullres.data.synth import write_dataset
 from fullres.engine.losses import LOSSES, dice_coefficient, primary_output, voxel_accuracy
@@ -173,6 +174,7 @@ def _run_values(config: TrainConfig) -> dict:
             "schedule": config.schedule, "seed": config.seed, "val_fraction": config.val_fraction,
             "device": config.device, "threads": config.threads, "workers": config.workers, "tracker": config.tracker,
             "augment": config.augment, "folds": config.folds or None, "fold": config.fold if config.folds else None,
+            "crop": config.data.crop,
             **{spec.name: getattr(job.strategy, spec.name) for spec in fields(Strategy)}}
 
 
@@ -189,6 +191,11 @@ def _resumed_config(request: TrainRequest, config: TrainConfig, main_process: bo
         index = load_dataset_json(Path(config.data_dir), config.layout)
         if resolve_channels(given.pop("channels"), index.modalities) != tuple(config.data.channels):
             raise UserError(f"--resume: --channels differs from the run's channels {list(config.data.channels)}")
+    if "spacing" in given:
+        spacing = resolve_spacing(given.pop("spacing"), load_dataset_json(Path(config.data_dir), config.layout))
+        if spacing != config.data.spacing:
+            raise UserError(f"--resume: --spacing {spacing or 'none'} differs from the run's "
+                            f"{config.data.spacing or 'none'} (config.json); resume without it, or start a new run")
     values = _run_values(config)
     if given.get("model_args"):
         try:
@@ -252,6 +259,8 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
     refuse_bad_data(data_dir, request.layout)
     index = load_dataset_json(data_dir, request.layout)
     channels = resolve_channels(options["channels"], index.modalities)
+    spacing_spec = options.get("spacing") or defaults["spacing"]
+    spacing = resolve_spacing([spacing_spec] if isinstance(spacing_spec, str) else spacing_spec, index)
     classes = len(index.labels) if options["target"] == "classes" else None
     job = request.make_job(options, len(channels), classes)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -305,9 +314,16 @@ def _configure_new_run(request: TrainRequest, main_process: bool, log) -> TrainC
             log(choice)
     if main_process and (warning := reference_kernel_warning(job, device)):
         log(warning)
+    ct = ct_statistics(index, channels)  # read every training case: only where a used channel is CT
+    if main_process and (spacing is not None or ct):
+        log("preprocessing: " + "; ".join(
+            ([f"resampled to {' x '.join(f'{s:g}' for s in spacing)} mm"] if spacing is not None else [])
+            + [f"{index.modalities[c]} clipped to [{stats[0]:g}, {stats[1]:g}], mean {stats[2]:g}, std {stats[3]:g}"
+               for c, stats in zip(channels, ct) if stats is not None]))
     try:
         config = TrainConfig(
-            job=job, data=DataConfig(channels=channels, target=options["target"], shape=tuple(options["shape"])),
+            job=job, data=DataConfig(channels=channels, target=options["target"], shape=tuple(options["shape"]),
+                                     spacing=spacing, ct=ct, crop=options.get("crop") or defaults["crop"]),
             data_dir=str(data_dir), epochs=options["epochs"], lr=options["lr"], loss=options["loss"],
             seed=options["seed"], val_fraction=options["val_fraction"], device=options["device"],
             threads=options["threads"], workers=options["workers"], schedule=options["schedule"],
@@ -474,6 +490,9 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
         log(f"job: {job.describe()} (global batch {job.effective_batch * data_size}, {processes}, {device})")
         if config.augment != "none":
             log(f"augmentation: {config.augment} (MONAI, in the data workers; seeded by seed, epoch and case)")
+        if config.data.crop == "foreground":
+            log("training windows: random, a third centred on a foreground voxel (where an image is larger than "
+                "--shape)")
 
     set_training_malloc_policy(job.strategy, device=device.type)
     allocator_line = policy_line(job.strategy, device.type)
@@ -512,7 +531,7 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
     split = splits[config.fold]
     train_cases, val_cases = [by_id[c] for c in split["train"]], [by_id[c] for c in split["val"]]
     train_set = MSDDataset.from_index(index, config.data, train_cases)
-    val_set = MSDDataset.from_index(index, config.data, val_cases)
+    val_set = MSDDataset.from_index(index, replace(config.data, crop="center"), val_cases)  # the job's shape
     global_batch = job.effective_batch * data_size
     if len(train_set) < global_batch:
         raise UserError(f"{len(train_set)} training cases are fewer than one global batch of {global_batch}")
@@ -520,8 +539,10 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
     # N processes with batch b see exactly the samples one process with batch N x b sees.
     sampler = DistributedSampler(train_set, num_replicas=data_size, rank=data_rank, shuffle=True,
                                  seed=config.seed, drop_last=True)
-    if config.augment != "none":  # each sample's augmentation: a function of (seed, epoch, case index) alone
-        train_set, sampler = AugmentedDataset(train_set, config.augment, config.seed), EpochSampler(sampler)
+    if config.augment != "none" or config.data.crop == "foreground":
+        # each sample's window and augmentation: a function of (seed, epoch, case index) alone
+        train_set = AugmentedDataset(train_set, config.augment, config.seed, window=tuple(job.shape))
+        sampler = EpochSampler(sampler)
     loader = DataLoader(train_set, batch_size=job.effective_batch, sampler=sampler, drop_last=True,
                         num_workers=config.workers, pin_memory=device.type == "cuda",
                         persistent_workers=config.workers > 0)
