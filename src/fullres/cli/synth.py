@@ -19,7 +19,7 @@ def add_parser(commands) -> None:
     synth.add_argument("--shape", nargs=3, type=positive_int, default=[240, 240, 155], metavar=("H", "W", "D"),
                        help="volume size (default 240 240 155, like BraTS); for --kind ct the grid at the median "
                             "spacing 0.8 0.8 2.5 mm: each case has round(H*0.8/sx) x round(W*0.8/sy) x "
-                            "round(D*2.5/sz) voxels at its own spacing sx sy sz")
+                            "round(D*2.5/sz) voxels (at least 8) at its own spacing sx sy sz")
     synth.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     synth.add_argument("--kind", choices=("brats", "random", "ct"), default="brats",
                        help="brats: BraTS-like phantoms; random: the paper's random-valued inputs (Table 2); "

@@ -299,6 +299,7 @@ def ct_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> CTPhant
     candidates = np.flatnonzero(soft)
     spacing_mm = np.array(spacing)
     largest = max(0.15 * float(fov[:2].min()), CT_MIN_LESION_RADIUS)
+    tissue_hu = hu.copy()  # lesions shift this, so overlapping lesions never add up their contrasts
     for _ in range(int(rng.integers(1, 4))):
         voxel = np.array(np.unravel_index(candidates[rng.integers(candidates.size)], grid_shape))
         lesion_centre = (voxel - (np.array(grid_shape) - 1) / 2 + rng.uniform(-0.45, 0.45, 3)) * spacing_mm
@@ -310,7 +311,7 @@ def ct_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> CTPhant
         distance = _ellipsoid_radius(_local_grid(grid, box), lesion_centre, semi_axes) \
             * (1 + 0.15 * np.clip(smooth_field(rng, box_shape, 4), -2, 2))
         lesion = (distance < 1) & soft[box]
-        hu[box][lesion] += (1 if rng.random() < 0.5 else -1) * rng.uniform(30, 60)
+        hu[box][lesion] = tissue_hu[box][lesion] + (1 if rng.random() < 0.5 else -1) * rng.uniform(30, 60)
         label[box][lesion] = 1
 
     hu = ndimage.gaussian_filter(hu, sigma=(0.5, 0.5, 0.3), truncate=2.0)
