@@ -264,8 +264,8 @@ def ct_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> CTPhant
     grid_shape = ct_grid_shape(shape, spacing)
     fov = np.array(shape, dtype=np.float64) * CT_MEDIAN_SPACING  # mm
     # Voxel centres in mm from the centre of the field of view.
-    grid = tuple(((np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(s)).reshape([-1 if a == i else 1 for a in range(3)])
-                 for i, (n, s) in enumerate(zip(grid_shape, spacing)))
+    grid = tuple(((np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(s))
+                 .reshape([-1 if a == i else 1 for a in range(3)]) for i, (n, s) in enumerate(zip(grid_shape, spacing)))
 
     # Body: an elliptical cylinder along axis 2, wider along axis 0, its outline gently deformed.
     centre = rng.uniform(-0.03, 0.03, 2) * fov[:2]
@@ -279,7 +279,7 @@ def ct_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> CTPhant
     hu[body] = FAT_HU + 10 * smooth_field(rng, grid_shape, 6)[body]
     hu[inner] = TISSUE_HU + 10 * smooth_field(rng, grid_shape, 5)[inner]
 
-    # Ribs: a band inside the fat, broken around the body and along the slices.
+    # Ribs: a band just inside the fat, broken around the body and along the slices.
     angle = np.arctan2(v, u)
     rib_r = rng.uniform(0.8, 0.86)
     ribs = inner & (body_r > rib_r) & (body_r < rib_r + 0.07) \
@@ -299,7 +299,7 @@ def ct_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> CTPhant
     candidates = np.flatnonzero(soft)
     spacing_mm = np.array(spacing)
     largest = max(0.15 * float(fov[:2].min()), CT_MIN_LESION_RADIUS)
-    tissue_hu = hu.copy()  # lesions shift this, so overlapping lesions never add up their contrasts
+    tissue_hu = hu.copy()  # before any lesion: overlapping lesions never add up their contrasts
     for _ in range(int(rng.integers(1, 4))):
         voxel = np.array(np.unravel_index(candidates[rng.integers(candidates.size)], grid_shape))
         lesion_centre = (voxel - (np.array(grid_shape) - 1) / 2 + rng.uniform(-0.45, 0.45, 3)) * spacing_mm
