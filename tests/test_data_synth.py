@@ -139,3 +139,25 @@ def test_bad_options(tmp_path, kwargs, match):
     options = {"train_cases": 1, "shape": (16, 16, 16), "progress": False} | kwargs
     with pytest.raises(UserError, match=match):
         write_dataset(tmp_path / "out", **options)
+
+
+# sha256 over (relative path, uncompressed NIfTI bytes) of every case file, written before the ct kind
+# existed: adding kinds must not change a brats or random dataset (gzip is left out: zlib may vary).
+GOLDEN = {
+    ("brats", "msd"): "25545cd2d7928869c8088e56886d9cae917b4d80cc47fc7e81a44e8cbb3d8e5b",
+    ("brats", "nnunet"): "4f7f047f9393801b2902f7779176de97dd66aebbce49839a6e9c04a03401d3b6",
+    ("random", "msd"): "092fca347321e34121ba2fc16b1b2a94a283b2ed6910e5add63a0776a0c7c171",
+}
+
+
+@pytest.mark.parametrize("kind, layout", sorted(GOLDEN))
+def test_brats_and_random_bytes_are_unchanged(tmp_path, kind, layout):
+    import gzip
+    import hashlib
+
+    out = write_dataset(tmp_path / "out", 1, 1, shape=(24, 20, 16), seed=3, kind=kind, progress=False, layout=layout)
+    digest = hashlib.sha256()
+    for path in sorted(out.rglob("*.nii.gz")):
+        digest.update(path.relative_to(out).as_posix().encode())
+        digest.update(gzip.decompress(path.read_bytes()))
+    assert digest.hexdigest() == GOLDEN[(kind, layout)]

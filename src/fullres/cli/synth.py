@@ -1,4 +1,5 @@
-"""`fullres synth`: a synthetic brain-tumour dataset in any of the four layouts."""
+"""`fullres synth`: a synthetic brain-tumour dataset in any of the four layouts, or a CT lesion dataset
+with per-case anisotropic spacing (msd or nnunet layout)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,14 @@ def add_parser(commands) -> None:
     synth.add_argument("--cases", type=positive_int, required=True, help="training cases")
     synth.add_argument("--test-cases", type=positive_int, default=None, help="test cases (default: cases/4, at least 1)")
     synth.add_argument("--shape", nargs=3, type=positive_int, default=[240, 240, 155], metavar=("H", "W", "D"),
-                       help="volume size (default 240 240 155, like BraTS)")
+                       help="volume size (default 240 240 155, like BraTS); for --kind ct the grid at the median "
+                            "spacing 0.8 0.8 2.5 mm: each case has round(H*0.8/sx) x round(W*0.8/sy) x "
+                            "round(D*2.5/sz) voxels (at least 8) at its own spacing sx sy sz")
     synth.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    synth.add_argument("--kind", choices=("brats", "random"), default="brats",
-                       help="brats: BraTS-like phantoms; random: the paper's random-valued inputs (Table 2)")
+    synth.add_argument("--kind", choices=("brats", "random", "ct"), default="brats",
+                       help="brats: BraTS-like phantoms; random: the paper's random-valued inputs (Table 2); "
+                            "ct: one-channel CT phantoms in HU with lesions, spacing 0.7-0.9 x 0.7-0.9 x 2-3 mm "
+                            "per case (msd or nnunet layout)")
     synth.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="image voxel type")
     synth.add_argument("--layout", choices=LAYOUT_NAMES, default="msd",
                        help="msd (default), nnunet, brats2021 or brats2023: files, names and label values")
@@ -34,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     out = write_dataset(Path(args.out), train_cases=args.cases, test_cases=test_cases, shape=tuple(args.shape),
                         seed=args.seed, kind=args.kind, dtype=args.dtype, progress=not args.quiet,
                         layout=args.layout)
+    channels = 1 if args.kind == "ct" else 4
+    grid = " at the median spacing" if args.kind == "ct" else ""
     print(f"wrote {args.cases} training and {test_cases} test cases ({args.kind}, "
-          f"{' x '.join(map(str, args.shape))} x 4"
+          f"{' x '.join(map(str, args.shape))} x {channels}{grid}"
           + (f", {args.layout} layout" if args.layout != "msd" else "") + f") to {out}")
     return 0

@@ -6,6 +6,10 @@ hemisphere (enhancing rim, necrotic / non-enhancing core, surrounding edema). Ea
 intensity per modality (FLAIR, T1w, T1gd, T2w), then texture, partial-volume blur, a smooth
 multiplicative bias field and Rician noise. Like skull-stripped BraTS data the background is exactly 0.
 Everything is seeded per case from (seed, case index): the same seed gives byte-identical files.
+
+The ct kind is a CT-like lesion dataset made to need a real training protocol: one channel in Hounsfield
+units (air, fat, soft tissue, bone), per-case anisotropic voxel spacing, and small lesions of modest
+contrast anywhere in a body that fills the field of view (see `ct_phantom`).
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from fullres.files import staged_folder
 
 MODALITIES = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
 LABELS = {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
-KINDS = ("brats", "random")
+KINDS = ("brats", "random", "ct")
 DTYPES = ("int16", "float32")
 MARKER = ".fullres-synth.json"  # identifies a folder this module wrote (and may replace)
 SUBFOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
 MIN_SIZE = 8
+RANDOM_WHAT = "uniform random images and labels (the paper's Table 2 inputs)"  # dataset.json's description
 
 # Tissue classes of the phantom's tissue map.
 BACKGROUND, SCALP, SKULL, CSF, GREY, WHITE, EDEMA, NECROSIS, ENHANCING = range(9)
@@ -51,12 +56,28 @@ TISSUE_INTENSITY = np.array([
 ], dtype=np.float32)
 LABEL_OF_TISSUE = {EDEMA: 1, NECROSIS: 2, ENHANCING: 3}
 
+CT_CHANNELS = {"0": "CT"}
+CT_LABELS = {"0": "background", "1": "lesion"}
+CT_MEDIAN_SPACING = (0.8, 0.8, 2.5)  # mm: --shape is a ct case's voxel grid at this spacing
+CT_IN_PLANE_SPACING = (0.7, 0.9)  # mm, axes 0 and 1 (equal), drawn uniformly per case
+CT_SLICE_SPACING = (2.0, 3.0)  # mm, axis 2, drawn uniformly per case
+AIR_HU, FAT_HU, TISSUE_HU = -1000.0, -100.0, 40.0
+HU_FLOOR = -1024.0  # scanners store nothing darker than this
+CT_MIN_LESION_RADIUS = 3.0  # mm; also keeps the voxel at a lesion's centre inside it
+
 
 @dataclass(frozen=True)
 class Phantom:
     image: np.ndarray  # float32 (H, W, D, 4), modalities in MODALITIES order
     label: np.ndarray  # uint8 (H, W, D): 0 background, 1 edema, 2 non-enhancing / necrotic, 3 enhancing
     tissue: np.ndarray  # uint8 (H, W, D): the tissue classes above (for tests and inspection)
+
+
+@dataclass(frozen=True)
+class CTPhantom:
+    image: np.ndarray  # float32 (H, W, D, 1) in Hounsfield units
+    label: np.ndarray  # uint8 (H, W, D): 0 background, 1 lesion
+    spacing: tuple[float, float, float]  # mm per voxel along axes 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +238,88 @@ def _mr_contrasts(rng: np.random.Generator, tissue: np.ndarray) -> np.ndarray:
     return image
 
 
+def ct_grid_shape(shape: tuple[int, int, int], spacing) -> tuple[int, int, int]:
+    """A ct case's voxel grid at `spacing`: `shape` is the grid at CT_MEDIAN_SPACING, so each axis holds
+    max(MIN_SIZE, round(shape * median / spacing)) voxels (ties to even) and every case covers about the
+    same field of view in millimetres."""
+    return tuple(max(MIN_SIZE, int(np.rint(n * m / s))) for n, m, s in zip(shape, CT_MEDIAN_SPACING, spacing))
+
+
+def ct_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> CTPhantom:
+    """One CT-like case in Hounsfield units, defined in millimetres and sampled at its own spacing.
+
+    The spacing is drawn first: in-plane (axes 0, 1, equal) from CT_IN_PLANE_SPACING, slices (axis 2)
+    from CT_SLICE_SPACING. The field of view is `shape` * CT_MEDIAN_SPACING mm and the voxel grid is
+    `ct_grid_shape(shape, spacing)`, so the same anatomy gives different grids in different cases.
+    Anatomy: air (-1000) around an elliptical body that runs through every slice and nearly fills the
+    field of view in-plane; a subcutaneous fat layer (about -100); soft tissue about +40 with smooth
+    low-frequency variation; ribs (+400..+700) and a vertebra (cortex +700..+1000). 1-3 ellipsoidal
+    lesions, radius 3 mm to 15 % of the in-plane field of view, centred on a random soft-tissue voxel
+    (anywhere, the field of view's edges included), 30-60 HU brighter or darker than the tissue around
+    them; the voxel at each lesion's centre is always lesion, so every case has one. Then a slight
+    partial-volume blur, Gaussian noise (sigma 15-25 HU) and the scanner floor of -1024.
+    """
+    in_plane = round(float(rng.uniform(*CT_IN_PLANE_SPACING)), 3)
+    spacing = (in_plane, in_plane, round(float(rng.uniform(*CT_SLICE_SPACING)), 3))
+    grid_shape = ct_grid_shape(shape, spacing)
+    fov = np.array(shape, dtype=np.float64) * CT_MEDIAN_SPACING  # mm
+    # Voxel centres in mm from the centre of the field of view.
+    grid = tuple(((np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(s))
+                 .reshape([-1 if a == i else 1 for a in range(3)]) for i, (n, s) in enumerate(zip(grid_shape, spacing)))
+
+    # Body: an elliptical cylinder along axis 2, wider along axis 0, its outline gently deformed.
+    centre = rng.uniform(-0.03, 0.03, 2) * fov[:2]
+    axes = fov[:2] / 2 * np.array([rng.uniform(0.86, 0.96), rng.uniform(0.68, 0.82)])
+    u, v = (grid[0] - centre[0]) / axes[0], (grid[1] - centre[1]) / axes[1]
+    body_r = np.sqrt(u ** 2 + v ** 2) * (1 + 0.03 * smooth_field(rng, grid_shape, 4))
+    body = body_r < 1
+    inner = body_r < 1 - rng.uniform(0.06, 0.12)  # inside the subcutaneous fat
+
+    hu = np.full(grid_shape, AIR_HU, dtype=np.float32)
+    hu[body] = FAT_HU + 10 * smooth_field(rng, grid_shape, 6)[body]
+    hu[inner] = TISSUE_HU + 10 * smooth_field(rng, grid_shape, 5)[inner]
+
+    # Ribs: a band just inside the fat, broken around the body and along the slices.
+    angle = np.arctan2(v, u)
+    rib_r = rng.uniform(0.8, 0.86)
+    ribs = inner & (body_r > rib_r) & (body_r < rib_r + 0.07) \
+        & (np.cos(rng.integers(7, 11) * angle + rng.uniform(0, 2 * np.pi)) > 0) \
+        & (np.cos(2 * np.pi * grid[2] / rng.uniform(15, 25) + rng.uniform(0, 2 * np.pi)) > -0.3)
+    hu[ribs] = rng.uniform(400, 700)
+    # Vertebra: a posterior cylinder, bright cortex around cancellous bone.
+    spine = np.sqrt(((grid[0] - centre[0]) / (0.16 * axes[1])) ** 2
+                    + ((grid[1] - centre[1] + 0.62 * axes[1]) / (0.14 * axes[1])) ** 2)
+    spine = np.broadcast_to(spine, grid_shape)
+    hu[spine < 1] = rng.uniform(700, 1000)
+    hu[spine < 0.7] = rng.uniform(250, 400)
+    bone = ribs | (spine < 1)
+
+    soft = inner & ~bone
+    label = np.zeros(grid_shape, dtype=np.uint8)
+    candidates = np.flatnonzero(soft)
+    spacing_mm = np.array(spacing)
+    largest = max(0.15 * float(fov[:2].min()), CT_MIN_LESION_RADIUS)
+    tissue_hu = hu.copy()  # before any lesion: overlapping lesions never add up their contrasts
+    for _ in range(int(rng.integers(1, 4))):
+        voxel = np.array(np.unravel_index(candidates[rng.integers(candidates.size)], grid_shape))
+        lesion_centre = (voxel - (np.array(grid_shape) - 1) / 2 + rng.uniform(-0.45, 0.45, 3)) * spacing_mm
+        semi_axes = np.maximum(rng.uniform(CT_MIN_LESION_RADIUS, largest) * rng.uniform(0.75, 1.25, 3),
+                               CT_MIN_LESION_RADIUS)
+        box = _box_around(voxel, np.ceil(semi_axes * 1.5 / spacing_mm) + 1, grid_shape)
+        box_shape = tuple(s.stop - s.start for s in box)
+        # An irregular outline, bounded so the centre voxel (under 0.5 of a radius away) stays inside.
+        distance = _ellipsoid_radius(_local_grid(grid, box), lesion_centre, semi_axes) \
+            * (1 + 0.15 * np.clip(smooth_field(rng, box_shape, 4), -2, 2))
+        lesion = (distance < 1) & soft[box]
+        hu[box][lesion] = tissue_hu[box][lesion] + (1 if rng.random() < 0.5 else -1) * rng.uniform(30, 60)
+        label[box][lesion] = 1
+
+    hu = ndimage.gaussian_filter(hu, sigma=(0.5, 0.5, 0.3), truncate=2.0)
+    hu += rng.uniform(15, 25) * rng.standard_normal(grid_shape, dtype=np.float32)
+    np.maximum(hu, HU_FLOOR, out=hu)
+    return CTPhantom(image=hu[..., None], label=label, spacing=spacing)
+
+
 def random_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """The paper's Table 2 random inputs: uniform random images (0..2000) and labels 0-3."""
     image = rng.uniform(0, 2000, size=tuple(shape) + (4,)).astype(np.float32)
@@ -224,29 +327,45 @@ def random_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[
     return image, label
 
 
-def synth_affine(shape: tuple[int, int, int]) -> np.ndarray:
-    """1 mm voxels, RAS world axes with the first two voxel axes flipped (as in BraTS), centre at 0."""
+def synth_affine(shape: tuple[int, int, int], spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """`spacing` mm voxels (1 mm by default), RAS world axes with the first two voxel axes flipped (as in
+    BraTS), centre at 0."""
     h, w, d = shape
-    return np.array([[-1.0, 0, 0, (h - 1) / 2],
-                     [0, -1.0, 0, (w - 1) / 2],
-                     [0, 0, 1.0, -(d - 1) / 2],
+    sx, sy, sz = (float(s) for s in spacing)
+    return np.array([[-sx, 0, 0, sx * (h - 1) / 2],
+                     [0, -sy, 0, sy * (w - 1) / 2],
+                     [0, 0, sz, -sz * (d - 1) / 2],
                      [0, 0, 0, 1]])
 
 
-def to_dtype(image: np.ndarray, dtype: str) -> np.ndarray:
-    """int16: rounded scanner-like values; float32: as is."""
+def to_dtype(image: np.ndarray, dtype: str, kind: str = "brats") -> np.ndarray:
+    """int16: rounded values, clipped to 0.. for the MR kinds and to int16's range for ct (Hounsfield
+    units are negative); float32: as is."""
     if dtype == "int16":
-        return np.rint(np.clip(image, 0, np.iinfo(np.int16).max)).astype(np.int16)
+        low = np.iinfo(np.int16).min if kind == "ct" else 0
+        return np.rint(np.clip(image, low, np.iinfo(np.int16).max)).astype(np.int16)
     return image.astype(np.float32)
 
 
 def make_case(shape: tuple[int, int, int], seed: int, index: int, kind: str = "brats") -> tuple[np.ndarray, np.ndarray]:
-    """Case `index` of a dataset with `seed`: (image float32 (H, W, D, 4), label uint8 (H, W, D))."""
+    """Case `index` of a dataset with `seed`: (image float32 (H, W, D, C), label uint8 (H, W, D)).
+
+    C is 4 for brats and random, 1 for ct; a ct case's grid follows its spacing (`make_spaced_case`)."""
+    image, label, _ = make_spaced_case(shape, seed, index, kind)
+    return image, label
+
+
+def make_spaced_case(shape: tuple[int, int, int], seed: int, index: int,
+                     kind: str = "brats") -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """`make_case` plus the case's voxel spacing in mm: 1 mm for brats and random, drawn per case for ct."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     if kind == "random":
-        return random_case(shape, rng)
+        return (*random_case(shape, rng), (1.0, 1.0, 1.0))
+    if kind == "ct":
+        ct = ct_phantom(shape, rng)
+        return ct.image, ct.label, ct.spacing
     phantom = brats_phantom(shape, rng)
-    return phantom.image, phantom.label
+    return phantom.image, phantom.label, (1.0, 1.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,17 +423,34 @@ def _refuse_unless_replaceable(out: Path) -> None:
                         "refusing to write into it (choose a new or empty folder)")
 
 
+def _description(kind: str, seed: int, shape, random_what: str = RANDOM_WHAT) -> str:
+    size = "x".join(map(str, shape))
+    if kind == "ct":
+        median = "x".join(map(str, CT_MEDIAN_SPACING))
+        what = f"CT-like lesion phantoms in HU with per-case anisotropic spacing, {size} voxels at {median} mm"
+    else:
+        what = f"{'BraTS-like glioma phantoms' if kind == 'brats' else random_what}, {size}"
+    return f"Synthetic {what}, seed {seed}, written by fullres {__version__}"
+
+
+def _dataset_name(kind: str) -> str:
+    return "CT_synthetic" if kind == "ct" else "BRATS_synthetic"
+
+
+def _case_id(kind: str, layout: str, number: int) -> str:
+    return f"CT_{number:03d}" if kind == "ct" else case_id_for(layout, number)
+
+
 def _dataset_json(train_ids: list[str], test_ids: list[str], kind: str, seed: int, shape) -> dict:
-    what = "BraTS-like glioma phantoms" if kind == "brats" else "uniform random images and labels (the paper's Table 2 inputs)"
     return {
-        "name": "BRATS_synthetic",
-        "description": f"Synthetic {what}, {'x'.join(map(str, shape))}, seed {seed}, written by fullres {__version__}",
+        "name": _dataset_name(kind),
+        "description": _description(kind, seed, shape),
         "reference": "fullres synth",
         "licence": "CC0 1.0",
         "release": f"fullres {__version__}",
         "tensorImageSize": "4D",
-        "modality": MODALITIES,
-        "labels": LABELS,
+        "modality": CT_CHANNELS if kind == "ct" else MODALITIES,
+        "labels": CT_LABELS if kind == "ct" else LABELS,
         "numTraining": len(train_ids),
         "numTest": len(test_ids),
         "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in train_ids],
@@ -329,14 +465,21 @@ def write_dataset(out: Path, train_cases: int, test_cases: int = 0, shape: tuple
 
     imagesTr/ + labelsTr/ (listed in dataset.json's `training`), imagesTs/ (listed in `test`) and
     labelsTs/ (the test labels, kept aside for evaluation and not listed). Cases are BRATS_001,
-    BRATS_002, ...; test cases follow the training ones. Everything is written to a temporary folder
+    BRATS_002, ... (CT_001, ... for ct); test cases follow the training ones. Everything is written to a temporary folder
     beside `out` and renamed into place. `out` may be missing, empty, or a previous synth output
     (which is replaced); anything else is refused, so user files are never touched.
 
     `layout` (msd, nnunet, brats2021, brats2023): the same phantoms in another layout's files, names and
     label values (see `fullres.data.layouts`); test labels are kept aside in labelsTs/CASE.nii.gz.
+
+    `kind` ct: one channel "CT" ((H, W, D, 1) image files in msd), labels background / lesion, each case at its own
+    spacing with its own voxel grid (`shape` is the grid at CT_MEDIAN_SPACING, see `ct_grid_shape`); the
+    brats2021 and brats2023 layouts, which hold four MR modalities, are refused.
     """
     shape = _validate(train_cases, test_cases, shape, seed, kind, dtype)
+    if kind == "ct" and layout in LAYOUTS and layout not in ("msd", "nnunet"):
+        raise UserError(f"--layout {layout} holds four MR modalities of a brain; --kind ct has one CT channel "
+                        "(use --layout msd or nnunet)")
     out = Path(out).absolute()
     _refuse_unless_replaceable(out)
     if layout != "msd":
@@ -344,13 +487,13 @@ def write_dataset(out: Path, train_cases: int, test_cases: int = 0, shape: tuple
     settings = {"kind": kind, "seed": seed, "shape": list(shape), "dtype": dtype,
                 "train_cases": train_cases, "test_cases": test_cases, "fullres": __version__}
     with staged_folder(out, _move_into_place) as temp:
-        ids = [f"BRATS_{i + 1:03d}" for i in range(train_cases + test_cases)]
+        ids = [_case_id(kind, "msd", i + 1) for i in range(train_cases + test_cases)]
         train_ids, test_ids = ids[:train_cases], ids[train_cases:]
-        affine = synth_affine(shape)
         for index in _case_indices(len(ids), shape, progress):
-            image, label = make_case(shape, seed, index, kind)
+            image, label, spacing = make_spaced_case(shape, seed, index, kind)
+            affine = synth_affine(label.shape, spacing)
             images, labels = ("imagesTr", "labelsTr") if index < train_cases else ("imagesTs", "labelsTs")
-            write_nifti(temp / images / f"{ids[index]}.nii.gz", to_dtype(image, dtype), affine)
+            write_nifti(temp / images / f"{ids[index]}.nii.gz", to_dtype(image, dtype, kind), affine)
             write_nifti(temp / labels / f"{ids[index]}.nii.gz", label, affine)
         for sub in SUBFOLDERS:
             (temp / sub).mkdir(exist_ok=True)
@@ -384,22 +527,25 @@ def _write_other_layout(out: Path, train_cases: int, test_cases: int, shape, see
     if layout not in LAYOUTS:
         raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     with staged_folder(out, _move_into_place) as temp:
-        _, names = target_modalities(layout, list(MODALITIES.values()))
-        what = "BraTS-like glioma phantoms" if kind == "brats" else "uniform random images and labels"
-        writer = LayoutWriter(temp, layout, names, name="BRATS_synthetic",
-                              description=f"Synthetic {what}, {'x'.join(map(str, shape))}, seed {seed}, "
-                                          f"written by fullres {__version__}")
-        values = value_map(MSD_REGIONS, layout_regions(layout), range(4))
-        affine = synth_affine(shape)
+        _, names = target_modalities(layout, list((CT_CHANNELS if kind == "ct" else MODALITIES).values()))
+        writer = LayoutWriter(temp, layout, names, name=_dataset_name(kind),
+                              description=_description(kind, seed, shape, "uniform random images and labels"))
+        # ct's labels are background / lesion, written as they are; the glioma labels follow the layout.
+        values = {0: 0, 1: 1} if kind == "ct" else value_map(MSD_REGIONS, layout_regions(layout), range(4))
         for index in _case_indices(train_cases + test_cases, shape, progress):
-            image, label = make_case(shape, seed, index, kind)
+            image, label, spacing = make_spaced_case(shape, seed, index, kind)
+            affine = synth_affine(label.shape, spacing)
             label = apply_value_map(label, values, "synthetic label")
-            case = case_id_for(layout, index + 1)
+            case = _case_id(kind, layout, index + 1)
             if index < train_cases:
-                writer.add_training(case, to_dtype(image, dtype), label, affine)
+                writer.add_training(case, to_dtype(image, dtype, kind), label, affine)
             else:
-                writer.add_test(case, to_dtype(image, dtype), affine, label)
+                writer.add_test(case, to_dtype(image, dtype, kind), affine, label)
         writer.finish()
+        if kind == "ct":  # the writer's dataset.json names the glioma labels
+            raw = json.loads((temp / "dataset.json").read_text())
+            raw["labels"] = {name: int(value) for value, name in CT_LABELS.items()}
+            (temp / "dataset.json").write_text(json.dumps(raw, indent=2) + "\n")
         settings = {"kind": kind, "seed": seed, "shape": list(shape), "dtype": dtype, "train_cases": train_cases,
                     "test_cases": test_cases, "fullres": __version__, "layout": layout, "files": writer.files}
         (temp / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
