@@ -270,6 +270,17 @@ def fixed_input_shape(config: TrainConfig) -> tuple[int, int, int] | None:
     return None
 
 
+def inference_window(config: TrainConfig) -> tuple[int, int, int] | None:
+    """The window a run is predicted in, or None for the whole volume (slabs and windows only where memory asks):
+    its training shape when its network takes no other (:func:`fixed_input_shape`), or when it was trained on
+    random windows of larger images (``crop`` "foreground"): its normalisation statistics and its context are a
+    window's, so whole-volume inference would be a shift of distribution (nnU-Net predicts in windows of its
+    patch size for the same reason)."""
+    if config.data.crop == "foreground":
+        return tuple(config.job.shape)
+    return fixed_input_shape(config)
+
+
 def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: torch.device,
                    budget: int | None = None, spatial: int = 1,
                    fixed: tuple[int, int, int] | None = None) -> InferencePlan:
@@ -281,20 +292,22 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
     the largest axis (multiples of the network's divisor, down to twice it), plus MONAI's full-volume
     blending buffers. When nothing fits, the smallest window is used, and the reason says so.
     `spatial` = S > 1: the volume shared by S processes (the "spatial" plan), refused with exit code 3 where
-    one process's share does not fit (the budget is then each local process's). `fixed`: the only input
-    shape the network takes (:func:`fixed_input_shape`): a larger volume is predicted in windows of it."""
+    one process's share does not fit (the budget is then each local process's). `fixed`: the window the run
+    is predicted in (:func:`inference_window`): a larger volume is predicted in windows of it."""
     budget_source = "--memory" if budget is not None else "available"
     budget = available_memory(device) if budget is None else int(budget)
     shape = tuple(int(s) for s in shape)
     model = config.job.model
     have = f"{format_bytes(budget)} {budget_source}"
     if fixed is not None and shape != tuple(fixed):
+        trained_on = (f"the run was trained on random {'x'.join(map(str, fixed))} windows"
+                      if config.data.crop == "foreground" else
+                      f"{model.architecture} takes only {'x'.join(map(str, fixed))} inputs")
         if spatial > 1:
-            raise UserError(f"--spatial {spatial}: {model.architecture} takes only {'x'.join(map(str, fixed))} "
-                            "inputs, so a volume cannot be shared; predict without --spatial")
+            raise UserError(f"--spatial {spatial}: {trained_on}, so a volume is not shared; predict without --spatial")
         need = windows_need(config, shape, fixed, device)
-        return InferencePlan("sliding", need, budget, f"{model.architecture} takes only its training shape; "
-                             f"~{format_bytes(need)} of {have} (dry run)", window=tuple(fixed))
+        return InferencePlan("sliding", need, budget, f"{trained_on}; ~{format_bytes(need)} of {have} (dry run)",
+                             window=tuple(fixed))
     if spatial > 1:
         try:
             check_spatial(JobConfig(model=model, shape=shape, batch=1, strategy=inference_strategy(config)), spatial)
@@ -568,7 +581,7 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     trained = training_dataset(config)
     runner = None
     if len(members) > 1:
-        fixes = [fixed_input_shape(member.config) for member in members]
+        fixes = [inference_window(member.config) for member in members]
         found = [f for f in fixes if f is not None]
         least = tuple(max(f[axis] for f in found) for axis in range(3)) if found else (1, 1, 1)
         divisor = _lcm([spatial_divisor(member.config.job.model) for member in members])
@@ -589,7 +602,7 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
         runner = open_engine(engine, engine_file, config, predictor.checkpoint)
         fixed = runner.spatial_shape
     else:
-        fixed = fixed_input_shape(config)
+        fixed = inference_window(config)
     least = fixed or (1, 1, 1)
     # every input readable and usable before the first mask is written
     shapes = [tuple(load_input(case, config, trained, least)[0].shape[1:]) for case in cases]
