@@ -169,3 +169,50 @@ def test_the_sampler_cuts_each_sample_by_its_seed_epoch_and_index():
     h, rest = divmod(corner, 20 * 16)
     w, d = divmod(rest, 16)
     assert torch.equal(image[0], flat[h:h + 8, w:w + 8, d:d + 8])  # a window of the volume, not a resampling
+
+
+CT_JOB = ["--channels", "all", "--shape", "16", "16", "8", "--filters", "2", "--batch", "1", "--norm", "instance",
+          "--workers", "0", "--threads", "1", "--quiet", "--device", "cpu", "--epochs", "1", "--no-autotune"]
+
+
+@pytest.fixture(scope="module")
+def ct_data(tmp_path_factory) -> Path:
+    """4 + 1 synthetic CT cases of differing anisotropic spacings, larger than the 16x16x8 window."""
+    from fullres.data.synth import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("ct") / "ct", train_cases=4, test_cases=1, shape=(24, 24, 10),
+                         seed=3, kind="ct", progress=False)
+
+
+def test_a_ct_run_trains_at_the_median_spacing_and_predicts_on_each_inputs_own_grid(ct_data, tmp_path, cli):
+    run = tmp_path / "run"
+    code, out, err = cli("train", ct_data, "--out", run, *CT_JOB, "--spacing", "auto", "--crop", "foreground")
+    assert code == 0, err
+    assert "preprocessing: resampled to" in out and "CT clipped to" in out
+    data = json.loads((run / "config.json").read_text())["data"]
+    assert tuple(data["spacing"]) == median_spacing(load_dataset(ct_data)) and data["crop"] == "foreground"
+    (stats,) = data["ct"]
+    assert stats[0] < stats[2] < stats[1] and stats[3] > 0  # low < mean < high, from the lesions' voxels
+    code, out, err = cli("predict", run, ct_data, "--out", tmp_path / "pred", "--quiet")
+    assert code == 0, err
+    assert "sliding windows of 16x16x8" in out and "trained on random 16x16x8 windows" in out
+    (test_image,) = sorted((ct_data / "imagesTs").glob("*.nii.gz"))
+    source, mask = nib.load(test_image), nib.load(tmp_path / "pred" / test_image.name)
+    assert mask.shape == source.shape[:3]  # back on the input's own grid, every voxel predicted
+    np.testing.assert_allclose(mask.affine, source.affine)
+    assert source.header.get_zooms()[:3] != tuple(data["spacing"])  # so the prediction was resampled back
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    code, out, err = cli("train", "--out", run, "--resume", "--epochs", "2", "--spacing", "none")
+    assert code != 0 and "--resume: --spacing none differs from the run's" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--spacing", "1", "2"], "--spacing 1 2: give auto, none, or three positive sizes in mm"),
+    (["--spacing", "0", "1", "1"], "--spacing 0 1 1: give auto, none, or three positive sizes in mm"),
+    (["--crop", "random"], "argument --crop: invalid choice"),
+])
+def test_bad_protocol_flags_are_refused_in_one_line_and_nothing_is_made(ct_data, tmp_path, cli, flags, message):
+    code, out, err = cli("train", ct_data, "--out", tmp_path / "run", *CT_JOB, *flags)
+    assert code != 0 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
