@@ -127,6 +127,8 @@ def test_presets():
     assert job_defaults()["augment"] == "none"  # the paper's job: unchanged
     assert job_defaults("intel-unet")["augment"] == "none"
     assert job_defaults(demo=True)["augment"] == "default"  # `train` without DATA
+    assert (job_defaults()["spacing"], job_defaults()["crop"]) == ("none", "center")
+    assert (job_defaults(demo=True)["spacing"], job_defaults(demo=True)["crop"]) == ("auto", "foreground")
 
 
 def test_cli_refuses_an_unknown_preset_in_one_line(cli, small_msd, tmp_path):
@@ -137,17 +139,20 @@ def test_cli_refuses_an_unknown_preset_in_one_line(cli, small_msd, tmp_path):
 
 def test_augmented_training_resumes_bit_exact(small_msd, tmp_path, cli):
     """3 epochs straight (a worker process) equal 2 epochs then --resume --epochs 3 (in process): each
-    sample's augmentation depends on (seed, epoch, case index) alone. The run records its preset, and
-    --resume refuses another."""
+    sample's random window (16^3 of 32x32x24 images) and augmentation depend on (seed, epoch, case index)
+    alone. The run records its preset, and --resume refuses another."""
     from fullres.run.checkpoint import load_checkpoint
 
-    flags = ["--shape", "32", "32", "24", "--filters", "2", "--batch", "1", "--threads", "1", "--quiet", "--lr", "1e-3",
-             "--device", "cpu", "--schedule", "constant", "--augment", "default", "--force", "--tracker", "none"]
+    flags = ["--shape", "16", "16", "16", "--filters", "2", "--batch", "1", "--threads", "1", "--quiet", "--lr", "1e-3",
+             "--device", "cpu", "--schedule", "constant", "--augment", "default", "--crop", "foreground", "--force",
+             "--tracker", "none"]
     assert cli("train", small_msd, "--out", tmp_path / "a", "--epochs", "3", "--workers", "1", *flags)[0] == 0
     assert cli("train", small_msd, "--out", tmp_path / "b", "--epochs", "2", "--workers", "0", *flags)[0] == 0
     assert json.loads((tmp_path / "b" / "config.json").read_text())["augment"] == "default"
     code, _, err = cli("train", "--out", tmp_path / "b", "--resume", "--augment", "light")
     assert code == 2 and "--augment light differs from the run's default" in err
+    code, _, err = cli("train", "--out", tmp_path / "b", "--resume", "--crop", "center")
+    assert code == 2 and "--crop center differs from the run's foreground" in err
     code, out, err = cli("train", "--out", tmp_path / "b", "--resume", "--epochs", "3", "--quiet", "--force")
     assert code == 0, err
     a, b = load_checkpoint(tmp_path / "a" / "last.pt")["model"], load_checkpoint(tmp_path / "b" / "last.pt")["model"]

@@ -12,7 +12,7 @@ HELP = {
     "profile": "measure a training step's real peak memory against the dry run",
     "bench": "training-step speed: stock vs oneDNN, fp32 vs bf16, channels-last, compile",
     "sweep": "memory over many shapes: CSV, Figure 3 and Figure 5",
-    "synth": "write a synthetic brain-tumour dataset (MSD layout, or another)",
+    "synth": "write a synthetic dataset (brain-tumour MRI, CT lesions or random)",
     "check": "validate every case of a dataset (MSD, nnU-Net, BraTS) before a long job",
     "convert": "rewrite a dataset in another layout, label values mapped",
     "train": "train the 3D U-Net on whole volumes (no DATA: a synthetic demo)",
