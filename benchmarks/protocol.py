@@ -31,25 +31,14 @@ import sys
 import time
 from pathlib import Path
 
+from latency import cpu_features  # the benchmarks' one CPU-feature line (this folder is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 PROTOCOLS = {
     "paper": ["--augment", "none", "--spacing", "none", "--crop", "center"],
     "windows": ["--augment", "none", "--spacing", "auto", "--crop", "foreground"],
     "full": ["--augment", "default", "--spacing", "auto", "--crop", "foreground"],
 }
-
-
-def cpu_features() -> str:
-    flags = set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    named = [("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 bf16"), ("amx_tile", "AMX")]
-    return ", ".join(name for flag, name in named if flag in flags) or "unknown"
 
 
 def fullres(*argv: str) -> float:
