@@ -216,3 +216,20 @@ def test_bad_protocol_flags_are_refused_in_one_line_and_nothing_is_made(ct_data,
     code, out, err = cli("train", ct_data, "--out", tmp_path / "run", *CT_JOB, *flags)
     assert code != 0 and message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_ct_statistics_are_read_once_per_dataset_and_again_when_a_file_changes(tmp_path, monkeypatch):
+    from fullres.data import fingerprint
+
+    root = tiny_dataset(tmp_path / "ds", [(1.0, 1.0, 2.0), (1.0, 1.0, 3.0)])
+    first = ct_statistics(load_dataset(root), (0,))
+    reads = []
+    real = fingerprint.read_image_channels_first
+    monkeypatch.setattr(fingerprint, "read_image_channels_first", lambda path: reads.append(path) or real(path))
+    assert ct_statistics(load_dataset(root), (0,)) == first and reads == []  # from the cache
+    image = root / "imagesTr" / "c1.nii.gz"
+    array = np.asarray(nib.load(image).dataobj).copy()
+    array[4:7, 4:6, 2:4] += 300  # the lesion brighter: other statistics
+    write_case(image, array, (1.0, 1.0, 3.0))
+    changed = ct_statistics(load_dataset(root), (0,))
+    assert len(reads) == 2 and changed != first

@@ -9,16 +9,22 @@ same way at predict.
 * CT: a channel whose modality name is "CT" is clipped to the 0.5 and 99.5 percentiles of the dataset's
   foreground voxels (label > 0) and standardised with their mean and std; up to 10,000 voxels are drawn
   from each case's foreground with a fixed seed, as nnU-Net's fingerprint does. Other channels are
-  z-scored per case over the foreground.
+  z-scored per case over the foreground. The statistics are kept in the dataset's cache folder, keyed by
+  the training files (paths, sizes, mtimes) and the channels, so the K folds of a dataset read it once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from fullres.data.cache import default_cache_dir, source_fingerprint
 from fullres.data.msd import DatasetIndex, image_files
+from fullres.files import write_bytes_atomically
 from fullres.data.nifti import open_nifti, read_image_channels_first, read_label, voxel_spacing
 from fullres.errors import UserError
 
@@ -55,14 +61,38 @@ def resolve_spacing(spec: Sequence[str] | None, index: DatasetIndex) -> tuple[fl
     return values
 
 
-def ct_statistics(index: DatasetIndex, channels: Sequence[int], seed: int = 1234,
+def ct_statistics(index: DatasetIndex, channels: Sequence[int], seed: int = 1234, cache: bool = True,
                   ) -> tuple[tuple[float, float, float, float] | None, ...]:
     """Per entry of `channels`: (low, high, mean, std) of the dataset's foreground voxels where the channel's
-    modality is CT, None elsewhere; () when no used channel is CT (every channel z-scored per case)."""
+    modality is CT, None elsewhere; () when no used channel is CT (every channel z-scored per case).
+    With `cache`, read from (or written to) the dataset's cache folder when its training files are unchanged."""
     names = [index.modalities[c] if c < len(index.modalities) else "" for c in channels]
     wanted = [position for position, name in enumerate(names) if is_ct(name)]
     if not wanted:
         return ()
+    path = None
+    if cache:
+        sources = [source_fingerprint(Path(p)) for case in index.training for p in (*image_files(case.image), case.label)]
+        payload = {"channels": list(channels), "seed": seed, "voxels": VOXELS_PER_CASE, "percentiles": PERCENTILES,
+                   "sources": sources}
+        key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+        path = default_cache_dir(index.root) / f"ct_statistics.{key}.json"
+        try:
+            return tuple(None if c is None else tuple(float(v) for v in c) for c in json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, RecursionError):
+            pass  # absent or damaged: computed again
+    statistics = _ct_statistics(index, channels, names, wanted, seed)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomically(path, json.dumps(statistics).encode())
+        except OSError:
+            pass  # a read-only cache only costs the next run the reading
+    return statistics
+
+
+def _ct_statistics(index: DatasetIndex, channels: Sequence[int], names: list[str], wanted: list[int],
+                   seed: int) -> tuple[tuple[float, float, float, float] | None, ...]:
     rng = np.random.default_rng(seed)
     samples: list[list[np.ndarray]] = [[] for _ in wanted]
     for case in index.training:
