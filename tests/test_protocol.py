@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -184,16 +185,23 @@ def ct_data(tmp_path_factory) -> Path:
                          seed=3, kind="ct", progress=False)
 
 
-def test_a_ct_run_trains_at_the_median_spacing_and_predicts_on_each_inputs_own_grid(ct_data, tmp_path, cli):
-    run = tmp_path / "run"
-    code, out, err = cli("train", ct_data, "--out", run, *CT_JOB, "--spacing", "auto", "--crop", "foreground")
-    assert code == 0, err
-    assert "preprocessing: resampled to" in out and "CT clipped to" in out
-    data = json.loads((run / "config.json").read_text())["data"]
+@pytest.fixture(scope="module")
+def ct_run(ct_data, tmp_path_factory) -> Path:
+    """One epoch on random 16x16x8 windows at the median spacing (written once; copy it to change it)."""
+    from fullres.cli import main
+
+    run = tmp_path_factory.mktemp("ct_run") / "run"
+    assert main([str(a) for a in ("train", ct_data, "--out", run, *CT_JOB, "--spacing", "auto",
+                                  "--crop", "foreground")]) == 0
+    return run
+
+
+def test_a_ct_run_trains_at_the_median_spacing_and_predicts_on_each_inputs_own_grid(ct_data, ct_run, tmp_path, cli):
+    data = json.loads((ct_run / "config.json").read_text())["data"]
     assert tuple(data["spacing"]) == median_spacing(load_dataset(ct_data)) and data["crop"] == "foreground"
     (stats,) = data["ct"]
     assert stats[0] < stats[2] < stats[1] and stats[3] > 0  # low < mean < high, from the lesions' voxels
-    code, out, err = cli("predict", run, ct_data, "--out", tmp_path / "pred", "--quiet")
+    code, out, err = cli("predict", ct_run, ct_data, "--out", tmp_path / "pred", "--quiet")
     assert code == 0, err
     assert "sliding windows of 16x16x8" in out and "trained on random 16x16x8 windows" in out
     (test_image,) = sorted((ct_data / "imagesTs").glob("*.nii.gz"))
@@ -201,6 +209,27 @@ def test_a_ct_run_trains_at_the_median_spacing_and_predicts_on_each_inputs_own_g
     assert mask.shape == source.shape[:3]  # back on the input's own grid, every voxel predicted
     np.testing.assert_allclose(mask.affine, source.affine)
     assert source.header.get_zooms()[:3] != tuple(data["spacing"])  # so the prediction was resampled back
+
+
+def test_a_dynamic_export_of_a_window_trained_run_predicts_in_its_windows(ct_data, ct_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(ct_run, run)
+    code, out, err = cli("export", run, "--format", "onnx", "--dynamic")
+    assert code == 0, err
+    code, out, err = cli("predict", run, ct_data, "--out", tmp_path / "pred", "--quiet", "--engine", "onnx")
+    assert code == 0, err
+    assert "in windows of 16x16x8" in out
+    torch_code, _, err = cli("predict", run, ct_data, "--out", tmp_path / "torch", "--quiet")
+    assert torch_code == 0, err
+    (name,) = [p.name for p in (tmp_path / "torch").glob("*.nii.gz")]
+    agree = np.mean(np.asarray(nib.load(tmp_path / "pred" / name).dataobj)
+                    == np.asarray(nib.load(tmp_path / "torch" / name).dataobj))
+    assert agree > 0.999  # the same windows, the same blending: the same masks up to float rounding
+
+
+def test_resume_with_another_spacing_is_refused_and_changes_nothing(ct_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(ct_run, run)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     code, out, err = cli("train", "--out", run, "--resume", "--epochs", "2", "--spacing", "none")
     assert code != 0 and "--resume: --spacing none differs from the run's" in err

@@ -600,7 +600,8 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     if engine != "torch":
         engine_file = Path(engine_file) if engine_file is not None else default_engine_file(run_or_checkpoint, engine)
         runner = open_engine(engine, engine_file, config, predictor.checkpoint)
-        fixed = runner.spatial_shape
+        # a dynamic export of a window-trained run still predicts in its windows
+        fixed = runner.spatial_shape or (tuple(config.job.shape) if config.data.crop == "foreground" else None)
     else:
         fixed = inference_window(config)
     least = fixed or (1, 1, 1)
@@ -613,7 +614,7 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
         if runner is not None and (fixed is None or shape == tuple(fixed)):
             plans[shape] = InferencePlan("whole", 0, 0, f"{engine} engine ({engine_file}), on the CPU")
         elif runner is not None:
-            plans[shape] = InferencePlan("sliding", 0, 0, f"{engine} engine ({engine_file}) of fixed input "
+            plans[shape] = InferencePlan("sliding", 0, 0, f"{engine} engine ({engine_file}) in windows of "
                                          f"{'x'.join(map(str, fixed))}, on the CPU", window=tuple(fixed))
         else:
             plans[shape] = plan_inference(config, shape, device, memory, spatial, fixed)
