@@ -46,8 +46,22 @@ def run_child(job: dict) -> None:
         os._exit(code if isinstance(code, int) else 1)
 
 
+#: What the commands import when they run: imported once here, so that each child starts warm (since the CLI
+#: imports torch only after reading the command line, importing fullres.cli alone would leave it to every child)
+WARM_MODULES = ("torch", "fullres.cli.main", "fullres.run.train", "fullres.run.predict", "fullres.run.export",
+                "fullres.evaluate.metrics", "fullres.evaluate.figures", "fullres.cost.estimate", "fullres.cost.plan",
+                "fullres.cost.sweep", "fullres.bench.speed", "fullres.data.synth", "fullres.data.convert",
+                "fullres.data.check", "monai.transforms")
+
+
 def main() -> None:
-    import fullres.cli  # noqa: F401 - imported once, before the forks
+    import importlib
+
+    from fullres.cli.main import build_parser
+
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+    build_parser()  # every command's module and arguments
 
     results = []
     for job in json.load(sys.stdin):
