@@ -78,13 +78,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment", choices=("none", "light", "default"), default=None,
                         help="augmentation of the training samples: none (the paper's job), light (flips, intensity), "
                              "default (also affine, elastic, axial 90-degree rotations; the demo's)")
-    parser.add_argument("--spacing", nargs="+", default=None, metavar="auto|none|X Y Z",
-                        help="voxel spacing (mm) every image is resampled to for training, and each prediction back "
-                             "from: auto (default: the training images' median spacing, as nnU-Net), none (the paper's: "
-                             "as stored), or three sizes; --shape counts voxels at this spacing")
+    parser.add_argument("--spacing", nargs="+", default=None, metavar="S",
+                        help="voxel spacing every image is resampled to for training, and each prediction back from: "
+                             "auto (the training images' median, as nnU-Net; the demo's), none (as stored; the paper "
+                             "preset's, so the default with DATA), or X Y Z in mm; --shape counts voxels at it")
     parser.add_argument("--crop", choices=("foreground", "center"), default=None,
-                        help="training images larger than --shape: foreground (default: a random window per sample, a "
-                             "third centred on a foreground voxel) or center (the paper's: one window on the brain)")
+                        help="training images larger than --shape: foreground (a random window per sample, a third "
+                             "centred on a foreground voxel; the demo's) or center (one window on the brain; the "
+                             "paper preset's, so the default with DATA)")
     parser.add_argument("--tracker", choices=("tensorboard", "mlflow", "none"), default=None,
                         help="where metrics, configuration and figures go besides the run folder: tensorboard "
                              "(default, RUN/tb), mlflow ($MLFLOW_TRACKING_URI or RUN/mlruns), none")
