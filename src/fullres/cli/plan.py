@@ -4,6 +4,7 @@ spatial options, and with --optimize time the exact strategies ranked by step ti
 from __future__ import annotations
 
 import argparse
+import sys
 
 from fullres.cli.commands import HELP
 from fullres.cli.options import (
@@ -49,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
         ranking = ranking_report(job, budget, args.method, device)
     options, spatial = [], []
     if args.method == "dryrun" and not result.fits and not job.strategy.coarse_slabs:
-        options = slab_options(job, budget, device)
+        from tqdm import tqdm
+
+        # minutes at full resolution: a bar on a terminal (tqdm stays silent where stderr is not one)
+        options = slab_options(job, budget, device, progress=lambda schedules: tqdm(
+            schedules, desc="plan: slab schedules (a dry run and a FLOP count each)", unit="schedule",
+            file=sys.stderr, leave=False, disable=None))
     if args.method == "dryrun" and not result.fits:
         spatial = spatial_options(job, budget, args.method, device)
     modelled = cuda_modelled_parts(cuda_stand_in(device)) if device == "cuda" and args.method == "dryrun" else ()

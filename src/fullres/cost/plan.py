@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterable
 
 from fullres.cost.dryrun import dryrun
 from fullres.cost.estimate import ESTIMATORS, dryrun_estimate, estimate_training_bytes
@@ -293,15 +293,18 @@ class SlabOption:
                 "fits": self.fits, "flops": self.flops, "recompute_overhead": self.overhead}
 
 
-def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu") -> list[SlabOption]:
+def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu",
+                 progress: Callable[[list], Iterable] = iter) -> list[SlabOption]:
     """The dry run of each of :func:`slab_schedules` (with the runtime term the dry-run method uses), and
     its FLOPs against those of `job` without slabs or checkpointing, both counted by torch's counter on
-    fake tensors (:func:`fullres.cost.timing.fake_step_flops`)."""
+    fake tensors (:func:`fullres.cost.timing.fake_step_flops`). `progress` wraps the list of schedules
+    (a progress bar; seconds to minutes each at full resolution)."""
     plain = job.with_(strategy=replace(job.strategy.without_slabs(), checkpointing=False, checkpoint_levels=0))
     baseline = fake_step_flops(plain)
     options = []
     deepest = recomputed_schedule(job)
-    for counts, recompute in [(counts, 0) for counts in slab_schedules(job)] + ([(deepest, 1)] if deepest else []):
+    schedules = [(counts, 0) for counts in slab_schedules(job)] + ([(deepest, 1)] if deepest else [])
+    for counts, recompute in progress(schedules):
         candidate = with_slabs(job, counts, recompute)
         result = dryrun_estimate(candidate, device)
         flops = fake_step_flops(candidate)
