@@ -5,9 +5,9 @@ An entry is three files in the cache folder, named `<case_id>.<key>.*`:
   .label.npy  uint8 (H, W, D), cropped the same way (training cases only)
   .box.json   the CropBox; written last, so its presence marks a complete entry
 The key hashes the source files' absolute paths, sizes and mtimes, the options that shape the stored
-arrays (channels, shape, normalize, spacing, CT statistics, crop) and CACHE_FORMAT_VERSION: touching a source file or changing an
-option makes a new entry. (The target is computed from the stored label at load time, so switching
-between wt / regions / classes reuses the same entry.) Old entries are left in place; delete the
+arrays (channels, shape, normalize, spacing, CT statistics, crop) and CACHE_FORMAT_VERSION: touching a
+source file or changing an option makes a new entry. (The target is computed from the stored label at load
+time, so switching between wt / regions / classes reuses the same entry.) Old entries are left in place; delete the
 folder to reclaim the space.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 
 from fullres.files import atomic_write, write_bytes_atomically
 from fullres.data.nifti import case_id_from_path, open_nifti, read_image_channels_first, read_label, voxel_spacing
-from fullres.data.preprocess import (CropBox, DataConfig, covering_shape, crop_or_pad, needs_resampling,
-                                     preprocess_image, resample, resampled_shape)
+from fullres.data.preprocess import (CropBox, DataConfig, covering_shape, crop_or_pad, preprocess_image, resample,
+                                     resampled_grid)
 from fullres.errors import UserError
 
 CACHE_FORMAT_VERSION = 1
@@ -111,11 +111,6 @@ def _case_id(image, case_id: str | None) -> str:
     if case_id is not None and not isinstance(image, (str, os.PathLike)):
         return case_id
     return case_id_from_path(_files(image)[0])
-
-
-def resampled_grid(shape: tuple[int, ...], spacing: tuple[float, ...], config: DataConfig) -> tuple[int, ...]:
-    """The voxel grid an image of `shape` at `spacing` has once resampled to `config.spacing`."""
-    return resampled_shape(shape, spacing, config.spacing) if needs_resampling(spacing, config.spacing) else tuple(shape)
 
 
 def preprocess_training_case(image_path, label_path: Path, config: DataConfig) -> tuple[np.ndarray, np.ndarray, CropBox]:

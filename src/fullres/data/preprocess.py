@@ -188,6 +188,12 @@ def needs_resampling(spacing: tuple[float, ...], target: tuple[float, ...] | Non
     return target is not None and any(abs(have - want) > 1e-3 * want for have, want in zip(spacing, target))
 
 
+def resampled_grid(shape: tuple[int, ...], spacing: tuple[float, ...], config: DataConfig) -> tuple[int, ...]:
+    """The voxel grid an image of `shape` at `spacing` has once resampled to `config.spacing` (its own
+    grid where the spacings agree, or the config keeps images as stored)."""
+    return resampled_shape(shape, spacing, config.spacing) if needs_resampling(spacing, config.spacing) else tuple(shape)
+
+
 def resample(array: np.ndarray, shape: tuple[int, ...], labels: bool = False) -> np.ndarray:
     """`array` (..., H, W, D) resampled to the spatial `shape` by MONAI's ``Resize``: trilinear for images and
     probabilities (float32 out), nearest voxel for integer labels (same dtype out, the label set kept).
@@ -235,16 +241,17 @@ def preprocess_image(image: np.ndarray, config: DataConfig,
     """
     if max(config.channels) >= image.shape[0]:
         raise UserError(f"--channels asks for channel {max(config.channels)} but the image has {image.shape[0]}")
-    if spacing is not None and needs_resampling(spacing, config.spacing):
-        image = resample(image, resampled_shape(image.shape[1:], spacing, config.spacing))
+    if spacing is not None:
+        image = resample(image, resampled_grid(image.shape[1:], spacing, config))  # the identity at its own grid
     mask = brain_mask(image)
     box = centred_crop_box(image.shape[1:], bounding_box(mask), config.shape)
     selected = image[list(config.channels)]
     if config.normalize:
-        scored = zscore_brain(selected, mask)
-        for position in range(len(config.channels)):
-            if (stats := config.ct_of(position)) is not None:
-                scored[position] = normalize_ct(selected[position], stats)
+        scored = np.empty(selected.shape, dtype=np.float32)
+        for position in range(len(config.channels)):  # each channel by its own rule, computed once
+            stats = config.ct_of(position)
+            scored[position] = (zscore_brain(selected[position:position + 1], mask)[0] if stats is None
+                                else normalize_ct(selected[position], stats))
         selected = scored
     else:
         selected = selected.astype(np.float32)
