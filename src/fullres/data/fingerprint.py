@@ -15,8 +15,6 @@ same way at predict.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -24,11 +22,11 @@ import numpy as np
 
 from fullres.data.cache import default_cache_dir, source_fingerprint
 from fullres.data.msd import DatasetIndex, image_files
-from fullres.files import write_bytes_atomically
 from fullres.data.nifti import open_nifti, read_image_channels_first, read_label, voxel_spacing
 from fullres.errors import UserError
+from fullres.files import cache_lookup, cache_store
 
-SPACING_WORDS = ("auto", "none")
+CT_CACHE_FILE = "ct_statistics.json"  # in the dataset's cache folder (fullres.data.cache.default_cache_dir)
 VOXELS_PER_CASE = 10_000
 PERCENTILES = (0.5, 99.5)
 
@@ -70,24 +68,23 @@ def ct_statistics(index: DatasetIndex, channels: Sequence[int], seed: int = 1234
     wanted = [position for position, name in enumerate(names) if is_ct(name)]
     if not wanted:
         return ()
-    path = None
-    if cache:
-        sources = [source_fingerprint(Path(p)) for case in index.training for p in (*image_files(case.image), case.label)]
-        payload = {"channels": list(channels), "seed": seed, "voxels": VOXELS_PER_CASE, "percentiles": PERCENTILES,
-                   "sources": sources}
-        key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
-        path = default_cache_dir(index.root) / f"ct_statistics.{key}.json"
-        try:
-            return tuple(None if c is None else tuple(float(v) for v in c) for c in json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError, RecursionError):
-            pass  # absent or damaged: computed again
+    if not cache:
+        return _ct_statistics(index, channels, names, wanted, seed)
+    path = default_cache_dir(index.root) / CT_CACHE_FILE
+    key = {"channels": list(channels), "seed": seed, "voxels": VOXELS_PER_CASE, "percentiles": list(PERCENTILES),
+           "sources": [source_fingerprint(Path(p)) for case in index.training
+                       for p in (*image_files(case.image), case.label)]}
+    record = cache_lookup(path, key)
+    try:
+        return tuple(None if c is None else tuple(float(v) for v in c) for c in record["statistics"])
+    except (TypeError, ValueError, KeyError):
+        pass  # absent or damaged: computed again
     statistics = _ct_statistics(index, channels, names, wanted, seed)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomically(path, json.dumps(statistics).encode())
-        except OSError:
-            pass  # a read-only cache only costs the next run the reading
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return statistics  # no cache folder: only the next run reads the data again
+    cache_store(path, key, {"statistics": statistics})
     return statistics
 
 
