@@ -270,15 +270,19 @@ def fixed_input_shape(config: TrainConfig) -> tuple[int, int, int] | None:
     return None
 
 
+def training_window(config: TrainConfig) -> tuple[int, int, int] | None:
+    """The training shape when the run was trained on random windows of larger images (``crop``
+    "foreground"), else None. Such a run's normalisation statistics and context are a window's, so it is
+    predicted in windows of it whatever runs it (PyTorch, or a dynamic export): whole-volume inference would
+    shift its inputs (nnU-Net predicts in windows of its patch size for the same reason)."""
+    return tuple(config.job.shape) if config.data.crop == "foreground" else None
+
+
 def inference_window(config: TrainConfig) -> tuple[int, int, int] | None:
     """The window a run is predicted in, or None for the whole volume (slabs and windows only where memory asks):
-    its training shape when its network takes no other (:func:`fixed_input_shape`), or when it was trained on
-    random windows of larger images (``crop`` "foreground"): its normalisation statistics and its context are a
-    window's, so whole-volume inference would be a shift of distribution (nnU-Net predicts in windows of its
-    patch size for the same reason)."""
-    if config.data.crop == "foreground":
-        return tuple(config.job.shape)
-    return fixed_input_shape(config)
+    its :func:`training_window`, else its training shape when its network takes no other
+    (:func:`fixed_input_shape`)."""
+    return training_window(config) or fixed_input_shape(config)
 
 
 def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: torch.device,
@@ -301,7 +305,7 @@ def plan_inference(config: TrainConfig, shape: tuple[int, int, int], device: tor
     have = f"{format_bytes(budget)} {budget_source}"
     if fixed is not None and shape != tuple(fixed):
         trained_on = (f"the run was trained on random {'x'.join(map(str, fixed))} windows"
-                      if config.data.crop == "foreground" else
+                      if training_window(config) is not None else
                       f"{model.architecture} takes only {'x'.join(map(str, fixed))} inputs")
         if spatial > 1:
             raise UserError(f"--spatial {spatial}: {trained_on}, so a volume is not shared; predict without --spatial")
@@ -600,8 +604,7 @@ def predict_files(run_or_checkpoint: Path, inputs: list[str], out: Path, device:
     if engine != "torch":
         engine_file = Path(engine_file) if engine_file is not None else default_engine_file(run_or_checkpoint, engine)
         runner = open_engine(engine, engine_file, config, predictor.checkpoint)
-        # a dynamic export of a window-trained run still predicts in its windows
-        fixed = runner.spatial_shape or (tuple(config.job.shape) if config.data.crop == "foreground" else None)
+        fixed = runner.spatial_shape or training_window(config)  # a dynamic export: the run's own windows
     else:
         fixed = inference_window(config)
     least = fixed or (1, 1, 1)
