@@ -151,3 +151,15 @@ def test_cli_writes_ct(tmp_path, cli):
                                "--shape", "24", "24", "8", "--quiet")
     assert code == 0 and "ct" in stdout and stderr == ""
     assert json.loads((tmp_path / "ct" / "dataset.json").read_text())["modality"] == {"0": "CT"}
+
+
+def test_convert_keeps_a_lesion_datasets_own_label_names(tmp_path):
+    """A label set that is not the glioma one keeps its names across layouts (not renamed edema & co)."""
+    from fullres.data.convert import convert_dataset
+
+    source = write_dataset(tmp_path / "ct", train_cases=2, test_cases=1, shape=(16, 16, 8), seed=1, kind="ct",
+                           progress=False)
+    convert_dataset(source, tmp_path / "nn", "nnunet")
+    assert json.loads((tmp_path / "nn" / "dataset.json").read_text())["labels"] == {"background": 0, "lesion": 1}
+    convert_dataset(tmp_path / "nn", tmp_path / "msd", "msd")
+    assert json.loads((tmp_path / "msd" / "dataset.json").read_text())["labels"] == {"0": "background", "1": "lesion"}

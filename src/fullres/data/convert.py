@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -37,14 +37,17 @@ def case_id_for(layout: str, number: int) -> str:
 
 
 class LayoutWriter:
-    """Writes one dataset in `layout` under `root` (which must exist): cases first, then `finish()`."""
+    """Writes one dataset in `layout` under `root` (which must exist): cases first, then `finish()`.
+    `labels`: {value: name} in the written values, for dataset.json; None = the glioma labels as `layout`
+    names them."""
 
     def __init__(self, root: Path, layout: str, modalities: Sequence[str], name: str = "BRATS",
-                 description: str = "") -> None:
+                 description: str = "", labels: Mapping[int, str] | None = None) -> None:
         if layout not in LAYOUTS:
             raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.root, self.layout, self.modalities = Path(root), layout, tuple(modalities)
         self.name, self.description = name, description
+        self.labels = None if labels is None else {int(value): str(label) for value, label in labels.items()}
         self.training: list[str] = []
         self.test: list[str] = []
         self.files: list[str] = []
@@ -91,7 +94,7 @@ class LayoutWriter:
                 (self.root / sub).mkdir(exist_ok=True)
             raw = {"name": self.name, "description": self.description, "tensorImageSize": "4D",
                    "modality": {str(i): name for i, name in enumerate(self.modalities)},
-                   "labels": {str(k): v for k, v in MSD_LABELS.items()},
+                   "labels": {str(k): v for k, v in (self.labels or MSD_LABELS).items()},
                    "numTraining": len(self.training), "numTest": len(self.test),
                    "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"}
                                 for c in self.training],
@@ -101,7 +104,9 @@ class LayoutWriter:
                 (self.root / sub).mkdir(exist_ok=True)
             raw = {"name": self.name, "description": self.description,
                    "channel_names": {str(i): name for i, name in enumerate(self.modalities)},
-                   "labels": dict(NNUNET_LABELS), "numTraining": len(self.training), "file_ending": ".nii.gz"}
+                   "labels": dict(NNUNET_LABELS) if self.labels is None else
+                   {label: value for value, label in sorted(self.labels.items())},
+                   "numTraining": len(self.training), "file_ending": ".nii.gz"}
         else:
             return
         (self.root / "dataset.json").write_text(json.dumps(raw, indent=2) + "\n")
@@ -182,8 +187,11 @@ def convert_dataset(data: Path, out: Path, layout: str, source_layout: str | Non
     ids = new_case_ids(source, layout)
     test_labels = kept_test_labels(source)
     with staged_folder(out, _rename_into_empty) as temp:
+        # glioma labels take the target layout's names; any other label set keeps its own, at the mapped values
+        glioma = {"TC", "ET"} <= set(source.regions)
         writer = LayoutWriter(temp, layout, names, name=source.name or "converted",
-                              description=f"{source.root.name} ({source.layout}) converted by fullres {__version__}")
+                              description=f"{source.root.name} ({source.layout}) converted by fullres {__version__}",
+                              labels=None if glioma else {values[v]: label for v, label in source.labels.items()})
         jobs = [("train", c) for c in source.training] + [("test", c) for c in source.test]
         for kind, case in tqdm(jobs, desc="convert", unit="case", disable=not progress):
             image, affine = read_image(case.image)

@@ -529,7 +529,8 @@ def _write_other_layout(out: Path, train_cases: int, test_cases: int, shape, see
     with staged_folder(out, _move_into_place) as temp:
         _, names = target_modalities(layout, list((CT_CHANNELS if kind == "ct" else MODALITIES).values()))
         writer = LayoutWriter(temp, layout, names, name=_dataset_name(kind),
-                              description=_description(kind, seed, shape, "uniform random images and labels"))
+                              description=_description(kind, seed, shape, "uniform random images and labels"),
+                              labels={int(value): label for value, label in CT_LABELS.items()} if kind == "ct" else None)
         # ct's labels are background / lesion, written as they are; the glioma labels follow the layout.
         values = {0: 0, 1: 1} if kind == "ct" else value_map(MSD_REGIONS, layout_regions(layout), range(4))
         for index in _case_indices(train_cases + test_cases, shape, progress):
@@ -542,10 +543,6 @@ def _write_other_layout(out: Path, train_cases: int, test_cases: int, shape, see
             else:
                 writer.add_test(case, to_dtype(image, dtype, kind), affine, label)
         writer.finish()
-        if kind == "ct":  # the writer's dataset.json names the glioma labels
-            raw = json.loads((temp / "dataset.json").read_text())
-            raw["labels"] = {name: int(value) for value, name in CT_LABELS.items()}
-            (temp / "dataset.json").write_text(json.dumps(raw, indent=2) + "\n")
         settings = {"kind": kind, "seed": seed, "shape": list(shape), "dtype": dtype, "train_cases": train_cases,
                     "test_cases": test_cases, "fullres": __version__, "layout": layout, "files": writer.files}
         (temp / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
