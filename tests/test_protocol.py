@@ -262,3 +262,14 @@ def test_ct_statistics_are_read_once_per_dataset_and_again_when_a_file_changes(t
     write_case(image, array, (1.0, 1.0, 3.0))
     changed = ct_statistics(load_dataset(root), (0,))
     assert len(reads) == 2 and changed != first
+
+
+def test_the_spacing_is_the_affines_even_where_the_header_pixdim_says_otherwise(tmp_path):
+    from fullres.data.nifti import open_nifti, voxel_spacing
+
+    image = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.diag([0.8, 0.8, 2.5, 1.0]))
+    image.header["pixdim"][1:4] = 0  # a broken header: nibabel reads these zeros as 1 mm
+    nib.save(image, str(tmp_path / "z.nii.gz"))
+    opened = open_nifti(tmp_path / "z.nii.gz")
+    assert opened.header.get_zooms()[:3] == (1.0, 1.0, 1.0)
+    np.testing.assert_allclose(voxel_spacing(opened), (0.8, 0.8, 2.5), rtol=1e-6)

@@ -115,8 +115,10 @@ def _read_channel_files(paths: list[Path]) -> tuple[np.ndarray, nib.Nifti1Image]
 
 
 def voxel_spacing(image: nib.Nifti1Image) -> tuple[float, float, float]:
-    """The voxel size of `image` along its first three axes (H, W, D), in the header's units (mm)."""
-    return tuple(float(z) for z in image.header.get_zooms()[:3])
+    """The voxel size of `image` along its first three axes (H, W, D), in mm: the lengths of its affine's
+    columns, which :func:`open_nifti` has checked finite and invertible (the header's pixdim can disagree
+    with the affine, and nibabel turns a zero there into 1 mm)."""
+    return tuple(float(size) for size in nib.affines.voxel_sizes(image.affine)[:3])
 
 
 def read_label(path: Path) -> np.ndarray:
