@@ -219,7 +219,7 @@ def tiny_network(config, shape):
 
 def test_a_registered_network_is_built_estimated_and_trained_everywhere(monkeypatch):
     """docs/extending.md's worked example: one register_model call, and Table 1, the dry run and a
-    training step all run the new network; strategies it has no schedule for are refused."""
+    training step all run the new network, in slabs too; strategies it has no schedule for are refused."""
     from fullres.job.config import JobConfig, Strategy
     from fullres.cost.dryrun import dryrun
     from fullres.cost.plan import candidate_strategies
@@ -244,9 +244,13 @@ def test_a_registered_network_is_built_estimated_and_trained_everywhere(monkeypa
     before = [p.detach().clone() for p in training.model.parameters()]
     train_step(training.model, training.optimizer, images, targets, LOSSES["dice"], job.strategy)
     assert any(not torch.equal(a, b) for a, b in zip(before, training.model.parameters()))
-    with pytest.raises(ValueError, match="no slab schedule"):
-        JobConfig(model=model, shape=(16, 16, 16), batch=1, strategy=Strategy(slabs=2))
-    assert not any(candidate.strategy.slabs > 1 for _, candidate in candidate_strategies(job))
+    with pytest.raises(ValueError, match="--checkpoint-levels: the tiny network is checkpointed block by block"):
+        JobConfig(model=model, shape=(16, 16, 16), batch=1, strategy=Strategy(checkpointing=True, checkpoint_levels=1))
+    slabbed = JobConfig(model=model, shape=(16, 16, 16), batch=1, strategy=Strategy(slabs=2))  # through its tape
+    slab_model = build_training(slabbed, "cpu").model
+    assert torch.allclose(slab_model(images), slab_model._fullres_slab_forward(images), atol=1e-6)
+    assert [candidate.strategy.slab_counts for _, candidate in candidate_strategies(job) if
+            candidate.strategy.slabbed and candidate.strategy.precision == "fp32"] == [(8,)]
     with pytest.raises(ValueError, match="unknown network 'nope'"):
         ModelConfig(architecture="nope")
 

@@ -209,7 +209,7 @@ def test_a_users_factory_file_is_built_and_a_changed_one_refused(tmp_path):
     (["--model", "monai:SwinUNETR", "--shape", "48", "48", "48"], "not divisible by 32"),
     (["--model", "missing.py:make"], "no such file"),
     (["--model", "intel-unet", "--norm", "instance"], "--norm must be batch"),
-    (["--model", "monai:SegResNet", "--slabs", "2", "--shape", "32", "32", "32"], "has no slab schedule"),
+    (["--model", "monai:UNETR", "--slabs", "2", "--shape", "32", "32", "32"], "monai:UNETR cannot run in slabs"),
 ])
 def test_bad_networks_are_refused_in_one_line(cli, argv, message):
     code, out, err = cli("estimate", *argv)

@@ -236,7 +236,9 @@ def test_plan_offers_every_level_schedules_with_their_counted_flops(monkeypatch)
     assert slab_schedules(job) == [(8, 4, 2, 1)]  # 16 rows hold 8 slabs, 8 rows 4, 4 rows 2, 2 rows 1
     assert slab_schedules(JobConfig(shape=(240, 240, 144), batch=1)) == [
         (8, 4, 2, 1), (16, 8, 4, 2), (32, 16, 8, 4), (64, 32, 16, 8), (120, 60, 30, 15)]
-    assert slab_schedules(JobConfig(model=ModelConfig(architecture="intel-unet", norm="batch"), shape=(32, 32, 32))) == []
+    assert slab_schedules(JobConfig(model=ModelConfig(architecture="intel-unet", norm="batch"), shape=(32, 32, 32))) == [
+        (8, 4, 2, 1, 1), (16, 8, 4, 2, 1)]  # any network through its tape: five levels
+    assert slab_schedules(JobConfig(model=ModelConfig(architecture="monai:UNETR", in_channels=1), shape=(32, 32, 32))) == []
     names = [name for name, _ in candidate_strategies(job, allow_bf16=False)]
     assert names[-1] == "checkpointing + accumulate x2 + slabs 8,4,2 + 1 level input recomputed"
     assert "checkpointing + accumulate x2 + slabs 8,4,2" in names

@@ -13,7 +13,7 @@ from fullres.job.config import TARGET_CLASSES, JobConfig, Strategy, job_defaults
 from fullres.kernels.device import COLLECTIVE_TIMEOUT_S, estimate_device
 from fullres.kernels.gpus import GPUS, GPU, gpu_named
 from fullres.nets.families import factory_file, file_digest
-from fullres.nets.registry import NORMS, ModelConfig, check_shape
+from fullres.nets.registry import NORMS, ModelConfig, check_shape, tape_refusal
 from fullres.units import parse_size
 
 
@@ -157,6 +157,9 @@ def job_from_options(options: dict, in_channels: int | None = None, classes: int
         strategy = Strategy(**{spec.name: options[spec.name] for spec in fields(Strategy)})
         job = JobConfig(model=model, shape=tuple(options["shape"]), batch=options["batch"], strategy=strategy)
         check_shape(job.model, job.shape)
+        refusal = tape_refusal(job.model, job.shape) if job.strategy.slabbed else None
+        if refusal:
+            raise ValueError(f"--slabs: {refusal}")
         check_checkpointing(job)  # refuses, or warns, where block checkpointing saves (almost) nothing
         return job
     except (ValueError, argparse.ArgumentTypeError) as error:

@@ -19,7 +19,7 @@ from fullres.engine.spatial import shard_bounds
 from fullres.errors import OneLineWarning, UserError
 from fullres.job.config import JobConfig
 from fullres.kernels.device import fast_bf16
-from fullres.nets.registry import model_spec, spatial_divisor
+from fullres.nets.registry import model_spec, slab_levels, slab_refusal, spatial_divisor, tape_refusal
 from fullres.nets.unet3d import LEVELS as SLAB_LEVELS
 from fullres.units import format_bytes
 
@@ -134,12 +134,13 @@ SLAB_BASES = (8, 16, 32, 64, 128)  # full-resolution slabs of the every-level sc
 def slab_schedules(job: JobConfig) -> list[tuple[int, ...]]:
     """Every-level slab schedules for `job`'s network: S slabs at full resolution (each of SLAB_BASES), half as
     many at each coarser level (at least 1), each capped at what the level's rows hold (2 each); none for a
-    network without a slab schedule."""
-    if not model_spec(job.model.architecture).slabs:
+    network that cannot run in slabs (attention over the volume)."""
+    if slab_refusal(job.model.architecture) or tape_refusal(job.model, job.shape):
         return []
+    levels = slab_levels(job.model)
     schedules = []
     for base in SLAB_BASES:
-        counts = tuple(max(1, min(base >> level, (job.shape[0] >> level) // 2)) for level in range(SLAB_LEVELS))
+        counts = tuple(max(1, min(base >> level, (job.shape[0] >> level) // 2)) for level in range(levels))
         if counts not in schedules and counts[0] == min(base, job.shape[0] // 2):
             schedules.append(counts)
     return schedules
@@ -157,6 +158,8 @@ def with_slabs(job: JobConfig, counts: tuple[int, ...], recompute_inputs: int = 
 def recomputed_schedule(job: JobConfig) -> tuple[int, ...] | None:
     """The deepest of :func:`slab_schedules`, offered once more with the half-resolution level's input
     recomputed (the largest map a schedule stores): None where that level cannot be slabbed."""
+    if not model_spec(job.model.architecture).slabs:
+        return None
     schedules = slab_schedules(job)
     return schedules[-1] if schedules and schedules[-1][1] > 1 else None
 
@@ -204,7 +207,7 @@ def check_checkpointing(job: JobConfig) -> float | None:
     the fraction of the dry-run peak's activations and temporaries it saves (:func:`checkpointing_saving`). A UserError naming the
     network where that is under REFUSE_BELOW; a one-line warning where it is under WARN_BELOW. None for
     other jobs, or where the dry run cannot follow the network (the estimate says why)."""
-    if not job.strategy.checkpointing or model_spec(job.model.architecture).slabs:
+    if not job.strategy.checkpointing or job.strategy.slabbed or model_spec(job.model.architecture).slabs:
         return None
     try:
         saving = checkpointing_saving(job)
@@ -334,12 +337,13 @@ def candidate_strategies(job: JobConfig, allow_bf16: bool = True, device: str = 
             strategy = replace(job.strategy, checkpointing=True, accumulate=total, slabs=slabs)
             name = f"checkpointing + accumulate x{total} + {slabs} slabs" if total > 1 else f"checkpointing + {slabs} slabs"
             candidates.append((name, job.with_(batch=1, strategy=strategy)))
-        for counts in slab_schedules(job):  # every level in slabs: the least memory, the most recomputation
-            if counts[0] > job.strategy.slabs:
-                candidate = with_slabs(job, counts)
-                accumulate = f" + accumulate x{total}" if total > 1 else ""
-                counts = candidate.strategy.slab_counts
-                candidates.append((f"checkpointing{accumulate} + slabs {','.join(map(str, counts))}", candidate))
+    for counts in slab_schedules(job):  # every level in slabs: the least memory, the most recomputation
+        if counts[0] > job.strategy.slabs:
+            candidate = with_slabs(job, counts)
+            accumulate = f" + accumulate x{total}" if total > 1 else ""
+            counts = candidate.strategy.slab_counts
+            candidates.append((f"checkpointing{accumulate} + slabs {','.join(map(str, counts))}", candidate))
+    if model_spec(job.model.architecture).slabs:
         deepest = recomputed_schedule(job)
         if deepest and deepest[0] > job.strategy.slabs:
             candidate = with_slabs(job, deepest, 1)

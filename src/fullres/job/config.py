@@ -19,7 +19,7 @@ from fullres.data.preprocess import DataConfig
 from fullres.engine.losses import LOSSES
 from fullres.nets.unet3d import LEVELS as SLAB_LEVELS
 from fullres.nets.registry import ModelConfig
-from fullres.nets.registry import check_divisible, model_spec
+from fullres.nets.registry import check_divisible, model_spec, slab_levels, slab_refusal
 from fullres.engine.slabs import slab_rows
 from fullres.presets import DEMO, PAPER, PRESETS
 from fullres.schema import from_data
@@ -78,7 +78,7 @@ class Strategy:
     channels_last: bool = field(default=False, metadata={"help": "channels_last_3d memory format"})
     slabs: int = field(default=1, metadata={
         "metavar": "S", "help": "compute the full-resolution levels in S slabs along H, each recomputed in backward "
-                                "(exact, normalisation included; a network with slabs)"})
+                                "(exact, normalisation included; any convolutional network, not UNETR or SwinUNETR)"})
     coarse_slabs: str = field(default="", metadata={
         "metavar": "S1,S2,...", "help": "slabs of each coarser level, half resolution first (e.g. 8,4,2 with --slabs 16; "
                                         "default: whole), their skips recomputed from each level's stored input"})
@@ -176,11 +176,12 @@ class JobConfig:
             raise ValueError(f"batch {self.batch} x {'x'.join(map(str, self.shape))} with {self.model.filters} filters "
                              "is too large: its tensors would have more elements than 64-bit sizes can count")
         if self.strategy.slabbed:
-            if not model_spec(self.model.architecture).slabs:
-                raise ValueError(f"slabs: the {self.model.architecture} network has no slab schedule")
-            counts = self.strategy.slab_counts
-            if len(counts) > SLAB_LEVELS:
-                raise ValueError(f"--coarse-slabs: {self.model.architecture} has {SLAB_LEVELS - 1} levels below full "
+            refusal = slab_refusal(self.model.architecture)
+            if refusal:
+                raise ValueError(f"slabs: {refusal}")
+            counts, levels = self.strategy.slab_counts, slab_levels(self.model)
+            if len(counts) > levels:
+                raise ValueError(f"--coarse-slabs: {self.model.architecture} has {levels - 1} levels below full "
                                  f"resolution, got {len(counts) - 1} counts ({self.strategy.coarse_slabs})")
             for level, count in enumerate(counts):  # raises when a level's H cannot hold that many slabs
                 try:
@@ -198,9 +199,9 @@ class JobConfig:
                                  f"{SLAB_LEVELS - 1} (0, the default, checkpoints every level), got {levels}")
         recompute = self.strategy.recompute_inputs
         if recompute:
-            if recompute > SLAB_LEVELS - 1 or not model_spec(self.model.architecture).slabs:
-                raise ValueError(f"--recompute-inputs: {self.model.architecture} has "
-                                 f"{SLAB_LEVELS - 1 if model_spec(self.model.architecture).slabs else 0} levels whose "
+            below = 0 if slab_refusal(self.model.architecture) else slab_levels(self.model) - 1
+            if recompute > below:
+                raise ValueError(f"--recompute-inputs: {self.model.architecture} has {below} levels whose "
                                  f"input can be recomputed, got {recompute}")
             whole = _first_whole_level(self.strategy.slab_counts, recompute)
             if whole is not None:  # a whole level would compute (or read) a recomputed map whole: nothing saved

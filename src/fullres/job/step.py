@@ -20,6 +20,7 @@ from torch import nn
 from fullres.job.config import JobConfig, Strategy
 from fullres.kernels.onednn import cpu_workarounds
 from fullres.engine.losses import LossFunction, deep_supervision_loss, primary_output
+from fullres.engine.tape import slab_network
 from fullres.nets.registry import build_model
 from fullres.presets import PAPER
 
@@ -36,7 +37,8 @@ def autocast(strategy: Strategy, device_type: str):
 def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
     """Apply the strategy's model-side settings (memory format, checkpointing, slabs) in place. A network
     with its own schedule (the paper's UNet3D: `checkpointing` and `slabs` attributes) gets them set; any
-    other network is checkpointed block by block (:func:`checkpoint_blocks`)."""
+    other network runs in slabs through its recorded tape (:func:`fullres.engine.tape.slab_network`) or is
+    checkpointed block by block (:func:`checkpoint_blocks`)."""
     if strategy.channels_last:
         # Each 5-D weight in place, as Module.to(memory_format=...) does, but without the tensor swap that
         # fails on the dry run's fake parameters.
@@ -49,6 +51,8 @@ def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
         inner.checkpoint_levels = strategy.checkpoint_levels
         inner.slabs = strategy.slab_counts if len(strategy.slab_counts) > 1 else strategy.slabs
         inner.recompute_inputs = strategy.recompute_inputs
+    elif strategy.slabbed:
+        slab_network(inner, strategy.slab_counts, strategy.recompute_inputs)
     elif strategy.checkpointing:
         checkpoint_blocks(inner)
     return model

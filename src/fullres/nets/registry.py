@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fullres.engine.losses import primary_output
+from fullres.engine.tape import ATTENTION_NETWORKS, Unsliceable, record
 from fullres.errors import first_line
 from fullres.nets import families
 from fullres.presets import PAPER
@@ -248,6 +249,40 @@ def spatial_divisor(config: ModelConfig) -> int:
     for a network the user chose on their command line or a run whose code they trust."""
     spec = model_spec(config.architecture)
     return probed_divisor(config) if spec.probe else declared_divisor(config)
+
+
+def slab_refusal(architecture: str) -> str | None:
+    """Why `architecture` cannot run in slabs, in a phrase naming it; None where it can (its own schedule,
+    or any other network through :mod:`fullres.engine.tape`, which refuses an operation it cannot split
+    when it first records the network)."""
+    family, _, member = architecture.partition(":")
+    if family == "monai" and member in ATTENTION_NETWORKS:
+        return f"{architecture} cannot run in slabs: {ATTENTION_NETWORKS[member]}, so no slab is the whole-volume result"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def tape_refusal(config: ModelConfig, shape: tuple[int, int, int]) -> str | None:
+    """Why `config`'s network cannot run in slabs at `shape`: the first operation its recorded forward reads
+    a map with that slabs cannot split (:func:`fullres.engine.tape.record`, on the meta device); None where it
+    can, or where it has its own schedule."""
+    if model_spec(config.architecture).slabs:
+        return None
+    refusal = slab_refusal(config.architecture)
+    if refusal:
+        return refusal
+    model = build_on_meta(config, shape)
+    try:
+        record(model, (1, config.in_channels, *shape))
+    except Unsliceable as error:
+        return str(error)
+    return None
+
+
+def slab_levels(config: ModelConfig) -> int:
+    """How many resolution levels slab counts can be given for: one more than the number of 2x
+    downsamplings in the network's divisor."""
+    return max(1, spatial_divisor(config).bit_length())
 
 
 def check_divisible(config: ModelConfig, shape: tuple[int, ...], probe: bool = False) -> None:
