@@ -1,9 +1,10 @@
 """Any network: the dry run against measured peaks, and what each network needs at BraTS size.
 
-    python benchmarks/networks.py accuracy OUT [--precisions fp32 bf16] [--networks ...]
+    python benchmarks/networks.py accuracy OUT [--precisions fp32 bf16] [--networks ...] [--strategies ...]
     python benchmarks/networks.py table OUT [--precisions fp32] [--networks ...]
 
-`accuracy`: for each network at two shapes, with and without checkpointing, the dry run's peak (as
+`accuracy`: for each network at two shapes, under each of --strategies (none, checkpointing, and slabs: the
+first every-level schedule `plan` offers, where the network can run in slabs), the dry run's peak (as
 `fullres estimate --method dryrun` computes it, runtime term included) against two real training steps in
 a fresh process (`fullres profile`'s measurement), channels-last, batch 1. Writes OUT/accuracy.csv and
 prints a row per job.
@@ -35,7 +36,7 @@ from fullres.job.config import JobConfig, Strategy
 from fullres.errors import UserError
 from fullres.cost.estimate import dryrun_estimate
 from fullres.cost.measure import measure_peak
-from fullres.cost.plan import plan
+from fullres.cost.plan import plan, slab_schedules, with_slabs
 from fullres.nets.registry import ModelConfig, nearest_valid_sizes
 from fullres.nets.registry import build_on_meta, spatial_divisor
 from fullres.nets.families import nnunet_vram_estimate
@@ -67,7 +68,8 @@ def machine() -> dict:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
 
 
-def accuracy(out: Path, networks: list[str], precisions: list[str]) -> None:
+def accuracy(out: Path, networks: list[str], precisions: list[str],
+             strategies: tuple[str, ...] = ("none", "checkpointing")) -> None:
     rows = []
     print(json.dumps(machine()))
     print(f"{'network':<24}{'shape':<10}{'strategy':<36}{'dry run':>10}{'measured':>10}{'error':>8}")
@@ -75,10 +77,15 @@ def accuracy(out: Path, networks: list[str], precisions: list[str]) -> None:
         args, shapes, _ = NETWORKS[name]
         for shape in shapes:
             for precision in precisions:
-                for checkpointing in (False, True):
+                for strategy in strategies:
                     job = JobConfig(model=model_config(name, args), shape=shape, batch=1,
-                                    strategy=Strategy(checkpointing=checkpointing, precision=precision,
+                                    strategy=Strategy(checkpointing=strategy != "none", precision=precision,
                                                       channels_last=True))
+                    if strategy == "slabs":  # the plan's first every-level schedule, where the network has one
+                        schedules = slab_schedules(job)
+                        if not schedules:
+                            continue
+                        job = with_slabs(job, schedules[0])
                     start = time.perf_counter()
                     estimate = dryrun_estimate(job).peak_bytes
                     measured = measure_peak(job, steps=2, threads=torch.get_num_threads()).measured_bytes
@@ -146,8 +153,13 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=("fp32", "bf16"))
+    parser.add_argument("--strategies", nargs="+", default=["none", "checkpointing"],
+                        choices=("none", "checkpointing", "slabs"), help="accuracy: the strategies measured")
     args = parser.parse_args()
-    (accuracy if args.what == "accuracy" else table)(args.out, args.networks, args.precisions)
+    if args.what == "accuracy":
+        accuracy(args.out, args.networks, args.precisions, tuple(args.strategies))
+    else:
+        table(args.out, args.networks, args.precisions)
     return 0
 
 
