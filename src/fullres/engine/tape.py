@@ -69,6 +69,30 @@ class Held:
         return getattr(self.module, self.name)
 
 
+@dataclass(frozen=True, eq=False)
+class Derived:
+    """A tensor computed from parameters alone (a slice of a weight, a standardised weight), computed again
+    from the live parameters whenever the tape reads it."""
+    function: Callable
+    args: tuple
+    kwargs: dict
+
+    def get(self) -> torch.Tensor:
+        return self.function(*tree_map(_live, self.args, is_leaf=_is_live),
+                             **tree_map(_live, self.kwargs, is_leaf=_is_live))
+
+
+LIVE = (Held, Derived)
+
+
+def _is_live(value) -> bool:
+    return isinstance(value, (Ref, *LIVE))
+
+
+def _live(value):
+    return value.get() if isinstance(value, LIVE) else value
+
+
 @dataclass
 class Step:
     """One recorded operation: `kind` (conv, transposed, pool, interpolate, norm, cat, pad, dropout,
@@ -152,6 +176,11 @@ class _Recorder(TorchFunctionMode):
         out = function(*args, **kwargs)
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if not any(id(t) in self.maps for t in tensors):
+            if isinstance(out, torch.Tensor) and tensors and all(id(t) in self.held for t in tensors) and \
+                    function not in OUT_OF_PLACE and id(out) not in self.held:  # made from parameters alone
+                hold = lambda v: self.held[id(v)] if isinstance(v, torch.Tensor) else v  # noqa: E731
+                self.held[id(out)] = Derived(function, tree_map(hold, args), tree_map(hold, kwargs))
+                self.keep.append(out)
             return out  # parameters, shapes, constants: not a map
         if not isinstance(out, torch.Tensor):
             if any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
@@ -266,7 +295,7 @@ def _window(step: Step, tape: Tape) -> tuple[int, int, tuple[int, int], int]:
     """(kernel, stride, (padding before, after), dilation) along H of a convolution or pooling step."""
     a = step.kwargs
     if step.kind == "conv":
-        k = a["weight"].get().shape[2] if isinstance(a["weight"], Held) else tape.steps[a["weight"].index].shape[2]
+        k = a["weight"].get().shape[2] if isinstance(a["weight"], LIVE) else tape.steps[a["weight"].index].shape[2]
         s, d = _triple(a.get("stride", 1))[0], _triple(a.get("dilation", 1))[0]
         padding = a.get("padding", 0)
         if isinstance(padding, str):
@@ -357,8 +386,7 @@ def run_step(step: Step, tape: Tape, low: int, high: int, read: Callable[[int, i
     if whole and step.kind in ("norm", "pointwise", "cat", "pad"):
         return _call(step, tape, low, high, read)
 
-    def value(v):
-        return v.get() if isinstance(v, Held) else v
+    value = _live
 
     if step.kind in ("conv", "pool"):
         k, s, (before, after), d = _window(step, tape)
@@ -442,10 +470,10 @@ def _call(step: Step, tape: Tape, low: int, high: int, read: Callable) -> torch.
         if isinstance(v, Ref):
             height = tape.steps[v.index].shape[2]
             return read(v.index, low, high) if height == step.shape[2] else read(v.index, 0, height)
-        return v.get() if isinstance(v, Held) else v
+        return _live(v)
 
-    leaf = lambda v: isinstance(v, (Ref, Held))  # noqa: E731
-    return step.function(*tree_map(sliced, step.args, is_leaf=leaf), **tree_map(sliced, step.kwargs, is_leaf=leaf))
+    return step.function(*tree_map(sliced, step.args, is_leaf=_is_live),
+                         **tree_map(sliced, step.kwargs, is_leaf=_is_live))
 
 
 def _grouped(step: Step, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -481,8 +509,8 @@ def moments(step: Step, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 def _normalised(step: Step, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     a = step.kwargs
-    weight = a["weight"].get() if isinstance(a.get("weight"), Held) else None
-    bias = a["bias"].get() if isinstance(a.get("bias"), Held) else None
+    weight = a["weight"].get() if isinstance(a.get("weight"), LIVE) else None
+    bias = a["bias"].get() if isinstance(a.get("bias"), LIVE) else None
     rstd = torch.rsqrt(var + a["eps"])
     grouped, dims = _grouped(step, x)
     shape = [1] * grouped.dim()
@@ -620,7 +648,7 @@ class SlabForward:
             partials = [_checkpointed(self._region_moments, step, source, low, high)
                         for low, high in slab_rows(height, self.counts[source])]
         else:
-            partials = [moments(step, self.stored[source].all())]
+            partials = [moments(step, piece) for piece in self.stored[source].pieces]  # never joined whole
         mean, var, count = combine(partials)
         self.statistics[step.index] = (mean, var)
         if step.function is F.batch_norm:
