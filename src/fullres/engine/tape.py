@@ -380,7 +380,7 @@ def _pad_rows(x: torch.Tensor, before: int, after: int, value: float = 0.0) -> t
 def run_step(step: Step, tape: Tape, low: int, high: int, read: Callable[[int, int, int], torch.Tensor],
              statistics: dict, seed: int, whole: bool = False) -> torch.Tensor:
     """Output rows [low, high) of `step`; `read(index, first, last)` gives rows of an input map, `statistics`
-    the whole-volume (mean, variance) of each normalisation that needs them. `whole`: all rows of a step
+    the (scale, shift) of each normalisation with whole-volume statistics (:func:`norm_affine`). `whole`: all rows of a step
     whose inputs are whole, run as the network runs it (its own normalisation kernels)."""
     a = step.kwargs
     if whole and step.kind in ("norm", "pointwise", "cat", "pad"):
@@ -453,8 +453,9 @@ def run_step(step: Step, tape: Tape, low: int, high: int, read: Callable[[int, i
         return operator.default(y, size, None, *scales)
     if step.kind == "norm" and needs_statistics(step):
         x = read(step.inputs[0], low, high)
-        mean, var = statistics[step.index]
-        return _normalised(step, x, mean, var)
+        scale, shift = statistics[step.index]
+        y = torch.addcmul(shift, x, scale)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
     if step.kind == "dropout":
         x = read(step.inputs[0], low, high)
         if not a["training"] or a["p"] == 0:
@@ -507,24 +508,21 @@ def moments(step: Step, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return torch.full_like(m2, grouped.numel() // m2.numel()), mean.squeeze(dims), m2
 
 
-def _normalised(step: Step, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+def norm_affine(step: Step, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) shaped (N or 1, C, 1, 1, 1): the normalisation with these whole-volume statistics is
+    x * scale + shift (computed once a forward, so each region applies it in one operation)."""
     a = step.kwargs
-    weight = a["weight"].get() if isinstance(a.get("weight"), LIVE) else None
-    bias = a["bias"].get() if isinstance(a.get("bias"), LIVE) else None
     rstd = torch.rsqrt(var + a["eps"])
-    grouped, dims = _grouped(step, x)
-    shape = [1] * grouped.dim()
-    keep = [i for i in range(grouped.dim()) if i not in dims]
-    for i in keep:
-        shape[i] = grouped.shape[i]
-    y = ((grouped - mean.view(shape)) * rstd.view(shape)).flatten(1, 2) if step.function is F.group_norm \
-        else (grouped - mean.view(shape)) * rstd.view(shape)
-    channel = [1, -1, 1, 1, 1]
-    if weight is not None:
-        y = y * weight.view(channel)
-    if bias is not None:
-        y = y + bias.view(channel)
-    return y.to(x.dtype)
+    if step.function is F.batch_norm:  # (C,)
+        rstd, mean = rstd[None], mean[None]
+    elif step.function is F.group_norm:  # (N, G): each group's statistics for its channels
+        channels = step.shape[1] // a["num_groups"]
+        rstd, mean = rstd.repeat_interleave(channels, 1), mean.repeat_interleave(channels, 1)
+    scale = rstd * a["weight"].get() if isinstance(a.get("weight"), LIVE) else rstd
+    shift = -mean * scale
+    if isinstance(a.get("bias"), LIVE):
+        shift = shift + a["bias"].get()
+    return scale[:, :, None, None, None], shift[:, :, None, None, None]
 
 
 # ---- the slabbed forward -------------------------------------------------------------------------------
@@ -650,7 +648,7 @@ class SlabForward:
         else:
             partials = [moments(step, piece) for piece in self.stored[source].pieces]  # never joined whole
         mean, var, count = combine(partials)
-        self.statistics[step.index] = (mean, var)
+        self.statistics[step.index] = norm_affine(step, mean, var)
         if step.function is F.batch_norm:
             _update_running(step, mean, var, int(count.reshape(-1)[0].item()))
 
