@@ -213,3 +213,19 @@ def test_train_a_monai_network_in_slabs_and_predict_from_the_run(cli, tmp_path):
     code, out, err = cli("predict", run, data, "--out", tmp_path / "pred", "--quiet")
     assert code == 0, err
     assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
+
+
+def test_a_factory_networks_slab_job_is_validated_without_running_its_code(tmp_path, monkeypatch):
+    """A job read from a run's file is checked before its code is trusted: its slab levels are not probed."""
+    import fullres.nets.registry as registry
+
+    path = tmp_path / "net.py"
+    path.write_text("from torch import nn\ndef make(in_channels, out_channels):\n"
+                    "    return nn.Conv3d(in_channels, out_channels, 3, padding=1)\n")
+
+    def no_probe(config):
+        raise AssertionError("the factory's code ran")
+
+    monkeypatch.setattr(registry, "probed_divisor", no_probe)
+    JobConfig(model=ModelConfig(architecture=f"{path}:make", in_channels=1), shape=(16, 16, 16), batch=1,
+              strategy=Strategy(slabs=4, coarse_slabs="2", recompute_inputs=1))

@@ -180,7 +180,7 @@ class JobConfig:
             if refusal:
                 raise ValueError(f"slabs: {refusal}")
             counts, levels = self.strategy.slab_counts, slab_levels(self.model)
-            if len(counts) > levels:
+            if levels is not None and len(counts) > levels:
                 raise ValueError(f"--coarse-slabs: {self.model.architecture} has {levels - 1} levels below full "
                                  f"resolution, got {len(counts) - 1} counts ({self.strategy.coarse_slabs})")
             for level, count in enumerate(counts):  # raises when a level's H cannot hold that many slabs
@@ -199,8 +199,9 @@ class JobConfig:
                                  f"{SLAB_LEVELS - 1} (0, the default, checkpoints every level), got {levels}")
         recompute = self.strategy.recompute_inputs
         if recompute:
-            below = 0 if slab_refusal(self.model.architecture) else slab_levels(self.model) - 1
-            if recompute > below:
+            levels = slab_levels(self.model)
+            below = 0 if slab_refusal(self.model.architecture) else None if levels is None else levels - 1
+            if below is not None and recompute > below:
                 raise ValueError(f"--recompute-inputs: {self.model.architecture} has {below} levels whose "
                                  f"input can be recomputed, got {recompute}")
             whole = _first_whole_level(self.strategy.slab_counts, recompute)

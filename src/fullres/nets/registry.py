@@ -279,9 +279,12 @@ def tape_refusal(config: ModelConfig, shape: tuple[int, int, int]) -> str | None
     return None
 
 
-def slab_levels(config: ModelConfig) -> int:
+def slab_levels(config: ModelConfig, probe: bool = False) -> int | None:
     """How many resolution levels slab counts can be given for: one more than the number of 2x
-    downsamplings in the network's divisor."""
+    downsamplings in the network's divisor. For a network that declares none (a factory), None unless
+    `probe` (which runs its code, :func:`spatial_divisor`: so a job read from a file is validated without it)."""
+    if model_spec(config.architecture).probe and not probe:
+        return None
     return max(1, spatial_divisor(config).bit_length())
 
 
