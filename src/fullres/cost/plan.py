@@ -19,7 +19,7 @@ from fullres.engine.spatial import shard_bounds
 from fullres.errors import OneLineWarning, UserError
 from fullres.job.config import JobConfig
 from fullres.kernels.device import fast_bf16
-from fullres.nets.registry import model_spec, slab_levels, slab_refusal, spatial_divisor, tape_refusal
+from fullres.nets.registry import model_spec, slab_levels, spatial_divisor, tape_refusal
 from fullres.nets.unet3d import LEVELS as SLAB_LEVELS
 from fullres.units import format_bytes
 
@@ -135,9 +135,9 @@ def slab_schedules(job: JobConfig) -> list[tuple[int, ...]]:
     """Every-level slab schedules for `job`'s network: S slabs at full resolution (each of SLAB_BASES), half as
     many at each coarser level (at least 1), each capped at what the level's rows hold (2 each); none for a
     network that cannot run in slabs (attention over the volume)."""
-    if slab_refusal(job.model.architecture) or tape_refusal(job.model, job.shape):
+    if tape_refusal(job.model, job.shape):
         return []
-    levels = slab_levels(job.model)
+    levels = slab_levels(job.model, probe=True)
     schedules = []
     for base in SLAB_BASES:
         counts = tuple(max(1, min(base >> level, (job.shape[0] >> level) // 2)) for level in range(levels))
@@ -343,13 +343,12 @@ def candidate_strategies(job: JobConfig, allow_bf16: bool = True, device: str = 
             accumulate = f" + accumulate x{total}" if total > 1 else ""
             counts = candidate.strategy.slab_counts
             candidates.append((f"checkpointing{accumulate} + slabs {','.join(map(str, counts))}", candidate))
-    if model_spec(job.model.architecture).slabs:
-        deepest = recomputed_schedule(job)
-        if deepest and deepest[0] > job.strategy.slabs:
-            candidate = with_slabs(job, deepest, 1)
-            accumulate = f" + accumulate x{total}" if total > 1 else ""
-            candidates.append((f"checkpointing{accumulate} + slabs {','.join(map(str, candidate.strategy.slab_counts))} "
-                               "+ 1 level input recomputed", candidate))
+    deepest = recomputed_schedule(job)  # the paper's network's own schedule only
+    if deepest and deepest[0] > job.strategy.slabs:
+        candidate = with_slabs(job, deepest, 1)
+        accumulate = f" + accumulate x{total}" if total > 1 else ""
+        candidates.append((f"checkpointing{accumulate} + slabs {','.join(map(str, candidate.strategy.slab_counts))} "
+                           "+ 1 level input recomputed", candidate))
     if device == "cuda" and not job.strategy.offload:
         for name, candidate in list(candidates):
             offload = replace(candidate.strategy, offload=True)

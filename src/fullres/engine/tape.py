@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -41,6 +42,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fullres.engine.slabs import Rows, combine, row_dropout, slab_rows, take_rows
+from fullres.engine.slabs import moments as slab_moments
 
 #: Networks that attend over the whole volume: no slab of them is the whole-volume result.
 ATTENTION_NETWORKS = {"UNETR": "its transformer attends over every patch of the volume at once",
@@ -351,9 +353,13 @@ def needed_rows(step: Step, tape: Tape, low: int, high: int) -> tuple[int, int]:
         last = min(height, (high - 1 + p) // s + 1)
         return first, max(first, last)
     if step.kind == "interpolate":
-        rows = _source_rows(step, tape, low, high)
-        return min(r[0] for r in rows), max(r[1] if r[1] is not None else r[0] for r in rows) + 1
+        return _span(_source_rows(step, tape, low, high))
     return low, high
+
+
+def _span(rows) -> tuple[int, int]:
+    """The source rows [first, last) that interpolated rows (:func:`_source_rows`) read."""
+    return min(r[0] for r in rows), max(r[1] if r[1] is not None else r[0] for r in rows) + 1
 
 
 def input_rows(step: Step, tape: Tape, low: int, high: int) -> dict[int, tuple[int, int]]:
@@ -434,8 +440,7 @@ def run_step(step: Step, tape: Tape, low: int, high: int, read: Callable[[int, i
         return out if bias is None else out + bias.view(1, -1, 1, 1, 1).to(out.dtype)
     if step.kind == "interpolate":
         rows = _source_rows(step, tape, low, high)
-        first = min(r[0] for r in rows)
-        last = max(r[1] if r[1] is not None else r[0] for r in rows) + 1
+        first, last = _span(rows)
         x = read(step.inputs[0], first, last)
         lower = torch.tensor([r[0] - first for r in rows], device=x.device)
         if a["mode"] == "trilinear":
@@ -477,16 +482,6 @@ def _call(step: Step, tape: Tape, low: int, high: int, read: Callable) -> torch.
                          **tree_map(sliced, step.kwargs, is_leaf=_is_live))
 
 
-def _grouped(step: Step, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """`x` viewed so that the statistics reduce over the returned dims: instance (N, C), group (N, G), batch (C,)."""
-    if step.function is F.group_norm:
-        groups = step.kwargs["num_groups"]
-        return x.unflatten(1, (groups, x.shape[1] // groups)), (2, 3, 4, 5)
-    if step.function is F.batch_norm:
-        return x, (0, 2, 3, 4)
-    return x, (2, 3, 4)
-
-
 def needs_statistics(step: Step) -> bool:
     """Whether a normalisation step takes statistics over the volume (not running ones)."""
     a = step.kwargs
@@ -500,12 +495,10 @@ def needs_statistics(step: Step) -> bool:
 
 
 def moments(step: Step, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(count, mean, sum of squared deviations) of `x` per statistic, in at least fp32."""
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    grouped, dims = _grouped(step, x)
-    mean = grouped.mean(dims, keepdim=True)
-    m2 = (grouped - mean).square().sum(dims)
-    return torch.full_like(m2, grouped.numel() // m2.numel()), mean.squeeze(dims), m2
+    """(count, mean, sum of squared deviations) of `x` per statistic, in at least fp32
+    (:func:`fullres.engine.slabs.moments`, the paper's schedule's own)."""
+    kind = {F.group_norm: "group", F.batch_norm: "batch"}.get(step.function, "instance")
+    return slab_moments(SimpleNamespace(num_groups=step.kwargs.get("num_groups")), kind, x)
 
 
 def norm_affine(step: Step, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
