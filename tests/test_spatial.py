@@ -176,12 +176,43 @@ def test_train_with_spatial_equals_one_process_and_resumes_under_another_count(m
     same_weights()
 
 
+@pytest.mark.slow
+def test_any_network_trains_and_predicts_across_processes_in_slabs(msd, tmp_path):
+    """`train --spatial 2` of MONAI's SegResNet, each process's rows in slabs (its recorded tape), ends its epoch
+    with the one-process run's losses; `predict --spatial 2` from it writes the one-process masks. (Not its
+    weights: Adam's first steps are +-lr whatever a gradient's size, so fp32 rounding in SegResNet's near-zero
+    gradients moves a few percent of its weights by up to lr; tests/test_tape_spatial.py checks the gradients.)"""
+    import csv
+    import numpy as np
+    import nibabel as nib
+
+    flags = [*FLAGS, "--model", "monai:SegResNet", "--model-args", '{"init_filters": 8}', "--slabs", "2",
+             "--coarse-slabs", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (done := fullres("train", msd, "--out", one, "--epochs", "1", *flags)).returncode == 0, done.stderr[-3000:]
+    shared = fullres("train", msd, "--out", two, "--epochs", "1", *flags, "--spatial", "2", processes=2)
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    assert "2 process(es): 1 x 2 sharing each sample" in shared.stdout
+    [a], [b] = (list(csv.DictReader((run / "metrics.csv").open())) for run in (one, two))
+    for column in ("train_loss", "val_loss"):  # (not Dice: thresholded, one voxel moves it)
+        assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-5), column
+    alone = fullres("predict", one, msd, "--out", tmp_path / "p1", "--quiet", "--device", "cpu")
+    together = fullres("predict", one, msd, "--out", tmp_path / "p2", "--quiet", "--device", "cpu", "--spatial", "2",
+                       processes=2)
+    assert alone.returncode == 0 and together.returncode == 0, (alone.stderr + together.stderr)[-3000:]
+    masks = sorted((tmp_path / "p1").glob("*.nii.gz"))
+    assert masks and [m.name for m in masks] == sorted(m.name for m in (tmp_path / "p2").glob("*.nii.gz"))
+    for mask in masks:
+        np.testing.assert_array_equal(np.asanyarray(nib.load(mask).dataobj),
+                                      np.asanyarray(nib.load(tmp_path / "p2" / mask.name).dataobj), err_msg=mask.name)
+
+
 def test_spatial_jobs_that_cannot_split_are_refused_before_a_run_folder(msd, tmp_path):
     cases = [(["--spatial", "2"], "--spatial 2 must divide the number of processes (1; start them with torchrun "
                                   "--nproc-per-node)"),
              (["--spatial", "3"], "--spatial 3: H=32 must be a multiple of 8 with at least 16 rows per process (48 in all)"),
-             (["--spatial", "2", "--checkpointing"], "--spatial 2: not with --slabs, --coarse-slabs, --checkpointing or "
-                                                     "--offload (each process computes its rows of a level whole)")]
+             (["--spatial", "2", "--checkpointing"], "--spatial 2: not with --checkpointing or --offload (each process "
+                                                     "computes its rows of a level whole or in slabs)")]
     for flags, message in cases:
         out = tmp_path / "refused"
         result = fullres("train", msd, "--out", out, "--epochs", "1", *FLAGS, *flags)
@@ -209,6 +240,11 @@ def test_plan_says_how_many_processes_a_job_needs(monkeypatch):
     assert (two.processes, two.fits, four.processes, four.fits) == (2, False, 4, True)
     assert [o.processes for o in spatial_options(job, 1, "dryrun")] == [2, 4]  # 64 rows: 16 a process at most 4
     assert spatial_options(JobConfig(shape=(24, 32, 32)), 1, "dryrun") == []
+    # slabs within each process's rows: kept, and less than the rows whole
+    slabbed = job.with_(strategy=Strategy(checkpointing=True, slabs=4, coarse_slabs="2"))
+    first, *_ = spatial_options(slabbed, 1, "dryrun")
+    assert (first.processes, first.counts) == (2, (4, 2)) and first.peak_bytes < need[2]
+    assert first.to_json()["slabs"] == [4, 2]
 
 
 def _torchrun_worker(launcher: subprocess.Popen, rank: int) -> int | None:

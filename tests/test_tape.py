@@ -71,8 +71,9 @@ class Zoo(nn.Module):
     """Every operation the tape splits, with the awkward settings: dilation, odd strides and kernels, padded
     pooling, output padding, interpolation modes, group and batch norm, padding along W and D."""
 
-    def __init__(self) -> None:
+    def __init__(self, p: float = 0.0) -> None:
         super().__init__()
+        self.p = p
         self.a = nn.Conv3d(2, 8, 5, padding=4, dilation=2)
         self.down = nn.Conv3d(8, 8, 3, stride=2, padding=1)
         self.group = nn.GroupNorm(4, 8)
@@ -83,17 +84,17 @@ class Zoo(nn.Module):
 
     def forward(self, x):
         a = F.leaky_relu(self.group(self.a(x)), 0.1)
-        b = self.prelu(self.batch(self.down(a)))  # H 24 -> 12
+        b = self.prelu(self.batch(self.down(a)))  # H 24 -> 12 (H: a multiple of 8)
         c = F.max_pool3d(b, 3, stride=2, padding=1)  # 12 -> 6
         d = F.avg_pool3d(c, 2)  # 6 -> 3
         e = F.interpolate(d, scale_factor=2, mode="trilinear", align_corners=True)  # 3 -> 6
         f = F.interpolate(e + c, scale_factor=2, mode="nearest")  # 6 -> 12
         g = self.up(F.relu(f) + b)  # 12 -> 24
-        h = F.interpolate(b, size=(24, 16, 16), mode="trilinear")
+        h = F.interpolate(b, size=tuple(g.shape[2:]), mode="trilinear")
         k = F.interpolate(b, scale_factor=2, mode="nearest-exact")
         padded = F.pad(a, (1, 1, 1, 1, 0, 0), mode="replicate")  # W and D only
         merged = torch.cat([g, h, k, a, F.avg_pool3d(padded, (1, 3, 3), stride=1)], dim=1)
-        return self.head(F.dropout(merged, 0.0, self.training))
+        return self.head(F.dropout(merged, self.p, self.training))
 
 
 @pytest.mark.parametrize("counts", [(2,), (3, 2), (12, 6, 3)])

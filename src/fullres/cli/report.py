@@ -42,8 +42,9 @@ def spatial_lines(options) -> list[str]:
     """plan's lines on processes sharing each sample (when the job does not fit as given)."""
     if not options:
         return []
-    lines = ["One volume across processes (train --spatial S under torchrun; dry run of one process's shard, without "
-             "checkpointing or slabs):"]
+    slabs = ", its rows in slabs " + ",".join(map(str, options[0].counts)) if max(options[0].counts) > 1 else ""
+    lines = ["One volume across processes (train --spatial S under torchrun; dry run of one process's shard"
+             f"{slabs}, without checkpointing):"]
     lines += [f"  --spatial {option.processes}: {format_bytes(option.peak_bytes)} per process, "
               f"{'fits' if option.fits else 'does not fit'}" for option in options]
     return lines

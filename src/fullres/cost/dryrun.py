@@ -78,7 +78,7 @@ from torch.utils._pytree import tree_flatten
 from fullres.engine.losses import LOSSES
 from fullres.engine.spatial import simulated
 from fullres.job.config import JobConfig
-from fullres.job.step import autocast, build_training, prepare_model, to_device, train_step
+from fullres.job.step import autocast, build_training, prepare_model, to_device, train_step, use_space
 from fullres.kernels import device as fullres_device  # its avx512(): one switch for the model and this estimate
 from fullres.kernels.cuda_allocator import CachingAllocatorModel, round_size
 from fullres.kernels.gpus import MODELLED_MULTIPROCESSORS
@@ -747,8 +747,9 @@ def dryrun(job: JobConfig, loss: str | Callable = "dice", optimizer: str | Calla
                                   optimizer=None if optimizer == "adam" else optimizer)
         rows = job.shape[0]
         if spatial > 1:
-            model.space = simulated(job.shape[0], spatial, spatial_index)
-            lo, hi = model.space.rows(0)
+            space = simulated(job.shape[0], spatial, spatial_index)
+            use_space(model, space)
+            lo, hi = space.rows(0)
             rows = hi - lo
         parameters = list(model.parameters())
         for p in parameters:
@@ -881,8 +882,9 @@ def dryrun_inference(job: JobConfig, activation: str = "sigmoid", device: str = 
         prepare_model(model.eval(), strategy)
         rows = job.shape[0]
         if spatial > 1:
-            model.space = simulated(job.shape[0], spatial)
-            lo, hi = model.space.rows(0)
+            space = simulated(job.shape[0], spatial)
+            use_space(model, space)
+            lo, hi = space.rows(0)
             rows = hi - lo
         for p in model.parameters():
             tracker.track(p, "parameters")

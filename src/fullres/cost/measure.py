@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from fullres.engine.losses import LOSSES
 from fullres.engine.spatial import local_rows, mesh, reduce_gradients, space_of, sums_over
 from fullres.job.config import JobConfig
-from fullres.job.step import build_training, train_step
+from fullres.job.step import build_training, train_step, use_space
 from fullres.kernels import cpu_pool
 from fullres.kernels.device import physical_cores
 from fullres.kernels.malloc import set_training_malloc_policy
@@ -198,7 +198,7 @@ def _child(request: dict) -> dict:
     loss_fn = LOSSES[request["loss"]]
     images, targets = make_batch(job, device)
     if space is not None:  # as train --spatial: this process's rows of the batch, sums and gradients over the group
-        model.space = space
+        use_space(model, space)
         images, targets = local_rows(images, space), local_rows(targets, space)
     update = (lambda: reduce_gradients(model.parameters())) if space is not None else None
     seconds = []

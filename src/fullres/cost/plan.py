@@ -19,7 +19,7 @@ from fullres.engine.spatial import shard_bounds
 from fullres.errors import OneLineWarning, UserError
 from fullres.job.config import JobConfig
 from fullres.kernels.device import fast_bf16
-from fullres.nets.registry import model_spec, slab_levels, spatial_divisor, tape_refusal
+from fullres.nets.registry import model_spec, slab_levels, spatial_divisor, spatial_refusal, tape_refusal
 from fullres.nets.unet3d import LEVELS as SLAB_LEVELS
 from fullres.units import format_bytes
 
@@ -165,17 +165,22 @@ def recomputed_schedule(job: JobConfig) -> tuple[int, ...] | None:
 
 
 def check_spatial(job: JobConfig, spatial: int) -> None:
-    """Raise ValueError, naming --spatial, where `job` cannot be split across `spatial` processes."""
+    """Raise ValueError, naming --spatial, where `job` cannot be split across `spatial` processes: the paper's
+    network by its own schedule (whole rows per level), in slabs and any other network through its tape
+    (:func:`fullres.nets.registry.spatial_refusal`)."""
     if spatial == 1:
         return
-    if not model_spec(job.model.architecture).slabs:
-        raise ValueError(f"--spatial {spatial}: the {job.model.architecture} network has no level schedule to split "
-                         "(unet3d has)")
     strategy = job.strategy
-    if strategy.slabbed or strategy.checkpointing or strategy.offload:
-        raise ValueError(f"--spatial {spatial}: not with --slabs, --coarse-slabs, --checkpointing or --offload (each "
-                         "process computes its rows of a level whole)")
-    shard_bounds(job.shape[0], spatial)
+    if strategy.checkpointing or strategy.offload:
+        raise ValueError(f"--spatial {spatial}: not with --checkpointing or --offload (each process computes its rows "
+                         "of a level whole or in slabs)")
+    if model_spec(job.model.architecture).slabs and not strategy.slabbed:
+        shard_bounds(job.shape[0], spatial)
+        return
+    refusal = spatial_refusal(job.model, job.shape, spatial, strategy.slab_counts if strategy.slabbed else (1,),
+                              strategy.recompute_inputs)
+    if refusal:
+        raise ValueError(refusal if refusal.startswith("--spatial") else f"--spatial {spatial}: {refusal}")
 
 
 # Block checkpointing that saves less than REFUSE_BELOW of the dry-run peak is refused (recomputation for
@@ -251,21 +256,26 @@ def spatial_need(job: JobConfig, spatial: int, method: str, device: str = "cpu")
 
 @dataclass(frozen=True)
 class SpatialOption:
-    """`processes` sharing each sample (--spatial): one process's dry-run peak and whether it fits."""
+    """`processes` sharing each sample (--spatial), each its rows in slab `counts` (full resolution first; (1,):
+    whole): one process's dry-run peak and whether it fits."""
 
     processes: int
     peak_bytes: int
     fits: bool
+    counts: tuple[int, ...] = (1,)
 
     def to_json(self) -> dict:
-        return {"spatial": self.processes, "per_process_mb": self.peak_bytes / 1e6, "fits": self.fits}
+        return {"spatial": self.processes, "slabs": list(self.counts), "per_process_mb": self.peak_bytes / 1e6,
+                "fits": self.fits}
 
 
 def spatial_options(job: JobConfig, budget_bytes: int, method: str, device: str = "cpu") -> list[SpatialOption]:
     """2, 4, 8, ... processes sharing each sample, as far as H splits (16 rows a process at least), up to the
-    first count whose shard fits `budget_bytes`: each one's per-process estimate (the job without the memory
-    strategies --spatial does not combine with). [] for a network without a level schedule."""
-    plain = job.with_(strategy=replace(job.strategy.without_slabs(), checkpointing=False, checkpoint_levels=0, offload=False))
+    first count whose shard fits `budget_bytes`: each one's per-process estimate (the job in its slabs, if any,
+    without the strategies --spatial does not combine with: checkpointing, offload). [] where H does not split
+    in two (:func:`check_spatial`)."""
+    plain = job.with_(strategy=replace(job.strategy, checkpointing=False, checkpoint_levels=0, offload=False))
+    counts = plain.strategy.slab_counts if plain.strategy.slabbed else (1,)
     options, processes = [], 2
     while True:
         try:
@@ -273,7 +283,7 @@ def spatial_options(job: JobConfig, budget_bytes: int, method: str, device: str 
         except ValueError:
             return options
         need = spatial_need(plain, processes, method, device)
-        options.append(SpatialOption(processes, need, need <= budget_bytes))
+        options.append(SpatialOption(processes, need, need <= budget_bytes, counts))
         if need <= budget_bytes:
             return options
         processes *= 2

@@ -144,33 +144,67 @@ def _empty_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], x.shape[1], rows, *x.shape[3:]))
 
 
+class Ordered:
+    """A chain through the collectives of one forward, so that backward runs them in the reverse of the forward's
+    order on every process: each takes the chain's token and gives the next, and the output carries the last
+    (:meth:`after`). Without it the autograd engine runs each when its gradients are ready, which differs
+    between processes holding different rows (different edge padding, different readers of a halo), and two
+    processes waiting on different exchanges wait forever."""
+
+    def __init__(self) -> None:
+        self.token = torch.zeros((), requires_grad=torch.is_grad_enabled())
+
+    def after(self, output: torch.Tensor) -> torch.Tensor:
+        """`output`, whose gradient reaches the last collective first."""
+        return _Then.apply(output, self.token) if self.token.requires_grad else output
+
+
+class _Then(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, token):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_zeros(())
+
+
 class _Halo(torch.autograd.Function):
-    """(the previous process's last `depth` rows, the next one's first `depth` rows) of a map held in shards
-    along H; at the volume's edges, 0 rows. Backward sends each halo's gradient to its owner and adds the
-    gradients received for this shard's edge rows."""
+    """(the previous process's `last` rows, the next one's `first` rows, the next token), given this process's
+    `first` and `last` rows of a map held in shards along H (every process passes as many rows); at the
+    volume's edges, 0 rows. Backward sends each halo's gradient to its owner and returns those received for
+    `first` and `last`."""
 
     @staticmethod
-    def forward(ctx, x, depth: int, space: Space):
-        ctx.depth, ctx.space, ctx.shape = depth, space, x.shape
-        above = _empty_rows(x, depth if space.previous is not None else 0)
-        below = _empty_rows(x, depth if space.next is not None else 0)
-        _exchange(space, x[:, :, :depth], x[:, :, x.shape[2] - depth:], above, below)
-        return above, below
+    def forward(ctx, first, last, token, space: Space):
+        ctx.space, ctx.shapes = space, (first.shape, last.shape)
+        above = _empty_rows(last, last.shape[2] if space.previous is not None else 0)
+        below = _empty_rows(first, first.shape[2] if space.next is not None else 0)
+        _exchange(space, first, last, above, below)
+        return above, below, token.new_zeros(())
 
     @staticmethod
-    def backward(ctx, grad_above, grad_below):  # unused outputs' gradients arrive as zeros (materialised)
-        depth, space, shape = ctx.depth, ctx.space, ctx.shape
-        edge = (shape[0], shape[1], depth, *shape[3:])
-        first = grad_above.new_zeros(edge if space.previous is not None else (0,))
-        last = grad_below.new_zeros(edge if space.next is not None else (0,))
-        # my `above` was the previous process's last rows: its gradient goes back there, and so on
-        _exchange(space, grad_above, grad_below, first, last)
-        grad = grad_above.new_zeros(shape)
-        if space.previous is not None:
-            grad[:, :, :depth] += first
-        if space.next is not None:
-            grad[:, :, shape[2] - depth:] += last
-        return grad, None, None
+    def backward(ctx, grad_above, grad_below, grad_token):  # unused outputs' gradients arrive as zeros
+        space, (first_shape, last_shape) = ctx.space, ctx.shapes
+        first = grad_above.new_zeros(first_shape) if space.previous is not None else None
+        last = grad_above.new_zeros(last_shape) if space.next is not None else None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:  # alike on every process: the same map
+            # my `above` was the previous process's `last`: its gradient goes back there, and so on
+            _exchange(space, grad_above, grad_below, first, last)
+        return first, last, grad_token.new_zeros(()), None
+
+
+def halo(first: torch.Tensor, last: torch.Tensor, space: Space,
+         order: Ordered | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the previous process's last rows, the next one's first rows) of a map held in shards along H, for this
+    process's `first` and `last` rows (each process of the group calls it at once, with as many rows; at the
+    volume's edges 0 rows come back); differentiable: each halo's gradient goes back to its owner, in `order`'s
+    turn where given."""
+    token = order.token if order is not None else first.new_zeros(())
+    above, below, token = _Halo.apply(first, last, token, space)
+    if order is not None:
+        order.token = token
+    return above, below
 
 
 class Shard:
@@ -187,7 +221,7 @@ class Shard:
             return self.local[:, :, low - self.lo:high - self.lo]
         if depth > self.hi - self.lo:
             raise ValueError(f"a halo of {depth} rows is more than this process's {self.hi - self.lo} rows")
-        above, below = _Halo.apply(self.local, depth, self.space)
+        above, below = halo(self.local[:, :, :depth], self.local[:, :, self.local.shape[2] - depth:], self.space)
         parts = [above[:, :, above.shape[2] - (self.lo - low):]] if low < self.lo else []
         parts.append(self.local[:, :, max(low, self.lo) - self.lo:min(high, self.hi) - self.lo])
         if high > self.hi:
@@ -232,29 +266,33 @@ class _Gather(torch.autograd.Function):
     the gradients every process holds for this process's slot, summed."""
 
     @staticmethod
-    def forward(ctx, x, space: Space):
+    def forward(ctx, x, token, space: Space):
         ctx.space = space
         stacked = x.new_zeros((space.size, *x.shape))
         stacked[space.index] = x
         if space.group is not None:
             dist.all_reduce(stacked, group=space.group)
-        return stacked
+        return stacked, token.new_zeros(())
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_token):
         grad = grad.clone()
         if ctx.space.group is not None:
             dist.all_reduce(grad, group=ctx.space.group)
-        return grad[ctx.space.index], None
+        return grad[ctx.space.index], grad_token.new_zeros(()), None
 
 
-def gathered_combine(space: Space):
+def gathered_combine(space: Space, order: Ordered | None = None):
     """:func:`fullres.engine.slabs.combine` of every process's slab moments, gathered with their gradients (each process
-    normalises its own rows with the statistics, so the gradients of all rows meet in each one's moments)."""
+    normalises its own rows with the statistics, so the gradients of all rows meet in each one's moments), in
+    `order`'s turn where given."""
 
     def combine_all(partials):
         [(count, mean, m2)] = partials
-        gathered = _Gather.apply(torch.stack([count, mean, m2]), space)
+        token = order.token if order is not None else count.new_zeros(())
+        gathered, token = _Gather.apply(torch.stack([count, mean, m2]), token, space)
+        if order is not None:
+            order.token = token
         return combine([tuple(moments) for moments in gathered])
 
     return combine_all

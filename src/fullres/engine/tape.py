@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fullres.engine.slabs import Rows, combine, row_dropout, slab_rows, take_rows
 from fullres.engine.slabs import moments as slab_moments
+from fullres.engine.spatial import Ordered, Space, gathered_combine, halo, shard_bounds
 
 #: Networks that attend over the whole volume: no slab of them is the whole-volume result.
 ATTENTION_NETWORKS = {"UNETR": "its transformer attends over every patch of the volume at once",
@@ -115,6 +116,7 @@ class Tape:
     input_shape: tuple[int, ...]
     steps: list[Step] = field(default_factory=list)  # steps[0] is the input
     output: int = 0
+    halos: dict = field(default_factory=dict, repr=False)  # (counts, recompute_inputs, processes) -> halo depths
 
 
 F_MAX_POOL = (F.max_pool3d,)
@@ -384,10 +386,11 @@ def _pad_rows(x: torch.Tensor, before: int, after: int, value: float = 0.0) -> t
 
 
 def run_step(step: Step, tape: Tape, low: int, high: int, read: Callable[[int, int, int], torch.Tensor],
-             statistics: dict, seed: int, whole: bool = False) -> torch.Tensor:
+             statistics: dict, seed: int, whole: bool = False, samples: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Output rows [low, high) of `step`; `read(index, first, last)` gives rows of an input map, `statistics`
     the (scale, shift) of each normalisation with whole-volume statistics (:func:`norm_affine`). `whole`: all rows of a step
-    whose inputs are whole, run as the network runs it (its own normalisation kernels)."""
+    whose inputs are whole, run as the network runs it (its own normalisation kernels). `samples`: the
+    batch's sample numbers in the global batch (first, stride), for dropout's hashed mask."""
     a = step.kwargs
     if whole and step.kind in ("norm", "pointwise", "cat", "pad"):
         return _call(step, tape, low, high, read)
@@ -465,7 +468,7 @@ def run_step(step: Step, tape: Tape, low: int, high: int, read: Callable[[int, i
         x = read(step.inputs[0], low, high)
         if not a["training"] or a["p"] == 0:
             return x
-        return row_dropout(x, a["p"], seed, low, step.shape[2])
+        return row_dropout(x, a["p"], seed, low, step.shape[2], samples)
 
     return _call(step, tape, low, high, read)
 
@@ -528,16 +531,32 @@ class SlabForward:
     """One forward of `tape` (with the live parameters it holds) on an input, each map in ``counts[level]``
     slabs (missing counts: whole); with `recompute_inputs` K, the downsampled inputs of levels 1..K are not
     stored but recomputed from the finer level wherever read (less memory, more FLOPs). Called on the
-    input, returns the output map, whole."""
+    input, returns the output map, whole.
 
-    def __init__(self, tape: Tape, counts: Sequence[int], recompute_inputs: int = 0) -> None:
+    With a `space` (:class:`fullres.engine.spatial.Space`), the input is this process's rows [lo, hi) of the
+    volume (:func:`fullres.engine.spatial.shard_bounds`) and the output its rows of the output map: every
+    process of the group holds rows [lo * h / H, hi * h / H) of each map of h rows, computed in its slabs
+    as above; a stored map's edge rows are exchanged with the neighbouring processes once, as deep as any
+    process reads past its own rows (the depth every process derives alike from the tape), and each
+    normalisation's statistics combine every process's moments (:func:`fullres.engine.spatial.gathered_combine`).
+    Every process of the group calls it at once. Raises ValueError where some process would hold no row of
+    a map or fewer rows than a neighbour reads."""
+
+    def __init__(self, tape: Tape, counts: Sequence[int], recompute_inputs: int = 0, space: Space | None = None) -> None:
         self.tape, steps = tape, tape.steps
+        self.space = space
         full = tape.input_shape[2]
+        bounds = shard_bounds(full, space.size) if space is not None else [(0, full)]
+        # every process's rows [lo, hi) of every map, level-0 rows scaled to the map's height
+        self.owners = [{step.index: (lo * step.shape[2] // full, hi * step.shape[2] // full) for step in steps}
+                       for lo, hi in bounds]
+        self.own = self.owners[space.index if space is not None else 0]
         self.counts, levels = {}, {}
         for step in steps:
             level = levels[step.index] = level_of(step.shape[2], full)
             count = counts[level] if level < len(counts) else 1
-            self.counts[step.index] = max(1, min(count, step.shape[2] // 2))
+            rows = min(owner[step.index][1] - owner[step.index][0] for owner in self.owners)
+            self.counts[step.index] = max(1, min(count, rows // 2))  # alike on every process
         used = {tape.output}
         for step in reversed(steps):
             if step.index in used:
@@ -566,10 +585,22 @@ class SlabForward:
                 self.anchor.add(step.index)
             else:
                 self.mode[step.index] = "recomputed"
+        self.depth: dict[int, int] = {}
+        if space is not None:
+            key = (tuple(counts), recompute_inputs, space.size, space.height)
+            if key not in tape.halos:
+                tape.halos[key] = self._halo_depths()
+            self.depth = tape.halos[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.stored: dict[int, Rows] = {0: Rows.whole(x)}
+        lo, hi = self.own[0]
+        if x.shape[2] != hi - lo:
+            raise ValueError(f"this process holds rows {lo}..{hi} of H={self.tape.input_shape[2]}, got {x.shape[2]} rows")
+        self.stored: dict[int, Rows] = {}
+        self.order = Ordered() if self.space is not None else None  # backward's exchanges alike on every process
+        self._keep(0, [x], [lo, hi])
         self.statistics: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.samples = self.space.samples if self.space is not None else (0, 1)
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if any(
             s.kind == "dropout" and s.kwargs["training"] and s.kwargs["p"] for s in self.tape.steps) else 0
         for step in self.tape.steps[1:]:
@@ -577,17 +608,90 @@ class SlabForward:
                 continue
             if step.index in self.anchor:
                 self._statistics_for(step.index)
-                height = step.shape[2]
-                bounds = slab_rows(height, self.counts[step.index]) if height > 1 else [(0, height)]
+                bounds = self._slabs(step.index, self.own)
                 pieces = [_piece(_checkpointed(self._region, step.index, low, high)) for low, high in bounds]
-                self.stored[step.index] = Rows(pieces, [low for low, _ in bounds] + [height])
+                self._keep(step.index, pieces, [low for low, _ in bounds] + [bounds[-1][1]])
             elif self.mode[step.index] == "stored":  # eager: as the network computes it, with its own kernels
-                if step.function is F.batch_norm and step.kwargs["training"]:
+                # across processes, a normalisation's statistics are every process's
+                whole = self.space is None or not needs_statistics(step)
+                if not whole:
+                    self._statistics(step)
+                elif step.function is F.batch_norm and step.kwargs["training"]:
                     _count_batch(step)
-                out = run_step(step, self.tape, 0, step.shape[2], self._read_stored, self.statistics, self.seed,
-                               whole=True)
-                self.stored[step.index] = Rows.whole(out)
-        return self.stored[self.tape.output].all()
+                low, high = self.own[step.index]
+                out = run_step(step, self.tape, low, high, self._read_stored, self.statistics, self.seed,
+                               whole=whole, samples=self.samples)
+                self._keep(step.index, [out], [low, high])
+        out = self.stored[self.tape.output].all()
+        return self.order.after(out) if self.order is not None else out
+
+    # -- this process's rows: slabs, stored maps and their halos
+
+    def _slabs(self, index: int, own: dict) -> list[tuple[int, int]]:
+        """The slabs [low, high) of a process's rows `own[index]` of map `index`."""
+        lo, hi = own[index]
+        if hi - lo < 2:
+            return [(lo, hi)]
+        return [(lo + a, lo + b) for a, b in slab_rows(hi - lo, self.counts[index])]
+
+    def _keep(self, index: int, pieces: list, bounds: list) -> None:
+        """Store map `index`'s pieces; across processes, with the neighbours' edge rows that others read."""
+        depth = self.depth.get(index, 0)
+        if depth:
+            rows = Rows(pieces, bounds)
+            above, below = halo(rows.rows(bounds[0], bounds[0] + depth), rows.rows(bounds[-1] - depth, bounds[-1]),
+                                self.space, self.order)
+            self.stored[index] = _Shard(pieces, bounds, above, below)
+        else:
+            self.stored[index] = Rows(pieces, bounds)
+
+    def _halo_depths(self) -> dict[int, int]:
+        """For each stored map, the rows past its own that any process reads (the same on every process);
+        ValueError where a process holds no row of a map or fewer than a neighbour reads."""
+        depth: dict[int, int] = {}
+        for own in self.owners:
+            for index, (first, last) in self._reads(own).items():
+                lo, hi = own[index]
+                depth[index] = max(depth.get(index, 0), lo - first, last - hi)
+        for index in sorted(self.used):
+            rows = min(owner[index][1] - owner[index][0] for owner in self.owners)
+            height = self.tape.steps[index].shape[2]
+            if rows < max(1, depth.get(index, 0)):
+                made = f"operation {index}, {self.tape.steps[index].name.rsplit('.', 1)[-1]}" if index else "the input"
+                raise ValueError(f"--spatial {self.space.size}: a map of {height} rows ({made}) "
+                                 f"leaves a process {rows} row(s), fewer than the {max(1, depth.get(index, 0))} its "
+                                 f"neighbours read; fewer processes, or a taller volume")
+        return {index: d for index, d in depth.items() if d > 0}
+
+    def _reads(self, own: dict) -> dict[int, tuple[int, int]]:
+        """The rows [first, last) of each stored map that the process holding rows `own` reads in a forward
+        (as :meth:`__call__` reads them: eager steps, anchors' regions, statistics over recomputed maps)."""
+        reads: dict[int, tuple[int, int]] = {}
+
+        def region(target: int, low: int, high: int) -> None:
+            for index, (first, last) in self._closure(target, low, high).items():
+                for source, (a, b) in input_rows(self.tape.steps[index], self.tape, first, last).items():
+                    if self.mode[source] != "recomputed":
+                        old = reads.get(source, (a, b))
+                        reads[source] = (min(a, old[0]), max(b, old[1]))
+
+        done = set()
+        for step in self.tape.steps[1:]:
+            if step.index not in self.used:
+                continue
+            if step.index in self.anchor:
+                for index in sorted(self._closure(step.index, *own[step.index])):
+                    source = self.tape.steps[index].inputs[0] if self.tape.steps[index].inputs else None
+                    if needs_statistics(self.tape.steps[index]) and index not in done:
+                        done.add(index)
+                        if self.mode[source] == "recomputed":
+                            for low, high in self._slabs(source, own):
+                                region(source, low, high)
+                for low, high in self._slabs(step.index, own):
+                    region(step.index, low, high)
+            elif self.mode[step.index] == "stored":
+                region(step.index, *own[step.index])
+        return reads
 
     # -- rows of stored maps, regions of recomputed ones
 
@@ -621,32 +725,52 @@ class SlabForward:
         for index in sorted(need):
             first, last = need[index]
             local[index] = (first, run_step(self.tape.steps[index], self.tape, first, last, read, self.statistics,
-                                            self.seed))
+                                            self.seed, samples=self.samples))
         return local[target][1]
 
     def _statistics_for(self, target: int) -> None:
         """Whole-volume statistics of every normalisation `target`'s region recomputes, in order."""
-        step = self.tape.steps[target]
-        for index in sorted(self._closure(target, 0, step.shape[2])):
+        for index in sorted(self._closure(target, *self.own[target])):
             if needs_statistics(self.tape.steps[index]) and index not in self.statistics:
                 self._statistics(self.tape.steps[index])
 
     def _statistics(self, step: Step) -> None:
         source = step.inputs[0]
-        height = self.tape.steps[source].shape[2]
         if self.mode[source] == "recomputed":
             self._statistics_for(source)
             partials = [_checkpointed(self._region_moments, step, source, low, high)
-                        for low, high in slab_rows(height, self.counts[source])]
+                        for low, high in self._slabs(source, self.own)]
         else:
             partials = [moments(step, piece) for piece in self.stored[source].pieces]  # never joined whole
         mean, var, count = combine(partials)
+        if self.space is not None:  # every process's moments
+            mean, var, count = gathered_combine(self.space, self.order)([(count, mean, var * count)])
         self.statistics[step.index] = norm_affine(step, mean, var)
         if step.function is F.batch_norm:
             _update_running(step, mean, var, int(count.reshape(-1)[0].item()))
 
     def _region_moments(self, step: Step, source: int, low: int, high: int):
         return moments(step, self._region(source, low, high))
+
+
+class _Shard(Rows):
+    """A stored map's rows held by this process, with `above` (the previous process's last rows) and `below`
+    (the next one's first rows): read across its edges."""
+
+    def __init__(self, pieces, bounds, above: torch.Tensor, below: torch.Tensor) -> None:
+        super().__init__(pieces, bounds)
+        self.above, self.below = above, below
+
+    def rows(self, low: int, high: int) -> torch.Tensor:
+        lo, hi = self.bounds[0], self.bounds[-1]
+        if lo - low > self.above.shape[2] or high - hi > self.below.shape[2]:
+            raise RuntimeError(f"rows {low}..{high} read past the halo of rows {lo}..{hi}")
+        parts = [take_rows(self.above, self.above.shape[2] - (lo - low), self.above.shape[2])] if low < lo else []
+        if max(low, lo) < min(high, hi):
+            parts.append(super().rows(max(low, lo), min(high, hi)))
+        if high > hi:
+            parts.append(take_rows(self.below, 0, high - hi))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _count_batch(step: Step) -> int | None:
@@ -694,7 +818,8 @@ def slab_network(model: nn.Module, counts: Sequence[int], recompute_inputs: int 
     """Run `model`'s forward in slabs from now on (in place; idempotent; the counts can be changed by calling
     again): recorded at the first input of each shape and mode (training or not), replayed in
     ``counts[level]`` slabs per resolution level (:class:`SlabForward`). Raises :class:`Unsliceable` at that
-    first call for a network slabs cannot split."""
+    first call for a network slabs cannot split. With :func:`shard_network`'s space set, the forward takes
+    and returns this process's rows."""
     if not hasattr(model, "_fullres_slab_forward"):
         original = model.forward
         tapes: dict[tuple, Tape] = {}
@@ -702,12 +827,29 @@ def slab_network(model: nn.Module, counts: Sequence[int], recompute_inputs: int 
         def forward(x: torch.Tensor, *args, **kwargs):
             if args or kwargs:
                 raise Unsliceable("slabs run networks called with one input map")
-            key = (tuple(x.shape), x.dtype, model.training)
+            space = model._fullres_space
+            counts, recompute_inputs = model._fullres_slab_counts
+            if space is None and all(count == 1 for count in counts):
+                return original(x)
+            shape = (x.shape[0], x.shape[1], space.height, *x.shape[3:]) if space is not None else tuple(x.shape)
+            key = (shape, x.dtype, model.training)
             if key not in tapes:
-                tapes[key] = record(model, x.shape, x.dtype, original)
-            return SlabForward(tapes[key], *model._fullres_slab_counts)(x)
+                tapes[key] = record(model, shape, x.dtype, original)
+            return SlabForward(tapes[key], counts, recompute_inputs, space)(x)
 
         model._fullres_slab_forward = original
+        model._fullres_space = None
         model.forward = forward
     model._fullres_slab_counts = (tuple(counts), recompute_inputs)
+    return model
+
+
+def shard_network(model: nn.Module, space: Space | None) -> nn.Module:
+    """Run `model`'s forward on this process's rows of the volume under `space`
+    (:class:`fullres.engine.spatial.Space`; None: the whole volume again), in place, in the slabs
+    :func:`slab_network` set (none: each process's rows whole). The forward then takes the process's rows of
+    the input (:func:`fullres.engine.spatial.local_rows`) and returns its rows of the output."""
+    if not hasattr(model, "_fullres_slab_forward"):
+        slab_network(model, (1,))
+    model._fullres_space = space
     return model

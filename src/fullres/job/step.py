@@ -20,7 +20,7 @@ from torch import nn
 from fullres.job.config import JobConfig, Strategy
 from fullres.kernels.onednn import cpu_workarounds
 from fullres.engine.losses import LossFunction, deep_supervision_loss, primary_output
-from fullres.engine.tape import slab_network
+from fullres.engine.tape import shard_network, slab_network
 from fullres.nets.registry import build_model
 from fullres.presets import PAPER
 
@@ -55,6 +55,24 @@ def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
         slab_network(inner, strategy.slab_counts, strategy.recompute_inputs)
     elif strategy.checkpointing:
         checkpoint_blocks(inner)
+    return model
+
+
+def use_space(model: nn.Module, space) -> nn.Module:
+    """From now on `model`'s forward takes and returns this process's rows of the volume and of the output under
+    `space` (:class:`fullres.engine.spatial.Space`; None: the whole volume again), in place, after
+    :func:`prepare_model`: the paper's network by its own schedule, whole rows per level; in slabs, and any
+    other network, through its recorded tape (:func:`fullres.engine.tape.shard_network`: slabs within shards)."""
+    inner = getattr(model, "module", model)
+    own = hasattr(inner, "checkpointing") and hasattr(inner, "slabs")
+    if own and not hasattr(inner, "_fullres_slab_forward"):
+        counts = inner.slab_counts()
+        if all(count == 1 for count in counts):
+            inner.space = space
+            return model
+        slab_network(inner, counts, inner.recompute_inputs)  # its plain forward is what the tape records
+        inner.slabs, inner.checkpointing, inner.recompute_inputs = 1, False, 0
+    shard_network(inner, space)
     return model
 
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from fullres.engine.losses import primary_output
-from fullres.engine.tape import ATTENTION_NETWORKS, Unsliceable, record
+from fullres.engine.spatial import simulated
+from fullres.engine.tape import ATTENTION_NETWORKS, SlabForward, Unsliceable, record
 from fullres.errors import first_line
 from fullres.nets import families
 from fullres.presets import PAPER
@@ -276,6 +277,24 @@ def tape_refusal(config: ModelConfig, shape: tuple[int, int, int]) -> str | None
         record(model, (1, config.in_channels, *shape))
     except Unsliceable as error:
         return str(error)
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def spatial_refusal(config: ModelConfig, shape: tuple[int, int, int], processes: int, counts: tuple[int, ...] = (1,),
+                    recompute_inputs: int = 0) -> str | None:
+    """Why `processes` processes cannot share a volume of `shape` through `config`'s recorded tape in slab
+    `counts` (:class:`fullres.engine.tape.SlabForward` with a space): an operation that cannot be split, H that
+    does not split, or a map too short for its halos; None where they can. Records the network on the meta
+    device (a factory's code runs)."""
+    refusal = slab_refusal(config.architecture)
+    if refusal:
+        return refusal
+    try:
+        tape = record(build_on_meta(config, shape), (1, config.in_channels, *shape))
+        SlabForward(tape, counts, recompute_inputs, simulated(shape[0], processes))
+    except (Unsliceable, ValueError) as error:
+        return first_line(error)
     return None
 
 

@@ -40,7 +40,7 @@ from fullres.engine.spatial import gather_rows, local_rows, mesh, space_of
 from fullres.errors import UserError
 from fullres.files import refuse_special, write_json
 from fullres.job.config import JobConfig, Strategy, TrainConfig
-from fullres.job.step import autocast, prepare_model, to_device
+from fullres.job.step import autocast, prepare_model, to_device, use_space
 from fullres.kernels.device import Process, available_memory
 from fullres.nets.registry import build_model, build_on_meta, check_divisible, model_spec, spatial_divisor
 from fullres.run.checkpoint import (
@@ -384,11 +384,11 @@ def predict_volume(predictor: Predictor, image: np.ndarray, device: torch.device
     x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device if engine is None else "cpu")
     with torch.no_grad():
         if plan.mode == "spatial":
-            model.space = space
+            use_space(model, space)
             try:
                 output = forward(local_rows(x, space))
             finally:
-                model.space = None
+                use_space(model, None)
         elif plan.mode in ("whole", "slabs"):
             slabbed = plan.mode == "slabs" and any(count > 1 for count in plan.slab_counts)
             if slabbed:

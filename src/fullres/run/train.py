@@ -53,7 +53,7 @@ from fullres.evaluate.metrics import evaluate_folders
 from fullres.evaluate.metrics import write_metrics_csv as write_validation_csv
 from fullres.files import atomic_write, write_json
 from fullres.job.config import JobConfig, Strategy, TrainConfig, job_defaults
-from fullres.job.step import autocast, build_training, to_device, train_step
+from fullres.job.step import autocast, build_training, to_device, train_step, use_space
 from fullres.kernels.device import (
     COLLECTIVE_TIMEOUT_S,
     Process,
@@ -522,7 +522,7 @@ def _train(config: TrainConfig, run_dir: Path, process: Process, resume: bool, p
         record_versions(run_dir, resumed=start_epoch > 0)
     network = model
     if space is not None:
-        model.space = space  # its forward computes this process's rows; gradients summed in before_update
+        use_space(model, space)  # its forward computes this process's rows; gradients summed in before_update
     elif process.world > 1:
         network = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
