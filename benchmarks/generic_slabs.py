@@ -3,6 +3,7 @@
     python benchmarks/generic_slabs.py paper [--shape 240 240 144] [--schedules 16,8,4,2 32,16,8,4]
     python benchmarks/generic_slabs.py network MODEL --shape H W D --schedule 64,32,16,8 [--recompute-inputs 1]
         [--channels 1] [--classes 4] [--precision fp32]
+    python benchmarks/generic_slabs.py spatial --shape 1024 1024 1024 --runs 64:8,4,2 8:64,32,16,8
 
 `paper`: the paper's network (unet3d, instance norm, 4 channels, batch 1, fp32, channels-last) under each
 slab schedule, by its own schedule and through the generic tape (the same module wrapped so that it does
@@ -12,6 +13,11 @@ FLOPs on fake tensors (fullres.cost.timing.fake_step_flops), a row each.
 
 `network`: one network's dry-run peak and FLOPs without slabs and with the schedule (one training step,
 Adam): the figures for a large volume, where a real step takes hours on a few cores.
+
+`spatial`: the paper's network (4 channels, instance norm, fp32, contiguous, batch 1) shared by S processes,
+each its rows in slabs (S:SCHEDULE, slabs within shards through the tape): one process's dry-run peak with
+this machine's runtime term (fullres.cost.estimate.dryrun_estimate with spatial=S, the process with the most
+rows and two neighbours), a row each.
 """
 
 from __future__ import annotations
@@ -70,9 +76,21 @@ def network(model: str, shape, schedule, recompute: int, channels: int, classes:
         print(json.dumps({"network": model, **measure(candidate)}), flush=True)
 
 
+def spatial(shape, runs: list[str]) -> None:
+    for run in runs:
+        processes, schedule = run.split(":")
+        schedule = counts(schedule)
+        job = JobConfig(model=ModelConfig(in_channels=4, norm="instance"), shape=shape, batch=1,
+                        strategy=Strategy(slabs=schedule[0], coarse_slabs=",".join(map(str, schedule[1:]))))
+        start = time.perf_counter()
+        peak = dryrun_estimate(job, spatial=int(processes)).peak_bytes
+        print(json.dumps({"spatial": int(processes), "describe": job.describe(), "per_process_gb": peak / 1e9,
+                          "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("paper", "network"))
+    parser.add_argument("what", choices=("paper", "network", "spatial"))
     parser.add_argument("model", nargs="?", default="")
     parser.add_argument("--shape", type=int, nargs=3, default=[240, 240, 144])
     parser.add_argument("--schedules", type=counts, nargs="+", default=[(16, 8, 4, 2), (32, 16, 8, 4)])
@@ -81,11 +99,14 @@ def main() -> int:
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--runs", nargs="+", default=["64:8,4,2", "8:64,32,16,8"], help="PROCESSES:SCHEDULE")
     args = parser.parse_args()
     print(json.dumps({"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                       "threads": torch.get_num_threads()}))
     if args.what == "paper":
         paper(tuple(args.shape), args.schedules)
+    elif args.what == "spatial":
+        spatial(tuple(args.shape), args.runs)
     else:
         network(args.model, tuple(args.shape), args.schedule, args.recompute_inputs, args.channels, args.classes,
                 args.precision)

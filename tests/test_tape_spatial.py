@@ -18,7 +18,7 @@ from fullres.cost.plan import check_spatial
 from fullres.engine.spatial import simulated
 from fullres.engine.tape import SlabForward, record, slab_network
 from fullres.job.config import JobConfig, Strategy
-from fullres.nets.registry import ModelConfig
+from fullres.nets.registry import ModelConfig, build_model
 from test_tape import FAMILIES, Zoo, family
 
 WORKER = r"""
@@ -27,9 +27,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[6])
-from test_tape import Zoo, family
+from test_tape_spatial import build
 from fullres.engine.spatial import local_rows, mesh, reduce_gradients, space_of
-from fullres.engine.tape import shard_network, slab_network
+from fullres.job.config import Strategy
+from fullres.job.step import prepare_model, use_space
 
 rank, world, init, out, cases = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 torch.set_num_threads(1)
@@ -37,11 +38,12 @@ dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_s
 device_mesh = mesh(world)
 for case in cases.split(" "):
     job = torch.load(f"{out}/{case}.pt")
-    torch.manual_seed(0)
-    model = Zoo(job["p"]).double() if job["network"] == "zoo" else family(job["network"])
+    model = build(job["network"], job["p"])
     space = space_of(device_mesh, job["x"].shape[2])
-    slab_network(model, job["counts"], job["recompute_inputs"])
-    shard_network(model, space)
+    counts = job["counts"]  # as train sets a model up: its strategy, then its space
+    prepare_model(model, Strategy(slabs=counts[0], coarse_slabs=",".join(map(str, counts[1:])),
+                                  recompute_inputs=job["recompute_inputs"]))
+    use_space(model, space)
     torch.manual_seed(5)  # the dropout seed: alike on every process
     y = model(local_rows(job["x"], space))
     lo, hi = space.rows(0)
@@ -57,14 +59,18 @@ CASES = {  # name: (network, input height, counts, recompute inputs, processes, 
     **{f"{name}-2": (name, 32, (1,), 0, 2, 0.0) for name in FAMILIES},
     **{f"{name}-2-slabs": (name, 32, (4, 2), 0, 2, 0.0) for name in FAMILIES},
     "zoo-2": ("zoo", 32, (1,), 0, 2, 0.0),
+    "unet3d-2-slabs": ("unet3d", 32, (4, 2, 2), 0, 2, 0.0),  # the paper's network in slabs: through its tape
     "zoo-2-slabs-dropout": ("zoo", 32, (4, 2, 2), 0, 2, 0.3),
     "nnunet:PlainConvUNet-4-slabs-recompute": ("nnunet:PlainConvUNet", 64, (2, 2), 1, 4, 0.0),
     "monai:SegResNet-4-slabs": ("monai:SegResNet", 64, (4, 2), 0, 4, 0.0),
 }
 
 
-def build(network: str, p: float):
+def build(network: str, p: float) -> nn.Module:
     torch.manual_seed(0)
+    if network == "unet3d":
+        return build_model(ModelConfig(in_channels=2, classes=3, filters=4, norm="instance", dropout=p),
+                           (32, 32, 32)).double()
     return Zoo(p).double() if network == "zoo" else family(network)
 
 
