@@ -15,6 +15,7 @@ from fullres.engine.losses import soft_dice_loss
 from fullres.nets.registry import ModelConfig
 from fullres.nets.unet3d import UNet3D
 from fullres.engine.spatial import shard_bounds
+from gloo_workers import run_workers
 
 WORKER = r"""
 import sys
@@ -78,22 +79,7 @@ def run_processes(tmp_path, world: int, spatial: int, norm: str, samples: int, h
     torch.save((images, targets), tmp_path / "data.pt")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    processes = [subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(spatial),
-                                   str(tmp_path / "init"), str(tmp_path), norm, str(height), str(dropout)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                 for rank in range(world)]
-    errors = []
-    for rank, process in enumerate(processes):
-        try:
-            _, err = process.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            pytest.fail(f"rank {rank} did not end in 240 s")
-        if process.returncode:
-            errors.append(f"rank {rank}: {err[-2000:]}")
-    assert not errors, "\n".join(errors)
+    run_workers(script, world, [spatial, tmp_path / "init", tmp_path, norm, height, dropout])
     return images, targets, [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
 
 

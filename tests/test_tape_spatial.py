@@ -4,9 +4,6 @@ gradients and batch-norm statistics, in float64 (gloo)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from fullres.engine.spatial import simulated
 from fullres.engine.tape import SlabForward, record, slab_network
 from fullres.job.config import JobConfig, Strategy
 from fullres.nets.registry import ModelConfig, build_model
+from gloo_workers import run_workers
 from test_tape import FAMILIES, Zoo, family
 
 WORKER = r"""
@@ -98,22 +96,7 @@ def run_cases(tmp_path: Path, world: int) -> None:
                     "p": p}, tmp_path / f"{case}.pt")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    processes = [subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(tmp_path / "init"),
-                                   str(tmp_path), " ".join(cases), str(Path(__file__).parent)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                 for rank in range(world)]
-    errors = []
-    for rank, process in enumerate(processes):
-        try:
-            _, err = process.communicate(timeout=400)
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            pytest.fail(f"rank {rank} did not end in 400 s")
-        if process.returncode:
-            errors.append(f"rank {rank}: {err[-3000:]}")
-    assert not errors, "\n".join(errors)
+    run_workers(script, world, [tmp_path / "init", tmp_path, " ".join(cases), Path(__file__).parent], timeout=400)
     for case in cases:
         network, _, counts, recompute_inputs, _, p = CASES[case]
         output, grads, buffers = reference(network, inputs[case], counts, recompute_inputs, p)
