@@ -116,7 +116,7 @@ class Tape:
     input_shape: tuple[int, ...]
     steps: list[Step] = field(default_factory=list)  # steps[0] is the input
     output: int = 0
-    halos: dict = field(default_factory=dict, repr=False)  # (counts, recompute_inputs, processes) -> halo depths
+    halos: dict = field(default_factory=dict, repr=False)  # (counts, recompute_inputs, processes, H) -> depths
 
 
 F_MAX_POOL = (F.max_pool3d,)
@@ -551,12 +551,14 @@ class SlabForward:
         self.owners = [{step.index: (lo * step.shape[2] // full, hi * step.shape[2] // full) for step in steps}
                        for lo, hi in bounds]
         self.own = self.owners[space.index if space is not None else 0]
+        # the fewest rows of each map any process holds: slab counts alike on every process
+        self.least = {step.index: min(hi - lo for lo, hi in (owner[step.index] for owner in self.owners))
+                      for step in steps}
         self.counts, levels = {}, {}
         for step in steps:
             level = levels[step.index] = level_of(step.shape[2], full)
             count = counts[level] if level < len(counts) else 1
-            rows = min(owner[step.index][1] - owner[step.index][0] for owner in self.owners)
-            self.counts[step.index] = max(1, min(count, rows // 2))  # alike on every process
+            self.counts[step.index] = max(1, min(count, self.least[step.index] // 2))
         used = {tape.output}
         for step in reversed(steps):
             if step.index in used:
@@ -654,8 +656,7 @@ class SlabForward:
                 lo, hi = own[index]
                 depth[index] = max(depth.get(index, 0), lo - first, last - hi)
         for index in sorted(self.used):
-            rows = min(owner[index][1] - owner[index][0] for owner in self.owners)
-            height = self.tape.steps[index].shape[2]
+            rows, height = self.least[index], self.tape.steps[index].shape[2]
             if rows < max(1, depth.get(index, 0)):
                 made = f"operation {index}, {self.tape.steps[index].name.rsplit('.', 1)[-1]}" if index else "the input"
                 raise ValueError(f"--spatial {self.space.size}: a map of {height} rows ({made}) "
@@ -672,8 +673,7 @@ class SlabForward:
             for index, (first, last) in self._closure(target, low, high).items():
                 for source, (a, b) in input_rows(self.tape.steps[index], self.tape, first, last).items():
                     if self.mode[source] != "recomputed":
-                        old = reads.get(source, (a, b))
-                        reads[source] = (min(a, old[0]), max(b, old[1]))
+                        _widen(reads, source, a, b)
 
         done = set()
         for step in self.tape.steps[1:]:
@@ -707,8 +707,7 @@ class SlabForward:
             first, last = need[step.index]
             for index, (a, b) in input_rows(step, self.tape, first, last).items():
                 if self.mode[index] == "recomputed":
-                    old = need.get(index)
-                    need[index] = (min(a, old[0]), max(b, old[1])) if old else (a, b)
+                    _widen(need, index, a, b)
         return need
 
     def _region(self, target: int, low: int, high: int) -> torch.Tensor:
@@ -751,6 +750,12 @@ class SlabForward:
 
     def _region_moments(self, step: Step, source: int, low: int, high: int):
         return moments(step, self._region(source, low, high))
+
+
+def _widen(ranges: dict, key, first: int, last: int) -> None:
+    """`ranges[key]` widened to cover rows [first, last) (set to them where absent)."""
+    old = ranges.get(key, (first, last))
+    ranges[key] = (min(first, old[0]), max(last, old[1]))
 
 
 class _Shard(Rows):

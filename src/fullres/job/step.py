@@ -46,7 +46,7 @@ def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
             if parameter.dim() == 5:
                 parameter.data = parameter.data.contiguous(memory_format=torch.channels_last_3d)
     inner = getattr(model, "module", model)  # DistributedDataParallel wraps the network
-    if hasattr(inner, "checkpointing") and hasattr(inner, "slabs"):
+    if _own_schedule(inner):
         inner.checkpointing = strategy.checkpointing
         inner.checkpoint_levels = strategy.checkpoint_levels
         inner.slabs = strategy.slab_counts if len(strategy.slab_counts) > 1 else strategy.slabs
@@ -58,14 +58,18 @@ def prepare_model(model: nn.Module, strategy: Strategy) -> nn.Module:
     return model
 
 
+def _own_schedule(module: nn.Module) -> bool:
+    # The paper's UNet3D: its checkpointing and slabs are attributes its own forward reads.
+    return hasattr(module, "checkpointing") and hasattr(module, "slabs")
+
+
 def use_space(model: nn.Module, space) -> nn.Module:
     """From now on `model`'s forward takes and returns this process's rows of the volume and of the output under
     `space` (:class:`fullres.engine.spatial.Space`; None: the whole volume again), in place, after
     :func:`prepare_model`: the paper's network by its own schedule, whole rows per level; in slabs, and any
     other network, through its recorded tape (:func:`fullres.engine.tape.shard_network`: slabs within shards)."""
     inner = getattr(model, "module", model)
-    own = hasattr(inner, "checkpointing") and hasattr(inner, "slabs")
-    if own and not hasattr(inner, "_fullres_slab_forward"):
+    if _own_schedule(inner) and not hasattr(inner, "_fullres_slab_forward"):
         counts = inner.slab_counts()
         if all(count == 1 for count in counts):
             inner.space = space
