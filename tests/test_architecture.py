@@ -292,3 +292,13 @@ def test_the_loss_registry_is_the_train_commands_choices():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     loss = next(action for action in train._actions if action.dest == "loss")
     assert tuple(loss.choices) == tuple(LOSSES)
+
+
+def test_the_torch_free_names_are_the_registries_names():
+    """fullres.terms lists, without torch, the names that torch-side registries implement."""
+    from fullres import terms
+    from fullres.engine.losses import LOSSES
+    from fullres.run.tracking import TRACKER_CLASSES
+
+    assert terms.LOSS_NAMES == tuple(LOSSES)
+    assert terms.TRACKERS == tuple(TRACKER_CLASSES)

@@ -140,3 +140,25 @@ def test_faults_writing_outputs_are_one_line_and_leave_files_alone(cli, tmp_path
     code, _, err = cli("synth", blocker / "data", "--cases", "1", "--shape", "16", "16", "16", "--quiet")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert str(blocker) in err and blocker.read_text() == "x"
+
+
+def test_help_and_malformed_arguments_answer_without_importing_torch():
+    """Every command's --help, and an argument its parser refuses, are answered from torch-free modules
+    (fullres.terms, fullres.job.strategy): torch is imported only by a command that runs."""
+    from fullres.cli.commands import HELP
+
+    script = """
+import sys
+from fullres.cli.main import main
+for last, code in (("--help", 0), ("--no-such-flag", 2)):
+    try:
+        main(sys.argv[1:] + [last])
+    except SystemExit as exit_:
+        assert exit_.code == code, (last, exit_.code)
+print(sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "monai", "nibabel")), file=sys.stderr)
+"""
+    for command in ("", *HELP):
+        done = subprocess.run([sys.executable, "-c", script, *([command] if command else [])], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+        assert done.stderr.strip().splitlines()[-1] == "[]", (command, done.stderr[-2000:])

@@ -4,12 +4,15 @@ inference speed of the exported engines (--inference)."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from fullres.cli.commands import HELP
 from fullres.cli.options import add_job_arguments, job_from_args, positive_int
 from fullres.cli.report import print_json, refuse_existing
-from fullres.job.config import JobConfig
+
+if TYPE_CHECKING:
+    from fullres.job.config import JobConfig
 
 
 def add_parser(commands) -> None:

@@ -6,14 +6,14 @@ import argparse
 from pathlib import Path
 
 from fullres.cli.commands import HELP
-from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
 from fullres.errors import UserError
+from fullres.terms import LAYOUTS
 
 
 def add_parser(commands) -> None:
     check = commands.add_parser("check", help=HELP["check"])
     check.add_argument("data", help="dataset folder")
-    check.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
+    check.add_argument("--layout", choices=LAYOUTS, default=None,
                        help="the folder's layout (default: detected)")
     check.set_defaults(run=run)
 

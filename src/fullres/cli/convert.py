@@ -6,15 +6,15 @@ import argparse
 from pathlib import Path
 
 from fullres.cli.commands import HELP
-from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
+from fullres.terms import LAYOUTS
 
 
 def add_parser(commands) -> None:
     convert = commands.add_parser("convert", help=HELP["convert"])
     convert.add_argument("data", help="dataset folder (any layout)")
     convert.add_argument("out", help="new folder (must not exist, or be empty)")
-    convert.add_argument("--layout", choices=LAYOUT_NAMES, required=True, help="the layout to write")
-    convert.add_argument("--source-layout", choices=LAYOUT_NAMES, default=None,
+    convert.add_argument("--layout", choices=LAYOUTS, required=True, help="the layout to write")
+    convert.add_argument("--source-layout", choices=LAYOUTS, default=None,
                          help="DATA's layout (default: detected)")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(run=run)

@@ -4,6 +4,7 @@ wall time on this machine."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from fullres.cli.commands import HELP
 from fullres.cli.options import (
@@ -17,10 +18,11 @@ from fullres.cli.options import (
 )
 from fullres.cli.report import print_json
 from fullres.errors import UserError
-from fullres.job.config import JobConfig
-from fullres.kernels.device import memory_device
 from fullres.presets import PAPER
 from fullres.units import format_bytes
+
+if TYPE_CHECKING:
+    from fullres.job.config import JobConfig
 
 
 def add_parser(commands) -> None:
@@ -123,7 +125,7 @@ def print_time_estimate(job: JobConfig, args: argparse.Namespace) -> int:
     """The paper's promise: plug in the dataset size and epochs, get memory and time (measured here)."""
     from fullres.cost.estimate import estimate_training_bytes
     from fullres.cost.timing import estimate_time
-    from fullres.kernels.device import Process, configure_cpu
+    from fullres.kernels.device import Process, configure_cpu, memory_device
 
     if args.cases is None:
         raise UserError("--time needs --cases N (labelled cases in the dataset)")

@@ -8,9 +8,9 @@ from pathlib import Path
 from fullres.cli.commands import HELP
 from fullres.cli.options import positive_float
 from fullres.cli.report import print_json, refuse_existing, starts_with
-from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
 from fullres.errors import UserError
 from fullres.evaluate.lesions import CHALLENGES, DEFAULT_CHALLENGE
+from fullres.terms import LAYOUTS
 
 
 def add_parser(commands) -> None:
@@ -24,7 +24,7 @@ def add_parser(commands) -> None:
     evaluate.add_argument("--csv", default=None,
                           help="CSV path (default: PRED/metrics.csv; an earlier evaluate's CSV is replaced)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace a --csv that evaluate did not write")
-    evaluate.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
+    evaluate.add_argument("--layout", choices=LAYOUTS, default=None,
                           help="the labels' layout, for the values of WT/TC/ET (default: from PRED/prediction.json "
                                "or the labels' folder; else MSD's)")
     evaluate.add_argument("--lesion-wise", action="store_true",

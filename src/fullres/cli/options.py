@@ -6,15 +6,16 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
-from fullres.cost.plan import check_checkpointing
 from fullres.errors import UserError
-from fullres.job.config import TARGET_CLASSES, JobConfig, Strategy, job_defaults
-from fullres.kernels.device import COLLECTIVE_TIMEOUT_S, estimate_device
+from fullres.job.strategy import Strategy
 from fullres.kernels.gpus import GPUS, GPU, gpu_named
-from fullres.nets.families import factory_file, file_digest
-from fullres.nets.registry import NORMS, ModelConfig, check_shape, tape_refusal
+from fullres.terms import COLLECTIVE_TIMEOUT_S, DEVICES, NORMS, TARGET_CLASSES
 from fullres.units import parse_size
+
+if TYPE_CHECKING:
+    from fullres.job.config import JobConfig
 
 
 def _whole_number(text: str, least: int) -> int:
@@ -143,6 +144,11 @@ def job_from_options(options: dict, in_channels: int | None = None, classes: int
     """The job the flags describe (`options` by their CLI names; None: the network's preset); `in_channels`
     and `classes` come from the dataset when there is one. The network is checked to take the job's shape
     (a forward pass on the meta device). Bad combinations raise UserError naming what is wrong."""
+    from fullres.cost.plan import check_checkpointing
+    from fullres.job.config import JobConfig, job_defaults
+    from fullres.nets.families import factory_file, file_digest
+    from fullres.nets.registry import ModelConfig, check_shape, tape_refusal
+
     try:
         defaults = job_defaults(options.get("model") or "unet3d")
         options = {name: defaults[name] if options.get(name) is None and name in defaults else value
@@ -172,7 +178,7 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
 
 
 def add_memory_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="the device whose memory is estimated (auto: CUDA when present)")
 
 
@@ -202,6 +208,8 @@ def budget_and_device(args: argparse.Namespace, required: bool = False) -> tuple
         raise UserError(f"--gpu {args.gpu.name} plans a CUDA job: not with --device cpu")
     if required and args.gpu is None and args.memory is None:
         raise UserError("give the budget: --memory SIZE or --gpu NAME")
+    from fullres.kernels.device import estimate_device
+
     budget = args.gpu.memory_bytes if args.gpu is not None else args.memory
     return budget, "cuda" if args.gpu is not None else estimate_device(args.device)
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from fullres.cli.commands import HELP
 from fullres.cli.options import add_launch_arguments, add_trust_argument, memory_size
-from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
-from fullres.kernels.device import memory_device
+from fullres.terms import LAYOUTS
 
 
 def add_parser(commands) -> None:
@@ -26,7 +25,7 @@ def add_parser(commands) -> None:
     predict.add_argument("--out", required=True, help="folder for the masks (<case>.nii.gz)")
     predict.add_argument("--probabilities", action="store_true", help="also write <case>_prob.nii.gz")
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    predict.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
+    predict.add_argument("--layout", choices=LAYOUTS, default=None,
                          help="the input folders' layout (default: detected); masks follow its names and labels")
     predict.add_argument("--overwrite", action="store_true",
                          help="replace masks in --out that an earlier predict did not write (never the inputs)")
@@ -44,7 +43,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fullres.kernels.device import configure_cpu, pick_device, process_group
+    from fullres.kernels.device import configure_cpu, memory_device, pick_device, process_group
     from fullres.run.predict import predict_files
 
     choice = args.device if args.engine == "torch" else "cpu"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from fullres.cli.commands import HELP
 from fullres.cli.options import (
@@ -13,9 +14,10 @@ from fullres.cli.options import (
 )
 from fullres.cli.report import print_json
 from fullres.errors import UserError
-from fullres.job.config import JobConfig
-from fullres.kernels.device import memory_device
 from fullres.units import format_bytes
+
+if TYPE_CHECKING:
+    from fullres.job.config import JobConfig
 
 
 def add_parser(commands) -> None:
@@ -31,6 +33,7 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fullres.cost.estimate import profile
+    from fullres.kernels.device import memory_device
 
     job = job_from_args(args)
     device = memory_device(args.device)

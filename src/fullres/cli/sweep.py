@@ -16,8 +16,7 @@ from fullres.cli.options import (
 )
 from fullres.cli.report import refuse_existing, starts_with
 from fullres.errors import UserError
-from fullres.job.config import PRECISIONS
-from fullres.kernels.device import memory_device
+from fullres.terms import PRECISIONS
 from fullres.units import parse_size
 
 
@@ -46,6 +45,7 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     import csv
 
+    from fullres.kernels.device import memory_device
     from fullres.cost.sweep import CSV_COLUMNS, run_sweep, sweep_jobs, write_sweep_csv
     from fullres.evaluate.figures import (
         figure3_memory_vs_size,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fullres.cli.commands import HELP
 from fullres.cli.options import positive_int
-from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
+from fullres.terms import LAYOUTS
 
 
 def add_parser(commands) -> None:
@@ -26,7 +26,7 @@ def add_parser(commands) -> None:
                             "ct: one-channel CT phantoms in HU with lesions, spacing 0.7-0.9 x 0.7-0.9 x 2-3 mm "
                             "per case (msd or nnunet layout)")
     synth.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="image voxel type")
-    synth.add_argument("--layout", choices=LAYOUT_NAMES, default="msd",
+    synth.add_argument("--layout", choices=LAYOUTS, default="msd",
                        help="msd (default), nnunet, brats2021 or brats2023: files, names and label values")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(run=run)

@@ -19,10 +19,8 @@ from fullres.cli.options import (
     positive_int,
     seed_value,
 )
-from fullres.data.layouts import LAYOUTS as LAYOUT_NAMES
-from fullres.engine.losses import LOSSES
 from fullres.errors import UserError
-from fullres.job.config import SCHEDULES
+from fullres.terms import AUGMENTATIONS, CROPS, DEVICES, LAYOUTS, LOSS_NAMES, SCHEDULES, TRACKERS
 
 
 def add_parser(commands) -> None:
@@ -63,7 +61,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="epochs (paper: 25); with --resume, more than the run's extends it")
     parser.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate")
-    parser.add_argument("--loss", choices=tuple(LOSSES), default=None, help="soft Dice (default), or Dice + BCE")
+    parser.add_argument("--loss", choices=LOSS_NAMES, default=None, help="soft Dice (default), or Dice + BCE")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate schedule (default: cosine)")
     parser.add_argument("--seed", type=seed_value, default=None, help="weights, split, order and dropout follow from it")
     parser.add_argument("--val-fraction", type=fraction, default=None, help="share of cases held out for validation")
@@ -72,21 +70,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "RUN/splits.json (default: one seeded split by --val-fraction)")
     parser.add_argument("--fold", type=non_negative_int, default=None, metavar="I",
                         help="with --folds K: the fold validated on, 0..K-1 (default 0)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="auto (default): CUDA when present")
+    parser.add_argument("--device", choices=DEVICES, default=None, help="auto (default): CUDA when present")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes (default 1)")
-    parser.add_argument("--augment", choices=("none", "light", "default"), default=None,
+    parser.add_argument("--augment", choices=AUGMENTATIONS, default=None,
                         help="augmentation of the training samples: none (the paper's job), light (flips, intensity), "
                              "default (also affine, elastic, axial 90-degree rotations; the demo's)")
     parser.add_argument("--spacing", nargs="+", default=None, metavar="S",
                         help="voxel spacing every image is resampled to for training, and each prediction back from: "
                              "auto (the training images' median, as nnU-Net; the demo's), none (as stored; the paper "
                              "preset's, so the default with DATA), or X Y Z in mm; --shape counts voxels at it")
-    parser.add_argument("--crop", choices=("foreground", "center"), default=None,
+    parser.add_argument("--crop", choices=CROPS, default=None,
                         help="training images larger than --shape: foreground (a random window per sample, a third "
                              "centred on a foreground voxel; the demo's) or center (one window on the brain; the "
                              "paper preset's, so the default with DATA)")
-    parser.add_argument("--tracker", choices=("tensorboard", "mlflow", "none"), default=None,
+    parser.add_argument("--tracker", choices=TRACKERS, default=None,
                         help="where metrics, configuration and figures go besides the run folder: tensorboard "
                              "(default, RUN/tb), mlflow ($MLFLOW_TRACKING_URI or RUN/mlruns), none")
     parser.add_argument("--strategy", choices=("manual", "auto"), default="manual",
@@ -97,7 +95,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="skip the memory preflight")
     parser.add_argument("--no-autotune", action="store_true",
                         help="keep the contiguous memory format instead of timing channels-last (runs of 100+ steps)")
-    parser.add_argument("--layout", choices=LAYOUT_NAMES, default=None,
+    parser.add_argument("--layout", choices=LAYOUTS, default=None,
                         help="the dataset's layout (default: detected from the folder)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from last.pt (other flags must agree with its config.json)")

@@ -34,8 +34,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from fullres.data.preprocess import sample_crop_box
+from fullres.terms import AUGMENTATIONS
 
-AUGMENTATIONS = ("none", "light", "default")
 KEYS = ("image", "label")
 
 

@@ -40,8 +40,8 @@ from fullres.data.msd import (
     read_dataset_json,
 )
 from fullres.errors import UserError
+from fullres.terms import LAYOUTS
 
-LAYOUTS = ("msd", "nnunet", "brats2021", "brats2023")
 ERROR, WARNING = "error", "warning"
 
 # ---------------------------------------------------------------------------------------------

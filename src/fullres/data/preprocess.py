@@ -17,10 +17,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from fullres.errors import UserError
+from fullres.terms import CROPS, TARGET_CLASSES
 
-TARGETS = ("wt", "regions", "classes")
+TARGETS = tuple(TARGET_CLASSES)
 REGION_NAMES = ("WT", "TC", "ET")
-CROPS = ("center", "foreground")
 #: nnU-Net's share of training crops centred on a foreground voxel (the rest are placed uniformly)
 FOREGROUND_SHARE = 1 / 3
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from fullres.errors import UserError
+from fullres.terms import COLLECTIVE_TIMEOUT_S
 
 try:
     import resource
@@ -75,11 +76,6 @@ class Process:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-# How long any collective or halo exchange waits for the other processes before it fails (gloo's and
-# NCCL's own defaults are 30 and 10 minutes): long enough for one rank's largest level on a CPU.
-COLLECTIVE_TIMEOUT_S = 1800
 
 
 def start_process_group(device_type: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Process:

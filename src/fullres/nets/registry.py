@@ -22,8 +22,8 @@ from fullres.engine.tape import ATTENTION_NETWORKS, SlabForward, Unsliceable, re
 from fullres.errors import first_line
 from fullres.nets import families
 from fullres.presets import PAPER
+from fullres.terms import NORMS
 
-NORMS = ("none", "instance", "group", "batch")
 DOWNSAMPLING = 8  # three 2x poolings: every spatial size must be a multiple of 8
 
 

@@ -55,7 +55,6 @@ from fullres.files import atomic_write, write_json
 from fullres.job.config import JobConfig, Strategy, TrainConfig, job_defaults
 from fullres.job.step import autocast, build_training, to_device, train_step, use_space
 from fullres.kernels.device import (
-    COLLECTIVE_TIMEOUT_S,
     Process,
     available_memory,
     configure_cpu,
@@ -83,6 +82,7 @@ from fullres.run.predict import PredictInput, predict_files
 from fullres.run.tracking import open_tracker
 from fullres.run.trust import copy_factory_source, remember
 from fullres.run.versions import versions
+from fullres.terms import COLLECTIVE_TIMEOUT_S
 from fullres.units import format_bytes
 
 CSV_COLUMNS = ["epoch", "train_loss", "train_dice", "train_accuracy", "val_loss", "val_dice", "val_accuracy",
