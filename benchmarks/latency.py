@@ -3,7 +3,8 @@
 
     python benchmarks/latency.py [--repeats 3] [--commands help argerror table1 dryrun ...] [--timeout 900]
 
-The commands (the paper's job unless named): `help` (`fullres --help`), `argerror` (a refused flag),
+The commands (the paper's job unless named): `help` (`fullres --help`), `cmdhelp` (`estimate --help`),
+`badflag` (a value its parser refuses), `argerror` (a job the network refuses: a shape it cannot take),
 `table1` (`estimate`), `dryrun` (`estimate --method dryrun`; its first run in a round also fills the
 per-machine calibration cache, so the median is the warm answer), `refusal` (`train` refused by its memory
 preflight on a tiny synthetic dataset), `phantom` (one 240x240x155 synthetic case), `plan24` (`plan --memory
@@ -35,6 +36,8 @@ def commands(scratch: Path) -> dict[str, list[str]]:
     data = scratch / "data"
     return {
         "help": [*fullres, "--help"],
+        "cmdhelp": [*fullres, "estimate", "--help"],
+        "badflag": [*fullres, "estimate", "--precision", "fp8"],
         "argerror": [*fullres, "estimate", "--shape", "7", "7", "7"],
         "table1": [*fullres, "estimate"],
         "dryrun": [*fullres, "estimate", "--method", "dryrun", "--device", "cpu"],
@@ -73,7 +76,7 @@ def timed(argv: list[str], timeout: float) -> tuple[float | None, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--commands", nargs="+", default=["help", "argerror", "table1", "dryrun", "refusal", "phantom"])
+    parser.add_argument("--commands", nargs="+", default=["help", "cmdhelp", "badflag", "argerror", "table1", "dryrun", "refusal", "phantom"])
     parser.add_argument("--timeout", type=float, default=900, help="seconds before a command counts as not answering")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:

@@ -1,6 +1,7 @@
 """Slabs at every level (fullres.engine.slabs): the whole-volume forward and gradients, normalisation included."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -245,9 +246,10 @@ def test_plan_offers_every_level_schedules_with_their_counted_flops(monkeypatch)
     candidate = with_slabs(job, (8, 4, 2, 1))
     assert candidate.batch == 1 and candidate.strategy.accumulate == 2 and candidate.strategy.slab_counts == (8, 4, 2)
     shown = []
-    option, recomputed = slab_options(job, budget_bytes=2**40, progress=lambda items: shown.extend(items) or items)
+    option, recomputed = slab_options(job, budget_bytes=1, progress=lambda items: shown.extend(items) or items)
     assert shown == [((8, 4, 2, 1), 0), ((8, 4, 2, 1), 1)]  # the progress bar is given every schedule, once
-    assert option.counts == recomputed.counts == (8, 4, 2, 1) and option.fits
+    assert option.counts == recomputed.counts == (8, 4, 2, 1) and not option.fits and not recomputed.fits
+    assert slab_options(job, budget_bytes=option.peak_bytes) == [replace(option, fits=True)]  # the first that fits ends it
     assert (option.recompute_inputs, recomputed.recompute_inputs) == (0, 1)
     assert option.flops == count_step_flops(candidate)  # the dry run's count on fake tensors is the real count
     assert recomputed.flops == count_step_flops(with_slabs(job, (8, 4, 2, 1), 1)) > option.flops

@@ -54,8 +54,8 @@ def slab_lines(options) -> list[str]:
     """plan's table of every-level slab schedules (when the job does not fit as given)."""
     if not options:
         return []
-    lines = ["Slabs at every level (dry run, checkpointing, micro-batch 1; FLOPs by torch's counter, against the "
-             "step without slabs or checkpointing):"]
+    lines = ["Slabs at every level, fewest first up to the first that fits (dry run, checkpointing, micro-batch 1; "
+             "FLOPs by torch's counter, against the step without slabs or checkpointing):"]
     for option in options:
         coarse = list(option.counts[1:])
         while len(coarse) > 1 and coarse[-1] == 1:
@@ -64,4 +64,6 @@ def slab_lines(options) -> list[str]:
                      f"{' --recompute-inputs 1' if option.recompute_inputs else ''}: "
                      f"{format_bytes(option.peak_bytes)}, {'fits' if option.fits else 'does not fit'}, "
                      f"recomputation +{option.overhead:.0%} FLOPs")
+    if options[-1].fits:
+        lines.append("  (more slabs fit too, in less memory, each with more recomputation)")
     return lines

@@ -141,7 +141,7 @@ GLIBC_HEAP_NOTE = ("this job runs under glibc's default heap, whose leftovers ma
                    "(+30 % at 32^3 x 1, more on smaller jobs)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DryRunResult:
     peak_bytes: int
     breakdown: dict[str, int]

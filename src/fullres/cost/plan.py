@@ -308,10 +308,12 @@ class SlabOption:
 
 def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu",
                  progress: Callable[[list], Iterable] = iter) -> list[SlabOption]:
-    """The dry run of each of :func:`slab_schedules` (with the runtime term the dry-run method uses), and
-    its FLOPs against those of `job` without slabs or checkpointing, both counted by torch's counter on
-    fake tensors (:func:`fullres.cost.timing.fake_step_flops`). `progress` wraps the list of schedules
-    (a progress bar; seconds to minutes each at full resolution)."""
+    """The dry run of :func:`slab_schedules`, fewest slabs first, up to the first that fits `budget_bytes`
+    (more slabs only add recomputation; a schedule of many slabs takes the longest to dry-run), then the
+    deepest once more with the half-resolution level's input recomputed if none fitted; each with its FLOPs
+    against those of `job` without slabs or checkpointing, both counted by torch's counter on fake tensors
+    (:func:`fullres.cost.timing.fake_step_flops`; the dry run with the runtime term its method uses).
+    `progress` wraps the list of schedules (a progress bar; seconds to a minute each at full resolution)."""
     plain = job.with_(strategy=replace(job.strategy.without_slabs(), checkpointing=False, checkpoint_levels=0))
     baseline = fake_step_flops(plain)
     options = []
@@ -323,6 +325,8 @@ def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu",
         flops = fake_step_flops(candidate)
         options.append(SlabOption(counts, result.peak_bytes, result.peak_bytes <= budget_bytes, flops,
                                   flops / baseline - 1, recompute))
+        if options[-1].fits:
+            break
     return options
 
 
@@ -424,19 +428,29 @@ def rank_by_time(job: JobConfig, budget: int, method: str, allow_bf16: bool = Tr
     """The candidates of :func:`candidate_strategies` that fit `budget` by `method`, fastest first by
     estimated step time (`step_seconds(candidate)` -> ``{"step_s", "step_flops"}``; default
     :func:`fullres.cost.timing.strategy_step_seconds`, calibrated once per precision on this machine);
-    ties keep the least approximate first. Also returns "name: bytes" of those that do not fit."""
+    ties keep the least approximate first. Also returns "name: bytes" of those that do not fit.
+
+    Every-level slab schedules come fewest slabs first, and each deeper one only adds recomputation, so past
+    the first that fits (in the same precision and offload) and runs no convolution on oneDNN's reference
+    kernel, none can be faster: they are not estimated (their dry runs are the slowest of all)."""
     if step_seconds is None:
         def step_seconds(candidate: JobConfig) -> dict:
             return strategy_step_seconds(candidate, device=device)
 
-    fitting, tried = [], []
+    fitting, tried, settled = [], [], set()
     for name, candidate in candidate_strategies(job, allow_bf16, device):
+        series = (candidate.strategy.precision, candidate.strategy.offload) \
+            if len(candidate.strategy.slab_counts) > 1 else None  # an every-level slab schedule
+        if series in settled:
+            continue
         needed = estimate_training_bytes(candidate, method, device)
         if needed > budget:
             tried.append(f"{name}: {format_bytes(needed)}")
             continue
         estimate = step_seconds(candidate)
         fitting.append(RankedStrategy(name, candidate, needed, estimate["step_s"], estimate["step_flops"]))
+        if series is not None and not estimate.get("reference_flops"):
+            settled.add(series)
     order = sorted(range(len(fitting)), key=lambda i: (fitting[i].step_s, i))  # stable: exactness breaks ties
     return [fitting[i] for i in order], tried
 
@@ -467,7 +481,10 @@ def ranking_report(job: JobConfig, budget: int, method: str, device: str = "cpu"
 
     allow_bf16 = fast_bf16(torch.device(device))
     ranked, tried = rank_by_time(job, budget, method, allow_bf16, device, step_seconds)
-    return {"fastest_first": [r.to_json() for r in ranked], "does_not_fit": tried, "budget_mb": budget / 1e6,
+    seen = {r.name for r in ranked} | {line.rsplit(": ", 1)[0] for line in tried}
+    skipped = [name for name, _ in candidate_strategies(job, allow_bf16, device) if name not in seen]
+    return {"fastest_first": [r.to_json() for r in ranked], "does_not_fit": tried, "not_estimated": skipped,
+            "budget_mb": budget / 1e6,
             "method": method, "bf16": "tried" if allow_bf16 else "not tried (no hardware bf16 here)"}
 
 
@@ -482,5 +499,8 @@ def format_ranking(report: dict) -> list[str]:
         lines.append("  none fits")
     if report["does_not_fit"]:
         lines.append("  does not fit: " + "; ".join(report["does_not_fit"]))
+    if report["not_estimated"]:
+        lines.append("  not estimated (deeper slab schedules: each slower, more recomputation): "
+                     + "; ".join(report["not_estimated"]))
     lines.append(f"  bf16: {report['bf16']}")
     return lines
