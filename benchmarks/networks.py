@@ -2,6 +2,7 @@
 
     python benchmarks/networks.py accuracy OUT [--precisions fp32 bf16] [--networks ...] [--strategies ...]
     python benchmarks/networks.py table OUT [--precisions fp32] [--networks ...]
+    python benchmarks/networks.py split OUT [--networks ...]
 
 `accuracy`: for each network at two shapes, under each of --strategies (none, checkpointing, and slabs: the
 first every-level schedule `plan` offers, where the network can run in slabs), the dry run's peak (as
@@ -14,6 +15,11 @@ usual patch, the dry-run peak per sample under each exact strategy, the largest 
 checkpointing) that fits 24 GiB and 80 GB, and the usual patch at batch 2 on CUDA in bf16 (the dry run, no
 runtime term; it needs a CUDA build of torch, not a GPU) beside nnU-Net's own estimate where the network is
 nnU-Net's. Writes OUT/table.csv.
+
+`split`: for each network at its two shapes without a strategy (fp32 channels-last, so under fullres's CPU
+pool), where the dry run misses: the pool's reserved bytes after two real steps (its own counters, in a
+fresh process) against the dry run's replay of them, and the rest of the measured peak RSS (outside the pool:
+oneDNN's own buffers, glibc, code) against the dry run's runtime term. Writes OUT/split.csv.
 
 Everything goes through fullres's public API (`fullres.cost.estimate`, `fullres.cost.measure`,
 `fullres.cost.plan`).
@@ -138,6 +144,55 @@ def table(out: Path, networks: list[str], precisions: list[str]) -> None:
     _write(out / "table.csv", rows)
 
 
+POOL_STEPS = """
+import json, sys, torch
+from fullres.job.config import JobConfig
+from fullres.kernels import cpu_pool
+from fullres.cost.flops import random_batch
+from fullres.engine.losses import LOSSES
+from fullres.job.step import build_training, train_step
+from fullres.nets.registry import build_model
+job = JobConfig.from_json(json.loads(sys.argv[1]))
+torch.set_num_threads(int(sys.argv[2]))
+cpu_pool.install()
+torch.manual_seed(0)
+model = build_model(job.model, job.shape)
+training = build_training(job, "cpu", model=model)
+images, targets = random_batch(job, torch.device("cpu"))
+for _ in range(2):
+    train_step(model, training.optimizer, images, targets, LOSSES["dice"], job.strategy, training.scaler)
+print(cpu_pool.stats().peak_reserved)
+"""
+
+
+def split(out: Path, networks: list[str]) -> None:
+    import subprocess
+
+    rows = []
+    print(json.dumps(machine()))
+    print(f"{'network':<28}{'shape':<10}{'pool: dry / real':>22}{'outside: dry / real':>24}{'total error':>12}")
+    for name in networks:
+        args, shapes, _ = NETWORKS[name]
+        for shape in shapes:
+            job = JobConfig(model=model_config(name, args), shape=shape, batch=1, strategy=Strategy(channels_last=True))
+            dry = dryrun_estimate(job)
+            if dry.allocator != "pool":
+                print(f"{name}: not under the pool here ({dry.allocator})")
+                continue
+            reserved = int(subprocess.run([sys.executable, "-c", POOL_STEPS, json.dumps(job.to_json()),
+                                           str(torch.get_num_threads())], capture_output=True, text=True,
+                                          check=True).stdout.split()[-1])
+            measured = measure_peak(job, steps=2, threads=torch.get_num_threads()).measured_bytes
+            row = {"network": name, "shape": "x".join(map(str, shape)), "dry_pool_bytes": dry.reserved_bytes,
+                   "real_pool_bytes": reserved, "dry_outside_bytes": dry.peak_bytes - dry.reserved_bytes,
+                   "real_outside_bytes": measured - reserved, "error": (dry.peak_bytes - measured) / measured}
+            rows.append(row)
+            print(f"{name:<28}{row['shape']:<10}{dry.reserved_bytes / 1e6:>10.1f} / {reserved / 1e6:>7.1f} MB"
+                  f"{row['dry_outside_bytes'] / 1e6:>12.1f} / {row['real_outside_bytes'] / 1e6:>7.1f} MB"
+                  f"{row['error'] * 100:>+11.1f}%", flush=True)
+    _write(out / "split.csv", rows)
+
+
 def _write(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as file:
@@ -149,7 +204,7 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("accuracy", "table"))
+    parser.add_argument("what", choices=("accuracy", "table", "split"))
     parser.add_argument("out", type=Path)
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=("fp32", "bf16"))
@@ -158,6 +213,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.what == "accuracy":
         accuracy(args.out, args.networks, args.precisions, tuple(args.strategies))
+    elif args.what == "split":
+        split(args.out, args.networks)
     else:
         table(args.out, args.networks, args.precisions)
     return 0

@@ -394,13 +394,36 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     else:
         layout = _nbytes(conv.input) + _nbytes(conv.grad_output)  # blocked reorders
     if conv.forward:
-        return layout
+        return layout + onednn_transposed_scratch_bytes(conv)
     # The scratchpad comes with the primitive's creation, the first call at these shapes: measured
     # in a training step's second backward, every convolution's extra is within the copies +- 20 MB.
     # Without AVX-512 the first call takes ~5 MB more (within the runtime term) and GEMM's buffers instead.
     gemm = gemm_weight_gradient_bytes(conv, weight_gradient=bool(args[10][1]))
     scratch = ONEDNN_BACKWARD_SCRATCH_BYTES if first_call and fullres_device.avx512() else 0
-    return scratch + layout + sum(_bf16_copy_blocks(conv)) + gemm
+    return scratch + layout + sum(_bf16_copy_blocks(conv)) + gemm + onednn_transposed_scratch_bytes(conv)
+
+
+def onednn_transposed_scratch_bytes(conv: "_Convolution") -> int:
+    """The buffer oneDNN's fp32 channels-last transposed convolution (ATen's ``MkldnnTranspose``) allocates
+    inside each call on a CPU without AVX-512. Forward: a padded copy of one sample's input per thread,
+    threads x C_in x prod(input size + (k - 1) // 2) x 4 bytes, whatever the batch; backward, where the
+    kernel overlaps (larger than the stride): C_out x prod(output size + 2) x 4 bytes plus four weights' worth.
+    Fitted on the pool's trace (2-core AVX2 EPYC, torch 2.13, stride 2; k 3 with padding 1 and output
+    padding 1, and k 2): 32-128 input channels at 24^3-48^3, batch 1 and 2, 1 and 2 threads, forward within
+    0.6 % (9.24 MB for 32 channels at 32^3 on 2 threads), backward within 1 % (3, 8, 16 output channels; none
+    for k 2). Not measured on AVX-512 CPUs (0 there), contiguous layouts or bf16."""
+    if (conv.backend != "MkldnnTranspose" or fullres_device.avx512() or conv.input.dtype != torch.float32
+            or not _onednn_channels_last(conv)):
+        return 0
+    kernel = conv.weight.shape[2:]
+    if conv.forward:
+        padded = math.prod(size + (k - 1) // 2 for size, k in zip(conv.input.shape[2:], kernel))
+        return torch.get_num_threads() * conv.input.shape[1] * padded * 4
+    if all(k <= s for k, s in zip(kernel, conv.stride)):
+        return 0
+    out_channels = conv.weight.shape[1]
+    padded = math.prod(size + 2 for size in conv.grad_output.shape[2:])
+    return out_channels * padded * 4 + 4 * _nbytes(conv.weight)
 
 
 def cuda_op_workspace(func, args, multiprocessors: int) -> int:
@@ -421,6 +444,7 @@ class _Convolution:
     transposed: bool
     backend: str  # the kernel family ATen picks: "Slow3d", "Mkldnn", ...
     pointwise: bool = False  # 1x1x1, stride 1, no padding: the slow path reads its input as the columns
+    stride: tuple[int, ...] = (1, 1, 1)
 
 
 def _cpu_convolution(func, args) -> _Convolution:
@@ -432,7 +456,8 @@ def _cpu_convolution(func, args) -> _Convolution:
         bias = torch.empty(weight.shape[1 if transposed else 0]) if args[3] is not None else None
     backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     pointwise = math.prod(weight.shape[2:]) == 1 and all(s == 1 for s in stride) and not any(padding)
-    return _Convolution(grad_output is None, input, weight, grad_output, bool(transposed), backend, pointwise)
+    return _Convolution(grad_output is None, input, weight, grad_output, bool(transposed), backend, pointwise,
+                        tuple(stride))
 
 
 def _slow_path_blocks(conv: _Convolution, out) -> list[int]:
@@ -663,7 +688,9 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
     backward (the weight in the primitive's layout, its gradient before the copy out), a transposed one in
     forward a buffer of 1/8 of a sample's output per thread, and in bf16 backward the per-thread copies of
     input and output gradient (`_bf16_copy_blocks`). oneDNN's scratchpad and NCDHW reorders come from its
-    own allocations, outside the pool."""
+    own allocations, outside the pool. On a CPU without AVX-512 (2-core EPYC, fp32 channels-last), the
+    buffers of :func:`onednn_transposed_scratch_bytes` and the weight gradient's GEMM buffers
+    (:func:`gemm_weight_gradient_bytes`) come from PyTorch's allocator, so from the pool, too."""
     if func not in (aten.convolution.default, aten.convolution_backward.default) or args[0].device.type != "cpu":
         return [], 0
     conv = _cpu_convolution(func, args)
@@ -673,12 +700,17 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
     blocks = [weight] * (1 if conv.forward else 3)
     if conv.forward and not (conv.weight.is_contiguous() or _channels_last(conv.weight)):
         blocks.append(weight)  # a slice of a weight (the concatenation-free decoder's), copied
-    if conv.forward and conv.transposed:
+    scratch = onednn_transposed_scratch_bytes(conv)  # AVX2: taken from PyTorch's allocator too
+    if not conv.forward:  # AVX2: GEMM's weight-gradient buffers, from PyTorch's allocator too
+        scratch += gemm_weight_gradient_bytes(conv, weight_gradient=bool(args[10][1]))
+    if scratch:
+        blocks.append(scratch)
+    elif conv.forward and conv.transposed:
         # per thread, 1/8 of a sample's output (one of the 8 kernel offsets), and a bit
         per_sample = _nbytes(out) // out.shape[0]
         blocks.append(per_sample * torch.get_num_threads() // 8 + TRANSPOSED_FORWARD_EXTRA_BYTES)
     copies = _bf16_copy_blocks(conv) + _layout_copy_blocks(conv)  # tensors: in the pool, not outside it
-    outside = op_workspace(func, args, kwargs, out, first_call) - sum(copies)
+    outside = op_workspace(func, args, kwargs, out, first_call) - sum(copies) - scratch
     return blocks + copies, max(0, outside)
 
 

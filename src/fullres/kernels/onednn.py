@@ -118,8 +118,14 @@ def select_conv_backend(input, weight, bias, stride, padding, dilation, transpos
     select = getattr(torch._C, "_select_conv_backend", None)
     if select is None:
         return ""
-    return str(select(input, weight, bias, list(stride), list(padding), list(dilation), bool(transposed),
-                      list(output_padding), int(groups), None)).split(".")[-1]
+    backend = select(input, weight, bias, list(stride), list(padding), list(dilation), bool(transposed),
+                     list(output_padding), int(groups), None)
+    name = str(backend).split(".")[-1]
+    return _UNNAMED_BACKENDS.get(int(backend), name) if name == "???" else name
+
+
+# ATen's ConvBackend values that torch's Python enum leaves unnamed ("???"): oneDNN's transposed convolution.
+_UNNAMED_BACKENDS = {9: "MkldnnTranspose"}
 
 
 def _aten_layout(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, output_padding,
