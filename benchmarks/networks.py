@@ -32,6 +32,7 @@ import csv
 import datetime
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -166,8 +167,6 @@ print(cpu_pool.stats().peak_reserved)
 
 
 def split(out: Path, networks: list[str]) -> None:
-    import subprocess
-
     rows = []
     print(json.dumps(machine()))
     print(f"{'network':<28}{'shape':<10}{'pool: dry / real':>22}{'outside: dry / real':>24}{'total error':>12}")
