@@ -174,6 +174,21 @@ def test_generous_budget_runs_as_given_tight_budget_checkpoints(calibrated, monk
         fastest_fitting(job, 1000, "dryrun", allow_bf16=False)
 
 
+def test_a_job_with_coarse_slabs_of_its_own_keeps_every_candidate_in_the_ranking(calibrated, monkeypatch):
+    """Only plan's every-level schedules end their series once one fits: a job given coarse slabs of its own
+    (slab counts (1, 2)) that fits as given still has its checkpointed candidates ranked."""
+    from dataclasses import replace
+
+    monkeypatch.setattr(plan, "estimate_training_bytes", stand_in_bytes)
+    job = ranking_job()
+    job = job.with_(strategy=replace(job.strategy, coarse_slabs="2"))
+    assert job.strategy.slab_counts == (1, 2)
+    ranked, tried = rank_by_time(job, 10 * stand_in_bytes(job, "dryrun"), "dryrun", allow_bf16=False)
+    names = [r.name for r in ranked]
+    assert not tried and "as given" in names and "checkpointing" in names
+    assert [name for name in names if "slabs 8,4,2" in name] == ["checkpointing + accumulate x2 + slabs 8,4,2"]
+
+
 def test_plan_optimize_time_prints_the_ranking(calibrated, cli):
     code, out, err = cli("plan", "--shape", 16, 16, 16, "--batch", 2, "--filters", 4, "--norm", "none",
                          "--memory", "64GB", "--method", "table1", "--optimize", "time", "--json")

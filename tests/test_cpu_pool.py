@@ -28,7 +28,7 @@ def run_python(code: str, *args: str, **env) -> str:
 REPLAY = """
 import torch
 from fullres.job.config import JobConfig, ModelConfig, Strategy
-from fullres.kernels import cpu_pool, device
+from fullres.kernels import cpu_pool
 from fullres.kernels.cuda_allocator import CachingAllocatorModel
 from fullres.engine.losses import LOSSES
 from fullres.cost.measure import make_batch
@@ -71,7 +71,7 @@ def test_the_pool_follows_the_caching_allocator_model_block_for_block():
 
 REUSE = """
 import resource, torch
-from fullres.kernels import cpu_pool, device
+from fullres.kernels import cpu_pool
 cpu_pool.install()
 def step():
     blocks = [torch.ones(16 * 2**20) for _ in range(4)]  # 4 x 64 MiB: glibc would mmap each afresh
@@ -96,7 +96,7 @@ def test_freed_blocks_are_reused_without_page_faults():
 FORK = """
 import torch
 from torch.utils.data import DataLoader, Dataset
-from fullres.kernels import cpu_pool, device
+from fullres.kernels import cpu_pool
 cpu_pool.install()
 class Volumes(Dataset):
     def __len__(self):
@@ -263,7 +263,7 @@ def test_estimate_and_plan_do_not_build_the_pool_and_training_commands_do(tmp_pa
 
 RELEASE = """
 import resource, torch
-from fullres.kernels import cpu_pool, device
+from fullres.kernels import cpu_pool
 cpu_pool.install()
 MiB = 2**20
 x = torch.empty(64 * MiB // 4)
@@ -284,7 +284,7 @@ def test_cached_segments_are_released_and_the_mapping_retried_before_failing():
 WORKSPACES = """
 import json, torch
 from fullres.cost import dryrun
-from fullres.kernels import cpu_pool, device
+from fullres.kernels import cpu_pool
 torch.set_num_threads(2)
 cpu_pool.install()
 cl = torch.channels_last_3d

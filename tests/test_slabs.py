@@ -257,6 +257,24 @@ def test_plan_offers_every_level_schedules_with_their_counted_flops(monkeypatch)
     assert option.overhead == pytest.approx(option.flops / plain - 1) and option.overhead > 0
 
 
+def test_plan_looks_past_a_schedule_that_fits_on_the_reference_kernel(monkeypatch):
+    """A schedule that fits but runs a weight gradient on oneDNN's reference kernel (~1000x slower) does not
+    end the search: a deeper one may avoid it."""
+    import fullres.cost.plan as plan
+    from fullres.cost.dryrun import DryRunResult
+
+    job = JobConfig(model=ModelConfig(filters=1, norm="none"), shape=(16, 16, 16), batch=1)
+    shown = []
+
+    def dry_run(candidate, device="cpu"):
+        slow = () if candidate.strategy.recompute_inputs else ("backward: conv1a",)
+        return DryRunResult(peak_bytes=1, breakdown={}, peak_at="", reference_kernels=slow)
+
+    monkeypatch.setattr(plan, "dryrun_estimate", dry_run)
+    options = plan.slab_options(job, budget_bytes=2, progress=lambda items: shown.extend(items) or items)
+    assert [option.recompute_inputs for option in options] == [0, 1] and all(option.fits for option in options)
+
+
 @pytest.mark.parametrize("memory_format", [torch.channels_last_3d, torch.contiguous_format])
 def test_rows_taken_have_the_slice_gradient_in_the_layout_it_arrives_in(memory_format):
     x = torch.randn(2, 3, 10, 4, 5, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()

@@ -35,7 +35,7 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fullres.cost.dryrun import cuda_modelled_parts, cuda_stand_in
-    from fullres.cost.plan import plan, slab_options, spatial_options
+    from fullres.cost.plan import plan, slab_options, slab_schedules, spatial_options
 
     budget, device = budget_and_device(args, required=True)
     job = job_from_args(args)
@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"Largest batch at {' x '.join(map(str, job.shape))}: {result.max_batch or 'none (batch 1 does not fit)'}")
     shape = ' x '.join(map(str, result.max_shape)) if result.max_shape else "none (not even 16 voxels a side fits)"
     print(f"Largest shape at batch {job.batch}: {shape}")
-    for line in slab_lines(options) + spatial_lines(spatial):
+    deeper = bool(options) and not options[-1].recompute_inputs and len(options) < len(slab_schedules(job))
+    for line in slab_lines(options, deeper) + spatial_lines(spatial):
         print(line)
     if ranking is not None:
         print("\n".join(format_ranking(ranking)))

@@ -50,8 +50,9 @@ def spatial_lines(options) -> list[str]:
     return lines
 
 
-def slab_lines(options) -> list[str]:
-    """plan's table of every-level slab schedules (when the job does not fit as given)."""
+def slab_lines(options, deeper: bool = False) -> list[str]:
+    """plan's table of every-level slab schedules (when the job does not fit as given); `deeper`: schedules
+    with more slabs were left untried."""
     if not options:
         return []
     lines = ["Slabs at every level, fewest first up to the first that fits (dry run, checkpointing, micro-batch 1; "
@@ -64,6 +65,6 @@ def slab_lines(options) -> list[str]:
                      f"{' --recompute-inputs 1' if option.recompute_inputs else ''}: "
                      f"{format_bytes(option.peak_bytes)}, {'fits' if option.fits else 'does not fit'}, "
                      f"recomputation +{option.overhead:.0%} FLOPs")
-    if options[-1].fits:
+    if deeper and options[-1].fits:
         lines.append("  (more slabs fit too, in less memory, each with more recomputation)")
     return lines

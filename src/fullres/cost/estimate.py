@@ -20,6 +20,7 @@ from fullres.cost.measure import measure_peak, measure_spatial_peaks
 from fullres.cost.table1 import table1
 from fullres.errors import UserError
 from fullres.job.config import JobConfig
+from fullres.kernels.device import avx512
 from fullres.kernels.malloc import policy_for, prepare_pool_for
 
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -41,14 +42,16 @@ def dryrun_estimate(job: JobConfig, device: str = "cpu", loss: str = "dice", spa
     `context` False: what max_memory_allocated counts). A CUDA job needs no GPU here (fake CPU tensors
     stand in: :func:`fullres.cost.dryrun.cuda_stand_in`). `spatial` = S: one of S processes sharing each
     sample (`spatial_index`: which; default the largest with two neighbours). A dry run already made in this
-    process with the same inputs (job, device, loss, process, runtime term, allocator policy) is answered
-    from memory: `plan` and `--strategy auto` meet the same candidates more than once."""
+    process with the same inputs (job, device, loss, process, runtime term, allocator policy, thread count,
+    CPU features) is answered from memory: `plan` and `--strategy auto` meet the same candidates more than
+    once."""
     kind = torch.device(device).type
     try:
         term = runtime.measured_runtime_bytes(job) if kind == "cpu" else \
             CUDA_RUNTIME_BYTES if kind == "cuda" and context else 0
         allocator = policy_for(job.strategy, device)
-        key = (job, device, loss, spatial, spatial_index, term, allocator)
+        # the thread count and the CPU's features choose kernels and their buffers
+        key = (job, device, loss, spatial, spatial_index, term, allocator, torch.get_num_threads(), avx512())
         if key not in _DRY_RUNS:
             if len(_DRY_RUNS) >= 256:  # a long-lived process (a notebook, the test suite) keeps the latest
                 _DRY_RUNS.pop(next(iter(_DRY_RUNS)))

@@ -309,7 +309,8 @@ class SlabOption:
 def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu",
                  progress: Callable[[list], Iterable] = iter) -> list[SlabOption]:
     """The dry run of :func:`slab_schedules`, fewest slabs first, up to the first that fits `budget_bytes`
-    (more slabs only add recomputation; a schedule of many slabs takes the longest to dry-run), then the
+    and runs no weight gradient on oneDNN's reference kernel (more slabs only add recomputation; a schedule
+    of many slabs takes the longest to dry-run), then the
     deepest once more with the half-resolution level's input recomputed if none fitted; each with its FLOPs
     against those of `job` without slabs or checkpointing, both counted by torch's counter on fake tensors
     (:func:`fullres.cost.timing.fake_step_flops`; the dry run with the runtime term its method uses).
@@ -325,7 +326,7 @@ def slab_options(job: JobConfig, budget_bytes: int, device: str = "cpu",
         flops = fake_step_flops(candidate)
         options.append(SlabOption(counts, result.peak_bytes, result.peak_bytes <= budget_bytes, flops,
                                   flops / baseline - 1, recompute))
-        if options[-1].fits:
+        if options[-1].fits and not result.reference_kernels:  # else a deeper one may avoid the slow kernel
             break
     return options
 
@@ -438,9 +439,10 @@ def rank_by_time(job: JobConfig, budget: int, method: str, allow_bf16: bool = Tr
             return strategy_step_seconds(candidate, device=device)
 
     fitting, tried, settled = [], [], set()
+    every_level = {with_slabs(job, counts).strategy.slab_counts for counts in slab_schedules(job)}
     for name, candidate in candidate_strategies(job, allow_bf16, device):
         series = (candidate.strategy.precision, candidate.strategy.offload) \
-            if len(candidate.strategy.slab_counts) > 1 else None  # an every-level slab schedule
+            if candidate.strategy.slab_counts in every_level else None  # an every-level slab schedule
         if series in settled:
             continue
         needed = estimate_training_bytes(candidate, method, device)

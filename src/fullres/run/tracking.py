@@ -11,7 +11,8 @@ rows of metrics.csv, peak memory included) and figures go besides the run folder
 * ``none``: only the run folder's own files.
 
 Extension point: :data:`TRACKER_CLASSES` maps a name to a class with ``(run_dir, config_json, start_epoch)``,
-``log_epoch(row, epoch)``, ``finish(files)``.
+``log_epoch(row, epoch)``, ``finish(files)``; its name goes in :data:`fullres.terms.TRACKERS` too (what
+``train --tracker`` offers before torch is imported).
 """
 
 from __future__ import annotations
