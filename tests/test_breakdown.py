@@ -193,8 +193,11 @@ def test_plan_optimize_time_prints_the_ranking(calibrated, cli):
     code, out, err = cli("plan", "--shape", 16, 16, 16, "--batch", 2, "--filters", 4, "--norm", "none",
                          "--memory", "64GB", "--method", "table1", "--optimize", "time", "--json")
     assert code == 0, err
-    ranking = json.loads(out)["ranking"]["fastest_first"]
+    report = json.loads(out)["ranking"]
+    ranking = report["fastest_first"]
     assert ranking[0]["strategy"] == "as given"
+    # the deepest schedule fits too, and cannot be faster than the every-level one ranked before it
+    assert report["not_estimated"] == ["checkpointing + accumulate x2 + slabs 8,4,2 + 1 level input recomputed"]
     assert [r["step_s"] for r in ranking] == sorted(r["step_s"] for r in ranking)
     code, out, err = cli("plan", "--shape", 16, 16, 16, "--batch", 2, "--filters", 4, "--norm", "none",
                          "--memory", "64GB", "--method", "table1", "--optimize", "time")

@@ -434,16 +434,24 @@ def rank_by_time(job: JobConfig, budget: int, method: str, allow_bf16: bool = Tr
     Every-level slab schedules come fewest slabs first, and each deeper one only adds recomputation, so past
     the first that fits (in the same precision and offload) and runs no convolution on oneDNN's reference
     kernel, none can be faster: they are not estimated (their dry runs are the slowest of all)."""
+    ranked, tried, _ = _rank(job, budget, method, allow_bf16, device, step_seconds)
+    return ranked, tried
+
+
+def _rank(job: JobConfig, budget: int, method: str, allow_bf16: bool, device: str,
+          step_seconds: Callable[[JobConfig], dict] | None) -> tuple[list[RankedStrategy], list[str], list[str]]:
+    """:func:`rank_by_time`, and the names of the deeper slab schedules it did not estimate."""
     if step_seconds is None:
         def step_seconds(candidate: JobConfig) -> dict:
             return strategy_step_seconds(candidate, device=device)
 
-    fitting, tried, settled = [], [], set()
+    fitting, tried, skipped, settled = [], [], [], set()
     every_level = {with_slabs(job, counts).strategy.slab_counts for counts in slab_schedules(job)}
     for name, candidate in candidate_strategies(job, allow_bf16, device):
         series = (candidate.strategy.precision, candidate.strategy.offload) \
             if candidate.strategy.slab_counts in every_level else None  # an every-level slab schedule
         if series in settled:
+            skipped.append(name)
             continue
         needed = estimate_training_bytes(candidate, method, device)
         if needed > budget:
@@ -454,7 +462,7 @@ def rank_by_time(job: JobConfig, budget: int, method: str, allow_bf16: bool = Tr
         if series is not None and not estimate.get("reference_flops"):
             settled.add(series)
     order = sorted(range(len(fitting)), key=lambda i: (fitting[i].step_s, i))  # stable: exactness breaks ties
-    return [fitting[i] for i in order], tried
+    return [fitting[i] for i in order], tried, skipped
 
 
 def fastest_fitting(job: JobConfig, budget: int, method: str, allow_bf16: bool = True, device: str = "cpu",
@@ -482,9 +490,7 @@ def ranking_report(job: JobConfig, budget: int, method: str, device: str = "cpu"
 
 
     allow_bf16 = fast_bf16(torch.device(device))
-    ranked, tried = rank_by_time(job, budget, method, allow_bf16, device, step_seconds)
-    seen = {r.name for r in ranked} | {line.rsplit(": ", 1)[0] for line in tried}
-    skipped = [name for name, _ in candidate_strategies(job, allow_bf16, device) if name not in seen]
+    ranked, tried, skipped = _rank(job, budget, method, allow_bf16, device, step_seconds)
     return {"fastest_first": [r.to_json() for r in ranked], "does_not_fit": tried, "not_estimated": skipped,
             "budget_mb": budget / 1e6,
             "method": method, "bf16": "tried" if allow_bf16 else "not tried (no hardware bf16 here)"}
