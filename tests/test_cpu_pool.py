@@ -158,13 +158,15 @@ def test_the_library_is_built_once_per_source_and_torch(tmp_path, monkeypatch):
 
 @needs_compiler
 def test_the_policy_gives_the_pool_to_fp32_cpu_jobs_without_memory_strategies():
-    """fp32 channels-last: the pool; checkpointing or slabs: glibc's fixed thresholds; bf16 (for its
-    speed), fp32 contiguous, CUDA, no job yet: glibc's default."""
+    """fp32 channels-last: the pool; bf16 channels-last: the pool where the dry run models oneDNN's bf16
+    buffers (AVX-512 without AMX), glibc's default elsewhere; checkpointing or slabs: glibc's fixed
+    thresholds; fp32 contiguous, CUDA, no job yet: glibc's default."""
     code = ("from fullres.job.config import Strategy; from fullres.kernels.malloc import policy_for as p; "
             "cl = Strategy(channels_last=True); "
             "print(p(cl), p(Strategy()), p(Strategy(precision='bf16', channels_last=True)), "
             "p(Strategy(checkpointing=True, channels_last=True)), p(Strategy(slabs=2)), p(cl, 'cuda'), p(None))")
-    assert run_python(code, FULLRES_MALLOC="") == "pool default default fixed fixed default default"
+    bf16 = "pool" if device.avx512() and not device.amx_bf16() else "default"
+    assert run_python(code, FULLRES_MALLOC="") == f"pool default {bf16} fixed fixed default default"
     assert run_python(code, FULLRES_MALLOC="pool") == "pool pool pool pool pool default default"
     assert run_python(code, FULLRES_MALLOC="default") == "default default default default default default default"
 
@@ -315,6 +317,55 @@ for name, layer, side in (("transposed 3^3", torch.nn.ConvTranspose3d(32, 3, 3, 
     found[name] = {"backend": conv.backend, "taken": taken, "modelled": modelled}
 print(json.dumps(found))
 """
+
+
+BF16_SCRATCHPADS = """
+import json, torch
+from fullres.cost import dryrun
+from fullres.kernels import cpu_pool
+torch.set_num_threads(2)
+cpu_pool.install()
+cl, bf16 = torch.channels_last_3d, torch.bfloat16
+found = {}
+for name, layer, batch, side in (("3^3, batch split", torch.nn.Conv3d(32, 48, 3, padding=1), 2, 24),
+                                 ("3^3, channels split", torch.nn.Conv3d(256, 128, 3, padding=1), 1, 6),
+                                 ("first, 4 channels", torch.nn.Conv3d(4, 16, 3, padding=1), 1, 20),
+                                 ("2^3 stride 2", torch.nn.Conv3d(64, 64, 2, stride=2), 1, 16),
+                                 ("1^3", torch.nn.Conv3d(64, 3, 1), 2, 16),
+                                 ("transposed 2^3", torch.nn.ConvTranspose3d(64, 32, 2, stride=2), 1, 10)):
+    layer = layer.to(bf16).to(memory_format=cl)
+    x = torch.randn(batch, layer.in_channels, side, side, side, dtype=bf16).contiguous(memory_format=cl)
+    x.requires_grad_()
+    layer(x).sum().backward()  # the primitives' first calls
+    y = layer(x)
+    grad = torch.ones_like(y).contiguous(memory_format=cl)
+    cpu_pool.trace(True)
+    y.backward(grad)
+    cpu_pool.trace(False)
+    sizes = [n for n, _ in cpu_pool.read_trace() if n >= 0]
+    args = (x, layer.weight, layer.bias, list(layer.stride), list(layer.padding), list(layer.dilation),
+            layer.transposed, list(layer.output_padding), 1)
+    back = dryrun._cpu_convolution(dryrun.aten.convolution_backward.default,
+                                   (grad, *args[:2], [layer.out_channels], *args[3:], [True, True, True]))
+    found[name] = {"largest": max(sizes), "modelled": dryrun.onednn_bf16_weight_gradient_scratchpad(back),
+                   "inputs": x.nbytes}
+print(json.dumps(found))
+"""
+
+
+@needs_compiler
+@pytest.mark.skipif(not (device.avx512() and not device.amx_bf16()), reason="the bf16 kernels of AVX-512 without AMX")
+def test_onednn_bf16_weight_gradient_scratchpads_are_the_modelled_ones():
+    """On a CPU with AVX-512 and without AMX, each bf16 channels-last weight gradient takes oneDNN's scratchpad
+    from PyTorch's allocator: the largest block of the backward in the pool's trace, at the size
+    :mod:`fullres.cost.onednn_scratchpad` computes (threads splitting the batch or the channels, a first layer,
+    a strided, a pointwise and a transposed convolution), larger than the layer's input."""
+    import json
+
+    found = json.loads(run_python(BF16_SCRATCHPADS))
+    for name, seen in found.items():
+        assert seen["modelled"] == pytest.approx(seen["largest"], rel=1e-3, abs=4096), (name, seen)
+        assert seen["largest"] > seen["inputs"], (name, seen)
 
 
 @needs_compiler

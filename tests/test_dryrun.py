@@ -186,7 +186,7 @@ def test_a_contiguous_input_to_a_channels_last_weight_costs_one_copy_of_the_inpu
     assert conv_backend(x, w, None, *conv) == "Mkldnn"
     forward = (x, w, None, *conv)
     assert op_workspace(aten.convolution.default, forward, {}, out) == x.nbytes
-    assert pool_op_workspace(aten.convolution.default, forward, {}, out) == ([w.nbytes, x.nbytes], 0)
+    assert pool_op_workspace(aten.convolution.default, forward, {}, out) == ([[w.nbytes, x.nbytes]], 0)
     backward = (out, x, w, [16], *conv, [True, True, True])
     gemm = gemm_weight_gradient_bytes(_cpu_convolution(aten.convolution_backward.default, backward))  # AVX2 only
     assert op_workspace(aten.convolution_backward.default, backward, {}, None, first_call=False) == x.nbytes + gemm

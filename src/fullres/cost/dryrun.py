@@ -28,8 +28,8 @@ on an H100 for channels-last jobs from 64^3 to 240x240x144, fp32 and bf16, with 
 checkpointing: within 0.1 %. Jobs in the contiguous layout measured 12-22 % higher (cuDNN's workspaces
 for NCDHW tensors, not modelled); :data:`CUDA_CONTIGUOUS_NOTE` says so wherever such an estimate is shown.
 
-On CPU under fullres's pool (the allocator policy of fp32 channels-last jobs without a memory strategy,
-:mod:`fullres.kernels.malloc`) the same model replays the pool, which follows the same rules: the peak is
+On CPU under fullres's pool (the allocator policy of channels-last jobs without a memory strategy: fp32, and
+bf16 on AVX-512 CPUs without AMX; :mod:`fullres.kernels.malloc`) the same model replays the pool, which follows the same rules: the peak is
 the largest of its reserved bytes (segments mapped populated and kept) plus what an operator allocates
 outside it (oneDNN's scratchpad), :func:`pool_op_workspace` saying which is which. The replay is exact
 for the allocations it is given (tested on a real trace), and the reserved bytes it computes equal a
@@ -75,6 +75,7 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fullres.cost import onednn_scratchpad
 from fullres.engine.losses import LOSSES
 from fullres.engine.spatial import simulated
 from fullres.job.config import JobConfig
@@ -378,6 +379,8 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     blocked layouts: forward a copy of the larger of input and output (twice the output for a
     transposed convolution), backward a copy of input and output gradient.
     """
+    if func is aten.sum.dim_IntList:
+        return sum(_sum_cast_blocks(args, kwargs))
     if func not in (aten.convolution.default, aten.convolution_backward.default):
         return 0
     if args[0].device.type == "cuda":
@@ -445,6 +448,9 @@ class _Convolution:
     backend: str  # the kernel family ATen picks: "Slow3d", "Mkldnn", ...
     pointwise: bool = False  # 1x1x1, stride 1, no padding: the slow path reads its input as the columns
     stride: tuple[int, ...] = (1, 1, 1)
+    padding: tuple[int, ...] = (0, 0, 0)
+    plain: bool = True  # one group, no dilation
+    bias: bool = False
 
 
 def _cpu_convolution(func, args) -> _Convolution:
@@ -456,8 +462,20 @@ def _cpu_convolution(func, args) -> _Convolution:
         bias = torch.empty(weight.shape[1 if transposed else 0]) if args[3] is not None else None
     backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     pointwise = math.prod(weight.shape[2:]) == 1 and all(s == 1 for s in stride) and not any(padding)
+    plain = int(groups) == 1 and all(d == 1 for d in dilation)
     return _Convolution(grad_output is None, input, weight, grad_output, bool(transposed), backend, pointwise,
-                        tuple(stride))
+                        tuple(stride), tuple(padding), plain, bias is not None)
+
+
+def _sum_cast_blocks(args, kwargs) -> list[int]:
+    """A CPU sum asked for another dtype than its input's (a bf16 bias gradient summed in fp32) first converts
+    the whole input to that dtype: one block of its elements in the new dtype (seen in the pool's trace: 33.6 MB
+    for a 2 x 128 x 32^3 bf16 gradient). CUDA's reduction converts as it reads."""
+    dtype = kwargs.get("dtype")
+    source = args[0]
+    if dtype is None or dtype == source.dtype or source.device.type != "cpu":
+        return []
+    return [source.numel() * torch.empty((), dtype=dtype).element_size()]
 
 
 def _slow_path_blocks(conv: _Convolution, out) -> list[int]:
@@ -487,6 +505,31 @@ def _layout_copy_blocks(conv: _Convolution) -> list[int]:
         return []
     operands = [conv.input] if conv.forward else [conv.input, conv.grad_output]
     return [_nbytes(t) for t in operands if not _channels_last(t)]
+
+
+def onednn_bf16_weight_gradient_scratchpad(conv: _Convolution, weight_gradient: bool = True) -> int | None:
+    """The user scratchpad oneDNN's bf16 weight gradient takes from PyTorch's allocator on a CPU with AVX-512 and
+    without AMX (:mod:`fullres.cost.onednn_scratchpad`), for a channels-last 3D convolution with one group and
+    no dilation; a transposed one's weight gradient is the convolution's with input and output gradient
+    exchanged; 0 without a weight gradient. None where that model does not apply (forward, fp32, AMX, another
+    layout or kernel)."""
+    if (conv.forward or conv.input.dtype != torch.bfloat16 or conv.backend.startswith("Slow")
+            or not conv.plain or conv.input.dim() != 5 or not _onednn_channels_last(conv)
+            or not fullres_device.avx512() or fullres_device.amx_bf16()):
+        return None
+    if not weight_gradient:
+        return 0
+    threads, kernel = torch.get_num_threads(), tuple(conv.weight.shape[2:])
+    if conv.transposed:  # the data gradient of a convolution from the output gradient's shape to the input's
+        return onednn_scratchpad.bf16_weight_gradient_bytes(
+            conv.input.shape[0], conv.weight.shape[1], conv.weight.shape[0], conv.grad_output.shape[2:],
+            conv.input.shape[2:], kernel, conv.stride, conv.padding, threads, bias=False)
+    if conv.pointwise:
+        return onednn_scratchpad.bf16_pointwise_weight_gradient_bytes(
+            conv.input.shape[0], conv.input.shape[1], conv.weight.shape[0], conv.input.shape[2:], threads, conv.bias)
+    return onednn_scratchpad.bf16_weight_gradient_bytes(
+        conv.input.shape[0], conv.input.shape[1], conv.weight.shape[0], conv.input.shape[2:],
+        conv.grad_output.shape[2:], kernel, conv.stride, conv.padding, threads, conv.bias)
 
 
 def _bf16_copy_blocks(conv: _Convolution) -> list[int]:
@@ -661,11 +704,12 @@ class _Tracker(TorchDispatchMode):
             first_call = key not in self.seen_backward
             self.seen_backward.add(key)
         if self.workspace_in_allocator:  # the CPU pool: what the operator takes from it, and what not
-            in_pool, outside = pool_op_workspace(func, args, kwargs, out, first_call)
-            addresses = [self.allocator.malloc(size)[0] for size in in_pool]
-            self.check_pool_peak(func, sum(in_pool), outside)
-            for address in addresses:
-                self.allocator.free(address)
+            phases, outside = pool_op_workspace(func, args, kwargs, out, first_call)
+            for in_pool in phases:
+                addresses = [self.allocator.malloc(size)[0] for size in in_pool]
+                self.check_pool_peak(func, sum(in_pool), outside)
+                for address in addresses:
+                    self.allocator.free(address)
         elif self.cuda_multiprocessors is not None:
             self.check_peak(func, cuda_op_workspace(func, args, self.cuda_multiprocessors))
         else:
@@ -680,7 +724,8 @@ TRANSPOSED_FORWARD_EXTRA_BYTES = 28848
 
 def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple[list[int], int]:
     """`op_workspace` split for the CPU pool: (the blocks the operator takes from PyTorch's allocator, so
-    from the pool; the bytes it allocates elsewhere).
+    from the pool, in phases: each phase's blocks are alive together and freed before the next phase's are
+    taken; the bytes it allocates elsewhere).
 
     Read from the pool's trace of real steps (``fullres.kernels.cpu_pool.trace``; 2 threads, AVX-512 bf16 AMD Zen 4):
     ATen's slow path takes its column buffer and contiguous copies as tensors; a oneDNN convolution takes
@@ -688,15 +733,27 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
     backward (the weight in the primitive's layout, its gradient before the copy out), a transposed one in
     forward a buffer of 1/8 of a sample's output per thread, and in bf16 backward the per-thread copies of
     input and output gradient (`_bf16_copy_blocks`). oneDNN's scratchpad and NCDHW reorders come from its
-    own allocations, outside the pool. On a CPU without AVX-512 (2-core EPYC, fp32 channels-last), the
+    own allocations, outside the pool. With AVX-512 and without AMX, a bf16 backward takes the weight in one
+    phase and, with a weight gradient, its user scratchpad
+    (:func:`onednn_bf16_weight_gradient_scratchpad`) and two weight-sized blocks in the next ones; a sum
+    into another dtype, the converted input (:func:`_sum_cast_blocks`). On a CPU without AVX-512 (2-core EPYC, fp32 channels-last), the
     buffers of :func:`onednn_transposed_scratch_bytes` and the weight gradient's GEMM buffers
     (:func:`gemm_weight_gradient_bytes`) come from PyTorch's allocator, so from the pool, too."""
+    if func is aten.sum.dim_IntList:
+        return [_sum_cast_blocks(args, kwargs)], 0
     if func not in (aten.convolution.default, aten.convolution_backward.default) or args[0].device.type != "cpu":
         return [], 0
     conv = _cpu_convolution(func, args)
     if conv.backend.startswith("Slow"):
-        return [size for size in _slow_path_blocks(conv, out) if size], 0
+        return [[size for size in _slow_path_blocks(conv, out) if size]], 0
     weight = _nbytes(conv.weight)
+    bf16_scratchpad = None if conv.forward else onednn_bf16_weight_gradient_scratchpad(conv, bool(args[10][1]))
+    if bf16_scratchpad is not None:
+        # The trace's phases: the weight in the data gradient's layout, freed before the weight gradient's
+        # scratchpad is taken; then two more weight-sized blocks (its layouts) after the scratchpad is freed.
+        # Nothing outside: this scratchpad is what ONEDNN_BACKWARD_SCRATCH_BYTES stands for elsewhere.
+        phases = [[weight] + _layout_copy_blocks(conv)]
+        return phases + ([[bf16_scratchpad], [weight, weight]] if bf16_scratchpad else []), 0
     blocks = [weight] * (1 if conv.forward else 3)
     if conv.forward and not (conv.weight.is_contiguous() or _channels_last(conv.weight)):
         blocks.append(weight)  # a slice of a weight (the concatenation-free decoder's), copied
@@ -711,7 +768,7 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
         blocks.append(per_sample * torch.get_num_threads() // 8 + TRANSPOSED_FORWARD_EXTRA_BYTES)
     copies = _bf16_copy_blocks(conv) + _layout_copy_blocks(conv)  # tensors: in the pool, not outside it
     outside = op_workspace(func, args, kwargs, out, first_call) - sum(copies) - scratch
-    return blocks + copies, max(0, outside)
+    return [blocks + copies], max(0, outside)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The allocator policy a training job runs under: fullres's CPU pool, or glibc with fixed thresholds.
 
-**pool** (fp32 channels-last jobs without checkpointing or slabs, on CPU): PyTorch's CPU tensors come
+**pool** (channels-last jobs without checkpointing or slabs, on CPU: fp32, and bf16 where
+:func:`bf16_pool_modelled`): PyTorch's CPU tensors come
 from :mod:`fullres.kernels.cpu_pool`, a caching allocator with the rules of PyTorch's CUDA one. Freed blocks
 are reused, so after the first step no page is faulted in again, and the memory it holds (its segments,
 mapped populated, never returned) is what the dry run's replay of the same rules predicts. Measured
@@ -13,19 +14,15 @@ pool would keep those blocks (the paper's 240x240x144 batch-1 fp32 step: 39.6 GB
 34.0 GB of live tensors). Where the pool cannot be built (no C++ compiler), fp32 jobs run under glibc's
 default too.
 
-bf16 jobs keep glibc's default too. The pool would populate and keep their oneDNN kernels' odd-sized
-scratch buffers, twice the copies they touch (+27..+39 % at 64^3 and 96x96x64). Under glibc's default heap
-their peaks wander with the heap's leftovers, by size (the dry run -4.5..+5.2 % of the median of five runs,
-32^3 to 96x96x64) and from run to run (up to 6 % between runs of one job). The fixed thresholds would make
-them repeat to 0.5 MB, 2.5-19 % lower, with the dry run within -0.9..+0.1 %, but cost 0-7 % per step (+30 %
-at 32^3 x 1), which took the 64^3 bf16 step to 0.85-0.89 of the bf16 matmul peak (0.88-0.97 under glibc's
-default; the speed goal is 0.90). So speed wins the default; FULLRES_MALLOC=fixed makes a bf16 job's
-peak exact. What the heap holds beyond the tensors runs from 24 MB (64^3) to 110 MB (32^3 x 1): the runtime
-terms that would put every job within 5 % form a band of at most ~10 MB on some runs and none on others,
-narrower than the 16^3 calibration's own spread (13 MB), so no term measured once per network can be relied
-on. Thresholds fixed at 1 or 4 MiB, malloc_trim at each phase and huge pages narrow it at a cost in speed
-at 32^3 x 1 (15-40 %); the pool with each convolution's backward kept outside it made peaks repeat and the
-64^3 step fastest but held 11-38 % more (docs/memory.md).
+bf16 channels-last jobs run under the pool too on CPUs with AVX-512 and without AMX, where the dry run
+models what oneDNN's bf16 kernels take from it (:func:`bf16_pool_modelled`): each weight gradient's
+scratchpad, transposed copies of its input and output gradient per thread that splits the batch
+(:mod:`fullres.cost.onednn_scratchpad`), and the fp32 copy a bf16 bias gradient is summed in. Measured on an
+AVX-512 bf16 AMD Zen 4 (docs/results/memory.md, docs/results/performance.md): the 64^3 bf16 step ~10 %
+faster than under glibc's default and the dry run within a few percent of the peak. On AMX CPUs (another
+weight-gradient kernel, not modelled) and without AVX-512 (bf16 emulated) bf16 jobs keep glibc's default,
+whose peaks wander with the heap's leftovers by a few percent from run to run (docs/memory.md);
+FULLRES_MALLOC=fixed makes such a job's peak exact at some cost in speed.
 
 **fixed** (jobs with checkpointing or slabs): glibc with large blocks always straight from and back to
 the kernel, so the peak is the live tensors the dry run counts.
@@ -70,7 +67,7 @@ import warnings
 import torch
 
 from fullres.errors import UserError
-from fullres.kernels import cpu_pool
+from fullres.kernels import cpu_pool, device
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -143,7 +140,16 @@ def wanted_policy(strategy=None, device: str = "cpu") -> str:
         return setting
     if strategy.checkpointing or strategy.slabbed:
         return "fixed"
-    return "pool" if strategy.precision == "fp32" and strategy.channels_last else "default"
+    if not strategy.channels_last:
+        return "default"
+    return "pool" if strategy.precision == "fp32" or bf16_pool_modelled() else "default"
+
+
+def bf16_pool_modelled() -> bool:
+    """Whether the dry run models the buffers oneDNN's bf16 kernels take from the pool on this CPU: AVX-512
+    without AMX (:mod:`fullres.cost.onednn_scratchpad`). Not on AMX CPUs (another weight-gradient kernel, not
+    measured) nor without AVX-512 (bf16 emulated by ATen's slow path, ~100x slower than fp32)."""
+    return device.avx512() and not device.amx_bf16()
 
 
 def policy_for(strategy=None, device: str = "cpu", build: bool = False) -> str:
