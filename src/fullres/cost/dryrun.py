@@ -362,7 +362,9 @@ def _multiprocessors(device) -> int:
 def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     """Bytes `func` allocates inside itself (freed before it returns), beyond its inputs and outputs.
 
-    Only the convolutions allocate much. ATen's slow path (``Slow3d``: bf16 convolutions on a CPU
+    The convolutions allocate most; a few other CPU operators hold a buffer of an operand's size
+    (:data:`_INTERNAL_BLOCKS`: batch norm's backward, a sum into another dtype, max pooling's and a
+    replication pad's backward on operands of mixed layouts). ATen's slow path (``Slow3d``: bf16 convolutions on a CPU
     without native bf16, and fp32 ones at batch 1 whose N x C x D x H is at most 20480, e.g. the first
     convolution's 4 channels below full resolution) unfolds its input into a column buffer of
     C_in x k^3 rows per output voxel, for the whole batch, and works on contiguous copies of
@@ -379,8 +381,8 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     blocked layouts: forward a copy of the larger of input and output (twice the output for a
     transposed convolution), backward a copy of input and output gradient.
     """
-    if func is aten.sum.dim_IntList:
-        return sum(_sum_cast_blocks(args, kwargs))
+    if func in _INTERNAL_BLOCKS:
+        return sum(_INTERNAL_BLOCKS[func](args, kwargs)) if args[0].device.type == "cpu" else 0
     if func not in (aten.convolution.default, aten.convolution_backward.default):
         return 0
     if args[0].device.type == "cuda":
@@ -472,10 +474,38 @@ def _sum_cast_blocks(args, kwargs) -> list[int]:
     the whole input to that dtype: one block of its elements in the new dtype (seen in the pool's trace: 33.6 MB
     for a 2 x 128 x 32^3 bf16 gradient). CUDA's reduction converts as it reads."""
     dtype = kwargs.get("dtype")
-    source = args[0]
-    if dtype is None or dtype == source.dtype or source.device.type != "cpu":
+    if dtype is None or dtype == args[0].dtype:
         return []
-    return [source.numel() * torch.empty((), dtype=dtype).element_size()]
+    return [args[0].numel() * torch.empty((), dtype=dtype).element_size()]
+
+
+def _batch_norm_backward_blocks(args, kwargs) -> list[int]:
+    """CPU batch norm's backward (instance norm's too) holds one buffer the size of its input: measured in the
+    pool's trace, fp32 and bf16, channels-last and contiguous, batch 1 and 2."""
+    return [_nbytes(args[1])]
+
+
+def _replication_pad_backward_blocks(args, kwargs) -> list[int]:
+    """A replication pad's backward copies an output gradient that is not dense (a slice of a concatenation's
+    gradient, as MONAI's UpCat pads by zero before it concatenates) into a contiguous one first."""
+    grad = args[0]
+    return [] if is_non_overlapping_and_dense(grad) else [grad.numel() * grad.element_size()]
+
+
+def _max_pool_backward_blocks(args, kwargs) -> list[int]:
+    """Max pooling's backward with the output gradient in another memory format than the input (channels-last
+    against contiguous) computes in the gradient's and converts: a block of the input's size and one of the
+    indices'. Measured in the pool's trace, fp32 and bf16, either way round, batch 1 and 2."""
+    grad, input, indices = args[0], args[1], args[-1]
+    return [_nbytes(input), _nbytes(indices)] if _channels_last(grad) != _channels_last(input) else []
+
+
+# Blocks that CPU operators other than convolutions take inside themselves (beyond their outputs): each
+# function reads the operator's arguments.
+_INTERNAL_BLOCKS = {aten.sum.dim_IntList: _sum_cast_blocks,
+                    aten.native_batch_norm_backward.default: _batch_norm_backward_blocks,
+                    aten.replication_pad3d_backward.default: _replication_pad_backward_blocks,
+                    aten.max_pool3d_with_indices_backward.default: _max_pool_backward_blocks}
 
 
 def _slow_path_blocks(conv: _Convolution, out) -> list[int]:
@@ -511,25 +541,35 @@ def onednn_bf16_weight_gradient_scratchpad(conv: _Convolution, weight_gradient: 
     """The user scratchpad oneDNN's bf16 weight gradient takes from PyTorch's allocator on a CPU with AVX-512 and
     without AMX (:mod:`fullres.cost.onednn_scratchpad`), for a channels-last 3D convolution with one group and
     no dilation; a transposed one's weight gradient is the convolution's with input and output gradient
-    exchanged; 0 without a weight gradient. None where that model does not apply (forward, fp32, AMX, another
+    exchanged; 0 without a weight gradient. The 2D weight gradients that route around the 3D kernel's bug on
+    maps shorter than the kernel use the same buffers with rows for depth (their sizes not checked against a
+    trace: small maps, small buffers). None where that model does not apply (forward, fp32, AMX, another
     layout or kernel)."""
+    planar = conv.input.dim() == 4  # a 2D weight gradient of PlanarWeightGradients (fullres.kernels.onednn)
     if (conv.forward or conv.input.dtype != torch.bfloat16 or conv.backend.startswith("Slow")
-            or not conv.plain or conv.input.dim() != 5 or not _onednn_channels_last(conv)
+            or not conv.plain or conv.input.dim() not in (4, 5) or not (planar or _onednn_channels_last(conv))
             or not fullres_device.avx512() or fullres_device.amx_bf16()):
         return None
     if not weight_gradient:
         return 0
-    threads, kernel = torch.get_num_threads(), tuple(conv.weight.shape[2:])
+
+    def spatial(sizes) -> tuple[int, ...]:
+        # oneDNN's 2D harness splits batch x rows as the 3D one splits batch x depth: rows in depth's place
+        return (sizes[0], 1, sizes[1]) if planar else tuple(sizes)
+
+    threads, kernel = torch.get_num_threads(), spatial(conv.weight.shape[2:])
+    stride, padding = spatial(conv.stride), spatial(conv.padding)
     if conv.transposed:  # the data gradient of a convolution from the output gradient's shape to the input's
         return onednn_scratchpad.bf16_weight_gradient_bytes(
-            conv.input.shape[0], conv.weight.shape[1], conv.weight.shape[0], conv.grad_output.shape[2:],
-            conv.input.shape[2:], kernel, conv.stride, conv.padding, threads, bias=False)
+            conv.input.shape[0], conv.weight.shape[1], conv.weight.shape[0], spatial(conv.grad_output.shape[2:]),
+            spatial(conv.input.shape[2:]), kernel, stride, padding, threads, bias=False)
     if conv.pointwise:
         return onednn_scratchpad.bf16_pointwise_weight_gradient_bytes(
-            conv.input.shape[0], conv.input.shape[1], conv.weight.shape[0], conv.input.shape[2:], threads, conv.bias)
+            conv.input.shape[0], conv.input.shape[1], conv.weight.shape[0], spatial(conv.input.shape[2:]), threads,
+            conv.bias)
     return onednn_scratchpad.bf16_weight_gradient_bytes(
-        conv.input.shape[0], conv.input.shape[1], conv.weight.shape[0], conv.input.shape[2:],
-        conv.grad_output.shape[2:], kernel, conv.stride, conv.padding, threads, conv.bias)
+        conv.input.shape[0], conv.input.shape[1], conv.weight.shape[0], spatial(conv.input.shape[2:]),
+        spatial(conv.grad_output.shape[2:]), kernel, stride, padding, threads, conv.bias)
 
 
 def _bf16_copy_blocks(conv: _Convolution) -> list[int]:
@@ -705,7 +745,7 @@ class _Tracker(TorchDispatchMode):
             self.seen_backward.add(key)
         if self.workspace_in_allocator:  # the CPU pool: what the operator takes from it, and what not
             phases, outside = pool_op_workspace(func, args, kwargs, out, first_call)
-            for in_pool in phases:
+            for in_pool in phases or [[]]:  # no workspace: the peak is still checked after the outputs
                 addresses = [self.allocator.malloc(size)[0] for size in in_pool]
                 self.check_pool_peak(func, sum(in_pool), outside)
                 for address in addresses:
@@ -739,8 +779,8 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
     into another dtype, the converted input (:func:`_sum_cast_blocks`). On a CPU without AVX-512 (2-core EPYC, fp32 channels-last), the
     buffers of :func:`onednn_transposed_scratch_bytes` and the weight gradient's GEMM buffers
     (:func:`gemm_weight_gradient_bytes`) come from PyTorch's allocator, so from the pool, too."""
-    if func is aten.sum.dim_IntList:
-        return [_sum_cast_blocks(args, kwargs)], 0
+    if func in _INTERNAL_BLOCKS:
+        return ([_INTERNAL_BLOCKS[func](args, kwargs)] if args[0].device.type == "cpu" else []), 0
     if func not in (aten.convolution.default, aten.convolution_backward.default) or args[0].device.type != "cpu":
         return [], 0
     conv = _cpu_convolution(func, args)
