@@ -43,9 +43,8 @@ def test_a_name_registered_here_is_calibrated_in_this_process(registered, monkey
         pytest.skip("this process's peak cannot be read here")
     result = dryrun_estimate(job)
     assert result.breakdown["runtime"] == measured > 0
-    # a budget of batch 2's own estimate (on AVX-512 it adds oneDNN's backward scratchpad: batch 1 runs ATen's slow
-    # path), so that the plan's answer does not depend on the CPU
-    fitted = plan(job, dryrun_estimate(job.with_(batch=2)).peak_bytes, "dryrun")
+    # batch 2 adds oneDNN's backward scratchpad on AVX-512 (batch 1 runs ATen's slow path): room for it either way
+    fitted = plan(job, max(4 * result.peak_bytes, dryrun_estimate(job.with_(batch=2)).peak_bytes), "dryrun")
     assert fitted.fits and fitted.max_batch >= 2 and fitted.max_shape is not None
 
 

@@ -465,8 +465,9 @@ def _cpu_convolution(func, args) -> _Convolution:
     backend = conv_backend(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     pointwise = math.prod(weight.shape[2:]) == 1 and all(s == 1 for s in stride) and not any(padding)
     plain = int(groups) == 1 and all(d == 1 for d in dilation)
+    has_bias = bias is not None if grad_output is None else bool(args[10][2])  # backward: the bias gradient asked
     return _Convolution(grad_output is None, input, weight, grad_output, bool(transposed), backend, pointwise,
-                        tuple(stride), tuple(padding), plain, bias is not None)
+                        tuple(stride), tuple(padding), plain, has_bias)
 
 
 def _sum_cast_blocks(args, kwargs) -> list[int]:
@@ -496,20 +497,21 @@ def _max_pool_backward_blocks(args, kwargs) -> list[int]:
     """Max pooling's backward with the output gradient in another memory format than the input (channels-last
     against contiguous) computes in the gradient's and converts: a block of the input's size and one of the
     indices'. Measured in the pool's trace, fp32 and bf16, either way round, batch 1 and 2."""
-    grad, input, indices = args[0], args[1], args[-1]
+    grad, input, indices = args[0], args[1], args[7]
     return [_nbytes(input), _nbytes(indices)] if _channels_last(grad) != _channels_last(input) else []
 
 
 def _softmax_blocks(args, kwargs) -> list[int]:
-    """Softmax over a tensor that is not contiguous (a channels-last map, over its channels) first copies it
-    to a contiguous one: measured on single operators, fp32 and bf16, 3 and 8 channels; its backward does not."""
+    """Softmax (and log-softmax) over a tensor that is not contiguous (a channels-last map, over its channels)
+    first copies it to a contiguous one: measured on single operators, fp32 and bf16, 3 and 8 channels; the
+    backward does not."""
     source = args[0]
     return [] if source.is_contiguous() else [source.numel() * source.element_size()]
 
 
-# Blocks that CPU operators other than convolutions take inside themselves (beyond their outputs): each
-# function reads the operator's arguments.
-_INTERNAL_BLOCKS = {aten.sum.dim_IntList: _sum_cast_blocks,
+# Operators other than convolutions that take blocks inside themselves on CPU, and what they take.
+_INTERNAL_BLOCKS = {aten.sum.dim_IntList: _sum_cast_blocks, aten.sum.default: _sum_cast_blocks,
+                    aten._log_softmax.default: _softmax_blocks,
                     aten.native_batch_norm_backward.default: _batch_norm_backward_blocks,
                     aten.replication_pad3d_backward.default: _replication_pad_backward_blocks,
                     aten.max_pool3d_with_indices_backward.default: _max_pool_backward_blocks,
@@ -549,14 +551,15 @@ def onednn_bf16_weight_gradient_scratchpad(conv: _Convolution, weight_gradient: 
     """The user scratchpad oneDNN's bf16 weight gradient takes from PyTorch's allocator on a CPU with AVX-512 and
     without AMX (:mod:`fullres.cost.onednn_scratchpad`), for a channels-last 3D convolution with one group and
     no dilation; a transposed one's weight gradient is the convolution's with input and output gradient
-    exchanged; 0 without a weight gradient. The 2D weight gradients that route around the 3D kernel's bug on
-    maps shorter than the kernel use the same buffers with rows for depth (their sizes not checked against a
-    trace: small maps, small buffers). None where that model does not apply (forward, fp32, AMX, another
-    layout or kernel)."""
-    planar = conv.input.dim() == 4  # a 2D weight gradient of PlanarWeightGradients (fullres.kernels.onednn)
-    if (conv.forward or conv.input.dtype != torch.bfloat16 or conv.backend.startswith("Slow")
-            or not conv.plain or conv.input.dim() not in (4, 5) or not (planar or _onednn_channels_last(conv))
-            or not fullres_device.avx512() or fullres_device.amx_bf16()):
+    exchanged; 0 without a weight or bias gradient. The channels-last 2D weight gradients that route around the
+    3D kernel's bug on maps shorter than the kernel use the same buffers with rows for depth (not checked against
+    a trace: small maps, small buffers; oneDNN's full-spatial 2D mode not modelled). None where the model does
+    not apply (forward, fp32, AMX, no native bf16, another layout); oneDNN's fallbacks to other kernels (kernel
+    width over 14, padding past half the kernel) are not detected."""
+    planar = conv.input.dim() == 4 and conv.input.is_contiguous(memory_format=torch.channels_last)
+    if (conv.forward or conv.input.dtype != torch.bfloat16 or conv.backend.startswith("Slow") or not conv.plain
+            or not (planar or conv.input.dim() == 5 and _onednn_channels_last(conv))
+            or not fullres_device.avx512_bf16() or fullres_device.amx_bf16()):
         return None
     if not weight_gradient:
         return 0
@@ -567,17 +570,16 @@ def onednn_bf16_weight_gradient_scratchpad(conv: _Convolution, weight_gradient: 
 
     threads, kernel = torch.get_num_threads(), spatial(conv.weight.shape[2:])
     stride, padding = spatial(conv.stride), spatial(conv.padding)
-    if conv.transposed:  # the data gradient of a convolution from the output gradient's shape to the input's
-        return onednn_scratchpad.bf16_weight_gradient_bytes(
-            conv.input.shape[0], conv.weight.shape[1], conv.weight.shape[0], spatial(conv.grad_output.shape[2:]),
-            spatial(conv.input.shape[2:]), kernel, stride, padding, threads, bias=False)
+    # a transposed convolution's weight gradient is the convolution's from its output gradient to its input
+    source, target = (conv.grad_output, conv.input) if conv.transposed else (conv.input, conv.grad_output)
+    in_channels, out_channels = source.shape[1], target.shape[1]
+    bias = conv.bias and not conv.transposed  # oneDNN's deconvolution sums its bias gradient apart
     if conv.pointwise:
         return onednn_scratchpad.bf16_pointwise_weight_gradient_bytes(
-            conv.input.shape[0], conv.input.shape[1], conv.weight.shape[0], spatial(conv.input.shape[2:]), threads,
-            conv.bias)
+            conv.input.shape[0], in_channels, out_channels, spatial(source.shape[2:]), threads, bias)
     return onednn_scratchpad.bf16_weight_gradient_bytes(
-        conv.input.shape[0], conv.input.shape[1], conv.weight.shape[0], spatial(conv.input.shape[2:]),
-        spatial(conv.grad_output.shape[2:]), kernel, stride, padding, threads, conv.bias)
+        conv.input.shape[0], in_channels, out_channels, spatial(source.shape[2:]), spatial(target.shape[2:]),
+        kernel, stride, padding, threads, bias)
 
 
 def _bf16_copy_blocks(conv: _Convolution) -> list[int]:
@@ -781,27 +783,30 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
     backward (the weight in the primitive's layout, its gradient before the copy out), a transposed one in
     forward a buffer of 1/8 of a sample's output per thread, and in bf16 backward the per-thread copies of
     input and output gradient (`_bf16_copy_blocks`). oneDNN's scratchpad and NCDHW reorders come from its
-    own allocations, outside the pool. With AVX-512 and without AMX, a bf16 backward takes the weight in one
+    own allocations, outside the pool. With native AVX-512 bf16 and without AMX, a bf16 backward takes the weight in one
     phase and, with a weight gradient, its user scratchpad
     (:func:`onednn_bf16_weight_gradient_scratchpad`) and two weight-sized blocks in the next ones; a sum
     into another dtype, the converted input (:func:`_sum_cast_blocks`). On a CPU without AVX-512 (2-core EPYC, fp32 channels-last), the
     buffers of :func:`onednn_transposed_scratch_bytes` and the weight gradient's GEMM buffers
     (:func:`gemm_weight_gradient_bytes`) come from PyTorch's allocator, so from the pool, too."""
     if func in _INTERNAL_BLOCKS:
-        return ([_INTERNAL_BLOCKS[func](args, kwargs)] if args[0].device.type == "cpu" else []), 0
+        blocks = _INTERNAL_BLOCKS[func](args, kwargs) if args[0].device.type == "cpu" else []
+        return ([blocks] if blocks else []), 0
     if func not in (aten.convolution.default, aten.convolution_backward.default) or args[0].device.type != "cpu":
         return [], 0
     conv = _cpu_convolution(func, args)
     if conv.backend.startswith("Slow"):
         return [[size for size in _slow_path_blocks(conv, out) if size]], 0
     weight = _nbytes(conv.weight)
-    bf16_scratchpad = None if conv.forward else onednn_bf16_weight_gradient_scratchpad(conv, bool(args[10][1]))
+    mask = args[10] if not conv.forward else None
+    bf16_scratchpad = None if conv.forward else onednn_bf16_weight_gradient_scratchpad(conv, bool(mask[1] or mask[2]))
     if bf16_scratchpad is not None:
-        # The trace's phases: the weight in the data gradient's layout, freed before the weight gradient's
-        # scratchpad is taken; then two more weight-sized blocks (its layouts) after the scratchpad is freed.
-        # Nothing outside: this scratchpad is what ONEDNN_BACKWARD_SCRATCH_BYTES stands for elsewhere.
-        phases = [[weight] + _layout_copy_blocks(conv)]
-        return phases + ([[bf16_scratchpad], [weight, weight]] if bf16_scratchpad else []), 0
+        # Phases as in the trace: the data gradient's weight copy, the scratchpad, the gradient's two layouts;
+        # ATen's layout copies of input and output gradient live through all of them.
+        copies = _layout_copy_blocks(conv)
+        phases = [[weight] + copies] if mask[0] else []
+        phases += [[bf16_scratchpad] + copies, [weight, weight] + copies] if bf16_scratchpad else []
+        return phases, 0  # nothing outside: the scratchpad ONEDNN_BACKWARD_SCRATCH_BYTES stands for elsewhere
     blocks = [weight] * (1 if conv.forward else 3)
     if conv.forward and not (conv.weight.is_contiguous() or _channels_last(conv.weight)):
         blocks.append(weight)  # a slice of a weight (the concatenation-free decoder's), copied

@@ -12,12 +12,15 @@ the 1x1 kernel's), for channels-last tensors, one group, no dilation. No library
 primitive-descriptor query is not exported from torch's library, and creating the primitive needs the
 memory. Checked against the pool's trace of real steps (AVX-512 bf16 AMD Zen 4, 2 threads, torch 2.13):
 30 weight gradients of the paper's U-Net from 4^3 to 64^3, 4-512 channels, 3^3 and 2^3 stride-2 kernels,
-all within 0.1 % (tests/test_cpu_pool.py).
+within 0.03 % (docs/results/memory.md); tests/test_cpu_pool.py holds seven layers to it. Not modelled:
+oneDNN's fallbacks to other kernels (kernel width over 14, padding past half the kernel, sizes past 2^31).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 SIMD = 16  # fp32 lanes of a zmm register: oneDNN's channel block
 BARRIER_BYTES = 4096  # simple_barrier::ctx_t, aligned to a page
@@ -37,10 +40,40 @@ def _booked(*sizes: int, barriers: tuple[int, ...] = ()) -> int:
     return sum(size + ALIGNMENT for size in sizes if size) + sum((count + 1) * BARRIER_BYTES for count in barriers)
 
 
+def _balance(threads: int, mb_work: int, nb_oc: int, nb_ic: int, cost, widened: int) -> tuple[int, int, int]:
+    """oneDNN's ``balance``: the split of `threads` over the reduction (batch x depth, `mb_work` items), output
+    and input channel blocks with the lowest `cost` (the last of equals); a reduction split past half the
+    threads but short of all of them is widened to min(`widened`, threads)."""
+    best, split = cost(1, 1, 1), (1, 1, 1)
+    for nthr_mb in range(1, min(threads, mb_work) + 1):
+        for nthr_oc in range(1, min(threads // nthr_mb, nb_oc) + 1):
+            nthr_ic = min(threads // nthr_mb // nthr_oc, nb_ic)
+            if (value := cost(nthr_mb, nthr_oc, nthr_ic)) <= best:
+                best, split = value, (nthr_mb, nthr_oc, nthr_ic)
+    nthr_mb, nthr_oc, nthr_ic = split
+    if threads // 2 < nthr_mb < threads:
+        nthr_mb = min(widened, threads)
+    return nthr_mb, nthr_oc, nthr_ic
+
+
+@functools.cache
+def per_core_l2_bytes() -> int:
+    """The CPU's level-2 cache per core (Linux's sysfs), which oneDNN's heuristics read; 1 MiB where unknown."""
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
+                size = (index / "size").read_text().strip().upper()
+                return int(size.rstrip("KMB")) * {"K": 2**10, "M": 2**20}.get(size.rstrip("B")[-1:], 1)
+        except (OSError, ValueError):
+            break
+    return 2**20
+
+
 def bf16_weight_gradient_bytes(batch: int, in_channels: int, out_channels: int, input_size, output_size, kernel,
                                stride, padding, threads: int, bias: bool) -> int:
     """Scratchpad of ``jit_bf16:avx512_core_bf16``'s weight gradient (bf16 weights and bias gradients) of a
-    3D convolution, channels-last, one group, no dilation, kernel larger than 1x1x1; sizes as (D, H, W)."""
+    3D convolution, channels-last, one group, no dilation (any kernel but a 1x1x1 one of stride 1 without
+    padding, which ``jit_bf16_1x1`` takes); sizes as (D, H, W)."""
     first = in_channels < SIMD  # is_1stconv: the channel block is all the input channels
     ic_block = in_channels if first else SIMD
     nb_ic, nb_oc = _div_up(in_channels, ic_block), _div_up(out_channels, SIMD)
@@ -67,22 +100,20 @@ def bf16_weight_gradient_bytes(batch: int, in_channels: int, out_channels: int, 
                * output_size[1] * tr_ow / mb_work)
         return src + dst + wei
 
-    best, split = cost(1, 1, 1), (1, 1, 1)
-    for nthr_mb in range(1, min(threads, mb_work) + 1):
-        for nthr_oc in range(1, min(threads // nthr_mb, nb_oc) + 1):
-            nthr_ic = min(threads // nthr_mb // nthr_oc, nb_ic)
-            if (value := cost(nthr_mb, nthr_oc, nthr_ic)) <= best:
-                best, split = value, (nthr_mb, nthr_oc, nthr_ic)
-    nthr_mb, nthr_oc, nthr_ic = split
-    if threads // 2 < nthr_mb < threads:
-        nthr_mb = min(mb_work, threads)
-
-    tr_src = (nthr_mb * nb_ic * tr_iw * ic_block * input_size[0] * input_size[1] if transpose_src else 0) + tr_pad
-    tr_dst = nthr_mb * nb_oc * tr_ow * SIMD * output_size[0] * output_size[1]
+    nthr_mb, nthr_oc, nthr_ic = _balance(threads, mb_work, nb_oc, nb_ic, cost, widened=mb_work)
+    nthr = nthr_mb * nthr_oc * nthr_ic
+    # A first convolution on wide planes transposes in spatial blocks, each thread into buffers of its own.
+    l2_floats = per_core_l2_bytes() // 4
+    gradient = out_channels * math.prod(output_size)
+    non_temporal = gradient >= 2 * l2_floats and min(kernel) >= 6
+    blocked = (first and not non_temporal and gradient >= l2_floats and output_size[1] * output_size[2] >= 64 * 124
+               and output_size[0] > 1)
+    src_buffers, dst_buffers = (nthr, nthr) if blocked else (nthr_mb * nb_ic, nthr_mb * nb_oc)
+    tr_src = (src_buffers * tr_iw * ic_block * input_size[0] * input_size[1] if transpose_src else 0) + tr_pad
+    tr_dst = dst_buffers * tr_ow * SIMD * output_size[0] * output_size[1]
     weights = nb_oc * SIMD * nb_ic * ic_block * math.prod(kernel)
     reduction = (weights + (nb_oc * SIMD if bias else 0)) * nthr_mb  # bf16 gradients: every split reduces in fp32
-    nthr = nthr_mb * nthr_oc * nthr_ic
-    barriers = [nthr // count for count in (nthr_oc, nthr_ic) if count > 1] + [1]  # transposes' and reduction's
+    barriers = [] if blocked else [nthr // count for count in (nthr_oc, nthr_ic) if count > 1] + [1]
     return _booked(2 * tr_src, 2 * tr_dst, 4 * reduction, barriers=tuple(barriers))
 
 
@@ -118,15 +149,7 @@ def bf16_pointwise_weight_gradient_bytes(batch: int, in_channels: int, out_chann
         return (work * _div_up(nb_bcast, nthr_ic) * SIMD * reduce_block + work * _div_up(nb_load, nthr_oc) * SIMD
                 * reduce_block + output_coef * _div_up(nb_load, nthr_oc) * _div_up(nb_bcast, nthr_ic) * SIMD * SIMD)
 
-    best, split = cost(1, 1, 1), (1, 1, 1)
-    for nthr_mb in range(1, min(threads, batch * nb_reduce) + 1):
-        for nthr_oc in range(1, min(threads // nthr_mb, nb_load) + 1):
-            nthr_ic = min(threads // nthr_mb // nthr_oc, nb_bcast)
-            if (value := cost(nthr_mb, nthr_oc, nthr_ic)) <= best:
-                best, split = value, (nthr_mb, nthr_oc, nthr_ic)
-    nthr_mb, nthr_oc, nthr_ic = split
-    if threads // 2 < nthr_mb < threads:
-        nthr_mb = min(batch, threads)
+    nthr_mb, nthr_oc, nthr_ic = _balance(threads, batch * nb_reduce, nb_load, nb_bcast, cost, widened=batch)
     nthr = nthr_mb * nthr_oc * nthr_ic
 
     load_blocks = _best_divider(nb_load, 16, nb_load, False)

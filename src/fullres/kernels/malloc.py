@@ -14,13 +14,15 @@ pool would keep those blocks (the paper's 240x240x144 batch-1 fp32 step: 39.6 GB
 34.0 GB of live tensors). Where the pool cannot be built (no C++ compiler), fp32 jobs run under glibc's
 default too.
 
-bf16 channels-last jobs run under the pool too on CPUs with AVX-512 and without AMX, where the dry run
+bf16 channels-last jobs run under the pool too on CPUs with native AVX-512 bf16 and without AMX, where the dry run
 models what oneDNN's bf16 kernels take from it (:func:`bf16_pool_modelled`): each weight gradient's
-scratchpad, transposed copies of its input and output gradient per thread that splits the batch
-(:mod:`fullres.cost.onednn_scratchpad`), and the fp32 copy a bf16 bias gradient is summed in. Measured on an
-AVX-512 bf16 AMD Zen 4 (docs/results/memory.md, docs/results/performance.md): the 64^3 bf16 step ~10 %
-faster than under glibc's default and the dry run within a few percent of the peak. On AMX CPUs (another
-weight-gradient kernel, not modelled) and without AVX-512 (bf16 emulated) bf16 jobs keep glibc's default,
+scratchpad, transposed copies of its input and output gradient for each thread that splits the reduction
+over batch x depth (:mod:`fullres.cost.onednn_scratchpad`), and the fp32 copy a bf16 bias gradient is summed
+in. The pool keeps those copies populated, so a bf16 job's peak grows with its threads. Measured on an
+AVX-512 bf16 AMD Zen 4 at 2 threads (docs/results/memory.md, docs/results/performance.md, docs/results/models.md):
+the 64^3 bf16 step ~10 % faster than under glibc's default; the dry run within 1 % for the paper's network and
+some other families, 4-18 % low for others. On AMX CPUs (another weight-gradient kernel, not modelled) and
+where bf16 is emulated, bf16 jobs keep glibc's default,
 whose peaks wander with the heap's leftovers by a few percent from run to run (docs/memory.md);
 FULLRES_MALLOC=fixed makes such a job's peak exact at some cost in speed.
 
@@ -67,7 +69,8 @@ import warnings
 import torch
 
 from fullres.errors import UserError
-from fullres.kernels import cpu_pool, device
+from fullres.kernels import cpu_pool
+from fullres.kernels import device as fullres_device
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -146,10 +149,10 @@ def wanted_policy(strategy=None, device: str = "cpu") -> str:
 
 
 def bf16_pool_modelled() -> bool:
-    """Whether the dry run models the buffers oneDNN's bf16 kernels take from the pool on this CPU: AVX-512
-    without AMX (:mod:`fullres.cost.onednn_scratchpad`). Not on AMX CPUs (another weight-gradient kernel, not
-    measured) nor without AVX-512 (bf16 emulated by ATen's slow path, ~100x slower than fp32)."""
-    return device.avx512() and not device.amx_bf16()
+    """Whether the dry run models the buffers oneDNN's bf16 kernels take from the pool on this CPU: native
+    AVX-512 bf16 without AMX (:mod:`fullres.cost.onednn_scratchpad`). Not on AMX CPUs (another weight-gradient
+    kernel, not measured) nor where bf16 is emulated."""
+    return fullres_device.avx512_bf16() and not fullres_device.amx_bf16()
 
 
 def policy_for(strategy=None, device: str = "cpu", build: bool = False) -> str:
