@@ -141,7 +141,8 @@ def bf16_pointwise_weight_gradient_bytes(batch: int, in_channels: int, out_chann
     if reduce_block > 256:
         reduce_block = 1
     reduce_block = _rnd_up(reduce_block, 2)
-    nb_bcast, nb_load, nb_reduce = _div_up(in_channels, SIMD), _div_up(out_channels, SIMD), _div_up(reduce_dim, reduce_block)
+    nb_bcast, nb_load = _div_up(in_channels, SIMD), _div_up(out_channels, SIMD)
+    nb_reduce = _div_up(reduce_dim, reduce_block)
     output_coef = 4 * max(1, out_channels // in_channels)
 
     def cost(nthr_mb: int, nthr_oc: int, nthr_ic: int) -> int:
@@ -155,7 +156,8 @@ def bf16_pointwise_weight_gradient_bytes(batch: int, in_channels: int, out_chann
     load_blocks = _best_divider(nb_load, 16, nb_load, False)
     bcast_blocks = _best_divider(nb_bcast, 5, nb_bcast, False)
     padded_bias = 2 * out_channels if bias and out_channels % SIMD else 0
-    reduction = (_rnd_up(out_channels, SIMD) * _rnd_up(in_channels, SIMD) + (_rnd_up(out_channels, SIMD) if bias else 0)) * nthr_mb
+    out_padded = _rnd_up(out_channels, SIMD)
+    reduction = (out_padded * _rnd_up(in_channels, SIMD) + (out_padded if bias else 0)) * nthr_mb
     rows = _rnd_up(reduce_dim, 2)
     return _booked(padded_bias, 4 * reduction, 2 * nthr * rows * SIMD * load_blocks,
                    2 * nthr * rows * SIMD * bcast_blocks, barriers=(1,) if nthr_mb > 1 else ())

@@ -11,7 +11,7 @@ Measured on an AVX-512 bf16 CPU (AMD Zen 4; docs/results/memory.md), 32 filters,
 constant measured with filters 1 (86.6 MiB) left checkpointed fp32 jobs of 48x32x32 to 96x96x64 3.4-6.9 %
 low; their network's own term is 125 MiB and brings them to +0.4..+1.2 %.
 
-Under glibc's default heap (bf16 and contiguous fp32 jobs without checkpointing or slabs) the same 16^3
+Under glibc's default heap (contiguous fp32 jobs and bf16 ones on AMX, without checkpointing or slabs) the same 16^3
 step keeps a different amount each run: 540-562 MB over nine fresh processes for the 32-filter bf16 network
 on the AVX-512 bf16 CPU. There the term is the median of three measurements, so that one unlucky process
 does not bias every later estimate; under the pool and the fixed thresholds a job's peak repeats to within 0.5 MB, and

@@ -3,7 +3,7 @@
 Each row is one job: its Table 1 training bytes, its dry-run peak, and (unless measuring is off) the
 peak measured by `measure_peak` in a fresh process, with error = (estimate - measured) / measured. With
 `repeats` > 1 each job is measured that many times, each in its own process, and the row keeps the median
-and the range: under glibc's default heap (bf16 and contiguous fp32 jobs without checkpointing) the same job's
+and the range: under glibc's default heap (contiguous fp32 jobs, bf16 ones on AMX; no checkpointing) the same job's
 peak differs from run to run by up to 6 % (bf16 on an AVX-512 bf16 AMD Zen 4, five runs per job).
 """
 
