@@ -159,16 +159,17 @@ def test_the_library_is_built_once_per_source_and_torch(tmp_path, monkeypatch):
 @needs_compiler
 def test_the_policy_gives_the_pool_to_fp32_cpu_jobs_without_memory_strategies():
     """fp32 channels-last: the pool; bf16 channels-last: the pool where the dry run models oneDNN's bf16
-    buffers (AVX-512 without AMX), glibc's default elsewhere; checkpointing or slabs: glibc's fixed
-    thresholds; fp32 contiguous, CUDA, no job yet: glibc's default."""
+    buffers (native AVX-512 bf16 without AMX), glibc's default elsewhere; checkpointing or slabs: glibc's
+    fixed thresholds; fp32 contiguous, fp16, CUDA, no job yet: glibc's default."""
     code = ("from fullres.job.config import Strategy; from fullres.kernels.malloc import policy_for as p; "
             "cl = Strategy(channels_last=True); "
             "print(p(cl), p(Strategy()), p(Strategy(precision='bf16', channels_last=True)), "
-            "p(Strategy(checkpointing=True, channels_last=True)), p(Strategy(slabs=2)), p(cl, 'cuda'), p(None))")
+            "p(Strategy(checkpointing=True, channels_last=True)), p(Strategy(slabs=2)), p(cl, 'cuda'), p(None), "
+            "p(Strategy(precision='fp16', channels_last=True)))")
     bf16 = "pool" if device.avx512_bf16() and not device.amx_bf16() else "default"
-    assert run_python(code, FULLRES_MALLOC="") == f"pool default {bf16} fixed fixed default default"
-    assert run_python(code, FULLRES_MALLOC="pool") == "pool pool pool pool pool default default"
-    assert run_python(code, FULLRES_MALLOC="default") == "default default default default default default default"
+    assert run_python(code, FULLRES_MALLOC="") == f"pool default {bf16} fixed fixed default default default"
+    assert run_python(code, FULLRES_MALLOC="pool") == "pool pool pool pool pool default default pool"
+    assert run_python(code, FULLRES_MALLOC="default") == " ".join(["default"] * 8)
 
 
 # ---- the cached library: trusted only when intact and private ---------------------------------------

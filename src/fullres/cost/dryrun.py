@@ -29,12 +29,12 @@ checkpointing: within 0.1 %. Jobs in the contiguous layout measured 12-22 % high
 for NCDHW tensors, not modelled); :data:`CUDA_CONTIGUOUS_NOTE` says so wherever such an estimate is shown.
 
 On CPU under fullres's pool (the allocator policy of channels-last jobs without a memory strategy: fp32, and
-bf16 on AVX-512 CPUs without AMX; :mod:`fullres.kernels.malloc`) the same model replays the pool, which follows the same rules: the peak is
-the largest of its reserved bytes (segments mapped populated and kept) plus what an operator allocates
-outside it (oneDNN's scratchpad), :func:`pool_op_workspace` saying which is which. The replay is exact
-for the allocations it is given (tested on a real trace), and the reserved bytes it computes equal a
-real step's at 16^3 and 32^3 (0.9 % under at 64^3, 8 % under at 32^3 x 2, where oneDNN takes one more
-buffer than modelled); estimates of fp32 jobs from 32^3 to 128^3 measured within -4.0..+2.3 %
+bf16 on CPUs with native AVX-512 bf16 and without AMX; :mod:`fullres.kernels.malloc`) the same model replays
+the pool, which follows the same rules: the peak is the largest of its reserved bytes (segments mapped
+populated and kept) plus what an operator allocates outside it (oneDNN's scratchpad), :func:`pool_op_workspace`
+saying which is which. The replay is exact for the allocations it is given (tested on a real trace), and the
+reserved bytes it computes equal a real step's at 16^3 and 32^3 (0.9 % under at 64^3, 8 % under at 32^3 x 2, where
+oneDNN takes one more buffer than modelled); estimates of fp32 jobs from 32^3 to 128^3 measured within -4.0..+2.3 %
 (docs/memory.md). A segment the replay gets wrong costs a whole feature map, so these buffers matter.
 
 Terms
@@ -83,7 +83,7 @@ from fullres.job.step import autocast, build_training, prepare_model, to_device,
 from fullres.kernels import device as fullres_device  # its avx512(): one switch for the model and this estimate
 from fullres.kernels.cuda_allocator import CachingAllocatorModel, round_size
 from fullres.kernels.gpus import MODELLED_MULTIPROCESSORS
-from fullres.kernels.malloc import policy_for
+from fullres.kernels.malloc import bf16_pool_modelled, policy_for
 from fullres.kernels.onednn import as_asked, select_conv_backend
 from fullres.nets.registry import build_model
 
@@ -364,7 +364,8 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
 
     The convolutions allocate most; a few other CPU operators hold a buffer of an operand's size
     (:data:`_INTERNAL_BLOCKS`: batch norm's backward, a sum into another dtype, softmax over a
-    channels-last map, max pooling's and a replication pad's backward on operands of mixed layouts). ATen's slow path (``Slow3d``: bf16 convolutions on a CPU
+    channels-last map, max pooling's and a replication pad's backward on operands of mixed layouts).
+    ATen's slow path (``Slow3d``: bf16 convolutions on a CPU
     without native bf16, and fp32 ones at batch 1 whose N x C x D x H is at most 20480, e.g. the first
     convolution's 4 channels below full resolution) unfolds its input into a column buffer of
     C_in x k^3 rows per output voxel, for the whole batch, and works on contiguous copies of
@@ -548,18 +549,17 @@ def _layout_copy_blocks(conv: _Convolution) -> list[int]:
 
 
 def onednn_bf16_weight_gradient_scratchpad(conv: _Convolution, weight_gradient: bool = True) -> int | None:
-    """The user scratchpad oneDNN's bf16 weight gradient takes from PyTorch's allocator on a CPU with AVX-512 and
-    without AMX (:mod:`fullres.cost.onednn_scratchpad`), for a channels-last 3D convolution with one group and
-    no dilation; a transposed one's weight gradient is the convolution's with input and output gradient
-    exchanged; 0 without a weight or bias gradient. The channels-last 2D weight gradients that route around the
-    3D kernel's bug on maps shorter than the kernel use the same buffers with rows for depth (not checked against
-    a trace: small maps, small buffers; oneDNN's full-spatial 2D mode not modelled). None where the model does
-    not apply (forward, fp32, AMX, no native bf16, another layout); oneDNN's fallbacks to other kernels (kernel
-    width over 14, padding past half the kernel) are not detected."""
+    """The user scratchpad oneDNN's bf16 weight gradient takes from PyTorch's allocator where
+    :func:`~fullres.kernels.malloc.bf16_pool_modelled` (:mod:`fullres.cost.onednn_scratchpad`), for a
+    channels-last 3D convolution with one group and no dilation; a transposed one's weight gradient is the
+    convolution's with input and output gradient exchanged; 0 without a weight or bias gradient. The channels-last
+    2D weight gradients that route around the 3D kernel's bug on maps shorter than the kernel use the same buffers
+    with rows for depth (not checked against a trace: small maps, small buffers; oneDNN's full-spatial 2D mode not
+    modelled). None where the model does not apply (forward, fp32, AMX, no native bf16, another layout); oneDNN's
+    fallbacks to other kernels (kernel width over 14, padding past half the kernel) are not detected."""
     planar = conv.input.dim() == 4 and conv.input.is_contiguous(memory_format=torch.channels_last)
     if (conv.forward or conv.input.dtype != torch.bfloat16 or conv.backend.startswith("Slow") or not conv.plain
-            or not (planar or conv.input.dim() == 5 and _onednn_channels_last(conv))
-            or not fullres_device.avx512_bf16() or fullres_device.amx_bf16()):
+            or not (planar or conv.input.dim() == 5 and _onednn_channels_last(conv)) or not bf16_pool_modelled()):
         return None
     if not weight_gradient:
         return 0
@@ -783,10 +783,10 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
     backward (the weight in the primitive's layout, its gradient before the copy out), a transposed one in
     forward a buffer of 1/8 of a sample's output per thread, and in bf16 backward the per-thread copies of
     input and output gradient (`_bf16_copy_blocks`). oneDNN's scratchpad and NCDHW reorders come from its
-    own allocations, outside the pool. With native AVX-512 bf16 and without AMX, a bf16 backward takes the weight in one
-    phase and, with a weight gradient, its user scratchpad
-    (:func:`onednn_bf16_weight_gradient_scratchpad`) and two weight-sized blocks in the next ones; a sum
-    into another dtype, the converted input (:func:`_sum_cast_blocks`). On a CPU without AVX-512 (2-core EPYC, fp32 channels-last), the
+    own allocations, outside the pool. With native AVX-512 bf16 and without AMX, a bf16 backward takes the
+    weight in one phase and, with a weight gradient, its user scratchpad
+    (:func:`onednn_bf16_weight_gradient_scratchpad`) and two weight-sized blocks in the next ones; other
+    operators their :data:`_INTERNAL_BLOCKS`. On a CPU without AVX-512 (2-core EPYC, fp32 channels-last), the
     buffers of :func:`onednn_transposed_scratch_bytes` and the weight gradient's GEMM buffers
     (:func:`gemm_weight_gradient_bytes`) come from PyTorch's allocator, so from the pool, too."""
     if func in _INTERNAL_BLOCKS:
@@ -799,7 +799,8 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
         return [[size for size in _slow_path_blocks(conv, out) if size]], 0
     weight = _nbytes(conv.weight)
     mask = args[10] if not conv.forward else None
-    bf16_scratchpad = None if conv.forward else onednn_bf16_weight_gradient_scratchpad(conv, bool(mask[1] or mask[2]))
+    wanted = mask is not None and bool(mask[1] or mask[2])  # the weight-gradient primitive runs for either
+    bf16_scratchpad = None if conv.forward else onednn_bf16_weight_gradient_scratchpad(conv, wanted)
     if bf16_scratchpad is not None:
         # Phases as in the trace: the data gradient's weight copy, the scratchpad, the gradient's two layouts;
         # ATen's layout copies of input and output gradient live through all of them.

@@ -61,7 +61,8 @@ def per_core_l2_bytes() -> int:
     """The CPU's level-2 cache per core (Linux's sysfs), which oneDNN's heuristics read; 1 MiB where unknown."""
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
-            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
+            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+            if level == "2" and kind != "Instruction":
                 size = (index / "size").read_text().strip().upper()
                 return int(size.rstrip("KMB")) * {"K": 2**10, "M": 2**20}.get(size.rstrip("B")[-1:], 1)
         except (OSError, ValueError):

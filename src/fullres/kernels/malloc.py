@@ -145,7 +145,8 @@ def wanted_policy(strategy=None, device: str = "cpu") -> str:
         return "fixed"
     if not strategy.channels_last:
         return "default"
-    return "pool" if strategy.precision == "fp32" or bf16_pool_modelled() else "default"
+    modelled = strategy.precision == "fp32" or strategy.precision == "bf16" and bf16_pool_modelled()
+    return "pool" if modelled else "default"
 
 
 def bf16_pool_modelled() -> bool:
