@@ -156,12 +156,12 @@ def test_the_library_is_built_once_per_source_and_torch(tmp_path, monkeypatch):
     assert first.parent.parent == tmp_path / "fullres" / "cpu_pool"
 
 
-@needs_compiler
 def test_the_policy_gives_the_pool_to_fp32_cpu_jobs_without_memory_strategies():
     """fp32 channels-last: the pool; bf16 channels-last: the pool where the dry run models oneDNN's bf16
     buffers (native AVX-512 bf16 without AMX), glibc's default elsewhere; checkpointing or slabs: glibc's
-    fixed thresholds; fp32 contiguous, fp16, CUDA, no job yet: glibc's default."""
-    code = ("from fullres.job.config import Strategy; from fullres.kernels.malloc import policy_for as p; "
+    fixed thresholds; fp32 contiguous, fp16, CUDA, no job yet: glibc's default. The rules alone: whether
+    the library is built yet does not enter (next test)."""
+    code = ("from fullres.job.config import Strategy; from fullres.kernels.malloc import wanted_policy as p; "
             "cl = Strategy(channels_last=True); "
             "print(p(cl), p(Strategy()), p(Strategy(precision='bf16', channels_last=True)), "
             "p(Strategy(checkpointing=True, channels_last=True)), p(Strategy(slabs=2)), p(cl, 'cuda'), p(None), "
@@ -170,6 +170,19 @@ def test_the_policy_gives_the_pool_to_fp32_cpu_jobs_without_memory_strategies():
     assert run_python(code, FULLRES_MALLOC="") == f"pool default {bf16} fixed fixed default default default"
     assert run_python(code, FULLRES_MALLOC="pool") == "pool pool pool pool pool default default pool"
     assert run_python(code, FULLRES_MALLOC="default") == " ".join(["default"] * 8)
+
+
+@needs_compiler
+def test_a_job_wanting_the_pool_runs_under_glibc_until_the_library_is_built(tmp_path):
+    """estimate/plan (no build) give a pool job glibc's default while no library is cached, the pool once
+    one is; a training command (build=True) builds it first."""
+    code = ("from fullres.job.config import Strategy; from fullres.kernels.malloc import policy_for; "
+            "cl = Strategy(channels_last=True); "
+            "print(policy_for(cl), policy_for(cl, build=True), policy_for(cl))")
+    cache = str(tmp_path / "cache")
+    assert run_python(code, FULLRES_MALLOC="", XDG_CACHE_HOME=cache) == "default pool pool"
+    assert run_python(code.replace("policy_for(cl, build=True), ", ""), FULLRES_MALLOC="",
+                      XDG_CACHE_HOME=cache) == "pool pool"
 
 
 # ---- the cached library: trusted only when intact and private ---------------------------------------
