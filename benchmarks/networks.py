@@ -44,7 +44,8 @@ from fullres.errors import UserError
 from fullres.cost.estimate import dryrun_estimate
 from fullres.cost.measure import measure_peak
 from fullres.cost.plan import plan, slab_schedules, with_slabs
-from fullres.nets.registry import ModelConfig, nearest_valid_sizes
+from fullres.nets.registry import ModelConfig
+from fullres.terms import nearest_valid_sizes
 from fullres.nets.registry import build_on_meta, spatial_divisor
 from fullres.nets.families import nnunet_vram_estimate
 

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -162,3 +163,24 @@ print(sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "mo
                               text=True, timeout=120)
         assert done.returncode == 0, (command, done.stderr[-2000:])
         assert done.stderr.strip().splitlines()[-1] == "[]", (command, done.stderr[-2000:])
+
+
+def test_a_shape_fullres_networks_refuse_is_answered_without_importing_torch():
+    """estimate and plan refuse a size the paper's U-Net (8) or intel-unet (16) cannot take before torch is
+    imported, with the same line the network's own check gives (job_from_options checks it again)."""
+    script = """
+import sys
+from fullres.cli.main import main
+print(main(sys.argv[1:]), sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "monai")))
+"""
+    for argv, message in ((["estimate", "--shape", "7", "16", "16"], "fullres estimate: error: spatial size H=7 is not "
+                           "divisible by 8 (the U-Net pools three times); nearest valid: 8"),
+                          (["plan", "--memory", "1GB", "--shape", "16", "12", "16"], "fullres plan: error: spatial "
+                           "size W=12 is not divisible by 8 (the U-Net pools three times); nearest valid: 8 or 16"),
+                          (["estimate", "--model", "intel-unet", "--shape", "16", "16", "40"], "fullres estimate: "
+                           "error: --model intel-unet: network intel-unet: spatial size D=40 is not divisible by 16 "
+                           "(intel-unet pools four times); nearest valid: 32 or 48")):
+        done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "FULLRES_MALLOC": ""})
+        assert done.stdout.strip() == "2 []", (argv, done.stdout, done.stderr[-2000:])
+        assert done.stderr.strip() == message

@@ -11,9 +11,8 @@ from fullres.cli.options import (
     add_budget_arguments,
     add_job_arguments,
     add_memory_device_argument,
-    budget_and_device,
     fraction,
-    job_from_args,
+    job_budget_and_device,
     positive_int,
 )
 from fullres.cli.report import print_json
@@ -46,11 +45,10 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    job, budget, device = job_budget_and_device(args)
     from fullres.cost.estimate import BYTES_PER_VALUE
     from fullres.cost.table1 import table1
 
-    budget, device = budget_and_device(args)
-    job = job_from_args(args)
     if args.time:
         return print_time_estimate(job, args)
     if args.method == "dryrun":

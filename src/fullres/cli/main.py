@@ -16,6 +16,7 @@ import warnings
 
 from fullres.cli.commands import HELP, Parser, VersionAction
 from fullres.errors import OneLineWarning, UserError, first_line
+from fullres.terms import MALLOC_ENV
 
 ALL = "all"
 
@@ -52,14 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     unexpected exception is one line too (FULLRES_TRACEBACK=1 shows its traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(command_of(argv)).parse_args(argv)
-    from fullres.kernels.malloc import set_training_malloc_policy  # torch: after the command line is read
 
     # the fake-tensor mode logs every operator a dry run cannot follow, traceback included; the refusal says it
     logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
     with warnings.catch_warnings(record=True) as held:
         if not sys.warnoptions:  # the user's own -W / PYTHONWARNINGS stand
             warnings.simplefilter("default")
-        code, message = _run(args, set_training_malloc_policy)
+        code, message = _run(args)
     if message is not None:
         print(f"fullres {args.command}: {' '.join(message.split())}", file=sys.stderr)
     else:
@@ -77,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
 HELD_WARNINGS = 50  # a long training run's repeated warnings are shown up to this many
 
 
-def _run(args: argparse.Namespace, set_training_malloc_policy) -> tuple[int, str | None]:
+def _run(args: argparse.Namespace) -> tuple[int, str | None]:
     """(exit code, the one line to print on failure or None)."""
     try:
-        set_training_malloc_policy()  # FULLRES_MALLOC=fixed|cached|default for every job (see kernels/malloc.py)
+        if os.environ.get(MALLOC_ENV):  # a policy for every job, before anything is allocated (kernels/malloc.py)
+            from fullres.kernels.malloc import set_training_malloc_policy  # torch: only when asked for
+
+            set_training_malloc_policy()
         return args.run(args), None
     except UserError as error:
         return error.exit_code, f"error: {error}"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from fullres.errors import UserError
 from fullres.job.strategy import Strategy
 from fullres.kernels.gpus import GPUS, GPU, gpu_named
-from fullres.terms import COLLECTIVE_TIMEOUT_S, DEVICES, NORMS, TARGET_CLASSES
+from fullres.terms import COLLECTIVE_TIMEOUT_S, DEVICES, NORMS, OWN_DIVISORS, TARGET_CLASSES, check_sizes
 from fullres.units import parse_size
 
 if TYPE_CHECKING:
@@ -144,6 +144,14 @@ def job_from_options(options: dict, in_channels: int | None = None, classes: int
     """The job the flags describe (`options` by their CLI names; None: the network's preset); `in_channels`
     and `classes` come from the dataset when there is one. The network is checked to take the job's shape
     (a forward pass on the meta device). Bad combinations raise UserError naming what is wrong."""
+    architecture = options.get("model") or "unet3d"
+    paper = architecture == "unet3d"
+    prefix, network = ("", "") if paper else (f"--model {architecture}: ", f"network {architecture}: ")
+    if architecture in OWN_DIVISORS and options.get("shape"):  # refused before torch is imported
+        try:
+            check_sizes(tuple(options["shape"]), *OWN_DIVISORS[architecture], network)
+        except ValueError as error:
+            raise UserError(prefix + str(error)) from None
     from fullres.cost.plan import check_checkpointing
     from fullres.job.config import JobConfig, job_defaults
     from fullres.nets.families import factory_file, file_digest
@@ -169,7 +177,6 @@ def job_from_options(options: dict, in_channels: int | None = None, classes: int
         check_checkpointing(job)  # refuses, or warns, where block checkpointing saves (almost) nothing
         return job
     except (ValueError, argparse.ArgumentTypeError) as error:
-        prefix = "" if options.get("model", "unet3d") == "unet3d" else f"--model {options.get('model')}: "
         raise UserError(prefix + str(error)) from None
 
 
@@ -198,20 +205,23 @@ def add_budget_arguments(parser: argparse.ArgumentParser, required: bool = False
                              f"GPU is here); one of {', '.join(GPUS)}")
 
 
-def budget_and_device(args: argparse.Namespace, required: bool = False) -> tuple[int | None, str]:
-    """The budget in bytes (None: none given and none `required`) and the estimate's device type
-    (:func:`fullres.kernels.device.estimate_device`) that --memory, --gpu and --device say; UserError
-    naming the options where they disagree."""
+def job_budget_and_device(args: argparse.Namespace, required: bool = False) -> tuple[JobConfig, int | None, str]:
+    """The job the flags describe (:func:`job_from_args`), the budget in bytes (None: none given and none
+    `required`) and the estimate's device type (:func:`fullres.kernels.device.estimate_device`) that
+    --memory, --gpu and --device say; UserError naming the options where they disagree. The flags torch is
+    not needed for (the budget's, and a shape fullres's own networks refuse) are checked before it is
+    imported."""
     if args.gpu is not None and args.memory is not None:
         raise UserError("--memory and --gpu both set the budget: give one")
     if args.gpu is not None and args.device == "cpu":
         raise UserError(f"--gpu {args.gpu.name} plans a CUDA job: not with --device cpu")
     if required and args.gpu is None and args.memory is None:
         raise UserError("give the budget: --memory SIZE or --gpu NAME")
+    job = job_from_args(args)
     from fullres.kernels.device import estimate_device
 
     budget = args.gpu.memory_bytes if args.gpu is not None else args.memory
-    return budget, "cuda" if args.gpu is not None else estimate_device(args.device)
+    return job, budget, "cuda" if args.gpu is not None else estimate_device(args.device)
 
 
 def add_trust_argument(parser: argparse.ArgumentParser) -> None:

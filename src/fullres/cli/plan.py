@@ -11,8 +11,7 @@ from fullres.cli.options import (
     add_budget_arguments,
     add_job_arguments,
     add_memory_device_argument,
-    budget_and_device,
-    job_from_args,
+    job_budget_and_device,
 )
 from fullres.cli.report import print_json, slab_lines, spatial_lines
 from fullres.errors import UserError
@@ -34,11 +33,10 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    job, budget, device = job_budget_and_device(args, required=True)
     from fullres.cost.dryrun import cuda_modelled_parts, cuda_stand_in
     from fullres.cost.plan import plan, slab_options, slab_schedules, spatial_options
 
-    budget, device = budget_and_device(args, required=True)
-    job = job_from_args(args)
     result = plan(job, budget, args.method, device)
     ranking = None
     if args.optimize == "time" and cuda_stand_in(device):

@@ -71,12 +71,13 @@ import torch
 from fullres.errors import UserError
 from fullres.kernels import cpu_pool
 from fullres.kernels import device as fullres_device
+from fullres.terms import MALLOC_ENV
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 THRESHOLD_BYTES = 128 * 1024  # glibc's initial default, made fixed
-ENV = "FULLRES_MALLOC"  # one of POLICIES for every job; unset: chosen by the strategy
+ENV = MALLOC_ENV  # one of POLICIES for every job; unset: chosen by the strategy
 POLICIES = ("pool", "fixed", "cached", "default")
 
 

@@ -6,6 +6,7 @@ registered here, so that importing any module of this package registers them."""
 from fullres.nets import families
 from fullres.nets.registry import BUILT_IN, DOWNSAMPLING, MODELS, ModelConfig, ModelSpec, register_model
 from fullres.nets.unet3d import UNET3D_WHY, UNet3D
+from fullres.terms import OWN_DIVISORS
 
 
 def _intel_check(config: ModelConfig) -> None:
@@ -19,6 +20,6 @@ register_model(ModelSpec("unet3d", lambda config, shape: UNet3D(config),
 register_model(ModelSpec("intel-unet", lambda config, shape: families.IntelUNet(config.in_channels, config.classes,
                                                                                config.filters),
                          "the paper's code repository's 3D U-Net (IntelAI/unet: 5,650,801 parameters)",
-                         divisor=lambda config: 16, why="intel-unet pools four times", check=_intel_check,
+                         divisor=lambda config: OWN_DIVISORS["intel-unet"][0], why=OWN_DIVISORS["intel-unet"][1], check=_intel_check,
                          preset="intel-unet"))
 BUILT_IN.update(MODELS)

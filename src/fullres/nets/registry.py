@@ -22,9 +22,9 @@ from fullres.engine.tape import ATTENTION_NETWORKS, SlabForward, Unsliceable, re
 from fullres.errors import first_line
 from fullres.nets import families
 from fullres.presets import PAPER
-from fullres.terms import NORMS
+from fullres.terms import NORMS, OWN_DIVISORS, check_sizes
 
-DOWNSAMPLING = 8  # three 2x poolings: every spatial size must be a multiple of 8
+DOWNSAMPLING = OWN_DIVISORS["unet3d"][0]  # three 2x poolings: every spatial size must be a multiple of 8
 
 
 @dataclass(frozen=True)
@@ -80,23 +80,6 @@ class ModelConfig:
     def kwargs(self) -> dict:
         """`args` as keyword arguments."""
         return json.loads(self.args) if self.args else {}
-
-
-def nearest_valid_sizes(size: int, divisor: int = DOWNSAMPLING) -> tuple[int, int]:
-    """The multiples of `divisor` just below and above `size` (the lower one at least `divisor`)."""
-    lower = max(divisor, size // divisor * divisor)
-    upper = -(-size // divisor) * divisor
-    return lower, max(upper, divisor)
-
-
-def check_sizes(shape: tuple[int, ...], divisor: int, why: str, network: str = "") -> None:
-    """Raise ValueError, naming the nearest valid sizes, when a spatial size of `shape` is not a positive
-    multiple of `divisor` (`why` says why; `network` prefixes the message)."""
-    for axis, size in zip("HWD", shape):
-        if size < divisor or size % divisor:
-            lower, upper = nearest_valid_sizes(size, divisor)
-            raise ValueError(f"{network}spatial size {axis}={size} is not divisible by {divisor} ({why}); "
-                             f"nearest valid: {lower}" + (f" or {upper}" if upper != lower else ""))
 
 
 @dataclass(frozen=True)

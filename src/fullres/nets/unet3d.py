@@ -22,10 +22,11 @@ from torch.utils.checkpoint import checkpoint
 from fullres.engine.slabs import Level, call, forward_levels
 from fullres.engine.spatial import forward_shards
 from fullres.kernels.layers import Conv3d, ConvTranspose3d
-from fullres.nets.registry import DOWNSAMPLING, ModelConfig, check_sizes
+from fullres.nets.registry import DOWNSAMPLING, ModelConfig
+from fullres.terms import OWN_DIVISORS, check_sizes
 
 LEVELS = 4  # resolutions: full, 1/2, 1/4, 1/8 (the bottleneck)
-UNET3D_WHY = "the U-Net pools three times"
+UNET3D_WHY = OWN_DIVISORS["unet3d"][1]
 
 
 class Concatenate(nn.Module):
