@@ -1,5 +1,7 @@
 """The plane-by-plane weight gradient that routes bf16 training around oneDNN's failing AMX kernel."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,3 +205,62 @@ def test_a_bf16_training_step_takes_them_plane_by_plane(monkeypatch):
     for name, gradient in own.items():
         torch.testing.assert_close(planar[name], gradient, rtol=0, atol=2 ** -6 * gradient.abs().max().item() + 1e-12,
                                    msg=name)
+
+
+def test_relu_in_place_has_pytorchs_gradient_written_into_the_incoming_one():
+    """relu_'s gradient is F.relu's bit for bit; it is the incoming gradient itself, zeroed where the output
+    is 0, unless that gradient is a view (then a new map, and the view's base is left alone)."""
+    from fullres.kernels.layers import relu_
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, 6, requires_grad=True)
+    g = torch.randn(2, 3, 4, 5, 6)
+    reference = torch.autograd.grad(F.relu(x.clone(), inplace=True), x, g.clone())[0]
+    incoming = g.clone()
+    (dx,) = torch.autograd.grad(relu_(x.clone()), x, incoming)
+    assert torch.equal(dx, reference) and dx.data_ptr() == incoming.data_ptr() and not torch.equal(incoming, g)
+    base = torch.cat([g, g], dim=1)
+    view = base[:, :3]
+    (dx,) = torch.autograd.grad(relu_(x.clone()), x, view)
+    assert torch.equal(dx, reference) and torch.equal(base, torch.cat([g, g], dim=1))
+    with torch.no_grad():
+        y = x.detach().clone()
+        assert relu_(y) is y and torch.equal(y, F.relu(x.detach()))
+
+
+@pytest.mark.parametrize("norm", ["none", "instance", "batch"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_unets_gradients_are_those_of_pytorchs_relu(monkeypatch, norm, precision):
+    """The paper's network takes ReLU's gradient in place: every weight's gradient equals the one with
+    PyTorch's own in-place ReLU, bit for bit, in both layouts, with and without checkpointing, at one
+    thread (where ATen's slow path returns some gradients in another layout than the maps') and two."""
+    from fullres.nets import unet3d
+    from fullres.nets.registry import ModelConfig, build_model
+
+    config = ModelConfig(in_channels=2, filters=4, classes=3, norm=norm, dropout=0.2)
+    torch.manual_seed(0)
+    model = build_model(config, (16, 16, 16))
+    x = torch.randn(2, 2, 16, 16, 16)
+
+    def gradients(channels_last: bool, checkpointing: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model.checkpointing = checkpointing
+        torch.manual_seed(1)
+        images = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+        with cpu_workarounds(precision, "cpu"):
+            with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+                out = model(images)
+            out.float().square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    threads = torch.get_num_threads()
+    try:
+        for torch_threads, channels_last, checkpointing in itertools.product((1, 2), (False, True), (False, True)):
+            torch.set_num_threads(torch_threads)
+            ours = gradients(channels_last, checkpointing)
+            with monkeypatch.context() as patch:
+                patch.setattr(unet3d, "relu_", lambda t: F.relu(t, inplace=True))
+                theirs = gradients(channels_last, checkpointing)
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), (torch_threads, channels_last, checkpointing)
+    finally:
+        torch.set_num_threads(threads)

@@ -1,5 +1,6 @@
 """Drop-in convolution layers that route around CPU kernels that crawl: the same parameters and state
-dict as torch's, on oneDNN where ATen's own rules would choose a slow path."""
+dict as torch's, on oneDNN where ATen's own rules would choose a slow path; and :func:`relu_`, ReLU whose
+gradient is taken in place."""
 
 from __future__ import annotations
 
@@ -80,6 +81,36 @@ class _UpsamplingWeightGradient(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 2, 3, 4), dtype=torch.promote_types(grad.dtype, torch.float32))
         return grad_x, grad_weight, grad_bias, None
+
+
+def relu_(x: torch.Tensor) -> torch.Tensor:
+    """ReLU in place, as ``F.relu(x, inplace=True)``, with the same gradient (bit for bit), taken in place:
+    where the incoming gradient is a map of its own (not a view) in the output's layout, it is zeroed where
+    the output is 0 instead of copied into a new map of the activation's size (one allocation and one write
+    less per ReLU; at full resolution a new map also means its pages faulted in). For networks whose ReLU outputs reach their
+    consumers (convolutions, pooling, dropout) directly, whose backwards return gradients of their own: an
+    incoming gradient that is also handed to another node (an addition's) would be changed for it too."""
+    if not (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return F.relu(x, inplace=True)  # graphs keep PyTorch's own operator (a compiler may fuse it)
+    return _ReLUInPlace.apply(x)
+
+
+class _ReLUInPlace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x.relu_()
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (output,) = ctx.saved_tensors
+        # a view (the rest of its base may be read elsewhere), or another layout than the output's (PyTorch's
+        # own gradient would take a layout of its choosing, and the next backward's sums follow it)
+        if grad._base is not None or grad.stride() != output.stride():
+            return torch.ops.aten.threshold_backward(grad, output, 0)
+        return torch.ops.aten.threshold_backward.grad_input(grad, output, 0, grad_input=grad)
 
 
 def _conv_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Conv3d) -> str:

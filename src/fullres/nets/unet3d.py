@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fullres.engine.slabs import Level, call, forward_levels
 from fullres.engine.spatial import forward_shards
-from fullres.kernels.layers import Conv3d, ConvTranspose3d
+from fullres.kernels.layers import Conv3d, ConvTranspose3d, relu_
 from fullres.nets.registry import DOWNSAMPLING, ModelConfig
 from fullres.terms import OWN_DIVISORS, check_sizes
 
@@ -92,7 +92,7 @@ class UNet3D(nn.Module):
         x = getattr(self, name)(x) if pre_activation is None else pre_activation
         if self.config.norm != "none":
             x = getattr(self, "norm" + name[4:])(x)
-        return F.relu(x, inplace=True)  # in place: the pre-activation map is never kept beside the activation
+        return relu_(x)  # in place: the pre-activation map is never kept beside the activation
 
     # The forward pass as segments, in order. With activation checkpointing each segment keeps only
     # its inputs for the backward pass and recomputes the rest. Boundaries sit where they cut the peak:
