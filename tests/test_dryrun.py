@@ -364,9 +364,11 @@ def test_a_pointwise_convolution_on_atens_slow_path_takes_no_columns():
 
 def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypatch):
     """The runtime term: measured peak minus the dry run's tensors of the same network and strategy at 16^3,
-    batch 1 (whatever the job's shape, batch and accumulation), cached; another network is measured anew."""
+    batch 1 (whatever the job's shape, batch and accumulation), cached with those tensors (reused by the same
+    code only); another network is measured anew."""
     from fullres.cost import measure, runtime
     from fullres.cost.dryrun import dryrun
+    from fullres.files import source_digest
 
     calls = []
 
@@ -386,14 +388,23 @@ def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypa
     assert runtime.measured_runtime_bytes(job.with_(batch=4, shape=(64, 64, 64)), cache_dir=tmp_path) == expected
     assert len(calls) == 1 and calls[0] == small  # the second job shares the network: read from the cache
     assert json.loads((tmp_path / runtime.CACHE_FILE).read_text())  # a readable cache file
-    # The cache keeps the measurement; the tensors are the current dry run's, so a difference stored by
-    # an older tensor model is never reused.
+    # The cache keeps the measurement and the dry run's tensors with the digest of the code that computed
+    # them: the same code reads them back without dry-running the calibration job again; tensors stored by
+    # other code (an older tensor model) are never reused, but computed again and stored.
     cache_file = tmp_path / runtime.CACHE_FILE
+    (entry,) = json.loads(cache_file.read_text()).values()
+    assert entry["tensor_bytes"] == 10**9 - expected and entry["code"] == source_digest()
+    runtime.tensor_bytes.cache_clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(runtime, "dryrun", lambda *args, **kwargs: pytest.fail("dry-ran the calibration job again"))
+        assert runtime.measured_runtime_bytes(job, cache_dir=tmp_path) == expected
     entries = json.loads(cache_file.read_text())
     for entry in entries.values():
-        entry["runtime_bytes"], entry["tensor_bytes"] = 1, 10**9 - 1
+        entry["tensor_bytes"], entry["code"] = 10**9 - 1, "0" * 64
     cache_file.write_text(json.dumps(entries))
     assert runtime.measured_runtime_bytes(job, cache_dir=tmp_path) == expected
+    (entry,) = json.loads(cache_file.read_text()).values()
+    assert entry["tensor_bytes"] == 10**9 - expected and entry["code"] == source_digest()
     assert len(calls) == 1
     runtime.measured_runtime_bytes(job.with_(model=ModelConfig(in_channels=4, filters=8, norm="none")),
                                    cache_dir=tmp_path)

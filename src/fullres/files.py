@@ -4,6 +4,7 @@ JSON cache built on them (the calibrations of `estimate --time` and of the dry r
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -126,6 +127,17 @@ def cache_lookup(path: Path, key: dict) -> dict | None:
     digest, key = _cache_digest(key)
     record = _read_cache(path).get(digest)
     return record if isinstance(record, dict) and record.get("key") == key else None
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """SHA-256 of fullres's own Python source (every module, by path): what a cached result computed by the
+    code as it stands is keyed by, so that an upgrade or an edit never reads one the old code computed."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def cache_store(path: Path, key: dict, record: dict) -> dict:

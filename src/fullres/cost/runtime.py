@@ -40,16 +40,18 @@ import torch
 from fullres.engine.losses import LOSSES
 from fullres.job.config import JobConfig
 from fullres.job.step import build_training, train_step
-from fullres.files import cache_lookup, cache_store, user_cache_dir
+from fullres.files import cache_lookup, cache_store, source_digest, user_cache_dir
 from fullres.nets.registry import build_on_meta, rebuilt_elsewhere, spatial_divisor
 from fullres.cost.dryrun import dryrun, runtime_bytes
+from fullres.kernels import device as fullres_device
 from fullres.kernels.malloc import ENV, policy_for
 from fullres.cost import measure
 
 CALIBRATION_SHAPE = (16, 16, 16)
 CACHE_FILE = "runtime.json"
-CACHE_VERSION = 4  # 2: the allocator policy is part of the key (the CPU pool); 3: medians under glibc's heap;
-# 4: the dry run charges AVX2's GEMM weight-gradient buffers (the term is measured minus the dry run)
+CACHE_VERSION = 5  # 2: the allocator policy is part of the key (the CPU pool); 3: medians under glibc's heap;
+# 4: the dry run charges AVX2's GEMM weight-gradient buffers (the term is measured minus the dry run);
+# 5: native bf16 and AMX in the key (AVX-512 CPUs with and without them share a capability)
 NOISY_POLICIES = ("default", "cached")  # glibc's heap: its peak varies from process to process
 NOISY_RUNS = 3
 
@@ -70,7 +72,8 @@ def runtime_job(job: JobConfig) -> JobConfig:
 
 def _cache_key(job: JobConfig) -> dict:
     return {"version": CACHE_VERSION, "job": runtime_job(job).to_json(), "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": fullres_device.avx512_bf16(),
+            "amx_bf16": fullres_device.amx_bf16(), "threads": torch.get_num_threads(),
             "hostname": socket.gethostname(), "malloc": os.environ.get(ENV, ""), "policy": policy_for(job.strategy)}
 
 
@@ -98,20 +101,23 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
     path = (Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()) / CACHE_FILE
     key = _cache_key(job)
     small = runtime_job(job)
-    # The measurement is what is cached; the tensors are the dry run's as the code stands now, so a
-    # change to the tensor model never leaves a stale difference behind.
+    # The measurement is cached, and beside it the dry run's tensors with the digest of the code that
+    # computed them: they are reused only by the same code, so a change to the tensor model never leaves a
+    # stale difference behind (and the same code need not dry-run the calibration job again: ~1 s each).
+    code = source_digest()
+    cached = None if refresh else cache_lookup(path, key)
+    if cached is not None and cached.get("code") == code and isinstance(cached.get("tensor_bytes"), int):
+        return max(0, int(cached["measured_bytes"]) - cached["tensor_bytes"])
     try:
         tensors = tensor_bytes(small, torch.get_num_threads(), key["policy"])
     except Exception:  # noqa: BLE001 - a network that does not take the calibration size: the modelled constant
         return runtime_bytes(job)
-    cached = None if refresh else cache_lookup(path, key)
-    if cached is not None:
-        return max(0, int(cached["measured_bytes"]) - tensors)
     with _measuring(path) as writable:
         if not writable:  # a measurement no later process could read: every process would get its own
-            return runtime_bytes(job)
+            return runtime_bytes(job) if cached is None else max(0, int(cached["measured_bytes"]) - tensors)
         cached = None if refresh else cache_lookup(path, key)  # measured by another process meanwhile
         if cached is not None:
+            cache_store(path, key, {**cached, "code": code, "tensor_bytes": tensors})
             return max(0, int(cached["measured_bytes"]) - tensors)
         try:
             runs = [measure.measure_peak(small, steps=2, threads=torch.get_num_threads(),
@@ -120,7 +126,7 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
         except RuntimeError:  # the child could not run the calibration job: the modelled constant, uncached
             return runtime_bytes(job)
         measured = int(statistics.median(runs))
-        cache_store(path, key, {"measured_bytes": measured, "runs": runs})
+        cache_store(path, key, {"measured_bytes": measured, "runs": runs, "code": code, "tensor_bytes": tensors})
     return max(0, measured - tensors)
 
 
