@@ -359,7 +359,7 @@ def test_a_pointwise_convolution_on_atens_slow_path_takes_no_columns():
             conv = module._cpu_convolution(torch.ops.aten.convolution.default, args)
             assert conv.backend.startswith("Slow") and conv.pointwise is (kernel == 1)
             columns = 0 if kernel == 1 else 8 * 27 * 16**3 * 4
-            assert module._slow_path_blocks(conv, out) == [columns, x.nbytes]
+            assert module._slow_path_phases(conv, out) == [[0, columns, x.nbytes]]
 
 
 def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypatch):

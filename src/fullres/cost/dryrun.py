@@ -392,7 +392,8 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
         return 0
     conv = _cpu_convolution(func, args)
     if conv.backend.startswith("Slow"):
-        return sum(_slow_path_blocks(conv, out))
+        mask = None if conv.forward else args[10]
+        return max(sum(phase) for phase in _slow_path_phases(conv, out, mask))
     if _onednn_channels_last(conv):
         layout = sum(_layout_copy_blocks(conv))  # channels-last copies of operands in another layout
     elif conv.forward:
@@ -410,22 +411,32 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
 
 
 def onednn_transposed_scratch_bytes(conv: "_Convolution") -> int:
-    """The buffer oneDNN's fp32 channels-last transposed convolution (ATen's ``MkldnnTranspose``) allocates
-    inside each call on a CPU without AVX-512. Forward: a padded copy of one sample's input per thread,
-    threads x C_in x prod(input size + (k - 1) // 2) x 4 bytes, whatever the batch; backward, where the
-    kernel overlaps (larger than the stride): C_out x prod(output size + 2) x 4 bytes plus four weights' worth.
-    Fitted on the pool's trace (2-core AVX2 EPYC, torch 2.13, stride 2; k 3 with padding 1 and output
-    padding 1, and k 2): 32-128 input channels at 24^3-48^3, batch 1 and 2, 1 and 2 threads, forward within
+    """The buffer oneDNN's channels-last transposed convolution (ATen's ``MkldnnTranspose``) allocates inside
+    each call. Forward: a padded copy of one sample's input per thread, threads x C_in x prod(input size +
+    (k - 1) // 2) x element bytes, whatever the batch: on a CPU without AVX-512 for every kernel, on an AVX-512
+    one for kernels that overlap (larger than the stride; a kernel-sized stride takes the smaller buffer
+    :func:`pool_op_workspace` models). Backward, without AVX-512 and where the kernel overlaps: C_out x
+    prod(output size + 2) x 4 bytes plus four weights' worth; none with AVX-512.
+    Fitted on the pool's trace (torch 2.13, stride 2; k 3 with padding 1 and output padding 1, and k 2):
+    2-core AVX2 EPYC, fp32, 32-128 input channels at 24^3-48^3, batch 1 and 2, 1 and 2 threads, forward within
     0.6 % (9.24 MB for 32 channels at 32^3 on 2 threads), backward within 1 % (3, 8, 16 output channels; none
-    for k 2). Not measured on AVX-512 CPUs (0 there), contiguous layouts or bf16."""
-    if (conv.backend != "MkldnnTranspose" or fullres_device.avx512() or conv.input.dtype != torch.float32
-            or not _onednn_channels_last(conv)):
+    for k 2); AVX-512 bf16 AMD Zen 4, k 3: fp32 exact at 32 channels, 32^3, 1 and 2 threads, batch 1 and 2,
+    1.5 % under at 64 channels, 16^3; bf16 (2 bytes) 0.9-1.3 % under. Contiguous layouts, and bf16 on AMX
+    or without native bf16, not measured (0)."""
+    if conv.backend != "MkldnnTranspose" or not _onednn_channels_last(conv):
+        return 0
+    avx512 = fullres_device.avx512()
+    native_bf16 = fullres_device.avx512_bf16() and not fullres_device.amx_bf16()
+    if not (conv.input.dtype == torch.float32 or conv.input.dtype == torch.bfloat16 and avx512 and native_bf16):
         return 0
     kernel = conv.weight.shape[2:]
+    overlaps = any(k > s for k, s in zip(kernel, conv.stride))
     if conv.forward:
+        if avx512 and not overlaps:
+            return 0
         padded = math.prod(size + (k - 1) // 2 for size, k in zip(conv.input.shape[2:], kernel))
-        return torch.get_num_threads() * conv.input.shape[1] * padded * 4
-    if all(k <= s for k, s in zip(kernel, conv.stride)):
+        return torch.get_num_threads() * conv.input.shape[1] * padded * conv.input.element_size()
+    if avx512 or not overlaps:
         return 0
     out_channels = conv.weight.shape[1]
     padded = math.prod(size + 2 for size in conv.grad_output.shape[2:])
@@ -519,17 +530,29 @@ _INTERNAL_BLOCKS = {aten.sum.dim_IntList: _sum_cast_blocks, aten.sum.default: _s
                     aten._softmax.default: _softmax_blocks}
 
 
-def _slow_path_blocks(conv: _Convolution, out) -> list[int]:
-    """ATen's slow path: its column buffer and the contiguous copies of channels-last operands."""
+def _slow_path_phases(conv: _Convolution, out, mask=None) -> list[list[int]]:
+    """ATen's slow path, in phases (each phase's blocks alive together, freed before the next's): its column
+    buffer, the contiguous copies of channels-last operands, and of a channels-last weight. Forward is one
+    phase; backward one per gradient that needs the columns (`mask`: ATen's output mask), the input gradient's
+    (col2vol) and then the weight gradient's (vol2col, beside a weight-sized buffer for the gradient before it
+    is copied out). From the pool's trace (AVX-512 bf16 AMD Zen 4, 2 threads, fp32; 16 -> 16 at 32^3, 3 -> 3
+    at 64^3, 4 -> 16 stride 2 at 64^3 without an input gradient): forward [weight copy, columns] and the
+    output; backward [weight copy, columns] beside the input gradient, then [weight, columns]."""
     voxels = math.prod((out if conv.forward else conv.grad_output).shape[2:])
     # a pointwise convolution needs no columns (ATen's requires_columns): measured, 128 -> 1 at 64x128x128,
     # channels-last, 1 thread: forward 536.6 MB beyond its output (the 536.9 MB contiguous copy of the input)
     columns = 0 if conv.pointwise and not conv.transposed else _columns_bytes(conv.input, conv.weight, voxels,
                                                                                 conv.transposed)
-    blocks = [columns, _contiguous_copy_bytes(conv.input)]
-    if not conv.forward:
-        blocks.append(_contiguous_copy_bytes(conv.grad_output))
-    return blocks
+    weight_copy = _contiguous_copy_bytes(conv.weight)
+    copies = [_contiguous_copy_bytes(conv.input)]
+    if conv.forward:
+        return [[weight_copy, columns, *copies]]
+    copies.append(_contiguous_copy_bytes(conv.grad_output))
+    mask = (True, True, False) if mask is None else mask
+    phases = [[weight_copy, columns, *copies]] if mask[0] else []
+    if mask[1]:
+        phases.append([_nbytes(conv.weight), columns, *copies])
+    return phases or [copies]
 
 
 def _onednn_channels_last(conv: _Convolution) -> bool:
@@ -741,9 +764,6 @@ class _Tracker(TorchDispatchMode):
             self.phase = "backward"
         if self._accumulates_in_place(func, args, kwargs, out):
             self.adopt(out, args[0])
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                self.track(tensor)
         first_call = True
         if func is aten.convolution_backward.default:
             if self.cuda_multiprocessors is None and reference_weight_gradient_flops(func, args):
@@ -753,6 +773,20 @@ class _Tracker(TorchDispatchMode):
             key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args[:3])
             first_call = key not in self.seen_backward
             self.seen_backward.add(key)
+        outputs = [tensor for tensor in tree_flatten(out)[0] if isinstance(tensor, torch.Tensor)]
+        if self.workspace_in_allocator and workspace_before_outputs(func, args):
+            # the pool carves the output beside the live workspace, as the real operator's order has it
+            phases, outside = pool_op_workspace(func, args, kwargs, out, first_call)
+            in_pool = phases[0] if phases else []  # one phase in forward
+            addresses = [self.allocator.malloc(size)[0] for size in in_pool]
+            for tensor in outputs:
+                self.track(tensor)
+            self.check_pool_peak(func, sum(in_pool), outside)
+            for address in addresses:
+                self.allocator.free(address)
+            return out
+        for tensor in outputs:
+            self.track(tensor)
         if self.workspace_in_allocator:  # the CPU pool: what the operator takes from it, and what not
             phases, outside = pool_op_workspace(func, args, kwargs, out, first_call)
             for in_pool in phases or [[]]:  # no workspace: the peak is still checked after the outputs
@@ -770,6 +804,13 @@ class _Tracker(TorchDispatchMode):
 # What oneDNN's transposed convolution (2x2x2, stride 2) takes beyond its per-thread buffers in forward,
 # measured in the pool's trace at 4^3 to 32^3 inputs, 128-512 channels, batch 1 and 2, fp32, 2 threads.
 TRANSPOSED_FORWARD_EXTRA_BYTES = 28848
+
+
+def workspace_before_outputs(func, args) -> bool:
+    """Whether an operator takes its workspace from the pool before its outputs (and frees it after them):
+    the forward of ATen's slow path (in the pool's trace: weight copy, columns, output, then the frees)."""
+    return (func is aten.convolution.default and args[0].device.type == "cpu"
+            and _cpu_convolution(func, args).backend.startswith("Slow"))
 
 
 def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple[list[int], int]:
@@ -796,7 +837,8 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
         return [], 0
     conv = _cpu_convolution(func, args)
     if conv.backend.startswith("Slow"):
-        return [[size for size in _slow_path_blocks(conv, out) if size]], 0
+        phases = _slow_path_phases(conv, out, None if conv.forward else args[10])
+        return [blocks for blocks in ([size for size in phase if size] for phase in phases) if blocks], 0
     weight = _nbytes(conv.weight)
     mask = args[10] if not conv.forward else None
     wanted = mask is not None and bool(mask[1] or mask[2])  # the weight-gradient primitive runs for either
@@ -811,7 +853,7 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
     blocks = [weight] * (1 if conv.forward else 3)
     if conv.forward and not (conv.weight.is_contiguous() or _channels_last(conv.weight)):
         blocks.append(weight)  # a slice of a weight (the concatenation-free decoder's), copied
-    scratch = onednn_transposed_scratch_bytes(conv)  # AVX2: taken from PyTorch's allocator too
+    scratch = onednn_transposed_scratch_bytes(conv)  # taken from PyTorch's allocator too
     if not conv.forward:  # AVX2: GEMM's weight-gradient buffers, from PyTorch's allocator too
         scratch += gemm_weight_gradient_bytes(conv, weight_gradient=bool(args[10][1]))
     if scratch:
