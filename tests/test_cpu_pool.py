@@ -464,6 +464,12 @@ def test_atens_slow_path_takes_the_modelled_blocks_in_the_modelled_order():
             inputs = [x.nbytes] if input_grad else []
             modelled_backward = inputs + [size for phase in phases for size in phase if size >= 65536]
             assert found[name] == [modelled_forward, modelled_backward], (name, found[name])
+        # the slow transposed convolution allocates its output before its columns: the replay's usual order
+        x = torch.empty(1, 32, 16, 16, 16)
+        weight = torch.empty(32, 16, 3, 3, 3).to(memory_format=torch.channels_last_3d)
+        args = (x, weight, None, [2] * 3, [1] * 3, [1] * 3, True, [1] * 3, 1)
+        assert dryrun._cpu_convolution(aten.convolution.default, args).backend == "SlowTranspose3d"
+        assert not dryrun.workspace_before_outputs(aten.convolution.default, args)
 
 
 @needs_compiler
