@@ -425,10 +425,9 @@ def onednn_transposed_scratch_bytes(conv: "_Convolution") -> int:
     or without native bf16, not measured (0)."""
     if conv.backend != "MkldnnTranspose" or not _onednn_channels_last(conv):
         return 0
-    avx512 = fullres_device.avx512()
-    native_bf16 = fullres_device.avx512_bf16() and not fullres_device.amx_bf16()
-    if not (conv.input.dtype == torch.float32 or conv.input.dtype == torch.bfloat16 and avx512 and native_bf16):
+    if not (conv.input.dtype == torch.float32 or conv.input.dtype == torch.bfloat16 and bf16_pool_modelled()):
         return 0
+    avx512 = fullres_device.avx512()
     kernel = conv.weight.shape[2:]
     overlaps = any(k > s for k, s in zip(kernel, conv.stride))
     if conv.forward:
@@ -774,23 +773,18 @@ class _Tracker(TorchDispatchMode):
             first_call = key not in self.seen_backward
             self.seen_backward.add(key)
         outputs = [tensor for tensor in tree_flatten(out)[0] if isinstance(tensor, torch.Tensor)]
-        if self.workspace_in_allocator and workspace_before_outputs(func, args):
-            # the pool carves the output beside the live workspace, as the real operator's order has it
-            phases, outside = pool_op_workspace(func, args, kwargs, out, first_call)
-            in_pool = phases[0] if phases else []  # one phase in forward
-            addresses = [self.allocator.malloc(size)[0] for size in in_pool]
-            for tensor in outputs:
-                self.track(tensor)
-            self.check_pool_peak(func, sum(in_pool), outside)
-            for address in addresses:
-                self.allocator.free(address)
-            return out
-        for tensor in outputs:
+        # the pool carves such an operator's outputs beside its live workspace, as the real order has it
+        before = self.workspace_in_allocator and workspace_before_outputs(func, args)
+        untracked = outputs if before else []  # tracked once the first phase's blocks are taken
+        for tensor in [] if before else outputs:
             self.track(tensor)
         if self.workspace_in_allocator:  # the CPU pool: what the operator takes from it, and what not
             phases, outside = pool_op_workspace(func, args, kwargs, out, first_call)
             for in_pool in phases or [[]]:  # no workspace: the peak is still checked after the outputs
                 addresses = [self.allocator.malloc(size)[0] for size in in_pool]
+                for tensor in untracked:
+                    self.track(tensor)
+                untracked = []
                 self.check_pool_peak(func, sum(in_pool), outside)
                 for address in addresses:
                     self.allocator.free(address)
@@ -828,8 +822,8 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
     own allocations, outside the pool. With native AVX-512 bf16 and without AMX, a bf16 backward takes the
     weight in one phase and, with a weight gradient, its user scratchpad
     (:func:`onednn_bf16_weight_gradient_scratchpad`) and two weight-sized blocks in the next ones; other
-    operators their :data:`_INTERNAL_BLOCKS`. On a CPU without AVX-512 (2-core EPYC, fp32 channels-last), the
-    buffers of :func:`onednn_transposed_scratch_bytes` and the weight gradient's GEMM buffers
+    operators their :data:`_INTERNAL_BLOCKS`. The buffers of :func:`onednn_transposed_scratch_bytes` and, on a
+    CPU without AVX-512 (2-core EPYC, fp32 channels-last), the weight gradient's GEMM buffers
     (:func:`gemm_weight_gradient_bytes`) come from PyTorch's allocator, so from the pool, too."""
     if func in _INTERNAL_BLOCKS:
         blocks = _INTERNAL_BLOCKS[func](args, kwargs) if args[0].device.type == "cpu" else []
