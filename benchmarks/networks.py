@@ -16,8 +16,8 @@ checkpointing) that fits 24 GiB and 80 GB, and the usual patch at batch 2 on CUD
 runtime term; it needs a CUDA build of torch, not a GPU) beside nnU-Net's own estimate where the network is
 nnU-Net's. Writes OUT/table.csv.
 
-`split`: for each network at its two shapes without a strategy (fp32 channels-last, so under fullres's CPU
-pool), where the dry run misses: the pool's reserved bytes after two real steps (its own counters, in a
+`split`: for each network at its two shapes without a strategy (channels-last, in each of --precisions, where
+it runs under fullres's CPU pool), where the dry run misses: the pool's reserved bytes after two real steps (its own counters, in a
 fresh process) against the dry run's replay of them, and the rest of the measured peak RSS (outside the pool:
 oneDNN's own buffers, glibc, code) against the dry run's runtime term. Writes OUT/split.csv.
 
@@ -167,14 +167,15 @@ print(cpu_pool.stats().peak_reserved)
 """
 
 
-def split(out: Path, networks: list[str]) -> None:
+def split(out: Path, networks: list[str], precisions: list[str]) -> None:
     rows = []
     print(json.dumps(machine()))
-    print(f"{'network':<28}{'shape':<10}{'pool: dry / real':>22}{'outside: dry / real':>24}{'total error':>12}")
-    for name in networks:
+    print(f"{'network':<28}{'':<5}{'shape':<10}{'pool: dry / real':>22}{'outside: dry / real':>24}{'total error':>12}")
+    for name, precision in ((name, precision) for name in networks for precision in precisions):
         args, shapes, _ = NETWORKS[name]
         for shape in shapes:
-            job = JobConfig(model=model_config(name, args), shape=shape, batch=1, strategy=Strategy(channels_last=True))
+            job = JobConfig(model=model_config(name, args), shape=shape, batch=1,
+                            strategy=Strategy(channels_last=True, precision=precision))
             dry = dryrun_estimate(job)
             if dry.allocator != "pool":
                 print(f"{name}: not under the pool here ({dry.allocator})")
@@ -183,11 +184,12 @@ def split(out: Path, networks: list[str]) -> None:
                                            str(torch.get_num_threads())], capture_output=True, text=True,
                                           check=True).stdout.split()[-1])
             measured = measure_peak(job, steps=2, threads=torch.get_num_threads()).measured_bytes
-            row = {"network": name, "shape": "x".join(map(str, shape)), "dry_pool_bytes": dry.reserved_bytes,
+            row = {"network": name, "precision": precision, "shape": "x".join(map(str, shape)),
+                   "dry_pool_bytes": dry.reserved_bytes,
                    "real_pool_bytes": reserved, "dry_outside_bytes": dry.peak_bytes - dry.reserved_bytes,
                    "real_outside_bytes": measured - reserved, "error": (dry.peak_bytes - measured) / measured}
             rows.append(row)
-            print(f"{name:<28}{row['shape']:<10}{dry.reserved_bytes / 1e6:>10.1f} / {reserved / 1e6:>7.1f} MB"
+            print(f"{name:<28}{precision:<5}{row['shape']:<10}{dry.reserved_bytes / 1e6:>10.1f} / {reserved / 1e6:>7.1f} MB"
                   f"{row['dry_outside_bytes'] / 1e6:>12.1f} / {row['real_outside_bytes'] / 1e6:>7.1f} MB"
                   f"{row['error'] * 100:>+11.1f}%", flush=True)
     _write(out / "split.csv", rows)
@@ -214,7 +216,7 @@ def main() -> int:
     if args.what == "accuracy":
         accuracy(args.out, args.networks, args.precisions, tuple(args.strategies))
     elif args.what == "split":
-        split(args.out, args.networks)
+        split(args.out, args.networks, args.precisions)
     else:
         table(args.out, args.networks, args.precisions)
     return 0
