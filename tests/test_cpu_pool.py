@@ -386,6 +386,105 @@ def test_onednn_bf16_weight_gradient_scratchpads_are_the_modelled_ones():
             assert seen["largest"] > seen["inputs"], (threads, name, seen)
 
 
+PLANAR = """
+import json, torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from fullres.cost import dryrun
+from fullres.kernels import cpu_pool
+from fullres.kernels.onednn import PlanarWeightGradients
+torch.set_num_threads(2)
+cpu_pool.install()
+calls = []
+
+class Planes(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is not dryrun.aten.convolution_backward.default or args[0].dim() != 4:
+            return func(*args, **(kwargs or {}))
+        cpu_pool.trace(True)
+        out = func(*args, **(kwargs or {}))
+        cpu_pool.trace(False)
+        workspace = dryrun.pool_op_workspace(func, args, kwargs, out)
+        calls.append({"taken": [n for n, _ in cpu_pool.read_trace() if n >= 65536], "phases": workspace.phases,
+                      "held": workspace.held, "output": out[1].nbytes, "outside": workspace.outside})
+        return out
+
+# the bottleneck of MONAI's UNet at 32^3: 2^3 maps, contiguous (its instance norm returns them so)
+layer = torch.nn.Conv3d(128, 128, 3, padding=1).to(torch.bfloat16).to(memory_format=torch.channels_last_3d)
+x = torch.randn(1, 128, 2, 2, 2, dtype=torch.bfloat16, requires_grad=True)
+with Planes(), PlanarWeightGradients():
+    for _ in range(2):  # the second: the primitives exist
+        calls.clear()
+        layer(x).sum().backward()
+print(json.dumps(calls))
+"""
+
+
+@needs_compiler
+@pytest.mark.skipif(not device.avx512_bf16() or device.amx_bf16(), reason="native AVX-512 bf16 kernels, no AMX")
+def test_planar_weight_gradients_of_contiguous_maps_take_the_modelled_blocks():
+    """A bf16 3D weight gradient of a map shorter than its kernel runs plane by plane (2D weight gradients of
+    views of a contiguous map against slices of a channels-last weight). oneDNN runs each channels-last (its
+    weight's strides are), so each takes the weight slice's copy, then the scratchpad of the 2D kernel, then
+    two weight-sized blocks: the pool's trace of each plane is the output and the replay's blocks, in order,
+    the copy held through the phases (taken once)."""
+    import json
+
+    calls = json.loads(run_python(PLANAR))
+    assert len(calls) == 3  # one plane per kernel row
+    for call in calls:
+        modelled = [call["output"], *call["held"]] + [size for phase in call["phases"] for size in phase]
+        assert call["held"] and call["taken"] == [size for size in modelled if size >= 65536], call
+        assert call["outside"] == 0, call
+
+
+BLOCKED_POINTWISE = """
+import json, torch
+from fullres.cost import dryrun
+from fullres.kernels import cpu_pool
+torch.set_num_threads(2)
+cpu_pool.install()
+aten, found = dryrun.aten, []
+for batch, cin, cout, side in ((1, 32, 3, 32), (2, 48, 3, 24), (1, 8, 32, 32)):
+    # contiguous maps and a 1x1x1 weight with contiguous strides: autocast's copy of MONAI's output layer
+    x = torch.randn(batch, cin, side, side, side, dtype=torch.bfloat16)
+    w = torch.randn(cout, cin, 1, 1, 1, dtype=torch.bfloat16)
+    forward = (x, w, None, [1] * 3, [0] * 3, [1] * 3, False, [0] * 3, 1)
+    for _ in range(2):  # the second: the primitives exist
+        cpu_pool.trace(True)
+        y = aten.convolution.default(*forward)
+        cpu_pool.trace(False)
+        taken_forward = [n for n, _ in cpu_pool.read_trace() if n >= 65536]
+        backward = (torch.randn_like(y), x, w, [cout], *forward[3:], [True, True, True])
+        cpu_pool.trace(True)
+        grads = aten.convolution_backward.default(*backward)
+        cpu_pool.trace(False)
+        taken_backward = [n for n, _ in cpu_pool.read_trace() if n >= 65536]
+    modelled_forward = dryrun.pool_op_workspace(aten.convolution.default, forward, {}, y).phases
+    modelled_backward = dryrun.pool_op_workspace(aten.convolution_backward.default, backward, {}, grads).phases
+    found.append({"taken": [taken_forward, taken_backward], "outputs": [y.nbytes, grads[0].nbytes],
+                  "modelled": [modelled_forward, modelled_backward]})
+print(json.dumps(found))
+"""
+
+
+@needs_compiler
+@pytest.mark.skipif(not device.avx512_bf16() or device.amx_bf16(), reason="native AVX-512 bf16 kernels, no AMX")
+def test_a_blocked_bf16_pointwise_convolution_takes_the_modelled_blocks():
+    """A bf16 1x1x1 convolution of a contiguous map with a weight of contiguous strides runs in oneDNN's
+    blocked layout: forward, a scratchpad of fp32 output rows per thread and blocked copies of input and
+    output; backward, the weight gradient's blocked copies and scratchpad, then the input gradient's. The
+    pool's trace holds exactly the modelled blocks of 64 KiB and more, phase by phase, the outputs where
+    the operator takes them (forward after its blocks, the input gradient between the two phases)."""
+    import json
+
+    for case in json.loads(run_python(BLOCKED_POINTWISE)):
+        (forward,), (weight_phase, input_phase) = case["modelled"]
+        output, input_gradient = case["outputs"]
+        big = [size for size in forward if size >= 65536] + [output]
+        assert case["taken"][0] == big, case
+        assert case["taken"][1] == weight_phase + [input_gradient] + input_phase, case
+
+
 @needs_compiler
 @pytest.mark.skipif(device.avx512(), reason="oneDNN's buffers modelled here are those of CPUs without AVX-512")
 def test_onednn_buffers_taken_from_the_pool_are_the_modelled_ones():
@@ -455,12 +554,12 @@ def test_atens_slow_path_takes_the_modelled_blocks_in_the_modelled_order():
             args = (x, weight, None, [stride] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1)
             assert dryrun.workspace_before_outputs(aten.convolution.default, args), name
             out = aten.convolution.default(*args)
-            phases, _ = dryrun.pool_op_workspace(aten.convolution.default, args, {}, out)
+            phases = dryrun.pool_op_workspace(aten.convolution.default, args, {}, out).phases
             modelled_forward = [size for size in phases[0] if size >= 65536] + [out.nbytes]
             grad = torch.empty_like(out)
             mask = [input_grad, True, False]
             backward_args = (grad, x, weight, None, [stride] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, mask)
-            phases, _ = dryrun.pool_op_workspace(aten.convolution_backward.default, backward_args, {}, None)
+            phases = dryrun.pool_op_workspace(aten.convolution_backward.default, backward_args, {}, None).phases
             inputs = [x.nbytes] if input_grad else []
             modelled_backward = inputs + [size for phase in phases for size in phase if size >= 65536]
             assert found[name] == [modelled_forward, modelled_backward], (name, found[name])

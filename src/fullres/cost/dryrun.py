@@ -63,10 +63,11 @@ import time
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+from torch._prims_common import suggest_memory_format
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -328,6 +329,11 @@ def _channels_last(tensor) -> bool:
     return tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+def _contiguous_channels_last(tensor) -> bool:
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.dim())
+    return layout is not None and tensor.is_contiguous(memory_format=layout)
+
+
 def cuda_bias_gradient_buffer_bytes(grad_output, multiprocessors: int) -> int:
     """The float buffer CUDA's sum kernel allocates when convolution_backward reduces a channels-last output
     gradient (N, C, D, H, W) to the bias gradient (C): ATen's Reduce.cuh splits each output's reduction over
@@ -556,8 +562,16 @@ def _slow_path_phases(conv: _Convolution, out, mask=None) -> list[list[int]]:
 
 def _onednn_channels_last(conv: _Convolution) -> bool:
     """ATen runs a oneDNN convolution channels-last when its input *or* its weight is channels-last
-    (``mkldnn_conv_use_channels_last``): conv1a of a channels-last network fed a contiguous batch."""
-    return _channels_last(conv.input) or _channels_last(conv.weight)
+    (``mkldnn_conv_use_channels_last``): conv1a of a channels-last network fed a contiguous batch; a 2D one
+    (a plane of :func:`~fullres.kernels.onednn.planar_weight_gradient`) by the same rule."""
+    return _channels_last_2d_or_3d(conv.input) or _channels_last_2d_or_3d(conv.weight)
+
+
+def _channels_last_2d_or_3d(tensor) -> bool:
+    # ATen's suggest_memory_format: by the strides' order, ambiguous ones contiguous. A plane's weight is a
+    # slice of the 3D weight (channels-last, not contiguous); a 1x1x1 weight cast to bf16 by autocast has
+    # contiguous strides, which is_contiguous(channels_last_3d) would also call channels-last.
+    return tensor.dim() in (4, 5) and suggest_memory_format(tensor) in (torch.channels_last, torch.channels_last_3d)
 
 
 def _layout_copy_blocks(conv: _Convolution) -> list[int]:
@@ -567,7 +581,37 @@ def _layout_copy_blocks(conv: _Convolution) -> list[int]:
     if not _onednn_channels_last(conv):
         return []
     operands = [conv.input] if conv.forward else [conv.input, conv.grad_output]
-    return [_nbytes(t) for t in operands if not _channels_last(t)]
+    return [_nbytes(t) for t in operands if not _contiguous_channels_last(t)]
+
+
+def onednn_blocked_bf16_pointwise_phases(conv: _Convolution, mask=None) -> list[list[int]] | None:
+    """The blocks a bf16 1x1x1 oneDNN convolution takes from PyTorch's allocator, in phases, when neither its
+    input nor its weight is channels-last (MONAI's and nnU-Net's output convolution: instance norm returns
+    contiguous maps, and autocast's bf16 copy of a 1x1x1 weight has contiguous strides), so oneDNN runs it
+    blocked (nCdhw16c), channels padded to 16: copies of input and output (gradient) in that layout and a
+    scratchpad of fp32 rows per thread, the output's channels in forward, the input's in the weight gradient.
+    In backward the weight gradient runs first, then the input gradient (blocked output gradient and input
+    gradient). Measured in the pool's trace (AVX-512 bf16 Zen 4, 1-4 threads, batch 1-4, 8-64 channels in,
+    3-64 out, 32^3 and 48^3): the blocks of 64 KiB and more exactly. None where this does not apply (another
+    layout or kernel, fp32, AMX or no native bf16 where the bf16 pool is not modelled)."""
+    if not (conv.input.dtype == torch.bfloat16 and conv.pointwise and conv.plain and not conv.transposed
+            and conv.backend == "Mkldnn" and not _onednn_channels_last(conv) and bf16_pool_modelled()):
+        return None
+    threads, batch = torch.get_num_threads(), conv.input.shape[0]
+    voxels = math.prod(conv.input.shape[2:])  # a sample's, as the output's: stride 1, no padding
+    in_channels, out_channels = (-(-conv.weight.shape[i] // 16) * 16 for i in (1, 0))
+    source, target = batch * voxels * in_channels * 2, batch * voxels * out_channels * 2
+    if conv.forward:
+        return [[threads * voxels * out_channels * 4 + 128, source, target]]
+    phases = [[target, source, threads * voxels * in_channels * 4 + 128]] if mask[1] or mask[2] else []
+    return phases + ([[target, source]] if mask[0] else [])
+
+
+def _weight_slice_copy(conv: _Convolution) -> list[int]:
+    """A weight that is a slice (the concatenation-free decoder's, a plane of
+    :func:`~fullres.kernels.onednn.planar_weight_gradient`) is copied whole before oneDNN reads it."""
+    weight = conv.weight
+    return [] if weight.is_contiguous() or _contiguous_channels_last(weight) else [_nbytes(weight)]
 
 
 def onednn_bf16_weight_gradient_scratchpad(conv: _Convolution, weight_gradient: bool = True) -> int | None:
@@ -579,9 +623,9 @@ def onednn_bf16_weight_gradient_scratchpad(conv: _Convolution, weight_gradient: 
     with rows for depth (not checked against a trace: small maps, small buffers; oneDNN's full-spatial 2D mode not
     modelled). None where the model does not apply (forward, fp32, AMX, no native bf16, another layout); oneDNN's
     fallbacks to other kernels (kernel width over 14, padding past half the kernel) are not detected."""
-    planar = conv.input.dim() == 4 and conv.input.is_contiguous(memory_format=torch.channels_last)
+    planar = conv.input.dim() == 4
     if (conv.forward or conv.input.dtype != torch.bfloat16 or conv.backend.startswith("Slow") or not conv.plain
-            or not (planar or conv.input.dim() == 5 and _onednn_channels_last(conv)) or not bf16_pool_modelled()):
+            or not _onednn_channels_last(conv) or not bf16_pool_modelled()):
         return None
     if not weight_gradient:
         return 0
@@ -670,17 +714,6 @@ class _Tracker(TorchDispatchMode):
             self.max_activations = max(self.max_activations, self.activations)
         self.finalizers[serial] = weakref.finalize(storage, self._free, key, serial, address)
 
-    def adopt(self, tensor: torch.Tensor, source: torch.Tensor) -> None:
-        """`tensor` lives in `source`'s memory (in-place gradient accumulation): one storage, counted once,
-        freed when the later of the two is."""
-        serial = self.serial(source)
-        self.finalizers.pop(serial).detach()
-        del self.serial_of[id(source.untyped_storage())]  # its id may be reused once it is gone
-        address = self.addresses.get(serial)
-        storage = tensor.untyped_storage()
-        self.serial_of[id(storage)] = serial
-        self.finalizers[serial] = weakref.finalize(storage, self._free, id(storage), serial, address)
-
     def _free(self, key: int, serial: int, address: int | None = None) -> None:
         if address is not None:
             self.allocator.free(address)
@@ -720,21 +753,6 @@ class _Tracker(TorchDispatchMode):
             where += f" ({func.__name__ if hasattr(func, '__name__') else func})"
         return where
 
-    def _accumulates_in_place(self, func, args, kwargs, out) -> bool:
-        """Autograd sums the gradients that reach one tensor from two consumers (a skip connection and the
-        pooling below it) in place, into the first one's buffer when it holds its only reference
-        (``InputBuffer::accumulate``), but not for tensor subclasses such as the dry run's fake tensors, which
-        get a new sum. So a backward ``add`` of two equal dense gradients, the first made in backward, is
-        counted in the first one's memory."""
-        if func is not aten.add.Tensor or self.phase != "backward" or kwargs or len(args) != 2:
-            return False
-        first, second = args
-        if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
-            return False
-        serial = self.serial(first)
-        return (serial is not None and self.kind.get(serial) == "transient" and first.shape == second.shape == out.shape
-                and first.dtype == out.dtype and first.stride() == out.stride() and is_non_overlapping_and_dense(first))
-
     def check_peak(self, func, workspace: int = 0) -> None:
         total = self.current + workspace
         if total > self.peak:
@@ -761,8 +779,6 @@ class _Tracker(TorchDispatchMode):
         out = func(*args, **kwargs)
         if torch._C._current_autograd_node() is not None and self.phase == "forward":
             self.phase = "backward"
-        if self._accumulates_in_place(func, args, kwargs, out):
-            self.adopt(out, args[0])
         first_call = True
         if func is aten.convolution_backward.default:
             if self.cuda_multiprocessors is None and reference_weight_gradient_flops(func, args):
@@ -776,23 +792,50 @@ class _Tracker(TorchDispatchMode):
         # the pool carves such an operator's outputs beside its live workspace, as the real order has it
         before = self.workspace_in_allocator and workspace_before_outputs(func, args)
         untracked = outputs if before else []  # tracked once the first phase's blocks are taken
-        for tensor in [] if before else outputs:
+        workspace = pool_op_workspace(func, args, kwargs, out, first_call) if self.workspace_in_allocator else None
+        # ATen's copies of the operands come before the outputs, and live until the operator returns
+        held = [self.allocator.malloc(size)[0] for size in workspace.held] if workspace else []
+        scripted = workspace is not None and workspace.script is not None
+        for tensor in [] if before or scripted else outputs:
             self.track(tensor)
-        if self.workspace_in_allocator:  # the CPU pool: what the operator takes from it, and what not
-            phases, outside = pool_op_workspace(func, args, kwargs, out, first_call)
-            for in_pool in phases or [[]]:  # no workspace: the peak is still checked after the outputs
+        if scripted:
+            self._run_script(func, workspace, outputs)
+        elif workspace is not None:  # the CPU pool: what the operator takes from it, and what not
+            for in_pool in workspace.phases or [[]]:  # no workspace: the peak is still checked after the outputs
                 addresses = [self.allocator.malloc(size)[0] for size in in_pool]
                 for tensor in untracked:
                     self.track(tensor)
                 untracked = []
-                self.check_pool_peak(func, sum(in_pool), outside)
-                for address in addresses:
+                self.check_pool_peak(func, sum(workspace.held) + sum(in_pool), workspace.outside)
+                for address in reversed(addresses):  # last taken, first freed (as the trace has them)
                     self.allocator.free(address)
-        elif self.cuda_multiprocessors is not None:
+        for address in held:
+            self.allocator.free(address)
+        if workspace is None and self.cuda_multiprocessors is not None:
             self.check_peak(func, cuda_op_workspace(func, args, self.cuda_multiprocessors))
-        else:
+        elif workspace is None:
             self.check_peak(func, op_workspace(func, args, kwargs, out, first_call))
         return out
+
+    def _run_script(self, func, workspace: "PoolWorkspace", outputs: list[torch.Tensor]) -> None:
+        """Take and free an operator's blocks and its outputs in the order of `workspace.script`."""
+        live, pending = [], list(outputs)
+        for step in workspace.script:
+            if step[0] == "take":
+                live.append((self.allocator.malloc(step[1])[0], step[1]))
+            elif step[0] == "free":
+                self.allocator.free(live.pop()[0])
+            elif step[0] == "outputs":
+                count = len(pending) if step[1] is None else step[1]
+                for tensor in pending[:count]:
+                    self.track(tensor)
+                pending = pending[count:]
+            else:  # "peak"
+                self.check_pool_peak(func, sum(workspace.held) + sum(size for _, size in live), workspace.outside)
+        for tensor in pending:
+            self.track(tensor)
+        for address, _ in reversed(live):
+            self.allocator.free(address)
 
 
 # What oneDNN's transposed convolution (2x2x2, stride 2) takes beyond its per-thread buffers in forward,
@@ -808,10 +851,21 @@ def workspace_before_outputs(func, args) -> bool:
             and _cpu_convolution(func, args).backend == "Slow3d")
 
 
-def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple[list[int], int]:
-    """`op_workspace` split for the CPU pool: (the blocks the operator takes from PyTorch's allocator, so
-    from the pool, in phases: each phase's blocks are alive together and freed before the next phase's are
-    taken; the bytes it allocates elsewhere).
+class PoolWorkspace(NamedTuple):
+    """What an operator takes beyond its outputs under the CPU pool (:func:`pool_op_workspace`)."""
+
+    phases: list[list[int]]  # blocks from the pool: each phase's alive together, freed before the next's
+    outside: int = 0  # bytes allocated elsewhere (oneDNN's own scratchpad)
+    held: tuple[int, ...] = ()  # blocks taken before the outputs and freed after the last phase (ATen's copies)
+    # instead of phases, the operator's own order after the held blocks: ("take", bytes), ("free",) the last
+    # block taken and not freed, ("outputs", n) the next n outputs (None: the rest), ("peak",)
+    script: tuple[tuple, ...] | None = None
+
+
+def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> PoolWorkspace:
+    """`op_workspace` split for the CPU pool: the blocks the operator takes from PyTorch's allocator, so
+    from the pool, in phases (each phase's blocks are alive together and freed before the next phase's are
+    taken), those it holds through all of them, and the bytes it allocates elsewhere.
 
     Read from the pool's trace of real steps (``fullres.kernels.cpu_pool.trace``; 2 threads, AVX-512 bf16 AMD Zen 4):
     ATen's slow path takes its column buffer and contiguous copies as tensors; a oneDNN convolution takes
@@ -827,39 +881,51 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> tuple
     (:func:`gemm_weight_gradient_bytes`) come from PyTorch's allocator, so from the pool, too."""
     if func in _INTERNAL_BLOCKS:
         blocks = _INTERNAL_BLOCKS[func](args, kwargs) if args[0].device.type == "cpu" else []
-        return ([blocks] if blocks else []), 0
+        return PoolWorkspace([blocks] if blocks else [])
     if func not in (aten.convolution.default, aten.convolution_backward.default) or args[0].device.type != "cpu":
-        return [], 0
+        return PoolWorkspace([])
     conv = _cpu_convolution(func, args)
     if conv.backend.startswith("Slow"):
         phases = _slow_path_phases(conv, out, None if conv.forward else args[10])
-        return [blocks for blocks in ([size for size in phase if size] for phase in phases) if blocks], 0
+        return PoolWorkspace([blocks for blocks in ([size for size in phase if size] for phase in phases) if blocks])
     weight = _nbytes(conv.weight)
     mask = args[10] if not conv.forward else None
+    blocked = onednn_blocked_bf16_pointwise_phases(conv, mask)
+    if blocked is not None:
+        return PoolWorkspace(blocked)
     wanted = mask is not None and bool(mask[1] or mask[2])  # the weight-gradient primitive runs for either
     bf16_scratchpad = None if conv.forward else onednn_bf16_weight_gradient_scratchpad(conv, wanted)
     if bf16_scratchpad is not None:
         # Phases as in the trace: the data gradient's weight copy, the scratchpad, the gradient's two layouts;
-        # ATen's layout copies of input and output gradient live through all of them.
-        copies = _layout_copy_blocks(conv)
-        phases = [[weight] + copies] if mask[0] else []
-        phases += [[bf16_scratchpad] + copies, [weight, weight] + copies] if bf16_scratchpad else []
-        return phases, 0  # nothing outside: the scratchpad ONEDNN_BACKWARD_SCRATCH_BYTES stands for elsewhere
+        # ATen's copies (operands in another layout, a sliced weight) are taken first and held through them.
+        # Nothing outside: the scratchpad ONEDNN_BACKWARD_SCRATCH_BYTES stands for elsewhere.
+        # In the trace: the input gradient, then the weight's copy for it; a weight-sized block held to the end,
+        # the scratchpad, another weight-sized block, and the weight (and bias) gradient.
+        held = tuple(_layout_copy_blocks(conv) + _weight_slice_copy(conv))
+        take, free, peak = (lambda size: ("take", size)), ("free",), ("peak",)
+        script = (("outputs", 1), take(weight), peak, free) if mask[0] else ()
+        if bf16_scratchpad:
+            script += (take(weight), take(bf16_scratchpad), peak, free, take(weight), ("outputs", None), peak,
+                       free, free)
+        phases = [[weight]] if mask[0] else []
+        phases += [[bf16_scratchpad], [weight, weight]] if bf16_scratchpad else []
+        return PoolWorkspace(phases, 0, held, script)
     blocks = [weight] * (1 if conv.forward else 3)
-    if conv.forward and not (conv.weight.is_contiguous() or _channels_last(conv.weight)):
-        blocks.append(weight)  # a slice of a weight (the concatenation-free decoder's), copied
+    if conv.forward:
+        blocks += _weight_slice_copy(conv)
     scratch = onednn_transposed_scratch_bytes(conv)  # taken from PyTorch's allocator too
     if not conv.forward:  # AVX2: GEMM's weight-gradient buffers, from PyTorch's allocator too
         scratch += gemm_weight_gradient_bytes(conv, weight_gradient=bool(args[10][1]))
     if scratch:
         blocks.append(scratch)
     elif conv.forward and conv.transposed:
-        # per thread, 1/8 of a sample's output (one of the 8 kernel offsets), and a bit
+        # per thread, 1/8 of a sample's output (one of the 8 kernel offsets), and a bit; before the weight's copy
         per_sample = _nbytes(out) // out.shape[0]
-        blocks.append(per_sample * torch.get_num_threads() // 8 + TRANSPOSED_FORWARD_EXTRA_BYTES)
-    copies = _bf16_copy_blocks(conv) + _layout_copy_blocks(conv)  # tensors: in the pool, not outside it
-    outside = op_workspace(func, args, kwargs, out, first_call) - sum(copies) - scratch
-    return [blocks + copies], max(0, outside)
+        blocks.insert(0, per_sample * torch.get_num_threads() // 8 + TRANSPOSED_FORWARD_EXTRA_BYTES)
+    layout = _layout_copy_blocks(conv)  # tensors: in the pool, not outside it
+    copies = _bf16_copy_blocks(conv)
+    outside = op_workspace(func, args, kwargs, out, first_call) - sum(copies) - sum(layout) - scratch
+    return PoolWorkspace([blocks + copies], max(0, outside), tuple(layout))
 
 
 # ------------------------------------------------------------------------------------------------
