@@ -413,31 +413,33 @@ def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypa
     assert len(calls) == 2
 
 
-def test_runtime_term_under_the_pool_is_what_lies_outside_the_pool(tmp_path, monkeypatch):
-    """Under the CPU pool the term is the calibration process's peak minus the pool's own peak (its counters),
-    not minus the replay of it: a replay that misses the pool at the calibration size must not carry its miss
-    into every estimate. The pool's peak is cached beside the measurement and read back without a new run."""
+def test_runtime_term_under_the_pool_never_subtracts_a_replay_that_counts_more_than_the_pool(tmp_path, monkeypatch):
+    """Under the CPU pool the calibration process also reads the pool's peak (its counters), cached beside
+    the measurement. Where the dry run's replay counts more than the pool held, the term is the measured
+    peak minus the pool's peak (the replay's excess is not subtracted from every estimate); where it counts
+    less, minus the replay (what it misses is carried, as before). Read back without a new run."""
     from fullres.cost import measure, runtime
 
-    calls = []
-
-    def fake_measure_peak(job, steps=2, threads=None, **_):
-        calls.append(job)
-        return measure.MeasuredPeak(measured_bytes=10**9, baseline_bytes=0, reserved_bytes=6 * 10**8,
-                                    step_seconds=[0.1], threads=1, device="cpu")
-
-    monkeypatch.setattr(measure, "measure_peak", fake_measure_peak)
     monkeypatch.setattr(runtime, "policy_for", lambda strategy, device="cpu": "pool")
     job = JobConfig(model=ModelConfig(in_channels=4, filters=4, norm="none"), shape=(32, 32, 32), batch=1,
                     strategy=Strategy(channels_last=True))
-    assert runtime.measured_runtime_bytes(job, cache_dir=tmp_path) == 4 * 10**8
-    entry, = json.loads((tmp_path / runtime.CACHE_FILE).read_text()).values()
-    assert entry["pool_bytes"] == 6 * 10**8 and entry["measured_bytes"] == 10**9 and entry["key"]["policy"] == "pool"
-    with monkeypatch.context() as patch:
-        patch.setattr(runtime, "dryrun", lambda *args, **kwargs: pytest.fail("dry-ran the calibration job again"))
-        runtime.tensor_bytes.cache_clear()
-        assert runtime.measured_runtime_bytes(job.with_(shape=(64, 64, 64)), cache_dir=tmp_path) == 4 * 10**8
-    assert len(calls) == 1
+    small = runtime.runtime_job(job)
+    tensors = runtime.tensor_bytes(small, torch.get_num_threads(), "pool")
+    for pool, expected in ((tensors - 10**7, 10**9 - tensors + 10**7), (tensors + 10**7, 10**9 - tensors)):
+        calls = []
+
+        def fake_measure_peak(job, steps=2, threads=None, pool=pool, **_):
+            calls.append(job)
+            return measure.MeasuredPeak(measured_bytes=10**9, baseline_bytes=0, reserved_bytes=pool,
+                                        step_seconds=[0.1], threads=1, device="cpu")
+
+        monkeypatch.setattr(measure, "measure_peak", fake_measure_peak)
+        cache = tmp_path / str(pool)
+        assert runtime.measured_runtime_bytes(job, cache_dir=cache) == expected
+        entry, = json.loads((cache / runtime.CACHE_FILE).read_text()).values()
+        assert entry["pool_bytes"] == pool and entry["key"]["policy"] == "pool"
+        assert runtime.measured_runtime_bytes(job.with_(shape=(64, 64, 64)), cache_dir=cache) == expected
+        assert len(calls) == 1
 
 
 def test_runtime_term_under_glibcs_heap_is_the_median_of_three_processes(tmp_path, monkeypatch):

@@ -67,7 +67,6 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
-from torch._prims_common import suggest_memory_format
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -568,10 +567,22 @@ def _onednn_channels_last(conv: _Convolution) -> bool:
 
 
 def _channels_last_2d_or_3d(tensor) -> bool:
-    # ATen's suggest_memory_format: by the strides' order, ambiguous ones contiguous. A plane's weight is a
-    # slice of the 3D weight (channels-last, not contiguous); a 1x1x1 weight cast to bf16 by autocast has
-    # contiguous strides, which is_contiguous(channels_last_3d) would also call channels-last.
-    return tensor.dim() in (4, 5) and suggest_memory_format(tensor) in (torch.channels_last, torch.channels_last_3d)
+    """ATen's ``suggest_memory_format() == ChannelsLast(3d)`` (c10's is_channels_last_strides_2d/3d: the
+    strides' order, ambiguous ones contiguous): a plane's weight, a slice of the 3D weight, is channels-last
+    though not contiguous; autocast's bf16 copy of a 1x1x1 weight has contiguous strides, and is not,
+    though is_contiguous(channels_last_3d) would say so. A batch of one is not looked at: its stride is
+    arbitrary, and fake tensors give it another than real ones."""
+    if tensor.dim() not in (4, 5):
+        return False
+    sizes, strides = tensor.shape, tensor.stride()
+    smallest = 0
+    for d in (1, 3, 2, 0) if tensor.dim() == 4 else (1, 4, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < smallest and not (d == 0 and sizes[0] == 1):
+            return False
+        if d == 0:
+            return sizes[0] == 1 or smallest != strides[1]
+        smallest = strides[d] * max(sizes[d], 1)
+    return True
 
 
 def _layout_copy_blocks(conv: _Convolution) -> list[int]:

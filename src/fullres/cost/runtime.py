@@ -6,9 +6,10 @@ grows with the network's channel counts), and what the C allocator keeps under t
 the pool, the tensors' segments are the dry run's; glibc still serves what PyTorch does not allocate). It
 does not grow with the volume, so it is measured once per network and strategy on the smallest volume,
 16^3 at batch 1: ``measured peak - the dry run's tensors``, in a fresh process (``measure_peak``). Under the
-CPU pool it is ``measured peak - the pool's own peak`` (its counters, read in that process): what lies
-outside the pool, so that where the replay misses the pool at the calibration size (MONAI's UNet in bf16
-at 32^3, 21 MB over, exact at 64^3) the miss is not carried into every larger job's estimate.
+CPU pool the pool's own peak (its counters, read in that process) is kept too, and where the replay counts
+more than the pool held the term is ``measured peak - the pool's peak``: a replay over at the calibration
+size (MONAI's UNet in bf16 at 32^3 was 21 MB over, exact at 64^3) does not lower every larger job's
+estimate, while one under (an operator the replay does not know) is still carried as a constant.
 
 Measured on an AVX-512 bf16 CPU (AMD Zen 4; docs/results/memory.md), 32 filters, channels-last: the
 constant measured with filters 1 (86.6 MiB) left checkpointed fp32 jobs of 48x32x32 to 96x96x64 3.4-6.9 %
@@ -55,7 +56,7 @@ CACHE_FILE = "runtime.json"
 CACHE_VERSION = 6  # 2: the allocator policy is part of the key (the CPU pool); 3: medians under glibc's heap;
 # 4: the dry run charges AVX2's GEMM weight-gradient buffers (the term is measured minus the dry run);
 # 5: native bf16 and AMX in the key (AVX-512 CPUs with and without them share a capability);
-# 6: under the pool, the pool's own peak is kept beside the measured peak (the term is measured minus it)
+# 6: under the pool, the pool's own peak is kept beside the measured peak
 NOISY_POLICIES = ("default", "cached")  # glibc's heap: its peak varies from process to process
 NOISY_RUNS = 3
 
@@ -110,22 +111,19 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
     # stale difference behind (and the same code need not dry-run the calibration job again: ~1 s each).
     code = source_digest()
     cached = None if refresh else cache_lookup(path, key)
-    if cached is not None and isinstance(cached.get("pool_bytes"), int):
-        return max(0, int(cached["measured_bytes"]) - cached["pool_bytes"])
     if cached is not None and cached.get("code") == code and isinstance(cached.get("tensor_bytes"), int):
-        return max(0, int(cached["measured_bytes"]) - cached["tensor_bytes"])
+        return _term(cached, cached["tensor_bytes"])
     try:
         tensors = tensor_bytes(small, torch.get_num_threads(), key["policy"])
     except Exception:  # noqa: BLE001 - a network that does not take the calibration size: the modelled constant
         return runtime_bytes(job)
     with _measuring(path) as writable:
         if not writable:  # a measurement no later process could read: every process would get its own
-            return runtime_bytes(job) if cached is None else \
-                max(0, int(cached["measured_bytes"]) - cached.get("pool_bytes", tensors))
+            return runtime_bytes(job) if cached is None else _term(cached, tensors)
         cached = None if refresh else cache_lookup(path, key)  # measured by another process meanwhile
         if cached is not None:
             cache_store(path, key, {**cached, "code": code, "tensor_bytes": tensors})
-            return max(0, int(cached["measured_bytes"]) - cached.get("pool_bytes", tensors))
+            return _term(cached, tensors)
         try:
             peaks = [measure.measure_peak(small, steps=2, threads=torch.get_num_threads(), build_pool=False)
                      for _ in range(NOISY_RUNS if key["policy"] in NOISY_POLICIES else 1)]
@@ -138,7 +136,15 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
         if pool is not None:  # the pool's own counters: what lies outside it, whatever the replay gets here
             entry["pool_bytes"] = int(pool)
         cache_store(path, key, entry)
-    return max(0, measured - (tensors if pool is None else int(pool)))
+    return _term(entry, tensors)
+
+
+def _term(entry: dict, tensors: int) -> int:
+    """The term from a calibration measurement: its peak minus the dry run's tensors; under the CPU pool, minus
+    the pool's own peak where the replay counts more than the pool held (so a replay that is over at the
+    calibration size does not lower every estimate; one that is under is carried as it was measured)."""
+    pool = entry.get("pool_bytes")
+    return max(0, int(entry["measured_bytes"]) - (min(tensors, int(pool)) if isinstance(pool, int) else tensors))
 
 
 IN_PROCESS_CACHE_FILE = "runtime-in-process.json"
