@@ -595,23 +595,35 @@ def _layout_copy_blocks(conv: _Convolution) -> list[int]:
     return [_nbytes(t) for t in operands if not _contiguous_channels_last(t)]
 
 
-def onednn_blocked_bf16_pointwise_phases(conv: _Convolution, mask=None) -> list[list[int]] | None:
-    """The blocks a bf16 1x1x1 oneDNN convolution takes from PyTorch's allocator, in phases, when neither its
-    input nor its weight is channels-last (MONAI's and nnU-Net's output convolution: instance norm returns
-    contiguous maps, and autocast's bf16 copy of a 1x1x1 weight has contiguous strides), so oneDNN runs it
-    blocked (nCdhw16c), channels padded to 16: copies of input and output (gradient) in that layout and a
-    scratchpad of fp32 rows per thread, the output's channels in forward, the input's in the weight gradient.
-    In backward the weight gradient runs first, then the input gradient (blocked output gradient and input
-    gradient). Measured in the pool's trace (AVX-512 bf16 Zen 4, 1-4 threads, batch 1-4, 8-64 channels in,
-    3-64 out, 32^3 and 48^3): the blocks of 64 KiB and more exactly. None where this does not apply (another
-    layout or kernel, fp32, AMX or no native bf16 where the bf16 pool is not modelled)."""
-    if not (conv.input.dtype == torch.bfloat16 and conv.pointwise and conv.plain and not conv.transposed
-            and conv.backend == "Mkldnn" and not _onednn_channels_last(conv) and bf16_pool_modelled()):
+def onednn_blocked_pointwise_phases(conv: _Convolution, mask=None) -> list[list[int]] | None:
+    """The blocks a 1x1x1 oneDNN convolution takes from PyTorch's allocator, in phases, when neither its input
+    nor its weight is channels-last by ATen's rule (a 1x1x1 weight with contiguous strides: autocast's bf16
+    copy of one, or SwinUNETR's own; MONAI's and nnU-Net's output layers after instance norm), so oneDNN
+    runs it blocked (nCdhw16c on AVX-512), channels padded to 16: copies of input and output (gradient) in
+    that layout and, in bf16, a scratchpad of fp32 rows per thread (the output's channels in forward, the
+    input's in the weight gradient). In backward the weight gradient runs first, then the input gradient.
+    Measured in the pool's trace (AVX-512 Zen 4; bf16 at 1-4 threads, batch 1-4, 8-64 channels in, 3-64 out;
+    fp32 at 2 threads, 4-96 in, 3-48 out), the blocks of 64 KiB and more exactly; an fp32 input of fewer
+    than 16 channels is read as it is. None where this does not apply: another layout or kernel; bf16 where
+    the bf16 pool is not modelled; fp32 without AVX-512 (8-channel blocks, not measured)."""
+    bf16 = conv.input.dtype == torch.bfloat16
+    if not (conv.pointwise and conv.plain and not conv.transposed and conv.backend == "Mkldnn"
+            and not _onednn_channels_last(conv)):
         return None
-    threads, batch = torch.get_num_threads(), conv.input.shape[0]
+    if not (bf16 and bf16_pool_modelled() or conv.input.dtype == torch.float32 and fullres_device.avx512()):
+        return None
+    size, threads, batch = conv.input.element_size(), torch.get_num_threads(), conv.input.shape[0]
     voxels = math.prod(conv.input.shape[2:])  # a sample's, as the output's: stride 1, no padding
     in_channels, out_channels = (-(-conv.weight.shape[i] // 16) * 16 for i in (1, 0))
-    source, target = batch * voxels * in_channels * 2, batch * voxels * out_channels * 2
+    source, target = batch * voxels * in_channels * size, batch * voxels * out_channels * size
+    if not bf16:
+        if conv.weight.shape[1] < 16:  # a plain input: no copies in forward, the gradient's in backward
+            return [] if conv.forward else [[batch * voxels * conv.weight.shape[1] * size]]
+        weight = _nbytes(conv.weight)
+        if conv.forward:
+            return [[source, weight, target]]
+        return ([[target, weight, source]] if mask[1] or mask[2] else []) + \
+            ([[target, source, weight]] if mask[0] else [])
     if conv.forward:
         return [[threads * voxels * out_channels * 4 + 128, source, target]]
     phases = [[target, source, threads * voxels * in_channels * 4 + 128]] if mask[1] or mask[2] else []
@@ -901,7 +913,7 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> PoolW
         return PoolWorkspace([blocks for blocks in ([size for size in phase if size] for phase in phases) if blocks])
     weight = _nbytes(conv.weight)
     mask = args[10] if not conv.forward else None
-    blocked = onednn_blocked_bf16_pointwise_phases(conv, mask)
+    blocked = onednn_blocked_pointwise_phases(conv, mask)
     if blocked is not None:
         return PoolWorkspace(blocked)
     wanted = mask is not None and bool(mask[1] or mask[2])  # the weight-gradient primitive runs for either
