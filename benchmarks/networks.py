@@ -17,9 +17,10 @@ runtime term; it needs a CUDA build of torch, not a GPU) beside nnU-Net's own es
 nnU-Net's. Writes OUT/table.csv.
 
 `split`: for each network at its two shapes without a strategy (channels-last, in each of --precisions, where
-it runs under fullres's CPU pool), where the dry run misses: the pool's reserved bytes after two real steps (its own counters, in a
-fresh process) against the dry run's replay of them, and the rest of the measured peak RSS (outside the pool:
-oneDNN's own buffers, glibc, code) against the dry run's runtime term. Writes OUT/split.csv.
+it runs under fullres's CPU pool), where the dry run misses: the pool's reserved bytes after two real steps
+(its own counters, in a fresh process) against the dry run's replay of them, and the rest of the measured
+peak RSS (outside the pool: oneDNN's own buffers, glibc, code) against the dry run's runtime term. Writes
+OUT/split.csv.
 
 Everything goes through fullres's public API (`fullres.cost.estimate`, `fullres.cost.measure`,
 `fullres.cost.plan`).
@@ -185,11 +186,12 @@ def split(out: Path, networks: list[str], precisions: list[str]) -> None:
                                           check=True).stdout.split()[-1])
             measured = measure_peak(job, steps=2, threads=torch.get_num_threads()).measured_bytes
             row = {"network": name, "precision": precision, "shape": "x".join(map(str, shape)),
-                   "dry_pool_bytes": dry.reserved_bytes,
-                   "real_pool_bytes": reserved, "dry_outside_bytes": dry.peak_bytes - dry.reserved_bytes,
-                   "real_outside_bytes": measured - reserved, "error": (dry.peak_bytes - measured) / measured}
+                   "dry_pool_bytes": dry.reserved_bytes, "real_pool_bytes": reserved,
+                   "dry_outside_bytes": dry.peak_bytes - dry.reserved_bytes, "real_outside_bytes": measured - reserved,
+                   "error": (dry.peak_bytes - measured) / measured}
             rows.append(row)
-            print(f"{name:<28}{precision:<5}{row['shape']:<10}{dry.reserved_bytes / 1e6:>10.1f} / {reserved / 1e6:>7.1f} MB"
+            print(f"{name:<28}{precision:<5}{row['shape']:<10}"
+                  f"{dry.reserved_bytes / 1e6:>10.1f} / {reserved / 1e6:>7.1f} MB"
                   f"{row['dry_outside_bytes'] / 1e6:>12.1f} / {row['real_outside_bytes'] / 1e6:>7.1f} MB"
                   f"{row['error'] * 100:>+11.1f}%", flush=True)
     _write(out / "split.csv", rows)

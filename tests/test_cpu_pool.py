@@ -404,7 +404,7 @@ class Planes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         cpu_pool.trace(False)
         workspace = dryrun.pool_op_workspace(func, args, kwargs, out)
-        calls.append({"taken": [n for n, _ in cpu_pool.read_trace() if n >= 65536], "phases": workspace.phases,
+        calls.append({"taken": [n for n, _ in cpu_pool.read_trace() if n >= 65536], "script": workspace.script,
                       "held": workspace.held, "output": out[1].nbytes, "outside": workspace.outside})
         return out
 
@@ -425,14 +425,16 @@ def test_planar_weight_gradients_of_contiguous_maps_take_the_modelled_blocks():
     """A bf16 3D weight gradient of a map shorter than its kernel runs plane by plane (2D weight gradients of
     views of a contiguous map against slices of a channels-last weight). oneDNN runs each channels-last (its
     weight's strides are), so each takes the weight slice's copy, then the scratchpad of the 2D kernel, then
-    two weight-sized blocks: the pool's trace of each plane is the output and the replay's blocks, in order,
-    the copy held through the phases (taken once)."""
+    two weight-sized blocks: the pool's trace of each plane is the replay's blocks and the output, in the
+    order of the replay's script, the copy held (taken once)."""
     import json
 
     calls = json.loads(run_python(PLANAR))
     assert len(calls) == 3  # one plane per kernel row
     for call in calls:
-        modelled = [call["output"], *call["held"]] + [size for phase in call["phases"] for size in phase]
+        # no input gradient: the only output is the weight gradient, where the script takes the outputs
+        modelled = call["held"] + [step[1] if step[0] == "take" else call["output"]
+                                   for step in call["script"] if step[0] in ("take", "outputs")]
         assert call["held"] and call["taken"] == [size for size in modelled if size >= 65536], call
         assert call["outside"] == 0, call
 

@@ -325,10 +325,7 @@ def _contiguous_copy_bytes(tensor) -> int:
 
 
 def _channels_last(tensor) -> bool:
-    return tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d)
-
-
-def _contiguous_channels_last(tensor) -> bool:
+    """Contiguous in channels-last memory (a 2D map or a 3D one)."""
     layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.dim())
     return layout is not None and tensor.is_contiguous(memory_format=layout)
 
@@ -592,7 +589,7 @@ def _layout_copy_blocks(conv: _Convolution) -> list[int]:
     if not _onednn_channels_last(conv):
         return []
     operands = [conv.input] if conv.forward else [conv.input, conv.grad_output]
-    return [_nbytes(t) for t in operands if not _contiguous_channels_last(t)]
+    return [_nbytes(t) for t in operands if not _channels_last(t)]
 
 
 def onednn_blocked_pointwise_phases(conv: _Convolution, mask=None) -> list[list[int]] | None:
@@ -634,7 +631,7 @@ def _weight_slice_copy(conv: _Convolution) -> list[int]:
     """A weight that is a slice (the concatenation-free decoder's, a plane of
     :func:`~fullres.kernels.onednn.planar_weight_gradient`) is copied whole before oneDNN reads it."""
     weight = conv.weight
-    return [] if weight.is_contiguous() or _contiguous_channels_last(weight) else [_nbytes(weight)]
+    return [] if weight.is_contiguous() or _channels_last(weight) else [_nbytes(weight)]
 
 
 def onednn_bf16_weight_gradient_scratchpad(conv: _Convolution, weight_gradient: bool = True) -> int | None:
@@ -817,7 +814,7 @@ class _Tracker(TorchDispatchMode):
         untracked = outputs if before else []  # tracked once the first phase's blocks are taken
         workspace = pool_op_workspace(func, args, kwargs, out, first_call) if self.workspace_in_allocator else None
         # ATen's copies of the operands come before the outputs, and live until the operator returns
-        held = [self.allocator.malloc(size)[0] for size in workspace.held] if workspace else []
+        held = [self.allocator.malloc(size)[0] for size in workspace.held] if workspace is not None else []
         scripted = workspace is not None and workspace.script is not None
         for tensor in [] if before or scripted else outputs:
             self.track(tensor)
@@ -919,20 +916,16 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> PoolW
     wanted = mask is not None and bool(mask[1] or mask[2])  # the weight-gradient primitive runs for either
     bf16_scratchpad = None if conv.forward else onednn_bf16_weight_gradient_scratchpad(conv, wanted)
     if bf16_scratchpad is not None:
-        # Phases as in the trace: the data gradient's weight copy, the scratchpad, the gradient's two layouts;
-        # ATen's copies (operands in another layout, a sliced weight) are taken first and held through them.
-        # Nothing outside: the scratchpad ONEDNN_BACKWARD_SCRATCH_BYTES stands for elsewhere.
-        # In the trace: the input gradient, then the weight's copy for it; a weight-sized block held to the end,
-        # the scratchpad, another weight-sized block, and the weight (and bias) gradient.
+        # As in the trace: ATen's copies (operands in another layout, a sliced weight), held to the end; the
+        # input gradient, then the weight's copy for it; a weight-sized block held to the end, the scratchpad,
+        # another weight-sized block, and the weight (and bias) gradient. Nothing outside: the scratchpad
+        # ONEDNN_BACKWARD_SCRATCH_BYTES stands for elsewhere.
         held = tuple(_layout_copy_blocks(conv) + _weight_slice_copy(conv))
-        take, free, peak = (lambda size: ("take", size)), ("free",), ("peak",)
-        script = (("outputs", 1), take(weight), peak, free) if mask[0] else ()
+        script = (("outputs", 1), ("take", weight), ("peak",), ("free",)) if mask[0] else ()
         if bf16_scratchpad:
-            script += (take(weight), take(bf16_scratchpad), peak, free, take(weight), ("outputs", None), peak,
-                       free, free)
-        phases = [[weight]] if mask[0] else []
-        phases += [[bf16_scratchpad], [weight, weight]] if bf16_scratchpad else []
-        return PoolWorkspace(phases, 0, held, script)
+            script += (("take", weight), ("take", bf16_scratchpad), ("peak",), ("free",), ("take", weight),
+                       ("outputs", None), ("peak",), ("free",), ("free",))
+        return PoolWorkspace([], 0, held, script)
     blocks = [weight] * (1 if conv.forward else 3)
     if conv.forward:
         blocks += _weight_slice_copy(conv)
