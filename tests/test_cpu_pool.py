@@ -446,7 +446,8 @@ from fullres.kernels import cpu_pool
 torch.set_num_threads(2)
 cpu_pool.install()
 aten, found, dtype = dryrun.aten, [], getattr(torch, sys.argv[1])
-cases = ((1, 32, 3, 32), (2, 48, 3, 24), (1, 8, 32, 32)) if dtype == torch.bfloat16 else ((1, 96, 48, 32), (1, 48, 3, 32))
+cases = ((1, 32, 3, 32), (2, 48, 3, 24), (1, 8, 32, 32)) if dtype == torch.bfloat16 else \
+    ((1, 96, 48, 32), (1, 48, 3, 32), (1, 4, 16, 80))  # 4 channels at 80^3: past ATen's slow-path rule
 for batch, cin, cout, side in cases:
     # contiguous maps and a 1x1x1 weight with contiguous strides: autocast's copy of MONAI's output layer
     x = torch.randn(batch, cin, side, side, side, dtype=dtype)
@@ -462,10 +463,11 @@ for batch, cin, cout, side in cases:
         grads = aten.convolution_backward.default(*backward)
         cpu_pool.trace(False)
         taken_backward = [n for n, _ in cpu_pool.read_trace() if n >= 65536]
-    modelled_forward = dryrun.pool_op_workspace(aten.convolution.default, forward, {}, y).phases
-    modelled_backward = dryrun.pool_op_workspace(aten.convolution_backward.default, backward, {}, grads).phases
+    modelled_forward = dryrun.pool_op_workspace(aten.convolution.default, forward, {}, y)
+    modelled_backward = dryrun.pool_op_workspace(aten.convolution_backward.default, backward, {}, grads)
     found.append({"taken": [taken_forward, taken_backward], "outputs": [y.nbytes, grads[0].nbytes],
-                  "modelled": [modelled_forward, modelled_backward]})
+                  "modelled": [modelled_forward.phases, modelled_backward.phases],
+                  "scripts": [modelled_forward.script, modelled_backward.script]})
 print(json.dumps(found))
 """
 
@@ -485,8 +487,9 @@ def test_a_blocked_bf16_pointwise_convolution_takes_the_modelled_blocks():
 @pytest.mark.skipif(not device.avx512(), reason="oneDNN's 16-channel blocks of AVX-512 (not measured elsewhere)")
 def test_a_blocked_fp32_pointwise_convolution_takes_the_modelled_blocks():
     """The same in fp32 (SwinUNETR's 1x1x1 convolutions, whose weights have contiguous strides, on the
-    contiguous maps of its transformer): blocked copies of input and output (gradient) and the weight's, no
-    scratchpad."""
+    contiguous maps of its transformer; nnU-Net's output layer after instance norm): blocked copies of input
+    (4 channels padded to 16 too) and output (gradient) and the weight's, no scratchpad, taken and freed in
+    the replay script's order (the output after the input's copy is freed)."""
     _check_blocked_pointwise("float32")
 
 
@@ -494,6 +497,14 @@ def _check_blocked_pointwise(dtype: str) -> None:
     import json
 
     for case in json.loads(run_python(BLOCKED_POINTWISE, dtype)):
+        assert (case["scripts"][0] is not None) == (dtype == "float32")
+        if case["scripts"][0] is not None:  # fp32: the operator's own order, outputs included
+            for taken, script, output in zip(case["taken"], case["scripts"], case["outputs"]):
+                outputs = [output]  # the output, or the input gradient (the weight's and bias's: below 64 KiB)
+                takes = [step[1] if step[0] == "take" else (outputs.pop() if outputs else 0)
+                         for step in script if step[0] in ("take", "outputs")]
+                assert taken == [size for size in takes if size >= 65536], case
+            continue
         (forward,), (weight_phase, input_phase) = case["modelled"]
         output, input_gradient = case["outputs"]
         big = lambda blocks: [size for size in blocks if size >= 65536]  # noqa: E731
@@ -599,3 +610,54 @@ def test_an_overlapping_transposed_convolution_takes_a_padded_copy_per_thread_on
     assert seen["backend"] == "MkldnnTranspose" and seen["modelled"][1] == 0 and seen["taken"][1] == []
     (taken,) = seen["taken"][0]
     assert taken == pytest.approx(seen["modelled"][0], rel=0.01)
+
+
+AVX512_BLOCKS = """
+import json, sys, torch
+from fullres.cost import dryrun
+from fullres.kernels import cpu_pool
+torch.set_num_threads(int(sys.argv[1]))
+cpu_pool.install()
+cl = torch.channels_last_3d
+found = {}
+for name, layer, size in (("transposed 2^3, half the channels", torch.nn.ConvTranspose3d(64, 32, 2, stride=2), (24, 24, 16)),
+                          ("16^3 patches", torch.nn.Conv3d(4, 384, 16, stride=16), (32, 32, 48))):
+    layer = layer.to(memory_format=cl)
+    x = torch.randn(1, layer.in_channels, *size).contiguous(memory_format=cl)
+    layer(x).sum().backward()  # the primitives' first calls
+    cpu_pool.trace(True)
+    y = layer(x)
+    forward = len(cpu_pool.read_trace())
+    y.backward(torch.ones_like(y).contiguous(memory_format=cl))
+    cpu_pool.trace(False)
+    events = cpu_pool.read_trace()
+    args = (x, layer.weight, layer.bias, list(layer.stride), list(layer.padding), list(layer.dilation),
+            layer.transposed, list(layer.output_padding), 1)
+    mask = [False, True, True]
+    backward_args = (y, *args[:2], [layer.out_channels], *args[3:], mask)
+    modelled = dryrun.pool_op_workspace(dryrun.aten.convolution.default, args, {}, y)
+    modelled_backward = dryrun.pool_op_workspace(dryrun.aten.convolution_backward.default, backward_args, {}, None)
+    found[name] = {"forward": [n for n, _ in events[:forward] if n >= 2**20],
+                   "backward": [n for n, _ in events[forward:] if n >= 2**20],
+                   "modelled": [sorted(size for phase in modelled.phases for size in phase if size >= 2**20),
+                                [step[1] for step in modelled_backward.script or () if step[0] == "take"]],
+                   "output": y.nbytes, "weight": layer.weight.nbytes}
+print(json.dumps(found))
+"""
+
+
+@needs_compiler
+@pytest.mark.skipif(not device.avx512(), reason="oneDNN's AVX-512 kernels (AVX2 runs others)")
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_avx512_fp32_transposed_and_wide_kernel_convolutions_take_the_modelled_blocks(threads):
+    """With AVX-512, oneDNN's fp32 channels-last 2^3 stride-2 transposed convolution takes a copy of a sample's
+    input per thread in forward (64 -> 32 channels: not of its output), and a weight gradient whose kernel is
+    wider than 14 (UNETR's patch embedding) runs im2col + GEMM with a scratchpad of four weights and the
+    columns: the pool's trace holds the modelled blocks, byte for byte, in the modelled order."""
+    import json
+
+    seen = json.loads(run_python(AVX512_BLOCKS, threads))
+    transposed, patches = seen["transposed 2^3, half the channels"], seen["16^3 patches"]
+    assert sorted(transposed["forward"]) == sorted([transposed["output"], *transposed["modelled"][0]])
+    assert patches["backward"] == patches["modelled"][1] + [patches["weight"]]  # then the weight gradient
+    assert max(patches["backward"]) > 4 * patches["weight"]

@@ -319,6 +319,21 @@ def gemm_weight_gradient_bytes(conv: "_Convolution", weight_gradient: bool = Tru
     return _gemm_scratchpad_bytes(conv)
 
 
+def onednn_wide_kernel_weight_gradient_bytes(conv: "_Convolution", weight_gradient: bool = True) -> int:
+    """The scratchpad oneDNN's channels-last fp32 weight gradient takes from PyTorch's allocator on an AVX-512 CPU
+    where the kernel is wider than 14 (UNETR's 16^3 patch embedding): its jit and brgemm kernels refuse such
+    widths and im2col + GEMM runs, per sample four weight-sized buffers, the input and one output plane's
+    columns (:func:`gemm_weight_gradient_bytes`'s), and 384 bytes. From the pool's trace (AMD Zen 4, 1-4
+    threads, 1 and 4 input channels, 384 and 768 out, kernels 15^3 and 16^3 of their own stride, 32^3 to
+    96x96x64 inputs, batch 1 and 2): exact at 16^3, 46 KB over at 15^3. 0 for every other convolution."""
+    if not (fullres_device.avx512() and _onednn_fp32_channels_last_weight_gradient(conv, weight_gradient)
+            and conv.weight.shape[-1] > 14 and not conv.transposed):
+        return 0
+    batch = conv.input.shape[0]
+    per_sample = _gemm_scratchpad_bytes(conv) - _nbytes(conv.input) + _nbytes(conv.input) // batch
+    return batch * (4 * _nbytes(conv.weight) + per_sample + 384)
+
+
 def _contiguous_copy_bytes(tensor) -> int:
     """What ATen's slow path copies to make `tensor` contiguous (0 when it already is)."""
     return 0 if tensor.is_contiguous() else _nbytes(tensor)
@@ -403,12 +418,14 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     else:
         layout = _nbytes(conv.input) + _nbytes(conv.grad_output)  # blocked reorders
     if conv.forward:
-        return layout + onednn_transposed_scratch_bytes(conv)
+        return layout + onednn_transposed_scratch_bytes(conv) + _avx512_transposed_forward_copy(conv)
     # The scratchpad comes with the primitive's creation, the first call at these shapes: measured
     # in a training step's second backward, every convolution's extra is within the copies +- 20 MB.
     # Without AVX-512 the first call takes ~5 MB more (within the runtime term) and GEMM's buffers instead.
     gemm = gemm_weight_gradient_bytes(conv, weight_gradient=bool(args[10][1]))
+    gemm += onednn_wide_kernel_weight_gradient_bytes(conv, weight_gradient=bool(args[10][1]))
     scratch = ONEDNN_BACKWARD_SCRATCH_BYTES if first_call and fullres_device.avx512() else 0
+    scratch += onednn_strided_input_gradient_bytes(conv, input_gradient=bool(args[10][0]))
     return scratch + layout + sum(_bf16_copy_blocks(conv)) + gemm + onednn_transposed_scratch_bytes(conv)
 
 
@@ -600,9 +617,10 @@ def onednn_blocked_pointwise_phases(conv: _Convolution, mask=None) -> list[list[
     that layout and, in bf16, a scratchpad of fp32 rows per thread (the output's channels in forward, the
     input's in the weight gradient). In backward the weight gradient runs first, then the input gradient.
     Measured in the pool's trace (AVX-512 Zen 4; bf16 at 1-4 threads, batch 1-4, 8-64 channels in, 3-64 out;
-    fp32 at 2 threads, 4-96 in, 3-48 out), the blocks of 64 KiB and more exactly; an fp32 input of fewer
-    than 16 channels is read as it is. None where this does not apply: another layout or kernel; bf16 where
-    the bf16 pool is not modelled; fp32 without AVX-512 (8-channel blocks, not measured)."""
+    fp32 at 2 threads, 4-96 in, 3-48 out; 4 input channels are padded to 16 too, SwinUNETR's residual 1x1x1
+    convolution at 96x96x64), the blocks of 64 KiB and more exactly. None where this does not apply: another
+    layout or kernel; bf16 where the bf16 pool is not modelled; fp32 without AVX-512 (8-channel blocks, not
+    measured)."""
     bf16 = conv.input.dtype == torch.bfloat16
     if not (conv.pointwise and conv.plain and not conv.transposed and conv.backend == "Mkldnn"
             and not _onednn_channels_last(conv)):
@@ -614,8 +632,6 @@ def onednn_blocked_pointwise_phases(conv: _Convolution, mask=None) -> list[list[
     in_channels, out_channels = (-(-conv.weight.shape[i] // 16) * 16 for i in (1, 0))
     source, target = batch * voxels * in_channels * size, batch * voxels * out_channels * size
     if not bf16:
-        if conv.weight.shape[1] < 16:  # a plain input: no copies in forward, the gradient's in backward
-            return [] if conv.forward else [[batch * voxels * conv.weight.shape[1] * size]]
         weight = _nbytes(conv.weight)
         if conv.forward:
             return [[source, weight, target]]
@@ -625,6 +641,32 @@ def onednn_blocked_pointwise_phases(conv: _Convolution, mask=None) -> list[list[
         return [[threads * voxels * out_channels * 4 + 128, source, target]]
     phases = [[target, source, threads * voxels * in_channels * 4 + 128]] if mask[1] or mask[2] else []
     return phases + ([[target, source]] if mask[0] else [])
+
+
+def _blocked_pointwise_script(conv: _Convolution, phases: list[list[int]], mask=None) -> tuple | None:
+    """The fp32 blocked 1x1x1 convolution's blocks (:func:`onednn_blocked_pointwise_phases`) in the order of the
+    pool's trace (AVX-512 Zen 4, 2 threads, 32 -> 3 channels at 96x96x64): forward, the input's and weight's
+    copies and the output's blocked buffer, the two copies freed, then the output; backward, the weight
+    gradient's copies, of which the input's outlives the others until the input gradient is taken, then the
+    input gradient's copies, the weight and bias gradients last. None in bf16, where the phases say it all."""
+    if conv.input.dtype != torch.float32:
+        return None
+    if conv.forward:
+        source, weight, target = phases[0]
+        return (("take", source), ("take", weight), ("take", target), ("peak",), ("free", 1), ("free", 0),
+                ("outputs", None), ("peak",))
+    weights = bool(mask[1] or mask[2])
+    script = ()
+    if weights:
+        target, weight, source = phases[0]
+        script += (("take", target), ("take", weight), ("take", source), ("peak",), ("free", 1), ("free", 0))
+    if mask[0]:
+        script += (("outputs", 1), ("peak",)) + ((("free", 0),) if weights else ())
+        target, source, weight = phases[-1]
+        script += (("take", target), ("take", source), ("take", weight), ("peak",), ("free",), ("free",), ("free",))
+    elif weights:
+        script += (("free", 0),)
+    return script + (("outputs", None), ("peak",))
 
 
 def _weight_slice_copy(conv: _Convolution) -> list[int]:
@@ -686,8 +728,11 @@ class _Tracker(TorchDispatchMode):
     """Follows every storage created under it: size, the phase that made it, alive or not."""
 
     def __init__(self, allocator: CachingAllocatorModel | None = None, workspace_in_allocator: bool = False,
-                 cuda_multiprocessors: int | None = None) -> None:
+                 cuda_multiprocessors: int | None = None, first_call_scratch: bool = True) -> None:
         super().__init__()
+        # Whether a convolution backward's first call at its shapes is charged oneDNN's first-call scratchpad;
+        # not where the runtime term, calibrated at 64^3 (peaks that repeat), holds it (kept by the process).
+        self.first_call_scratch = first_call_scratch
         # Set where fake CPU tensors stand in for CUDA ones: operators' workspaces are CUDA's, for this many
         # multiprocessors, and no oneDNN kernel runs.
         self.cuda_multiprocessors = cuda_multiprocessors
@@ -806,13 +851,13 @@ class _Tracker(TorchDispatchMode):
                 if where not in self.reference_kernels:
                     self.reference_kernels.append(where)
             key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args[:3])
-            first_call = key not in self.seen_backward
+            first_call = key not in self.seen_backward and self.first_call_scratch
             self.seen_backward.add(key)
         outputs = [tensor for tensor in tree_flatten(out)[0] if isinstance(tensor, torch.Tensor)]
         # the pool carves such an operator's outputs beside its live workspace, as the real order has it
         before = self.workspace_in_allocator and workspace_before_outputs(func, args)
         untracked = outputs if before else []  # tracked once the first phase's blocks are taken
-        workspace = pool_op_workspace(func, args, kwargs, out, first_call) if self.workspace_in_allocator else None
+        workspace = pool_op_workspace(func, args, kwargs, out) if self.workspace_in_allocator else None
         # ATen's copies of the operands come before the outputs, and live until the operator returns
         held = [self.allocator.malloc(size)[0] for size in workspace.held] if workspace is not None else []
         scripted = workspace is not None and workspace.script is not None
@@ -843,8 +888,8 @@ class _Tracker(TorchDispatchMode):
         for step in workspace.script:
             if step[0] == "take":
                 live.append((self.allocator.malloc(step[1])[0], step[1]))
-            elif step[0] == "free":
-                self.allocator.free(live.pop()[0])
+            elif step[0] == "free":  # the last block taken, or the one at the given place among those alive
+                self.allocator.free(live.pop(step[1] if len(step) > 1 else -1)[0])
             elif step[0] == "outputs":
                 count = len(pending) if step[1] is None else step[1]
                 for tensor in pending[:count]:
@@ -858,9 +903,48 @@ class _Tracker(TorchDispatchMode):
             self.allocator.free(address)
 
 
-# What oneDNN's transposed convolution (2x2x2, stride 2) takes beyond its per-thread buffers in forward,
-# measured in the pool's trace at 4^3 to 32^3 inputs, 128-512 channels, batch 1 and 2, fp32, 2 threads.
-TRANSPOSED_FORWARD_EXTRA_BYTES = 28848
+# What oneDNN's channels-last transposed convolution whose kernel is its stride (2^3, stride 2) takes in forward
+# on AVX-512 beyond a copy of one sample's input per thread: (fixed, per thread) bytes. From the pool's trace
+# (AMD Zen 4, 1-4 threads, 16-512 input channels, half as many or as many out, 8x8x8 to 48x48x32 inputs, batch 1
+# and 2): fp32 exact; bf16 0-2 KiB per thread under on some shapes.
+TRANSPOSED_FORWARD_EXTRA_BYTES = {torch.float32: (12416, 8216), torch.bfloat16: (16512, 10264)}
+
+
+def onednn_transposed_forward_copy_bytes(conv: "_Convolution") -> int:
+    """The block oneDNN's channels-last transposed convolution with a kernel the size of its stride takes in
+    forward on AVX-512: per thread, a copy of one sample's input (whatever the batch), and a little more."""
+    extra = TRANSPOSED_FORWARD_EXTRA_BYTES
+    fixed, per_thread = extra.get(conv.input.dtype, extra[torch.float32])
+    threads = torch.get_num_threads()
+    return threads * (_nbytes(conv.input) // conv.input.shape[0] + per_thread) + fixed
+
+
+def onednn_strided_input_gradient_bytes(conv: "_Convolution", input_gradient: bool = True) -> int:
+    """The block oneDNN's fp32 channels-last input gradient of a strided convolution takes on AVX-512 (the kernel a
+    transposed convolution's forward runs): per thread, a copy of one sample's output gradient padded by
+    (k - 1) // 2 at the end of each spatial dim, and a little more. From the pool's trace (AMD Zen 4, 1-3 threads,
+    16-128 input channels, 2^3 and 3^3 kernels of stride 2, 16^3 to 96x96x64 inputs, batch 1 and 2): exact for
+    2^3 kernels, 4-48 KB under for 3^3 ones. 0 for other convolutions (stride 1, transposed, 1x1x1, bf16, ATen's
+    slow path; AVX2 not measured). The little more is the transposed forward's, within 128 bytes."""
+    if not (input_gradient and not conv.forward and not conv.transposed and fullres_device.avx512()
+            and conv.backend == "Mkldnn" and _onednn_channels_last(conv) and conv.input.dtype == torch.float32
+            and any(stride > 1 for stride in conv.stride) and math.prod(conv.weight.shape[2:]) > 1):
+        return 0
+    fixed, per_thread = TRANSPOSED_FORWARD_EXTRA_BYTES[torch.float32]
+    padded = math.prod(size + (k - 1) // 2 for size, k in zip(conv.grad_output.shape[2:], conv.weight.shape[2:]))
+    sample = conv.grad_output.shape[1] * padded * conv.grad_output.element_size()
+    return torch.get_num_threads() * (sample + per_thread) + fixed
+
+
+def _avx512_transposed_forward_copy(conv: "_Convolution") -> int:
+    """:func:`onednn_transposed_forward_copy_bytes` where it applies outside the pool's replay too: the forward of a
+    channels-last transposed convolution whose kernel does not overlap, on AVX-512, fp32 (bf16 where measured)."""
+    if not (conv.forward and conv.transposed and conv.backend == "MkldnnTranspose" and fullres_device.avx512()
+            and _onednn_channels_last(conv) and onednn_transposed_scratch_bytes(conv) == 0):
+        return 0
+    if not (conv.input.dtype == torch.float32 or conv.input.dtype == torch.bfloat16 and bf16_pool_modelled()):
+        return 0
+    return onednn_transposed_forward_copy_bytes(conv)
 
 
 def workspace_before_outputs(func, args) -> bool:
@@ -882,7 +966,7 @@ class PoolWorkspace(NamedTuple):
     script: tuple[tuple, ...] | None = None
 
 
-def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> PoolWorkspace:
+def pool_op_workspace(func, args, kwargs, out) -> PoolWorkspace:
     """`op_workspace` split for the CPU pool: the blocks the operator takes from PyTorch's allocator, so
     from the pool, in phases (each phase's blocks are alive together and freed before the next phase's are
     taken), those it holds through all of them, and the bytes it allocates elsewhere.
@@ -891,10 +975,10 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> PoolW
     ATen's slow path takes its column buffer and contiguous copies as tensors; a oneDNN convolution takes
     a copy of its weight in forward (two for a weight that is a slice), three weight-sized buffers in
     backward (the weight in the primitive's layout, its gradient before the copy out), a transposed one in
-    forward a buffer of 1/8 of a sample's output per thread, and in bf16 backward the per-thread copies of
-    input and output gradient (`_bf16_copy_blocks`). oneDNN's scratchpad and NCDHW reorders come from its
-    own allocations, outside the pool. With native AVX-512 bf16 and without AMX, a bf16 backward takes the
-    weight in one phase and, with a weight gradient, its user scratchpad
+    forward a copy of a sample's input per thread (:func:`onednn_transposed_forward_copy_bytes`), and in bf16
+    backward the per-thread copies of input and output gradient (`_bf16_copy_blocks`). oneDNN's scratchpad and
+    NCDHW reorders come from its own allocations, outside the pool. With native AVX-512 bf16 and without AMX, a
+    bf16 backward takes the weight in one phase and, with a weight gradient, its user scratchpad
     (:func:`onednn_bf16_weight_gradient_scratchpad`) and two weight-sized blocks in the next ones; other
     operators their :data:`_INTERNAL_BLOCKS`. The buffers of :func:`onednn_transposed_scratch_bytes` and, on a
     CPU without AVX-512 (2-core EPYC, fp32 channels-last), the weight gradient's GEMM buffers
@@ -912,7 +996,8 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> PoolW
     mask = args[10] if not conv.forward else None
     blocked = onednn_blocked_pointwise_phases(conv, mask)
     if blocked is not None:
-        return PoolWorkspace(blocked)
+        script = _blocked_pointwise_script(conv, blocked, mask)
+        return PoolWorkspace([], 0, (), script) if script else PoolWorkspace(blocked)
     wanted = mask is not None and bool(mask[1] or mask[2])  # the weight-gradient primitive runs for either
     bf16_scratchpad = None if conv.forward else onednn_bf16_weight_gradient_scratchpad(conv, wanted)
     if bf16_scratchpad is not None:
@@ -926,22 +1011,35 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> PoolW
             script += (("take", weight), ("take", bf16_scratchpad), ("peak",), ("free",), ("take", weight),
                        ("outputs", None), ("peak",), ("free",), ("free",))
         return PoolWorkspace([], 0, held, script)
+    wide = 0 if conv.forward else onednn_wide_kernel_weight_gradient_bytes(conv, wanted)
+    if wide:
+        # As in the trace: the weight's copy and the scratchpad beside it; two weight-sized blocks; the gradients
+        script = (("outputs", 1),) if mask[0] else ()
+        script += (("take", weight), ("take", wide), ("peak",), ("free",), ("take", weight), ("take", weight),
+                   ("peak",), ("free",), ("outputs", None), ("peak",))
+        return PoolWorkspace([], 0, tuple(_layout_copy_blocks(conv)), script)
     blocks = [weight] * (1 if conv.forward else 3)
     if conv.forward:
         blocks += _weight_slice_copy(conv)
+    strided = 0 if conv.forward else onednn_strided_input_gradient_bytes(conv, bool(mask[0]))
     scratch = onednn_transposed_scratch_bytes(conv)  # taken from PyTorch's allocator too
     if not conv.forward:  # AVX2: GEMM's weight-gradient buffers, from PyTorch's allocator too
         scratch += gemm_weight_gradient_bytes(conv, weight_gradient=bool(args[10][1]))
+    copy = 0 if scratch else _avx512_transposed_forward_copy(conv)
     if scratch:
         blocks.append(scratch)
-    elif conv.forward and conv.transposed:
-        # per thread, 1/8 of a sample's output (one of the 8 kernel offsets), and a bit; before the weight's copy
-        per_sample = _nbytes(out) // out.shape[0]
-        blocks.insert(0, per_sample * torch.get_num_threads() // 8 + TRANSPOSED_FORWARD_EXTRA_BYTES)
+    elif copy:
+        blocks.insert(0, copy)  # before the weight's copy
     layout = _layout_copy_blocks(conv)  # tensors: in the pool, not outside it
     copies = _bf16_copy_blocks(conv)
-    outside = op_workspace(func, args, kwargs, out, first_call) - sum(copies) - sum(layout) - scratch
-    return PoolWorkspace([blocks + copies], max(0, outside), tuple(layout))
+    # the input gradient's weight copy and buffer, freed before the weight gradient's blocks are taken
+    phases = [[weight, strided], blocks + copies] if strided else [blocks + copies]
+    # Outside the pool: what op_workspace counts and the pool does not hold (NCDHW reorders). The ~35 MB a
+    # process's first oneDNN backward takes stays with the process (measured: a convolution of another shape
+    # after it adds 0.2-3 MB): the runtime term, measured under the pool, holds it.
+    in_pool = sum(copies) + sum(layout) + scratch + strided + copy
+    outside = op_workspace(func, args, kwargs, out, first_call=False) - in_pool
+    return PoolWorkspace(phases, max(0, outside), tuple(layout))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -972,11 +1070,12 @@ def dryrun(job: JobConfig, loss: str | Callable = "dice", optimizer: str | Calla
     max_memory_allocated counts) and a number is charged as given (:data:`CUDA_RUNTIME_BYTES`, the context).
     A CUDA job runs on fake CUDA tensors where this torch sees a GPU; elsewhere, a torch without CUDA
     included, fake CPU tensors stand in for them (:func:`cuda_stand_in`) under the same allocator model, with
-    CUDA's operator workspaces and no CPU kernel's. `allocator` is the CPU allocator policy (:mod:`fullres.kernels.malloc`); None, the one `train` gives
-    the job. Under "pool" the peak is the pool's reserved bytes, replayed. A step's FLOPs on the same fake
-    tensors: :func:`fullres.cost.timing.fake_step_flops`. `spatial` = S: the peak of one of S processes
-    sharing each sample (``train --spatial``), the one with the most rows and two neighbours, its halo
-    buffers and copies included (:func:`fullres.engine.spatial.simulated`); `spatial_index`: that of process k.
+    CUDA's operator workspaces and no CPU kernel's. `allocator` is the CPU allocator policy
+    (:mod:`fullres.kernels.malloc`); None, the one `train` gives the job. Under "pool" the peak is the pool's
+    reserved bytes, replayed. A step's FLOPs on the same fake tensors: :func:`fullres.cost.timing.fake_step_flops`.
+    `spatial` = S: the peak of one of S processes sharing each sample (``train --spatial``), the one with the most
+    rows and two neighbours, its halo buffers and copies included (:func:`fullres.engine.spatial.simulated`);
+    `spatial_index`: that of process k.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -994,7 +1093,8 @@ def dryrun(job: JobConfig, loss: str | Callable = "dice", optimizer: str | Calla
         raise ValueError("--offload on CUDA is modelled only where torch sees a GPU (host copies of fake CPU "
                          "tensors cannot be told from the device's)")
     tracker = _Tracker(caching, workspace_in_allocator=pooled,
-                       cuda_multiprocessors=MODELLED_MULTIPROCESSORS if stand_in else None)
+                       cuda_multiprocessors=MODELLED_MULTIPROCESSORS if stand_in else None,
+                       first_call_scratch=allocator != "fixed")
     # the device the fake tensors are made on (CPU ones standing in for CUDA's: see cuda_stand_in)
     tensor_device = "cpu" if stand_in else device
     # fp16's gradient scaler needs CUDA; its state is a few bytes, so the stand-in builds the step without it
