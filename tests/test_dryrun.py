@@ -109,7 +109,7 @@ def test_tiny_real_measurement_is_bounded_by_the_dry_run(shape):
                                              pytest.param((32, 32, 32), Strategy(channels_last=True), marks=AVX512)])
 def test_dry_run_is_within_five_percent_of_a_real_step(shape, strategy):
     """The accuracy goal as `estimate`, `plan` and `train` compute it (the network's runtime term measured at
-    16^3) under the allocator policy each job gets, 32 filters: with memory-saving strategies (glibc, fixed
+    64^3, where these policies' peaks repeat) under the allocator policy each job gets, 32 filters: with memory-saving strategies (glibc, fixed
     thresholds), 48x32x32 was the worst case with a runtime constant (-6.9 %); without, fp32 channels-last
     under the CPU pool (32^3: +0.9 % there, -6.1 % under glibc's default heap before). Slabbed jobs: see
     docs/memory.md (a measured gap, a benchmark rather than a test)."""
@@ -365,9 +365,9 @@ def test_a_pointwise_convolution_on_atens_slow_path_takes_no_columns():
 
 
 def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypatch):
-    """The runtime term: measured peak minus the dry run's tensors of the same network and strategy at 16^3,
-    batch 1 (whatever the job's shape, batch and accumulation), cached with those tensors (reused by the same
-    code only); another network is measured anew."""
+    """The runtime term: measured peak minus the dry run's tensors of the same network and strategy at 64^3
+    (a checkpointed job: glibc's fixed thresholds), batch 1 (whatever the job's shape, batch and accumulation),
+    cached with those tensors (reused by the same code only); another network is measured anew."""
     from fullres.cost import measure, runtime
     from fullres.cost.dryrun import dryrun
     from fullres.files import source_digest
@@ -383,7 +383,7 @@ def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypa
     job = JobConfig(model=ModelConfig(in_channels=4, filters=4, norm="none"), shape=(48, 32, 32), batch=2,
                     strategy=Strategy(checkpointing=True, accumulate=2, slabs=8))
     small = runtime.runtime_job(job)
-    assert small.shape == (16, 16, 16) and small.batch == 1 and small.strategy.accumulate == 1
+    assert small.shape == (64, 64, 64) and small.batch == 1 and small.strategy.accumulate == 1
     assert small.strategy.slabs == 8 and small.strategy.checkpointing
     expected = 10**9 - dryrun(small, runtime=0).peak_bytes
     assert runtime.measured_runtime_bytes(job, cache_dir=tmp_path) == expected
@@ -411,6 +411,24 @@ def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypa
     runtime.measured_runtime_bytes(job.with_(model=ModelConfig(in_channels=4, filters=8, norm="none")),
                                    cache_dir=tmp_path)
     assert len(calls) == 2
+
+
+def test_the_calibration_size_is_64_cubed_where_peaks_repeat_and_the_smallest_one_elsewhere(monkeypatch):
+    """What a process holds beside its tensors grows with the volume up to 64^3 (the code its kernels touch), so
+    jobs under the pool or glibc's fixed thresholds, whose peaks repeat, calibrate there (a multiple of the
+    network's divisor); under glibc's default heap (three noisy runs) at the smallest cube the network takes."""
+    from fullres.cost import runtime
+
+    monkeypatch.delenv("FULLRES_MALLOC", raising=False)
+    plain = JobConfig(model=ModelConfig(in_channels=4, filters=4), shape=(96, 96, 64), batch=2)
+    assert runtime.calibration_shape(plain) == (16, 16, 16)  # fp32 contiguous: glibc's default heap
+    assert runtime.calibration_shape(plain.with_(strategy=Strategy(checkpointing=True))) == (64, 64, 64)
+    monkeypatch.setattr(runtime, "spatial_divisor", lambda model: 48)
+    assert runtime.calibration_shape(plain) == (96, 96, 96)  # twice the divisor
+    monkeypatch.setattr(runtime, "policy_for", lambda strategy, device="cpu": "pool")
+    assert runtime.calibration_shape(plain) == (96, 96, 96)
+    monkeypatch.setattr(runtime, "spatial_divisor", lambda model: 24)
+    assert runtime.calibration_shape(plain) == (72, 72, 72)  # the multiple of the divisor from 64 on
 
 
 def test_runtime_term_under_the_pool_never_subtracts_a_replay_that_counts_more_than_the_pool(tmp_path, monkeypatch):

@@ -4,22 +4,24 @@ A training process holds memory that no tensor owns: the modules that building A
 touched by the first step, oneDNN's primitive cache (one JIT-compiled kernel per convolution shape, so it
 grows with the network's channel counts), and what the C allocator keeps under the job's policy (under
 the pool, the tensors' segments are the dry run's; glibc still serves what PyTorch does not allocate). It
-does not grow with the volume, so it is measured once per network and strategy on the smallest volume,
-16^3 at batch 1: ``measured peak - the dry run's tensors``, in a fresh process (``measure_peak``). Under the
-CPU pool the pool's own peak (its counters, read in that process) is kept too, and where the replay counts
-more than the pool held the term is ``measured peak - the pool's peak``: a replay over at the calibration
-size (MONAI's UNet in bf16 at 32^3 was 21 MB over, exact at 64^3) does not lower every larger job's
-estimate, while one under (an operator the replay does not know) is still carried as a constant.
+stops growing with the volume early, so it is measured once per network and strategy on a small volume at
+batch 1 (:func:`calibration_shape`: 16^3 for the paper's network; 64^3 under the CPU pool and glibc's fixed
+thresholds, where the code its kernels touch at larger volumes counts): ``measured peak - the dry run's tensors``, in a fresh process
+(``measure_peak``). Under the CPU pool the pool's own peak (its counters, read in that process) is kept
+too, and where the replay counts more than the pool held the term is ``measured peak - the pool's peak``: a
+replay over at the calibration size (MONAI's UNet in bf16 at 32^3 was 21 MB over, exact at 64^3) does not
+lower every larger job's estimate, while one under (an operator the replay does not know) is still carried
+as a constant.
 
 Measured on an AVX-512 bf16 CPU (AMD Zen 4; docs/results/memory.md), 32 filters, channels-last: the
 constant measured with filters 1 (86.6 MiB) left checkpointed fp32 jobs of 48x32x32 to 96x96x64 3.4-6.9 %
 low; their network's own term is 125 MiB and brings them to +0.4..+1.2 %.
 
-Under glibc's default heap (contiguous fp32 jobs and bf16 ones on AMX, without checkpointing or slabs) the same 16^3
-step keeps a different amount each run: 540-562 MB over nine fresh processes for the 32-filter bf16 network
+Under glibc's default heap (contiguous fp32 jobs and bf16 ones on AMX, without checkpointing or slabs) the
+same 16^3 step keeps a different amount each run: 540-562 MB over nine fresh processes for the 32-filter bf16 network
 on the AVX-512 bf16 CPU. There the term is the median of three measurements, so that one unlucky process
-does not bias every later estimate; under the pool and the fixed thresholds a job's peak repeats to within 0.5 MB, and
-the term is measured once.
+does not bias every later estimate; under the pool and the fixed thresholds a job's peak repeats to within
+0.5 MB, and the term is measured once.
 
 So that one job gives the same bytes in every process, the measurement is made once per machine and
 cached: processes that need the same term at once wait on a lock beside the cache and read the first
@@ -52,19 +54,31 @@ from fullres.kernels.malloc import ENV, policy_for
 from fullres.cost import measure
 
 CALIBRATION_SHAPE = (16, 16, 16)
+# Where peaks repeat (the pool, fixed thresholds), the calibration's side. Under the pool, what a job holds
+# outside it (fp32, channels-last, 2 threads, AVX-512 bf16 AMD Zen 4): MONAI's SegResNet 98 MB at 16^3, 101 at
+# 32^3, 110 at 48^3, 121 at 64^3, 112-117 from 80^3 to 128^3 (code pages of libtorch's kernels touched only at
+# larger volumes, +21 MB between 16^3 and 64^3); nine other families 112-127 MB at 64^3 and 96x96x64, 108-121
+# MB at 48^3. In bf16 it stays within 2 MB from 16^3 on.
+REPEATABLE_CALIBRATION_SIDE = 64
 CACHE_FILE = "runtime.json"
-CACHE_VERSION = 6  # 2: the allocator policy is part of the key (the CPU pool); 3: medians under glibc's heap;
+CACHE_VERSION = 7  # 2: the allocator policy is part of the key (the CPU pool); 3: medians under glibc's heap;
 # 4: the dry run charges AVX2's GEMM weight-gradient buffers (the term is measured minus the dry run);
 # 5: native bf16 and AMX in the key (AVX-512 CPUs with and without them share a capability);
-# 6: under the pool, the pool's own peak is kept beside the measured peak
+# 6: under the pool, the pool's own peak is kept beside the measured peak; 7: 64^3 under the pool and fixed
 NOISY_POLICIES = ("default", "cached")  # glibc's heap: its peak varies from process to process
 NOISY_RUNS = 3
 
 
 def calibration_shape(job: JobConfig) -> tuple[int, int, int]:
     """16^3 for the paper's network; for others the smallest cube whose coarsest level keeps 2 voxels a
-    side (normalisation in training needs more than one value per channel): 2 x the network's divisor."""
-    side = max(CALIBRATION_SHAPE[0], 2 * spatial_divisor(job.model))
+    side (normalisation in training needs more than one value per channel): 2 x the network's divisor. Under
+    the CPU pool and glibc's fixed thresholds (whose peaks repeat), at least :data:`REPEATABLE_CALIBRATION_SIDE` a side
+    (a multiple of the divisor): what the process holds beside its tensors grows with the volume up to there
+    (the library code its kernels touch), then no more."""
+    divisor = spatial_divisor(job.model)
+    side = max(CALIBRATION_SHAPE[0], 2 * divisor)
+    if policy_for(job.strategy) in ("pool", "fixed"):
+        side = max(side, -(-REPEATABLE_CALIBRATION_SIDE // divisor) * divisor)
     return (side, side, side)
 
 
