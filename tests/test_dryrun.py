@@ -365,9 +365,9 @@ def test_a_pointwise_convolution_on_atens_slow_path_takes_no_columns():
 
 
 def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypatch):
-    """The runtime term: measured peak minus the dry run's tensors of the same network and strategy at 64^3
-    (a checkpointed job: glibc's fixed thresholds), batch 1 (whatever the job's shape, batch and accumulation),
-    cached with those tensors (reused by the same code only); another network is measured anew."""
+    """The runtime term: measured peak minus the dry run's tensors of the same network and strategy at 16^3,
+    batch 1 (whatever the job's shape, batch and accumulation), cached with those tensors (reused by the same
+    code only); another network is measured anew. Under glibc's default heap (fp32 contiguous) one size."""
     from fullres.cost import measure, runtime
     from fullres.cost.dryrun import dryrun
     from fullres.files import source_digest
@@ -380,12 +380,14 @@ def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypa
                                     threads=1, device="cpu")
 
     monkeypatch.setattr(measure, "measure_peak", fake_measure_peak)
+    monkeypatch.setattr(runtime, "NOISY_RUNS", 1)
+    monkeypatch.delenv("FULLRES_MALLOC", raising=False)
     job = JobConfig(model=ModelConfig(in_channels=4, filters=4, norm="none"), shape=(48, 32, 32), batch=2,
-                    strategy=Strategy(checkpointing=True, accumulate=2, slabs=8))
+                    strategy=Strategy(accumulate=2))
+    assert runtime.calibration_shapes(job) == [(16, 16, 16)]
     small = runtime.runtime_job(job)
-    assert small.shape == (64, 64, 64) and small.batch == 1 and small.strategy.accumulate == 1
-    assert small.strategy.slabs == 8 and small.strategy.checkpointing
-    expected = 10**9 - dryrun(small, runtime=0).peak_bytes
+    assert small.shape == (16, 16, 16) and small.batch == 1 and small.strategy.accumulate == 1
+    expected = 10**9 - dryrun(small, runtime=0, allocator="default").peak_bytes
     assert runtime.measured_runtime_bytes(job, cache_dir=tmp_path) == expected
     assert runtime.measured_runtime_bytes(job.with_(batch=4, shape=(64, 64, 64)), cache_dir=tmp_path) == expected
     assert len(calls) == 1 and calls[0] == small  # the second job shares the network: read from the cache
@@ -413,22 +415,37 @@ def test_runtime_term_is_measured_once_per_network_and_cached(tmp_path, monkeypa
     assert len(calls) == 2
 
 
-def test_the_calibration_size_is_64_cubed_where_peaks_repeat_and_the_smallest_one_elsewhere(monkeypatch):
+def test_where_peaks_repeat_the_term_is_measured_at_64_cubed_too_and_interpolated(tmp_path, monkeypatch):
     """What a process holds beside its tensors grows with the volume up to 64^3 (the code its kernels touch), so
-    jobs under the pool or glibc's fixed thresholds, whose peaks repeat, calibrate there (a multiple of the
-    network's divisor); under glibc's default heap (three noisy runs) at the smallest cube the network takes."""
-    from fullres.cost import runtime
+    jobs under the pool or glibc's fixed thresholds, whose peaks repeat, are also calibrated at 64^3 (a multiple
+    of the network's divisor); a job between the two sizes gets the term interpolated by its voxels per
+    micro-batch, one at 64^3 or larger the 64^3 term. glibc's default heap: the smallest size only."""
+    from fullres.cost import measure, runtime
 
     monkeypatch.delenv("FULLRES_MALLOC", raising=False)
-    plain = JobConfig(model=ModelConfig(in_channels=4, filters=4), shape=(96, 96, 64), batch=2)
-    assert runtime.calibration_shape(plain) == (16, 16, 16)  # fp32 contiguous: glibc's default heap
-    assert runtime.calibration_shape(plain.with_(strategy=Strategy(checkpointing=True))) == (64, 64, 64)
-    monkeypatch.setattr(runtime, "spatial_divisor", lambda model: 48)
-    assert runtime.calibration_shape(plain) == (96, 96, 96)  # twice the divisor
-    monkeypatch.setattr(runtime, "policy_for", lambda strategy, device="cpu": "pool")
-    assert runtime.calibration_shape(plain) == (96, 96, 96)
-    monkeypatch.setattr(runtime, "spatial_divisor", lambda model: 24)
-    assert runtime.calibration_shape(plain) == (72, 72, 72)  # the multiple of the divisor from 64 on
+    plain = JobConfig(model=ModelConfig(in_channels=4, filters=4, norm="none"), shape=(96, 96, 64), batch=2)
+    assert runtime.calibration_shapes(plain) == [(16, 16, 16)]  # fp32 contiguous: glibc's default heap
+    job = plain.with_(strategy=Strategy(checkpointing=True))  # glibc's fixed thresholds
+    assert runtime.calibration_shapes(job) == [(16, 16, 16), (64, 64, 64)]
+    with monkeypatch.context() as patch:
+        patch.setattr(runtime, "spatial_divisor", lambda model: 24)
+        assert runtime.calibration_shapes(job) == [(48, 48, 48), (72, 72, 72)]  # twice, and a multiple from 64 on
+        patch.setattr(runtime, "spatial_divisor", lambda model: 48)
+        assert runtime.calibration_shapes(job) == [(96, 96, 96)]
+    tensors = {shape: runtime.tensor_bytes(runtime.runtime_job(job, shape), torch.get_num_threads(), "fixed")
+               for shape in runtime.calibration_shapes(job)}
+    peaks = {(16, 16, 16): tensors[(16, 16, 16)] + 100 * 10**6, (64, 64, 64): tensors[(64, 64, 64)] + 120 * 10**6}
+
+    def fake_measure_peak(small, steps=2, threads=None, **_):
+        return measure.MeasuredPeak(measured_bytes=peaks[small.shape], baseline_bytes=0, reserved_bytes=None,
+                                    step_seconds=[0.1], threads=1, device="cpu")
+
+    monkeypatch.setattr(measure, "measure_peak", fake_measure_peak)
+    for shape, batch, term in (((16, 16, 16), 1, 100), ((64, 64, 64), 1, 120), ((96, 96, 64), 2, 120),
+                               ((40, 40, 40), 1, 100 + 20 * (40**3 - 16**3) / (64**3 - 16**3)),
+                               ((32, 32, 32), 4, 100 + 20 * (4 * 32**3 - 16**3) / (64**3 - 16**3))):
+        got = runtime.measured_runtime_bytes(job.with_(shape=shape, batch=batch), cache_dir=tmp_path)
+        assert got == round(term * 10**6), (shape, batch)
 
 
 def test_runtime_term_under_the_pool_never_subtracts_a_replay_that_counts_more_than_the_pool(tmp_path, monkeypatch):
@@ -439,6 +456,7 @@ def test_runtime_term_under_the_pool_never_subtracts_a_replay_that_counts_more_t
     from fullres.cost import measure, runtime
 
     monkeypatch.setattr(runtime, "policy_for", lambda strategy, device="cpu": "pool")
+    monkeypatch.setattr(runtime, "calibration_shapes", lambda job: [runtime.calibration_shape(job)])  # one size
     job = JobConfig(model=ModelConfig(in_channels=4, filters=4, norm="none"), shape=(32, 32, 32), batch=1,
                     strategy=Strategy(channels_last=True))
     small = runtime.runtime_job(job)

@@ -5,11 +5,11 @@ touched by the first step, oneDNN's primitive cache (one JIT-compiled kernel per
 grows with the network's channel counts), and what the C allocator keeps under the job's policy (under
 the pool, the tensors' segments are the dry run's; glibc still serves what PyTorch does not allocate). It
 stops growing with the volume early, so it is measured once per network and strategy on a small volume at
-batch 1 (:func:`calibration_shape`: 16^3 for the paper's network; 64^3 under the CPU pool and glibc's fixed
-thresholds, where the code its kernels touch at larger volumes counts): ``measured peak - the dry run's tensors``, in a fresh process
-(``measure_peak``). Under the CPU pool the pool's own peak (its counters, read in that process) is kept
-too, and where the replay counts more than the pool held the term is ``measured peak - the pool's peak``: a
-replay over at the calibration size (MONAI's UNet in bf16 at 32^3 was 21 MB over, exact at 64^3) does not
+batch 1 (:func:`calibration_shapes`: 16^3 for the paper's network; under the CPU pool and glibc's fixed
+thresholds at 64^3 too, where the code its kernels touch at larger volumes counts, interpolated between):
+``measured peak - the dry run's tensors``, in a fresh process (``measure_peak``). Under the CPU pool the
+pool's own peak (its counters, read in that process) is kept too, and where the replay counts more than the
+pool held the term is ``measured peak - the pool's peak``: a replay over at the calibration size (MONAI's UNet in bf16 at 32^3 was 21 MB over, exact at 64^3) does not
 lower every larger job's estimate, while one under (an operator the replay does not know) is still carried
 as a constant.
 
@@ -35,6 +35,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import socket
 import statistics
@@ -64,33 +65,42 @@ CACHE_FILE = "runtime.json"
 CACHE_VERSION = 7  # 2: the allocator policy is part of the key (the CPU pool); 3: medians under glibc's heap;
 # 4: the dry run charges AVX2's GEMM weight-gradient buffers (the term is measured minus the dry run);
 # 5: native bf16 and AMX in the key (AVX-512 CPUs with and without them share a capability);
-# 6: under the pool, the pool's own peak is kept beside the measured peak; 7: 64^3 under the pool and fixed
+# 6: under the pool, the pool's own peak is kept beside the measured peak; 7: 64^3 too under the pool and fixed
 NOISY_POLICIES = ("default", "cached")  # glibc's heap: its peak varies from process to process
 NOISY_RUNS = 3
 
 
 def calibration_shape(job: JobConfig) -> tuple[int, int, int]:
     """16^3 for the paper's network; for others the smallest cube whose coarsest level keeps 2 voxels a
-    side (normalisation in training needs more than one value per channel): 2 x the network's divisor. Under
-    the CPU pool and glibc's fixed thresholds (whose peaks repeat), at least :data:`REPEATABLE_CALIBRATION_SIDE` a side
-    (a multiple of the divisor): what the process holds beside its tensors grows with the volume up to there
-    (the library code its kernels touch), then no more."""
-    divisor = spatial_divisor(job.model)
-    side = max(CALIBRATION_SHAPE[0], 2 * divisor)
-    if policy_for(job.strategy) in ("pool", "fixed"):
-        side = max(side, -(-REPEATABLE_CALIBRATION_SIDE // divisor) * divisor)
+    side (normalisation in training needs more than one value per channel): 2 x the network's divisor."""
+    side = max(CALIBRATION_SHAPE[0], 2 * spatial_divisor(job.model))
     return (side, side, side)
 
 
-def runtime_job(job: JobConfig) -> JobConfig:
+def calibration_shapes(job: JobConfig) -> list[tuple[int, int, int]]:
+    """Where `job`'s term is measured: :func:`calibration_shape` and, under the CPU pool and glibc's fixed
+    thresholds (whose peaks repeat, so one run each), also the smallest cube of a multiple of the divisor from
+    :data:`REPEATABLE_CALIBRATION_SIDE` on: what the process holds beside its tensors grows with the volume up
+    to there (the library code its kernels touch), then no more; between the two it is interpolated
+    (:func:`measured_runtime_bytes`)."""
+    small = calibration_shape(job)
+    if policy_for(job.strategy) not in ("pool", "fixed"):
+        return [small]
+    divisor = spatial_divisor(job.model)
+    side = max(small[0], -(-REPEATABLE_CALIBRATION_SIDE // divisor) * divisor)
+    return [small] if side == small[0] else [small, (side, side, side)]
+
+
+def runtime_job(job: JobConfig, shape: tuple[int, int, int] | None = None) -> JobConfig:
     """The job whose measured excess over its tensors is `job`'s runtime term: same network and strategy,
-    at :func:`calibration_shape` and batch 1, no accumulation (slabs capped at what its rows hold)."""
-    small = job.at_shape(calibration_shape(job))
+    at `shape` (:func:`calibration_shape` by default) and batch 1, no accumulation (slabs capped at what its
+    rows hold)."""
+    small = job.at_shape(shape or calibration_shape(job))
     return replace(small, batch=1, strategy=replace(small.strategy, accumulate=1))
 
 
-def _cache_key(job: JobConfig) -> dict:
-    return {"version": CACHE_VERSION, "job": runtime_job(job).to_json(), "torch": torch.__version__,
+def _cache_key(job: JobConfig, shape: tuple[int, int, int] | None = None) -> dict:
+    return {"version": CACHE_VERSION, "job": runtime_job(job, shape).to_json(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": fullres_device.avx512_bf16(),
             "amx_bf16": fullres_device.amx_bf16(), "threads": torch.get_num_threads(),
             "hostname": socket.gethostname(), "malloc": os.environ.get(ENV, ""), "policy": policy_for(job.strategy)}
@@ -107,9 +117,11 @@ def tensor_bytes(small: JobConfig, threads: int, policy: str) -> int:
 def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> int:
     """`job`'s runtime term in bytes (see the module docstring), from ``cache_dir/runtime.json`` when this
     network, strategy, torch, CPU, thread count and allocator setting were measured before; otherwise
-    measured now (two 16^3 training steps in a subprocess, a few seconds; the median of three under glibc's
-    heap) and cached. A network registered in this process (:func:`register_model`), which a fresh process
-    cannot rebuild, is measured in this one instead (:func:`in_process_runtime_bytes`)."""
+    measured now (two training steps at each of :func:`calibration_shapes` in a subprocess, a few seconds; the
+    median of three under glibc's heap) and cached; between two calibrations interpolated by the job's voxels
+    per micro-batch (SegResNet, fp32, under the pool: 98 MB outside it at 16^3, 101 at 32^3, 110 at 48^3, 121
+    at 64^3; linear in voxels within 2.5 MB). A network registered in this process (:func:`register_model`),
+    which a fresh process cannot rebuild, is measured in this one instead (:func:`in_process_runtime_bytes`)."""
     if not rebuilt_elsewhere(job.model.architecture):
         term = in_process_runtime_bytes(job)
         return runtime_bytes(job) if term is None else term
@@ -117,9 +129,22 @@ def measured_runtime_bytes(job: JobConfig, cache_dir: str | os.PathLike | None =
         import resource  # noqa: F401 - the measuring child reads its peak with it where /proc is missing
     except ImportError:  # not POSIX: nothing to measure with; the modelled constant
         return runtime_bytes(job)
+    shapes = calibration_shapes(job)
+    terms = [_calibrated_term(job, shape, cache_dir, refresh) for shape in shapes]
+    if len(terms) == 1:
+        return terms[0]
+    # per micro-batch voxels, between the two calibrations' (each at batch 1), linearly
+    low, high = (math.prod(shape) for shape in shapes)
+    voxels = math.prod(job.shape) * max(1, job.batch // max(1, job.strategy.accumulate))
+    fraction = min(1.0, max(0.0, (voxels - low) / (high - low)))
+    return round(terms[0] + (terms[1] - terms[0]) * fraction)
+
+
+def _calibrated_term(job: JobConfig, shape: tuple[int, int, int], cache_dir, refresh: bool) -> int:
+    """The term measured at `shape` (:func:`runtime_job`), cached; the modelled constant where it cannot be."""
     path = (Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()) / CACHE_FILE
-    key = _cache_key(job)
-    small = runtime_job(job)
+    key = _cache_key(job, shape)
+    small = runtime_job(job, shape)
     # The measurement is cached, and beside it the dry run's tensors with the digest of the code that
     # computed them: they are reused only by the same code, so a change to the tensor model never leaves a
     # stale difference behind (and the same code need not dry-run the calibration job again: ~1 s each).
