@@ -239,6 +239,10 @@ def _columns_bytes(input, weight, output_voxels: int, transposed: bool) -> int:
 # convolutions with the allocator policy (peak RSS minus the tensors, 64^3 and 96^3, 32-192 channels,
 # fp32 and bf16, 2 threads, torch 2.13 on an AVX-512 bf16 CPU, AMD Zen 4; docs/results/memory.md): 39-53 MB; 45 MB used.
 ONEDNN_BACKWARD_SCRATCH_BYTES = 45 * 10**6
+# The allocator policies whose peaks repeat, where the runtime term is also calibrated at 64^3
+# (fullres.cost.runtime.calibration_shapes) and so holds the ~35 MB a process's first oneDNN backward takes and
+# keeps (measured: a convolution of another shape after it adds 0.2-3 MB); there no first call is charged.
+TERM_HOLDS_FIRST_CALL = ("pool", "fixed")
 
 
 # oneDNN offers a primitive only if its scratchpad is at most this (``scratchpad_limit``, 1 GiB); past it the
@@ -418,7 +422,7 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     else:
         layout = _nbytes(conv.input) + _nbytes(conv.grad_output)  # blocked reorders
     if conv.forward:
-        return layout + onednn_transposed_scratch_bytes(conv) + _avx512_transposed_forward_copy(conv)
+        return layout + onednn_transposed_scratch_bytes(conv) + onednn_transposed_forward_copy_bytes(conv)
     # The scratchpad comes with the primitive's creation, the first call at these shapes: measured
     # in a training step's second backward, every convolution's extra is within the copies +- 20 MB.
     # Without AVX-512 the first call takes ~5 MB more (within the runtime term) and GEMM's buffers instead.
@@ -730,8 +734,7 @@ class _Tracker(TorchDispatchMode):
     def __init__(self, allocator: CachingAllocatorModel | None = None, workspace_in_allocator: bool = False,
                  cuda_multiprocessors: int | None = None, first_call_scratch: bool = True) -> None:
         super().__init__()
-        # Whether a convolution backward's first call at its shapes is charged oneDNN's first-call scratchpad;
-        # not where the runtime term, calibrated at 64^3 (peaks that repeat), holds it (kept by the process).
+        # whether a convolution backward's first call at its shapes is charged oneDNN's first-call scratchpad
         self.first_call_scratch = first_call_scratch
         # Set where fake CPU tensors stand in for CUDA ones: operators' workspaces are CUDA's, for this many
         # multiprocessors, and no oneDNN kernel runs.
@@ -857,7 +860,7 @@ class _Tracker(TorchDispatchMode):
         # the pool carves such an operator's outputs beside its live workspace, as the real order has it
         before = self.workspace_in_allocator and workspace_before_outputs(func, args)
         untracked = outputs if before else []  # tracked once the first phase's blocks are taken
-        workspace = pool_op_workspace(func, args, kwargs, out) if self.workspace_in_allocator else None
+        workspace = pool_op_workspace(func, args, kwargs, out, first_call) if self.workspace_in_allocator else None
         # ATen's copies of the operands come before the outputs, and live until the operator returns
         held = [self.allocator.malloc(size)[0] for size in workspace.held] if workspace is not None else []
         scripted = workspace is not None and workspace.script is not None
@@ -910,13 +913,23 @@ class _Tracker(TorchDispatchMode):
 TRANSPOSED_FORWARD_EXTRA_BYTES = {torch.float32: (12416, 8216), torch.bfloat16: (16512, 10264)}
 
 
+def _onednn_per_thread_copy_bytes(sample: int, dtype: torch.dtype) -> int:
+    """oneDNN's backward-data kernel (a transposed convolution's forward, a strided one's input gradient): per
+    thread `sample` bytes and a little more, plus a fixed part (:data:`TRANSPOSED_FORWARD_EXTRA_BYTES`)."""
+    fixed, per_thread = TRANSPOSED_FORWARD_EXTRA_BYTES.get(dtype, TRANSPOSED_FORWARD_EXTRA_BYTES[torch.float32])
+    return torch.get_num_threads() * (sample + per_thread) + fixed
+
+
 def onednn_transposed_forward_copy_bytes(conv: "_Convolution") -> int:
-    """The block oneDNN's channels-last transposed convolution with a kernel the size of its stride takes in
-    forward on AVX-512: per thread, a copy of one sample's input (whatever the batch), and a little more."""
-    extra = TRANSPOSED_FORWARD_EXTRA_BYTES
-    fixed, per_thread = extra.get(conv.input.dtype, extra[torch.float32])
-    threads = torch.get_num_threads()
-    return threads * (_nbytes(conv.input) // conv.input.shape[0] + per_thread) + fixed
+    """The block oneDNN's channels-last transposed convolution whose kernel does not overlap takes in forward on
+    AVX-512: per thread, a copy of one sample's input (whatever the batch), and a little more. fp32, and bf16
+    where measured (:func:`~fullres.kernels.malloc.bf16_pool_modelled`); 0 for every other convolution."""
+    if not (conv.forward and conv.transposed and conv.backend == "MkldnnTranspose" and fullres_device.avx512()
+            and _onednn_channels_last(conv) and onednn_transposed_scratch_bytes(conv) == 0):
+        return 0
+    if not (conv.input.dtype == torch.float32 or conv.input.dtype == torch.bfloat16 and bf16_pool_modelled()):
+        return 0
+    return _onednn_per_thread_copy_bytes(_nbytes(conv.input) // conv.input.shape[0], conv.input.dtype)
 
 
 def onednn_strided_input_gradient_bytes(conv: "_Convolution", input_gradient: bool = True) -> int:
@@ -930,21 +943,9 @@ def onednn_strided_input_gradient_bytes(conv: "_Convolution", input_gradient: bo
             and conv.backend == "Mkldnn" and _onednn_channels_last(conv) and conv.input.dtype == torch.float32
             and any(stride > 1 for stride in conv.stride) and math.prod(conv.weight.shape[2:]) > 1):
         return 0
-    fixed, per_thread = TRANSPOSED_FORWARD_EXTRA_BYTES[torch.float32]
     padded = math.prod(size + (k - 1) // 2 for size, k in zip(conv.grad_output.shape[2:], conv.weight.shape[2:]))
-    sample = conv.grad_output.shape[1] * padded * conv.grad_output.element_size()
-    return torch.get_num_threads() * (sample + per_thread) + fixed
-
-
-def _avx512_transposed_forward_copy(conv: "_Convolution") -> int:
-    """:func:`onednn_transposed_forward_copy_bytes` where it applies outside the pool's replay too: the forward of a
-    channels-last transposed convolution whose kernel does not overlap, on AVX-512, fp32 (bf16 where measured)."""
-    if not (conv.forward and conv.transposed and conv.backend == "MkldnnTranspose" and fullres_device.avx512()
-            and _onednn_channels_last(conv) and onednn_transposed_scratch_bytes(conv) == 0):
-        return 0
-    if not (conv.input.dtype == torch.float32 or conv.input.dtype == torch.bfloat16 and bf16_pool_modelled()):
-        return 0
-    return onednn_transposed_forward_copy_bytes(conv)
+    return _onednn_per_thread_copy_bytes(conv.grad_output.shape[1] * padded * conv.grad_output.element_size(),
+                                         torch.float32)
 
 
 def workspace_before_outputs(func, args) -> bool:
@@ -966,7 +967,7 @@ class PoolWorkspace(NamedTuple):
     script: tuple[tuple, ...] | None = None
 
 
-def pool_op_workspace(func, args, kwargs, out) -> PoolWorkspace:
+def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> PoolWorkspace:
     """`op_workspace` split for the CPU pool: the blocks the operator takes from PyTorch's allocator, so
     from the pool, in phases (each phase's blocks are alive together and freed before the next phase's are
     taken), those it holds through all of them, and the bytes it allocates elsewhere.
@@ -1025,7 +1026,7 @@ def pool_op_workspace(func, args, kwargs, out) -> PoolWorkspace:
     scratch = onednn_transposed_scratch_bytes(conv)  # taken from PyTorch's allocator too
     if not conv.forward:  # AVX2: GEMM's weight-gradient buffers, from PyTorch's allocator too
         scratch += gemm_weight_gradient_bytes(conv, weight_gradient=bool(args[10][1]))
-    copy = 0 if scratch else _avx512_transposed_forward_copy(conv)
+    copy = onednn_transposed_forward_copy_bytes(conv)  # 0 where the scratch above is taken
     if scratch:
         blocks.append(scratch)
     elif copy:
@@ -1034,11 +1035,10 @@ def pool_op_workspace(func, args, kwargs, out) -> PoolWorkspace:
     copies = _bf16_copy_blocks(conv)
     # the input gradient's weight copy and buffer, freed before the weight gradient's blocks are taken
     phases = [[weight, strided], blocks + copies] if strided else [blocks + copies]
-    # Outside the pool: what op_workspace counts and the pool does not hold (NCDHW reorders). The ~35 MB a
-    # process's first oneDNN backward takes stays with the process (measured: a convolution of another shape
-    # after it adds 0.2-3 MB): the runtime term, measured under the pool, holds it.
+    # outside the pool: what op_workspace counts and the pool does not hold (NCDHW reorders, a first call's
+    # scratchpad where the runtime term does not hold it: see TERM_HOLDS_FIRST_CALL)
     in_pool = sum(copies) + sum(layout) + scratch + strided + copy
-    outside = op_workspace(func, args, kwargs, out, first_call=False) - in_pool
+    outside = op_workspace(func, args, kwargs, out, first_call) - in_pool
     return PoolWorkspace(phases, max(0, outside), tuple(layout))
 
 
@@ -1094,7 +1094,7 @@ def dryrun(job: JobConfig, loss: str | Callable = "dice", optimizer: str | Calla
                          "tensors cannot be told from the device's)")
     tracker = _Tracker(caching, workspace_in_allocator=pooled,
                        cuda_multiprocessors=MODELLED_MULTIPROCESSORS if stand_in else None,
-                       first_call_scratch=allocator != "fixed")
+                       first_call_scratch=allocator not in TERM_HOLDS_FIRST_CALL)
     # the device the fake tensors are made on (CPU ones standing in for CUDA's: see cuda_stand_in)
     tensor_device = "cpu" if stand_in else device
     # fp16's gradient scaler needs CUDA; its state is a few bytes, so the stand-in builds the step without it

@@ -9,17 +9,17 @@ batch 1 (:func:`calibration_shapes`: 16^3 for the paper's network; under the CPU
 thresholds at 64^3 too, where the code its kernels touch at larger volumes counts, interpolated between):
 ``measured peak - the dry run's tensors``, in a fresh process (``measure_peak``). Under the CPU pool the
 pool's own peak (its counters, read in that process) is kept too, and where the replay counts more than the
-pool held the term is ``measured peak - the pool's peak``: a replay over at the calibration size (MONAI's UNet in bf16 at 32^3 was 21 MB over, exact at 64^3) does not
-lower every larger job's estimate, while one under (an operator the replay does not know) is still carried
-as a constant.
+pool held the term is ``measured peak - the pool's peak``: a replay over at the calibration size (MONAI's
+UNet in bf16 at 32^3 was 21 MB over, exact at 64^3) does not lower every larger job's estimate, while one
+under (an operator the replay does not know) is still carried as a constant.
 
 Measured on an AVX-512 bf16 CPU (AMD Zen 4; docs/results/memory.md), 32 filters, channels-last: the
 constant measured with filters 1 (86.6 MiB) left checkpointed fp32 jobs of 48x32x32 to 96x96x64 3.4-6.9 %
 low; their network's own term is 125 MiB and brings them to +0.4..+1.2 %.
 
 Under glibc's default heap (contiguous fp32 jobs and bf16 ones on AMX, without checkpointing or slabs) the
-same 16^3 step keeps a different amount each run: 540-562 MB over nine fresh processes for the 32-filter bf16 network
-on the AVX-512 bf16 CPU. There the term is the median of three measurements, so that one unlucky process
+same 16^3 step keeps a different amount each run: 540-562 MB over nine fresh processes for the 32-filter bf16
+network on the AVX-512 bf16 CPU. There the term is the median of three measurements, so that one unlucky process
 does not bias every later estimate; under the pool and the fixed thresholds a job's peak repeats to within
 0.5 MB, and the term is measured once.
 
@@ -49,7 +49,7 @@ from fullres.job.config import JobConfig
 from fullres.job.step import build_training, train_step
 from fullres.files import cache_lookup, cache_store, source_digest, user_cache_dir
 from fullres.nets.registry import build_on_meta, rebuilt_elsewhere, spatial_divisor
-from fullres.cost.dryrun import dryrun, runtime_bytes
+from fullres.cost.dryrun import TERM_HOLDS_FIRST_CALL, dryrun, runtime_bytes
 from fullres.kernels import device as fullres_device
 from fullres.kernels.malloc import ENV, policy_for
 from fullres.cost import measure
@@ -84,7 +84,7 @@ def calibration_shapes(job: JobConfig) -> list[tuple[int, int, int]]:
     to there (the library code its kernels touch), then no more; between the two it is interpolated
     (:func:`measured_runtime_bytes`)."""
     small = calibration_shape(job)
-    if policy_for(job.strategy) not in ("pool", "fixed"):
+    if policy_for(job.strategy) not in TERM_HOLDS_FIRST_CALL:
         return [small]
     divisor = spatial_divisor(job.model)
     side = max(small[0], -(-REPEATABLE_CALIBRATION_SIDE // divisor) * divisor)
