@@ -49,20 +49,28 @@ def command_of(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A refusal or fault is one line on stderr and a non-zero exit code: library warnings
-    raised on the way are held back while the command runs and shown after it only when it succeeds; an
+    (and log records of level WARNING and above) raised on the way are held back while the command runs and shown after it only when it succeeds; an
     unexpected exception is one line too (FULLRES_TRACEBACK=1 shows its traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(command_of(argv)).parse_args(argv)
 
     # the fake-tensor mode logs every operator a dry run cannot follow, traceback included; the refusal says it
     logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
-    with warnings.catch_warnings(record=True) as held:
-        if not sys.warnoptions:  # the user's own -W / PYTHONWARNINGS stand
-            warnings.simplefilter("default")
-        code, message = _run(args)
+    logged = _HeldRecords()
+    root = logging.getLogger()
+    root.addHandler(logged)
+    try:
+        with warnings.catch_warnings(record=True) as held:
+            if not sys.warnoptions:  # the user's own -W / PYTHONWARNINGS stand
+                warnings.simplefilter("default")
+            code, message = _run(args)
+    finally:
+        root.removeHandler(logged)
     if message is not None:
         print(f"fullres {args.command}: {' '.join(message.split())}", file=sys.stderr)
     else:
+        for record in logged.records:  # as logging's last resort would have printed them
+            sys.stderr.write(logging.lastResort.format(record) + "\n")
         for warning in held[:HELD_WARNINGS]:  # as Python would have printed them, the user's job's in one line
             if issubclass(warning.category, OneLineWarning):
                 print(f"fullres {args.command}: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
@@ -75,6 +83,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 HELD_WARNINGS = 50  # a long training run's repeated warnings are shown up to this many
+
+
+class _HeldRecords(logging.Handler):
+    """Libraries' log records of level WARNING and above, held like their warnings: printed after a command
+    that succeeds, dropped when it fails (matplotlib's "could not save font_manager cache" on a full disk
+    would otherwise stand beside the one line that says so)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < HELD_WARNINGS:
+            self.records.append(record)
 
 
 def _run(args: argparse.Namespace) -> tuple[int, str | None]:
