@@ -51,7 +51,7 @@ from fullres.files import cache_lookup, cache_store, source_digest, user_cache_d
 from fullres.nets.registry import build_on_meta, rebuilt_elsewhere, spatial_divisor
 from fullres.cost.dryrun import TERM_HOLDS_FIRST_CALL, dryrun, runtime_bytes
 from fullres.kernels import device as fullres_device
-from fullres.kernels.malloc import ENV, policy_for
+from fullres.kernels.malloc import ENV, policy_for, trim_heap
 from fullres.cost import measure
 
 CALIBRATION_SHAPE = (16, 16, 16)
@@ -196,8 +196,9 @@ def in_process_runtime_bytes(job: JobConfig, loss="dice", optimizer="adam") -> i
     (:func:`runtime_job`) in this process, their peak RSS above the RSS before them minus the dry run's
     tensors for the same steps; cached per machine by the network's class and parameter shapes, strategy,
     torch, CPU and threads. `loss` and `optimizer` as :func:`fullres.cost.dryrun.dryrun` takes them. None
-    where this process's peak cannot be read (no /proc/self/clear_refs) or the network does not take the
-    calibration size."""
+    where this process's peak cannot be read (no /proc/self/clear_refs), where the steps ran in memory the
+    process held already (the RSS grew by less than their tensors: a CPU pool's cached blocks), neither
+    cached, or where the network does not take the calibration size."""
     small = runtime_job(job)
     try:
         skeleton = build_on_meta(small.model, small.shape)
@@ -216,6 +217,7 @@ def in_process_runtime_bytes(job: JobConfig, loss="dice", optimizer="adam") -> i
         tensors = dryrun(small, loss=loss, optimizer=optimizer, runtime=0, allocator="default").peak_bytes
     except ValueError:  # the network does not take the calibration size: the modelled constant
         return None
+    trim_heap()  # free heap memory from earlier work back to the kernel: the steps below must fault theirs in
     baseline, _ = measure.rss_bytes()
     if not measure.reset_hwm():
         return None
@@ -231,7 +233,9 @@ def in_process_runtime_bytes(job: JobConfig, loss="dice", optimizer="adam") -> i
         return None
     _, peak = measure.rss_bytes()
     del training, images, targets
-    term = max(0, peak - baseline - tensors)
+    if peak - baseline < tensors:  # the steps ran in blocks this process held already (the CPU pool's): unseen
+        return None
+    term = peak - baseline - tensors
     cache_store(path, key, {"runtime_bytes": term, "measured_bytes": peak - baseline})
     return term
 

@@ -188,6 +188,21 @@ def _mallopt():
     return mallopt
 
 
+def trim_heap() -> bool:
+    """Hand glibc's free heap memory back to the kernel (`malloc_trim(0)`), so that blocks allocated next are
+    faulted in afresh and show in the RSS. False where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 def set_training_malloc_policy(strategy=None, force: bool = False, device: str = "cpu",
                                build: bool = True) -> str | None:
     """Put `policy_for(strategy, device, build)` in force ("fixed" when `force`). Returns the policy's name,
