@@ -14,11 +14,17 @@ SMALL_SHAPE = (32, 32, 24)
 def private_cache(tmp_path_factory):
     """Calibrations (step times, runtime terms) and the record of trusted factories go to fresh folders:
     tests neither read a developer's cache or configuration nor leave entries in them. Subprocesses inherit
-    the variables."""
+    the variables. pytest-xdist's workers share the cache (each calibration is measured once per run; its
+    writes are atomic and locked), each keeps its own configuration."""
     import os
 
     previous = {name: os.environ.get(name) for name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        cache = tmp_path_factory.getbasetemp().parent / "cache"  # the run's folder, above each worker's
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("cache")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
     os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config"))
     yield
     for name, value in previous.items():

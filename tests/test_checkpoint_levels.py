@@ -70,6 +70,6 @@ def test_bad_selections_are_refused_in_one_line(flags, message, capsys):
 
 
 def test_the_strategy_says_what_it_checkpoints(capsys):
-    assert main(["estimate", "--method", "dryrun", "--shape", "32", "32", "32", "--batch", "1", "--checkpointing",
-                 "--checkpoint-levels", "2"]) == 0
+    assert main(["estimate", "--method", "dryrun", "--shape", "32", "32", "32", "--batch", "1", "--filters", "4",
+                 "--checkpointing", "--checkpoint-levels", "2"]) == 0
     assert "checkpointing of the 2 finest levels" in capsys.readouterr().out

@@ -246,8 +246,8 @@ def test_train_and_predict_with_a_monai_network(cli, tmp_path):
     run = tmp_path / "run"
     code, out, err = cli("train", data, "--out", run, "--model", "monai:SegResNet", "--model-args",
                          '{"init_filters": 8}', "--shape", "16", "16", "16", "--batch", "1", "--epochs", "1",
-                         "--workers", "0", "--quiet", "--device", "cpu", "--checkpointing")
-    assert code == 0, err
+                         "--workers", "0", "--quiet", "--device", "cpu", "--checkpointing", "--force")
+    assert code == 0, err  # (--force: the preflight's calibration is the next test's subject)
     config = json.loads((run / "config.json").read_text())
     assert config["job"]["model"]["architecture"] == "monai:SegResNet"
     assert json.loads(config["job"]["model"]["args"]) == {"init_filters": 8}

@@ -172,8 +172,10 @@ def test_any_network_trains_and_predicts_across_processes_in_slabs(msd, tmp_path
     import numpy as np
     import nibabel as nib
 
+    # --force: the preflight of such a job (its calibration, ~1 min) is tests/test_tape.py's and
+    # tests/test_tape_spatial.py's; here the runs' equality is tested
     flags = [*FLAGS, "--model", "monai:SegResNet", "--model-args", '{"init_filters": 8}', "--slabs", "2",
-             "--coarse-slabs", "2"]
+             "--coarse-slabs", "2", "--force"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert (done := fullres("train", msd, "--out", one, "--epochs", "1", *flags)).returncode == 0, done.stderr[-3000:]
     shared = fullres("train", msd, "--out", two, "--epochs", "1", *flags, "--spatial", "2", processes=2)

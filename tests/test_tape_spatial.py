@@ -134,6 +134,19 @@ def test_a_map_too_short_for_its_halos_is_refused_naming_it():
         SlabForward(tape, (1,), space=simulated(64, 4))
 
 
+def test_a_process_sharing_a_volume_is_dry_run_on_its_rows_in_slabs():
+    """What `train --spatial 2`'s preflight computes for a network on its tape: each process's shard of a
+    slabbed job, halos included, dry-runs below the whole volume's and above half of it."""
+    from fullres.cost.dryrun import dryrun
+
+    segresnet = ModelConfig(architecture="monai:SegResNet", in_channels=4, classes=3, args='{"init_filters": 8}')
+    job = JobConfig(model=segresnet, shape=(32, 16, 16), batch=1,
+                    strategy=Strategy(checkpointing=True, slabs=2, coarse_slabs="2"))
+    whole = dryrun(job, runtime=0).peak_bytes
+    shares = [dryrun(job, spatial=2, spatial_index=k, runtime=0).peak_bytes for k in (0, 1)]
+    assert all(whole / 2 < share < whole for share in shares), (whole, shares)
+
+
 def test_which_jobs_split_across_processes():
     segresnet = ModelConfig(architecture="monai:SegResNet", in_channels=2, classes=3, args='{"init_filters": 8}')
     check_spatial(JobConfig(model=segresnet, shape=(32, 16, 16), batch=1), 2)
