@@ -598,6 +598,51 @@ def test_atens_slow_path_takes_the_modelled_blocks_in_the_modelled_order():
         assert not dryrun.workspace_before_outputs(aten.convolution.default, args)
 
 
+ROLL = """
+import json, torch
+from fullres.kernels import cpu_pool
+cpu_pool.install()
+found = {}
+for dims in ([1], [1, 2], [1, 2, 3]):
+    x = torch.randn(1, 24, 24, 16, 48)
+    cpu_pool.trace(True)
+    y = torch.roll(x, shifts=[-3] * len(dims), dims=dims)
+    cpu_pool.trace(False)
+    events = cpu_pool.read_trace()
+    del y  # (freed outside the next trace)
+    taken = {address: size for size, address in events if size >= 0}
+    found[str(len(dims))] = [size if size >= 0 else -taken[address] for size, address in events]
+print(json.dumps(found))
+"""
+
+
+@needs_compiler
+def test_a_roll_over_several_dimensions_takes_a_copy_per_extra_dimension_before_its_output():
+    """ATen's CPU roll rolls one dimension at a time: over k dimensions the pool's trace takes k - 1
+    intermediate copies, then the output, and frees the copies last taken first; the replay takes the same
+    blocks in the same order (a fake tensor's roll makes its output alone)."""
+    import json
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fullres.cost import dryrun
+
+    aten = torch.ops.aten
+    found = json.loads(run_python(ROLL))
+    with FakeTensorMode():
+        x = torch.empty(1, 24, 24, 16, 48)
+        for k in (1, 2, 3):
+            args = (x, [-3] * k, list(range(1, k + 1)))
+            out = aten.roll.default(*args)
+            assert dryrun.workspace_before_outputs(aten.roll.default, args)
+            phases = dryrun.pool_op_workspace(aten.roll.default, args, {}, out).phases
+            copies = phases[0] if phases else []
+            modelled = copies + [out.nbytes] + [-size for size in reversed(copies)]
+            assert found[str(k)] == modelled, (k, found[str(k)])
+            assert dryrun.op_workspace(aten.roll.default, args, {}, out) == (k - 1) * x.nbytes
+
+
 @needs_compiler
 @pytest.mark.skipif(not device.avx512(), reason="the AVX-512 kernel's buffer (AVX2's: the test above)")
 def test_an_overlapping_transposed_convolution_takes_a_padded_copy_per_thread_on_avx512():

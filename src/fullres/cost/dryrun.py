@@ -385,7 +385,8 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
 
     The convolutions allocate most; a few other CPU operators hold a buffer of an operand's size
     (:data:`_INTERNAL_BLOCKS`: batch norm's backward, a sum into another dtype, softmax over a
-    channels-last map, max pooling's and a replication pad's backward on operands of mixed layouts).
+    channels-last map, max pooling's and a replication pad's backward on operands of mixed layouts, a roll
+    over several dimensions).
     ATen's slow path (``Slow3d``: bf16 convolutions on a CPU
     without native bf16, and fp32 ones at batch 1 whose N x C x D x H is at most 20480, e.g. the first
     convolution's 4 channels below full resolution) unfolds its input into a column buffer of
@@ -543,13 +544,22 @@ def _softmax_blocks(args, kwargs) -> list[int]:
     return [] if source.is_contiguous() else [source.numel() * source.element_size()]
 
 
+def _roll_blocks(args, kwargs) -> list[int]:
+    """ATen's CPU roll over k > 1 dimensions rolls one dimension at a time: k - 1 intermediate copies of the
+    input, taken before the output and freed after it (the pool's trace: A, B, output, free B, free A), where a
+    fake tensor makes the output alone. SwinUNETR's shifted windows roll over three."""
+    dims = args[2] if len(args) > 2 else kwargs.get("dims", ())
+    count = len(dims) if isinstance(dims, (list, tuple)) else 1
+    return [_nbytes(args[0])] * max(0, count - 1)
+
+
 # Operators other than convolutions that take blocks inside themselves on CPU, and what they take.
 _INTERNAL_BLOCKS = {aten.sum.dim_IntList: _sum_cast_blocks, aten.sum.default: _sum_cast_blocks,
                     aten._log_softmax.default: _softmax_blocks,
                     aten.native_batch_norm_backward.default: _batch_norm_backward_blocks,
                     aten.replication_pad3d_backward.default: _replication_pad_backward_blocks,
                     aten.max_pool3d_with_indices_backward.default: _max_pool_backward_blocks,
-                    aten._softmax.default: _softmax_blocks}
+                    aten._softmax.default: _softmax_blocks, aten.roll.default: _roll_blocks}
 
 
 def _slow_path_phases(conv: _Convolution, out, mask=None) -> list[list[int]]:
@@ -951,7 +961,10 @@ def onednn_strided_input_gradient_bytes(conv: "_Convolution", input_gradient: bo
 def workspace_before_outputs(func, args) -> bool:
     """Whether an operator takes its workspace from the pool before its outputs (and frees it after them):
     the forward of ATen's slow 3D convolution (in the pool's trace: weight copy, columns, output, then the
-    frees). Its transposed one takes its output first, as the replay does; the dilated one is not measured."""
+    frees), and a roll over several dimensions (:func:`_roll_blocks`). The slow transposed convolution takes
+    its output first, as the replay does; the dilated one is not measured."""
+    if func is aten.roll.default:
+        return args[0].device.type == "cpu"
     return (func is aten.convolution.default and args[0].device.type == "cpu"
             and _cpu_convolution(func, args).backend == "Slow3d")
 
