@@ -643,6 +643,76 @@ def test_a_roll_over_several_dimensions_takes_a_copy_per_extra_dimension_before_
             assert dryrun.op_workspace(aten.roll.default, args, {}, out) == (k - 1) * x.nbytes
 
 
+LAYER_NORM = """
+import json, torch
+from fullres.kernels import cpu_pool
+cpu_pool.install()
+aten = torch.ops.aten
+found = {}
+for dtype in (torch.float32, torch.bfloat16):
+    w, b = torch.randn(48, dtype=dtype), torch.randn(48, dtype=dtype)
+    for x_cont in (True, False):
+        for g_cont in (True, False):
+            x = torch.randn(1, 48, 24, 24, 16, dtype=dtype).permute(0, 2, 3, 4, 1)
+            x = x.contiguous() if x_cont else x
+            g = torch.randn(1, 48, 24, 24, 16, dtype=dtype).permute(0, 2, 3, 4, 1)
+            g = g.contiguous() if g_cont else g
+            cpu_pool.trace(True)
+            out, mean, rstd = aten.native_layer_norm(x, [48], w, b, 1e-5)
+            forward = cpu_pool.read_trace()
+            cpu_pool.trace(True)
+            grads = aten.native_layer_norm_backward(g, x, [48], mean, rstd, w, b, [True, True, True])
+            backward = cpu_pool.read_trace()
+            cpu_pool.trace(False)
+            found[f"{dtype} {x_cont} {g_cont}"] = [[size for size, _ in events if size >= 65536 or size < 0]
+                                                   for events in (forward, backward)]
+            del out, mean, rstd, grads
+print(json.dumps(found))
+"""
+
+
+@needs_compiler
+def test_layer_norm_copies_its_non_contiguous_operands_where_the_model_says():
+    """ATen's CPU layer norm copies a non-contiguous input before its outputs (freed after them) and, in
+    backward, a non-contiguous output gradient after the gradients: the pool's trace (blocks of 64 KiB and
+    more, and every free) against the replay's order, fp32 and bf16."""
+    import json
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fullres.cost import dryrun
+
+    aten = torch.ops.aten
+    found = json.loads(run_python(LAYER_NORM))
+    with FakeTensorMode():
+        for dtype in (torch.float32, torch.bfloat16):
+            w, b = torch.empty(48, dtype=dtype), torch.empty(48, dtype=dtype)
+            for x_cont in (True, False):
+                for g_cont in (True, False):
+                    x = torch.empty(1, 48, 24, 24, 16, dtype=dtype).permute(0, 2, 3, 4, 1)
+                    x = x.contiguous() if x_cont else x
+                    g = torch.empty(1, 48, 24, 24, 16, dtype=dtype).permute(0, 2, 3, 4, 1)
+                    g = g.contiguous() if g_cont else g
+                    args = (x, [48], w, b, 1e-5)
+                    out = aten.native_layer_norm.default(*args)
+                    held = dryrun.pool_op_workspace(aten.native_layer_norm.default, args, {}, out).held
+                    forward = list(held) + [out[0].nbytes] + [-1] * len(held)
+                    backward_args = (g, x, [48], out[1], out[2], w, b, [True, True, True])
+                    backward_op = aten.native_layer_norm_backward.default
+                    workspace = dryrun.pool_op_workspace(backward_op, backward_args, {}, None)
+                    taken = [step[1] for step in workspace.script if step[0] == "take"]
+                    backward = list(workspace.held) + [x.nbytes] + taken + [-1] * (len(taken) + len(workspace.held))
+                    key = f"{dtype} {x_cont} {g_cont}"
+                    real_forward, real_backward = found[key]
+                    # the trace's frees of blocks under 64 KiB (mean, rstd, a small temporary) are not compared
+                    assert real_forward[:len(forward) - len(held)] == forward[:len(forward) - len(held)], key
+                    assert real_forward.count(-1) == len(held), key
+                    assert [size for size in real_backward if size > 0] == [size for size in backward if size > 0], key
+                    assert dryrun.op_workspace(backward_op, backward_args, {}, None) == (
+                        sum(workspace.held) + sum(taken)), key
+
+
 @needs_compiler
 @pytest.mark.skipif(not device.avx512(), reason="the AVX-512 kernel's buffer (AVX2's: the test above)")
 def test_an_overlapping_transposed_convolution_takes_a_padded_copy_per_thread_on_avx512():

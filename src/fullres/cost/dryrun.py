@@ -406,6 +406,8 @@ def op_workspace(func, args, kwargs, out, first_call: bool = True) -> int:
     """
     if func in _INTERNAL_BLOCKS:
         return sum(_INTERNAL_BLOCKS[func](args, kwargs)) if args[0].device.type == "cpu" else 0
+    if func in _LAYER_NORM:
+        return sum(_layer_norm_copies(func, args)) if args[0].device.type == "cpu" else 0
     if func not in (aten.convolution.default, aten.convolution_backward.default):
         return 0
     if args[0].device.type == "cuda":
@@ -551,6 +553,21 @@ def _roll_blocks(args, kwargs) -> list[int]:
     dims = args[2] if len(args) > 2 else kwargs.get("dims", ())
     count = len(dims) if isinstance(dims, (list, tuple)) else 1
     return [_nbytes(args[0])] * max(0, count - 1)
+
+
+_LAYER_NORM = (aten.native_layer_norm.default, aten.native_layer_norm_backward.default)
+
+
+def _layer_norm_copies(func, args) -> list[int]:
+    """ATen's CPU layer norm works on contiguous operands: a contiguous copy of a non-contiguous input (taken
+    before the outputs, freed after them) and, in backward, of a non-contiguous output gradient (taken after
+    the gradients): [input copy, output-gradient copy] in bytes, 0 where the operand is contiguous (the pool's
+    trace, fp32 and bf16). SwinUNETR normalises permuted maps; fake tensors copy nothing."""
+    x = args[0] if func is aten.native_layer_norm.default else args[1]
+    copies = [0 if x.is_contiguous() else _nbytes(x)]
+    if func is aten.native_layer_norm_backward.default:
+        copies.append(0 if args[0].is_contiguous() else _nbytes(args[0]))
+    return copies
 
 
 # Operators other than convolutions that take blocks inside themselves on CPU, and what they take.
@@ -1000,6 +1017,13 @@ def pool_op_workspace(func, args, kwargs, out, first_call: bool = True) -> PoolW
     if func in _INTERNAL_BLOCKS:
         blocks = _INTERNAL_BLOCKS[func](args, kwargs) if args[0].device.type == "cpu" else []
         return PoolWorkspace([blocks] if blocks else [])
+    if func in _LAYER_NORM:
+        if args[0].device.type != "cpu":
+            return PoolWorkspace([])
+        copy_x, *copy_dy = _layer_norm_copies(func, args)
+        # the input's copy before the outputs; in backward the output gradient's after them (the pool's trace)
+        script = (("outputs", None),) + tuple(("take", size) for size in copy_dy if size) + (("peak",),)
+        return PoolWorkspace([], 0, (copy_x,) if copy_x else (), script)
     if func not in (aten.convolution.default, aten.convolution_backward.default) or args[0].device.type != "cpu":
         return PoolWorkspace([])
     conv = _cpu_convolution(func, args)
