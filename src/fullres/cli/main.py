@@ -49,8 +49,9 @@ def command_of(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A refusal or fault is one line on stderr and a non-zero exit code: library warnings
-    (and log records of level WARNING and above) raised on the way are held back while the command runs and shown after it only when it succeeds; an
-    unexpected exception is one line too (FULLRES_TRACEBACK=1 shows its traceback)."""
+    (and log records of level WARNING and above) raised on the way are held back while the command runs and
+    shown after it only when it succeeds; an unexpected exception is one line too (FULLRES_TRACEBACK=1 shows
+    its traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(command_of(argv)).parse_args(argv)
 

@@ -176,29 +176,26 @@ def policy_line(strategy, device: str = "cpu") -> str | None:
                       "estimate)"}.get(policy)
 
 
-def _mallopt():
+def _libc(function: str, argtypes: list):
+    """The C library's `function` (returning int) with `argtypes`, or None where there is no such library or
+    function (not glibc)."""
     name = ctypes.util.find_library("c")
     if not name:
         return None
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        found = getattr(ctypes.CDLL(name), function)
     except (OSError, AttributeError):
         return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt
+    found.argtypes, found.restype = argtypes, ctypes.c_int
+    return found
 
 
 def trim_heap() -> bool:
     """Hand glibc's free heap memory back to the kernel (`malloc_trim(0)`), so that blocks allocated next are
     faulted in afresh and show in the RSS. False where there is no glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = _libc("malloc_trim", [ctypes.c_size_t])
     if trim is None:
         return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True
 
@@ -216,7 +213,7 @@ def set_training_malloc_policy(strategy=None, force: bool = False, device: str =
         cpu_pool.uninstall()
     if policy == "default":
         return None
-    mallopt = _mallopt()
+    mallopt = _libc("mallopt", [ctypes.c_int, ctypes.c_int])
     if mallopt is None:
         return None
     if policy == "fixed":
