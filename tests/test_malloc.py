@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 
-def run_python(code: str, **env) -> str:
+def run_python(code: str, *args: str, **env) -> str:
     import os
 
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
                           env={**os.environ, **env}).stdout.strip()
 
 
@@ -86,3 +86,42 @@ def test_an_unknown_allocator_policy_is_refused_in_one_line(tmp_path):
     assert done.returncode != 0
     assert done.stderr.strip() == ("fullres estimate: error: FULLRES_MALLOC='cache' is not an allocator policy: "
                                    "use one of pool, fixed, cached, default, or unset it")
+
+
+MKL_BUFFERS = """
+import ctypes, json, os, sys, torch
+from fullres.job.config import Strategy
+from fullres.kernels.malloc import set_training_malloc_policy
+torch.set_num_threads(2)
+mkl = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+mkl.mkl_serv_mem_stat.restype = ctypes.c_int64
+def held():
+    buffers = ctypes.c_int(0)
+    return [mkl.mkl_serv_mem_stat(ctypes.byref(buffers)), buffers.value]
+set_training_malloc_policy(Strategy(precision=sys.argv[1], checkpointing=True, channels_last=True))
+first = held()
+cl = torch.channels_last_3d
+for channels, rows in ((4, 12), (16, 8), (32, 18), (64, 6)):  # ATen's slow path: N x C x D x H <= 20480
+    x = torch.randn(1, channels, rows, 16, 24).to(memory_format=cl).requires_grad_()
+    w = torch.randn(channels, channels, 3, 3, 3).to(memory_format=cl).requires_grad_()
+    torch.nn.functional.conv3d(x, w, padding=(0, 1, 1)).sum().backward()
+print(json.dumps([first, held()]))
+"""
+
+
+def test_fp32_jobs_start_with_mkls_largest_gemm_buffers_and_never_add_one():
+    """MKL keeps a new SGEMM buffer whenever a request outgrows those it holds, so what a job holds would
+    depend on the order of its slow-path convolutions; an fp32 job under the fixed thresholds holds the largest
+    from the start, and the slow path's forward and backward GEMMs at four sizes add nothing to it."""
+    import json
+
+    import pytest
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch has no MKL")
+    first, after = json.loads(run_python(MKL_BUFFERS, "fp32", FULLRES_MALLOC=""))
+    assert first[0] > 0 and first[1] >= 1  # held before any convolution ran
+    assert after == first
+    first, after = json.loads(run_python(MKL_BUFFERS, "bf16", FULLRES_MALLOC=""))
+    assert first == [0, 0]  # a bf16 job does not hold them (its convolutions run in oneDNN)

@@ -62,10 +62,11 @@ CALIBRATION_SHAPE = (16, 16, 16)
 # MB at 48^3. In bf16 it stays within 2 MB from 16^3 on.
 REPEATABLE_CALIBRATION_SIDE = 64
 CACHE_FILE = "runtime.json"
-CACHE_VERSION = 7  # 2: the allocator policy is part of the key (the CPU pool); 3: medians under glibc's heap;
+CACHE_VERSION = 8  # 2: the allocator policy is part of the key (the CPU pool); 3: medians under glibc's heap;
 # 4: the dry run charges AVX2's GEMM weight-gradient buffers (the term is measured minus the dry run);
 # 5: native bf16 and AMX in the key (AVX-512 CPUs with and without them share a capability);
-# 6: under the pool, the pool's own peak is kept beside the measured peak; 7: 64^3 too under the pool and fixed
+# 6: under the pool, the pool's own peak is kept beside the measured peak; 7: 64^3 too under the pool and fixed;
+# 8: fp32 jobs hold MKL's largest GEMM buffers from the start (fullres.kernels.malloc.hold_gemm_buffers)
 NOISY_POLICIES = ("default", "cached")  # glibc's heap: its peak varies from process to process
 NOISY_RUNS = 3
 

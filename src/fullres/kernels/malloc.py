@@ -53,6 +53,16 @@ it is opt-in, for jobs with memory to spare: FULLRES_MALLOC=cached.
 
 FULLRES_MALLOC=pool, =fixed, =cached or =default applies that policy to every job.
 
+**MKL's GEMM buffers** (fp32 jobs under the pool and the fixed thresholds): ATen's slow convolution path
+(fp32 at batch 1 where N x C x D x H is at most 20480: a network's coarsest levels, and the few-row slabs of a
+slab schedule) multiplies with MKL's SGEMM, whose memory manager keeps every packing buffer it allocates, per
+thread, and allocates another whenever a request is larger than any it holds. What it holds then depends on the
+order of the job's GEMMs, not on its tensors: MONAI's UNet in slabs 8,4,2 held 16.5 MB at 64^3, 26.4 at
+96x96x64 and 46.6 at 128x128x96; the paper's network in slabs 47.6 MB at 64^3 and 6.6 at 96x96x64 (2 threads,
+AVX-512 bf16 AMD Zen 4; `benchmarks/slow_path.py buffers`), enough to move a job's peak by 5 % either way from
+its calibration. So these jobs start with one GEMM whose buffers are the largest MKL requests here (5.5 MB a
+thread); every later request fits in them and nothing is added (:func:`hold_gemm_buffers`).
+
 Where the pool cannot exist (no POSIX fcntl/resource, as on Windows; not Linux), a job that would run under
 it keeps the C library's default allocator, the dry run does not model the pool, and `estimate` and `plan`
 say so in a warning (:func:`pool_unavailable`); `train` says so in its allocator line.
@@ -63,6 +73,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
 import os
 import warnings
 
@@ -200,12 +211,46 @@ def trim_heap() -> bool:
     return True
 
 
+# (m, k, n) of an SGEMM whose packing buffers are the largest MKL asks for on this CPU: 5.5 MB a thread on an
+# AVX-512 AMD Zen 4 from m >= 768, n >= 8192, k >= 512 (all slow-path convolutions measured ask 3.3-5.1 MB)
+HOLDING_GEMM = (1024, 512, 8192)
+_held_threads = 0
+
+
+def hold_gemm_buffers() -> bool:
+    """Make MKL's memory manager hold, for each of this process's threads, SGEMM buffers as large as any it
+    will ask for, so that later GEMMs (ATen's slow convolution path) reuse them and it never holds more (see
+    the module docstring). One GEMM of :data:`HOLDING_GEMM` on operands mapped outside both glibc's heap and
+    fullres's pool (they are unmapped after it: glibc's thresholds and the pool's segments stay as they were);
+    again only when the thread count has grown. Returns whether it ran (False without MKL)."""
+    global _held_threads
+    threads = torch.get_num_threads()
+    if threads <= _held_threads or not torch.backends.mkl.is_available():
+        return False
+    m, k, n = HOLDING_GEMM
+    shapes = ((m, k), (k, n), (m, n))
+    maps = [mmap.mmap(-1, rows * cols * 4) for rows, cols in shapes]
+    try:
+        a, b, c = (torch.frombuffer(buffer, dtype=torch.float32).view(shape) for buffer, shape in zip(maps, shapes))
+        torch.mm(a, b, out=c)
+        del a, b, c  # the maps close only once no tensor exports them
+    finally:
+        for buffer in maps:
+            buffer.close()
+    _held_threads = threads
+    return True
+
+
 def set_training_malloc_policy(strategy=None, force: bool = False, device: str = "cpu",
                                build: bool = True) -> str | None:
     """Put `policy_for(strategy, device, build)` in force ("fixed" when `force`). Returns the policy's name,
     or None when nothing changed (the default policy, or no glibc). `build` False: the pool only if it is
-    built already (the runtime calibrations of `estimate` and `plan`)."""
+    built already (the runtime calibrations of `estimate` and `plan`). An fp32 job under the pool or the fixed
+    thresholds first has MKL hold its largest GEMM buffers (:func:`hold_gemm_buffers`)."""
     policy = "fixed" if force else policy_for(strategy, device, build)
+    if policy in ("pool", "fixed") and strategy is not None and strategy.precision == "fp32" \
+            and torch.device(device).type == "cpu":
+        hold_gemm_buffers()
     if policy == "pool":
         cpu_pool.install()
         return policy
