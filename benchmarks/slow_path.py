@@ -35,25 +35,22 @@ from latency import cpu_features  # this folder is on sys.path
 from networks import NETWORKS, machine, model_config  # the accuracy table's jobs
 
 CHILD = r"""
-import ctypes, json, os, sys, torch
+import json, sys, torch
 from fullres.cost.measure import make_batch
 from fullres.engine.losses import LOSSES
 from fullres.job.config import JobConfig
 from fullres.job.step import build_training, train_step
-from fullres.kernels.malloc import set_training_malloc_policy
+from fullres.kernels.malloc import mkl_held_buffers, set_training_malloc_policy
 job = JobConfig.from_json(json.loads(sys.argv[1]))
 torch.set_num_threads(int(sys.argv[2]))
 policy = set_training_malloc_policy(job.strategy)
-mkl = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-mkl.mkl_serv_mem_stat.restype = ctypes.c_int64
 torch.manual_seed(0)
 training = build_training(job, torch.device("cpu"))
 images, targets = make_batch(job, torch.device("cpu"))
 held = []
 for _ in range(2):
     train_step(training.model, training.optimizer, images, targets, LOSSES["dice"], job.strategy, training.scaler)
-    buffers = ctypes.c_int(0)
-    held.append([mkl.mkl_serv_mem_stat(ctypes.byref(buffers)), buffers.value])
+    held.append(mkl_held_buffers())
 print(json.dumps({"policy": policy, "held": held}))
 """
 

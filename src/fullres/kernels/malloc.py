@@ -241,6 +241,20 @@ def hold_gemm_buffers() -> bool:
     return True
 
 
+def mkl_held_buffers() -> tuple[int, int] | None:
+    """(bytes, buffers) that MKL's memory manager holds in this process (`mkl_serv_mem_stat`, which torch's
+    library exports); None where torch has no MKL or does not export it."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        stat = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).mkl_serv_mem_stat
+    except (OSError, AttributeError):
+        return None
+    stat.restype = ctypes.c_int64
+    buffers = ctypes.c_int(0)
+    return stat(ctypes.byref(buffers)), buffers.value
+
+
 def set_training_malloc_policy(strategy=None, force: bool = False, device: str = "cpu",
                                build: bool = True) -> str | None:
     """Put `policy_for(strategy, device, build)` in force ("fixed" when `force`). Returns the policy's name,
